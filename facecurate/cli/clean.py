@@ -1,0 +1,3 @@
+"""CLI for the clean stage (placeholder until the stage lands)."""
+
+COMMANDS: list = []

@@ -1,0 +1,94 @@
+"""Every constant that more than one stage needs: the ArcFace template, file names,
+manifest columns, the RecordIO framing. Change them here and only here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# --- ArcFace alignment ------------------------------------------------------------
+#: 112x112 template (x, y): left eye, right eye, nose tip, left mouth corner,
+#: right mouth corner (insightface ``arcface_dst``).
+ARCFACE_TEMPLATE_112 = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+ARCFACE_BASE_SIZE = 112
+
+#: dlib 68-point indices that give the five ArcFace points (eyes are means).
+DLIB68_LEFT_EYE = tuple(range(36, 42))
+DLIB68_RIGHT_EYE = tuple(range(42, 48))
+DLIB68_NOSE_TIP = 30
+DLIB68_MOUTH_LEFT = 48
+DLIB68_MOUTH_RIGHT = 54
+
+# --- Image reading ------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: Refuse to decode anything larger than this many pixels (decompression bombs).
+MAX_IMAGE_PIXELS = 100_000_000
+#: Detect on a copy whose longer side is at most this many pixels.
+DETECT_MAX_SIDE = 1024
+JPEG_QUALITY = 95
+
+# --- Output file names (inside OUT/) -------------------------------------------------
+ALIGN_MANIFEST = "align.csv"
+ALIGN_META = "align.json"
+EMBEDDINGS_NPY = "embeddings.npy"
+EMBEDDINGS_CSV = "embeddings.csv"
+EMBEDDINGS_META = "embeddings.json"
+CLEAN_CSV = "clean.csv"
+IDENTITIES_CSV = "identities.csv"
+MERGES_CSV = "merges.csv"
+REVIEW_CSV = "review.csv"
+REVIEW_HTML = "review.html"
+REPORT_HTML = "report.html"
+#: Per-shard working files live here so that a killed run can resume.
+WORK_DIR = ".facecurate"
+
+# --- align.csv ------------------------------------------------------------------------
+LANDMARK_COLUMNS = (
+    "le_x", "le_y", "re_x", "re_y", "nose_x", "nose_y",
+    "ml_x", "ml_y", "mr_x", "mr_y",
+)
+ALIGN_COLUMNS = (
+    "source",  # path relative to RAW (POSIX)
+    "identity",  # top-level folder under RAW
+    "face",  # index of the face within the source, -1 when none
+    "status",  # ok, or the reason there is no crop
+    "primary",  # 1 for align's guess of the photo's subject
+    "aligned",  # crop path relative to OUT, empty unless ok
+    "x1", "y1", "x2", "y2",  # face box in source pixels
+    "det_score",
+    *LANDMARK_COLUMNS,  # the 5 ArcFace points in source pixels
+    "sharpness",  # variance of the Laplacian of the grey crop
+    "face_size",  # sqrt(box area) in source pixels
+    "img_w", "img_h",  # source size after EXIF orientation
+    "detector",
+    "message",  # human-readable detail for non-ok rows
+)
+#: status values of align.csv
+STATUS_OK = "ok"
+STATUS_NO_FACE = "no_face"
+STATUS_TOO_SMALL = "too_small"
+STATUS_DECODE_ERROR = "decode_error"
+STATUS_UNSUPPORTED = "unsupported"
+STATUS_TOO_LARGE = "too_large"
+STATUS_UNREADABLE = "unreadable"
+STATUS_NOT_PRIMARY = "not_primary"  # face found but --faces primary wrote no crop
+
+# --- clean decisions -------------------------------------------------------------------
+DECISION_KEEP = "keep"
+DECISION_DROP = "drop"
+DECISION_REVIEW = "review"
+
+# --- MXNet RecordIO ----------------------------------------------------------------------
+RECORDIO_MAGIC = 0xCED7230A
+RECORDIO_LEN_BITS = 29
+RECORDIO_MAX_PART = (1 << RECORDIO_LEN_BITS) - 1
+IRHEADER_FORMAT = "<IfQQ"  # flag, label, id, id2
+IRHEADER_SIZE = 24

@@ -1,0 +1,125 @@
+"""Small file helpers every stage shares: atomic writes, CSV in and out, hashing,
+progress bars and run summaries."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Mapping, Sequence
+
+import click
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **kw) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync and rename it over
+    ``path``. On any exception the temporary file is removed and ``path`` is left
+    untouched, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Mapping | Sequence]) -> str:
+    """Render rows (dicts or sequences) as CSV text with a header, '\\n' line ends."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        if isinstance(r, Mapping):
+            w.writerow([_cell(r.get(c, "")) for c in columns])
+        else:
+            w.writerow([_cell(v) for v in r])
+    return buf.getvalue()
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return format_float(v)
+    return str(v)
+
+
+def format_float(v: float, digits: int = 4) -> str:
+    """Fixed, platform-independent float text (deterministic CSVs)."""
+    if v != v:  # NaN
+        return ""
+    s = f"{v:.{digits}f}"
+    if s.startswith("-") and float(s) == 0.0:
+        s = s[1:]
+    return s
+
+
+def write_csv_atomic(path: str | os.PathLike, columns: Sequence[str], rows: Iterable) -> None:
+    write_text_atomic(path, csv_text(columns, rows))
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable=None):
+    """A tqdm bar on stderr, silent when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    if disable is None:
+        disable = not sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def emit_summary(title: str, summary: Mapping, as_json: bool) -> None:
+    """Print a run summary: one JSON object on stdout with ``--json``, else a short
+    human table on stdout."""
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True, default=str))
+        return
+    click.echo(title)
+    _echo_mapping(summary, indent=2)
+
+
+def _echo_mapping(m: Mapping, indent: int) -> None:
+    pad = " " * indent
+    for k, v in m.items():
+        if isinstance(v, Mapping):
+            click.echo(f"{pad}{k}:")
+            _echo_mapping(v, indent + 2)
+        else:
+            click.echo(f"{pad}{k}: {v}")

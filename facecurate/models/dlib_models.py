@@ -1,0 +1,139 @@
+"""dlib's shipped models (``face_recognition_models``): HOG and MMOD detectors, the
+68-point landmark model, the 128-D ResNet descriptor. All work offline.
+
+``face_recognition_models/__init__`` imports ``pkg_resources`` (gone from new
+setuptools), so the weight files are located with ``importlib.util.find_spec``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from facecurate.constants import (
+    DLIB68_LEFT_EYE,
+    DLIB68_MOUTH_LEFT,
+    DLIB68_MOUTH_RIGHT,
+    DLIB68_NOSE_TIP,
+    DLIB68_RIGHT_EYE,
+)
+from facecurate.records import Detection
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+def model_file(name: str) -> str:
+    """Path of a weight file shipped by ``face_recognition_models``."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or spec.origin is None:
+        raise ModelNotFound("face_recognition_models is not installed: pip install face_recognition_models")
+    path = os.path.join(os.path.dirname(spec.origin), "models", name)
+    if not os.path.isfile(path):
+        raise ModelNotFound(f"{name} not found in face_recognition_models ({path})")
+    return path
+
+
+SHAPE68 = "shape_predictor_68_face_landmarks.dat"
+SHAPE5 = "shape_predictor_5_face_landmarks.dat"
+DESCRIPTOR = "dlib_face_recognition_resnet_model_v1.dat"
+MMOD = "mmod_human_face_detector.dat"
+
+
+def _rect(box) -> "dlib.rectangle":  # noqa: F821
+    import dlib
+
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    return dlib.rectangle(x1, y1, x2, y2)
+
+
+class DlibHOGDetector:
+    """dlib's HOG + linear SVM frontal face detector. Upsamples (finds smaller faces,
+    ~4x the cost) only when nothing is found at the first pass."""
+
+    name = "dlib"
+
+    def __init__(self, max_upsample: int = 1):
+        import dlib
+
+        self._det = dlib.get_frontal_face_detector()
+        self.max_upsample = max_upsample
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        for up in range(self.max_upsample + 1):
+            rects, scores, _ = self._det.run(rgb, up, 0.0)
+            if len(rects):
+                break
+        return [
+            Detection(np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], dtype=np.float64), float(s))
+            for r, s in zip(rects, scores)
+        ]
+
+
+class DlibCNNDetector:
+    """dlib's MMOD CNN face detector (more robust to pose, slower on a CPU)."""
+
+    name = "dlib-cnn"
+
+    def __init__(self, max_upsample: int = 1):
+        import dlib
+
+        self._det = dlib.cnn_face_detection_model_v1(model_file(MMOD))
+        self.max_upsample = max_upsample
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        for up in range(self.max_upsample + 1):
+            dets = self._det(rgb, up)
+            if len(dets):
+                break
+        out = []
+        for d in dets:
+            r = d.rect
+            out.append(Detection(np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], dtype=np.float64),
+                                 float(d.confidence)))
+        return out
+
+
+class DlibLandmarks68:
+    """dlib's 68-point shape predictor; ``five`` turns 68 points into the ArcFace 5."""
+
+    def __init__(self):
+        import dlib
+
+        self._sp = dlib.shape_predictor(model_file(SHAPE68))
+
+    def predict(self, rgb: np.ndarray, box) -> np.ndarray:
+        shape = self._sp(rgb, _rect(box))
+        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+
+    @staticmethod
+    def five(pts68: np.ndarray) -> np.ndarray:
+        return np.stack([
+            pts68[list(DLIB68_LEFT_EYE)].mean(axis=0),
+            pts68[list(DLIB68_RIGHT_EYE)].mean(axis=0),
+            pts68[DLIB68_NOSE_TIP],
+            pts68[DLIB68_MOUTH_LEFT],
+            pts68[DLIB68_MOUTH_RIGHT],
+        ]).astype(np.float64)
+
+
+@lru_cache(maxsize=None)
+def dlib_descriptor_model():
+    import dlib
+
+    return dlib.face_recognition_model_v1(model_file(DESCRIPTOR))
+
+
+def dlib_descriptors(chips: Sequence[np.ndarray]) -> np.ndarray:
+    """128-D descriptors of 150x150 RGB dlib face chips (a batch), as float32 (N, 128).
+    dlib's vectors are not unit length; callers normalise."""
+    if not len(chips):
+        return np.zeros((0, 128), np.float32)
+    model = dlib_descriptor_model()
+    vecs = model.compute_face_descriptor([np.ascontiguousarray(c) for c in chips])
+    return np.array([np.array(v) for v in vecs], dtype=np.float32)

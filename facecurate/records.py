@@ -1,0 +1,47 @@
+"""Small typed records passed between stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class Detection:
+    """One detected face in image pixels of the image the detector saw."""
+
+    box: np.ndarray  # (4,) float: x1, y1, x2, y2
+    score: float
+    landmarks: Optional[np.ndarray] = None  # (5, 2) ArcFace points, when the detector gives them
+
+    def scaled(self, s: float) -> "Detection":
+        return Detection(self.box * s, self.score, None if self.landmarks is None else self.landmarks * s)
+
+    @property
+    def size(self) -> float:
+        w = max(0.0, float(self.box[2] - self.box[0]))
+        h = max(0.0, float(self.box[3] - self.box[1]))
+        return float(np.sqrt(w * h))
+
+
+@dataclass
+class FaceRow:
+    """One row of align.csv (see constants.ALIGN_COLUMNS)."""
+
+    source: str
+    identity: str
+    face: int
+    status: str
+    primary: int = 0
+    aligned: str = ""
+    box: Optional[np.ndarray] = None
+    det_score: float = float("nan")
+    landmarks: Optional[np.ndarray] = None
+    sharpness: float = float("nan")
+    img_w: int = 0
+    img_h: int = 0
+    detector: str = ""
+    message: str = ""
+    extra: dict = field(default_factory=dict)
