@@ -92,3 +92,19 @@ RECORDIO_LEN_BITS = 29
 RECORDIO_MAX_PART = (1 << RECORDIO_LEN_BITS) - 1
 IRHEADER_FORMAT = "<IfQQ"  # flag, label, id, id2
 IRHEADER_SIZE = 24
+
+# --- clean.csv / review.csv (interface between clean, review and pack) ---------------
+CLEAN_COLUMNS = (
+    "source", "identity", "face", "aligned",
+    "x1", "y1", "x2", "y2",
+    "primary", "det_score", "sharpness",
+    "decision",  # keep | drop | review
+    "reason",  # why: centre, far_from_centre, minority_cluster, not_subject, duplicate, ... manual
+    "score",  # cosine similarity to the robust identity centre
+    "cluster",  # Chinese-whispers cluster id within the identity (0 = dominant), -1 none
+    "duplicate_of",  # aligned path of the kept copy when reason is duplicate
+    "previous_decision",  # audit: decision before a manual review was applied
+    "previous_reason",
+)
+#: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).
+REVIEW_COLUMNS = ("aligned", "identity", "source", "face", "score", "reason", "decision")
