@@ -33,6 +33,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 100_000_000
 #: Detect on a copy whose longer side is at most this many pixels.
 DETECT_MAX_SIDE = 1024
+#: ... and images whose longer side is below this are searched at twice their size.
+DETECT_MIN_SIDE = 512
 JPEG_QUALITY = 95
 
 # --- Output file names (inside OUT/) -------------------------------------------------

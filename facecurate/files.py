@@ -95,14 +95,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable=None):
+def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable=None, **kw):
     """A tqdm bar on stderr, silent when stderr is not a terminal."""
     from tqdm import tqdm
 
     if disable is None:
         disable = not sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
-                file=sys.stderr, dynamic_ncols=True, leave=False)
+                file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
 
 
 def emit_summary(title: str, summary: Mapping, as_json: bool) -> None:

@@ -1,3 +1,73 @@
-"""CLI for the align stage (placeholder until the stage lands)."""
+"""``facecurate align RAW OUT``."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import os
+
+import click
+
+from facecurate.constants import DETECT_MAX_SIDE, JPEG_QUALITY, MAX_IMAGE_PIXELS
+
+
+@click.command("align")
+@click.argument("raw", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--detector", type=click.Choice(["dlib", "dlib-cnn", "scrfd"]), default="dlib", show_default=True,
+              help="dlib: HOG (fast, offline, upsamples only when nothing is found); dlib-cnn: dlib's MMOD CNN "
+                   "(more robust, slower on a CPU); scrfd: an insightface SCRFD ONNX model from --model-dir.")
+@click.option("--model-dir", type=click.Path(exists=True),
+              help="For --detector scrfd: an insightface model pack (e.g. ~/.insightface/models/buffalo_l) or an "
+                   ".onnx file. The detector is found by inspecting the graphs.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX Runtime device for scrfd; auto uses CUDA only when a session really gets it.")
+@click.option("--size", type=int, default=112, show_default=True, help="Crop size; a multiple of 112.")
+@click.option("--min-face", type=int, default=40, show_default=True,
+              help="Faces smaller than this (sqrt of box area, source pixels) are recorded as too_small, no crop.")
+@click.option("--faces", type=click.Choice(["all", "primary"]), default="all", show_default=True,
+              help="Write a crop for every face, or only for the likely subject (the others are still recorded).")
+@click.option("--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True)
+@click.option("--quality", type=click.IntRange(1, 100), default=JPEG_QUALITY, show_default=True, help="JPEG quality.")
+@click.option("--fallback", type=click.Choice(["dlib-cnn", "dlib", "none"]), default="dlib-cnn", show_default=True,
+              help="Detector tried on images where the main one finds no face.")
+@click.option("--max-upsample", type=click.IntRange(0, 3), default=1, show_default=True,
+              help="dlib detectors: upsample up to this many times, only when nothing is found.")
+@click.option("--detect-max-side", type=int, default=DETECT_MAX_SIDE, show_default=True,
+              help="Detect on a copy of large images whose longer side is this; crops are warped from full size.")
+@click.option("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, show_default=True,
+              help="Refuse larger images (decompression-bomb guard) as too_large.")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
+@click.option("--shard-size", type=int, default=64, show_default=True,
+              help="Files per shard: the unit of work a worker takes and of resumption.")
+@click.option("--overwrite", is_flag=True, help="Start again instead of resuming what OUT already holds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, quality, fallback, max_upsample,
+          detect_max_side, max_pixels, workers, shard_size, overwrite, as_json):
+    """Detect every face in RAW/<identity>/* and write aligned crops to OUT.
+
+    Each face with its 5 landmarks is warped onto the ArcFace template (similarity
+    transform) into OUT/<identity>/<name>_<face>.jpg. One face per photo is marked
+    primary: the largest, weighted toward the image centre. OUT/align.csv records
+    every input file: one row per face, and one row with a reason (no_face,
+    decode_error, unsupported, too_large, unreadable, ...) for each file without a
+    crop. Subfolders belong to their top-level identity; hidden files are ignored.
+
+    An interrupted run continues where it stopped when rerun with the same flags.
+    """
+    from facecurate.align import AlignConfig, AlignError, run_align
+    from facecurate.files import emit_summary
+
+    cfg = AlignConfig(detector=detector, model_dir=os.path.abspath(model_dir) if model_dir else None, size=size,
+                      min_face=min_face, faces=faces, fmt=fmt, quality=quality, fallback=fallback, max_upsample=max_upsample,
+                      detect_max_side=detect_max_side, max_pixels=max_pixels, device=device)
+    try:
+        summary = run_align(raw, out, cfg, workers=workers, shard_size=shard_size, overwrite=overwrite)
+    except AlignError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted: rerun the same command to continue where it stopped") from None
+    for w in summary["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    emit_summary(f"align: {summary['files']} files, {summary['crops']} crops in {summary['out']}", summary, as_json)
+
+
+COMMANDS = [align]

@@ -1,0 +1,507 @@
+"""Stage 1: detect every face and its 5 landmarks in ``RAW/<identity>/...``, warp each
+to an ArcFace crop in ``OUT/<identity>/``, mark the likely subject, and record every
+input file's fate in ``OUT/align.csv``.
+
+Structure (after img2dataset): a *reader* lists the inputs, a *distributor* splits the
+list into shards and hands them to worker processes, each *worker* loads its models
+once and turns a shard into manifest rows and crop files, and the *writer* merges the
+per-shard manifests into ``align.csv``. A shard's manifest is written atomically when
+the shard is done, so a killed run is resumed by skipping the sources that finished
+shards already cover.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from facecurate import __version__
+from facecurate.constants import (
+    ALIGN_COLUMNS,
+    ALIGN_MANIFEST,
+    ALIGN_META,
+    DETECT_MAX_SIDE,
+    DETECT_MIN_SIDE,
+    JPEG_QUALITY,
+    LANDMARK_COLUMNS,
+    MAX_IMAGE_PIXELS,
+    STATUS_NO_FACE,
+    STATUS_NOT_PRIMARY,
+    STATUS_OK,
+    STATUS_TOO_SMALL,
+    STATUS_UNSUPPORTED,
+    WORK_DIR,
+)
+from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
+from facecurate.geometry import align_face, template
+from facecurate.imageio import ImageError, is_image_name, read_image
+from facecurate.records import Detection
+
+DETECTORS = ("dlib", "dlib-cnn", "scrfd")
+SHARD_DIR = "align"
+
+
+class AlignError(RuntimeError):
+    """A problem with the run as a whole (bad arguments, incompatible OUT)."""
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    detector: str = "dlib"
+    model_dir: Optional[str] = None  # SCRFD: a model pack directory or an .onnx file
+    size: int = 112
+    min_face: int = 40  # pixels, sqrt(box area) in the source image
+    faces: str = "all"  # all | primary
+    fmt: str = "jpg"  # jpg | png
+    quality: int = JPEG_QUALITY
+    max_upsample: int = 1
+    fallback: str = "dlib-cnn"  # detector tried when the main one finds nothing; "none" to skip
+    detect_max_side: int = DETECT_MAX_SIDE
+    detect_min_side: int = DETECT_MIN_SIDE
+    max_pixels: int = MAX_IMAGE_PIXELS
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.detector not in DETECTORS:
+            raise AlignError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
+        if self.fallback not in ("none",) + DETECTORS[:2]:
+            raise AlignError(f"unknown fallback detector {self.fallback!r}; choose dlib, dlib-cnn or none")
+        if self.detector == "scrfd" and not self.model_dir:
+            raise AlignError("--detector scrfd needs --model-dir (a model pack directory or an .onnx file)")
+        template(self.size)  # raises on a bad size
+        if self.faces not in ("all", "primary"):
+            raise AlignError("--faces is 'all' or 'primary'")
+        if self.fmt not in ("jpg", "png"):
+            raise AlignError("--format is 'jpg' or 'png'")
+
+    def settings(self) -> dict:
+        """What must not change between a run and its resumption."""
+        d = asdict(self)
+        d.pop("device")
+        return d
+
+
+@dataclass(frozen=True)
+class InputFile:
+    source: str  # POSIX path relative to RAW
+    identity: str  # top-level folder, "" for files directly in RAW
+    crop_stem: str  # crop path relative to OUT without "_<face>.<ext>"
+
+
+# --------------------------------------------------------------------------- reader
+def list_inputs(raw: str | os.PathLike, exclude: Optional[str | os.PathLike] = None) -> tuple[list[InputFile], list[str]]:
+    """Every non-hidden file under RAW, sorted, with its identity (top-level folder).
+    Follows directory symlinks but never twice into the same real directory (loops).
+    Returns the files and a list of warnings (loops, unreadable directories)."""
+    raw = Path(raw)
+    excl = os.path.realpath(exclude) if exclude else None
+    warnings: list[str] = []
+    seen_dirs: set[str] = set()
+    rels: list[str] = []
+
+    def onerror(e: OSError) -> None:
+        warnings.append(f"cannot list {e.filename}: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(raw, followlinks=True, onerror=onerror):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs or (excl and (real == excl or real.startswith(excl + os.sep))):
+            if real in seen_dirs:
+                warnings.append(f"skipped a symlink loop or repeated directory at {dirpath}")
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, raw)
+        for fn in filenames:
+            if fn.startswith("."):
+                continue
+            rel = fn if rel_dir == "." else os.path.join(rel_dir, fn)
+            rels.append(PurePosixPath(Path(rel)).as_posix())
+    rels.sort()
+
+    # Crop names: <identity>/<sub/dirs>/<stem>_<face>.<ext>; keep the source extension
+    # in the name only where two sources in one folder share a stem.
+    stems: dict[str, int] = {}
+    for r in rels:
+        p = PurePosixPath(r)
+        key = str(p.parent / p.stem)
+        stems[key] = stems.get(key, 0) + 1
+    out = []
+    for r in rels:
+        p = PurePosixPath(r)
+        identity = p.parts[0] if len(p.parts) > 1 else ""
+        key = str(p.parent / p.stem)
+        stem = key if stems[key] == 1 else str(p.parent / p.name.replace(".", "_"))
+        out.append(InputFile(r, identity, stem))
+    return out, warnings
+
+
+# --------------------------------------------------------------------------- models
+def make_detector(cfg: AlignConfig, name: Optional[str] = None):
+    from facecurate.models.dlib_models import DlibCNNDetector, DlibHOGDetector
+
+    name = name or cfg.detector
+    if name == "dlib":
+        return DlibHOGDetector(max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
+    if name == "dlib-cnn":
+        return DlibCNNDetector(max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
+    from facecurate.models.onnx_models import SCRFD, find_model
+
+    return SCRFD(find_model(cfg.model_dir, "detector"), device=cfg.device)
+
+
+def primary_score(det: Detection, w: int, h: int) -> float:
+    """Face size weighted toward the image centre: a face at the centre counts fully,
+    one in a corner about half."""
+    cx = (det.box[0] + det.box[2]) / 2.0
+    cy = (det.box[1] + det.box[3]) / 2.0
+    d = math.hypot((cx - w / 2.0) / (w / 2.0), (cy - h / 2.0) / (h / 2.0)) / math.sqrt(2.0)
+    return det.size * (1.0 - 0.5 * min(d, 1.0))
+
+
+def sharpness(crop_rgb: np.ndarray) -> float:
+    """Variance of the Laplacian of the grey crop: low for blurred faces."""
+    grey = cv2.cvtColor(crop_rgb, cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+@dataclass
+class FaceResult:
+    det: Detection  # box and 5 landmarks in source pixels
+    primary: bool
+    status: str
+    crop: Optional[np.ndarray] = None  # RGB crop when status is ok
+
+
+@dataclass
+class Timings:
+    read: float = 0.0
+    detect: float = 0.0
+    landmarks: float = 0.0
+    warp: float = 0.0
+    write: float = 0.0
+
+    def add(self, other: "Timings") -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+class Aligner:
+    """Detect, locate landmarks, pick the subject and warp, for one image at a time.
+    Holds the models; build one per process."""
+
+    def __init__(self, cfg: AlignConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.detector = make_detector(cfg)
+        self.fallback = None
+        if cfg.fallback not in ("none", cfg.detector):
+            self.fallback = make_detector(cfg, cfg.fallback)
+        self._landmarks = None
+        if cfg.detector != "scrfd" or self.fallback is not None:  # dlib detectors give no landmarks
+            from facecurate.models.dlib_models import DlibLandmarks68
+
+            self._landmarks = DlibLandmarks68()
+        self.timings = Timings()
+        self.last_detector = cfg.detector
+
+    @property
+    def detector_label(self) -> str:
+        """The detector that found the faces of the last image (and its ONNX provider)."""
+        det = self.fallback if self.last_detector != self.cfg.detector else self.detector
+        prov = getattr(det, "provider", None)
+        return self.last_detector + (f"/{prov}" if prov else "")
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces with 5 landmarks, in source pixels; detection runs on a copy whose
+        longer side is at most ``detect_max_side``, landmarks on the full image."""
+        h, w = rgb.shape[:2]
+        t0 = time.perf_counter()
+        scale = min(1.0, self.cfg.detect_max_side / max(h, w))
+        small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
+                                                    interpolation=cv2.INTER_AREA)
+        dets = self.detector.detect(small)
+        self.last_detector = self.cfg.detector
+        if not dets and self.fallback is not None:
+            dets = self.fallback.detect(small)
+            self.last_detector = self.cfg.fallback
+        dets = [d.scaled(1.0 / scale) for d in dets]
+        t1 = time.perf_counter()
+        for d in dets:
+            if d.landmarks is None:
+                d.landmarks = self._landmarks.five(self._landmarks.predict(rgb, d.box))
+        self.timings.detect += t1 - t0
+        self.timings.landmarks += time.perf_counter() - t1
+        return dets
+
+    def process(self, rgb: np.ndarray) -> list[FaceResult]:
+        """All faces of one image, the likely subject first."""
+        h, w = rgb.shape[:2]
+        dets = self.detect(rgb)
+        dets.sort(key=lambda d: (-primary_score(d, w, h), float(d.box[0]), float(d.box[1])))
+        results: list[FaceResult] = []
+        primary_taken = False
+        t0 = time.perf_counter()
+        for d in dets:
+            if d.size < self.cfg.min_face:
+                results.append(FaceResult(d, False, STATUS_TOO_SMALL))
+                continue
+            is_primary = not primary_taken
+            primary_taken = True
+            if self.cfg.faces == "primary" and not is_primary:
+                results.append(FaceResult(d, False, STATUS_NOT_PRIMARY))
+                continue
+            results.append(FaceResult(d, is_primary, STATUS_OK, align_face(rgb, d.landmarks, self.cfg.size)))
+        self.timings.warp += time.perf_counter() - t0
+        return results
+
+
+# --------------------------------------------------------------------------- worker
+def _row(inp: InputFile, face: int, status: str, *, primary: bool = False, aligned: str = "",
+         det: Optional[Detection] = None, sharp: float = float("nan"), img_wh=(0, 0),
+         detector: str = "", message: str = "") -> dict:
+    row = {"source": inp.source, "identity": inp.identity, "face": face, "status": status,
+           "primary": int(primary), "aligned": aligned, "sharpness": sharp,
+           "img_w": img_wh[0] or "", "img_h": img_wh[1] or "", "detector": detector, "message": message}
+    if det is not None:
+        row.update(zip(("x1", "y1", "x2", "y2"), (float(v) for v in det.box)))
+        row["det_score"] = float(det.score)
+        row["face_size"] = det.size
+        if det.landmarks is not None:
+            row.update(zip(LANDMARK_COLUMNS, (float(v) for v in det.landmarks.reshape(-1))))
+    return row
+
+
+def _encode(crop_rgb: np.ndarray, cfg: AlignConfig) -> bytes:
+    bgr = cv2.cvtColor(crop_rgb, cv2.COLOR_RGB2BGR)
+    if cfg.fmt == "png":
+        ok, enc = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        ok, enc = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, cfg.quality])
+    if not ok:
+        raise RuntimeError("could not encode crop")
+    return enc.tobytes()
+
+
+def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[dict]:
+    """All manifest rows for one input file; writes its crops (atomically)."""
+    cfg = aligner.cfg
+    if not inp.identity:
+        return [_row(inp, -1, STATUS_UNSUPPORTED, message="file directly under RAW: put it in an identity folder")]
+    if not is_image_name(inp.source):
+        return [_row(inp, -1, STATUS_UNSUPPORTED,
+                     message=f"not an image file type ({PurePosixPath(inp.source).suffix or 'no extension'})")]
+    t0 = time.perf_counter()
+    try:
+        rgb = read_image(raw / inp.source, max_pixels=cfg.max_pixels)
+    except ImageError as e:
+        return [_row(inp, -1, e.status, message=e.message)]
+    aligner.timings.read += time.perf_counter() - t0
+    wh = (rgb.shape[1], rgb.shape[0])
+    label = aligner.detector_label
+    results = aligner.process(rgb)
+    if not results:
+        return [_row(inp, -1, STATUS_NO_FACE, img_wh=wh, detector=label, message="no face detected")]
+    rows = []
+    t0 = time.perf_counter()
+    for i, r in enumerate(results):
+        aligned, sharp, msg = "", float("nan"), ""
+        if r.status == STATUS_OK:
+            aligned = f"{inp.crop_stem}_{i}.{cfg.fmt}"
+            write_bytes_atomic(out / aligned, _encode(r.crop, cfg))
+            sharp = sharpness(r.crop)
+        elif r.status == STATUS_TOO_SMALL:
+            msg = f"face of {r.det.size:.0f} px is below --min-face {cfg.min_face}"
+        elif r.status == STATUS_NOT_PRIMARY:
+            msg = "not the primary face and --faces primary"
+        rows.append(_row(inp, i, r.status, primary=r.primary, aligned=aligned, det=r.det, sharp=sharp,
+                         img_wh=wh, detector=label, message=msg))
+    aligner.timings.write += time.perf_counter() - t0
+    return rows
+
+
+def _safe_align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[dict]:
+    try:
+        return align_file(aligner, raw, out, inp)
+    except Exception as e:  # one bad file must not end the run
+        return [_row(inp, -1, "error", message=f"{type(e).__name__}: {e}")]
+
+
+@dataclass
+class Shard:
+    index: int
+    files: list[InputFile] = field(default_factory=list)
+
+
+def shard_paths(out: Path, index: int) -> tuple[Path, Path]:
+    d = out / WORK_DIR / SHARD_DIR
+    return d / f"shard_{index:06d}.csv", d / f"shard_{index:06d}.json"
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(cfg: AlignConfig, raw: str, out: str) -> None:
+    cv2.setNumThreads(1)
+    _WORKER["aligner"] = Aligner(cfg)
+    _WORKER["raw"], _WORKER["out"] = Path(raw), Path(out)
+
+
+def _worker_run(shard: Shard) -> tuple[int, int, dict]:
+    return run_shard(_WORKER["aligner"], _WORKER["raw"], _WORKER["out"], shard)
+
+
+def run_shard(aligner: Aligner, raw: Path, out: Path, shard: Shard) -> tuple[int, int, dict]:
+    """Process one shard and write its manifest and stats atomically.
+    Returns (shard index, files processed, stats)."""
+    before = Timings(**vars(aligner.timings))
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    for inp in shard.files:
+        rows.extend(_safe_align_file(aligner, raw, out, inp))
+    csv_path, json_path = shard_paths(out, shard.index)
+    write_text_atomic(csv_path, csv_text(ALIGN_COLUMNS, rows))
+    spent = Timings(**{k: getattr(aligner.timings, k) - getattr(before, k) for k in vars(before)})
+    stats = {"shard": shard.index, "files": len(shard.files), "rows": len(rows),
+             "status": _count_status(rows), "seconds": time.perf_counter() - t0, "timings": vars(spent)}
+    write_text_atomic(json_path, json.dumps(stats, sort_keys=True))
+    return shard.index, len(shard.files), stats
+
+
+def _count_status(rows: Sequence[dict]) -> dict:
+    counts: dict = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# --------------------------------------------------------------------------- distributor
+def _done_shards(out: Path) -> tuple[dict[int, list[dict]], set[str]]:
+    d = out / WORK_DIR / SHARD_DIR
+    shards: dict[int, list[dict]] = {}
+    done: set[str] = set()
+    if d.is_dir():
+        for p in sorted(d.glob("shard_*.csv")):
+            idx = int(p.stem.split("_")[1])
+            rows = read_csv(p)
+            shards[idx] = rows
+            done.update(r["source"] for r in rows)
+    return shards, done
+
+
+def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig = AlignConfig(), *,
+              workers: Optional[int] = None, shard_size: int = 64, overwrite: bool = False,
+              show_progress: bool = True, on_shard: Optional[Callable[[dict], None]] = None) -> dict:
+    """Align every file under RAW into OUT. Resumes an interrupted run with the same
+    settings; ``overwrite`` starts again. Returns a summary dict."""
+    from facecurate.files import progress
+
+    cfg.validate()
+    raw, out = Path(raw), Path(out)
+    if not raw.is_dir():
+        raise AlignError(f"RAW folder not found: {raw}")
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / ALIGN_META
+    work = out / WORK_DIR / SHARD_DIR
+    meta = {"raw": str(raw.resolve()), "settings": cfg.settings(), "version": __version__}
+    if overwrite:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        (out / ALIGN_MANIFEST).unlink(missing_ok=True)
+    elif meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("settings") != meta["settings"] or old.get("raw") != meta["raw"]:
+            raise AlignError(
+                f"{out} holds a run with other settings or another RAW ({old.get('raw')}); "
+                "rerun with the same flags to resume, use --overwrite to start again, or pick another OUT")
+    write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    t_start = time.perf_counter()
+    inputs, warnings = list_inputs(raw, exclude=out)
+    shards_done, done = _done_shards(out)
+    todo = [f for f in inputs if f.source not in done]
+    next_index = max(shards_done, default=-1) + 1
+    workers = max(1, workers or os.cpu_count() or 1)
+    # Small runs: smaller shards, so that every worker gets several.
+    shard_size = max(1, min(shard_size, math.ceil(len(todo) / (4 * workers))))
+    shards = [Shard(next_index + i, todo[s:s + shard_size]) for i, s in enumerate(range(0, len(todo), shard_size))]
+    workers = min(workers, max(1, len(shards)))
+
+    totals = Timings()
+    label = cfg.detector
+    bar = progress(total=len(inputs), initial=len(inputs) - len(todo), desc="align", unit="img",
+                   disable=None if show_progress else True)
+    try:
+        if shards and workers == 1:
+            _worker_init(cfg, str(raw), str(out))
+            label = _WORKER["aligner"].detector_label
+            results: Iterator = map(_worker_run, shards)
+        elif shards:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            pool = ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, str(raw), str(out)))
+            results = pool.imap_unordered(_worker_run, shards)
+        else:
+            results = iter(())
+        for _idx, n, stats in results:
+            totals.add(Timings(**stats["timings"]))
+            bar.update(n)
+            if on_shard:
+                on_shard(stats)
+        if shards and workers > 1:
+            pool.close()
+            pool.join()
+    except BaseException:
+        if shards and workers > 1:
+            pool.terminate()
+        raise
+    finally:
+        bar.close()
+
+    rows = merge_manifest(out)
+    elapsed = time.perf_counter() - t_start
+    status = _count_status(rows)
+    files = len({r["source"] for r in rows})
+    busy = sum(vars(totals).values())
+    summary = {
+        "raw": str(raw), "out": str(out), "files": files,
+        "identities": len({r["identity"] for r in rows if r["identity"]}),
+        "processed_now": len(todo), "resumed": len(inputs) - len(todo),
+        "faces": sum(1 for r in rows if r["face"] != "-1"),
+        "crops": status.get(STATUS_OK, 0),
+        "files_with_crop": len({r["source"] for r in rows if r["status"] == STATUS_OK}),
+        "status": status, "detector": label, "workers": workers if todo else 0,
+        "seconds": round(elapsed, 2),
+        "images_per_second": round(len(todo) / elapsed, 2) if todo and elapsed > 0 else None,
+        "detector_share": round((totals.detect + totals.landmarks) / busy, 3) if busy > 0 else None,
+        "timings": {k: round(v, 2) for k, v in vars(totals).items()},
+        "warnings": warnings,
+    }
+    return summary
+
+
+def merge_manifest(out: Path) -> list[dict]:
+    """Writer: merge all shard manifests into OUT/align.csv, sorted by source and
+    face (independent of sharding and worker count)."""
+    shards, _ = _done_shards(out)
+    rows = [r for idx in sorted(shards) for r in shards[idx]]
+    rows.sort(key=lambda r: (r["source"], int(r["face"])))
+    write_text_atomic(out / ALIGN_MANIFEST, csv_text(ALIGN_COLUMNS, rows))
+    return rows
+
+
+def read_manifest(out: str | os.PathLike) -> list[dict]:
+    return read_csv(Path(out) / ALIGN_MANIFEST)
+
+
+__all__ = ["AlignConfig", "AlignError", "Aligner", "InputFile", "list_inputs", "run_align", "read_manifest",
+           "primary_score"]

@@ -1,0 +1,191 @@
+"""Reading photos from a crawl without surprises.
+
+``read_image`` returns an 8-bit RGB array with EXIF orientation applied, or raises
+``ImageError`` whose ``status`` is one of the align.csv statuses and whose message
+says what is wrong. Grey, alpha (composited on white), CMYK and 16-bit images are
+converted; the pixel count is checked from the file header *before* decoding, so a
+decompression bomb is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+from facecurate.constants import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    STATUS_DECODE_ERROR,
+    STATUS_TOO_LARGE,
+    STATUS_UNREADABLE,
+    STATUS_UNSUPPORTED,
+)
+
+#: Refuse files larger than this before reading them (bytes).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+
+class ImageError(Exception):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def header_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from the header of a JPEG, PNG, GIF, BMP, WebP or TIFF, without
+    decoding; None when the header is not understood."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+            w, h = struct.unpack(">II", data[16:24])
+            return w, h
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data[:2] == b"BM" and len(data) >= 26:
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_size(data)
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+    except (struct.error, IndexError, ValueError):
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + seg
+    return None
+
+
+def _webp_size(data: bytes) -> Optional[Tuple[int, int]]:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        w = 1 + int.from_bytes(data[24:27], "little")
+        h = 1 + int.from_bytes(data[27:30], "little")
+        return w, h
+    if chunk == b"VP8 ":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L":
+        b = int.from_bytes(data[21:25], "little")
+        return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _tiff_size(data: bytes) -> Optional[Tuple[int, int]]:
+    e = "<" if data[:2] == b"II" else ">"
+    off = struct.unpack(e + "I", data[4:8])[0]
+    count = struct.unpack(e + "H", data[off:off + 2])[0]
+    w = h = None
+    for k in range(count):
+        p = off + 2 + 12 * k
+        tag, typ = struct.unpack(e + "HH", data[p:p + 4])
+        val = struct.unpack(e + ("H" if typ == 3 else "I"), data[p + 8:p + (10 if typ == 3 else 12)])[0]
+        if tag == 256:
+            w = val
+        elif tag == 257:
+            h = val
+    return (w, h) if w and h else None
+
+
+def _jpeg_truncated(data: bytes) -> bool:
+    tail = data[-64:].rstrip(b"\x00")  # some writers pad after EOI
+    return not tail.endswith(b"\xff\xd9")
+
+
+def _to_rgb8(img: np.ndarray) -> np.ndarray:
+    """Any cv2-decoded array (grey, BGR, BGRA, 16-bit, float) -> 8-bit RGB."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img.astype(np.float64) * (255.0 if img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+        bgr = img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)  # on white
+        return cv2.cvtColor(np.round(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
+
+
+def decode_image(data: bytes, name: str = "", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to 8-bit RGB (EXIF orientation applied)."""
+    if not data:
+        raise ImageError(STATUS_DECODE_ERROR, "empty file (0 bytes)")
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(STATUS_TOO_LARGE, f"{size[0]}x{size[1]} pixels is more than the limit of {max_pixels}")
+    if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
+        raise ImageError(STATUS_DECODE_ERROR, "truncated JPEG (no end-of-image marker)")
+    buf = np.frombuffer(data, np.uint8)
+    # IMREAD_COLOR applies EXIF orientation and converts grey/CMYK/16-bit to 8-bit BGR.
+    # Only images with an alpha channel are decoded unchanged, to composite them on white.
+    img = None
+    if _may_have_alpha(data):
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if img is not None and not (img.ndim == 3 and img.shape[2] == 4):
+            img = None
+    if img is None:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        kind = "not an image this tool can read" if size is None else "corrupt image data"
+        raise ImageError(STATUS_DECODE_ERROR, f"could not decode: {kind}")
+    h, w = img.shape[:2]
+    if h * w > max_pixels:
+        raise ImageError(STATUS_TOO_LARGE, f"{w}x{h} pixels is more than the limit of {max_pixels}")
+    return _to_rgb8(img)
+
+
+def _may_have_alpha(data: bytes) -> bool:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data[25:26] in (b"\x04", b"\x06")  # colour type grey+alpha / RGBA
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data[12:16] == b"VP8L" or (data[12:16] == b"VP8X" and bool(data[20] & 0x10))
+    return data[:4] in (b"II*\x00", b"MM\x00*")
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read a photo from disk as 8-bit RGB; raise ImageError with a status and reason."""
+    name = os.fspath(path)
+    if not is_image_name(name):
+        raise ImageError(STATUS_UNSUPPORTED, f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})")
+    try:
+        st = os.stat(name)
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(STATUS_TOO_LARGE, f"file is {st.st_size} bytes, more than {MAX_FILE_BYTES}")
+        with open(name, "rb") as f:
+            data = f.read()
+    except ImageError:
+        raise
+    except OSError as e:
+        raise ImageError(STATUS_UNREADABLE, f"cannot read: {e.strerror or e}") from None
+    return decode_image(data, name, max_pixels)
