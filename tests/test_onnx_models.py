@@ -211,6 +211,18 @@ def test_scrfd_feeds_letterboxed_rgb_normalised_image(tmp_path):
     np.testing.assert_allclose(faces[0].box, np.array([8, -8, 24, 8]) * 4, atol=1e-4)
 
 
+def test_preprocessing_matches_opencv_dnn_blobs(rec_path, crops):
+    """The blobs equal what insightface builds with cv2.dnn.blobFromImage(s)."""
+    import cv2
+
+    rgb = crops[0][..., ::-1].copy()
+    ref = cv2.dnn.blobFromImage(rgb, 1.0 / 128, (112, 112), (127.5, 127.5, 127.5), swapRB=False)
+    np.testing.assert_allclose(SCRFD.blob(rgb), ref, atol=1e-6)
+    m = ArcFaceONNX(rec_path)
+    ref = cv2.dnn.blobFromImages(crops, 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True)
+    np.testing.assert_allclose(m.preprocess(crops), ref, atol=1e-6)
+
+
 def test_letterbox_pads_bottom_right():
     img = np.full((50, 100, 3), 200, np.uint8)
     out, scale = letterbox(img, (64, 64))

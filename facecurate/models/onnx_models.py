@@ -90,6 +90,14 @@ def _check_device(device: str) -> str:
     return device
 
 
+_CUDA_UNUSABLE = False
+
+
+def _note_cuda_unusable():
+    global _CUDA_UNUSABLE
+    _CUDA_UNUSABLE = True
+
+
 def select_session(path, device: str = "auto", threads: Optional[int] = None):
     """Open ``path`` with ONNX Runtime on ``device`` ("auto", "cpu" or "cuda").
 
@@ -107,6 +115,8 @@ def select_session(path, device: str = "auto", threads: Optional[int] = None):
         raise OnnxModelError(f"model file not found: {path}")
     available = list(ort.get_available_providers())
     want_cuda = device in ("auto", "cuda") and CUDA_PROVIDER in available
+    if device == "auto" and _CUDA_UNUSABLE:
+        want_cuda = False  # found out earlier in this process; don't retry per model
     if device == "cuda" and not want_cuda:
         raise OnnxModelError(
             f"--device cuda: this ONNX Runtime ({ort.__version__}) has no {CUDA_PROVIDER} "
@@ -115,6 +125,10 @@ def select_session(path, device: str = "auto", threads: Optional[int] = None):
     session = None
     if want_cuda:
         cuda_opts = {"cudnn_conv_algo_search": "HEURISTIC"}
+        if device == "auto":
+            # A failed CUDA provider logs two lines per session (per worker process);
+            # "auto" reports the fallback once, as a Python warning, instead.
+            ort.set_default_logger_severity(4)
         try:
             session = ort.InferenceSession(
                 path,
@@ -125,6 +139,9 @@ def select_session(path, device: str = "auto", threads: Optional[int] = None):
             if device == "cuda":
                 raise OnnxModelError(f"--device cuda: could not start a CUDA session: {e}; {GPU_HINT}") from e
             session = None
+        finally:
+            if device == "auto":
+                ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
         if session is not None and CUDA_PROVIDER not in session.get_providers():
             if device == "cuda":
                 raise OnnxModelError(
@@ -132,9 +149,15 @@ def select_session(path, device: str = "auto", threads: Optional[int] = None):
                     f"back to {', '.join(session.get_providers())} (no usable GPU / CUDA "
                     f"libraries here); {GPU_HINT}"
                 )
-            # auto: keep the CPU session it fell back to, but rebuild it cleanly on CPU
-            # only so that no CUDA provider half-initialises on every call.
+            # auto: rebuild the session cleanly on the CPU only.
             session = None
+        if session is None:
+            _note_cuda_unusable()
+            warnings.warn(
+                f"ONNX Runtime lists {CUDA_PROVIDER} but cannot use it here (no GPU, or "
+                f"CUDA / cuDNN libraries missing or of another version): running on the CPU",
+                RuntimeWarning, stacklevel=2,
+            )
     if session is None:
         try:
             session = ort.InferenceSession(
@@ -484,14 +507,18 @@ class SCRFD:
                 kpss.append(distance2kps(c, outs[i + 2 * fmc].reshape(len(sc), -1)[pos] * stride))
         return scores, boxes, kpss
 
+    @staticmethod
+    def blob(rgb: np.ndarray) -> np.ndarray:
+        """RGB uint8 HxWx3 -> 1x3xHxW float32, (x - 127.5) / 128 (SCRFD's training input)."""
+        x = (rgb.astype(np.float32) - np.float32(127.5)) / np.float32(128.0)
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
     def detect(self, rgb_image: np.ndarray) -> list[Detection]:
         img = np.asarray(rgb_image)
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"SCRFD.detect needs an HxWx3 uint8 RGB image, got {img.shape} {img.dtype}")
         det_img, scale = letterbox(img, self.input_size)
-        blob = ((det_img.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        blob = np.ascontiguousarray(blob)
-        scores, boxes, kpss = self._forward(blob)
+        scores, boxes, kpss = self._forward(self.blob(det_img))
         if not scores:
             return []
         scores = np.concatenate(scores).astype(np.float64)
@@ -502,6 +529,22 @@ class SCRFD:
             Detection(boxes[i].copy(), float(scores[i]), None if kps is None else kps[i, :5].copy())
             for i in keep
         ]
+
+    @cached_property
+    def sha256(self) -> str:
+        from ..files import sha256_file
+
+        return sha256_file(self.path)
+
+    def info(self) -> dict:
+        """What a run record should say about the detector."""
+        return {
+            "name": self.name, "file": str(self.path), "sha256": self.sha256,
+            "input_size": list(self.input_size), "strides": list(self.strides),
+            "num_anchors": self.num_anchors, "keypoints": self.use_kps,
+            "det_thresh": self.det_thresh, "nms_thresh": self.nms_thresh,
+            "provider": self.provider,
+        }
 
     def __repr__(self):
         return f"SCRFD({self.name!r}, provider={self.provider}, input_size={self.input_size})"
