@@ -311,6 +311,7 @@ def test_arcface_default_batch_and_fixed_batch_graphs(tmp_path, rec_path, crops)
     one = ArcFaceONNX(rec_graph(tmp_path / "b1.onnx", batch=1))
     assert one.fixed_batch == 1 and one.batch_size == 1
     np.testing.assert_allclose(one.embed(crops), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(one.forward(one.preprocess(crops)), ref, rtol=1e-5, atol=1e-5)
     four = ArcFaceONNX(rec_graph(tmp_path / "b4.onnx", batch=4), batch_size=64)
     assert four.batch_size == 4  # the graph decides
     np.testing.assert_allclose(four.embed(crops), ref, rtol=1e-5, atol=1e-5)  # 7 = 4 + 3 padded

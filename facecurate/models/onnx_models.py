@@ -26,7 +26,7 @@ import os
 import warnings
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -640,9 +640,14 @@ class ArcFaceONNX:
         x = (x - np.float32(self.input_mean)) / np.float32(self.input_std)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=self.input_dtype)
 
-    def _run(self, blob: np.ndarray) -> np.ndarray:
+    def forward(self, blob: np.ndarray) -> np.ndarray:
+        """Run one preprocessed batch (at most ``batch_size``; see :meth:`preprocess`)
+        -> (n, D) float32.  Split out so a caller can preprocess in another thread."""
         n = len(blob)
-        if self.fixed_batch is not None and n < self.fixed_batch:  # pad a short last batch
+        fb = self.fixed_batch
+        if fb is not None and n > fb:
+            return np.concatenate([self.forward(blob[i:i + fb]) for i in range(0, n, fb)])
+        if fb is not None and n < fb:  # pad a short last batch
             pad = np.zeros((self.fixed_batch - n,) + blob.shape[1:], blob.dtype)
             blob = np.concatenate([blob, pad])
         if self.use_io_binding:  # pragma: no cover - needs a CUDA machine
@@ -663,7 +668,7 @@ class ArcFaceONNX:
             return np.zeros((0, self.dim or 0), np.float32)
         out = []
         for i in range(0, len(images), self.batch_size):
-            out.append(self._run(self.preprocess(images[i:i + self.batch_size])))
+            out.append(self.forward(self.preprocess(images[i:i + self.batch_size])))
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def info(self) -> dict:
