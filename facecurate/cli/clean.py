@@ -1,3 +1,69 @@
-"""CLI for the clean stage (placeholder until the stage lands)."""
+"""``facecurate clean OUT`` (review commands are appended to COMMANDS below)."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import click
+
+
+@click.command("clean")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--keep", type=float, help="Keep subject faces whose cosine to the identity centre is at least this "
+                                         "(default: per model, see --show-defaults).")
+@click.option("--drop", type=float, help="Drop subject faces below this; between --drop and --keep: review.")
+@click.option("--cw", "cw", type=float, help="Chinese-whispers edge threshold (cosine).")
+@click.option("--dup", type=float, help="Faces of one identity at least this similar are duplicates.")
+@click.option("--merge", type=float, help="Identity centres at least this similar go to merges.csv.")
+@click.option("--calibrate", "far", type=float, default=None, metavar="FAR",
+              help="Estimate the thresholds from this dataset for a false-accept rate FAR (e.g. 1e-3): "
+                   "drop = impostor similarity at FAR, keep = at FAR/10.")
+@click.option("--exclude", multiple=True, type=click.Path(exists=True),
+              help="Drop identities overlapping an evaluation set: a folder of identity folders (names), a text "
+                   "file of names, or an insightface verification .bin (its faces are embedded and identities "
+                   "whose centre matches one are dropped). Repeatable.")
+@click.option("--max-review", type=click.FloatRange(0, 1), default=0.03, show_default=True,
+              help="At most this share of all faces goes to review; the band narrows to fit.")
+@click.option("--min-images", type=int, default=2, show_default=True,
+              help="Identities with fewer kept photos are dropped (too_few_images).")
+@click.option("--min-face", type=float, default=0.0, show_default=True,
+              help="Subject faces smaller than this (px, sqrt of box area) are dropped as low_quality.")
+@click.option("--ambiguous", type=click.Choice(["review", "drop"]), default="review", show_default=True,
+              help="What happens to the faces of a folder with no clearly dominant person.")
+@click.option("--show-defaults", is_flag=True, help="Print the model-aware default thresholds and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images, min_face, ambiguous,
+          show_defaults, as_json):
+    """Decide keep / drop / review for every face in OUT/align.csv.
+
+    Per identity: dlib Chinese-whispers clusters find the dominant person, a robust
+    (trimmed, iterated) centre scores every face, at most one face per photo is the
+    subject (others: not_subject), near-duplicates are kept once (largest, sharpest
+    copy), and a folder without a clearly dominant person is flagged ambiguous.
+    Thresholds default per embedding model (dlib 128-D, ArcFace 512-D) or come from
+    --calibrate. Embeddings are computed with the default model when missing.
+
+    \b
+    Writes OUT/clean.csv      one row per crop: decision, reason, score, cluster
+           OUT/identities.csv per identity: counts, estimated noise, flags
+           OUT/merges.csv     identity pairs that look like one person
+           OUT/clean.json     the thresholds used and the summary
+    """
+    import json
+
+    from facecurate.clean import MODEL_DEFAULTS, run_clean
+    from facecurate.files import emit_summary
+
+    if show_defaults:
+        click.echo(json.dumps(MODEL_DEFAULTS, indent=2, sort_keys=True))
+        return
+    if far is not None and not 0 < far < 1:
+        raise click.BadParameter("FAR must be between 0 and 1", param_hint="--calibrate")
+    try:
+        summary = run_clean(out, model_overrides=dict(keep=keep, drop=drop, cw=cw, dup=dup, merge=merge),
+                            calibrate_far=far, exclude=exclude, max_review=max_review, min_images=min_images,
+                            min_face=min_face, ambiguous=ambiguous)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    emit_summary(f"clean: {summary['faces']} faces in {summary['identities']} identities", summary, as_json)
+
+
+COMMANDS = [clean]

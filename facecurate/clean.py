@@ -1,0 +1,778 @@
+"""The clean stage: decide keep / drop / review for every aligned face.
+
+Per identity (work linear in its faces; all-pairs steps run on at most
+``CleanParams.sample`` faces):
+
+1. Chinese-whispers clustering (dlib) of the identity's faces on a cosine-similarity
+   graph; clusters whose centres are close to the largest one are joined to it: that
+   group is the dominant person. A folder whose second person is nearly as large as
+   the first is flagged ``ambiguous`` instead of guessed.
+2. A robust centre: the mean of the dominant group, then iterated on the best face of
+   each photo that lies inside the drop threshold (a trimmed mean).
+3. Per photo, at most one face is the subject (the one closest to the centre); the
+   others are ``not_subject``.
+4. Subject faces are kept above ``keep``, dropped below ``drop`` and sent to review in
+   between; the band is narrowed when more than ``max_review`` of all faces would
+   land in review.
+5. Near-duplicates (cosine >= ``dup``) among the subject faces are kept once: the
+   copy with the largest, sharpest face.
+
+Across identities: centres closer than ``merge`` become merge candidates (faiss when
+importable, else an inverted-file search in numpy: sub-quadratic), and ``exclude``
+drops identities that overlap an evaluation set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from facecurate import constants as C
+from facecurate.files import format_float, progress, read_csv, write_csv_atomic, write_text_atomic
+
+# Reasons written to clean.csv.
+R_CENTRE = "centre"  # kept: close to the identity centre
+R_BAND = "uncertain"  # review: between the keep and drop thresholds
+R_FAR = "far_from_centre"
+R_MINORITY = "minority_cluster"
+R_NOT_SUBJECT = "not_subject"
+R_DUPLICATE = "duplicate"
+R_AMBIGUOUS = "ambiguous_identity"
+R_TOO_FEW = "too_few_images"
+R_LOW_QUALITY = "low_quality"
+R_EXCLUDED = "excluded"
+R_NO_EMBEDDING = "no_embedding"
+
+IDENTITY_COLUMNS = (
+    "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
+    "clusters", "dominant_share", "noise", "median_score", "flags",
+)
+MERGE_COLUMNS = ("a", "b", "similarity")
+
+
+# ----------------------------------------------------------------------------- thresholds
+@dataclass
+class CleanParams:
+    """All thresholds are cosine similarities of L2-normalised embeddings."""
+
+    keep: float  # subject faces at or above: keep
+    drop: float  # below: drop; in between: review
+    cw: float  # Chinese-whispers edge: similarity at or above
+    join: float  # clusters whose centres are this close join the dominant person
+    dup: float  # near-duplicate: similarity at or above
+    merge: float  # identity centres at or above: merge candidates
+    exclude: float  # identity centre vs an evaluation face at or above: excluded
+    ambiguous_ratio: float = 0.6  # second person / dominant person at or above: ambiguous
+    max_review: float = 0.03  # share of all faces sent to review at most
+    min_images: int = 2  # identities with fewer kept photos are dropped (too_few_images)
+    min_face: float = 0.0  # subject faces smaller (px) are low_quality drops
+    ambiguous: str = "review"  # what happens to an ambiguous folder's faces: review | drop
+    iters: int = 3
+    sample: int = 1000  # all-pairs clustering on at most this many faces per identity
+    model: str = ""
+    calibrated: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+#: Model-aware defaults keyed by the family of embeddings.json's model name. The dlib
+#: row was tuned on the noisy LFW-dev benchmark (benchmarks/clean_noisy.py); dlib's
+#: own same-person rule is a Euclidean distance < 0.6, i.e. cosine > 0.82.
+MODEL_DEFAULTS: dict[str, dict] = {
+    "dlib": dict(keep=0.86, drop=0.83, cw=0.875, join=0.9, dup=0.985, merge=0.93, exclude=0.9),
+    # insightface ArcFace (w600k_r50, glintr100, mbf): same person typically > 0.4,
+    # different people < 0.2 (512-D, cosine).
+    "arcface": dict(keep=0.40, drop=0.30, cw=0.40, join=0.55, dup=0.95, merge=0.60, exclude=0.55),
+}
+
+
+def model_family(name: str) -> str:
+    n = (name or "").lower()
+    return "dlib" if "dlib" in n else "arcface"
+
+
+def default_params(model: str, **overrides) -> CleanParams:
+    d = dict(MODEL_DEFAULTS[model_family(model)])
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return CleanParams(model=model, **d)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _norm(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
+
+
+def chinese_whispers(emb: np.ndarray, threshold: float) -> np.ndarray:
+    """dlib's Chinese whispers over the graph {(i, j): cos(i, j) >= threshold}.
+    Returns labels renumbered by cluster size (0 = largest; ties by first member)."""
+    n = len(emb)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if n == 1:
+        return np.zeros(1, np.int64)
+    import dlib
+
+    sim = emb @ emb.T
+    ii, jj = np.nonzero(np.triu(sim >= threshold, 1))
+    edges = [(i, i) for i in range(n)] + list(zip(ii.tolist(), jj.tolist()))
+    raw = np.asarray(dlib.chinese_whispers(edges), np.int64)
+    return _renumber(raw)
+
+
+def _renumber(raw: np.ndarray) -> np.ndarray:
+    labs, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    order = sorted(range(len(labs)), key=lambda k: (-counts[k], first[k]))
+    remap = np.empty(labs.max() + 1, np.int64)
+    for new, k in enumerate(order):
+        remap[labs[k]] = new
+    return remap[raw]
+
+
+def _sample_index(n: int, cap: int) -> np.ndarray:
+    if n <= cap:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))
+
+
+@dataclass
+class IdentityResult:
+    decision: list
+    reason: list
+    score: np.ndarray
+    cluster: np.ndarray
+    dup_of: np.ndarray  # index (within identity) of the kept copy, -1 none
+    centre: np.ndarray | None
+    clusters: int
+    dominant_share: float
+    ambiguous: bool
+
+
+def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: CleanParams,
+                   face_size: np.ndarray | None = None) -> IdentityResult:
+    """Decide every face of one identity.
+
+    emb: (n, d) unit vectors; photo: (n,) photo id (faces of one photo share it);
+    quality: (n,) larger is better (picks the copy kept among duplicates)."""
+    n = len(emb)
+    emb = np.asarray(emb, np.float32)
+    photo = np.asarray(photo)
+    decision = [C.DECISION_DROP] * n
+    reason = [R_FAR] * n
+    dup_of = np.full(n, -1, np.int64)
+    if n == 0:
+        return IdentityResult(decision, reason, np.zeros(0, np.float32), np.zeros(0, np.int64), dup_of, None, 0,
+                              0.0, False)
+    # 1. clusters on (a sample of) the faces
+    idx = _sample_index(n, p.sample)
+    lab_s = chinese_whispers(emb[idx], p.cw)
+    cluster = np.full(n, -1, np.int64)
+    cluster[idx] = lab_s
+    if len(idx) < n:  # the rest join the cluster of their nearest sampled face
+        rest = np.setdiff1d(np.arange(n), idx)
+        sims = emb[rest] @ emb[idx].T
+        best = sims.argmax(1)
+        ok = sims[np.arange(len(rest)), best] >= p.cw
+        cluster[rest[ok]] = lab_s[best[ok]]
+    nclus = int(lab_s.max()) + 1
+    sizes = np.bincount(lab_s, minlength=nclus)
+    # per-cluster photo counts (a group photo counts once per person)
+    cent = _norm(np.stack([emb[idx][lab_s == k].mean(0) for k in range(nclus)]))
+    joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
+    joined[0] = True
+    dom_size = int(sizes[joined].sum())
+    others = sizes[~joined]
+    second = int(others.max()) if len(others) else 0
+    ambiguous = second >= 2 and second >= p.ambiguous_ratio * dom_size
+    # 2. robust centre
+    members = np.isin(cluster, np.nonzero(joined)[0])
+    c = _norm(emb[members].mean(0))
+    for _ in range(p.iters):
+        s = emb @ c
+        best = _best_per_photo(s, photo)
+        inl = best & (s >= p.drop)
+        if not inl.any():
+            break
+        c_new = _norm(emb[inl].mean(0))
+        if np.allclose(c_new, c, atol=1e-6):
+            c = c_new
+            break
+        c = c_new
+    s = (emb @ c).astype(np.float32)
+    # 3. one subject per photo
+    subject = _best_per_photo(s, photo)
+    # 4. thresholds
+    for i in range(n):
+        if not subject[i]:
+            decision[i], reason[i] = C.DECISION_DROP, R_NOT_SUBJECT
+        elif face_size is not None and p.min_face > 0 and face_size[i] < p.min_face:
+            decision[i], reason[i] = C.DECISION_DROP, R_LOW_QUALITY
+        elif s[i] >= p.keep:
+            decision[i], reason[i] = C.DECISION_KEEP, R_CENTRE
+        elif s[i] >= p.drop:
+            decision[i], reason[i] = C.DECISION_REVIEW, R_BAND
+        else:
+            decision[i] = C.DECISION_DROP
+            k = cluster[i]
+            reason[i] = R_MINORITY if (k >= 0 and not joined[k] and sizes[k] >= 2) else R_FAR
+    # 5. near-duplicates among the faces that survive
+    alive = np.array([d != C.DECISION_DROP for d in decision])
+    _mark_duplicates(emb, alive, quality, s, p.dup, decision, reason, dup_of)
+    if ambiguous:  # no guess: every face of the competing people goes the same way
+        rival = joined | (sizes >= p.ambiguous_ratio * dom_size)
+        for i in range(n):
+            if reason[i] in (R_CENTRE, R_BAND, R_FAR, R_MINORITY) and (
+                    decision[i] != C.DECISION_DROP or (cluster[i] >= 0 and rival[cluster[i]])):
+                decision[i] = C.DECISION_REVIEW if p.ambiguous == "review" else C.DECISION_DROP
+                reason[i] = R_AMBIGUOUS
+    dominant_share = float(dom_size / max(1, len(idx)))
+    return IdentityResult(decision, reason, s, cluster, dup_of, c, nclus, dominant_share, bool(ambiguous))
+
+
+def _best_per_photo(s: np.ndarray, photo: np.ndarray) -> np.ndarray:
+    """Mask of the highest-scoring face of each photo (ties: first face)."""
+    order = np.lexsort((np.arange(len(s)), -s, photo))
+    first = np.ones(len(s), bool)
+    first[1:] = photo[order][1:] != photo[order][:-1]
+    out = np.zeros(len(s), bool)
+    out[order[first]] = True
+    return out
+
+
+def _mark_duplicates(emb, alive, quality, s, thr, decision, reason, dup_of) -> None:
+    ids = np.nonzero(alive)[0]
+    if len(ids) < 2:
+        return
+    parent = {int(i): int(i) for i in ids}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    e = emb[ids]
+    block = 2048
+    for b0 in range(0, len(ids), block):
+        sims = e[b0:b0 + block] @ e.T
+        rr, cc = np.nonzero(sims >= thr)
+        for r, c in zip(rr.tolist(), cc.tolist()):
+            a, b = int(ids[b0 + r]), int(ids[c])
+            if a < b:
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    groups = defaultdict(list)
+    for i in ids.tolist():
+        groups[find(i)].append(i)
+    rank = {C.DECISION_KEEP: 0, C.DECISION_REVIEW: 1}
+    for g in groups.values():
+        if len(g) < 2:
+            continue
+        best = min(g, key=lambda i: (rank[decision[i]], -float(quality[i]), -float(s[i]), i))
+        for i in g:
+            if i != best:
+                decision[i], reason[i], dup_of[i] = C.DECISION_DROP, R_DUPLICATE, best
+
+
+def limit_review(decisions: list, reasons: list, scores: np.ndarray, p: CleanParams, total: int) -> int:
+    """Narrow the review band around its midpoint until at most ``max_review`` of
+    ``total`` faces are in review. Returns how many reviews were resolved."""
+    budget = int(np.floor(p.max_review * total))
+    band = [i for i, r in enumerate(reasons) if decisions[i] == C.DECISION_REVIEW and r == R_BAND]
+    other = sum(1 for d in decisions if d == C.DECISION_REVIEW) - len(band)
+    allowed = max(0, budget - other)
+    if len(band) <= allowed:
+        return 0
+    mid = (p.keep + p.drop) / 2
+    # keep in review the faces closest to the midpoint
+    order = sorted(band, key=lambda i: (abs(float(scores[i]) - mid), i))
+    for i in order[allowed:]:
+        if scores[i] >= mid:
+            decisions[i], reasons[i] = C.DECISION_KEEP, R_CENTRE
+        else:
+            decisions[i], reasons[i] = C.DECISION_DROP, R_FAR
+    return len(order) - allowed
+
+
+# ----------------------------------------------------------------------------- cross-identity
+def similar_pairs(vecs: np.ndarray, threshold: float, *, exact_below: int = 20000, seed: int = 0,
+                  use_faiss: bool | None = None) -> list[tuple[int, int, float]]:
+    """Pairs (i < j) of unit vectors with cosine >= threshold. Exact (blocked) for small
+    sets; above ``exact_below`` an inverted-file search (faiss when importable, numpy
+    otherwise) that costs ~n^1.5 instead of n^2. Sorted by (-sim, i, j)."""
+    vecs = np.ascontiguousarray(vecs, np.float32)
+    n = len(vecs)
+    if n < 2:
+        return []
+    if n <= exact_below:
+        pairs = _pairs_exact(vecs, threshold)
+    else:
+        if use_faiss is None:
+            use_faiss = _have_faiss()
+        pairs = _pairs_ivf_faiss(vecs, threshold, seed) if use_faiss else _pairs_ivf_numpy(vecs, threshold, seed)
+    pairs.sort(key=lambda t: (-round(t[2], 6), t[0], t[1]))
+    return pairs
+
+
+def _have_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pairs_exact(vecs, thr, block=4096):
+    out = []
+    n = len(vecs)
+    for b0 in range(0, n, block):
+        sims = vecs[b0:b0 + block] @ vecs[b0:].T
+        rr, cc = np.nonzero(sims >= thr)
+        for r, c in zip(rr.tolist(), cc.tolist()):
+            i, j = b0 + r, b0 + c
+            if i < j:
+                out.append((i, j, float(sims[r, c])))
+    return out
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    cent = x[np.sort(rng.choice(len(x), size=k, replace=False))].copy()
+    for _ in range(iters):
+        a = _assign(x, cent, 1)[:, 0]
+        sums = np.zeros_like(cent)
+        np.add.at(sums, a, x)
+        cnt = np.bincount(a, minlength=k)
+        empty = cnt == 0
+        sums[empty] = cent[empty]
+        cent = _norm(sums)
+    return cent
+
+
+def _assign(x: np.ndarray, cent: np.ndarray, nprobe: int, block: int = 65536) -> np.ndarray:
+    out = np.empty((len(x), nprobe), np.int64)
+    for b0 in range(0, len(x), block):
+        s = x[b0:b0 + block] @ cent.T
+        if nprobe == 1:
+            out[b0:b0 + block, 0] = s.argmax(1)
+        else:
+            part = np.argpartition(-s, nprobe - 1, axis=1)[:, :nprobe]
+            out[b0:b0 + block] = np.take_along_axis(part, np.argsort(
+                -np.take_along_axis(s, part, 1), axis=1, kind="stable"), 1)
+    return out
+
+
+def _ivf_shape(n: int) -> tuple[int, int]:
+    nlist = int(max(16, min(4096, round(np.sqrt(n)))))
+    return nlist, 8
+
+
+def _pairs_ivf_numpy(vecs, thr, seed):
+    n = len(vecs)
+    nlist, nprobe = _ivf_shape(n)
+    rng = np.random.default_rng(seed)
+    train = vecs[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    cent = _kmeans(train, nlist, seed)
+    home = _assign(vecs, cent, 1)[:, 0]
+    probes = _assign(vecs, cent, nprobe)
+    members = [np.nonzero(home == k)[0] for k in range(nlist)]
+    # queries of each list: every vector that probes it
+    q_of = [[] for _ in range(nlist)]
+    for j in range(nprobe):
+        for k, qs in _group(probes[:, j]).items():
+            q_of[k].append(qs)
+    found = {}
+    for k in range(nlist):
+        m = members[k]
+        if not len(m) or not q_of[k]:
+            continue
+        q = np.unique(np.concatenate(q_of[k]))
+        sims = vecs[q] @ vecs[m].T
+        rr, cc = np.nonzero(sims >= thr)
+        for r, c in zip(rr.tolist(), cc.tolist()):
+            i, j = int(q[r]), int(m[c])
+            if i != j:
+                a, b = (i, j) if i < j else (j, i)
+                found[(a, b)] = float(sims[r, c])
+    return [(a, b, s) for (a, b), s in found.items()]
+
+
+def _group(labels: np.ndarray) -> dict:
+    order = np.argsort(labels, kind="stable")
+    lab = labels[order]
+    cuts = np.nonzero(np.diff(lab))[0] + 1
+    return {int(g[0]): order[s:e] for g, s, e in zip(np.split(lab, cuts), np.r_[0, cuts], np.r_[cuts, len(lab)])}
+
+
+def _pairs_ivf_faiss(vecs, thr, seed):
+    import faiss
+
+    n, d = vecs.shape
+    nlist, nprobe = _ivf_shape(n)
+    quant = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    index.cp.seed = seed
+    index.train(vecs[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))])
+    index.add(vecs)
+    index.nprobe = nprobe
+    lims, dist, lab = index.range_search(vecs, float(thr))
+    found = {}
+    for i in range(n):
+        for s, j in zip(dist[lims[i]:lims[i + 1]].tolist(), lab[lims[i]:lims[i + 1]].tolist()):
+            if i != j:
+                a, b = (i, j) if i < j else (j, int(i))
+                found[(int(a), int(b))] = float(s)
+    return [(a, b, s) for (a, b), s in found.items()]
+
+
+# ----------------------------------------------------------------------------- the core on arrays
+@dataclass
+class CoreResult:
+    decision: list
+    reason: list
+    score: np.ndarray
+    cluster: np.ndarray
+    dup_of: np.ndarray  # global index of the kept copy, -1 none
+    identities: list  # per identity dict
+    centres: np.ndarray  # (n_identities, d)
+    merges: list  # (a, b, sim) identity indices
+    review_resolved: int
+
+
+def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality: np.ndarray,
+               p: CleanParams, *, face_size: np.ndarray | None = None, excluded: Iterable[int] = (),
+               exclude_vecs: np.ndarray | None = None, show_progress: bool = False) -> CoreResult:
+    """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
+    photo across the whole set), ``quality`` (n,) floats. Deterministic."""
+    n = len(emb)
+    identity = np.asarray(identity, np.int64)
+    k = int(identity.max()) + 1 if n else 0
+    decision = [C.DECISION_DROP] * n
+    reason = [R_FAR] * n
+    score = np.zeros(n, np.float32)
+    cluster = np.full(n, -1, np.int64)
+    dup_of = np.full(n, -1, np.int64)
+    d = emb.shape[1] if emb.ndim == 2 else 0
+    centres = np.zeros((k, d), np.float32)
+    info = [dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
+                 dominant_share=0.0, flags=[]) for _ in range(k)]
+    excluded = set(int(e) for e in excluded)
+    groups = _group(identity) if n else {}
+    for g in progress(sorted(groups), desc="clean", unit="id", disable=None if show_progress else True):
+        rows = groups[g]
+        r = clean_identity(emb[rows], photo[rows], quality[rows], p,
+                           None if face_size is None else face_size[rows])
+        for j, i in enumerate(rows.tolist()):
+            decision[i], reason[i] = r.decision[j], r.reason[j]
+            if r.dup_of[j] >= 0:
+                dup_of[i] = int(rows[r.dup_of[j]])
+        score[rows] = r.score
+        cluster[rows] = r.cluster
+        if r.centre is not None:
+            centres[g] = r.centre
+        info[g].update(clusters=r.clusters, dominant_share=r.dominant_share)
+        if r.ambiguous:
+            info[g]["flags"].append("ambiguous")
+    # exclusion against an evaluation set's vectors
+    if exclude_vecs is not None and len(exclude_vecs) and k:
+        hit = _max_sim(centres, _norm(exclude_vecs)) >= p.exclude
+        excluded |= set(np.nonzero(hit)[0].tolist())
+    if excluded:
+        for i in range(n):
+            if int(identity[i]) in excluded:
+                decision[i], reason[i] = C.DECISION_DROP, R_EXCLUDED
+        for g in excluded:
+            if g < k:
+                info[g]["flags"].append("excluded")
+    # too few photos
+    kept_by_id = np.bincount(identity[[i for i in range(n) if decision[i] != C.DECISION_DROP]], minlength=k) \
+        if n else np.zeros(0, np.int64)
+    for i in range(n):
+        if decision[i] != C.DECISION_DROP and kept_by_id[identity[i]] < p.min_images:
+            decision[i], reason[i] = C.DECISION_DROP, R_TOO_FEW
+    for g in range(k):
+        if 0 < kept_by_id[g] < p.min_images:
+            info[g]["flags"].append("too_few")
+    resolved = limit_review(decision, reason, score, p, n)
+    # centres of what is kept, for merges
+    alive = np.array([dd == C.DECISION_KEEP for dd in decision], bool) if n else np.zeros(0, bool)
+    sums = np.zeros((k, d), np.float64)
+    if alive.any():
+        np.add.at(sums, identity[alive], emb[alive].astype(np.float64))
+    has = np.linalg.norm(sums, axis=1) > 0
+    fin = _norm(np.where(has[:, None], sums, centres)).astype(np.float32)
+    live = np.nonzero(has & ~np.isin(np.arange(k), list(excluded)))[0]
+    merges = [(int(live[a]), int(live[b]), s) for a, b, s in similar_pairs(fin[live], p.merge)]
+    for a, b, _ in merges:
+        for g in (a, b):
+            if "merge_candidate" not in info[g]["flags"]:
+                info[g]["flags"].append("merge_candidate")
+    for i in range(n):
+        g = int(identity[i])
+        info[g]["faces"] += 1
+        dd = decision[i]
+        info[g]["kept" if dd == C.DECISION_KEEP else "review" if dd == C.DECISION_REVIEW else "dropped"] += 1
+        if reason[i] == R_DUPLICATE:
+            info[g]["duplicates"] += 1
+        elif reason[i] == R_NOT_SUBJECT:
+            info[g]["not_subject"] += 1
+    return CoreResult(decision, reason, score, cluster, dup_of, info, fin, merges, resolved)
+
+
+def _max_sim(a: np.ndarray, b: np.ndarray, block: int = 8192) -> np.ndarray:
+    out = np.full(len(a), -1.0, np.float32)
+    for b0 in range(0, len(b), block):
+        out = np.maximum(out, (a @ b[b0:b0 + block].T).max(1))
+    return out
+
+
+# ----------------------------------------------------------------------------- calibration
+def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: CleanParams, far: float,
+              seed: int = 0) -> CleanParams:
+    """Estimate keep/drop from the data: genuine = each subject face's similarity to
+    its own identity's robust centre (leave-in, default thresholds), impostor = a
+    face's similarity to other identities' centres. ``drop`` is the impostor score
+    at false-accept rate ``far``; ``keep`` the one at ``far / 10``; other thresholds
+    are shifted by the same amount as ``drop`` moved from its default."""
+    identity = np.asarray(identity, np.int64)
+    groups = _group(identity)
+    keys = sorted(groups)
+    cents = []
+    for g in keys:
+        rows = groups[g]
+        r = clean_identity(emb[rows], photo[rows], np.zeros(len(rows)), p)
+        cents.append(r.centre)
+    cents = np.stack(cents).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    m = min(len(emb), 20000)
+    pick = np.sort(rng.choice(len(emb), size=m, replace=False))
+    pos = {g: t for t, g in enumerate(keys)}
+    own = np.array([pos[int(g)] for g in identity[pick]])
+    sims = emb[pick] @ cents.T
+    sims[np.arange(m), own] = -np.inf
+    imp = sims[np.isfinite(sims)]
+    if len(imp) > 2_000_000:
+        imp = rng.choice(imp, 2_000_000, replace=False)
+    gen = (emb[pick] * cents[own]).sum(1)
+    drop = float(np.quantile(imp, 1 - far))
+    keep = float(np.quantile(imp, 1 - far / 10))
+    keep = max(keep, drop + 0.005)
+    shift = drop - p.drop
+    q = dataclasses.replace(p, keep=keep, drop=drop, cw=p.cw + shift, join=p.join + shift,
+                            merge=min(0.999, p.merge + shift), exclude=min(0.999, p.exclude + shift))
+    q.calibrated = dict(far=far, impostor_pairs=int(len(imp)), genuine_median=float(np.median(gen)),
+                        genuine_below_drop=float(np.mean(gen < drop)), shift=shift)
+    return q
+
+
+# ----------------------------------------------------------------------------- files
+def load_store(out_dir: Path):
+    """(vectors, {aligned: row}, meta) of OUT's embedding store, or None when absent."""
+    out_dir = Path(out_dir)
+    npy, csvp, meta = out_dir / C.EMBEDDINGS_NPY, out_dir / C.EMBEDDINGS_CSV, out_dir / C.EMBEDDINGS_META
+    if not (npy.exists() and csvp.exists()):
+        return None
+    vecs = np.load(npy, mmap_mode="r")
+    rows = read_csv(csvp)
+    m = json.loads(meta.read_text()) if meta.exists() else {}
+    return vecs, {r["aligned"]: i for i, r in enumerate(rows)}, m
+
+
+def _model_name(meta: dict) -> str:
+    for k in ("model", "name", "model_name"):
+        v = meta.get(k)
+        if isinstance(v, str):
+            return v
+        if isinstance(v, dict) and isinstance(v.get("name"), str):
+            return v["name"]
+    return "dlib"
+
+
+def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
+    store = load_store(out_dir)
+    need = {r["aligned"] for r in rows}
+    if store is None or not need.issubset(store[1]):
+        try:
+            from facecurate.embed import run_embed
+        except ImportError as e:  # pragma: no cover - embed stage missing
+            raise RuntimeError(f"{out_dir}: embeddings missing and the embed stage is unavailable ({e})")
+        run_embed(out_dir)
+        store = load_store(out_dir)
+    if store is None:
+        raise RuntimeError(f"{out_dir}: no embedding store after embedding")
+    return store
+
+
+def read_exclude(path: Path) -> tuple[set[str], list]:
+    """Names (folder of identities) or encoded images (verification .bin)."""
+    path = Path(path)
+    if path.is_dir():
+        names = {e.name for e in path.iterdir() if not e.name.startswith(".")}
+        names |= {Path(n).stem for n in names}
+        return names, []
+    if path.suffix == ".bin":
+        with open(path, "rb") as f:
+            try:
+                bins, _issame = pickle.load(f, encoding="bytes")
+            except Exception as e:
+                raise ValueError(f"{path}: not a verification .bin (pickle of (bins, issame_list)): {e}")
+        return set(), [bytes(b) for b in bins]
+    if path.is_file():  # a text file of names
+        return {s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()}, []
+    raise FileNotFoundError(f"--exclude {path}: no such file or folder")
+
+
+def embed_images(images: list[bytes], model: str) -> np.ndarray:
+    """Embeddings of encoded aligned crops with the store's model (for --exclude .bin)."""
+    import cv2
+
+    try:
+        from facecurate import embed as E
+
+        fn = getattr(E, "embed_crops", None)
+    except ImportError:
+        fn = None
+    crops = []
+    for b in images:
+        img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+        if img is not None:
+            crops.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    if not crops:
+        return np.zeros((0, 128), np.float32)
+    if fn is not None:
+        return _norm(np.asarray(fn(crops, model=model), np.float32))
+    if model_family(model) != "dlib":
+        raise RuntimeError("--exclude .bin needs the embed stage for non-dlib models")
+    from facecurate.models.dlib_models import dlib_descriptors
+
+    chips = [cv2.resize(c, (150, 150), interpolation=cv2.INTER_LINEAR) for c in crops]
+    return _norm(dlib_descriptors(chips))
+
+
+def _f(v, default=0.0) -> float:
+    try:
+        x = float(v)
+        return x if x == x else default
+    except (TypeError, ValueError):
+        return default
+
+
+def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
+              exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
+              min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
+              show_progress: bool = True) -> dict:
+    """Read OUT/align.csv and the embedding store; write clean.csv, identities.csv,
+    merges.csv and clean.json. Returns the summary."""
+    out_dir = Path(out_dir)
+    manifest = out_dir / C.ALIGN_MANIFEST
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} not found: run `facecurate align RAW {out_dir}` first")
+    all_rows = read_csv(manifest)
+    rows = [r for r in all_rows if r.get("aligned")]
+    images_by_id = defaultdict(set)
+    for r in all_rows:
+        images_by_id[r["identity"]].add(r["source"])
+    vecs, where, meta = ensure_embeddings(out_dir, rows) if rows else (np.zeros((0, 128), np.float32), {}, {})
+    model = _model_name(meta)
+    ov = dict(model_overrides or {})
+    ov.update(max_review=max_review, min_images=min_images, min_face=min_face, ambiguous=ambiguous)
+    p = default_params(model, **ov)
+    # stable order: identity, source, face
+    rows.sort(key=lambda r: (r["identity"], r["source"], int(r["face"])))
+    have = [r for r in rows if r["aligned"] in where]
+    missing = [r for r in rows if r["aligned"] not in where]
+    names = sorted({r["identity"] for r in have})
+    gid = {nm: i for i, nm in enumerate(names)}
+    emb = _norm(np.asarray(vecs[[where[r["aligned"]] for r in have]], np.float32)) if have else \
+        np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 128), np.float32)
+    identity = np.array([gid[r["identity"]] for r in have], np.int64)
+    srcs = {}
+    photo = np.array([srcs.setdefault(r["source"], len(srcs)) for r in have], np.int64)
+    fsize = np.array([_f(r.get("face_size")) for r in have], np.float32)
+    sharp = np.array([_f(r.get("sharpness")) for r in have], np.float32)
+    quality = fsize * 1000.0 + np.minimum(sharp, 999.0)
+    if calibrate_far is not None and len(names) >= 2:
+        p = calibrate(emb, identity, photo, p, calibrate_far)
+    ex_ids: set[int] = set()
+    ex_vecs = None
+    for e in exclude:
+        nm, imgs = read_exclude(Path(e))
+        low = {s.lower().replace(" ", "_") for s in nm}
+        ex_ids |= {gid[x] for x in names if x.lower().replace(" ", "_") in low}
+        if imgs:
+            v = embed_images(imgs, model)
+            ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
+    res = clean_core(emb, identity, photo, quality, p, face_size=fsize, excluded=ex_ids, exclude_vecs=ex_vecs,
+                     show_progress=show_progress)
+    out = []
+    for i, r in enumerate(have):
+        out.append(dict(
+            source=r["source"], identity=r["identity"], face=r["face"], aligned=r["aligned"],
+            x1=r.get("x1", ""), y1=r.get("y1", ""), x2=r.get("x2", ""), y2=r.get("y2", ""),
+            primary=r.get("primary", ""), det_score=r.get("det_score", ""), sharpness=r.get("sharpness", ""),
+            decision=res.decision[i], reason=res.reason[i], score=format_float(float(res.score[i])),
+            cluster=int(res.cluster[i]),
+            duplicate_of=have[res.dup_of[i]]["aligned"] if res.dup_of[i] >= 0 else "",
+            previous_decision="", previous_reason=""))
+    for r in missing:
+        out.append(dict(source=r["source"], identity=r["identity"], face=r["face"], aligned=r["aligned"],
+                        x1=r.get("x1", ""), y1=r.get("y1", ""), x2=r.get("x2", ""), y2=r.get("y2", ""),
+                        primary=r.get("primary", ""), det_score=r.get("det_score", ""),
+                        sharpness=r.get("sharpness", ""), decision=C.DECISION_DROP, reason=R_NO_EMBEDDING,
+                        score="", cluster=-1, duplicate_of="", previous_decision="", previous_reason=""))
+    out.sort(key=lambda r: (r["identity"], r["source"], int(r["face"])))
+    ident_rows = []
+    all_names = sorted(images_by_id)
+    for nm in all_names:
+        g = gid.get(nm)
+        inf = res.identities[g] if g is not None else dict(faces=0, kept=0, dropped=0, review=0, duplicates=0,
+                                                           not_subject=0, clusters=0, dominant_share=0.0,
+                                                           flags=["no_faces"])
+        sc = res.score[identity == g] if g is not None else np.zeros(0)
+        kept_mask = np.array([res.decision[i] == C.DECISION_KEEP for i in np.nonzero(identity == g)[0]], bool) \
+            if g is not None else np.zeros(0, bool)
+        images = len(images_by_id[nm])
+        noise = 1.0 - (inf["kept"] + inf["review"]) / images if images else 0.0
+        ident_rows.append(dict(
+            identity=nm, images=images, faces=inf["faces"], kept=inf["kept"], dropped=inf["dropped"],
+            review=inf["review"], duplicates=inf["duplicates"], not_subject=inf["not_subject"],
+            clusters=inf["clusters"], dominant_share=format_float(inf["dominant_share"]),
+            noise=format_float(max(0.0, noise)),
+            median_score=format_float(float(np.median(sc[kept_mask]))) if kept_mask.any() else "",
+            flags=";".join(inf["flags"])))
+    merge_rows = [dict(a=names[a], b=names[b], similarity=format_float(s)) for a, b, s in res.merges]
+    write_csv_atomic(out_dir / C.CLEAN_CSV, C.CLEAN_COLUMNS, out)
+    write_csv_atomic(out_dir / C.IDENTITIES_CSV, IDENTITY_COLUMNS, ident_rows)
+    write_csv_atomic(out_dir / C.MERGES_CSV, MERGE_COLUMNS, merge_rows)
+    counts = defaultdict(int)
+    reasons = defaultdict(int)
+    for r in out:
+        counts[r["decision"]] += 1
+        reasons[r["reason"]] += 1
+    summary = dict(
+        faces=len(out), identities=len(all_names),
+        keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
+        review_share=round(counts[C.DECISION_REVIEW] / len(out), 4) if out else 0.0,
+        reasons=dict(sorted(reasons.items())),
+        ambiguous=sum(1 for r in ident_rows if "ambiguous" in r["flags"]),
+        excluded=sum(1 for r in ident_rows if "excluded" in r["flags"]),
+        merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved,
+        model=model, thresholds={k: round(getattr(p, k), 4) for k in ("keep", "drop", "cw", "join", "dup",
+                                                                       "merge", "exclude")},
+        calibrated=bool(p.calibrated),
+    )
+    write_text_atomic(out_dir / "clean.json", json.dumps(dict(summary=summary, params=p.as_dict()),
+                                                         indent=2, sort_keys=True) + "\n")
+    return summary
