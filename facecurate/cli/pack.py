@@ -1,3 +1,174 @@
-"""CLI for the pack stage (placeholder until the stage lands)."""
+"""CLI for the pack stage: ``pack``, ``inspect``, ``unpack``, ``pack-pairs`` (thin
+wrappers over :mod:`facecurate.pack`)."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import click
+
+
+def _fail(msg: str) -> None:
+    raise click.ClickException(msg)
+
+
+@click.command("pack")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--layout", type=click.Choice(["plain", "insightface"]), default="plain", show_default=True,
+              help="plain: keys 0..N-1, every record an image with a scalar label (arcface_torch "
+                   "MXFaceDataset and DALI). insightface: header record 0 + images grouped by class + one "
+                   "identity record per class (MXFaceDataset and old insightface tools; NOT DALI).")
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
+              help="Shuffle the image order (plain) or the order within each class (insightface).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffle.")
+@click.option("--min-images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Drop identities with fewer usable images (reported in pack_errors.csv).")
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="Crop size in pixels [default: OUT/align.json's size, else 112].")
+@click.option("--resize", is_flag=True, help="Resize crops of the wrong size instead of reporting them.")
+@click.option("--strict", is_flag=True,
+              help="Fail (and leave DEST untouched) on any input problem instead of skipping and reporting it.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads reading crops.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, as_json):
+    """Pack the crops of OUT into DEST/train.rec, train.idx, train.lst and property
+    for insightface arcface_torch, without MXNet.
+
+    \b
+    What is packed:
+      OUT/clean.csv exists   rows with decision == keep
+      else OUT/align.csv     rows with status ok and primary == 1
+      else                   OUT/<identity>/* image files
+
+    \b
+    Writes into DEST:
+      train.rec, train.idx   MXNet RecordIO + index (keys 0..N-1 in the plain layout)
+      train.lst              MXNet im2rec order: index<TAB>label<TAB>path
+                             (not insightface's old aligned<TAB>path<TAB>label order);
+                             path relative to OUT
+      property               num_classes,H,W
+      labels.csv             identity,label,images (labels 0..C-1 in sorted identity order)
+      pack_errors.csv        every crop or identity not packed, with the reason
+      pack.json              what was packed, with which options
+
+    JPEG crops of the target size are stored byte-for-byte; other crops are encoded
+    once as JPEG quality 95. Missing, unreadable, non-image and wrong-size crops and
+    empty identities are skipped and reported (exit 0), or fail the run with
+    --strict. All files are written to DEST/.pack-staging first and moved into place
+    at the end: an interrupted pack leaves DEST as it was. Same inputs, options and
+    seed give byte-identical files.
+    """
+    from facecurate.files import emit_summary
+    from facecurate.pack import PackError
+    from facecurate.pack import pack as run
+
+    try:
+        res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
+                  resize=resize, strict=strict, threads=threads, show_progress=True)
+    except PackError as e:
+        _fail(str(e))
+    emit_summary("facecurate pack", res.summary(), as_json)
+    if not as_json:
+        click.echo("\narcface_torch config (configs/<yours>.py):")
+        click.echo("  " + res.config_snippet().replace("\n", "\n  "))
+        if res.errors:
+            click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / 'pack_errors.csv'}", err=True)
+
+
+@click.command("inspect")
+@click.argument("rec", type=click.Path())
+@click.option("--full", is_flag=True, help="Decode every image (default: a sample of --sample images).")
+@click.option("--sample", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Number of images to decode without --full.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def inspect(rec, full, sample, as_json):
+    """Validate a RecordIO dataset and describe it.
+
+    REC is DEST/train, DEST (a folder with train.rec), or a .rec path; the .idx
+    beside it is used. Checks the framing of every record (magic, lengths, split
+    records, padding), that every .idx offset is a record start, the layout
+    (plain or insightface header, as arcface_torch decides it), labels (integers,
+    0..C-1, contiguous; vector labels reduced to their first value), identity
+    records, the property file, and decodes a sample of images (all with --full).
+
+    Exits 1 naming the offending record on any problem.
+    """
+    from facecurate.files import emit_summary
+    from facecurate.pack import inspect as run
+
+    res = run(rec, full=full, sample=sample, show_progress=True)
+    s = res.summary()
+    if as_json:
+        emit_summary("", s, True)
+    else:
+        msgs, warns = s.pop("error_messages"), s.pop("warnings")
+        emit_summary("facecurate inspect", s, False)
+        for w in warns:
+            click.echo(f"warning: {w}", err=True)
+        for m in msgs:
+            click.echo(f"error: {m}", err=True)
+    if not res.ok:
+        raise SystemExit(1)
+
+
+@click.command("unpack")
+@click.argument("rec", type=click.Path(exists=True))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--no-names", is_flag=True, help="Name folders by label even when labels.csv is beside the .rec.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def unpack(rec, dest, no_names, as_json):
+    """Unpack a RecordIO dataset into DEST/<identity or label>/<key>.jpg.
+
+    REC is DEST/train, a folder with train.rec, or a .rec path (public insightface
+    datasets in either layout work). Folder names come from labels.csv beside the
+    .rec when present, else the zero-padded label; file names are the zero-padded
+    key (.png for PNG records). The image bytes are written as stored (no
+    re-encoding), so `facecurate pack --no-shuffle` of the result gives the same
+    train.rec again. Streams the .rec once; rerunning continues an interrupted
+    unpack (files already present are kept; each file appears only when complete).
+    """
+    from facecurate.files import emit_summary
+    from facecurate.pack import unpack as run
+    from facecurate.recordio import RecordIOError
+
+    try:
+        res = run(rec, dest, names=not no_names, show_progress=True)
+    except RecordIOError as e:
+        _fail(f"corrupt .rec, stopped at {e} (files written so far are complete; run "
+              "`facecurate inspect` for details)")
+    emit_summary("facecurate unpack", res.summary(), as_json)
+    if res.errors:
+        raise SystemExit(1)
+
+
+@click.command("pack-pairs")
+@click.argument("pairs", type=click.Path(exists=True, dir_okay=False))
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Fail when any pair cannot be resolved.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def pack_pairs(pairs, root, dest, strict, as_json):
+    """Write a verification set DEST.bin like insightface's lfw.bin: a pickle of
+    (bins, issame_list), bins = 2*P encoded images (pair members alternate).
+
+    \b
+    PAIRS  LFW-style pairs file: optional first line "10 300", then
+           "name i j" (same person) or "name1 i name2 j" (different),
+           tab- or space-separated; image i of name = <name>/<name>_%04d.jpg
+    ROOT   a folder of <name>/<name>_NNNN.<ext> crops, or an align OUT folder
+           (align.csv maps each photo to its primary crop)
+
+    Pairs whose images cannot be found or decoded are left out and listed.
+    """
+    from facecurate.files import emit_summary
+    from facecurate.pack import PackError
+    from facecurate.pack import pack_pairs as run
+
+    try:
+        res = run(pairs, root, dest, strict=strict)
+    except PackError as e:
+        _fail(str(e))
+    emit_summary("facecurate pack-pairs", res.summary(), as_json)
+
+
+COMMANDS = [pack, inspect, unpack, pack_pairs]

@@ -1,0 +1,1029 @@
+"""The pack stage: crops -> train.rec/.idx/.lst + property for insightface arcface_torch,
+written without MXNet; plus ``inspect`` (validate a .rec), ``unpack`` (.rec -> folders)
+and ``pack_pairs`` (an LFW-style pairs file -> a ``(bins, issame_list)`` .bin).
+
+Layouts written by :func:`pack`:
+
+* ``plain`` (default): keys 0..N-1, every record an image with a scalar label (flag 0).
+  Read by arcface_torch's MXFaceDataset *and* NVIDIA DALI's mxnet reader.
+* ``insightface``: key 0 is a header whose label is ``[N+1, N+1+C]``, images at keys
+  1..N grouped by class, then one identity record per class (label ``[start, end)``,
+  empty image). Read by MXFaceDataset and insightface's older tools, not by DALI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from facecurate.constants import (
+    ALIGN_MANIFEST,
+    ALIGN_META,
+    ARCFACE_BASE_SIZE,
+    CLEAN_CSV,
+    DECISION_KEEP,
+    IMAGE_EXTENSIONS,
+    JPEG_QUALITY,
+    STATUS_OK,
+)
+from facecurate.files import csv_text, read_csv, write_bytes_atomic
+from facecurate.recordio import (
+    RecordIOError,
+    RecordWriter,
+    iter_records,
+    pack_header,
+    read_idx,
+    read_record,
+    unpack_record,
+)
+
+# --- file names inside DEST -------------------------------------------------------------
+REC_NAME = "train.rec"
+IDX_NAME = "train.idx"
+LST_NAME = "train.lst"
+PROPERTY_NAME = "property"
+LABELS_CSV = "labels.csv"
+PACK_ERRORS_CSV = "pack_errors.csv"
+PACK_META = "pack.json"
+STAGING_DIR = ".pack-staging"
+LABELS_COLUMNS = ("identity", "label", "images")
+PACK_ERROR_COLUMNS = ("identity", "path", "reason", "message")
+
+LAYOUT_PLAIN = "plain"
+LAYOUT_INSIGHTFACE = "insightface"
+LAYOUT_HEADER = "insightface-header"  # what inspect calls a .rec with a header record
+
+# --- reasons in pack_errors.csv -----------------------------------------------------------
+ERR_MISSING = "missing"  # listed crop does not exist
+ERR_UNREADABLE = "unreadable"  # exists but cannot be read (permissions, I/O error, directory)
+ERR_NOT_IMAGE = "not_image"  # not a decodable image (or not an image file type)
+ERR_WRONG_SIZE = "wrong_size"  # decodes, but not the target size
+ERR_EMPTY_IDENTITY = "empty_identity"  # identity with no usable crop
+ERR_BELOW_MIN = "below_min_images"  # identity dropped by --min-images
+ERR_DUPLICATE = "duplicate"  # same crop listed twice
+ERR_BAD_ROW = "bad_row"  # manifest row that cannot be used (no path, tab in name, ...)
+
+#: Keep at most this many bytes of crops in memory between validation and writing;
+#: crops beyond it are read a second time while writing.
+MEMORY_BUDGET = 1 << 30
+#: float32 holds integers exactly only up to 2**24 (insightface layout stores keys as labels).
+MAX_FLOAT_KEY = 1 << 24
+
+
+class PackError(Exception):
+    """pack could not produce DEST (nothing usable, --strict with input errors, ...);
+    DEST is left as it was."""
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class InputError:
+    identity: str
+    path: str
+    reason: str
+    message: str
+
+
+@dataclass
+class PackResult:
+    dest: Path
+    source: str  # clean.csv | align.csv | folder
+    layout: str
+    size: int
+    images: int
+    classes: int
+    stored_as_is: int  # JPEGs copied byte-for-byte
+    reencoded: int  # encoded once (q95) because not a JPEG of the target size
+    rec_bytes: int
+    shuffle: bool
+    seed: int
+    min_images: int
+    dropped_identities: int
+    dropped_images: int
+    errors: list[InputError] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+    def error_counts(self) -> dict:
+        out: dict = {}
+        for e in self.errors:
+            out[e.reason] = out.get(e.reason, 0) + 1
+        return dict(sorted(out.items()))
+
+    def config_snippet(self) -> str:
+        return (f'config.rec = "{self.dest}"\n'
+                f"config.num_classes = {self.classes}\n"
+                f"config.num_image = {self.images}")
+
+    def summary(self) -> dict:
+        return {
+            "dest": str(self.dest), "source": self.source, "layout": self.layout,
+            "images": self.images, "classes": self.classes, "size": f"{self.size}x{self.size}",
+            "stored_as_is": self.stored_as_is, "reencoded": self.reencoded, "rec_bytes": self.rec_bytes,
+            "shuffle": self.shuffle, "seed": self.seed, "min_images": self.min_images,
+            "dropped_identities": self.dropped_identities, "dropped_images": self.dropped_images,
+            "input_errors": len(self.errors), "input_errors_by_reason": self.error_counts(),
+            "errors_file": str(self.dest / PACK_ERRORS_CSV), **self.notes,
+            "arcface_torch": {"num_classes": self.classes, "num_image": self.images},
+        }
+
+
+@dataclass
+class InspectResult:
+    path: Path  # the .rec
+    records: int = 0
+    layout: str = ""
+    images: int = 0
+    classes: int = 0
+    label_min: Optional[int] = None
+    label_max: Optional[int] = None
+    vector_labels: int = 0  # image records whose label is a vector
+    identity_records: int = 0
+    grouped_by_class: bool = False
+    dali_compatible: bool = False
+    decoded: int = 0
+    shapes: list = field(default_factory=list)
+    property_line: Optional[str] = None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self, max_messages: int = 20) -> dict:
+        return {
+            "rec": str(self.path), "ok": self.ok, "records": self.records, "layout": self.layout,
+            "images": self.images, "classes": self.classes, "label_min": self.label_min,
+            "label_max": self.label_max, "vector_labels": self.vector_labels,
+            "identity_records": self.identity_records, "grouped_by_class": self.grouped_by_class,
+            "dali_compatible": self.dali_compatible, "decoded": self.decoded,
+            "shapes": ", ".join("x".join(map(str, s)) for s in self.shapes), "property": self.property_line,
+            "errors": len(self.errors), "error_messages": self.errors[:max_messages],
+            "warnings": self.warnings[:max_messages],
+        }
+
+
+@dataclass
+class UnpackResult:
+    dest: Path
+    written: int = 0
+    existing: int = 0  # already there from an earlier run (resume)
+    classes: int = 0
+    names: str = "label"  # "labels.csv" when folders are identity names
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"dest": str(self.dest), "written": self.written, "already_present": self.existing,
+                "classes": self.classes, "folder_names": self.names, "errors": len(self.errors),
+                "error_messages": self.errors[:20]}
+
+
+@dataclass
+class PairsResult:
+    dest: Path
+    pairs: int = 0
+    same: int = 0
+    different: int = 0
+    shapes: list = field(default_factory=list)
+    unresolved: list[str] = field(default_factory=list)  # "line N: reason"
+
+    def summary(self) -> dict:
+        return {"dest": str(self.dest), "pairs": self.pairs, "same": self.same, "different": self.different,
+                "images": 2 * self.pairs, "shapes": ", ".join("x".join(map(str, s)) for s in self.shapes),
+                "unresolved_pairs": len(self.unresolved), "unresolved": self.unresolved[:20]}
+
+
+# ----------------------------------------------------------------------------- image bytes
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from a JPEG's SOF segment without decoding; None if not a JPEG
+    or the header is not understood."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    try:
+        while i + 4 <= n:
+            if data[i] != 0xFF:
+                return None
+            m = data[i + 1]
+            if m == 0xFF:
+                i += 1
+                continue
+            if m == 0x01 or 0xD0 <= m <= 0xD8:
+                i += 2
+                continue
+            if m in (0xD9, 0xDA):
+                return None
+            if m in _SOF:
+                h, w = struct.unpack_from(">HH", data, i + 5)
+                return w, h
+            i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    except struct.error:
+        return None
+    return None
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """True when the JPEG ends with the end-of-image marker (zero padding allowed)."""
+    return data[-64:].rstrip(b"\0").endswith(b"\xff\xd9")
+
+
+def image_kind(data: bytes) -> str:
+    if data[:2] == b"\xff\xd8":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return ""
+
+
+@dataclass
+class _Cand:
+    identity: str
+    rel: str  # as written to the .lst (relative to OUT, POSIX)
+    path: Path
+
+
+@dataclass
+class _Good:
+    cand: _Cand
+    data: Optional[bytes]  # None: read again while writing (memory budget)
+    as_is: bool
+
+
+def _load(cand: _Cand, size: int, resize: bool, quality: int) -> tuple[Optional[bytes], bool, Optional[InputError]]:
+    """Read one crop and return (bytes to store, stored-as-is?, error)."""
+    def err(reason, msg):
+        return None, False, InputError(cand.identity, cand.rel, reason, msg)
+
+    try:
+        with open(cand.path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return err(ERR_MISSING, "file does not exist")
+    except IsADirectoryError:
+        return err(ERR_UNREADABLE, "is a directory, not an image file")
+    except OSError as e:
+        return err(ERR_UNREADABLE, f"cannot read: {e.strerror or e}")
+    if not data:
+        return err(ERR_NOT_IMAGE, "empty file (0 bytes)")
+    wh = jpeg_size(data)
+    if wh == (size, size) and jpeg_complete(data):
+        return data, True, None
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        if data[:2] == b"\xff\xd8":
+            return err(ERR_NOT_IMAGE, "corrupt or truncated JPEG (cannot decode)")
+        return err(ERR_NOT_IMAGE, "not an image this tool can decode")
+    if wh is not None and not jpeg_complete(data):
+        return err(ERR_NOT_IMAGE, "truncated JPEG (no end-of-image marker)")
+    h, w = img.shape[:2]
+    if (w, h) != (size, size):
+        if not resize:
+            return err(ERR_WRONG_SIZE, f"{w}x{h}, expected {size}x{size} (use --resize to resize such crops)")
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if w > size else cv2.INTER_LINEAR)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        return err(ERR_NOT_IMAGE, "could not encode as JPEG")
+    return buf.tobytes(), False, None
+
+
+# ----------------------------------------------------------------------------- inputs
+def _target_size(out: Path, size: Optional[int]) -> int:
+    if size:
+        return int(size)
+    meta = out / ALIGN_META
+    if meta.exists():
+        try:
+            s = json.loads(meta.read_text()).get("size")
+            if s:
+                return int(s)
+        except (ValueError, OSError, AttributeError):
+            pass
+    return ARCFACE_BASE_SIZE
+
+
+def _collect(out: Path, dest: Path) -> tuple[str, list[_Cand], list[InputError], dict]:
+    """The crops to pack, the input problems found while listing them, and notes."""
+    errors: list[InputError] = []
+    notes: dict = {}
+    cands: list[_Cand] = []
+    if (out / CLEAN_CSV).exists():
+        source, rows = CLEAN_CSV, read_csv(out / CLEAN_CSV)
+        decisions: dict = {}
+        for r in rows:
+            decisions[r.get("decision", "")] = decisions.get(r.get("decision", ""), 0) + 1
+        notes["clean_decisions"] = dict(sorted(decisions.items()))
+        all_ids = {r.get("identity", "") for r in rows}
+        rows = [r for r in rows if r.get("decision") == DECISION_KEEP]
+        notes["identities_with_nothing_kept"] = len(all_ids - {r.get("identity", "") for r in rows})
+    elif (out / ALIGN_MANIFEST).exists():
+        source = ALIGN_MANIFEST
+        rows = [r for r in read_csv(out / ALIGN_MANIFEST)
+                if r.get("status") == STATUS_OK and str(r.get("primary", "")).strip() == "1"]
+    else:
+        source, rows = "folder", None
+    if rows is not None:
+        for r in rows:
+            ident, rel = r.get("identity", ""), (r.get("aligned") or "").strip()
+            if not ident or not rel:
+                errors.append(InputError(ident, rel, ERR_BAD_ROW,
+                                         f"{source} row without {'identity' if not ident else 'aligned path'}"
+                                         f" (source {r.get('source', '')!r})"))
+                continue
+            cands.append(_Cand(ident, rel, out / rel))
+    else:
+        if not out.is_dir():
+            raise PackError(f"{out} is not a directory")
+        ignored = 0
+        dest_r = dest.resolve()
+        for d in sorted(out.iterdir(), key=lambda p: p.name):
+            if d.name.startswith("."):
+                continue
+            if not d.is_dir():
+                ignored += 1
+                continue
+            if d.resolve() == dest_r:
+                notes["skipped_dest_folder"] = d.name
+                continue
+            n = 0
+            for f in sorted(d.iterdir(), key=lambda p: p.name):
+                if f.name.startswith("."):
+                    continue
+                rel = f"{d.name}/{f.name}"
+                if f.is_dir():
+                    errors.append(InputError(d.name, rel, ERR_UNREADABLE, "sub-folder inside an identity folder"))
+                elif not f.name.lower().endswith(IMAGE_EXTENSIONS):
+                    errors.append(InputError(d.name, rel, ERR_NOT_IMAGE,
+                                             f"not an image file type ({f.suffix or 'no extension'})"))
+                else:
+                    cands.append(_Cand(d.name, rel, f))
+                    n += 1
+            if n == 0:
+                errors.append(InputError(d.name, d.name + "/", ERR_EMPTY_IDENTITY, "identity folder has no image files"))
+        notes["top_level_files_ignored"] = ignored
+    # One order, whatever the manifest's row order; drop duplicates and unsafe names.
+    cands.sort(key=lambda c: (c.identity, c.rel))
+    seen: set = set()
+    uniq = []
+    for c in cands:
+        if c.rel in seen:
+            errors.append(InputError(c.identity, c.rel, ERR_DUPLICATE, "listed more than once; packed once"))
+            continue
+        if any(ch in c.rel or ch in c.identity for ch in "\t\n\r"):
+            errors.append(InputError(c.identity, c.rel, ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
+            continue
+        seen.add(c.rel)
+        uniq.append(c)
+    return source, uniq, errors, notes
+
+
+def _batched(seq: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+# ----------------------------------------------------------------------------- pack
+def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN, shuffle: bool = True,
+         seed: int = 0, min_images: int = 1, size: Optional[int] = None, resize: bool = False,
+         strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 2,
+         memory_budget: int = MEMORY_BUDGET, show_progress: bool = False,
+         on_record: Optional[Callable[[int], None]] = None) -> PackResult:
+    """Pack the crops of ``out`` into ``dest`` (train.rec, train.idx, train.lst,
+    property, labels.csv, pack_errors.csv, pack.json).
+
+    Every file is first written to ``dest/.pack-staging/`` and moved into place only
+    when all of them are complete, so an interrupted or failed pack leaves the
+    previous contents of ``dest`` as they were. ``on_record(n)`` is called after the
+    n-th record is written (progress hook)."""
+    from facecurate.files import progress
+
+    if layout not in (LAYOUT_PLAIN, LAYOUT_INSIGHTFACE):
+        raise ValueError(f"layout must be {LAYOUT_PLAIN!r} or {LAYOUT_INSIGHTFACE!r}")
+    out, dest = Path(out), Path(dest)
+    size = _target_size(out, size)
+    source, cands, errors, notes = _collect(out, dest)
+
+    # Pass 1: read and check every crop (keeping the bytes within the memory budget).
+    good: list[_Good] = []
+    kept_bytes = 0
+    load = lambda c: _load(c, size, resize, quality)  # noqa: E731
+    bar = progress(total=len(cands), desc="check", unit="img", disable=None if show_progress else True)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
+        for batch in _batched(cands, 512):
+            results = ex.map(load, batch) if threads > 1 else map(load, batch)
+            for c, (data, as_is, err) in zip(batch, results):
+                if err is not None:
+                    errors.append(err)
+                    continue
+                if kept_bytes + len(data) <= memory_budget:
+                    kept_bytes += len(data)
+                    good.append(_Good(c, data, as_is))
+                else:
+                    good.append(_Good(c, None, as_is))
+            bar.update(len(batch))
+    bar.close()
+
+    # Identities: empty ones and those below --min-images are reported and dropped.
+    listed = sorted({c.identity for c in cands})
+    by_id: dict[str, list[_Good]] = {}
+    for g in good:
+        by_id.setdefault(g.cand.identity, []).append(g)
+    for ident in listed:
+        if ident not in by_id:
+            errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "no usable crop (all failed, see above)"))
+    dropped_ids = dropped_imgs = 0
+    for ident in sorted(by_id):
+        n = len(by_id[ident])
+        if n < min_images:
+            errors.append(InputError(ident, ident + "/", ERR_BELOW_MIN,
+                                     f"{n} image(s) < --min-images {min_images}; identity not packed"))
+            dropped_ids += 1
+            dropped_imgs += n
+            del by_id[ident]
+    errors.sort(key=lambda e: (e.identity, e.path, e.reason))
+    if strict and errors:
+        raise PackError(f"{len(errors)} input problem(s) and --strict: nothing written "
+                        f"(first: {errors[0].path}: {errors[0].reason}: {errors[0].message})")
+    if not by_id:
+        raise PackError(f"nothing to pack in {out} ({source}): no usable crops"
+                        + (f"; {len(errors)} input problem(s), first: {errors[0].path}: {errors[0].message}"
+                           if errors else ""))
+
+    identities = sorted(by_id)
+    labels = {ident: i for i, ident in enumerate(identities)}
+    rng = random.Random(seed)
+    if layout == LAYOUT_PLAIN:
+        order = [g for ident in identities for g in by_id[ident]]
+        if shuffle:
+            rng.shuffle(order)
+        first_key = 0
+    else:
+        order = []
+        for ident in identities:
+            block = list(by_id[ident])
+            if shuffle:
+                rng.shuffle(block)
+            order.extend(block)
+        first_key = 1
+        if len(order) + len(identities) + 1 >= MAX_FLOAT_KEY:
+            raise PackError(f"{len(order)} images + {len(identities)} classes: the insightface layout stores keys "
+                            "as float32 labels, exact only below 2**24; use --layout plain")
+
+    # Pass 2: write everything into the staging folder.
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / STAGING_DIR
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted run
+    staging.mkdir()
+    try:
+        n_img = len(order)
+        idx_lines: list[str] = []
+        lst_lines: list[str] = []
+        stored_as_is = 0
+        bar = progress(total=n_img, desc="pack", unit="img", disable=None if show_progress else True)
+        with open(staging / REC_NAME, "wb", buffering=0) as frec:
+            w = RecordWriter(frec)
+            if layout == LAYOUT_INSIGHTFACE:
+                end = n_img + 1 + len(identities)
+                off = w.write(pack_header([float(n_img + 1), float(end)]))
+                idx_lines.append(f"0\t{off}\n")
+            key = first_key
+            for g in order:
+                data = g.data
+                if data is None:
+                    data, _, err = _load(g.cand, size, resize, quality)
+                    if err is not None:
+                        raise PackError(f"{g.cand.rel} changed while packing: {err.message}")
+                lab = labels[g.cand.identity]
+                off = w.write_image(float(lab), data, key, 0)
+                idx_lines.append(f"{key}\t{off}\n")
+                lst_lines.append(f"{key}\t{lab:f}\t{g.cand.rel}\n")
+                stored_as_is += g.as_is
+                key += 1
+                if on_record is not None:
+                    on_record(key - first_key)
+                if key & 255 == 0:
+                    bar.update(256)
+            bar.close()
+            if layout == LAYOUT_INSIGHTFACE:
+                start = 1
+                for ident in identities:
+                    stop = start + len(by_id[ident])
+                    off = w.write(pack_header([float(start), float(stop)], key, 0))
+                    idx_lines.append(f"{key}\t{off}\n")
+                    key += 1
+                    start = stop
+            w.flush()
+            os.fsync(frec.fileno())
+            rec_bytes = w.offset
+        counts = {ident: len(by_id[ident]) for ident in identities}
+        texts = {
+            IDX_NAME: "".join(idx_lines),
+            LST_NAME: "".join(lst_lines),
+            PROPERTY_NAME: f"{len(identities)},{size},{size}\n",
+            LABELS_CSV: csv_text(LABELS_COLUMNS, [(i, labels[i], counts[i]) for i in identities]),
+            PACK_ERRORS_CSV: csv_text(PACK_ERROR_COLUMNS, [(e.identity, e.path, e.reason, e.message) for e in errors]),
+        }
+        result = PackResult(dest=dest, source=source, layout=layout, size=size, images=n_img,
+                            classes=len(identities), stored_as_is=stored_as_is, reencoded=n_img - stored_as_is,
+                            rec_bytes=rec_bytes, shuffle=shuffle, seed=seed, min_images=min_images,
+                            dropped_identities=dropped_ids, dropped_images=dropped_imgs, errors=errors, notes=notes)
+        meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
+        meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
+        meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path relative to the packed folder)"
+        texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        for name, text in texts.items():
+            with open(staging / name, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        # Everything is complete on disk: move it into place (pack.json last).
+        for name in (REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META):
+            os.replace(staging / name, dest / name)
+        _fsync_dir(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- inspect
+def rec_paths(path: os.PathLike | str) -> tuple[Path, Path]:
+    """(.rec, .idx) for ``DEST/train``, ``DEST`` (a folder holding train.rec), a .rec
+    or a .idx path."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / REC_NAME
+    if p.suffix in (".rec", ".idx"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".rec"), p.with_name(p.name + ".idx")
+
+
+def _read_property(folder: Path) -> Optional[tuple[int, ...]]:
+    p = folder / PROPERTY_NAME
+    if not p.exists():
+        return None
+    try:
+        return tuple(int(x) for x in p.read_text().strip().split(","))
+    except ValueError:
+        return ()
+
+
+def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
+            show_progress: bool = False) -> InspectResult:
+    """Validate a .rec/.idx record by record and describe it (see :class:`InspectResult`).
+    Never raises for a corrupt file: problems are in ``result.errors``."""
+    import cv2
+    import numpy as np
+    from array import array
+    from bisect import bisect_left
+
+    from facecurate.files import progress
+
+    rec_path, idx_path = rec_paths(path)
+    res = InspectResult(path=rec_path)
+    if not rec_path.exists():
+        res.errors.append(f"{rec_path} does not exist")
+        return res
+    size = rec_path.stat().st_size
+    idx: Optional[list[tuple[int, int]]] = None
+    if idx_path.exists():
+        try:
+            idx = read_idx(idx_path)
+        except RecordIOError as e:
+            res.errors.append(f"{idx_path.name}: {e}")
+    else:
+        res.warnings.append(f"no {idx_path.name}: keys taken as record positions (MXNet's indexed reader needs it)")
+
+    # Pass over the file: framing, IRHeaders, JPEG completeness (and decoding with --full).
+    offsets, flags = array("q"), array("I")
+    lab0, lab1, imglen = array("d"), array("d"), array("q")
+    shapes: set = set()
+    bad_pad = 0
+    framing_error_at: Optional[int] = None
+    key_of = {o: k for k, o in idx} if idx is not None and len(idx) < 2_000_000 else None
+    bar = progress(total=size, desc="inspect", unit="B", disable=None if show_progress else True)
+    last = 0
+    with open(rec_path, "rb", buffering=1 << 20) as f:
+        try:
+            for r in iter_records(f, 0, size):
+                n = len(offsets)
+                offsets.append(r.offset)
+                bad_pad += r.bad_padding
+                key = key_of.get(r.offset) if key_of is not None else None
+                try:
+                    h, img = unpack_record(r.payload)
+                except RecordIOError as e:
+                    res.errors.append(str(RecordIOError(e.message, r.offset, n, key)))
+                    flags.append(0), lab0.append(float("nan")), lab1.append(float("nan")), imglen.append(0)
+                    continue
+                flags.append(h.flag)
+                if isinstance(h.label, tuple):
+                    lab0.append(h.label[0] if h.label else float("nan"))
+                    lab1.append(h.label[1] if len(h.label) > 1 else float("nan"))
+                else:
+                    lab0.append(h.label)
+                    lab1.append(float("nan"))
+                imglen.append(len(img))
+                if img:
+                    kind = image_kind(img)
+                    if kind == "jpg" and not jpeg_complete(img):
+                        res.errors.append(str(RecordIOError("JPEG has no end-of-image marker (truncated or corrupt "
+                                                            "image bytes)", r.offset, n, key)))
+                    elif not kind:
+                        res.warnings.append(str(RecordIOError("image bytes are neither JPEG nor PNG", r.offset, n, key)))
+                    if full:
+                        a = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR)
+                        if a is None:
+                            res.errors.append(str(RecordIOError("image does not decode", r.offset, n, key)))
+                        else:
+                            shapes.add(tuple(a.shape))
+                            res.decoded += 1
+                if r.offset - last > (8 << 20):
+                    bar.update(r.offset - last)
+                    last = r.offset
+        except RecordIOError as e:
+            if key_of is not None and e.offset in key_of:
+                e.key = key_of[e.offset]
+            res.errors.append(str(e))
+            framing_error_at = e.offset if e.offset is not None else 0
+    bar.close()
+    res.records = len(offsets)
+    if bad_pad:
+        res.errors.append(f"{bad_pad} record(s) with non-zero padding bytes (corrupt length or data)")
+
+    # The .idx must point at record starts.
+    if idx is None:
+        keys = list(range(len(offsets)))
+        pos_of = {k: k for k in keys}
+    else:
+        pos_of = {}
+        bad = 0
+        seen: set = set()
+        for k, o in idx:
+            if k in seen:
+                res.errors.append(f"{idx_path.name}: key {k} appears twice")
+                continue
+            seen.add(k)
+            i = bisect_left(offsets, o)
+            if i < len(offsets) and offsets[i] == o:
+                pos_of[k] = i
+            elif framing_error_at is not None and o >= framing_error_at:
+                continue  # beyond the corrupt point: already reported
+            else:
+                bad += 1
+                if bad <= 10:
+                    res.errors.append(f"{idx_path.name}: key {k} offset {o} is not the start of a record"
+                                      + (" (past the end of the .rec)" if o >= size else ""))
+        if bad > 10:
+            res.errors.append(f"{idx_path.name}: {bad} keys in total point at no record start")
+        keys = [k for k, _ in idx if k in pos_of]
+        unindexed = len(offsets) - len(set(pos_of.values()))
+        if unindexed > 0 and framing_error_at is None:
+            res.warnings.append(f"{unindexed} record(s) are not in the .idx (invisible to MXNet's indexed reader)")
+    if not offsets:
+        res.errors.append("no records" if not res.errors else "no readable records")
+        return res
+    if 0 not in pos_of:
+        res.errors.append("key 0 is missing (arcface_torch's MXFaceDataset reads key 0 and raises KeyError)")
+        return res
+
+    # Layout, as MXFaceDataset decides it.
+    p0 = pos_of[0]
+    identity_keys: list[int] = []
+    if flags[p0] > 0 and flags[p0] >= 2 and imglen[p0] == 0:
+        res.layout = LAYOUT_HEADER
+        first, end = lab0[p0], lab1[p0]
+        if first != int(first) or end != int(end) or not (1 <= first <= end):
+            res.errors.append(f"key 0: header label [{first}, {end}] is not a valid [first_identity_key, end]")
+            return res
+        first, end = int(first), int(end)
+        image_keys: Sequence[int] = range(1, first)
+        identity_keys = list(range(first, end))
+        res.identity_records = len(identity_keys)
+        missing = [k for k in list(image_keys) + identity_keys if k not in pos_of]
+        if missing:
+            res.errors.append(f"{len(missing)} key(s) named by the header are missing from the .idx "
+                              f"(first: {missing[0]})")
+            image_keys = [k for k in image_keys if k in pos_of]
+            identity_keys = [k for k in identity_keys if k in pos_of]
+    else:
+        res.layout = LAYOUT_PLAIN
+        image_keys = keys
+    res.images = len(image_keys)
+
+    # Labels: integral, >= 0, 0..C-1 with every class present.
+    labs = np.array([lab0[pos_of[k]] for k in image_keys], dtype=np.float64)
+    vec = np.array([flags[pos_of[k]] > 0 for k in image_keys], dtype=bool)
+    res.vector_labels = int(vec.sum())
+    empty = [k for k in image_keys if imglen[pos_of[k]] == 0]
+    if empty:
+        res.errors.append(f"{len(empty)} image record(s) have no image bytes (first: key {empty[0]})")
+    if labs.size:
+        nonint = np.flatnonzero(~np.isfinite(labs) | (labs != np.round(labs)) | (labs < 0))
+        if nonint.size:
+            k = image_keys[int(nonint[0])]
+            res.errors.append(f"{nonint.size} image label(s) are not integers >= 0 (first: key {k}, "
+                              f"label {labs[nonint[0]]})")
+        il = labs[np.isfinite(labs)].astype(np.int64)
+        uniq = np.unique(il)
+        res.classes = int(uniq.size)
+        res.label_min, res.label_max = int(il.min()), int(il.max())
+        if res.label_min != 0 or res.label_max != res.classes - 1:
+            res.errors.append(f"labels are not contiguous 0..C-1: {res.classes} classes span "
+                              f"{res.label_min}..{res.label_max} (partial-FC silently ignores out-of-range labels)")
+        change = int(np.count_nonzero(il[1:] != il[:-1])) + 1 if il.size else 0
+        res.grouped_by_class = change == res.classes
+    if res.layout == LAYOUT_HEADER:
+        if not res.grouped_by_class:
+            res.errors.append("insightface layout but the images of a class are not contiguous in key order")
+        expect = 1
+        for ci, k in enumerate(identity_keys):
+            p = pos_of[k]
+            a, b = lab0[p], lab1[p]
+            if flags[p] < 2 or a != expect or not (b > a) or b > first:
+                res.errors.append(f"key {k}: identity record range [{a}, {b}) does not continue at {expect} "
+                                  "(classes must be contiguous)")
+                break
+            cls = labs[int(a) - 1:int(b) - 1]
+            if cls.size and not np.all(cls == cls[0]):
+                res.errors.append(f"key {k}: identity record range [{int(a)}, {int(b)}) holds several labels")
+                break
+            expect = int(b)
+        else:
+            if identity_keys and expect != identity_keys[0]:
+                res.errors.append(f"identity records cover keys 1..{expect - 1}, images are 1..{identity_keys[0] - 1}")
+    res.dali_compatible = res.layout == LAYOUT_PLAIN and all(flags[pos_of[k]] == 0 for k in keys)
+
+    # Decode a sample (everything was decoded already with --full).
+    if not full and image_keys and framing_error_at is None:
+        n = min(sample, len(image_keys))
+        pick = sorted({image_keys[i * len(image_keys) // n] for i in range(n)})
+        with open(rec_path, "rb") as f:
+            for k in pick:
+                try:
+                    _, img = unpack_record(read_record(f, offsets[pos_of[k]], key=k).payload)
+                except RecordIOError as e:
+                    res.errors.append(str(e))
+                    continue
+                a = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR) if img else None
+                if a is None:
+                    res.errors.append(f"key {k}: image does not decode")
+                else:
+                    shapes.add(tuple(a.shape))
+                    res.decoded += 1
+    res.shapes = sorted(shapes)
+
+    prop = _read_property(rec_path.parent) if rec_path.name == REC_NAME else None
+    if prop is not None:
+        res.property_line = ",".join(map(str, prop))
+        if len(prop) != 3:
+            res.errors.append(f"property file must be one line 'num_classes,H,W', got {res.property_line!r}")
+        else:
+            if prop[0] != res.classes:
+                res.errors.append(f"property says {prop[0]} classes, the .rec has {res.classes}")
+            hw = {s[:2] for s in res.shapes}
+            if hw and hw != {(prop[1], prop[2])}:
+                res.errors.append(f"property says {prop[1]}x{prop[2]}, decoded images are "
+                                  + ", ".join(f"{h}x{w}" for h, w in sorted(hw)))
+    return res
+
+
+# ----------------------------------------------------------------------------- unpack
+def _label_names(rec_path: Path) -> Optional[dict[int, str]]:
+    p = rec_path.parent / LABELS_CSV
+    if not p.exists():
+        return None
+    names = {}
+    for r in read_csv(p):
+        try:
+            names[int(r["label"])] = r["identity"]
+        except (KeyError, ValueError):
+            return None
+    return names
+
+
+def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = True,
+           show_progress: bool = False) -> UnpackResult:
+    """Write every image of a .rec to ``dest/<identity or label>/<key>.jpg``.
+
+    Folder names come from ``labels.csv`` beside the .rec when present (and
+    ``names``), else the label zero-padded to a common width; file names are the key
+    zero-padded to at least 8 digits, so name order is key order. Streams the .rec
+    once; files are written under a temporary name and renamed, and files already
+    present are kept, so an interrupted unpack continues where it stopped."""
+    from facecurate.files import progress
+
+    rec_path, idx_path = rec_paths(rec)
+    dest = Path(dest)
+    res = UnpackResult(dest=dest)
+    if not rec_path.exists():
+        raise FileNotFoundError(f"{rec_path} does not exist")
+    idx = read_idx(idx_path) if idx_path.exists() else None
+    label_names = _label_names(rec_path) if names else None
+    res.names = LABELS_CSV if label_names else "label"
+    size = rec_path.stat().st_size
+
+    with open(rec_path, "rb", buffering=1 << 20) as f:
+        # Which keys are images (MXFaceDataset's rule)?
+        off0 = dict(idx).get(0, None) if idx is not None else 0
+        first = first_end = None
+        if off0 is not None:
+            h0, img0 = unpack_record(read_record(f, off0, key=0).payload)
+            if h0.flag >= 2 and not img0:
+                first = int(h0.label[0])
+                first_end = (h0.label[0], h0.label[1])
+        if idx is not None:
+            order = sorted((o, k) for k, o in idx)
+            max_key = max(k for k, _ in idx) if idx else 0
+        else:
+            order, max_key = None, 0
+        width = max(8, len(str(max_key)))
+        made: set = set()
+        labels_seen: set = set()
+        # Label folders are zero-padded so that name order is label order (re-pack
+        # gives the same labels); the width must not change between runs (resume).
+        prop = _read_property(rec_path.parent) if rec_path.name == REC_NAME else None
+        n_classes = prop[0] if prop and len(prop) == 3 else (
+            int(first_end[1] - first_end[0]) if first_end else 0)
+        pad = max(6, len(str(max(n_classes - 1, 0))))
+        bar = progress(total=size, desc="unpack", unit="B", disable=None if show_progress else True)
+        j = 0
+        last = 0
+        for n, r in enumerate(iter_records(f, 0, size)):
+            if order is not None:
+                while j < len(order) and order[j][0] < r.offset:
+                    j += 1
+                if j >= len(order) or order[j][0] != r.offset:
+                    continue  # not indexed: invisible to MXNet too
+                key = order[j][1]
+            else:
+                key = n
+            if first is not None and not (1 <= key < first):
+                continue  # header or identity record
+            try:
+                h, img = unpack_record(r.payload)
+            except RecordIOError as e:
+                res.errors.append(f"key {key}: {e.message}")
+                continue
+            lab = h.scalar_label
+            if not img or lab != lab or lab < 0 or lab != int(lab):
+                res.errors.append(f"key {key}: " + ("no image bytes" if not img else f"label {lab} is not an integer >= 0"))
+                continue
+            lab = int(lab)
+            kind = image_kind(img)
+            if not kind:
+                res.errors.append(f"key {key}: image bytes are neither JPEG nor PNG; not written")
+                continue
+            if label_names is not None and lab in label_names:
+                folder = label_names[lab]
+            else:
+                folder = str(lab).zfill(pad)
+            labels_seen.add(lab)
+            d = dest / folder
+            if folder not in made:
+                d.mkdir(parents=True, exist_ok=True)
+                made.add(folder)
+            target = d / f"{str(key).zfill(width)}.{kind}"
+            if target.exists():
+                res.existing += 1
+            else:
+                tmp = d / f".{target.name}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as g:
+                    g.write(img)
+                os.replace(tmp, target)
+                res.written += 1
+            if r.offset - last > (8 << 20):
+                bar.update(r.offset - last)
+                last = r.offset
+        bar.close()
+    res.classes = len(labels_seen)
+    return res
+
+
+# ----------------------------------------------------------------------------- pack-pairs
+def _read_pairs(path: Path) -> list[tuple[int, str, Optional[tuple]]]:
+    """(line number, text, parsed) for every pair line; parsed is
+    ((name1, i1), (name2, i2), same) or None when the line is malformed."""
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        t = line.split()
+        if not t:
+            continue
+        if n == 1 and len(t) <= 2 and all(x.isdigit() for x in t):
+            continue  # "10 300" header
+        try:
+            if len(t) == 3:
+                out.append((n, line, ((t[0], int(t[1])), (t[0], int(t[2])), True)))
+            elif len(t) == 4:
+                out.append((n, line, ((t[0], int(t[1])), (t[2], int(t[3])), False)))
+            else:
+                raise ValueError
+        except ValueError:
+            out.append((n, line, None))
+    return out
+
+
+def pack_pairs(pairs: os.PathLike | str, root: os.PathLike | str, dest: os.PathLike | str, *,
+               strict: bool = False) -> PairsResult:
+    """Write ``dest`` = pickle of ``(bins, issame_list)`` like insightface's lfw.bin.
+
+    ``pairs``: LFW-style file (optional ``10 300`` first line; ``name i j`` for the
+    same person, ``name1 i name2 j`` for different people). ``root``: a folder of
+    ``<Name>/<Name>_NNNN.<ext>`` crops, or an align OUT folder (with align.csv), where
+    photo ``<Name>/<Name>_NNNN.jpg`` maps to its primary crop. Pairs that cannot be
+    resolved are left out and reported (``strict``: raise instead)."""
+    import pickle
+
+    import cv2
+    import numpy as np
+
+    pairs, root, dest = Path(pairs), Path(root), Path(dest)
+    res = PairsResult(dest=dest)
+    crop_of: Optional[dict[str, str]] = None
+    if (root / ALIGN_MANIFEST).exists():
+        crop_of = {}
+        for r in read_csv(root / ALIGN_MANIFEST):
+            if r.get("status") == STATUS_OK and str(r.get("primary", "")).strip() == "1" and r.get("aligned"):
+                crop_of[r["source"]] = r["aligned"]
+    cache: dict[tuple, tuple[Optional[bytes], str]] = {}
+
+    def resolve(name: str, i: int) -> tuple[Optional[bytes], str]:
+        if (name, i) in cache:
+            return cache[(name, i)]
+        stem = f"{name}/{name}_{i:04d}"
+        path = None
+        if crop_of is not None:
+            rel = crop_of.get(stem + ".jpg")
+            if rel is None:
+                rel = next((crop_of[stem + e] for e in IMAGE_EXTENSIONS if stem + e in crop_of), None)
+            if rel is None:
+                out = (None, f"{stem}.jpg has no primary crop in {ALIGN_MANIFEST}")
+            else:
+                path = root / rel
+        else:
+            path = next((root / (stem + e) for e in IMAGE_EXTENSIONS if (root / (stem + e)).exists()), None)
+            if path is None:
+                out = (None, f"no crop {stem}.jpg (or another image extension) under {root}")
+        if path is not None:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                data, out = None, (None, f"{path}: cannot read: {e.strerror or e}")
+            if data is not None:
+                a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+                out = (data, tuple(a.shape)) if a is not None else (None, f"{path}: not a decodable image")
+        cache[(name, i)] = out
+        return out
+
+    bins: list[bytes] = []
+    issame: list[bool] = []
+    shapes: set = set()
+    for n, line, parsed in _read_pairs(pairs):
+        if parsed is None:
+            res.unresolved.append(f"line {n}: not 'name i j' or 'name1 i name2 j': {line.strip()!r}")
+            continue
+        (a, ia), (b, ib), same = parsed
+        ra, rb = resolve(a, ia), resolve(b, ib)
+        if ra[0] is None or rb[0] is None:
+            res.unresolved.append(f"line {n}: " + "; ".join(r[1] for r in (ra, rb) if r[0] is None))
+            continue
+        bins += [ra[0], rb[0]]
+        issame.append(same)
+        shapes.update((ra[1], rb[1]))
+    if strict and res.unresolved:
+        raise PackError(f"{len(res.unresolved)} pair(s) cannot be resolved and --strict (first: {res.unresolved[0]})")
+    if not issame:
+        raise PackError(f"no pair of {pairs} could be resolved under {root}"
+                        + (f" (first problem: {res.unresolved[0]})" if res.unresolved else ""))
+    write_bytes_atomic(dest, pickle.dumps((bins, issame), protocol=4))
+    res.pairs = len(issame)
+    res.same = sum(issame)
+    res.different = res.pairs - res.same
+    res.shapes = sorted(shapes)
+    return res
