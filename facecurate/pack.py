@@ -21,7 +21,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from facecurate.constants import (
     ALIGN_MANIFEST,
@@ -245,28 +245,56 @@ def image_kind(data: bytes) -> str:
     return ""
 
 
-@dataclass
-class _Cand:
+class _Cand(NamedTuple):
     identity: str
     rel: str  # as written to the .lst (relative to OUT, POSIX)
-    path: Path
+    path: str
 
 
-@dataclass
-class _Good:
-    cand: _Cand
+class _Good(NamedTuple):
+    identity: str
+    rel: str
+    path: str
     data: Optional[bytes]  # None: read again while writing (memory budget)
     as_is: bool
 
 
-def _load(cand: _Cand, size: int, resize: bool, quality: int) -> tuple[Optional[bytes], bool, Optional[InputError]]:
+#: Crops larger than this are refused (a 112x112 JPEG is ~5 KB).
+MAX_CROP_BYTES = 64 << 20
+_O_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_file(path: str) -> bytes:
+    """The whole file, with as few system calls as possible (no fstat, one read for a
+    file under 64 KiB)."""
+    fd = os.open(path, _O_RDONLY)
+    try:
+        data = os.read(fd, 65536)
+        if len(data) == 65536:
+            parts = [data]
+            total = len(data)
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                total += len(chunk)
+                if total > MAX_CROP_BYTES:
+                    raise OSError(f"larger than {MAX_CROP_BYTES} bytes, not a face crop")
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def _load(identity: str, rel: str, path: str, size: int, resize: bool,
+          quality: int) -> tuple[Optional[bytes], bool, Optional[InputError]]:
     """Read one crop and return (bytes to store, stored-as-is?, error)."""
     def err(reason, msg):
-        return None, False, InputError(cand.identity, cand.rel, reason, msg)
+        return None, False, InputError(identity, rel, reason, msg)
 
     try:
-        with open(cand.path, "rb") as f:
-            data = f.read()
+        data = _read_file(path)
     except FileNotFoundError:
         return err(ERR_MISSING, "file does not exist")
     except IsADirectoryError:
@@ -275,9 +303,10 @@ def _load(cand: _Cand, size: int, resize: bool, quality: int) -> tuple[Optional[
         return err(ERR_UNREADABLE, f"cannot read: {e.strerror or e}")
     if not data:
         return err(ERR_NOT_IMAGE, "empty file (0 bytes)")
-    wh = jpeg_size(data)
-    if wh == (size, size) and jpeg_complete(data):
-        return data, True, None
+    # Fast path: a complete JPEG of the target size is stored as it is, undecoded.
+    if data.endswith(b"\xff\xd9") or jpeg_complete(data):
+        if jpeg_size(data) == (size, size):
+            return data, True, None
     import cv2
     import numpy as np
 
@@ -286,7 +315,7 @@ def _load(cand: _Cand, size: int, resize: bool, quality: int) -> tuple[Optional[
         if data[:2] == b"\xff\xd8":
             return err(ERR_NOT_IMAGE, "corrupt or truncated JPEG (cannot decode)")
         return err(ERR_NOT_IMAGE, "not an image this tool can decode")
-    if wh is not None and not jpeg_complete(data):
+    if data[:2] == b"\xff\xd8" and not jpeg_complete(data):
         return err(ERR_NOT_IMAGE, "truncated JPEG (no end-of-image marker)")
     h, w = img.shape[:2]
     if (w, h) != (size, size):
@@ -314,11 +343,16 @@ def _target_size(out: Path, size: Optional[int]) -> int:
     return ARCFACE_BASE_SIZE
 
 
-def _collect(out: Path, dest: Path) -> tuple[str, list[_Cand], list[InputError], dict]:
-    """The crops to pack, the input problems found while listing them, and notes."""
+def _bad_name(s: str) -> bool:
+    return "\t" in s or "\n" in s or "\r" in s
+
+
+def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
+    """What to read: (source, work units, problems found while listing, notes). A unit
+    is a list of _Cand (manifest sources) or an identity folder name (folder source,
+    listed by the worker that reads it)."""
     errors: list[InputError] = []
     notes: dict = {}
-    cands: list[_Cand] = []
     if (out / CLEAN_CSV).exists():
         source, rows = CLEAN_CSV, read_csv(out / CLEAN_CSV)
         decisions: dict = {}
@@ -333,47 +367,39 @@ def _collect(out: Path, dest: Path) -> tuple[str, list[_Cand], list[InputError],
         rows = [r for r in read_csv(out / ALIGN_MANIFEST)
                 if r.get("status") == STATUS_OK and str(r.get("primary", "")).strip() == "1"]
     else:
-        source, rows = "folder", None
-    if rows is not None:
-        for r in rows:
-            ident, rel = r.get("identity", ""), (r.get("aligned") or "").strip()
-            if not ident or not rel:
-                errors.append(InputError(ident, rel, ERR_BAD_ROW,
-                                         f"{source} row without {'identity' if not ident else 'aligned path'}"
-                                         f" (source {r.get('source', '')!r})"))
-                continue
-            cands.append(_Cand(ident, rel, out / rel))
-    else:
         if not out.is_dir():
             raise PackError(f"{out} is not a directory")
-        ignored = 0
+        ignored, units = 0, []
         dest_r = dest.resolve()
-        for d in sorted(out.iterdir(), key=lambda p: p.name):
-            if d.name.startswith("."):
+        skip = dest_r.name if dest_r.parent == out.resolve() else None
+        with os.scandir(out) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            if not d.is_dir():
+            if not e.is_dir():
                 ignored += 1
-                continue
-            if d.resolve() == dest_r:
-                notes["skipped_dest_folder"] = d.name
-                continue
-            n = 0
-            for f in sorted(d.iterdir(), key=lambda p: p.name):
-                if f.name.startswith("."):
-                    continue
-                rel = f"{d.name}/{f.name}"
-                if f.is_dir():
-                    errors.append(InputError(d.name, rel, ERR_UNREADABLE, "sub-folder inside an identity folder"))
-                elif not f.name.lower().endswith(IMAGE_EXTENSIONS):
-                    errors.append(InputError(d.name, rel, ERR_NOT_IMAGE,
-                                             f"not an image file type ({f.suffix or 'no extension'})"))
-                else:
-                    cands.append(_Cand(d.name, rel, f))
-                    n += 1
-            if n == 0:
-                errors.append(InputError(d.name, d.name + "/", ERR_EMPTY_IDENTITY, "identity folder has no image files"))
+            elif e.name == skip:
+                notes["skipped_dest_folder"] = e.name
+            elif _bad_name(e.name):
+                errors.append(InputError(e.name, e.name + "/", ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
+            else:
+                units.append(e.name)
         notes["top_level_files_ignored"] = ignored
-    # One order, whatever the manifest's row order; drop duplicates and unsafe names.
+        return "folder", units, errors, notes
+    cands: list[_Cand] = []
+    base = str(out)
+    for r in rows:
+        ident, rel = r.get("identity", ""), (r.get("aligned") or "").strip()
+        if not ident or not rel:
+            errors.append(InputError(ident, rel, ERR_BAD_ROW,
+                                     f"{source} row without {'identity' if not ident else 'aligned path'}"
+                                     f" (source {r.get('source', '')!r})"))
+        elif _bad_name(ident) or _bad_name(rel):
+            errors.append(InputError(ident, rel, ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
+        else:
+            cands.append(_Cand(ident, rel, os.path.join(base, rel)))
+    # One order, whatever the manifest's row order; duplicates packed once.
     cands.sort(key=lambda c: (c.identity, c.rel))
     seen: set = set()
     uniq = []
@@ -381,17 +407,66 @@ def _collect(out: Path, dest: Path) -> tuple[str, list[_Cand], list[InputError],
         if c.rel in seen:
             errors.append(InputError(c.identity, c.rel, ERR_DUPLICATE, "listed more than once; packed once"))
             continue
-        if any(ch in c.rel or ch in c.identity for ch in "\t\n\r"):
-            errors.append(InputError(c.identity, c.rel, ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
-            continue
         seen.add(c.rel)
         uniq.append(c)
-    return source, uniq, errors, notes
+    return source, [uniq[i:i + 256] for i in range(0, len(uniq), 256)], errors, notes
 
 
-def _batched(seq: Sequence, n: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
+def _list_identity(out: str, ident: str) -> tuple[list[_Cand], list[InputError]]:
+    cands, errors = [], []
+    d = os.path.join(out, ident)
+    try:
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        return [], [InputError(ident, ident + "/", ERR_UNREADABLE, f"cannot list: {e.strerror or e}")]
+    for e in entries:
+        name = e.name
+        if name.startswith("."):
+            continue
+        rel = f"{ident}/{name}"
+        if e.is_dir():
+            errors.append(InputError(ident, rel, ERR_UNREADABLE, "sub-folder inside an identity folder"))
+        elif not name.lower().endswith(IMAGE_EXTENSIONS):
+            errors.append(InputError(ident, rel, ERR_NOT_IMAGE, f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})"))
+        elif _bad_name(name):
+            errors.append(InputError(ident, rel, ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
+        else:
+            cands.append(_Cand(ident, rel, e.path))
+    if not cands:
+        errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "identity folder has no image files"))
+    return cands, errors
+
+
+def _work(unit, out: str, size: int, resize: bool, quality: int) -> tuple[list[_Cand], list, list[InputError]]:
+    """Read and check one unit: (candidates, their _load results, listing problems)."""
+    if isinstance(unit, str):
+        cands, errors = _list_identity(out, unit)
+    else:
+        cands, errors = unit, []
+    return cands, [_load(c.identity, c.rel, c.path, size, resize, quality) for c in cands], errors
+
+
+def _ordered_map(fn, units: Sequence, threads: int) -> Iterable:
+    """fn over units in order; with threads > 1 a bounded window of units is read
+    ahead in worker threads (file reads release the GIL)."""
+    if threads <= 1:
+        yield from map(fn, units)
+        return
+    from collections import deque
+
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        window: deque = deque()
+        it = iter(units)
+        for u in it:
+            window.append(ex.submit(fn, u))
+            if len(window) >= 4 * threads:
+                break
+        for u in it:
+            yield window.popleft().result()
+            window.append(ex.submit(fn, u))
+        while window:
+            yield window.popleft().result()
 
 
 # ----------------------------------------------------------------------------- pack
@@ -407,40 +482,39 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     when all of them are complete, so an interrupted or failed pack leaves the
     previous contents of ``dest`` as they were. ``on_record(n)`` is called after the
     n-th record is written (progress hook)."""
+    from functools import partial
+
     from facecurate.files import progress
 
     if layout not in (LAYOUT_PLAIN, LAYOUT_INSIGHTFACE):
         raise ValueError(f"layout must be {LAYOUT_PLAIN!r} or {LAYOUT_INSIGHTFACE!r}")
     out, dest = Path(out), Path(dest)
     size = _target_size(out, size)
-    source, cands, errors, notes = _collect(out, dest)
+    source, units, errors, notes = _collect(out, dest)
 
-    # Pass 1: read and check every crop (keeping the bytes within the memory budget).
-    good: list[_Good] = []
+    # Pass 1: list, read and check every crop (keeping the bytes within the memory budget).
+    by_id: dict[str, list[_Good]] = {}
+    listed: set = set()
     kept_bytes = 0
-    load = lambda c: _load(c, size, resize, quality)  # noqa: E731
-    bar = progress(total=len(cands), desc="check", unit="img", disable=None if show_progress else True)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
-        for batch in _batched(cands, 512):
-            results = ex.map(load, batch) if threads > 1 else map(load, batch)
-            for c, (data, as_is, err) in zip(batch, results):
-                if err is not None:
-                    errors.append(err)
-                    continue
-                if kept_bytes + len(data) <= memory_budget:
-                    kept_bytes += len(data)
-                    good.append(_Good(c, data, as_is))
-                else:
-                    good.append(_Good(c, None, as_is))
-            bar.update(len(batch))
+    work = partial(_work, out=str(out), size=size, resize=resize, quality=quality)
+    bar = progress(total=len(units), desc="check", unit="unit", disable=None if show_progress else True)
+    for cands, results, errs in _ordered_map(work, units, threads):
+        errors.extend(errs)
+        for c, (data, as_is, err) in zip(cands, results):
+            listed.add(c.identity)
+            if err is not None:
+                errors.append(err)
+                continue
+            if kept_bytes + len(data) <= memory_budget:
+                kept_bytes += len(data)
+            else:
+                data = None
+            by_id.setdefault(c.identity, []).append(_Good(c.identity, c.rel, c.path, data, as_is))
+        bar.update(1)
     bar.close()
 
     # Identities: empty ones and those below --min-images are reported and dropped.
-    listed = sorted({c.identity for c in cands})
-    by_id: dict[str, list[_Good]] = {}
-    for g in good:
-        by_id.setdefault(g.cand.identity, []).append(g)
-    for ident in listed:
+    for ident in sorted(listed):
         if ident not in by_id:
             errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "no usable crop (all failed, see above)"))
     dropped_ids = dropped_imgs = 0
@@ -503,13 +577,13 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
             for g in order:
                 data = g.data
                 if data is None:
-                    data, _, err = _load(g.cand, size, resize, quality)
+                    data, _, err = _load(g.identity, g.rel, g.path, size, resize, quality)
                     if err is not None:
-                        raise PackError(f"{g.cand.rel} changed while packing: {err.message}")
-                lab = labels[g.cand.identity]
+                        raise PackError(f"{g.rel} changed while packing: {err.message}")
+                lab = labels[g.identity]
                 off = w.write_image(float(lab), data, key, 0)
                 idx_lines.append(f"{key}\t{off}\n")
-                lst_lines.append(f"{key}\t{lab:f}\t{g.cand.rel}\n")
+                lst_lines.append(f"{key}\t{lab:f}\t{g.rel}\n")
                 stored_as_is += g.as_is
                 key += 1
                 if on_record is not None:

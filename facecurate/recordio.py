@@ -86,7 +86,7 @@ class IRHeader(NamedTuple):
 def pack_header(label: Label, id: int = 0, id2: int = 0) -> bytes:
     """IRHeader bytes for ``label`` (a number, or a sequence of floats = vector label
     stored after the header), like ``mx.recordio.pack`` without the image."""
-    if isinstance(label, numbers.Number):
+    if type(label) is float or isinstance(label, numbers.Number):
         return _IRH.pack(0, float(label), id, id2)
     vals = [float(v) for v in label]
     return _IRH.pack(len(vals), 0.0, id, id2) + struct.pack(f"<{len(vals)}f", *vals)
@@ -185,6 +185,20 @@ class RecordWriter:
         return self.write_parts([frame(payload)])
 
     def write_image(self, label: Label, data: bytes, id: int = 0, id2: int = 0) -> int:
+        """Frame and buffer an image record; returns its offset."""
+        if type(label) is float:  # the common case, inlined (pack's hot loop)
+            header = _IRH.pack(0, label, id, id2)
+            n = IRHEADER_SIZE + len(data)
+            if n <= MAX_RECORD and MAGIC_BYTES not in data and MAGIC_BYTES not in header:
+                at = self.offset
+                pad = -n & 3
+                self._parts += (_HEAD.pack(RECORDIO_MAGIC, n), header, data, _ZEROS[pad])
+                self.offset = at + 8 + n + pad
+                self._pending += n + 8
+                self.records += 1
+                if self._pending >= self._chunk:
+                    self.flush()
+                return at
         return self.write_parts(frame_image(label, data, id, id2))
 
     def flush(self) -> None:
