@@ -1,0 +1,138 @@
+"""``facecurate review OUT``, ``facecurate review apply OUT DECISIONS.csv`` and
+``facecurate report OUT``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+_SHEET = "sheet"
+
+
+class _ReviewGroup(click.Group):
+    """A group whose default subcommand is ``sheet``: ``review OUT`` means
+    ``review sheet OUT``; ``review apply ...`` is the apply subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [_SHEET, *args]
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx, formatter):
+        sheet = self.commands[_SHEET]
+        recs = [p.get_help_record(ctx) for p in sheet.get_params(ctx) if isinstance(p, click.Option)]
+        recs = [r for r in recs if r and not r[0].startswith("-h")]
+        recs.append(("-h, --help", "Show this message and exit."))
+        with formatter.section("Options of `review OUT`"):
+            formatter.write_dl(recs)
+        self.format_commands(ctx, formatter)
+
+
+@click.group("review", cls=_ReviewGroup, invoke_without_command=False, no_args_is_help=True, options_metavar="",
+             subcommand_metavar="OUT [OPTIONS] | apply OUT DECISIONS.csv [OPTIONS]")
+def review():
+    """Hand the faces clean could not decide to a person, and take the answers back.
+
+    \b
+    facecurate review OUT
+        writes OUT/review.html: a self-contained contact sheet (open it in any
+        browser, no server, no network). One section per identity: its most
+        central kept faces as reference, then every review face with its score
+        and reason and keep/drop buttons (keyboard: k, d, x, arrows).
+        "Export decisions" downloads review-decisions.csv. Also writes
+        OUT/review.csv (decision column blank) for spreadsheet users.
+    facecurate review apply OUT DECISIONS.csv
+        merges the decisions (the page's export or a filled-in review.csv) into
+        OUT/clean.csv: reason `manual`, clean's decision kept in
+        previous_decision / previous_reason. Applying a file twice changes nothing.
+    """
+
+
+@review.command(_SHEET, hidden=True)
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--references", type=click.IntRange(0, 50), default=6, show_default=True,
+              help="Kept faces closest to the identity centre shown as reference in each section.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def sheet(out, references, as_json):
+    """Write OUT/review.html and OUT/review.csv from OUT/clean.csv."""
+    from facecurate.files import emit_summary
+    from facecurate.review import write_review
+
+    try:
+        summary = write_review(out, references=references)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if summary["missing_crops"]:
+        click.echo(f"warning: {summary['missing_crops']} crop file(s) missing, shown as placeholders "
+                   f"(e.g. {', '.join(summary['missing_examples'])})", err=True)
+    emit_summary(f"review: {summary['review_faces']} faces to review in {summary['identities']} identities",
+                 summary, as_json)
+
+
+@review.command("apply")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("decisions", metavar="DECISIONS.csv", type=click.Path(exists=True, dir_okay=False))
+@click.option("--strict", is_flag=True,
+              help="Apply nothing when any row is rejected (default: apply the valid rows, list the others).")
+@click.option("--dry-run", is_flag=True, help="Check and count, but do not write clean.csv.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def apply(out, decisions, strict, dry_run, as_json):
+    """Merge keep/drop decisions from DECISIONS.csv into OUT/clean.csv.
+
+    DECISIONS.csv needs columns `aligned` and `decision` (keep or drop; blank =
+    still undecided); `identity`, when present, must match. Accepted rows get
+    reason `manual`; the decision clean made is kept in previous_decision /
+    previous_reason. clean.csv is replaced atomically.
+
+    Rejected rows (unknown crop, invalid decision, wrong identity, contradicting
+    an earlier row) are listed on stderr and the exit status is 1; the valid rows
+    are still applied unless --strict.
+    """
+    from facecurate.files import emit_summary
+    from facecurate.review import apply_decisions
+
+    try:
+        summary = apply_decisions(out, decisions, strict=strict, dry_run=dry_run)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    for p in summary["problems"]:
+        click.echo(f"rejected: {p}", err=True)
+    if not as_json:
+        summary = dict(summary)
+        n = len(summary.pop("problems"))
+        summary["problems"] = n
+    emit_summary(f"review apply: {summary['changed']} decision(s) changed in {summary['clean_csv']}",
+                 summary, as_json)
+    if summary["rejected"]:
+        if strict:
+            click.echo(f"--strict: {summary['rejected']} row(s) rejected, clean.csv left unchanged", err=True)
+        sys.exit(1)
+
+
+@click.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--top", type=click.IntRange(0, 1000), default=25, show_default=True,
+              help="How many of the noisiest identities to list (with thumbnails).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the page here instead of OUT/report.html.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def report(out, top, output, as_json):
+    """Write OUT/report.html: one self-contained page to judge a run at a glance.
+
+    Per-stage counts (align statuses, embeddings, clean decisions and reasons,
+    manual review), similarity-to-centre histograms of kept / dropped / review
+    faces with clean's thresholds, merge candidates, and the noisiest identities
+    with thumbnails of what was kept and dropped. Reads whatever stages have run.
+    """
+    from facecurate.files import emit_summary
+    from facecurate.report import write_report
+
+    try:
+        summary = write_report(out, top=top, output=output)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    emit_summary(f"report: {summary['html']}", summary, as_json)
+
+
+COMMANDS = [review, report]

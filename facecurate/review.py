@@ -1,0 +1,476 @@
+"""The human half of ``clean``: a self-contained HTML contact sheet (plus a CSV)
+of the faces ``clean`` could not decide, and the merge of a person's keep/drop
+decisions back into ``OUT/clean.csv``.
+
+The page needs no server and no network: the crops are embedded as ``data:`` URIs
+(attached to ``<img>`` elements only when a card comes near the viewport, so sheets
+with thousands of faces still open), CSS and JavaScript are inline, and "Export
+decisions" hands the browser a CSV (``aligned,identity,decision``) built from a Blob.
+``apply_decisions`` reads that file, or ``review.csv`` filled in with a spreadsheet.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from facecurate import constants as C
+from facecurate.files import format_float, write_csv_atomic, write_text_atomic
+
+#: reason written by ``apply_decisions``
+REASON_MANUAL = "manual"
+#: decisions a person may give
+HUMAN_DECISIONS = (C.DECISION_KEEP, C.DECISION_DROP)
+#: columns of the page's export (a subset of REVIEW_COLUMNS; apply reads either)
+EXPORT_COLUMNS = ("aligned", "identity", "decision")
+DEFAULT_REFERENCES = 6
+
+_MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+         ".bmp": "image/bmp"}
+
+
+# ----------------------------------------------------------------------------- reading
+def load_clean(out_dir: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Columns and rows of OUT/clean.csv, with a clear error when it is missing or
+    lacks the columns review needs."""
+    path = Path(out_dir) / C.CLEAN_CSV
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `facecurate clean {out_dir}` first")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    need = ("aligned", "identity", "decision", "reason", "score")
+    missing = [c for c in need if c not in columns]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {', '.join(missing)}: not a facecurate clean.csv")
+    return columns, rows
+
+
+def _score(r: dict) -> float:
+    try:
+        v = float(r.get("score") or "nan")
+    except ValueError:
+        return float("nan")
+    return v
+
+
+def _score_key(r: dict) -> tuple:
+    s = _score(r)
+    return (0 if s == s else 1, -s if s == s else 0.0, r.get("aligned", ""))
+
+
+def image_data_uri(path: Path) -> str | None:
+    """``data:`` URI of an image file, or None when it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    mime = _MIME.get(path.suffix.lower(), "application/octet-stream")
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- the sheet
+@dataclass
+class Section:
+    identity: str
+    references: list[dict] = field(default_factory=list)  # most central kept faces
+    review: list[dict] = field(default_factory=list)
+    kept: int = 0
+    dropped: int = 0
+
+
+def build_sections(rows: Sequence[dict], references: int = DEFAULT_REFERENCES) -> list[Section]:
+    """One section per identity that has review faces, in identity order; review
+    faces by descending score, references the ``references`` highest-scoring kept
+    faces."""
+    by_id: dict[str, Section] = {}
+    kept: dict[str, list[dict]] = defaultdict(list)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        ident = r.get("identity", "")
+        d = r.get("decision", "")
+        if d == C.DECISION_REVIEW and r.get("aligned"):
+            by_id.setdefault(ident, Section(ident)).review.append(r)
+        elif d == C.DECISION_KEEP:
+            kept[ident].append(r)
+            counts[ident][0] += 1
+        elif d == C.DECISION_DROP:
+            counts[ident][1] += 1
+    sections = []
+    for ident in sorted(by_id):
+        s = by_id[ident]
+        s.review.sort(key=_score_key)
+        s.references = sorted(kept.get(ident, []), key=_score_key)[:max(0, references)]
+        s.kept, s.dropped = counts[ident]
+        sections.append(s)
+    return sections
+
+
+def review_table(sections: Sequence[Section]) -> list[dict]:
+    """review.csv rows in page order, decision blank for a person to fill in."""
+    out = []
+    for s in sections:
+        for r in s.review:
+            out.append(dict(aligned=r["aligned"], identity=r.get("identity", ""), source=r.get("source", ""),
+                            face=r.get("face", ""), score=r.get("score", ""), reason=r.get("reason", ""),
+                            decision=""))
+    return out
+
+
+def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, html_name: str = C.REVIEW_HTML,
+                 csv_name: str = C.REVIEW_CSV) -> dict:
+    """Write OUT/review.html and OUT/review.csv for the faces clean.csv marks
+    ``review``. Returns a summary."""
+    out_dir = Path(out_dir)
+    _, rows = load_clean(out_dir)
+    sections = build_sections(rows, references)
+    table = review_table(sections)
+    missing: list[str] = []
+    page = render_review_html(out_dir, sections, missing)
+    write_text_atomic(out_dir / html_name, page)
+    write_csv_atomic(out_dir / csv_name, C.REVIEW_COLUMNS, table)
+    reasons: dict[str, int] = defaultdict(int)
+    for r in table:
+        reasons[r["reason"]] += 1
+    return dict(
+        review_faces=len(table), identities=len(sections),
+        faces=len(rows), reasons=dict(sorted(reasons.items())),
+        missing_crops=len(missing), missing_examples=missing[:5],
+        html=str(out_dir / html_name), csv=str(out_dir / csv_name),
+        html_bytes=len(page.encode("utf-8")),
+    )
+
+
+def _esc(s) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _card(out_dir: Path, r: dict, kind: str, missing: list[str], index: int | None = None) -> str:
+    aligned = r.get("aligned", "")
+    uri = image_data_uri(out_dir / aligned) if aligned else None
+    score = _score(r)
+    score_txt = format_float(score, 3) if score == score else "n/a"
+    title = f"{r.get('source', '')} face {r.get('face', '')}"
+    if uri is None:
+        missing.append(aligned)
+        img = f'<div class="noimg" title="{_esc(aligned)}">missing crop</div>'
+    else:
+        img = f'<img alt="{_esc(aligned)}" data-src="{uri}" width="112" height="112">'
+    if kind == "ref":
+        return (f'<figure class="ref" title="{_esc(title)}">{img}'
+                f'<figcaption>{score_txt}</figcaption></figure>')
+    return (f'<figure class="card" tabindex="0" data-i="{index}" data-aligned="{_esc(aligned)}" '
+            f'data-identity="{_esc(r.get("identity", ""))}" title="{_esc(title)}">{img}'
+            f'<figcaption><span class="score">{score_txt}</span> '
+            f'<span class="reason">{_esc(r.get("reason", ""))}</span></figcaption>'
+            f'<div class="btns"><button type="button" class="keep" data-d="keep">keep</button>'
+            f'<button type="button" class="drop" data-d="drop">drop</button></div></figure>')
+
+
+def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list[str] | None = None) -> str:
+    """The whole page as one string (deterministic: no timestamps, stable order)."""
+    if missing is None:
+        missing = []
+    total = sum(len(s.review) for s in sections)
+    key = hashlib.sha256("\n".join(r["aligned"] for s in sections for r in s.review).encode()).hexdigest()[:16]
+    parts = []
+    idx = 0
+    nav = []
+    for si, s in enumerate(sections):
+        sid = f"s{si}"
+        nav.append(f'<a href="#{sid}">{_esc(s.identity)} <b>{len(s.review)}</b></a>')
+        refs = "".join(_card(out_dir, r, "ref", missing) for r in s.references) or \
+            '<p class="none">no kept faces</p>'
+        cards = []
+        for r in s.review:
+            cards.append(_card(out_dir, r, "review", missing, idx))
+            idx += 1
+        parts.append(
+            f'<section id="{sid}" data-identity="{_esc(s.identity)}">'
+            f'<h2>{_esc(s.identity)} <small>{len(s.review)} to review &middot; {s.kept} kept &middot; '
+            f'{s.dropped} dropped</small>'
+            f'<span class="bulk"><button type="button" data-all="keep">keep all</button>'
+            f'<button type="button" data-all="drop">drop all</button>'
+            f'<button type="button" data-all="">clear</button></span></h2>'
+            f'<div class="refs"><span class="lbl">reference (most central kept)</span>{refs}</div>'
+            f'<div class="cards">{"".join(cards)}</div></section>')
+    body = "\n".join(parts) if parts else '<p class="empty">Nothing to review: clean.csv has no review faces.</p>'
+    meta = json.dumps(dict(key=key, total=total))
+    return _PAGE.format(css=_CSS, js=_JS, meta=meta, total=total, identities=len(sections),
+                        nav="".join(nav), body=body)
+
+
+_CSS = """
+*{box-sizing:border-box}
+body{font:14px/1.35 system-ui,sans-serif;margin:0;background:#f4f4f4;color:#222}
+header{position:sticky;top:0;z-index:2;background:#263238;color:#fff;padding:8px 14px;display:flex;
+ flex-wrap:wrap;gap:12px;align-items:center}
+header h1{font-size:17px;margin:0 8px 0 0}
+header button{font:inherit;padding:4px 12px;border-radius:4px;border:0;cursor:pointer}
+#export{background:#ffca28;font-weight:600}
+#progress{font-variant-numeric:tabular-nums}
+.help{font-size:12px;opacity:.8}
+nav{padding:6px 14px;background:#eceff1;font-size:12px;max-height:6em;overflow:auto}
+nav a{margin-right:10px;color:#37474f;text-decoration:none;white-space:nowrap}
+section{background:#fff;margin:10px 14px;padding:8px 12px;border-radius:6px;box-shadow:0 1px 2px #0002}
+h2{font-size:15px;margin:2px 0 8px;display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}
+h2 small{font-weight:400;color:#666}
+.bulk{margin-left:auto}.bulk button{font-size:12px;margin-left:4px}
+.refs,.cards{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
+.refs{padding-bottom:8px;margin-bottom:8px;border-bottom:1px dashed #ccc}
+.lbl{flex-basis:100%;font-size:11px;color:#888}
+figure{margin:0;text-align:center;font-size:12px}
+figure img,.noimg{width:112px;height:112px;display:block;background:#ddd}
+.noimg{line-height:112px;color:#a00}
+.ref img{width:80px;height:80px;opacity:.95}.ref figcaption{color:#2e7d32}
+.card{border:3px solid #bbb;border-radius:5px;padding:3px;background:#fafafa;width:124px}
+.card:focus{outline:3px solid #42a5f5}
+.card.keep{border-color:#2e7d32;background:#e8f5e9}
+.card.drop{border-color:#c62828;background:#ffebee}
+.card.drop img{opacity:.45}
+.reason{color:#555}
+.btns{display:flex;gap:3px;margin-top:3px}
+.btns button{flex:1;font:inherit;padding:2px 0;border:1px solid #999;border-radius:3px;background:#fff;cursor:pointer}
+.card.keep button.keep{background:#2e7d32;color:#fff;border-color:#2e7d32}
+.card.drop button.drop{background:#c62828;color:#fff;border-color:#c62828}
+body.hide-decided .card.keep,body.hide-decided .card.drop{display:none}
+.empty,.none{color:#666}
+"""
+
+_JS = r"""
+(function(){
+"use strict";
+var META = JSON.parse(document.getElementById('fc-meta').textContent);
+var STORE = 'facecurate-review-' + META.key;
+var cards = Array.prototype.slice.call(document.querySelectorAll('.card'));
+var state = {};
+try { state = JSON.parse(localStorage.getItem(STORE) || '{}') || {}; } catch (e) { state = {}; }
+
+function show(card){
+  var d = state[card.dataset.aligned] || '';
+  card.classList.toggle('keep', d === 'keep');
+  card.classList.toggle('drop', d === 'drop');
+  card.setAttribute('aria-label', card.dataset.aligned + (d ? ' ' + d : ' undecided'));
+}
+function count(){
+  var n = 0, k;
+  for (k in state) if (state[k]) n++;
+  document.getElementById('progress').textContent = n + ' / ' + META.total + ' decided';
+}
+function save(){ try { localStorage.setItem(STORE, JSON.stringify(state)); } catch (e) {} }
+function decide(card, d, toggle){
+  var a = card.dataset.aligned;
+  if (toggle && state[a] === d) d = '';
+  if (d) state[a] = d; else delete state[a];
+  show(card); count(); save();
+}
+function csvCell(s){ s = String(s); return /[",\r\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
+function decisionsCSV(){
+  var lines = ['aligned,identity,decision'];
+  cards.forEach(function(c){
+    var d = state[c.dataset.aligned];
+    if (d) lines.push([c.dataset.aligned, c.dataset.identity, d].map(csvCell).join(','));
+  });
+  return lines.join('\n') + '\n';
+}
+window.facecurateDecisionsCSV = decisionsCSV;
+function exportCSV(){
+  var text = decisionsCSV();
+  var blob = new Blob([text], {type: 'text/csv'});
+  var a = document.createElement('a');
+  a.href = URL.createObjectURL(blob);
+  a.download = 'review-decisions.csv';
+  document.body.appendChild(a); a.click();
+  setTimeout(function(){ URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+  document.body.dataset.exported = text;
+}
+document.getElementById('export').addEventListener('click', exportCSV);
+document.getElementById('hide').addEventListener('change', function(e){
+  document.body.classList.toggle('hide-decided', e.target.checked);
+});
+document.addEventListener('click', function(e){
+  var b = e.target.closest('button');
+  if (!b) return;
+  if (b.dataset.d !== undefined) { decide(b.closest('.card'), b.dataset.d, true); return; }
+  if (b.dataset.all !== undefined) {
+    b.closest('section').querySelectorAll('.card').forEach(function(c){
+      if (!b.dataset.all || !state[c.dataset.aligned]) decide(c, b.dataset.all, false);
+    });
+  }
+});
+document.addEventListener('keydown', function(e){
+  var c = document.activeElement;
+  if (!c || !c.classList || !c.classList.contains('card') || e.ctrlKey || e.metaKey || e.altKey) return;
+  var i = +c.dataset.i, next = null, k = e.key.toLowerCase();
+  if (k === 'k' || k === 'd') { decide(c, k === 'k' ? 'keep' : 'drop', false); next = cards[i + 1]; }
+  else if (k === 'x' || k === 'backspace') { decide(c, '', false); }
+  else if (k === 'arrowright' || k === 'j') { next = cards[i + 1]; }
+  else if (k === 'arrowleft' || k === 'h') { next = cards[i - 1]; }
+  else return;
+  e.preventDefault();
+  if (next) next.focus();
+});
+/* lazy images: data URIs sit in data-src until the card nears the viewport */
+function load(img){ if (img.dataset.src) { img.src = img.dataset.src; img.removeAttribute('data-src'); } }
+var imgs = document.querySelectorAll('img[data-src]');
+if ('IntersectionObserver' in window) {
+  var io = new IntersectionObserver(function(entries){
+    entries.forEach(function(en){ if (en.isIntersecting) { load(en.target); io.unobserve(en.target); } });
+  }, {rootMargin: '800px 0px'});
+  imgs.forEach(function(img){ io.observe(img); });
+} else { imgs.forEach(load); }
+cards.forEach(show); count();
+if (cards.length) cards[0].focus({preventScroll: true});
+})();
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>facecurate review: {total} faces</title>
+<style>{css}</style></head>
+<body>
+<header><h1>facecurate review</h1>
+<span>{total} faces in {identities} identities</span>
+<span id="progress"></span>
+<button type="button" id="export">Export decisions</button>
+<label><input type="checkbox" id="hide"> hide decided</label>
+<span class="help">click keep/drop (again to undo) &middot; keyboard on a focused card: k keep, d drop,
+x clear, &larr;/&rarr; move &middot; then <code>facecurate review apply OUT review-decisions.csv</code></span>
+</header>
+<nav>{nav}</nav>
+<main>
+{body}
+</main>
+<script type="application/json" id="fc-meta">{meta}</script>
+<script>{js}</script>
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------------------- apply
+@dataclass
+class Problem:
+    line: int
+    aligned: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line else "file"
+        return f"{where}: {self.aligned or '-'}: {self.message}" if self.aligned else f"{where}: {self.message}"
+
+
+def read_decisions(path: str | Path) -> list[tuple[int, dict]]:
+    """Rows of a decisions CSV (the page's export or a filled-in review.csv) with
+    their line numbers. Needs columns ``aligned`` and ``decision``; ``identity``
+    is checked when present."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    reader = csv.DictReader(text.splitlines())
+    cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+    if "aligned" not in cols or "decision" not in cols:
+        raise ValueError(f"{path}: needs a header with columns 'aligned' and 'decision' "
+                         f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
+    reader.fieldnames = cols
+    out = []
+    for r in reader:
+        line = reader.line_num
+        out.append((line, {k: (v or "").strip() for k, v in r.items() if k is not None}))
+    return out
+
+
+def apply_decisions(out_dir: str | Path, decisions_csv: str | Path, *, strict: bool = False,
+                    dry_run: bool = False) -> dict:
+    """Merge a person's keep/drop decisions into OUT/clean.csv.
+
+    Each accepted row sets ``decision`` and ``reason=manual``; the decision and
+    reason clean made are kept in ``previous_decision``/``previous_reason`` (the
+    first time only, so applying the same file twice gives the same bytes, and a
+    later file can change a manual decision without losing clean's). Blank
+    decisions are left undecided. Rows naming an unknown crop, an invalid decision,
+    another identity, or contradicting an earlier row of the same file are
+    rejected and listed in ``problems``; the rest are applied unless ``strict``.
+    The file is rewritten atomically, and only when something changed."""
+    out_dir = Path(out_dir)
+    columns, rows = load_clean(out_dir)
+    for c in ("previous_decision", "previous_reason"):
+        if c not in columns:
+            columns.append(c)
+    index = {r["aligned"]: i for i, r in enumerate(rows) if r.get("aligned")}
+    entries = read_decisions(decisions_csv)
+    problems: list[Problem] = []
+    chosen: dict[str, tuple[int, str]] = {}
+    undecided = 0
+    bad: set[str] = set()
+    for line, e in entries:
+        a = e.get("aligned", "")
+        d = e.get("decision", "").lower()
+        if not a and not d:
+            continue
+        if not a:
+            problems.append(Problem(line, "", "empty 'aligned'"))
+            continue
+        if not d:
+            undecided += 1
+            continue
+        if d not in HUMAN_DECISIONS:
+            problems.append(Problem(line, a, f"invalid decision {e.get('decision')!r} (use keep or drop)"))
+            continue
+        i = index.get(a)
+        if i is None:
+            problems.append(Problem(line, a, f"not in {C.CLEAN_CSV} (a crop of another run?)"))
+            continue
+        ident = e.get("identity", "")
+        if ident and ident != rows[i].get("identity", ""):
+            problems.append(Problem(line, a, f"identity {ident!r} does not match {rows[i].get('identity')!r} "
+                                             f"in {C.CLEAN_CSV}"))
+            continue
+        if a in chosen and chosen[a][1] != d:
+            problems.append(Problem(line, a, f"contradicts line {chosen[a][0]} ({chosen[a][1]})"))
+            bad.add(a)
+            continue
+        chosen.setdefault(a, (line, d))
+    for a in bad:
+        chosen.pop(a, None)
+    changed = unchanged = 0
+    by_decision: dict[str, int] = defaultdict(int)
+    apply_now = not (strict and problems)
+    if apply_now:
+        for a, (_, d) in chosen.items():
+            r = rows[index[a]]
+            by_decision[d] += 1
+            if r.get("reason") == REASON_MANUAL:
+                new = dict(r, decision=d)
+            else:
+                new = dict(r, decision=d, reason=REASON_MANUAL, previous_decision=r.get("decision", ""),
+                           previous_reason=r.get("reason", ""))
+            if new == r:
+                unchanged += 1
+            else:
+                changed += 1
+                rows[index[a]] = new
+    path = out_dir / C.CLEAN_CSV
+    if apply_now and changed and not dry_run:
+        write_csv_atomic(path, columns, rows)
+    left = sum(1 for r in rows if r.get("decision") == C.DECISION_REVIEW)
+    return dict(
+        decisions_read=len(entries), accepted=len(chosen) if apply_now else 0,
+        changed=changed, unchanged=unchanged, undecided=undecided,
+        keep=by_decision.get(C.DECISION_KEEP, 0), drop=by_decision.get(C.DECISION_DROP, 0),
+        rejected=len(problems), problems=[str(p) for p in problems],
+        written=bool(apply_now and changed and not dry_run), strict=strict,
+        review_left=left, clean_csv=str(path),
+    )
