@@ -782,6 +782,11 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
     if not offsets:
         res.errors.append("no records" if not res.errors else "no readable records")
         return res
+    if framing_error_at is not None:
+        # Counts, labels and layout of a file that cannot be read to its end would mislead.
+        res.warnings.append(f"framing broken at offset {framing_error_at}: layout, labels and counts not checked "
+                            f"({len(offsets)} records read before it)")
+        return res
     if 0 not in pos_of:
         res.errors.append("key 0 is missing (arcface_torch's MXFaceDataset reads key 0 and raises KeyError)")
         return res

@@ -1,0 +1,440 @@
+"""facecurate pack / inspect / unpack / pack-pairs on real ArcFace crops of LFW dev
+photos (dlib HOG + 68 landmarks -> 5 points -> align_face, exactly what align does).
+
+The MXNet checks (``@pytest.mark.oracle``) run ``../shared/tools/mxnet-oracle`` (the
+real MXNet 1.9.1 reader); they fail under CI when it cannot run, and skip otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from facecurate.cli import main as cli
+from facecurate.constants import ALIGN_COLUMNS, CLEAN_COLUMNS
+from facecurate.files import read_csv, write_csv_atomic
+from facecurate.pack import (
+    ERR_BELOW_MIN,
+    ERR_DUPLICATE,
+    ERR_EMPTY_IDENTITY,
+    ERR_MISSING,
+    ERR_NOT_IMAGE,
+    ERR_WRONG_SIZE,
+    PackError,
+    inspect,
+    pack,
+    pack_pairs,
+    unpack,
+)
+from test_recordio import _shared, oracle_python
+
+from facecurate.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = ("train.rec", "train.idx", "train.lst", "property", "labels.csv", "pack_errors.csv", "pack.json")
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def crops_dir(tmp_path_factory, lfw_dir, lfw_dev_ids) -> Path:
+    """OUT-like folder <identity>/<Name>_NNNN.jpg of real 112x112 q95 crops: five dev
+    identities with 4 photos each and one with 2."""
+    from facecurate.geometry import align_face
+    from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
+
+    det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
+    root = tmp_path_factory.mktemp("crops")
+    want = [4, 4, 4, 4, 4, 2]
+    for ident in lfw_dev_ids:
+        if not want:
+            break
+        files = sorted(os.listdir(lfw_dir / ident))
+        if len(files) < want[0]:
+            continue
+        made = 0
+        for f in files:
+            rgb = cv2.cvtColor(cv2.imread(str(lfw_dir / ident / f)), cv2.COLOR_BGR2RGB)
+            dets = det.detect(rgb)
+            if not dets:
+                continue
+            c = np.array(rgb.shape[1::-1]) / 2.0
+            d = min(dets, key=lambda d: float(np.sum(((d.box[:2] + d.box[2:]) / 2 - c) ** 2)))
+            crop = align_face(rgb, lm.five(lm.predict(rgb, d.box)), 112)
+            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            (root / ident).mkdir(exist_ok=True)
+            (root / ident / f).write_bytes(buf.tobytes())
+            made += 1
+            if made == want[0]:
+                break
+        if made == want[0]:
+            want.pop(0)
+        elif made:
+            shutil.rmtree(root / ident)
+    assert not want, "could not make enough real crops"
+    return root
+
+
+def _expected(crops: Path) -> dict[str, tuple[str, bytes]]:
+    """sha1 of each crop file -> (identity, bytes)."""
+    out = {}
+    for d in sorted(crops.iterdir()):
+        if d.is_dir():
+            for f in sorted(d.iterdir()):
+                b = f.read_bytes()
+                out[hashlib.sha1(b).hexdigest()] = (d.name, b)
+    return out
+
+
+def _oracle(prefix: Path) -> dict:
+    """The real MXNet reader's summary of PREFIX.rec/.idx (skips, or fails under CI,
+    when MXNet cannot run at all; fails when MXNet runs and rejects the file)."""
+    oracle_python()  # builds the venv on first use; skip/fail when impossible
+    tool = _shared() / "tools" / "mxnet-oracle"
+    r = subprocess.run([str(tool), str(prefix)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"MXNet rejected {prefix}:\n{r.stderr[-1500:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _mxfacedataset(prefix: Path) -> list[tuple[int, bytes]]:
+    """arcface_torch's MXFaceDataset, with our reader instead of mx.recordio:
+    read key 0; flag > 0 -> images are keys 1..label[0]-1, else every key in the .idx;
+    each item is (label, image bytes), a vector label reduced to its first value."""
+    rec = IndexedRecordReader(f"{prefix}.rec", f"{prefix}.idx")
+    header, _ = unpack_record(rec.read_idx(0))
+    if header.flag > 0:
+        imgidx = list(range(1, int(header.label[0])))
+    else:
+        imgidx = list(rec.keys)
+    out = []
+    for k in imgidx:
+        h, img = unpack_record(rec.read_idx(k))
+        label = h.label
+        if isinstance(label, tuple):
+            label = label[0]
+        out.append((int(label), img))
+    rec.close()
+    return out
+
+
+# ----------------------------------------------------------------------------- pack + MXNet
+@pytest.mark.oracle
+@pytest.mark.parametrize("layout", ["plain", "insightface"])
+def test_mxnet_reads_both_layouts(crops_dir, tmp_path, layout):
+    res = pack(crops_dir, tmp_path / "d", layout=layout)
+    assert (res.images, res.classes, res.errors) == (22, 6, [])
+    o = _oracle(tmp_path / "d" / "train")
+    assert o["images"] == 22 and o["classes"] == 6
+    assert (o["label_min"], o["label_max"]) == (0, 5)
+    assert o["shapes"] == [[112, 112, 3]]
+    if layout == "plain":
+        assert o["layout"] == "plain" and o["records"] == 22 and o["dali_compatible"] is True
+    else:
+        assert o["layout"] == "insightface-header" and o["identity_records"] == 6
+        assert o["records"] == 1 + 22 + 6 and o["dali_compatible"] is False
+    assert (tmp_path / "d" / "property").read_text() == "6,112,112\n"
+
+
+@pytest.mark.parametrize("layout", ["plain", "insightface"])
+def test_mxfacedataset_loader_gets_every_image_with_its_label(crops_dir, tmp_path, layout):
+    pack(crops_dir, tmp_path / "d", layout=layout, seed=3)
+    labels = {r["identity"]: int(r["label"]) for r in read_csv(tmp_path / "d" / "labels.csv")}
+    assert sorted(labels) == sorted(d.name for d in crops_dir.iterdir())
+    assert sorted(labels.values()) == list(range(6))
+    expected = _expected(crops_dir)
+    items = _mxfacedataset(tmp_path / "d" / "train")
+    assert len(items) == len(expected) == 22
+    got = {}
+    for label, img in items:
+        sha = hashlib.sha1(img).hexdigest()
+        assert sha in expected, "an image was altered (crops are JPEGs of 112x112: stored byte-for-byte)"
+        assert label == labels[expected[sha][0]]
+        got[sha] = label
+    assert set(got) == set(expected)
+    # labels.csv counts and the .lst agree with what was packed
+    counts = {r["identity"]: int(r["images"]) for r in read_csv(tmp_path / "d" / "labels.csv")}
+    assert counts == {i: sum(1 for v in expected.values() if v[0] == i) for i in counts}
+    lst = [line.split("\t") for line in (tmp_path / "d" / "train.lst").read_text().splitlines()]
+    assert len(lst) == 22
+    for key, lab, path in lst:
+        assert labels[path.split("/")[0]] == int(float(lab))
+        h, img = unpack_record(IndexedRecordReader(tmp_path / "d" / "train.rec",
+                                                   tmp_path / "d" / "train.idx").read_idx(int(key)))
+        assert img == (crops_dir / path).read_bytes()
+
+
+def test_deterministic_and_seeded(crops_dir, tmp_path):
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        pack(crops_dir, tmp_path / name, seed=seed)
+    for f in FILES:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "train.rec").read_bytes() != (tmp_path / "c" / "train.rec").read_bytes()
+    a = sorted(_mxfacedataset(tmp_path / "a" / "train"))
+    assert a == sorted(_mxfacedataset(tmp_path / "c" / "train"))
+
+
+@pytest.mark.parametrize("layout", ["plain", "insightface"])
+def test_pack_unpack_pack_is_byte_identical(crops_dir, tmp_path, layout):
+    pack(crops_dir, tmp_path / "a", layout=layout, shuffle=False)
+    u = unpack(tmp_path / "a" / "train", tmp_path / "u")
+    assert (u.written, u.existing, u.classes, u.names, u.errors) == (22, 0, 6, "labels.csv", [])
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == sorted(p.name for p in crops_dir.iterdir())
+    pack(tmp_path / "u", tmp_path / "b", layout=layout, shuffle=False)
+    for f in ("train.rec", "train.idx", "property", "labels.csv"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_unpack_without_names_and_resume(crops_dir, tmp_path):
+    pack(crops_dir, tmp_path / "a")
+    (tmp_path / "a" / "labels.csv").unlink()
+    u = unpack(tmp_path / "a" / "train.rec", tmp_path / "u")
+    assert u.written == 22 and u.names == "label"
+    folders = sorted(p.name for p in (tmp_path / "u").iterdir())
+    assert folders == [f"{i:06d}" for i in range(6)]
+    files = sorted((tmp_path / "u").rglob("*.jpg"))
+    before = {p: p.read_bytes() for p in files}
+    for p in files[:5]:
+        p.unlink()
+    (files[6].parent / f".{files[6].name}.123.tmp").write_bytes(b"partial")  # a killed run's leftover
+    u2 = unpack(tmp_path / "a" / "train.rec", tmp_path / "u")
+    assert (u2.written, u2.existing) == (5, 17)
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "u").rglob("*.jpg"))} == before
+    # a re-pack of the label folders gives the same labels
+    pack(tmp_path / "u", tmp_path / "b", shuffle=False)
+    assert sorted(_mxfacedataset(tmp_path / "b" / "train")) == sorted(_mxfacedataset(tmp_path / "a" / "train"))
+
+
+# ----------------------------------------------------------------------------- inspect
+def test_inspect_describes_both_layouts(crops_dir, tmp_path):
+    pack(crops_dir, tmp_path / "p")
+    pack(crops_dir, tmp_path / "i", layout="insightface")
+    r = inspect(tmp_path / "p" / "train", full=True)
+    assert r.ok, r.errors
+    assert (r.layout, r.records, r.images, r.classes, r.label_min, r.label_max) == ("plain", 22, 22, 6, 0, 5)
+    assert r.dali_compatible and r.decoded == 22 and r.shapes == [(112, 112, 3)]
+    r = inspect(tmp_path / "i")
+    assert r.ok, r.errors
+    assert (r.layout, r.records, r.images, r.classes, r.identity_records) == ("insightface-header", 29, 22, 6, 6)
+    assert r.grouped_by_class and not r.dali_compatible
+
+
+def _corrupt(src: Path, dst: Path, fn) -> Path:
+    shutil.copytree(src, dst)
+    fn(dst)
+    return dst
+
+
+def test_inspect_catches_corruption(crops_dir, tmp_path):
+    pack(crops_dir, tmp_path / "ok", shuffle=False)
+    idx = [line.split("\t") for line in (tmp_path / "ok" / "train.idx").read_text().splitlines()]
+    off5, off6 = int(idx[5][1]), int(idx[6][1])
+    size = (tmp_path / "ok" / "train.rec").stat().st_size
+
+    def truncate(d):
+        with open(d / "train.rec", "r+b") as f:
+            f.truncate(size - 100)
+
+    def flip(pos):
+        def fn(d):
+            b = bytearray((d / "train.rec").read_bytes())
+            b[pos] ^= 0x5A
+            (d / "train.rec").write_bytes(bytes(b))
+        return fn
+
+    def bad_idx(d):
+        lines = (d / "train.idx").read_text().splitlines()
+        k, o = lines[9].split("\t")
+        lines[9] = f"{k}\t{int(o) + 4}"
+        (d / "train.idx").write_text("\n".join(lines) + "\n")
+
+    cases = {
+        "truncated": (truncate, "truncated"),
+        "magic": (flip(off5 + 1), "record #5"),
+        "length": (flip(off5 + 5), "record #"),
+        "idx": (bad_idx, "key 9"),
+    }
+    for name, (fn, needle) in cases.items():
+        d = _corrupt(tmp_path / "ok", tmp_path / name, fn)
+        r = inspect(d)
+        assert not r.ok, name
+        assert any(needle in e for e in r.errors), (name, r.errors)
+        res = CliRunner().invoke(cli, ["inspect", str(d / "train")])
+        assert res.exit_code == 1 and needle in res.output, (name, res.output)
+    # A flipped byte inside image data is found by decoding (--full) or the JPEG end check.
+    d = _corrupt(tmp_path / "ok", tmp_path / "tail", flip(off6 - 4))
+    assert not inspect(d).ok
+    assert CliRunner().invoke(cli, ["inspect", str(tmp_path / "ok")]).exit_code == 0
+
+
+def test_inspect_vector_labels_and_header_layout(tmp_path, crops_dir):
+    """A hand-made insightface-style .rec with vector image labels [label, x] (as in
+    some public datasets) and a wrong one with a gap in the labels."""
+    jpgs = [p.read_bytes() for p in sorted(crops_dir.rglob("*.jpg"))][:6]
+    with IndexedRecordWriter(tmp_path / "v.rec", tmp_path / "v.idx") as w:
+        w.write(0, pack_header([7.0, 10.0]))  # 6 images at 1..6, 3 identity records 7..9
+        for k, img in enumerate(jpgs, 1):
+            w.write(k, pack_record([float((k - 1) // 2), 0.5], img, k))
+        for c in range(3):
+            w.write(7 + c, pack_header([1.0 + 2 * c, 3.0 + 2 * c]))
+    r = inspect(tmp_path / "v.rec", full=True)
+    assert r.ok, r.errors
+    assert (r.layout, r.images, r.classes, r.vector_labels, r.identity_records) == ("insightface-header", 6, 3, 6, 3)
+    assert _mxfacedataset(tmp_path / "v")[2][0] == 1
+    with IndexedRecordWriter(tmp_path / "g.rec", tmp_path / "g.idx") as w:
+        for k, img in enumerate(jpgs):
+            w.write(k, pack_record(float(0 if k < 3 else 2), img, k))  # label 1 missing
+    r = inspect(tmp_path / "g.rec")
+    assert not r.ok and any("contiguous" in e for e in r.errors)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _clean_row(ident, aligned, decision="keep"):
+    return {"source": aligned, "identity": ident, "face": 0, "aligned": aligned, "primary": 1,
+            "decision": decision, "reason": "centre"}
+
+
+def test_bad_inputs_are_reported_not_silently_skipped(crops_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(crops_dir, out)
+    ids = sorted(p.name for p in crops_dir.iterdir())
+    rows = [_clean_row(i, f"{i}/{f.name}") for i in ids for f in sorted((crops_dir / i).iterdir())]
+    a, b = ids[0], ids[1]
+    (out / a / "text.jpg").write_text("not an image")
+    img = cv2.imdecode(np.frombuffer((crops_dir / rows[0]["aligned"]).read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    cv2.imwrite(str(out / a / "small.jpg"), cv2.resize(img, (100, 100)))
+    good = (out / rows[1]["aligned"]).read_bytes()
+    (out / a / "cut.jpg").write_bytes(good[: len(good) // 2])
+    cv2.imwrite(str(out / a / "crop.png"), img)  # right size, PNG: encoded once as JPEG
+    (out / "Nobody").mkdir()
+    (out / "Nobody" / "x.jpg").write_text("junk")
+    rows += [_clean_row(a, f"{a}/text.jpg"), _clean_row(a, f"{a}/small.jpg"), _clean_row(a, f"{a}/cut.jpg"),
+             _clean_row(a, f"{a}/crop.png"), _clean_row(a, f"{a}/gone.jpg"), _clean_row("Nobody", "Nobody/x.jpg"),
+             _clean_row(b, rows[4]["aligned"]), _clean_row(b, f"{b}/dropped.jpg", "drop")]
+    write_csv_atomic(out / "clean.csv", CLEAN_COLUMNS, rows)
+
+    res = pack(out, tmp_path / "d", min_images=3)
+    reasons = {(e.path, e.reason) for e in res.errors}
+    assert (f"{a}/text.jpg", ERR_NOT_IMAGE) in reasons
+    assert (f"{a}/small.jpg", ERR_WRONG_SIZE) in reasons
+    assert (f"{a}/cut.jpg", ERR_NOT_IMAGE) in reasons
+    assert (f"{a}/gone.jpg", ERR_MISSING) in reasons
+    assert ("Nobody/x.jpg", ERR_NOT_IMAGE) in reasons and ("Nobody/", ERR_EMPTY_IDENTITY) in reasons
+    assert (rows[4]["aligned"], ERR_DUPLICATE) in reasons
+    small = [i for i in ids if len(list((crops_dir / i).iterdir())) == 2][0]
+    assert (f"{small}/", ERR_BELOW_MIN) in reasons
+    assert res.dropped_identities == 1 and res.dropped_images == 2
+    assert res.classes == 5 and res.images == 21  # 20 crops of the 4-photo identities + the PNG
+    assert res.reencoded == 1 and res.stored_as_is == 20
+    csv_rows = read_csv(tmp_path / "d" / "pack_errors.csv")
+    assert {(r["path"], r["reason"]) for r in csv_rows} == reasons and all(r["message"] for r in csv_rows)
+    labels = {r["identity"]: int(r["label"]) for r in read_csv(tmp_path / "d" / "labels.csv")}
+    assert small not in labels and "Nobody" not in labels and sorted(labels.values()) == list(range(5))
+    r = inspect(tmp_path / "d", full=True)
+    assert r.ok and r.classes == 5 and r.images == 21
+
+    # --strict: fails, and DEST keeps the previous pack
+    before = {f: (tmp_path / "d" / f).read_bytes() for f in FILES}
+    with pytest.raises(PackError, match="strict"):
+        pack(out, tmp_path / "d", strict=True)
+    assert {f: (tmp_path / "d" / f).read_bytes() for f in FILES} == before
+    res = CliRunner().invoke(cli, ["pack", str(out), str(tmp_path / "d"), "--strict"])
+    assert res.exit_code == 1 and "strict" in res.output
+    # wrong-size crops can be resized instead
+    res = pack(out, tmp_path / "r", resize=True)
+    assert (f"{a}/small.jpg", ERR_WRONG_SIZE) not in {(e.path, e.reason) for e in res.errors}
+
+
+def test_interrupted_pack_leaves_previous_dest(crops_dir, tmp_path):
+    pack(crops_dir, tmp_path / "d", seed=1)
+    before = {f: (tmp_path / "d" / f).read_bytes() for f in FILES}
+
+    def stop(n):
+        if n == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(crops_dir, tmp_path / "d", seed=2, layout="insightface", on_record=stop)
+    assert {f: (tmp_path / "d" / f).read_bytes() for f in FILES} == before
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(FILES)
+    # a killed run's staging folder is cleared by the next run
+    (tmp_path / "d" / ".pack-staging").mkdir()
+    (tmp_path / "d" / ".pack-staging" / "train.rec").write_bytes(b"half")
+    pack(crops_dir, tmp_path / "d", seed=1)
+    assert {f: (tmp_path / "d" / f).read_bytes() for f in FILES} == before
+    assert not (tmp_path / "d" / ".pack-staging").exists()
+
+
+def test_align_csv_source(crops_dir, tmp_path):
+    """Without clean.csv: status ok and primary == 1 rows of align.csv."""
+    out = tmp_path / "out"
+    shutil.copytree(crops_dir, out)
+    rows = []
+    for d in sorted(crops_dir.iterdir()):
+        for i, f in enumerate(sorted(d.iterdir())):
+            rows.append({"source": f"{d.name}/{f.name}", "identity": d.name, "face": 0, "status": "ok",
+                         "primary": 0 if i == 0 else 1, "aligned": f"{d.name}/{f.name}"})
+    rows.append({"source": "X/x.jpg", "identity": "X", "face": -1, "status": "no_face", "primary": 0, "aligned": ""})
+    write_csv_atomic(out / "align.csv", ALIGN_COLUMNS, rows)
+    res = pack(out, tmp_path / "d")
+    assert res.source == "align.csv" and res.images == 22 - 6 and res.classes == 6 and not res.errors
+
+
+# ----------------------------------------------------------------------------- pack-pairs
+def test_pack_pairs(crops_dir, tmp_path):
+    ids = sorted(p.name for p in crops_dir.iterdir())
+    num = {i: sorted(int(f.stem.rsplit("_", 1)[1]) for f in (crops_dir / i).iterdir()) for i in ids}
+    a, b = ids[0], ids[1]
+    lines = ["2\t3", f"{a}\t{num[a][0]}\t{num[a][1]}", f"{a}\t{num[a][2]}\t{b}\t{num[b][0]}",
+             f"{b}\t{num[b][1]}\t{num[b][2]}", f"{a}\t9999\t{b}\t{num[b][0]}", "garbage line here x y"]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    res = pack_pairs(tmp_path / "pairs.txt", crops_dir, tmp_path / "my.bin")
+    assert (res.pairs, res.same, res.different) == (3, 2, 1)
+    assert len(res.unresolved) == 2 and "line 5" in res.unresolved[0] and "line 6" in res.unresolved[1]
+    bins, issame = pickle.loads((tmp_path / "my.bin").read_bytes())
+    assert issame == [True, False, True] and len(bins) == 6
+    f = lambda i, n: (crops_dir / i / f"{i}_{n:04d}.jpg").read_bytes()  # noqa: E731
+    assert bins[0] == f(a, num[a][0]) and bins[1] == f(a, num[a][1])
+    assert bins[2] == f(a, num[a][2]) and bins[3] == f(b, num[b][0])
+    # what insightface's load_bin does: decode every bin
+    assert all(cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_COLOR).shape == (112, 112, 3) for x in bins)
+    with pytest.raises(PackError):
+        pack_pairs(tmp_path / "pairs.txt", crops_dir, tmp_path / "s.bin", strict=True)
+    assert not (tmp_path / "s.bin").exists()
+
+    # an align OUT folder: crop names differ from the photo names; align.csv maps them
+    out = tmp_path / "out"
+    rows = []
+    for i in ids:
+        for n in num[i]:
+            (out / i).mkdir(parents=True, exist_ok=True)
+            shutil.copy(crops_dir / i / f"{i}_{n:04d}.jpg", out / i / f"{i}_{n:04d}_0.jpg")
+            rows.append({"source": f"{i}/{i}_{n:04d}.jpg", "identity": i, "face": 0, "status": "ok",
+                         "primary": 1, "aligned": f"{i}/{i}_{n:04d}_0.jpg"})
+    write_csv_atomic(out / "align.csv", ALIGN_COLUMNS, rows)
+    res = CliRunner().invoke(cli, ["pack-pairs", str(tmp_path / "pairs.txt"), str(out), str(tmp_path / "o.bin"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["pairs"] == 3
+    assert pickle.loads((tmp_path / "o.bin").read_bytes()) == (bins, issame)
+
+
+def test_cli_pack_summary_and_help(crops_dir, tmp_path):
+    r = CliRunner().invoke(cli, ["pack", str(crops_dir), str(tmp_path / "d"), "--json", "--min-images", "3"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["images"] == 20 and s["classes"] == 5 and s["dropped_identities"] == 1
+    assert s["arcface_torch"] == {"num_classes": 5, "num_image": 20}
+    r = CliRunner().invoke(cli, ["pack", str(crops_dir), str(tmp_path / "e")])
+    assert "config.num_classes = 6" in r.output and "config.num_image = 22" in r.output
+    h = CliRunner().invoke(cli, ["pack", "--help"]).output
+    assert "index<TAB>label<TAB>path" in h
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "d"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["dali_compatible"] is True
