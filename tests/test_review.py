@@ -1,0 +1,374 @@
+"""review: the HTML contact sheet and review.csv, `review apply`, and the page in a
+real headless Chromium (buttons, keyboard, CSV export, apply round trip).
+
+The crops are real: dlib HOG + 5 landmarks + ArcFace warp (facecurate.align) on a
+few identity folders of the shared photos. clean.csv is written here by hand so the
+tests do not depend on clean's thresholds: per identity the faces get falling
+scores, the top ones kept, the middle ones sent to review, the last ones dropped."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from facecurate import constants as C
+from facecurate.cli.review import review as review_cli
+from facecurate.files import format_float, read_csv, write_csv_atomic
+from facecurate.review import apply_decisions, build_sections, write_review
+
+IDENTITIES = ("id00", "id01", "id02", "id03")
+
+
+def align_subset(photos_dir: Path, root: Path, identities=IDENTITIES) -> Path:
+    """Real crops of a few identity folders (RAW holds symlinks to the shared photos)."""
+    from facecurate.align import AlignConfig, run_align
+
+    raw = root / "raw"
+    raw.mkdir(parents=True)
+    for ident in identities:
+        os.symlink(photos_dir / ident, raw / ident)
+    out = root / "out"
+    run_align(raw, out, AlignConfig(fallback="none"), workers=1, show_progress=False)
+    return out
+
+
+def write_clean_by_hand(out: Path) -> list[dict]:
+    """clean.csv from align.csv: per identity, scores 0.95, 0.88, ... in source order;
+    >= 0.8 keep (centre), < 0.55 drop (far_from_centre), between: review (uncertain)."""
+    rows = [r for r in read_csv(out / C.ALIGN_MANIFEST) if r["aligned"]]
+    rows.sort(key=lambda r: (r["identity"], r["source"], int(r["face"])))
+    res, rank = [], {}
+    for r in rows:
+        i = rank[r["identity"]] = rank.get(r["identity"], -1) + 1
+        s = 0.95 - 0.07 * i
+        d, why = ("keep", "centre") if s >= 0.8 else (("drop", "far_from_centre") if s < 0.55 else
+                                                       ("review", "uncertain"))
+        res.append(dict(r, decision=d, reason=why, score=format_float(s), cluster=0, duplicate_of="",
+                        previous_decision="", previous_reason=""))
+    write_csv_atomic(out / C.CLEAN_CSV, C.CLEAN_COLUMNS, res)
+    return read_csv(out / C.CLEAN_CSV)
+
+
+@pytest.fixture(scope="module")
+def aligned(photos_dir, tmp_path_factory) -> Path:
+    out = align_subset(photos_dir, tmp_path_factory.mktemp("review"))
+    assert (out / C.ALIGN_MANIFEST).exists()
+    return out
+
+
+@pytest.fixture
+def run_dir(aligned, tmp_path) -> Path:
+    """A private copy of the aligned OUT with a fresh hand-written clean.csv."""
+    out = tmp_path / "out"
+    shutil.copytree(aligned, out, symlinks=True)
+    write_clean_by_hand(out)
+    return out
+
+
+def _review_rows(out: Path) -> list[dict]:
+    return [r for r in read_csv(out / C.CLEAN_CSV) if r["decision"] == "review"]
+
+
+# ----------------------------------------------------------------------------- the sheet
+def test_sheet_holds_every_review_face_with_its_real_crop(run_dir):
+    clean = read_csv(run_dir / C.CLEAN_CSV)
+    want = _review_rows(run_dir)
+    assert len(want) >= 8 and len({r["identity"] for r in want}) == len(IDENTITIES)
+    summary = write_review(run_dir, references=3)
+    assert summary["review_faces"] == len(want) and summary["missing_crops"] == 0
+
+    table = read_csv(run_dir / C.REVIEW_CSV)
+    assert list(table[0]) == list(C.REVIEW_COLUMNS)
+    assert sorted(r["aligned"] for r in table) == sorted(r["aligned"] for r in want)
+    assert all(r["decision"] == "" for r in table)
+    assert [r["identity"] for r in table] == sorted(r["identity"] for r in table)  # grouped per identity
+
+    page = (run_dir / C.REVIEW_HTML).read_text(encoding="utf-8")
+    # self-contained: no external resources at all
+    assert not re.search(r'(src|href)="(https?:|//)', page) and "<link" not in page
+    assert page.count('<section id="s') == len(IDENTITIES)
+    cards = re.findall(r'<figure class="card"[^>]*data-aligned="([^"]+)"[^>]*>(.*?)</figure>', page)
+    assert [a for a, _ in cards] == [r["aligned"] for r in table]
+    for aligned, body in cards:
+        uri = re.search(r'data-src="data:image/jpeg;base64,([^"]+)"', body).group(1)
+        assert base64.b64decode(uri) == (run_dir / aligned).read_bytes()
+        row = next(r for r in want if r["aligned"] == aligned)
+        assert f'<span class="score">{format_float(float(row["score"]), 3)}</span>' in body
+        assert '<span class="reason">uncertain</span>' in body
+    # references: the 3 highest-scoring kept faces of each identity
+    sections = build_sections(clean, references=3)
+    for s in sections:
+        kept = sorted((r for r in clean if r["identity"] == s.identity and r["decision"] == "keep"),
+                      key=lambda r: -float(r["score"]))[:3]
+        assert [r["aligned"] for r in s.references] == [r["aligned"] for r in kept]
+    assert page.count('<figure class="ref"') == sum(len(s.references) for s in sections)
+    # deterministic
+    first = (run_dir / C.REVIEW_HTML).read_bytes(), (run_dir / C.REVIEW_CSV).read_bytes()
+    write_review(run_dir, references=3)
+    assert ((run_dir / C.REVIEW_HTML).read_bytes(), (run_dir / C.REVIEW_CSV).read_bytes()) == first
+
+
+def test_missing_crop_becomes_a_placeholder_not_a_crash(run_dir):
+    victim = _review_rows(run_dir)[0]["aligned"]
+    (run_dir / victim).unlink()
+    res = CliRunner().invoke(review_cli, [str(run_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "1 crop file(s) missing" in res.stderr
+    page = (run_dir / C.REVIEW_HTML).read_text()
+    assert f'title="{victim}">missing crop<' in page
+    assert len(read_csv(run_dir / C.REVIEW_CSV)) == len(_review_rows(run_dir))
+
+
+def test_cli_default_subcommand_and_clear_errors(run_dir, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(review_cli, [str(run_dir), "--references", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"review_faces": %d' % len(_review_rows(run_dir)) in res.stdout
+    assert "apply" in runner.invoke(review_cli, ["--help"]).output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(review_cli, [str(empty)])
+    assert res.exit_code == 1 and "clean.csv not found" in res.output and "facecurate clean" in res.output
+    assert not (empty / C.REVIEW_HTML).exists()
+
+
+def test_nothing_to_review_still_writes_a_page(run_dir):
+    rows = read_csv(run_dir / C.CLEAN_CSV)
+    for r in rows:
+        if r["decision"] == "review":
+            r["decision"] = "keep"
+    write_csv_atomic(run_dir / C.CLEAN_CSV, C.CLEAN_COLUMNS, rows)
+    assert write_review(run_dir)["review_faces"] == 0
+    assert "Nothing to review" in (run_dir / C.REVIEW_HTML).read_text()
+    assert read_csv(run_dir / C.REVIEW_CSV) == []
+
+
+# ----------------------------------------------------------------------------- apply
+def _fill(out: Path, choose) -> Path:
+    """review.csv with decisions filled in by ``choose(i, row)`` ('' = undecided)."""
+    rows = read_csv(out / C.REVIEW_CSV)
+    for i, r in enumerate(rows):
+        r["decision"] = choose(i, r)
+    path = out / "filled.csv"
+    write_csv_atomic(path, C.REVIEW_COLUMNS, rows)
+    return path
+
+
+def test_apply_round_trip_audit_and_idempotence(run_dir):
+    write_review(run_dir)
+    before = read_csv(run_dir / C.CLEAN_CSV)
+    filled = _fill(run_dir, lambda i, r: ("keep", "drop", "")[i % 3])
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(filled), "--json"])
+    assert res.exit_code == 0, res.output
+    after = read_csv(run_dir / C.CLEAN_CSV)
+    table = read_csv(filled)
+    want = {r["aligned"]: r["decision"] for r in table if r["decision"]}
+    assert len(want) >= 5
+    for b, a in zip(before, after):
+        assert b["aligned"] == a["aligned"]
+        if a["aligned"] in want:
+            assert (a["decision"], a["reason"]) == (want[a["aligned"]], "manual")
+            assert (a["previous_decision"], a["previous_reason"]) == ("review", "uncertain")
+            assert {k: v for k, v in a.items() if k not in ("decision", "reason", "previous_decision",
+                                                            "previous_reason")} == \
+                   {k: v for k, v in b.items() if k not in ("decision", "reason", "previous_decision",
+                                                            "previous_reason")}
+        else:
+            assert a == b
+    left = sum(1 for r in after if r["decision"] == "review")
+    assert left == len(table) - len(want)
+    assert f'"review_left": {left}' in res.stdout
+
+    # applying the same file again changes nothing, byte for byte
+    once = (run_dir / C.CLEAN_CSV).read_bytes()
+    s = apply_decisions(run_dir, filled)
+    assert s["changed"] == 0 and s["unchanged"] == len(want) and not s["written"]
+    assert (run_dir / C.CLEAN_CSV).read_bytes() == once
+
+    # a person changes their mind: the audit still shows clean's original decision
+    flip = next(a for a, d in want.items() if d == "keep")
+    path = run_dir / "flip.csv"
+    path.write_text(f"aligned,identity,decision\n{flip},{flip.split('/')[0]},DROP\n")
+    assert apply_decisions(run_dir, path)["changed"] == 1
+    row = next(r for r in read_csv(run_dir / C.CLEAN_CSV) if r["aligned"] == flip)
+    assert (row["decision"], row["reason"], row["previous_decision"], row["previous_reason"]) == \
+           ("drop", "manual", "review", "uncertain")
+
+
+def test_apply_lists_bad_rows_applies_the_rest_and_strict_applies_nothing(run_dir):
+    rev = _review_rows(run_dir)
+    a0, a1, a2, a3 = (r["aligned"] for r in rev[:4])
+    other = next(i for i in IDENTITIES if i != rev[2]["identity"])
+    text = ("aligned,identity,decision\n"
+            f"{a0},{rev[0]['identity']},keep\n"  # line 2: fine
+            "nobody/ghost_0.jpg,nobody,keep\n"  # line 3: unknown crop
+            f"{a1},{rev[1]['identity']},maybe\n"  # line 4: invalid decision
+            f"{a2},{other},drop\n"  # line 5: wrong identity
+            f"{a3},,keep\n"  # line 6: fine (identity optional)
+            f"{a3},,drop\n")  # line 7: contradicts line 6 -> a3 not applied
+    path = run_dir / "bad.csv"
+    path.write_text(text)
+    pristine = (run_dir / C.CLEAN_CSV).read_bytes()
+
+    runner = CliRunner()
+    res = runner.invoke(review_cli, ["apply", str(run_dir), str(path), "--strict"])
+    assert res.exit_code == 1
+    assert (run_dir / C.CLEAN_CSV).read_bytes() == pristine
+    assert "--strict" in res.stderr
+
+    res = runner.invoke(review_cli, ["apply", str(run_dir), str(path)])
+    assert res.exit_code == 1
+    err = res.stderr
+    assert "line 3: nobody/ghost_0.jpg: not in clean.csv" in err
+    assert f"line 4: {a1}: invalid decision 'maybe'" in err
+    assert f"line 5: {a2}: identity '{other}' does not match" in err
+    assert f"line 7: {a3}: contradicts line 6 (keep)" in err
+    after = {r["aligned"]: r for r in read_csv(run_dir / C.CLEAN_CSV)}
+    assert (after[a0]["decision"], after[a0]["reason"]) == ("keep", "manual")
+    for a in (a1, a2, a3):
+        assert (after[a]["decision"], after[a]["reason"]) == ("review", "uncertain")
+
+
+def test_apply_refuses_a_file_without_the_needed_columns(run_dir):
+    path = run_dir / "nohead.csv"
+    path.write_text("path,choice\nid00/img1_0.jpg,keep\n")
+    pristine = (run_dir / C.CLEAN_CSV).read_bytes()
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(path)])
+    assert res.exit_code == 1 and "needs a header with columns 'aligned' and 'decision'" in res.output
+    assert (run_dir / C.CLEAN_CSV).read_bytes() == pristine
+
+
+# ----------------------------------------------------------------------------- browser
+def _chromium():
+    """(chromium, chromedriver) or skip/fail: CI must run the browser test."""
+    chromium = os.environ.get("FACECURATE_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = os.environ.get("FACECURATE_CHROMEDRIVER") or shutil.which("chromedriver")
+    problem = None
+    if not chromium or not driver:
+        problem = "chromium and chromedriver not found (apt-get install chromium chromium-driver)"
+    else:
+        try:
+            import selenium  # noqa: F401
+        except ImportError:
+            problem = "the selenium package is not installed"
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(problem + " -- CI must run the browser test", pytrace=False)
+        pytest.skip(problem)
+    return chromium, driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium, driver_path = _chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="fc-chromium-", dir=tmp_path)
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _wait(fn, timeout=20.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.browser
+def test_review_page_in_headless_chromium(run_dir, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    write_review(run_dir, references=4)
+    want = read_csv(run_dir / C.REVIEW_CSV)
+    n = len(want)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    browser.get((run_dir / C.REVIEW_HTML).resolve().as_uri())
+
+    cards = browser.find_elements(By.CSS_SELECTOR, "figure.card")
+    assert len(cards) == n
+    assert [c.get_attribute("data-aligned") for c in cards] == [r["aligned"] for r in want]
+    # lazy images: bring every card into view, then every image (references too) must be decoded
+    for c in cards:
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", c)
+    n_img = browser.execute_script("return document.images.length")
+    assert n_img == n + browser.execute_script("return document.querySelectorAll('figure.ref').length") > n
+    _wait(lambda: browser.execute_script(
+        "return Array.from(document.images).every(i => i.complete && i.naturalWidth === 112)"),
+        what="all crops to decode at 112 px")
+    assert browser.find_element(By.ID, "progress").text == f"0 / {n} decided"
+
+    def click(i, what):
+        b = cards[i].find_element(By.CSS_SELECTOR, f"button.{what}")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", b)
+        b.click()
+
+    click(0, "keep")
+    click(1, "drop")
+    click(2, "keep")
+    click(2, "drop")  # changes its mind: drop wins
+    click(3, "keep")
+    click(3, "keep")  # second click undoes
+    # keyboard: focus card 4, press d (drop) -> focus moves to card 5, press k (keep)
+    browser.execute_script("arguments[0].focus()", cards[4])
+    cards[4].send_keys("d")
+    assert browser.switch_to.active_element.get_attribute("data-aligned") == want[5]["aligned"]
+    browser.switch_to.active_element.send_keys("k")
+
+    classes = [c.get_attribute("class") for c in cards]
+    assert classes[0] == "card keep" and classes[1] == "card drop" and classes[2] == "card drop"
+    assert classes[3] == "card" and classes[4] == "card drop" and classes[5] == "card keep"
+    assert all(c == "card" for c in classes[6:])
+    assert browser.find_element(By.ID, "progress").text == f"5 / {n} decided"
+    expected = {want[0]["aligned"]: "keep", want[1]["aligned"]: "drop", want[2]["aligned"]: "drop",
+                want[4]["aligned"]: "drop", want[5]["aligned"]: "keep"}
+
+    export = browser.find_element(By.ID, "export")
+    browser.execute_script("window.scrollTo(0, 0)")
+    export.click()
+    target = downloads / "review-decisions.csv"
+    _wait(lambda: target.exists() and not list(downloads.glob("*.crdownload")), what="the CSV download")
+    text = target.read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert text.splitlines()[0] == "aligned,identity,decision"
+    assert {r["aligned"]: r["decision"] for r in rows} == expected
+    assert all(r["identity"] == r["aligned"].split("/")[0] for r in rows)
+    assert [r["aligned"] for r in rows] == [r["aligned"] for r in want if r["aligned"] in expected]
+
+    # clicks survive a reload (localStorage), so a person can close the tab and come back
+    browser.refresh()
+    assert browser.find_element(By.ID, "progress").text == f"5 / {n} decided"
+
+    # the exported file goes back into clean.csv
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(target), "--json"])
+    assert res.exit_code == 0, res.output
+    after = {r["aligned"]: r for r in read_csv(run_dir / C.CLEAN_CSV)}
+    for a, d in expected.items():
+        assert (after[a]["decision"], after[a]["reason"], after[a]["previous_decision"]) == (d, "manual", "review")
+    assert sum(1 for r in after.values() if r["decision"] == "review") == n - len(expected)
