@@ -1,0 +1,130 @@
+"""report: the run overview page on real crops (align of a few shared photo folders)
+with a hand-written clean.csv, identities.csv, merges.csv and clean.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from facecurate import constants as C
+from facecurate.cli.review import report as report_cli
+from facecurate.files import read_csv, write_csv_atomic
+from facecurate.report import histogram, noisiest, svg_histograms, write_report
+from facecurate.review import apply_decisions
+from test_review import align_subset, write_clean_by_hand
+
+IDS = ("id00", "id02", "id05")
+
+
+@pytest.fixture(scope="module")
+def aligned(photos_dir, tmp_path_factory) -> Path:
+    return align_subset(photos_dir, tmp_path_factory.mktemp("report"), IDS)
+
+
+@pytest.fixture
+def run_dir(aligned, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(aligned, out, symlinks=True)
+    rows = write_clean_by_hand(out)
+    # id02 gets a bystander and a duplicate: the noisiest identity
+    for r in rows:
+        if r["identity"] == "id02" and r["decision"] == "keep" and float(r["score"]) < 0.9:
+            r.update(decision="drop", reason="not_subject")
+    write_csv_atomic(out / C.CLEAN_CSV, C.CLEAN_COLUMNS, rows)
+    write_csv_atomic(out / C.IDENTITIES_CSV, ("identity", "images", "faces", "kept", "dropped", "review",
+                                              "noise", "flags"),
+                     [dict(identity=i, images=0, faces=0, kept=0, dropped=0, review=0,
+                           noise="", flags="ambiguous" if i == "id05" else "") for i in IDS])
+    write_csv_atomic(out / C.MERGES_CSV, ("a", "b", "similarity"), [dict(a="id00", b="id05", similarity="0.7100")])
+    (out / "clean.json").write_text(json.dumps({"summary": {"model": "dlib", "thresholds": {
+        "keep": 0.8, "drop": 0.55, "cw": 0.9}}}))
+    np.save(out / C.EMBEDDINGS_NPY, np.zeros((len(rows), 128), np.float32))
+    return out
+
+
+def test_histogram_bins_and_clamping():
+    assert histogram([0.0, 0.49, 0.5, 1.0, 7.0, -3.0], 0.0, 1.0, 2) == [3, 3]
+    assert sum(histogram(list(np.linspace(-1, 1, 101)), -1, 1, 40)) == 101
+
+
+def test_report_shows_every_stage_and_the_histograms(run_dir):
+    res = CliRunner().invoke(report_cli, [str(run_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    clean = read_csv(run_dir / C.CLEAN_CSV)
+    align = read_csv(run_dir / C.ALIGN_MANIFEST)
+    dec = {d: sum(r["decision"] == d for r in clean) for d in ("keep", "review", "drop")}
+    assert summary["decisions"] == dec and summary["embeddings"] == len(clean)
+    assert summary["crops"] == sum(1 for r in align if r["aligned"]) and summary["merge_candidates"] == 1
+    assert summary["noisiest"][0] == "id02"
+
+    page = (run_dir / C.REPORT_HTML).read_text(encoding="utf-8")
+    assert not re.search(r'(src|href)="(https?:|//)', page) and "<script" not in page and "<link" not in page
+    # histogram panels carry their n, and their bar titles add up to it
+    hist = page[page.index("Similarity to the identity centre"):page.index("Noisiest identities")]
+    for label, d in (("kept", "keep"), ("review", "review"), ("dropped", "drop")):
+        assert f'class="pl">{label}</text><text x="102" y="' in hist and f">n={dec[d]}<" in hist
+    bars = [int(n) for n in re.findall(r"<title>[-0-9.]+\.\.[-0-9.]+: (\d+)</title>", hist)]
+    assert sum(bars) == len(clean)
+    assert "keep 0.800" in hist and "drop 0.550" in hist and "cw " not in hist
+    # per-stage counts: align status, embed, decisions by reason
+    assert f"<title>ok: {sum(r['status'] == 'ok' for r in align)}</title>" in page
+    assert f"<title>embed: vectors: {len(clean)}</title>" in page
+    assert f"<title>drop: not_subject: {sum(r['reason'] == 'not_subject' for r in clean)}</title>" in page
+    # noisiest table: id02 first, its thumbnails are the real crops
+    table = page[page.index('<table class="noisy">'):]
+    table = table[:table.index("</table>")]
+    order = re.findall(r"<tr><td>(id\d\d)</td>", table)
+    assert order[0] == "id02" and sorted(order) == sorted(IDS)
+    assert table.count("data:image/jpeg;base64,") >= 6
+    assert "ambiguous" in page and "<td>id00</td><td>id05</td><td>0.7100</td>" in page
+    # deterministic
+    first = (run_dir / C.REPORT_HTML).read_bytes()
+    write_report(run_dir)
+    assert (run_dir / C.REPORT_HTML).read_bytes() == first
+
+
+def test_report_counts_manual_decisions(run_dir):
+    rev = [r for r in read_csv(run_dir / C.CLEAN_CSV) if r["decision"] == "review"][:3]
+    path = run_dir / "d.csv"
+    path.write_text("aligned,decision\n" + "".join(f"{r['aligned']},{d}\n" for r, d in zip(rev, ("keep", "drop",
+                                                                                               "keep"))))
+    apply_decisions(run_dir, path)
+    s = write_report(run_dir)
+    assert s["manual"] == 3
+    page = (run_dir / C.REPORT_HTML).read_text()
+    assert '<div class="v">3 <small>3 changed</small></div><div class="k">decided by a person</div>' in page
+    assert "<title>keep: manual: 2</title>" in page and "<title>drop: manual: 1</title>" in page
+
+
+def test_report_after_align_only_and_on_an_empty_folder(run_dir, tmp_path):
+    for f in (C.CLEAN_CSV, C.IDENTITIES_CSV, C.MERGES_CSV, "clean.json", C.EMBEDDINGS_NPY):
+        (run_dir / f).unlink()
+    s = write_report(run_dir)
+    assert s["decisions"] is None and s["notes"] == ["clean.csv not found"]
+    page = (run_dir / C.REPORT_HTML).read_text()
+    assert "clean.csv not found" in page and "Similarity to the identity centre" not in page
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(report_cli, [str(empty)])
+    assert res.exit_code == 1 and "nothing to report" in res.output
+    assert not (empty / C.REPORT_HTML).exists()
+
+
+def test_noisiest_falls_back_to_clean_counts_and_histogram_svg_is_well_formed():
+    clean = [dict(identity="a", decision="keep", score="0.9", aligned="", source="1"),
+             dict(identity="a", decision="drop", score="0.1", aligned="", source="2"),
+             dict(identity="b", decision="keep", score="0.8", aligned="", source="3")]
+    rows = noisiest(clean, [], 5)
+    assert [(r["identity"], r["noise"]) for r in rows] == [("a", 0.5), ("b", 0.0)]
+    import xml.etree.ElementTree as ET
+
+    svg = svg_histograms({"keep": [0.9, 0.8], "drop": [0.1]}, {"keep": 0.7, "drop": 0.3})
+    root = ET.fromstring(svg)
+    assert root.tag.endswith("svg") and len(root.findall(".//{*}rect") or root.findall(".//rect")) == 3
