@@ -31,6 +31,8 @@ HUMAN_DECISIONS = (C.DECISION_KEEP, C.DECISION_DROP)
 #: columns of the page's export (a subset of REVIEW_COLUMNS; apply reads either)
 EXPORT_COLUMNS = ("aligned", "identity", "decision")
 DEFAULT_REFERENCES = 6
+#: review faces per HTML page (pages never split an identity)
+DEFAULT_PAGE_SIZE = 2000
 
 _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
          ".bmp": "image/bmp"}
@@ -125,17 +127,54 @@ def review_table(sections: Sequence[Section]) -> list[dict]:
     return out
 
 
-def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, html_name: str = C.REVIEW_HTML,
-                 csv_name: str = C.REVIEW_CSV) -> dict:
-    """Write OUT/review.html and OUT/review.csv for the faces clean.csv marks
+def paginate(sections: Sequence[Section], page_size: int) -> list[list[Section]]:
+    """Split sections into pages of at most ``page_size`` review faces, never
+    splitting an identity (a larger identity gets a page of its own)."""
+    pages: list[list[Section]] = []
+    cur: list[Section] = []
+    n = 0
+    for s in sections:
+        if cur and page_size > 0 and n + len(s.review) > page_size:
+            pages.append(cur)
+            cur, n = [], 0
+        cur.append(s)
+        n += len(s.review)
+    if cur or not pages:
+        pages.append(cur)
+    return pages
+
+
+def page_name(k: int, html_name: str = C.REVIEW_HTML) -> str:
+    """review.html for page 1, review-2.html, review-3.html, ... after it."""
+    if k == 1:
+        return html_name
+    stem, dot, ext = html_name.rpartition(".")
+    return f"{stem}-{k}.{ext}" if dot else f"{html_name}-{k}"
+
+
+def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, page_size: int = DEFAULT_PAGE_SIZE,
+                 html_name: str = C.REVIEW_HTML, csv_name: str = C.REVIEW_CSV) -> dict:
+    """Write OUT/review.html (plus review-2.html, ... when there are more than
+    ``page_size`` review faces) and OUT/review.csv for the faces clean.csv marks
     ``review``. Returns a summary."""
     out_dir = Path(out_dir)
     _, rows = load_clean(out_dir)
     sections = build_sections(rows, references)
     table = review_table(sections)
     missing: list[str] = []
-    page = render_review_html(out_dir, sections, missing)
-    write_text_atomic(out_dir / html_name, page)
+    pages = paginate(sections, page_size)
+    names = [page_name(k, html_name) for k in range(1, len(pages) + 1)]
+    sizes = []
+    for k, secs in enumerate(pages, 1):
+        page = render_review_html(out_dir, secs, missing, page=k, pages=names,
+                                  totals=(len(table), len(sections)))
+        write_text_atomic(out_dir / names[k - 1], page)
+        sizes.append(len(page.encode("utf-8")))
+    # pages of an earlier, longer sheet would be stale: remove them
+    k = len(pages) + 1
+    while (out_dir / page_name(k, html_name)).exists():
+        (out_dir / page_name(k, html_name)).unlink()
+        k += 1
     write_csv_atomic(out_dir / csv_name, C.REVIEW_COLUMNS, table)
     reasons: dict[str, int] = defaultdict(int)
     for r in table:
@@ -144,8 +183,8 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, h
         review_faces=len(table), identities=len(sections),
         faces=len(rows), reasons=dict(sorted(reasons.items())),
         missing_crops=len(missing), missing_examples=missing[:5],
-        html=str(out_dir / html_name), csv=str(out_dir / csv_name),
-        html_bytes=len(page.encode("utf-8")),
+        html=str(out_dir / names[0]), pages=len(pages), csv=str(out_dir / csv_name),
+        html_bytes=sum(sizes),
     )
 
 
@@ -175,8 +214,10 @@ def _card(out_dir: Path, r: dict, kind: str, missing: list[str], index: int | No
             f'<button type="button" class="drop" data-d="drop">drop</button></div></figure>')
 
 
-def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list[str] | None = None) -> str:
-    """The whole page as one string (deterministic: no timestamps, stable order)."""
+def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list[str] | None = None, *,
+                       page: int = 1, pages: Sequence[str] = (C.REVIEW_HTML,),
+                       totals: tuple[int, int] | None = None) -> str:
+    """One page as a string (deterministic: no timestamps, stable order)."""
     if missing is None:
         missing = []
     total = sum(len(s.review) for s in sections)
@@ -188,7 +229,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
         sid = f"s{si}"
         nav.append(f'<a href="#{sid}">{_esc(s.identity)} <b>{len(s.review)}</b></a>')
         refs = "".join(_card(out_dir, r, "ref", missing) for r in s.references) or \
-            '<p class="none">no kept faces</p>'
+            '<p class="none">no kept faces yet</p>'
         cards = []
         for r in s.review:
             cards.append(_card(out_dir, r, "review", missing, idx))
@@ -200,12 +241,20 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
             f'<span class="bulk"><button type="button" data-all="keep">keep all</button>'
             f'<button type="button" data-all="drop">drop all</button>'
             f'<button type="button" data-all="">clear</button></span></h2>'
-            f'<div class="refs"><span class="lbl">reference (most central kept)</span>{refs}</div>'
-            f'<div class="cards">{"".join(cards)}</div></section>')
+            f'<div class="row"><div class="refs"><span class="lbl">reference: most central kept</span>{refs}'
+            f'</div><div class="cards">{"".join(cards)}</div></div></section>')
     body = "\n".join(parts) if parts else '<p class="empty">Nothing to review: clean.csv has no review faces.</p>'
-    meta = json.dumps(dict(key=key, total=total))
+    download = "review-decisions.csv" if len(pages) == 1 else f"review-decisions-{page}.csv"
+    meta = json.dumps(dict(key=key, total=total, download=download))
+    all_faces, all_ids = totals or (total, len(sections))
+    pager = ""
+    if len(pages) > 1:
+        links = " ".join(f"<b>{k}</b>" if k == page else f'<a href="{_esc(nm)}">{k}</a>'
+                         for k, nm in enumerate(pages, 1))
+        pager = (f'<span class="pager">page {page} of {len(pages)} ({all_faces} faces in {all_ids} identities '
+                 f'in all; export each page): {links}</span>')
     return _PAGE.format(css=_CSS, js=_JS, meta=meta, total=total, identities=len(sections),
-                        nav="".join(nav), body=body)
+                        nav="".join(nav), body=body, pager=pager, download=download)
 
 
 _CSS = """
@@ -220,12 +269,14 @@ header button{font:inherit;padding:4px 12px;border-radius:4px;border:0;cursor:po
 .help{font-size:12px;opacity:.8}
 nav{padding:6px 14px;background:#eceff1;font-size:12px;max-height:6em;overflow:auto}
 nav a{margin-right:10px;color:#37474f;text-decoration:none;white-space:nowrap}
-section{background:#fff;margin:10px 14px;padding:8px 12px;border-radius:6px;box-shadow:0 1px 2px #0002}
+section{scroll-margin-top:100px;background:#fff;margin:10px 14px;padding:8px 12px;border-radius:6px;box-shadow:0 1px 2px #0002}
 h2{font-size:15px;margin:2px 0 8px;display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}
 h2 small{font-weight:400;color:#666}
 .bulk{margin-left:auto}.bulk button{font-size:12px;margin-left:4px}
-.refs,.cards{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
-.refs{padding-bottom:8px;margin-bottom:8px;border-bottom:1px dashed #ccc}
+.row{display:flex;gap:14px;align-items:flex-start}
+.refs,.cards{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start;align-content:flex-start}
+.refs{flex:0 0 282px;padding-right:12px;border-right:1px dashed #ccc}
+.cards{flex:1 1 300px}
 .lbl{flex-basis:100%;font-size:11px;color:#888}
 figure{margin:0;text-align:center;font-size:12px}
 figure img,.noimg{width:112px;height:112px;display:block;background:#ddd}
@@ -242,7 +293,8 @@ figure img,.noimg{width:112px;height:112px;display:block;background:#ddd}
 .card.keep button.keep{background:#2e7d32;color:#fff;border-color:#2e7d32}
 .card.drop button.drop{background:#c62828;color:#fff;border-color:#c62828}
 body.hide-decided .card.keep,body.hide-decided .card.drop{display:none}
-.empty,.none{color:#666}
+.empty,.none{color:#666}.none{margin:0;font-size:12px}
+.pager a{color:#ffca28}
 """
 
 _JS = r"""
@@ -287,7 +339,7 @@ function exportCSV(){
   var blob = new Blob([text], {type: 'text/csv'});
   var a = document.createElement('a');
   a.href = URL.createObjectURL(blob);
-  a.download = 'review-decisions.csv';
+  a.download = META.download;
   document.body.appendChild(a); a.click();
   setTimeout(function(){ URL.revokeObjectURL(a.href); a.remove(); }, 1000);
   document.body.dataset.exported = text;
@@ -343,8 +395,9 @@ _PAGE = """<!DOCTYPE html>
 <span id="progress"></span>
 <button type="button" id="export">Export decisions</button>
 <label><input type="checkbox" id="hide"> hide decided</label>
+{pager}
 <span class="help">click keep/drop (again to undo) &middot; keyboard on a focused card: k keep, d drop,
-x clear, &larr;/&rarr; move &middot; then <code>facecurate review apply OUT review-decisions.csv</code></span>
+x clear, &larr;/&rarr; move &middot; then <code>facecurate review apply OUT {download}</code></span>
 </header>
 <nav>{nav}</nav>
 <main>
@@ -362,9 +415,12 @@ class Problem:
     line: int
     aligned: str
     message: str
+    file: str = ""
 
     def __str__(self) -> str:
         where = f"line {self.line}" if self.line else "file"
+        if self.file:
+            where = f"{self.file} {where}"
         return f"{where}: {self.aligned or '-'}: {self.message}" if self.aligned else f"{where}: {self.message}"
 
 
@@ -392,8 +448,8 @@ def read_decisions(path: str | Path) -> list[tuple[int, dict]]:
     return out
 
 
-def apply_decisions(out_dir: str | Path, decisions_csv: str | Path, *, strict: bool = False,
-                    dry_run: bool = False) -> dict:
+def apply_decisions(out_dir: str | Path, decisions_csv: str | Path | Sequence[str | Path], *,
+                    strict: bool = False, dry_run: bool = False) -> dict:
     """Merge a person's keep/drop decisions into OUT/clean.csv.
 
     Each accepted row sets ``decision`` and ``reason=manual``; the decision and
@@ -410,39 +466,44 @@ def apply_decisions(out_dir: str | Path, decisions_csv: str | Path, *, strict: b
         if c not in columns:
             columns.append(c)
     index = {r["aligned"]: i for i, r in enumerate(rows) if r.get("aligned")}
-    entries = read_decisions(decisions_csv)
+    files = [decisions_csv] if isinstance(decisions_csv, (str, Path)) else list(decisions_csv)
+    entries = []
+    for f in files:
+        tag = Path(f).name if len(files) > 1 else ""
+        entries += [(tag, line, e) for line, e in read_decisions(f)]
     problems: list[Problem] = []
-    chosen: dict[str, tuple[int, str]] = {}
+    chosen: dict[str, tuple[str, str]] = {}
     undecided = 0
     bad: set[str] = set()
-    for line, e in entries:
+    for tag, line, e in entries:
+        where = f"{tag} line {line}" if tag else f"line {line}"
         a = e.get("aligned", "")
         d = e.get("decision", "").lower()
         if not a and not d:
             continue
         if not a:
-            problems.append(Problem(line, "", "empty 'aligned'"))
+            problems.append(Problem(line, "", "empty 'aligned'", tag))
             continue
         if not d:
             undecided += 1
             continue
         if d not in HUMAN_DECISIONS:
-            problems.append(Problem(line, a, f"invalid decision {e.get('decision')!r} (use keep or drop)"))
+            problems.append(Problem(line, a, f"invalid decision {e.get('decision')!r} (use keep or drop)", tag))
             continue
         i = index.get(a)
         if i is None:
-            problems.append(Problem(line, a, f"not in {C.CLEAN_CSV} (a crop of another run?)"))
+            problems.append(Problem(line, a, f"not in {C.CLEAN_CSV} (a crop of another run?)", tag))
             continue
         ident = e.get("identity", "")
         if ident and ident != rows[i].get("identity", ""):
             problems.append(Problem(line, a, f"identity {ident!r} does not match {rows[i].get('identity')!r} "
-                                             f"in {C.CLEAN_CSV}"))
+                                             f"in {C.CLEAN_CSV}", tag))
             continue
         if a in chosen and chosen[a][1] != d:
-            problems.append(Problem(line, a, f"contradicts line {chosen[a][0]} ({chosen[a][1]})"))
+            problems.append(Problem(line, a, f"contradicts {chosen[a][0]} ({chosen[a][1]})", tag))
             bad.add(a)
             continue
-        chosen.setdefault(a, (line, d))
+        chosen.setdefault(a, (where, d))
     for a in bad:
         chosen.pop(a, None)
     changed = unchanged = 0

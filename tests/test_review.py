@@ -153,6 +153,26 @@ def test_nothing_to_review_still_writes_a_page(run_dir):
     assert read_csv(run_dir / C.REVIEW_CSV) == []
 
 
+def test_pages_split_between_identities_and_stale_pages_go(run_dir):
+    want = _review_rows(run_dir)
+    s = write_review(run_dir, page_size=3)
+    names = [C.REVIEW_HTML] + [f"review-{k}.html" for k in range(2, s["pages"] + 1)]
+    assert s["pages"] >= 2 and all((run_dir / n).exists() for n in names)
+    seen, seen_ids = [], []
+    for k, name in enumerate(names, 1):
+        page = (run_dir / name).read_text()
+        cards = re.findall(r'<figure class="card"[^>]*data-aligned="([^"]+)" data-identity="([^"]+)"', page)
+        ids = sorted({i for _, i in cards})
+        assert len(cards) <= 3 or len(ids) == 1  # over-size identities get a page of their own
+        assert not set(ids) & set(seen_ids)  # an identity is never split
+        seen += [a for a, _ in cards]
+        seen_ids += ids
+        assert f"page {k} of {len(names)}" in page and f'"download": "review-decisions-{k}.csv"' in page
+    assert sorted(seen) == sorted(r["aligned"] for r in want)
+    assert write_review(run_dir)["pages"] == 1
+    assert not (run_dir / "review-2.html").exists() and "page 1 of" not in (run_dir / C.REVIEW_HTML).read_text()
+
+
 # ----------------------------------------------------------------------------- apply
 def _fill(out: Path, choose) -> Path:
     """review.csv with decisions filled in by ``choose(i, row)`` ('' = undecided)."""
@@ -237,6 +257,16 @@ def test_apply_lists_bad_rows_applies_the_rest_and_strict_applies_nothing(run_di
     assert (after[a0]["decision"], after[a0]["reason"]) == ("keep", "manual")
     for a in (a1, a2, a3):
         assert (after[a]["decision"], after[a]["reason"]) == ("review", "uncertain")
+
+
+def test_apply_several_files_and_contradictions_between_them(run_dir):
+    rev = _review_rows(run_dir)
+    (run_dir / "p1.csv").write_text(f"aligned,decision\n{rev[0]['aligned']},keep\n{rev[1]['aligned']},drop\n")
+    (run_dir / "p2.csv").write_text(f"aligned,decision\n{rev[2]['aligned']},drop\n{rev[1]['aligned']},keep\n")
+    s = apply_decisions(run_dir, [run_dir / "p1.csv", run_dir / "p2.csv"])
+    assert s["problems"] == [f"p2.csv line 3: {rev[1]['aligned']}: contradicts p1.csv line 3 (drop)"]
+    after = {r["aligned"]: r["decision"] for r in read_csv(run_dir / C.CLEAN_CSV)}
+    assert [after[r["aligned"]] for r in rev[:3]] == ["keep", "review", "drop"]
 
 
 def test_apply_refuses_a_file_without_the_needed_columns(run_dir):

@@ -37,13 +37,13 @@ def review():
     \b
     facecurate review OUT
         writes OUT/review.html: a self-contained contact sheet (open it in any
-        browser, no server, no network). One section per identity: its most
+        browser, no server, no network; review-2.html, ... beyond --page-size). One section per identity: its most
         central kept faces as reference, then every review face with its score
         and reason and keep/drop buttons (keyboard: k, d, x, arrows).
         "Export decisions" downloads review-decisions.csv. Also writes
         OUT/review.csv (decision column blank) for spreadsheet users.
     facecurate review apply OUT DECISIONS.csv
-        merges the decisions (the page's export or a filled-in review.csv) into
+        merges the decisions (the pages' exports or a filled-in review.csv) into
         OUT/clean.csv: reason `manual`, clean's decision kept in
         previous_decision / previous_reason. Applying a file twice changes nothing.
     """
@@ -53,14 +53,17 @@ def review():
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--references", type=click.IntRange(0, 50), default=6, show_default=True,
               help="Kept faces closest to the identity centre shown as reference in each section.")
+@click.option("--page-size", type=click.IntRange(0), default=2000, show_default=True,
+              help="At most this many review faces per HTML page (review.html, review-2.html, ...); an "
+                   "identity is never split. 0: one page.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def sheet(out, references, as_json):
+def sheet(out, references, page_size, as_json):
     """Write OUT/review.html and OUT/review.csv from OUT/clean.csv."""
     from facecurate.files import emit_summary
     from facecurate.review import write_review
 
     try:
-        summary = write_review(out, references=references)
+        summary = write_review(out, references=references, page_size=page_size)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if summary["missing_crops"]:
@@ -72,13 +75,15 @@ def sheet(out, references, as_json):
 
 @review.command("apply")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
-@click.argument("decisions", metavar="DECISIONS.csv", type=click.Path(exists=True, dir_okay=False))
+@click.argument("decisions", metavar="DECISIONS.csv...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
 @click.option("--strict", is_flag=True,
               help="Apply nothing when any row is rejected (default: apply the valid rows, list the others).")
 @click.option("--dry-run", is_flag=True, help="Check and count, but do not write clean.csv.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def apply(out, decisions, strict, dry_run, as_json):
-    """Merge keep/drop decisions from DECISIONS.csv into OUT/clean.csv.
+    """Merge keep/drop decisions from DECISIONS.csv (one or more files: the
+    page's exports or a filled-in review.csv) into OUT/clean.csv.
 
     DECISIONS.csv needs columns `aligned` and `decision` (keep or drop; blank =
     still undecided); `identity`, when present, must match. Accepted rows get
