@@ -220,12 +220,12 @@ def score_range(scores: dict[str, list[float]], thresholds: dict) -> tuple[float
     return lo - pad, hi + pad
 
 
-def svg_histograms(scores: dict[str, list[float]], thresholds: dict, bins: int = 40, width: int = 720,
+def svg_histograms(scores: dict[str, list[float]], thresholds: dict, bins: int = 50, width: int = 900,
                    panel_h: int = 110) -> str:
     """Stacked panels (kept, review, dropped) on one x axis: similarity to the
     identity centre, with clean's keep/drop thresholds as dashed lines."""
     lo, hi = score_range(scores, thresholds)
-    left, right, top_pad, gap, axis_h = 110, 16, 8, 14, 34
+    left, right, top_pad, gap, axis_h = 110, 16, 22, 14, 34
     plot_w = width - left - right
     panels = [(C.DECISION_KEEP, "kept"), (C.DECISION_REVIEW, "review"), (C.DECISION_DROP, "dropped")]
     h = top_pad + len(panels) * (panel_h + gap) + axis_h
@@ -254,7 +254,7 @@ def svg_histograms(scores: dict[str, list[float]], thresholds: dict, bins: int =
     for name, t in sorted(thresholds.items()):
         tx = x(float(t))
         out.append(f'<line x1="{_n(tx)}" y1="{top_pad}" x2="{_n(tx)}" y2="{y_end}" stroke="#333" '
-                   f'stroke-dasharray="4 3"/><text x="{_n(tx + 3)}" y="{top_pad + 10}" class="sub">'
+                   f'stroke-dasharray="4 3"/><text x="{_n(tx)}" y="{top_pad - 8}" text-anchor="middle" class="sub">'
                    f'{_e(name)} {format_float(float(t), 3)}</text>')
     for k in range(6):
         v = lo + (hi - lo) * k / 5
@@ -371,7 +371,7 @@ def render_report(out: Path, d: dict) -> str:
                      f'person (merges.csv){"; first 50" if len(d["merges"]) > 50 else ""}</small></h2>'
                      + _table(["a", "b", "similarity"], mr))
     raw = a["meta"].get("raw") if a else None
-    sub = f"OUT = {_e(out)}" + (f" &middot; RAW = {_e(raw)}" if raw else "")
+    sub = f"OUT = {_e(out.resolve())}" + (f" &middot; RAW = {_e(raw)}" if raw else "")
     return _PAGE.format(css=_CSS, title=_e(out.name or str(out)), sub=sub, body="\n".join(parts))
 
 
