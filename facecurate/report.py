@@ -367,7 +367,7 @@ def render_report(out: Path, d: dict) -> str:
             d["flags"].items(), key=lambda kv: (-kv[1], kv[0]))]))
     if d["merges"]:
         mr = [[_e(m.get("a", "")), _e(m.get("b", "")), _e(m.get("similarity", ""))] for m in d["merges"][:50]]
-        parts.append(f'<h2>Merge candidates <small>{len(d["merges"])} pairs of identities that look like one '
+        parts.append(f'<h2>Merge candidates <small>{len(d["merges"])} pair(s) of identities that look like one '
                      f'person (merges.csv){"; first 50" if len(d["merges"]) > 50 else ""}</small></h2>'
                      + _table(["a", "b", "similarity"], mr))
     raw = a["meta"].get("raw") if a else None

@@ -128,3 +128,25 @@ def test_noisiest_falls_back_to_clean_counts_and_histogram_svg_is_well_formed():
     svg = svg_histograms({"keep": [0.9, 0.8], "drop": [0.1]}, {"keep": 0.7, "drop": 0.3})
     root = ET.fromstring(svg)
     assert root.tag.endswith("svg") and len(root.findall(".//{*}rect") or root.findall(".//rect")) == 3
+
+
+@pytest.mark.slow
+def test_review_and_report_on_a_real_clean_run(aligned, tmp_path):
+    """The real pipeline: embed (dlib) + clean on the aligned crops, then review and report."""
+    from facecurate.clean import run_clean
+    from facecurate.review import write_review
+
+    out = tmp_path / "out"
+    shutil.copytree(aligned, out, symlinks=True)
+    summary = run_clean(out, show_progress=False)
+    clean = read_csv(out / C.CLEAN_CSV)
+    assert list(clean[0]) == list(C.CLEAN_COLUMNS)
+    s = write_review(out)
+    assert s["review_faces"] == summary["review"] == sum(r["decision"] == "review" for r in clean)
+    assert s["missing_crops"] == 0
+    r = write_report(out)
+    assert r["decisions"] == {k: summary[k] for k in ("keep", "review", "drop")}
+    assert r["embeddings"] == len(clean) and r["files"] == len({x["source"] for x in read_csv(out / C.ALIGN_MANIFEST)})
+    page = (out / C.REPORT_HTML).read_text()
+    thr = json.loads((out / "clean.json").read_text())["summary"]["thresholds"]
+    assert f"keep {thr['keep']:.3f}" in page and f"drop {thr['drop']:.3f}" in page

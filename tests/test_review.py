@@ -378,6 +378,21 @@ def test_review_page_in_headless_chromium(run_dir, browser, tmp_path):
     assert browser.find_element(By.ID, "progress").text == f"5 / {n} decided"
     expected = {want[0]["aligned"]: "keep", want[1]["aligned"]: "drop", want[2]["aligned"]: "drop",
                 want[4]["aligned"]: "drop", want[5]["aligned"]: "keep"}
+    # "drop all" in the last identity's section decides its cards, and only those
+    last = browser.find_elements(By.CSS_SELECTOR, "section")[-1]
+    last_cards = [c.get_attribute("data-aligned") for c in last.find_elements(By.CSS_SELECTOR, "figure.card")]
+    assert last_cards and not set(last_cards) & set(expected)
+    b = last.find_element(By.CSS_SELECTOR, 'button[data-all="drop"]')
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", b)
+    b.click()
+    expected.update({a: "drop" for a in last_cards})
+    assert browser.find_element(By.ID, "progress").text == f"{len(expected)} / {n} decided"
+    # "hide decided" hides exactly the decided cards
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.find_element(By.ID, "hide").click()
+    shown = {c.get_attribute("data-aligned") for c in cards if c.is_displayed()}
+    assert shown == {r["aligned"] for r in want} - set(expected)
+    browser.find_element(By.ID, "hide").click()
 
     export = browser.find_element(By.ID, "export")
     browser.execute_script("window.scrollTo(0, 0)")
@@ -393,7 +408,7 @@ def test_review_page_in_headless_chromium(run_dir, browser, tmp_path):
 
     # clicks survive a reload (localStorage), so a person can close the tab and come back
     browser.refresh()
-    assert browser.find_element(By.ID, "progress").text == f"5 / {n} decided"
+    assert browser.find_element(By.ID, "progress").text == f"{len(expected)} / {n} decided"
 
     # the exported file goes back into clean.csv
     res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(target), "--json"])
