@@ -329,11 +329,28 @@ def _wait(fn, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _rename_identity(out: Path, old: str, new: str) -> None:
+    (out / old).rename(out / new)
+    rows = read_csv(out / C.CLEAN_CSV)
+    for r in rows:
+        if r["identity"] == old:
+            r["identity"] = new
+            r["aligned"] = new + r["aligned"][len(old):]
+            r["source"] = new + r["source"][len(old):]
+    write_csv_atomic(out / C.CLEAN_CSV, C.CLEAN_COLUMNS, rows)
+
+
+AWKWARD = 'O\'Brien & <Co>, "Ltd"'
+
+
 @pytest.mark.browser
-def test_review_page_in_headless_chromium(run_dir, browser, tmp_path):
+def test_review_page_in_headless_chromium(browser, run_dir, tmp_path):
     from selenium.webdriver.common.by import By
 
+    # the last identity gets a name that needs HTML escaping and CSV quoting
+    _rename_identity(run_dir, IDENTITIES[-1], IDENTITIES[-1] + AWKWARD)
     write_review(run_dir, references=4)
+    assert "<Co>" not in (run_dir / C.REVIEW_HTML).read_text()  # escaped everywhere
     want = read_csv(run_dir / C.REVIEW_CSV)
     n = len(want)
     downloads = tmp_path / "downloads"
@@ -385,6 +402,7 @@ def test_review_page_in_headless_chromium(run_dir, browser, tmp_path):
     b = last.find_element(By.CSS_SELECTOR, 'button[data-all="drop"]')
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", b)
     b.click()
+    assert all(a.startswith(IDENTITIES[-1] + AWKWARD + "/") for a in last_cards)
     expected.update({a: "drop" for a in last_cards})
     assert browser.find_element(By.ID, "progress").text == f"{len(expected)} / {n} decided"
     # "hide decided" hides exactly the decided cards
@@ -404,6 +422,7 @@ def test_review_page_in_headless_chromium(run_dir, browser, tmp_path):
     assert text.splitlines()[0] == "aligned,identity,decision"
     assert {r["aligned"]: r["decision"] for r in rows} == expected
     assert all(r["identity"] == r["aligned"].split("/")[0] for r in rows)
+    assert f'"{IDENTITIES[-1]}O\'Brien & <Co>, ""Ltd""/' in text  # RFC 4180 quoting
     assert [r["aligned"] for r in rows] == [r["aligned"] for r in want if r["aligned"] in expected]
 
     # clicks survive a reload (localStorage), so a person can close the tab and come back
