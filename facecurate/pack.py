@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,7 +51,13 @@ PROPERTY_NAME = "property"
 LABELS_CSV = "labels.csv"
 PACK_ERRORS_CSV = "pack_errors.csv"
 PACK_META = "pack.json"
-STAGING_DIR = ".pack-staging"
+#: Files are written as DEST/.<name>.pack-tmp and renamed into place at the end.
+TMP_SUFFIX = ".pack-tmp"
+ALL_FILES = (REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META)
+
+
+def _tmp(dest: Path, name: str) -> Path:
+    return dest / f".{name}{TMP_SUFFIX}"
 LABELS_COLUMNS = ("identity", "label", "images")
 PACK_ERROR_COLUMNS = ("identity", "path", "reason", "message")
 
@@ -416,35 +421,45 @@ def _list_identity(out: str, ident: str) -> tuple[list[_Cand], list[InputError]]
     cands, errors = [], []
     d = os.path.join(out, ident)
     try:
-        with os.scandir(d) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        names = sorted(os.listdir(d))
     except OSError as e:
         return [], [InputError(ident, ident + "/", ERR_UNREADABLE, f"cannot list: {e.strerror or e}")]
-    for e in entries:
-        name = e.name
-        if name.startswith("."):
+    prefix = d + os.sep
+    for name in names:
+        if name[0] == ".":
             continue
         rel = f"{ident}/{name}"
-        if e.is_dir():
-            errors.append(InputError(ident, rel, ERR_UNREADABLE, "sub-folder inside an identity folder"))
-        elif not name.lower().endswith(IMAGE_EXTENSIONS):
-            errors.append(InputError(ident, rel, ERR_NOT_IMAGE, f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})"))
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if os.path.isdir(prefix + name):
+                errors.append(InputError(ident, rel, ERR_UNREADABLE, "sub-folder inside an identity folder"))
+            else:
+                errors.append(InputError(ident, rel, ERR_NOT_IMAGE,
+                                         f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})"))
         elif _bad_name(name):
             errors.append(InputError(ident, rel, ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
         else:
-            cands.append(_Cand(ident, rel, e.path))
+            cands.append(_Cand(ident, rel, prefix + name))  # a folder named *.jpg fails when read
     if not cands:
         errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "identity folder has no image files"))
     return cands, errors
 
 
-def _work(unit, out: str, size: int, resize: bool, quality: int) -> tuple[list[_Cand], list, list[InputError]]:
-    """Read and check one unit: (candidates, their _load results, listing problems)."""
+def _work(unit, out: str, size: int, resize: bool, quality: int) -> tuple[list, list[InputError], list[str]]:
+    """Read and check one unit: (good crops as _Good, problems, identities listed)."""
     if isinstance(unit, str):
         cands, errors = _list_identity(out, unit)
+        listed = [unit]
     else:
         cands, errors = unit, []
-    return cands, [_load(c.identity, c.rel, c.path, size, resize, quality) for c in cands], errors
+        listed = sorted({c.identity for c in cands})
+    good = []
+    for c in cands:
+        data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality)
+        if err is None:
+            good.append(_Good(c.identity, c.rel, c.path, data, as_is))
+        else:
+            errors.append(err)
+    return good, errors, listed
 
 
 def _ordered_map(fn, units: Sequence, threads: int) -> Iterable:
@@ -473,15 +488,17 @@ def _ordered_map(fn, units: Sequence, threads: int) -> Iterable:
 def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN, shuffle: bool = True,
          seed: int = 0, min_images: int = 1, size: Optional[int] = None, resize: bool = False,
          strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 2,
-         memory_budget: int = MEMORY_BUDGET, show_progress: bool = False,
+         memory_budget: int = MEMORY_BUDGET, fsync: bool = True, show_progress: bool = False,
          on_record: Optional[Callable[[int], None]] = None) -> PackResult:
     """Pack the crops of ``out`` into ``dest`` (train.rec, train.idx, train.lst,
     property, labels.csv, pack_errors.csv, pack.json).
 
-    Every file is first written to ``dest/.pack-staging/`` and moved into place only
-    when all of them are complete, so an interrupted or failed pack leaves the
+    Every file is first written under a temporary name (``dest/.<name>.pack-tmp``) and
+    renamed into place only when all of them are complete, so an interrupted or failed pack leaves the
     previous contents of ``dest`` as they were. ``on_record(n)`` is called after the
-    n-th record is written (progress hook)."""
+    n-th record is written (progress hook). ``fsync``: flush every file to disk before
+    the renames (without it an interrupted *process* still leaves DEST intact; only an
+    OS crash or power loss right after the run could lose the new files)."""
     from functools import partial
 
     from facecurate.files import progress
@@ -498,18 +515,20 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     kept_bytes = 0
     work = partial(_work, out=str(out), size=size, resize=resize, quality=quality)
     bar = progress(total=len(units), desc="check", unit="unit", disable=None if show_progress else True)
-    for cands, results, errs in _ordered_map(work, units, threads):
+    for good, errs, ids in _ordered_map(work, units, threads):
         errors.extend(errs)
-        for c, (data, as_is, err) in zip(cands, results):
-            listed.add(c.identity)
-            if err is not None:
-                errors.append(err)
-                continue
-            if kept_bytes + len(data) <= memory_budget:
-                kept_bytes += len(data)
+        listed.update(ids)
+        for g in good:
+            n = len(g.data)
+            if kept_bytes + n <= memory_budget:
+                kept_bytes += n
             else:
-                data = None
-            by_id.setdefault(c.identity, []).append(_Good(c.identity, c.rel, c.path, data, as_is))
+                g = g._replace(data=None)
+            lst = by_id.get(g.identity)
+            if lst is None:
+                by_id[g.identity] = [g]
+            else:
+                lst.append(g)
         bar.update(1)
     bar.close()
 
@@ -555,41 +574,51 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
             raise PackError(f"{len(order)} images + {len(identities)} classes: the insightface layout stores keys "
                             "as float32 labels, exact only below 2**24; use --layout plain")
 
-    # Pass 2: write everything into the staging folder.
+    # Pass 2: write everything under temporary names.
     dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / STAGING_DIR
-    if staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted run
-    staging.mkdir()
+    for name in ALL_FILES:  # left by a killed run
+        _tmp(dest, name).unlink(missing_ok=True)
     try:
         n_img = len(order)
         idx_lines: list[str] = []
         lst_lines: list[str] = []
         stored_as_is = 0
         bar = progress(total=n_img, desc="pack", unit="img", disable=None if show_progress else True)
-        with open(staging / REC_NAME, "wb", buffering=0) as frec:
+        with open(_tmp(dest, REC_NAME), "wb", buffering=0) as frec:
             w = RecordWriter(frec)
             if layout == LAYOUT_INSIGHTFACE:
                 end = n_img + 1 + len(identities)
                 off = w.write(pack_header([float(n_img + 1), float(end)]))
                 idx_lines.append(f"0\t{off}\n")
             key = first_key
+            batch: list = []
+
+            def flush_batch() -> None:
+                offs = w.write_images(batch)
+                k0 = batch[0][2]
+                idx_lines.extend([f"{k0 + i}\t{o}\n" for i, o in enumerate(offs)])
+                if on_record is not None:
+                    for i in range(len(batch)):
+                        on_record(k0 + i + 1 - first_key)
+                bar.update(len(batch))
+                batch.clear()
+
+            flab = {ident: float(lab) for ident, lab in labels.items()}
             for g in order:
                 data = g.data
                 if data is None:
                     data, _, err = _load(g.identity, g.rel, g.path, size, resize, quality)
                     if err is not None:
                         raise PackError(f"{g.rel} changed while packing: {err.message}")
-                lab = labels[g.identity]
-                off = w.write_image(float(lab), data, key, 0)
-                idx_lines.append(f"{key}\t{off}\n")
+                lab = flab[g.identity]
+                batch.append((lab, data, key))
                 lst_lines.append(f"{key}\t{lab:f}\t{g.rel}\n")
                 stored_as_is += g.as_is
                 key += 1
-                if on_record is not None:
-                    on_record(key - first_key)
-                if key & 255 == 0:
-                    bar.update(256)
+                if len(batch) == 1024:
+                    flush_batch()
+            if batch:
+                flush_batch()
             bar.close()
             if layout == LAYOUT_INSIGHTFACE:
                 start = 1
@@ -600,7 +629,8 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
                     key += 1
                     start = stop
             w.flush()
-            os.fsync(frec.fileno())
+            if fsync:
+                os.fsync(frec.fileno())
             rec_bytes = w.offset
         counts = {ident: len(by_id[ident]) for ident in identities}
         texts = {
@@ -619,16 +649,19 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path relative to the packed folder)"
         texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         for name, text in texts.items():
-            with open(staging / name, "w", encoding="utf-8", newline="\n") as f:
+            with open(_tmp(dest, name), "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
         # Everything is complete on disk: move it into place (pack.json last).
-        for name in (REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META):
-            os.replace(staging / name, dest / name)
-        _fsync_dir(dest)
+        for name in ALL_FILES:
+            os.replace(_tmp(dest, name), dest / name)
+        if fsync:
+            _fsync_dir(dest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for name in ALL_FILES:
+            _tmp(dest, name).unlink(missing_ok=True)
     return result
 
 

@@ -201,6 +201,53 @@ class RecordWriter:
                 return at
         return self.write_parts(frame_image(label, data, id, id2))
 
+    def write_images(self, items: Sequence[tuple[float, bytes, int]]) -> list[int]:
+        """Frame many ``(label, image bytes, id)`` records (scalar labels) at once and
+        return their offsets. The escape check runs vectorised over the whole batch:
+        every record starts at a 4-byte boundary, so an aligned magic inside a payload
+        is an aligned magic of the file, and the only expected ones are the record
+        headers. Records holding another one are framed the slow way."""
+        import numpy as np
+
+        parts: list[bytes] = []
+        starts: list[int] = []
+        pos = 0
+        hp, ip = _HEAD.pack, _IRH.pack
+        for label, data, id_ in items:
+            header = ip(0, label, id_, 0)
+            n = IRHEADER_SIZE + len(data)
+            if n > MAX_RECORD:
+                raise ValueError(f"a RecordIO record must be smaller than 2**{RECORDIO_LEN_BITS} bytes, got {n}")
+            pad = -n & 3
+            parts += (hp(RECORDIO_MAGIC, n), header, data, _ZEROS[pad])
+            starts.append(pos)
+            pos += 8 + n + pad
+        chunk = b"".join(parts)
+        hits = np.flatnonzero(np.frombuffer(chunk, "<u4") == RECORDIO_MAGIC)
+        if len(hits) != len(starts):  # some payload holds the magic at an aligned offset
+            heads = set(starts)
+            st_arr = np.asarray(starts)
+            bad = {int(np.searchsorted(st_arr, h * 4, side="right") - 1)
+                   for h in hits.tolist() if h * 4 not in heads}
+            pieces, starts, pos = [], [], 0
+            for i, (label, data, id_) in enumerate(items):
+                if i in bad:
+                    b = frame(_IRH.pack(0, label, id_, 0) + data)
+                else:
+                    header = ip(0, label, id_, 0)
+                    n = IRHEADER_SIZE + len(data)
+                    b = b"".join((hp(RECORDIO_MAGIC, n), header, data, _ZEROS[-n & 3]))
+                pieces.append(b)
+                starts.append(pos)
+                pos += len(b)
+            chunk = b"".join(pieces)
+        base = self.offset
+        self.flush()
+        self._f.write(chunk)
+        self.offset = base + len(chunk)
+        self.records += len(starts)
+        return [base + st for st in starts]
+
     def flush(self) -> None:
         if self._parts:
             self._f.write(b"".join(self._parts))

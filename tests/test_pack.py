@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -141,6 +142,40 @@ def test_mxnet_reads_both_layouts(crops_dir, tmp_path, layout):
         assert o["layout"] == "insightface-header" and o["identity_records"] == 6
         assert o["records"] == 1 + 22 + 6 and o["dali_compatible"] is False
     assert (tmp_path / "d" / "property").read_text() == "6,112,112\n"
+
+
+@pytest.mark.oracle
+def test_crop_containing_the_magic_round_trips_through_mxnet(crops_dir, tmp_path):
+    """A real crop with the RecordIO magic at a 4-byte-aligned payload offset (inside a
+    JPEG comment segment): pack splits the record; MXNet and our loader get the exact
+    bytes back, and the image still decodes."""
+    from facecurate.recordio import MAGIC_BYTES
+
+    out = tmp_path / "out"
+    shutil.copytree(crops_dir, out)
+    victim = sorted(out.rglob("*.jpg"))[0]
+    jpg = victim.read_bytes()
+    # payload = 24-byte IRHeader + JPEG: the comment text starts at JPEG byte 6 -> payload 30;
+    # two filler bytes put the magic at payload offset 32 (aligned).
+    com = b"xx" + MAGIC_BYTES + b"yy"
+    jpg2 = jpg[:2] + b"\xff\xfe" + struct.pack(">H", 2 + len(com)) + com + jpg[2:]
+    assert (24 + jpg2.index(MAGIC_BYTES)) % 4 == 0
+    victim.write_bytes(jpg2)
+    res = pack(out, tmp_path / "d")
+    assert res.stored_as_is == 22 and not res.errors
+    rec = (tmp_path / "d" / "train.rec").read_bytes()
+    assert rec.count(MAGIC_BYTES) == 23  # 22 record heads + 1 split point; the escaped copy is not stored
+    o = _oracle(tmp_path / "d" / "train")
+    assert o["images"] == 22 and o["shapes"] == [[112, 112, 3]]
+    got = [img for _, img in _mxfacedataset(tmp_path / "d" / "train")]
+    assert jpg2 in got
+    py = oracle_python()
+    script = ("import mxnet as mx, sys, hashlib\n"
+              "r = mx.recordio.MXIndexedRecordIO(sys.argv[1] + '.idx', sys.argv[1] + '.rec', 'r')\n"
+              "print(sorted(hashlib.sha1(mx.recordio.unpack(r.read_idx(k))[1]).hexdigest() for k in r.keys))")
+    r = subprocess.run([py, "-c", script, str(tmp_path / "d" / "train")], capture_output=True, text=True, check=True)
+    assert hashlib.sha1(jpg2).hexdigest() in r.stdout
+    assert r.stdout.strip() == str(sorted(hashlib.sha1(g).hexdigest() for g in got))
 
 
 @pytest.mark.parametrize("layout", ["plain", "insightface"])
@@ -364,12 +399,11 @@ def test_interrupted_pack_leaves_previous_dest(crops_dir, tmp_path):
         pack(crops_dir, tmp_path / "d", seed=2, layout="insightface", on_record=stop)
     assert {f: (tmp_path / "d" / f).read_bytes() for f in FILES} == before
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(FILES)
-    # a killed run's staging folder is cleared by the next run
-    (tmp_path / "d" / ".pack-staging").mkdir()
-    (tmp_path / "d" / ".pack-staging" / "train.rec").write_bytes(b"half")
+    # a killed run's temporary files are cleared by the next run
+    (tmp_path / "d" / ".train.rec.pack-tmp").write_bytes(b"half")
     pack(crops_dir, tmp_path / "d", seed=1)
     assert {f: (tmp_path / "d" / f).read_bytes() for f in FILES} == before
-    assert not (tmp_path / "d" / ".pack-staging").exists()
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(FILES)
 
 
 def test_align_csv_source(crops_dir, tmp_path):

@@ -159,6 +159,30 @@ def test_writer_image_fast_path_equals_general_framing(tmp_path):
     assert len(_parts(frame(pack_record(3.0, with_magic, 7, 0)))) == 2
 
 
+def test_batch_writer_escapes_like_frame(tmp_path):
+    """RecordWriter.write_images (pack's vectorised path) = frame() record by record,
+    including images with the magic at aligned and unaligned payload offsets."""
+    rng = random.Random(5)
+    items = []
+    for k in range(60):
+        b = bytearray(rng.randbytes(rng.randrange(0, 400)))
+        if k % 3 == 0 and len(b) >= 12:
+            i = rng.randrange(0, len(b) - 4)
+            b[i:i + 4] = M  # aligned in the payload when (24 + i) % 4 == 0
+        items.append((float(k % 7), bytes(b), k))
+    items.append((1.0, b"abcd" + M + b"ef", 60))  # 24 + 4: aligned, must split
+    p = tmp_path / "b.rec"
+    with open(p, "wb") as f:
+        w = RecordWriter(f)
+        offs = w.write_images(items[:30]) + w.write_images(items[30:])
+    expected = [frame(pack_record(lab, img, k)) for lab, img, k in items]
+    assert p.read_bytes() == b"".join(expected)
+    assert offs == [sum(map(len, expected[:i])) for i in range(len(items))]
+    assert len(_parts(expected[-1])) == 2
+    with open(p, "rb") as f:
+        assert [unpack_record(r.payload)[1] for r in iter_records(f)] == [img for _, img, _ in items]
+
+
 def test_irheader_scalar_and_vector():
     h = pack_header(5.0, 12, 0)
     assert h == struct.pack("<IfQQ", 0, 5.0, 12, 0)

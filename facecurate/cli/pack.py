@@ -29,8 +29,11 @@ def _fail(msg: str) -> None:
               help="Fail (and leave DEST untouched) on any input problem instead of skipping and reporting it.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads reading crops.")
+@click.option("--fsync/--no-fsync", default=True, show_default=True,
+              help="Flush the files to disk before renaming them into place (--no-fsync is faster; an "
+                   "interrupted process still leaves DEST intact, only an OS crash could lose the new files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, as_json):
+def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, fsync, as_json):
     """Pack the crops of OUT into DEST/train.rec, train.idx, train.lst and property
     for insightface arcface_torch, without MXNet.
 
@@ -54,9 +57,9 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     JPEG crops of the target size are stored byte-for-byte; other crops are encoded
     once as JPEG quality 95. Missing, unreadable, non-image and wrong-size crops and
     empty identities are skipped and reported (exit 0), or fail the run with
-    --strict. All files are written to DEST/.pack-staging first and moved into place
-    at the end: an interrupted pack leaves DEST as it was. Same inputs, options and
-    seed give byte-identical files.
+    --strict. All files are written under temporary names (DEST/.<name>.pack-tmp),
+    flushed to disk and renamed into place at the end: an interrupted pack leaves
+    DEST as it was. Same inputs, options and seed give byte-identical files.
     """
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
@@ -64,7 +67,7 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
 
     try:
         res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
-                  resize=resize, strict=strict, threads=threads, show_progress=True)
+                  resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True)
     except PackError as e:
         _fail(str(e))
     emit_summary("facecurate pack", res.summary(), as_json)
