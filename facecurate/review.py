@@ -16,6 +16,7 @@ import csv
 import hashlib
 import html
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,15 @@ def _score_key(r: dict) -> tuple:
     return (0 if s == s else 1, -s if s == s else 0.0, r.get("aligned", ""))
 
 
+def _cluster(r: dict) -> int:
+    """Chinese-whispers cluster for ordering: dominant (0) first, none (-1) last."""
+    try:
+        c = int(r.get("cluster") or -1)
+    except ValueError:
+        return 1 << 30
+    return c if c >= 0 else 1 << 30
+
+
 def image_data_uri(path: Path) -> str | None:
     """``data:`` URI of an image file, or None when it cannot be read."""
     try:
@@ -91,8 +101,8 @@ class Section:
 
 def build_sections(rows: Sequence[dict], references: int = DEFAULT_REFERENCES) -> list[Section]:
     """One section per identity that has review faces, in identity order; review
-    faces by descending score, references the ``references`` highest-scoring kept
-    faces."""
+    faces by cluster (dominant first) then descending score, references the
+    ``references`` highest-scoring kept faces."""
     by_id: dict[str, Section] = {}
     kept: dict[str, list[dict]] = defaultdict(list)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -109,7 +119,7 @@ def build_sections(rows: Sequence[dict], references: int = DEFAULT_REFERENCES) -
     sections = []
     for ident in sorted(by_id):
         s = by_id[ident]
-        s.review.sort(key=_score_key)
+        s.review.sort(key=lambda r: (_cluster(r), *_score_key(r)))  # one person's faces side by side
         s.references = sorted(kept.get(ident, []), key=_score_key)[:max(0, references)]
         s.kept, s.dropped = counts[ident]
         sections.append(s)
@@ -163,11 +173,12 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
     table = review_table(sections)
     missing: list[str] = []
     pages = paginate(sections, page_size)
+    raw = raw_dir(out_dir)
     names = [page_name(k, html_name) for k in range(1, len(pages) + 1)]
     sizes = []
     for k, secs in enumerate(pages, 1):
         page = render_review_html(out_dir, secs, missing, page=k, pages=names,
-                                  totals=(len(table), len(sections)))
+                                  totals=(len(table), len(sections)), raw=raw)
         write_text_atomic(out_dir / names[k - 1], page)
         sizes.append(len(page.encode("utf-8")))
     # pages of an earlier, longer sheet would be stale: remove them
@@ -192,7 +203,19 @@ def _esc(s) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _card(out_dir: Path, r: dict, kind: str, missing: list[str], index: int | None = None) -> str:
+def raw_dir(out_dir: Path) -> Path | None:
+    """RAW as align recorded it in OUT/align.json, when it is still there."""
+    try:
+        raw = json.loads((Path(out_dir) / C.ALIGN_META).read_text(encoding="utf-8")).get("raw")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(raw, str) and os.path.isabs(raw) and os.path.isdir(raw):
+        return Path(raw)
+    return None
+
+
+def _card(out_dir: Path, r: dict, kind: str, missing: list[str], index: int | None = None,
+          raw: Path | None = None) -> str:
     aligned = r.get("aligned", "")
     uri = image_data_uri(out_dir / aligned) if aligned else None
     score = _score(r)
@@ -203,20 +226,26 @@ def _card(out_dir: Path, r: dict, kind: str, missing: list[str], index: int | No
         img = f'<div class="noimg" title="{_esc(aligned)}">missing crop</div>'
     else:
         img = f'<img alt="{_esc(aligned)}" data-src="{uri}" width="112" height="112">'
+    c = _cluster(r)
+    clus = f' <span class="cl" title="cluster within the identity">c{c}</span>' if 0 < c < (1 << 30) else ""
+    link = ""
+    if raw is not None and r.get("source"):
+        link = (f' <a class="src" href="{_esc((raw / r["source"]).as_uri())}" target="_blank" rel="noopener" '
+                f'tabindex="-1" title="open the source photo">photo</a>')
     if kind == "ref":
         return (f'<figure class="ref" title="{_esc(title)}">{img}'
                 f'<figcaption>{score_txt}</figcaption></figure>')
     return (f'<figure class="card" tabindex="0" data-i="{index}" data-aligned="{_esc(aligned)}" '
             f'data-identity="{_esc(r.get("identity", ""))}" title="{_esc(title)}">{img}'
             f'<figcaption><span class="score">{score_txt}</span> '
-            f'<span class="reason">{_esc(r.get("reason", ""))}</span></figcaption>'
+            f'<span class="reason">{_esc(r.get("reason", ""))}</span>{clus}{link}</figcaption>'
             f'<div class="btns"><button type="button" class="keep" data-d="keep">keep</button>'
             f'<button type="button" class="drop" data-d="drop">drop</button></div></figure>')
 
 
 def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list[str] | None = None, *,
                        page: int = 1, pages: Sequence[str] = (C.REVIEW_HTML,),
-                       totals: tuple[int, int] | None = None) -> str:
+                       totals: tuple[int, int] | None = None, raw: Path | None = None) -> str:
     """One page as a string (deterministic: no timestamps, stable order)."""
     if missing is None:
         missing = []
@@ -232,7 +261,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
             '<p class="none">no kept faces yet</p>'
         cards = []
         for r in s.review:
-            cards.append(_card(out_dir, r, "review", missing, idx))
+            cards.append(_card(out_dir, r, "review", missing, idx, raw))
             idx += 1
         parts.append(
             f'<section id="{sid}" data-identity="{_esc(s.identity)}">'
@@ -287,7 +316,7 @@ figure img,.noimg{width:112px;height:112px;display:block;background:#ddd}
 .card.keep{border-color:#2e7d32;background:#e8f5e9}
 .card.drop{border-color:#c62828;background:#ffebee}
 .card.drop img{opacity:.45}
-.reason{color:#555}
+.reason{color:#555}.src{font-size:11px;color:#1565c0}.cl{font-size:11px;color:#6a1b9a}
 .btns{display:flex;gap:3px;margin-top:3px}
 .btns button{flex:1;font:inherit;padding:2px 0;border:1px solid #999;border-radius:3px;background:#fff;cursor:pointer}
 .card.keep button.keep{background:#2e7d32;color:#fff;border-color:#2e7d32}

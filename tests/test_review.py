@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def _review_rows(out: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the sheet
-def test_sheet_holds_every_review_face_with_its_real_crop(run_dir):
+def test_sheet_holds_every_review_face_with_its_real_crop(run_dir, photos_dir):
     clean = read_csv(run_dir / C.CLEAN_CSV)
     want = _review_rows(run_dir)
     assert len(want) >= 8 and len({r["identity"] for r in want}) == len(IDENTITIES)
@@ -105,6 +106,8 @@ def test_sheet_holds_every_review_face_with_its_real_crop(run_dir):
         row = next(r for r in want if r["aligned"] == aligned)
         assert f'<span class="score">{format_float(float(row["score"]), 3)}</span>' in body
         assert '<span class="reason">uncertain</span>' in body
+        src = re.search(r'<a class="src" href="file://([^"]+)"', body).group(1)  # the source photo
+        assert Path(urllib.parse.unquote(src)).resolve().samefile(photos_dir / row["source"])
     # references: the 3 highest-scoring kept faces of each identity
     sections = build_sections(clean, references=3)
     for s in sections:
@@ -116,6 +119,15 @@ def test_sheet_holds_every_review_face_with_its_real_crop(run_dir):
     first = (run_dir / C.REVIEW_HTML).read_bytes(), (run_dir / C.REVIEW_CSV).read_bytes()
     write_review(run_dir, references=3)
     assert ((run_dir / C.REVIEW_HTML).read_bytes(), (run_dir / C.REVIEW_CSV).read_bytes()) == first
+
+
+def test_review_faces_grouped_by_cluster_then_score():
+    rows = [dict(identity="a", aligned=f"a/{i}.jpg", decision="review", score=str(sc), cluster=str(cl))
+            for i, (sc, cl) in enumerate([(0.5, 1), (0.7, 0), (0.9, 1), (0.6, 0), (0.8, -1), (0.4, "")])]
+    rows.append(dict(identity="a", aligned="a/k.jpg", decision="keep", score="0.95", cluster="0"))
+    (sec,) = build_sections(rows, references=2)
+    assert [r["aligned"] for r in sec.review] == ["a/1.jpg", "a/3.jpg", "a/2.jpg", "a/0.jpg", "a/4.jpg", "a/5.jpg"]
+    assert [r["aligned"] for r in sec.references] == ["a/k.jpg"] and sec.kept == 1
 
 
 def test_missing_crop_becomes_a_placeholder_not_a_crash(run_dir):
@@ -267,6 +279,16 @@ def test_apply_several_files_and_contradictions_between_them(run_dir):
     assert s["problems"] == [f"p2.csv line 3: {rev[1]['aligned']}: contradicts p1.csv line 3 (drop)"]
     after = {r["aligned"]: r["decision"] for r in read_csv(run_dir / C.CLEAN_CSV)}
     assert [after[r["aligned"]] for r in rev[:3]] == ["keep", "review", "drop"]
+
+
+def test_apply_dry_run_counts_but_writes_nothing(run_dir):
+    write_review(run_dir)
+    filled = _fill(run_dir, lambda i, r: "keep")
+    pristine = (run_dir / C.CLEAN_CSV).read_bytes()
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(filled), "--dry-run", "--json"])
+    assert res.exit_code == 0 and '"changed": %d' % len(read_csv(filled)) in res.stdout
+    assert '"written": false' in res.stdout and '"review_left": 0' in res.stdout
+    assert (run_dir / C.CLEAN_CSV).read_bytes() == pristine
 
 
 def test_apply_refuses_a_file_without_the_needed_columns(run_dir):

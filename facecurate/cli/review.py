@@ -10,6 +10,16 @@ import click
 _SHEET = "sheet"
 
 
+class _SheetContext(click.Context):
+    @property
+    def command_path(self) -> str:  # the default subcommand has an empty name
+        return super().command_path.rstrip()
+
+
+class _SheetCommand(click.Command):
+    context_class = _SheetContext
+
+
 class _ReviewGroup(click.Group):
     """A group whose default subcommand is ``sheet``: ``review OUT`` means
     ``review sheet OUT``; ``review apply ...`` is the apply subcommand."""
@@ -18,6 +28,11 @@ class _ReviewGroup(click.Group):
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = [_SHEET, *args]
         return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        # `review OUT` errors read "Usage: facecurate review OUT", not "... review sheet OUT"
+        return ("" if name == _SHEET else name), cmd, rest
 
     def format_options(self, ctx, formatter):
         sheet = self.commands[_SHEET]
@@ -37,11 +52,12 @@ def review():
     \b
     facecurate review OUT
         writes OUT/review.html: a self-contained contact sheet (open it in any
-        browser, no server, no network; review-2.html, ... beyond --page-size). One section per identity: its most
-        central kept faces as reference, then every review face with its score
-        and reason and keep/drop buttons (keyboard: k, d, x, arrows).
-        "Export decisions" downloads review-decisions.csv. Also writes
-        OUT/review.csv (decision column blank) for spreadsheet users.
+        browser; no server, no network; review-2.html, ... beyond --page-size).
+        One section per identity: its most central kept faces as reference,
+        then every review face with its score and reason and keep/drop buttons
+        (keyboard: k, d, x, arrows). "Export decisions" downloads
+        review-decisions.csv. Also writes OUT/review.csv (decision column
+        blank) for spreadsheet users.
     facecurate review apply OUT DECISIONS.csv
         merges the decisions (the pages' exports or a filled-in review.csv) into
         OUT/clean.csv: reason `manual`, clean's decision kept in
@@ -49,7 +65,7 @@ def review():
     """
 
 
-@review.command(_SHEET, hidden=True)
+@review.command(_SHEET, cls=_SheetCommand, hidden=True)
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--references", type=click.IntRange(0, 50), default=6, show_default=True,
               help="Kept faces closest to the identity centre shown as reference in each section.")
@@ -73,7 +89,7 @@ def sheet(out, references, page_size, as_json):
                  summary, as_json)
 
 
-@review.command("apply")
+@review.command("apply", short_help="Merge keep/drop decisions into OUT/clean.csv.")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.argument("decisions", metavar="DECISIONS.csv...", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False))
