@@ -202,7 +202,9 @@ class PairsResult:
     def summary(self) -> dict:
         return {"dest": str(self.dest), "pairs": self.pairs, "same": self.same, "different": self.different,
                 "images": 2 * self.pairs, "shapes": ", ".join("x".join(map(str, s)) for s in self.shapes),
-                "unresolved_pairs": len(self.unresolved), "unresolved": self.unresolved[:20]}
+                "unresolved_pairs": len(self.unresolved),
+                "unresolved_file": str(self.dest.with_name(self.dest.name + ".unresolved.txt")) if self.unresolved else "",
+                "unresolved": self.unresolved}
 
 
 # ----------------------------------------------------------------------------- image bytes
@@ -1095,21 +1097,21 @@ def pack_pairs(pairs: os.PathLike | str, root: os.PathLike | str, dest: os.PathL
             if rel is None:
                 rel = next((crop_of[stem + e] for e in IMAGE_EXTENSIONS if stem + e in crop_of), None)
             if rel is None:
-                out = (None, f"{stem}.jpg has no primary crop in {ALIGN_MANIFEST}")
+                out = (None, f"{stem}.jpg: no primary crop in {ALIGN_MANIFEST}")
             else:
                 path = root / rel
         else:
             path = next((root / (stem + e) for e in IMAGE_EXTENSIONS if (root / (stem + e)).exists()), None)
             if path is None:
-                out = (None, f"no crop {stem}.jpg (or another image extension) under {root}")
+                out = (None, f"{stem}.jpg: not found (nor another image extension)")
         if path is not None:
             try:
                 data = path.read_bytes()
             except OSError as e:
-                data, out = None, (None, f"{path}: cannot read: {e.strerror or e}")
+                data, out = None, (None, f"{stem}: cannot read {path.name}: {e.strerror or e}")
             if data is not None:
                 a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-                out = (data, tuple(a.shape)) if a is not None else (None, f"{path}: not a decodable image")
+                out = (data, tuple(a.shape)) if a is not None else (None, f"{stem}: {path.name} is not a decodable image")
         cache[(name, i)] = out
         return out
 
@@ -1134,6 +1136,11 @@ def pack_pairs(pairs: os.PathLike | str, root: os.PathLike | str, dest: os.PathL
         raise PackError(f"no pair of {pairs} could be resolved under {root}"
                         + (f" (first problem: {res.unresolved[0]})" if res.unresolved else ""))
     write_bytes_atomic(dest, pickle.dumps((bins, issame), protocol=4))
+    report = dest.with_name(dest.name + ".unresolved.txt")
+    if res.unresolved:
+        write_bytes_atomic(report, ("\n".join(res.unresolved) + "\n").encode("utf-8"))
+    elif report.exists():
+        report.unlink()
     res.pairs = len(issame)
     res.same = sum(issame)
     res.different = res.pairs - res.same

@@ -325,6 +325,11 @@ def test_inspect_vector_labels_and_header_layout(tmp_path, crops_dir):
     assert r.ok, r.errors
     assert (r.layout, r.images, r.classes, r.vector_labels, r.identity_records) == ("insightface-header", 6, 3, 6, 3)
     assert _mxfacedataset(tmp_path / "v")[2][0] == 1
+    u = unpack(tmp_path / "v.rec", tmp_path / "u")  # header + identity records skipped
+    assert (u.written, u.classes, u.errors) == (6, 3, [])
+    assert sorted(p.relative_to(tmp_path / "u").as_posix() for p in (tmp_path / "u").rglob("*.jpg"))[:2] == [
+        "000000/00000001.jpg", "000000/00000002.jpg"]
+    assert (tmp_path / "u" / "000002" / "00000006.jpg").read_bytes() == jpgs[5]
     with IndexedRecordWriter(tmp_path / "g.rec", tmp_path / "g.idx") as w:
         for k, img in enumerate(jpgs):
             w.write(k, pack_record(float(0 if k < 3 else 2), img, k))  # label 1 missing
@@ -434,6 +439,7 @@ def test_pack_pairs(crops_dir, tmp_path):
     res = pack_pairs(tmp_path / "pairs.txt", crops_dir, tmp_path / "my.bin")
     assert (res.pairs, res.same, res.different) == (3, 2, 1)
     assert len(res.unresolved) == 2 and "line 5" in res.unresolved[0] and "line 6" in res.unresolved[1]
+    assert (tmp_path / "my.bin.unresolved.txt").read_text().splitlines() == res.unresolved
     bins, issame = pickle.loads((tmp_path / "my.bin").read_bytes())
     assert issame == [True, False, True] and len(bins) == 6
     f = lambda i, n: (crops_dir / i / f"{i}_{n:04d}.jpg").read_bytes()  # noqa: E731

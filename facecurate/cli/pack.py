@@ -139,7 +139,13 @@ def unpack(rec, dest, no_names, as_json):
     except RecordIOError as e:
         _fail(f"corrupt .rec, stopped at {e} (files written so far are complete; run "
               "`facecurate inspect` for details)")
-    emit_summary("facecurate unpack", res.summary(), as_json)
+    s = res.summary()
+    if not as_json:
+        s.pop("error_messages")
+    emit_summary("facecurate unpack", s, as_json)
+    if not as_json:
+        for m in res.errors[:20]:
+            click.echo(f"error: {m}", err=True)
     if res.errors:
         raise SystemExit(1)
 
@@ -161,7 +167,8 @@ def pack_pairs(pairs, root, dest, strict, as_json):
     ROOT   a folder of <name>/<name>_NNNN.<ext> crops, or an align OUT folder
            (align.csv maps each photo to its primary crop)
 
-    Pairs whose images cannot be found or decoded are left out and listed.
+    Pairs whose images cannot be found or decoded are left out and listed (all of
+    them in DEST.unresolved.txt).
     """
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
@@ -171,7 +178,15 @@ def pack_pairs(pairs, root, dest, strict, as_json):
         res = run(pairs, root, dest, strict=strict)
     except PackError as e:
         _fail(str(e))
-    emit_summary("facecurate pack-pairs", res.summary(), as_json)
+    s = res.summary()
+    if not as_json:
+        s.pop("unresolved")
+    emit_summary("facecurate pack-pairs", s, as_json)
+    if not as_json:
+        for u in res.unresolved[:10]:
+            click.echo(f"unresolved: {u}", err=True)
+        if len(res.unresolved) > 10:
+            click.echo(f"... {len(res.unresolved) - 10} more in {s['unresolved_file']}", err=True)
 
 
 COMMANDS = [pack, inspect, unpack, pack_pairs]
