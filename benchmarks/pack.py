@@ -41,11 +41,14 @@ def dev_ids() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- crops
-def make_crops(n: int, per_identity: int = 30) -> Path:
-    """Real crops of LFW dev photos, exactly as `facecurate align` makes them."""
-    out = CACHE / f"crops_lfw_dev_{n}"
+def make_crops(n: int, per_identity: int = 30, min_photos: int = 1) -> Path:
+    """Real crops of LFW dev photos, exactly as `facecurate align` makes them: the
+    first ``per_identity`` photos of every dev identity with at least ``min_photos``
+    photos, until ``n`` crops."""
+    out = CACHE / (f"crops_lfw_dev_{n}" if min_photos <= 1 else f"crops_lfw_dev_min{min_photos}_{n}")
     if (out / "DONE").exists():
         return out
+    others = [d for d in CACHE.glob("crops_lfw_dev_*") if (d / "DONE").exists()]
     import cv2
     import numpy as np
 
@@ -56,8 +59,18 @@ def make_crops(n: int, per_identity: int = 30) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=CACHE))
     made, t0 = 0, time.time()
     for ident in dev_ids():
-        files = sorted(os.listdir(DATA / "lfw" / ident))[:per_identity]
-        for f in files:
+        files = sorted(os.listdir(DATA / "lfw" / ident))
+        if len(files) < min_photos:
+            continue
+        for f in files[:per_identity]:
+            same = next((d / ident / f for d in others if (d / ident / f).exists()), None)
+            if same is not None:  # the same photo's crop, already made for another set
+                (tmp / ident).mkdir(exist_ok=True)
+                shutil.copyfile(same, tmp / ident / f)
+                made += 1
+                if made >= n:
+                    break
+                continue
             bgr = cv2.imread(str(DATA / "lfw" / ident / f))
             if bgr is None:
                 continue
@@ -193,11 +206,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", nargs="?", default="all", choices=["crops", "time", "all"])
     ap.add_argument("--n", type=int, default=3000, help="number of crops")
+    ap.add_argument("--min-photos", type=int, default=1,
+                    help="only identities with at least this many photos (5: ~12 crops per identity, "
+                         "closer to a training set than LFW's many one-photo people)")
+    ap.add_argument("--per-identity", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    crops = make_crops(a.n)
+    crops = make_crops(a.n, a.per_identity, a.min_photos)
     if a.stage == "crops":
         print(crops)
         return

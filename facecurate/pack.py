@@ -648,7 +648,7 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
                             dropped_identities=dropped_ids, dropped_images=dropped_imgs, errors=errors, notes=notes)
         meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
         meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
-        meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path relative to the packed folder)"
+        meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path relative to OUT)"
         texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         for name, text in texts.items():
             with open(_tmp(dest, name), "w", encoding="utf-8", newline="\n") as f:

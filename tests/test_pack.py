@@ -210,9 +210,12 @@ def test_mxfacedataset_loader_gets_every_image_with_its_label(crops_dir, tmp_pat
 
 def test_deterministic_and_seeded(crops_dir, tmp_path):
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        pack(crops_dir, tmp_path / name, seed=seed)
+        pack(crops_dir, tmp_path / name, seed=seed, threads=2 if name == "a" else 1)
+    # crops beyond the memory budget are read a second time while writing: same bytes
+    pack(crops_dir, tmp_path / "m", seed=7, memory_budget=20_000)
     for f in FILES:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "m" / f).read_bytes(), f
     assert (tmp_path / "a" / "train.rec").read_bytes() != (tmp_path / "c" / "train.rec").read_bytes()
     a = sorted(_mxfacedataset(tmp_path / "a" / "train"))
     assert a == sorted(_mxfacedataset(tmp_path / "c" / "train"))
