@@ -1,0 +1,710 @@
+"""Stage 2: L2-normalised face embeddings of the aligned crops.
+
+``run_embed(OUT)`` embeds every ``ok`` crop of ``OUT/align.csv`` (or every image of a
+plain ``<identity>/*`` folder of crops, or every image record of a ``.rec``) and
+writes the store:
+
+* ``OUT/embeddings.npy``  float32 (N, D), each row L2-normalised;
+* ``OUT/embeddings.csv``  row i names vector i (``aligned, source, identity, face``),
+  in the order of ``align.csv``;
+* ``OUT/embeddings.json`` the model (name, file hash, dimension, input size,
+  normalisation, flip, how crops were fed) and the run's counts.
+
+Work is split in fixed chunks of the row list; each finished chunk is written
+atomically to ``OUT/.facecurate/embed/part-*.npz``, so a killed run loses at most the
+chunks in flight and a rerun embeds only what is missing. The store files are
+merged from the parts at the end (atomic writes), so they are byte-identical to an
+uninterrupted run's. A store made with another model / flip / feeding is refused.
+
+Models:
+
+* ``dlib`` (default, offline): dlib's 128-D ResNet descriptor. dlib's network was
+  trained on dlib's own 150x150 face chips (``get_face_chip(img, shape, 150, 0.25)``),
+  which show more of the head than the 112x112 ArcFace crop. With ``align.csv`` at
+  hand the chip is rebuilt from the *source photo*: a similarity transform maps the
+  recorded five ArcFace points onto :data:`DLIB_CHIP_TEMPLATE_150` (dlib's chip
+  geometry expressed in those five points, fitted once on LFW dev identities).
+  Without a source (folder of crops, .rec) the chip is warped from the crop itself.
+* ``arcface``: any insightface ArcFace-style ONNX recogniser (``--model-dir`` or an
+  ``.onnx`` path), fed the aligned crops; see :class:`ArcFaceONNX`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from facecurate import __version__
+from facecurate.constants import (
+    ALIGN_MANIFEST,
+    ALIGN_META,
+    EMBEDDINGS_CSV,
+    EMBEDDINGS_META,
+    EMBEDDINGS_NPY,
+    LANDMARK_COLUMNS,
+    STATUS_OK,
+    WORK_DIR,
+)
+from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
+
+EMBED_DIR = "embed"
+STORE_COLUMNS = ("aligned", "source", "identity", "face")
+
+#: dlib's face chip (``get_face_chip(img, shape, 150, 0.25)``) expressed in the five
+#: ArcFace points (left eye, right eye, nose tip, left / right mouth corner) in chip
+#: pixels: the mean over 1500 LFW *dev* faces of the 5 points mapped into dlib's chip
+#: (research/fit in the embed issue; the per-point spread is ~3.7 px).
+DLIB_CHIP_SIZE = 150
+DLIB_CHIP_TEMPLATE_150 = np.array(
+    [
+        [47.2957, 46.1568],
+        [99.6780, 46.1906],
+        [73.5659, 75.0590],
+        [49.7033, 103.8239],
+        [97.4912, 103.9099],
+    ],
+    dtype=np.float64,
+)
+#: How the dlib model is fed: ``five`` (chip warped from the source photo with the
+#: recorded 5 points, the default), ``68`` (dlib's 68 landmarks re-run on the recorded
+#: box, then ``dlib.get_face_chip``: dlib's exact chain), ``crop`` (chip warped from the
+#: aligned crop; loses what lies outside it).
+DLIB_FEEDS = ("five", "68", "crop")
+MODELS = ("dlib", "arcface")
+
+
+class EmbedError(RuntimeError):
+    """A problem with the run as a whole (missing input, incompatible store)."""
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Item:
+    """One face to embed. ``aligned`` is the store key."""
+
+    aligned: str
+    source: str
+    identity: str
+    face: str
+    crop: str = ""  # absolute path of the crop image ("" for .rec records)
+    raw: str = ""  # absolute path of the source photo ("" when unknown)
+    pts5: Optional[tuple] = None  # 10 floats, the 5 points in source pixels
+    box: Optional[tuple] = None  # x1, y1, x2, y2 in source pixels
+    rec_offset: int = -1  # byte offset of the record in a .rec
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def items_from_align(out: Path) -> tuple[list[Item], dict]:
+    """The ``ok`` rows of OUT/align.csv, in the manifest's order."""
+    man = out / ALIGN_MANIFEST
+    rows = read_csv(man)
+    meta = {}
+    if (out / ALIGN_META).exists():
+        meta = json.loads((out / ALIGN_META).read_text())
+    raw = meta.get("raw") or ""
+    items = []
+    for r in rows:
+        if r.get("status") != STATUS_OK or not r.get("aligned"):
+            continue
+        pts = tuple(_float(r.get(k, "")) for k in LANDMARK_COLUMNS)
+        box = tuple(_float(r.get(k, "")) for k in ("x1", "y1", "x2", "y2"))
+        items.append(Item(
+            aligned=r["aligned"], source=r["source"], identity=r["identity"], face=r["face"],
+            crop=str(out / r["aligned"]),
+            raw=str(Path(raw) / r["source"]) if raw else "",
+            pts5=pts if all(math.isfinite(v) for v in pts) else None,
+            box=box if all(math.isfinite(v) for v in box) else None,
+        ))
+    return items, meta
+
+
+def items_from_folder(folder: Path) -> list[Item]:
+    """Every image in a plain folder of crops ``<identity>/...``, sorted."""
+    from facecurate.imageio import is_image_name
+
+    items = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != WORK_DIR)
+        for f in filenames:
+            if f.startswith(".") or not is_image_name(f):
+                continue
+            p = Path(dirpath) / f
+            rel = p.relative_to(folder).as_posix()
+            parts = PurePosixPath(rel).parts
+            items.append(Item(aligned=rel, source=rel, identity=parts[0] if len(parts) > 1 else "",
+                              face="0", crop=str(p)))
+    items.sort(key=lambda it: it.aligned)
+    return items
+
+
+def items_from_rec(rec: Path) -> list[Item]:
+    """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``;
+    insightface header / identity records (flag > 0 or empty image) are skipped."""
+    from facecurate.recordio import read_idx, read_record, unpack_record
+
+    idx = rec.with_suffix(".idx")
+    if not idx.exists():
+        raise EmbedError(f"{rec}: no {idx.name} beside it (needed to read a .rec)")
+    items = []
+    with open(rec, "rb") as f:
+        for key, off in read_idx(idx):
+            hdr, img = unpack_record(read_record(f, off, key=key).payload)
+            if hdr.flag > 0 and hdr.flag != 1 or not img:  # header / identity record
+                continue
+            label = hdr.label if hdr.flag == 0 else hdr.scalar_label
+            ident = str(int(label)) if float(label).is_integer() else str(label)
+            items.append(Item(aligned=f"rec:{key}", source=f"{rec.name}:{key}", identity=ident, face="0",
+                              crop=str(rec), rec_offset=off))
+    return items
+
+
+# ----------------------------------------------------------------------------- models
+def _l2(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    n = np.linalg.norm(v, axis=1, keepdims=True)
+    n[n == 0] = 1.0
+    return (v / n).astype(np.float32)
+
+
+def dlib_chip(rgb: np.ndarray, pts5, size: int = DLIB_CHIP_SIZE) -> np.ndarray:
+    """dlib's 150x150 chip geometry from the five ArcFace points (RGB in, RGB out).
+    Large downscales go through an area-averaged resize first (no aliasing), as
+    dlib's own chip extraction does with its image pyramid."""
+    import cv2
+
+    from facecurate.geometry import similarity_transform
+
+    pts = np.asarray(pts5, np.float64).reshape(5, 2)
+    tpl = DLIB_CHIP_TEMPLATE_150 * (size / DLIB_CHIP_SIZE)
+    m = similarity_transform(pts, tpl)
+    scale = math.sqrt(abs(np.linalg.det(m[:, :2])))
+    if scale < 0.5:
+        f = min(1.0, 2.0 * scale)  # shrink so that the warp scales by about 0.5
+        h, w = rgb.shape[:2]
+        nw, nh = max(1, round(w * f)), max(1, round(h * f))
+        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+        fx, fy = nw / w, nh / h
+        m = similarity_transform(pts * np.array([fx, fy]), tpl)
+    return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def crop_points(crop: np.ndarray) -> np.ndarray:
+    """Where the five points lie in an ArcFace-aligned crop of any size."""
+    from facecurate.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112
+
+    h, w = crop.shape[:2]
+    return ARCFACE_TEMPLATE_112 * np.array([w / ARCFACE_BASE_SIZE, h / ARCFACE_BASE_SIZE])
+
+
+class DlibEmbedder:
+    """dlib's 128-D ResNet descriptor on dlib chips built as described above."""
+
+    name = "dlib_face_recognition_resnet_model_v1"
+    dim = 128
+    input_size = (DLIB_CHIP_SIZE, DLIB_CHIP_SIZE)
+
+    def __init__(self, feed: str = "five"):
+        if feed not in DLIB_FEEDS:
+            raise EmbedError(f"unknown dlib feed {feed!r}; choose one of {', '.join(DLIB_FEEDS)}")
+        self.feed = feed
+        from facecurate.models.dlib_models import dlib_descriptor_model
+
+        self.model = dlib_descriptor_model()
+        self._sp = None
+        self.provider = "CPU (dlib)"
+
+    def info(self) -> dict:
+        from facecurate.models.dlib_models import DESCRIPTOR, model_file
+
+        return {"name": self.name, "file": Path(model_file(DESCRIPTOR)).name,
+                "sha256": _dlib_sha(), "dim": self.dim, "input_size": list(self.input_size),
+                "color": "RGB", "feed": self.feed, "provider": self.provider}
+
+    def chip(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
+        """(150x150 RGB chip, how it was made)."""
+        if self.feed != "crop" and item.raw and item.pts5 is not None:
+            src = loader.source(item.raw)
+            if src is not None:
+                if self.feed == "68" and item.box is not None:
+                    return self._chip68(src, item.box), "source68"
+                return dlib_chip(src, item.pts5), "source"
+        crop = loader.crop_rgb(item)
+        return dlib_chip(crop, crop_points(crop)), "crop"
+
+    def _chip68(self, rgb, box):
+        import dlib
+
+        from facecurate.models.dlib_models import SHAPE68, model_file
+
+        if self._sp is None:
+            self._sp = dlib.shape_predictor(model_file(SHAPE68))
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        shape = self._sp(rgb, dlib.rectangle(x1, y1, x2, y2))
+        return dlib.get_face_chip(rgb, shape, DLIB_CHIP_SIZE, 0.25)
+
+    def prepare(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
+        return self.chip(item, loader)
+
+    def run(self, chips: list[np.ndarray], flip: bool) -> np.ndarray:
+        if not chips:
+            return np.zeros((0, self.dim), np.float32)
+        batch = [np.ascontiguousarray(c) for c in chips]
+        if flip:
+            batch += [np.ascontiguousarray(c[:, ::-1]) for c in chips]
+        vecs = np.array([np.array(v) for v in self.model.compute_face_descriptor(batch)], np.float64)
+        if flip:
+            n = len(chips)
+            vecs = vecs[:n] + vecs[n:]
+        return _l2(vecs)
+
+
+_DLIB_SHA: Optional[str] = None
+
+
+def _dlib_sha() -> str:
+    global _DLIB_SHA
+    if _DLIB_SHA is None:
+        from facecurate.files import sha256_file
+        from facecurate.models.dlib_models import DESCRIPTOR, model_file
+
+        _DLIB_SHA = sha256_file(model_file(DESCRIPTOR))
+    return _DLIB_SHA
+
+
+class OnnxEmbedder:
+    """An insightface ArcFace-style ONNX recogniser fed the aligned crops (BGR)."""
+
+    def __init__(self, model_path, device: str = "auto", batch_size: Optional[int] = None,
+                 fp16: bool = False, threads: Optional[int] = None):
+        from facecurate.models.onnx_models import ArcFaceONNX
+
+        self.model = ArcFaceONNX(model_path, device=device, batch_size=batch_size, fp16=fp16, threads=threads)
+        self.name = self.model.name
+        self.dim = self.model.dim
+        self.input_size = self.model.input_size
+        self.provider = self.model.provider
+        self.feed = "crop"
+
+    def info(self) -> dict:
+        d = self.model.info()
+        d["feed"] = "crop"
+        return d
+
+    def prepare(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
+        return loader.crop_bgr(item), "crop"
+
+    def blob(self, crops: list[np.ndarray], flip: bool) -> np.ndarray:
+        if flip:
+            crops = list(crops) + [np.ascontiguousarray(c[:, ::-1]) for c in crops]
+        return self.model.preprocess(crops)
+
+    def forward(self, blob: np.ndarray, n: int, flip: bool) -> np.ndarray:
+        bs = self.model.batch_size
+        out = np.concatenate([self.model.forward(blob[i:i + bs]) for i in range(0, len(blob), bs)])
+        out = out.astype(np.float64)
+        if flip:
+            out = out[:n] + out[n:]
+        return _l2(out)
+
+    def run(self, crops: list[np.ndarray], flip: bool) -> np.ndarray:
+        if not crops:
+            return np.zeros((0, self.dim), np.float32)
+        return self.forward(self.blob(crops, flip), len(crops), flip)
+
+
+def resolve_onnx(model: str, model_dir: Optional[str]) -> Path:
+    """The recogniser .onnx for ``--model arcface --model-dir DIR`` or ``--model X.onnx``."""
+    from facecurate.models.onnx_models import find_model
+
+    target = model_dir if model == "arcface" else model
+    if not target:
+        raise EmbedError("--model arcface needs --model-dir (a model pack directory or an .onnx file)")
+    p = Path(target)
+    if not p.exists():
+        raise EmbedError(f"model not found: {p}")
+    try:
+        return Path(find_model(p, "recognizer"))
+    except Exception as e:  # noqa: BLE001 - report the model zoo's reason
+        raise EmbedError(f"no ArcFace-style recogniser in {p}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- loading
+class Loader:
+    """Reads crops / sources / .rec records; keeps the last decoded source (rows of one
+    photo are consecutive) so several faces of a photo decode it once."""
+
+    def __init__(self):
+        self._last: tuple[str, Optional[np.ndarray]] = ("", None)
+        self._rec: dict[str, object] = {}
+
+    def source(self, path: str) -> Optional[np.ndarray]:
+        if self._last[0] == path:
+            return self._last[1]
+        from facecurate.imageio import ImageError, read_image
+
+        try:
+            img = read_image(path)
+        except (ImageError, OSError):
+            img = None
+        self._last = (path, img)
+        return img
+
+    def _bytes(self, item: Item) -> bytes:
+        if item.rec_offset >= 0:
+            from facecurate.recordio import read_record, unpack_record
+
+            f = self._rec.get(item.crop)
+            if f is None:
+                f = self._rec[item.crop] = open(item.crop, "rb")
+            _hdr, data = unpack_record(read_record(f, item.rec_offset).payload)
+            return data
+        with open(item.crop, "rb") as f:
+            return f.read()
+
+    def crop_rgb(self, item: Item) -> np.ndarray:
+        from facecurate.imageio import decode_image
+
+        return decode_image(self._bytes(item), item.crop)
+
+    def crop_bgr(self, item: Item) -> np.ndarray:
+        return np.ascontiguousarray(self.crop_rgb(item)[:, :, ::-1])
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = "dlib"  # dlib | arcface | path to an .onnx
+    model_dir: Optional[str] = None
+    flip: bool = False
+    dlib_feed: str = "five"
+    device: str = "auto"
+    batch_size: Optional[int] = None
+    fp16: bool = False
+
+
+def make_embedder(cfg: EmbedConfig, threads: Optional[int] = None):
+    if cfg.model == "dlib":
+        return DlibEmbedder(cfg.dlib_feed)
+    if cfg.model == "arcface" or str(cfg.model).endswith(".onnx"):
+        return OnnxEmbedder(resolve_onnx(cfg.model, cfg.model_dir), device=cfg.device,
+                            batch_size=cfg.batch_size, fp16=cfg.fp16, threads=threads)
+    raise EmbedError(f"unknown model {cfg.model!r}: use dlib, arcface (with --model-dir) or a path to an .onnx")
+
+
+def signature(info: dict, flip: bool, source_kind: str) -> dict:
+    """What must be the same for every vector of one store."""
+    return {"name": info["name"], "sha256": info["sha256"], "dim": info["dim"],
+            "input_size": info["input_size"], "feed": info.get("feed", ""), "flip": bool(flip),
+            "input": source_kind}
+
+
+# ----------------------------------------------------------------------------- worker
+_W: dict = {}
+
+
+def _worker_init(cfg: EmbedConfig, threads: Optional[int]) -> None:
+    _W["embedder"] = make_embedder(cfg, threads)
+    _W["cfg"] = cfg
+    _W["loader"] = Loader()
+
+
+def _prepare_chunk(embedder, loader: Loader, items: Sequence[Item]):
+    inputs, keep, failed, feeds = [], [], [], {}
+    for it in items:
+        try:
+            x, how = embedder.prepare(it, loader)
+        except Exception as e:  # noqa: BLE001 - record every failure with its reason
+            status = getattr(e, "status", None)
+            failed.append((it.aligned, f"{status}: {e}" if status else f"{type(e).__name__}: {e}"))
+            continue
+        inputs.append(x)
+        keep.append(it.aligned)
+        feeds[how] = feeds.get(how, 0) + 1
+    return inputs, keep, failed, feeds
+
+
+def _embed_in_batches(embedder, inputs, flip: bool, batch_size: int) -> np.ndarray:
+    out = [embedder.run(inputs[i:i + batch_size], flip) for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
+
+
+def _worker_chunk(task) -> dict:
+    index, items, batch_size = task
+    emb, cfg = _W["embedder"], _W["cfg"]
+    t0 = time.perf_counter()
+    inputs, keep, failed, feeds = _prepare_chunk(emb, _W["loader"], items)
+    t1 = time.perf_counter()
+    vecs = _embed_in_batches(emb, inputs, cfg.flip, batch_size)
+    t2 = time.perf_counter()
+    return {"index": index, "keys": keep, "vectors": vecs, "failed": failed, "feeds": feeds,
+            "t_prepare": t1 - t0, "t_model": t2 - t1}
+
+
+# ----------------------------------------------------------------------------- parts
+def _part_bytes(res: dict, dim: int) -> bytes:
+    buf = io.BytesIO()
+    fk = [k for k, _ in res["failed"]]
+    fr = [r for _, r in res["failed"]]
+    np.savez(buf, keys=np.array(res["keys"], dtype=str), vectors=np.asarray(res["vectors"], np.float32).reshape(-1, dim),
+             failed_keys=np.array(fk, dtype=str), failed_reasons=np.array(fr, dtype=str))
+    return buf.getvalue()
+
+
+def _load_parts(work: Path) -> tuple[dict[str, np.ndarray], dict[str, str], int]:
+    vecs: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
+    n = 0
+    for p in sorted(work.glob("part-*.npz")):
+        try:
+            with np.load(p) as z:
+                for k, v in zip(z["keys"].tolist(), z["vectors"]):
+                    vecs[k] = v
+                for k, r in zip(z["failed_keys"].tolist(), z["failed_reasons"].tolist()):
+                    failed[k] = r
+        except Exception:  # noqa: BLE001 - an unreadable part is redone
+            p.unlink(missing_ok=True)
+            continue
+        n += 1
+    return vecs, failed, n
+
+
+# ----------------------------------------------------------------------------- run
+def _resolve_input(target: Path, out: Optional[Path]) -> tuple[list[Item], str, Path, dict]:
+    if target.is_file() and target.suffix == ".rec":
+        return items_from_rec(target), "rec", (out or target.parent), {}
+    if not target.is_dir():
+        raise EmbedError(f"not found: {target} (expected an align OUT folder, a folder of crops or a .rec)")
+    if (target / ALIGN_MANIFEST).exists():
+        items, meta = items_from_align(target)
+        return items, "align", (out or target), meta
+    return items_from_folder(target), "folder", (out or target), {}
+
+
+def default_workers(embedder) -> int:
+    if isinstance(embedder, DlibEmbedder):
+        return os.cpu_count() or 1
+    return 1
+
+
+def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, batch_size: Optional[int] = None,
+              workers: Optional[int] = None, flip: bool = False, device: str = "auto",
+              show_progress: bool = True, *, fp16: bool = False, dlib_feed: str = "five",
+              store_dir=None, overwrite: bool = False, chunk_size: Optional[int] = None,
+              on_chunk: Optional[Callable[[dict], None]] = None) -> dict:
+    """Embed every crop of ``out_dir`` (an align OUT, a folder of crops, or a .rec) into
+    the store in ``store_dir`` (default: ``out_dir``, or the .rec's folder). Resumes;
+    refuses to mix models. Returns a summary dict."""
+    from facecurate.files import progress
+
+    t_start = time.perf_counter()
+    cfg = EmbedConfig(model=str(model), model_dir=model_dir, flip=bool(flip), dlib_feed=dlib_feed,
+                      device=device, batch_size=batch_size, fp16=fp16)
+    target = Path(out_dir)
+    items, kind, store, _align_meta = _resolve_input(target, Path(store_dir) if store_dir else None)
+    store.mkdir(parents=True, exist_ok=True)
+    work = store / WORK_DIR / EMBED_DIR
+
+    # The embedder in this process: tells the signature (and runs the batches when
+    # there is one worker, or for ONNX, always).
+    embedder = make_embedder(cfg)
+    info = embedder.info()
+    sig = signature(info, cfg.flip, kind)
+    if overwrite:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        for name in (EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META):
+            (store / name).unlink(missing_ok=True)
+    _check_signature(store, work, sig)
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(work / "signature.json", json.dumps(sig, indent=2, sort_keys=True) + "\n")
+
+    is_dlib = isinstance(embedder, DlibEmbedder)
+    if batch_size is None:
+        batch_size = 32 if is_dlib else getattr(embedder.model, "batch_size", 32)
+    batch_size = max(1, int(batch_size))
+    if workers is None:
+        workers = default_workers(embedder)
+    workers = max(1, int(workers))
+    # dlib's vectors do not depend on the batch they were computed in (checked: batch
+    # and single results are bit-identical), so chunks can be sized to the run: small
+    # runs get several chunks per worker.
+    chunk = int(chunk_size or (64 if is_dlib else max(256, batch_size)))
+    if not chunk_size and is_dlib:
+        chunk = max(4, min(chunk, math.ceil(len(items) / (4 * workers))))
+    done_vecs, done_failed, _nparts = _load_parts(work)
+    done = set(done_vecs) | set(done_failed)
+    # Fixed chunks of the full list: an interrupted run redoes whole chunks with the
+    # same composition, so the vectors match an uninterrupted run's exactly.
+    tasks = []
+    for j, s in enumerate(range(0, len(items), chunk)):
+        todo = [it for it in items[s:s + chunk] if it.aligned not in done]
+        if todo:
+            tasks.append((j, todo, batch_size))
+    n_todo = sum(len(t[1]) for t in tasks)
+    workers = max(1, min(workers, max(1, len(tasks))))
+    run_tag = time.strftime("%Y%m%d%H%M%S") + f"-{os.getpid()}"
+
+    feeds: dict[str, int] = {}
+    t_prep = t_model = 0.0
+    bar = progress(total=len(items), initial=len(items) - n_todo, desc="embed", unit="face",
+                   disable=None if show_progress else True)
+
+    def save(res: dict) -> None:
+        nonlocal t_prep, t_model
+        write_bytes_atomic(work / f"part-{res['index']:06d}-{run_tag}.npz", _part_bytes(res, embedder.dim))
+        for k, v in zip(res["keys"], res["vectors"]):
+            done_vecs[k] = v
+        for k, r in res["failed"]:
+            done_failed[k] = r
+        for k, v in res["feeds"].items():
+            feeds[k] = feeds.get(k, 0) + v
+        t_prep += res["t_prepare"]
+        t_model += res["t_model"]
+        bar.update(len(res["keys"]) + len(res["failed"]))
+        if on_chunk:
+            on_chunk(res)
+
+    try:
+        if not tasks:
+            pass
+        elif is_dlib and workers > 1:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, None)) as pool:
+                for res in pool.imap_unordered(_worker_chunk, tasks):
+                    save(res)
+        else:
+            for res in _pipelined(embedder, cfg, tasks, max(1, workers)):
+                save(res)
+    finally:
+        bar.close()
+
+    summary = _write_store(store, items, done_vecs, done_failed, info, sig, cfg, kind)
+    elapsed = time.perf_counter() - t_start
+    summary.update({
+        "embedded_now": n_todo - sum(1 for t in tasks for it in t[1] if it.aligned in done_failed),
+        "resumed": len(items) - n_todo, "workers": workers if tasks else 0, "batch_size": batch_size,
+        "seconds": round(elapsed, 2),
+        "faces_per_second": round(n_todo / elapsed, 2) if n_todo and elapsed > 0 else None,
+        "feeds": dict(sorted(feeds.items())), "provider": embedder.provider,
+        "timings": {"prepare": round(t_prep, 2), "model": round(t_model, 2)},
+    })
+    return summary
+
+
+def _pipelined(embedder, cfg: EmbedConfig, tasks, threads: int) -> Iterator[dict]:
+    """One process: a thread pool decodes and prepares the next chunks while this
+    thread runs the model on the current one (cv2 decoding and warping release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def prep(task):
+        if not hasattr(local, "loader"):
+            local.loader = Loader()
+        t0 = time.perf_counter()
+        inputs, keep, failed, feeds = _prepare_chunk(embedder, local.loader, task[1])
+        blob = None
+        if isinstance(embedder, OnnxEmbedder) and inputs:
+            blob = embedder.blob(inputs, cfg.flip)
+        return task, inputs, blob, keep, failed, feeds, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        pending: "queue.Queue" = queue.Queue()
+        it = iter(tasks)
+        for _ in range(threads + 1):
+            t = next(it, None)
+            if t is not None:
+                pending.put(ex.submit(prep, t))
+        while not pending.empty():
+            task, inputs, blob, keep, failed, feeds, tp = pending.get().result()
+            t = next(it, None)
+            if t is not None:
+                pending.put(ex.submit(prep, t))
+            t1 = time.perf_counter()
+            if blob is not None:
+                vecs = embedder.forward(blob, len(inputs), cfg.flip)
+            else:
+                vecs = _embed_in_batches(embedder, inputs, cfg.flip, task[2])
+            yield {"index": task[0], "keys": keep, "vectors": vecs, "failed": failed, "feeds": feeds,
+                   "t_prepare": tp, "t_model": time.perf_counter() - t1}
+
+
+def _check_signature(store: Path, work: Path, sig: dict) -> None:
+    old = None
+    if (work / "signature.json").exists():
+        old = json.loads((work / "signature.json").read_text())
+    elif (store / EMBEDDINGS_META).exists():
+        old = json.loads((store / EMBEDDINGS_META).read_text()).get("signature")
+    if old is not None and old != sig:
+        diff = ", ".join(f"{k}: {old.get(k)!r} in the store, {sig.get(k)!r} now"
+                         for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k))
+        raise EmbedError(
+            f"{store} already holds embeddings made differently ({diff}); vectors of two models or "
+            "settings cannot share one store. Rerun with the store's settings, use --overwrite to "
+            "start again, or write to another folder (--out).")
+
+
+def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, info: dict, sig: dict,
+                 cfg: EmbedConfig, kind: str) -> dict:
+    rows, mats = [], []
+    for it in items:
+        v = vecs.get(it.aligned)
+        if v is None:
+            continue
+        rows.append({"aligned": it.aligned, "source": it.source, "identity": it.identity, "face": it.face})
+        mats.append(v)
+    dim = int(info["dim"])
+    arr = np.ascontiguousarray(np.array(mats, np.float32).reshape(len(mats), dim))
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    fails = [{"aligned": it.aligned, "reason": failed[it.aligned]} for it in items if it.aligned in failed]
+    meta = {
+        "model": info["name"], "model_info": {k: v for k, v in info.items() if k not in ("provider", "file")},
+        "model_file": info.get("file"), "sha256": info["sha256"], "dim": dim,
+        "input_size": info["input_size"], "normalisation": "l2", "flip": cfg.flip,
+        "feed": info.get("feed"), "input": kind, "count": len(rows), "failed": fails,
+        "signature": sig, "version": __version__,
+    }
+    write_bytes_atomic(store / EMBEDDINGS_NPY, buf.getvalue())
+    write_text_atomic(store / EMBEDDINGS_CSV, csv_text(STORE_COLUMNS, rows))
+    write_text_atomic(store / EMBEDDINGS_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "flip": cfg.flip,
+            "feed": info.get("feed"), "faces": len(items), "embedded": len(rows), "failed": len(fails),
+            "failures": fails[:20]}
+
+
+def load_store(out_dir) -> tuple[np.ndarray, list[dict], dict]:
+    """(vectors float32 (N, D), rows [{aligned, source, identity, face}], meta) of a store."""
+    out = Path(out_dir)
+    npy, csvp, metap = out / EMBEDDINGS_NPY, out / EMBEDDINGS_CSV, out / EMBEDDINGS_META
+    if not (npy.exists() and csvp.exists()):
+        raise EmbedError(f"no embedding store in {out} (run: facecurate embed {out})")
+    vecs = np.load(npy)
+    rows = read_csv(csvp)
+    meta = json.loads(metap.read_text()) if metap.exists() else {}
+    if len(rows) != len(vecs):
+        raise EmbedError(f"{out}: {EMBEDDINGS_CSV} has {len(rows)} rows but {EMBEDDINGS_NPY} {len(vecs)} vectors")
+    return vecs, rows, meta
+
+
+__all__ = ["run_embed", "load_store", "EmbedError", "EmbedConfig", "DlibEmbedder", "OnnxEmbedder",
+           "dlib_chip", "DLIB_CHIP_TEMPLATE_150", "DLIB_FEEDS", "items_from_align"]

@@ -1,0 +1,318 @@
+"""``facecurate eval-pairs PAIRS ROOT``: verification accuracy of the configured chain
+(detector + alignment + model) on an LFW-style pairs file.
+
+The images the pairs name are linked (symlinks) into ``WORK/raw/<name>/`` and run
+through the real stages: :func:`facecurate.align.run_align` into ``WORK/out`` and
+:func:`facecurate.embed.run_embed` on it. Both resume, so a rerun with the same work
+folder costs only the evaluation. Each image is represented by its *primary* face
+(align's guess of the subject). An image without one (no face, unreadable, missing)
+is a failure: it is listed, and every pair it belongs to counts as an error at any
+threshold.
+
+Protocol (LFW "unrestricted, labeled outside data" / insightface ``verification.py``):
+10 folds; for each fold the cosine-similarity threshold is the one with the best
+accuracy on the other 9 folds, and the accuracy is measured on the held-out fold;
+mean and standard deviation over the folds. Also: the best threshold on all pairs,
+and the true accept rate at a false accept rate of 1e-3 (over all pairs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from facecurate.constants import STATUS_OK
+
+
+class PairsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pair:
+    fold: int
+    a: str  # image path relative to ROOT (POSIX)
+    b: str
+    same: bool
+
+
+def lfw_name(name: str, num: str) -> str:
+    try:
+        n = int(num)
+    except ValueError as e:
+        raise PairsError(f"image number {num!r} is not an integer") from e
+    return f"{name}/{name}_{n:04d}.jpg"
+
+
+def read_pairs(path) -> list[Pair]:
+    """Parse ``pairs.txt``: a header ``folds n`` (or just ``n``: one fold), then per fold
+    ``n`` same-person lines ``name i j`` and ``n`` different-person lines
+    ``name1 i name2 j`` (LFW's format; fields separated by tabs or spaces)."""
+    lines = [ln.split() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise PairsError(f"{path}: empty pairs file")
+    head = lines[0]
+    body = lines[1:]
+    if len(head) == 2 and all(h.isdigit() for h in head):
+        folds, n = int(head[0]), int(head[1])
+    elif len(head) == 1 and head[0].isdigit():
+        folds, n = 1, int(head[0])
+    else:  # no header: every line is a pair, one fold per 2n block unknown -> 10 equal folds
+        folds, n = 0, 0
+        body = lines
+    pairs: list[Pair] = []
+    for i, p in enumerate(body):
+        if len(p) == 3:
+            a, b, same = lfw_name(p[0], p[1]), lfw_name(p[0], p[2]), True
+        elif len(p) == 4:
+            a, b, same = lfw_name(p[0], p[1]), lfw_name(p[2], p[3]), False
+        else:
+            raise PairsError(f"{path}: line {i + 2 if folds else i + 1}: expected 3 or 4 fields, got {len(p)}")
+        fold = i // (2 * n) if folds else 0
+        pairs.append(Pair(fold, a, b, same))
+    if folds:
+        if len(pairs) != folds * 2 * n:
+            raise PairsError(f"{path}: header says {folds} folds of {n}+{n} pairs = {folds * 2 * n}, "
+                             f"found {len(pairs)}")
+    else:
+        k = 10 if len(pairs) >= 20 else 1
+        pairs = [Pair(min(k - 1, i * k // len(pairs)), p.a, p.b, p.same) for i, p in enumerate(pairs)]
+    return pairs
+
+
+# ----------------------------------------------------------------------------- metrics
+def _accuracy(scores: np.ndarray, same: np.ndarray, thr: float) -> float:
+    return float(np.mean((scores > thr) == same)) if len(scores) else 0.0
+
+
+def _best_threshold(scores: np.ndarray, same: np.ndarray, valid: np.ndarray) -> float:
+    """Threshold with the most correct decisions over the valid pairs (invalid pairs
+    are wrong at any threshold, so they do not move it). Midpoints between sorted
+    scores; ties broken by the smallest threshold."""
+    s, y = scores[valid], same[valid]
+    if not len(s):
+        return 0.0
+    order = np.argsort(s, kind="mergesort")
+    s, y = s[order], y[order]
+    # threshold below element k (accept s[k:]): correct = negatives below + positives at/above
+    neg_below = np.concatenate([[0], np.cumsum(~y)])
+    pos_above = np.concatenate([np.cumsum(y[::-1])[::-1], [0]])
+    correct = neg_below + pos_above
+    k = int(np.argmax(correct))
+    if k == 0:
+        return float(s[0] - 1e-6)
+    if k == len(s):
+        return float(s[-1] + 1e-6)
+    return float((s[k - 1] + s[k]) / 2)
+
+
+def tar_at_far(scores: np.ndarray, same: np.ndarray, valid: np.ndarray, far: float = 1e-3) -> tuple[float, float]:
+    """(TAR, threshold) at the given FAR; a failed pair is never accepted."""
+    neg = np.sort(scores[valid & ~same])[::-1]
+    n_neg = int(np.sum(~same))
+    allowed = int(np.floor(far * n_neg))
+    if not len(neg):
+        thr = -1.0
+    elif allowed >= len(neg):
+        thr = float(neg[-1]) - 1e-6
+    else:
+        thr = float(neg[allowed])  # accept strictly above: at most `allowed` negatives
+    n_pos = int(np.sum(same))
+    tar = float(np.sum(valid & same & (scores > thr)) / n_pos) if n_pos else 0.0
+    return tar, thr
+
+
+def ten_fold(scores: np.ndarray, same: np.ndarray, folds: np.ndarray, valid: np.ndarray) -> dict:
+    """The 10-fold protocol; ``valid`` False marks pairs with a failed image (errors)."""
+    scores = np.where(valid, scores, 0.0)
+    fold_ids = sorted(set(folds.tolist()))
+    accs, thrs = [], []
+    for f in fold_ids:
+        test = folds == f
+        train = ~test if len(fold_ids) > 1 else test
+        thr = _best_threshold(scores[train], same[train], valid[train])
+        correct = ((scores[test] > thr) == same[test]) & valid[test]
+        accs.append(float(np.mean(correct)))
+        thrs.append(thr)
+    best = _best_threshold(scores, same, valid)
+    tar, far_thr = tar_at_far(scores, same, valid, 1e-3)
+    return {
+        "accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "fold_accuracy": accs,
+        "fold_thresholds": thrs, "best_threshold": best,
+        "accuracy_at_best_threshold": float(np.mean(((scores > best) == same) & valid)),
+        "tar_at_far_1e-3": tar, "threshold_at_far_1e-3": far_thr,
+        "accuracy_valid_pairs_only": _valid_only(scores, same, folds, valid),
+    }
+
+
+def _valid_only(scores, same, folds, valid) -> Optional[float]:
+    if valid.all():
+        return None
+    accs = []
+    for f in sorted(set(folds.tolist())):
+        test = (folds == f) & valid
+        train = (folds != f) & valid if len(set(folds.tolist())) > 1 else test
+        thr = _best_threshold(scores[train], same[train], np.ones(int(train.sum()), bool))
+        if test.any():
+            accs.append(_accuracy(scores[test], same[test], thr))
+    return float(np.mean(accs)) if accs else None
+
+
+def roc_png(path, scores, same, valid, title: str = "") -> None:
+    """ROC curve (TAR against FAR, log FAR axis) drawn with OpenCV."""
+    import cv2
+
+    from facecurate.files import write_bytes_atomic
+
+    W, H, m = 640, 480, 60
+    img = np.full((H, W, 3), 255, np.uint8)
+    x0, y0, x1, y1 = m, H - m, W - 20, 30
+    lo = -4.0
+    cv2.rectangle(img, (x0, y1), (x1, y0), (0, 0, 0), 1)
+    for e in range(int(lo), 1):
+        x = int(x0 + (e - lo) / -lo * (x1 - x0))
+        cv2.line(img, (x, y0), (x, y1), (220, 220, 220), 1)
+        cv2.putText(img, f"1e{e}", (x - 15, y0 + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    for t in np.linspace(0, 1, 6):
+        y = int(y0 - t * (y0 - y1))
+        cv2.line(img, (x0, y), (x1, y), (220, 220, 220), 1)
+        cv2.putText(img, f"{t:.1f}", (x0 - 35, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    s = np.where(valid, scores, -np.inf)
+    pos, neg = max(1, int(same.sum())), max(1, int((~same).sum()))
+    pts = []
+    for thr in np.unique(s[np.isfinite(s)])[::-1]:
+        acc = s >= thr
+        far = np.sum(acc & ~same) / neg
+        tar = np.sum(acc & same) / pos
+        lf = max(lo, np.log10(far)) if far > 0 else lo
+        pts.append((int(x0 + (lf - lo) / -lo * (x1 - x0)), int(y0 - tar * (y0 - y1))))
+    if len(pts) > 1:
+        cv2.polylines(img, [np.array(pts, np.int32)], False, (200, 60, 0), 2, cv2.LINE_AA)
+    cv2.putText(img, "false accept rate", (W // 2 - 60, H - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    cv2.putText(img, "TAR", (10, H // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    if title:
+        cv2.putText(img, title[:80], (x0, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    ok, buf = cv2.imencode(".png", img)
+    write_bytes_atomic(path, buf.tobytes())
+
+
+# ----------------------------------------------------------------------------- run
+def default_work_dir(pairs_path, root, detector: str) -> Path:
+    key = f"{Path(pairs_path).resolve()}\0{Path(root).resolve()}\0{detector}"
+    h = hashlib.sha1(key.encode()).hexdigest()[:12]
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    try:
+        Path(base).mkdir(parents=True, exist_ok=True)
+        return Path(base) / "facecurate" / f"eval-pairs-{h}"
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"facecurate-eval-pairs-{h}"
+
+
+def link_images(root: Path, images: Sequence[str], raw: Path) -> dict[str, str]:
+    """Symlink each named image into WORK/raw; returns {image: reason} for images that
+    do not exist under ROOT (they are failures, not silently dropped)."""
+    missing = {}
+    for rel in images:
+        src = root / rel
+        dst = raw / rel
+        if not src.is_file():
+            missing[rel] = f"missing: {src} not found"
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        target = str(src.resolve())
+        if os.path.islink(dst):
+            if os.readlink(dst) == target:
+                continue
+            dst.unlink()
+        os.symlink(target, dst)
+    return missing
+
+
+def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model: str = "dlib",
+                   model_dir: Optional[str] = None, flip: bool = True, device: str = "auto",
+                   batch_size: Optional[int] = None, workers: Optional[int] = None,
+                   dlib_feed: str = "five", roc: Optional[str] = None, show_progress: bool = True) -> dict:
+    from facecurate.align import AlignConfig, read_manifest, run_align
+    from facecurate.embed import load_store, run_embed
+
+    pairs = read_pairs(pairs_path)
+    root = Path(root)
+    if not root.is_dir():
+        raise PairsError(f"ROOT folder not found: {root}")
+    work = Path(work) if work else default_work_dir(pairs_path, root, detector)
+    raw, out = work / "raw", work / "out"
+    raw.mkdir(parents=True, exist_ok=True)
+    images = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    failures: dict[str, str] = link_images(root, images, raw)
+
+    align_summary = run_align(raw, out, AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None,
+                                                    device=device),
+                              workers=workers, show_progress=show_progress)
+    embed_summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
+                              flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed)
+    vecs, rows, meta = load_store(out)
+    index = {r["aligned"]: i for i, r in enumerate(rows)}
+    manifest = read_manifest(out)
+    by_source: dict[str, list[dict]] = {}
+    for r in manifest:
+        by_source.setdefault(r["source"], []).append(r)
+    vec_of: dict[str, int] = {}
+    for img in images:
+        if img in failures:
+            continue
+        rs = by_source.get(img, [])
+        prim = [r for r in rs if r["status"] == STATUS_OK and r["primary"] == "1"]
+        if prim and prim[0]["aligned"] in index:
+            vec_of[img] = index[prim[0]["aligned"]]
+        elif prim:
+            failures[img] = "embedding failed"
+        elif rs:
+            st = sorted({r["status"] for r in rs})
+            msg = "; ".join(sorted({r.get("message", "") for r in rs if r.get("message")}))
+            failures[img] = "/".join(st) + (f": {msg}" if msg else "")
+        else:
+            failures[img] = "not processed by align"
+
+    n = len(pairs)
+    scores = np.zeros(n)
+    valid = np.zeros(n, bool)
+    for k, p in enumerate(pairs):
+        ia, ib = vec_of.get(p.a), vec_of.get(p.b)
+        if ia is not None and ib is not None:
+            scores[k] = float(np.dot(vecs[ia].astype(np.float64), vecs[ib].astype(np.float64)))
+            valid[k] = True
+    same = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    res = ten_fold(scores, same, folds, valid)
+    if roc:
+        roc_png(roc, scores, same, valid, title=f"{meta.get('model', model)} flip={flip} "
+                f"acc={res['accuracy'] * 100:.2f}%")
+    return {
+        "pairs": n, "folds": len(set(folds.tolist())), "images": len(images),
+        "failed_images": len(failures),
+        "failures": [{"image": k, "reason": v} for k, v in sorted(failures.items())],
+        "failed_pairs": int((~valid).sum()),
+        "accuracy": round(res["accuracy"], 5), "std": round(res["std"], 5),
+        "best_threshold": round(res["best_threshold"], 4),
+        "fold_thresholds": [round(t, 4) for t in res["fold_thresholds"]],
+        "fold_accuracy": [round(a, 4) for a in res["fold_accuracy"]],
+        "tar_at_far_1e-3": round(res["tar_at_far_1e-3"], 5),
+        "threshold_at_far_1e-3": round(res["threshold_at_far_1e-3"], 4),
+        "accuracy_valid_pairs_only": (round(res["accuracy_valid_pairs_only"], 5)
+                                      if res["accuracy_valid_pairs_only"] is not None else None),
+        "model": meta.get("model"), "feed": meta.get("feed"), "flip": bool(meta.get("flip")),
+        "detector": detector, "work": str(work), "roc": str(roc) if roc else None,
+        "align": {k: align_summary.get(k) for k in ("files", "crops", "status", "processed_now", "seconds")},
+        "embed": {k: embed_summary.get(k) for k in ("embedded", "embedded_now", "failed", "seconds",
+                                                    "faces_per_second", "feeds")},
+    }
+
+
+__all__ = ["read_pairs", "run_eval_pairs", "ten_fold", "tar_at_far", "Pair", "PairsError", "roc_png"]
