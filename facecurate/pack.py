@@ -489,7 +489,7 @@ def _ordered_map(fn, units: Sequence, threads: int) -> Iterable:
 # ----------------------------------------------------------------------------- pack
 def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN, shuffle: bool = True,
          seed: int = 0, min_images: int = 1, size: Optional[int] = None, resize: bool = False,
-         strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 2,
+         strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1,
          memory_budget: int = MEMORY_BUDGET, fsync: bool = True, show_progress: bool = False,
          on_record: Optional[Callable[[int], None]] = None) -> PackResult:
     """Pack the crops of ``out`` into ``dest`` (train.rec, train.idx, train.lst,

@@ -27,8 +27,8 @@ def _fail(msg: str) -> None:
 @click.option("--resize", is_flag=True, help="Resize crops of the wrong size instead of reporting them.")
 @click.option("--strict", is_flag=True,
               help="Fail (and leave DEST untouched) on any input problem instead of skipping and reporting it.")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Threads reading crops.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads reading crops (more can help on fast storage with idle cores).")
 @click.option("--fsync/--no-fsync", default=True, show_default=True,
               help="Flush the files to disk before renaming them into place (--no-fsync is faster; an "
                    "interrupted process still leaves DEST intact, only an OS crash could lose the new files).")
