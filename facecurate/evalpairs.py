@@ -4,10 +4,12 @@
 The images the pairs name are linked (symlinks) into ``WORK/raw/<name>/`` and run
 through the real stages: :func:`facecurate.align.run_align` into ``WORK/out`` and
 :func:`facecurate.embed.run_embed` on it. Both resume, so a rerun with the same work
-folder costs only the evaluation. Each image is represented by its *primary* face
-(align's guess of the subject). An image without one (no face, unreadable, missing)
-is a failure: it is listed, and every pair it belongs to counts as an error at any
-threshold.
+folder costs only the evaluation. Each image is represented by the face nearest its
+centre (pairs images such as LFW's are centred on their subject; ``pick="primary"``
+takes align's guess instead). When no face lies near the centre, the image is
+searched again with a second detector (dlib's CNN by default) in ``WORK/retry-*``.
+An image without any face (no face, unreadable, missing) is a failure: it is listed,
+and every pair it belongs to counts as an error at any threshold.
 
 Protocol (LFW "unrestricted, labeled outside data" / insightface ``verification.py``):
 10 folds; for each fold the cosine-similarity threshold is the one with the best
@@ -204,6 +206,51 @@ def roc_png(path, scores, same, valid, title: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------- run
+#: A face whose box centre lies farther than this (fraction of the image's longer
+#: side) from the image centre is not taken for a pairs image's subject when
+#: ``pick="centre"``: the image is searched again with the retry detector.
+CENTRE_TOLERANCE = 0.15
+PICKS = ("centre", "primary")
+
+
+def _by_source(manifest: Sequence[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in manifest:
+        out.setdefault(r["source"], []).append(r)
+    return out
+
+
+def _centre_distance(r: dict) -> float:
+    try:
+        w, h = float(r["img_w"]), float(r["img_h"])
+        cx = (float(r["x1"]) + float(r["x2"])) / 2
+        cy = (float(r["y1"]) + float(r["y2"])) / 2
+        return float(np.hypot(cx - w / 2, cy - h / 2) / max(w, h))
+    except (KeyError, ValueError, ZeroDivisionError):
+        return float("inf")
+
+
+def _choose(rows: Sequence[dict], index: dict, pick: str) -> Optional[tuple[float, int]]:
+    """(centre distance, store row) of the face that stands for a pairs image: the
+    embedded face nearest the image centre (``centre``; pairs images such as LFW's
+    are centred on their subject) or align's primary face (``primary``)."""
+    cands = [r for r in rows if r["status"] == STATUS_OK and r["aligned"] in index]
+    if pick == "primary":
+        cands = [r for r in cands if r["primary"] == "1"]
+    if not cands:
+        return None
+    r = min(cands, key=lambda r: (_centre_distance(r), r["aligned"]))
+    return _centre_distance(r), index[r["aligned"]]
+
+
+def _reason(rows: Sequence[dict]) -> str:
+    if not rows:
+        return "not processed by align"
+    st = sorted({r["status"] for r in rows})
+    msg = "; ".join(sorted({r.get("message", "") for r in rows if r.get("message")}))
+    return "/".join(st) + (f": {msg}" if msg else "")
+
+
 def default_work_dir(pairs_path, root, detector: str) -> Path:
     key = f"{Path(pairs_path).resolve()}\0{Path(root).resolve()}\0{detector}"
     h = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -238,10 +285,13 @@ def link_images(root: Path, images: Sequence[str], raw: Path) -> dict[str, str]:
 def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model: str = "dlib",
                    model_dir: Optional[str] = None, flip: bool = True, device: str = "auto",
                    batch_size: Optional[int] = None, workers: Optional[int] = None,
-                   dlib_feed: str = "five", roc: Optional[str] = None, show_progress: bool = True) -> dict:
+                   dlib_feed: str = "five", roc: Optional[str] = None, show_progress: bool = True,
+                   pick: str = "centre", retry_detector: str = "dlib-cnn") -> dict:
     from facecurate.align import AlignConfig, read_manifest, run_align
     from facecurate.embed import load_store, run_embed
 
+    if pick not in PICKS:
+        raise PairsError(f"pick must be one of {', '.join(PICKS)}")
     pairs = read_pairs(pairs_path)
     root = Path(root)
     if not root.is_dir():
@@ -258,35 +308,59 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
     embed_summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
                               flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed)
     vecs, rows, meta = load_store(out)
-    index = {r["aligned"]: i for i, r in enumerate(rows)}
-    manifest = read_manifest(out)
-    by_source: dict[str, list[dict]] = {}
-    for r in manifest:
-        by_source.setdefault(r["source"], []).append(r)
-    vec_of: dict[str, int] = {}
+    stores = {"": (vecs, {r["aligned"]: i for i, r in enumerate(rows)})}
+    by_source = _by_source(read_manifest(out))
+    chosen: dict[str, tuple[str, int]] = {}  # image -> (store, row)
+    retry: list[str] = []
     for img in images:
         if img in failures:
             continue
-        rs = by_source.get(img, [])
-        prim = [r for r in rs if r["status"] == STATUS_OK and r["primary"] == "1"]
-        if prim and prim[0]["aligned"] in index:
-            vec_of[img] = index[prim[0]["aligned"]]
-        elif prim:
-            failures[img] = "embedding failed"
-        elif rs:
-            st = sorted({r["status"] for r in rs})
-            msg = "; ".join(sorted({r.get("message", "") for r in rs if r.get("message")}))
-            failures[img] = "/".join(st) + (f": {msg}" if msg else "")
-        else:
-            failures[img] = "not processed by align"
+        best = _choose(by_source.get(img, []), stores[""][1], pick)
+        if best is not None:
+            chosen[img] = ("", best[1])
+        if pick == "centre" and (best is None or best[0] > CENTRE_TOLERANCE) and retry_detector != "none":
+            retry.append(img)
+        elif best is None:
+            failures[img] = _reason(by_source.get(img, []))
+
+    recovered = 0
+    retry_summary = None
+    if retry:
+        # Recover what the detector missed near the centre with a second detector
+        # (dlib's CNN by default) on just those images.
+        rraw, rout = work / f"retry-{retry_detector}" / "raw", work / f"retry-{retry_detector}" / "out"
+        link_images(root, retry, rraw)
+        a2 = run_align(rraw, rout, AlignConfig(detector=retry_detector, fallback="none", device=device,
+                                              model_dir=model_dir if retry_detector == "scrfd" else None),
+                       workers=workers, show_progress=show_progress)
+        e2 = run_embed(rout, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
+                       flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed)
+        v2, rows2, _ = load_store(rout)
+        stores["retry"] = (v2, {r["aligned"]: i for i, r in enumerate(rows2)})
+        by2 = _by_source(read_manifest(rout))
+        retry_summary = {"detector": retry_detector, "images": len(retry),
+                         "crops": a2.get("crops"), "embedded_now": e2.get("embedded_now")}
+        for img in retry:
+            b2 = _choose(by2.get(img, []), stores["retry"][1], pick)
+            b1 = _choose(by_source.get(img, []), stores[""][1], pick)
+            if b2 is not None and b2[0] <= CENTRE_TOLERANCE:
+                chosen[img] = ("retry", b2[1])
+                recovered += 1
+            elif b1 is not None or b2 is not None:  # nothing central: the most central face found
+                use = min((b for b in ((b1, ""), (b2, "retry")) if b[0] is not None), key=lambda b: b[0][0])
+                chosen[img] = (use[1], use[0][1])
+            else:
+                failures[img] = _reason(by_source.get(img, []) + by2.get(img, []))
 
     n = len(pairs)
     scores = np.zeros(n)
     valid = np.zeros(n, bool)
     for k, p in enumerate(pairs):
-        ia, ib = vec_of.get(p.a), vec_of.get(p.b)
-        if ia is not None and ib is not None:
-            scores[k] = float(np.dot(vecs[ia].astype(np.float64), vecs[ib].astype(np.float64)))
+        ca, cb = chosen.get(p.a), chosen.get(p.b)
+        if ca is not None and cb is not None and p.a not in failures and p.b not in failures:
+            va = stores[ca[0]][0][ca[1]].astype(np.float64)
+            vb = stores[cb[0]][0][cb[1]].astype(np.float64)
+            scores[k] = float(np.dot(va, vb))
             valid[k] = True
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
@@ -308,7 +382,8 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
         "accuracy_valid_pairs_only": (round(res["accuracy_valid_pairs_only"], 5)
                                       if res["accuracy_valid_pairs_only"] is not None else None),
         "model": meta.get("model"), "feed": meta.get("feed"), "flip": bool(meta.get("flip")),
-        "detector": detector, "work": str(work), "roc": str(roc) if roc else None,
+        "detector": detector, "pick": pick, "retried": len(retry), "recovered": recovered,
+        "retry": retry_summary, "work": str(work), "roc": str(roc) if roc else None,
         "align": {k: align_summary.get(k) for k in ("files", "crops", "status", "processed_now", "seconds")},
         "embed": {k: embed_summary.get(k) for k in ("embedded", "embedded_now", "failed", "seconds",
                                                     "faces_per_second", "feeds")},

@@ -90,16 +90,24 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, dlib_feed, a
               help="Working folder (links to the images, crops, embeddings); reused, so a rerun "
                    "only evaluates. Default: a folder under ~/.cache/facecurate keyed by PAIRS, "
                    "ROOT and the detector.")
+@click.option("--pick", type=click.Choice(["centre", "primary"]), default="centre", show_default=True,
+              help="Which face stands for an image: the one nearest the image centre (pairs images "
+                   "are centred on their subject) or align's primary guess.")
+@click.option("--retry-detector", type=click.Choice(["dlib-cnn", "dlib", "none"]), default="dlib-cnn",
+              show_default=True,
+              help="With --pick centre: images with no face near the centre are searched again "
+                   "with this detector.")
 @click.option("--roc", type=click.Path(dir_okay=False), default=None, help="Write a ROC curve (PNG) here.")
 def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16, dlib_feed, as_json,
-               detector, flip, work, roc):
+               detector, flip, work, pick, retry_detector, roc):
     """Verification accuracy of the detector + alignment + model on an
     LFW-style pairs file.
 
     PAIRS is in lfw_pairs.txt's format (header `folds n`, then per fold n
     same-person lines `name i j` and n different-person lines `name1 i name2
     j`); images are ROOT/<name>/<name>_<i:04d>.jpg. Every image goes through
-    `facecurate align` and `facecurate embed` (its primary face); the 10-fold
+    `facecurate align` and `facecurate embed` (the face nearest its centre;
+    images with none near it are searched again with dlib's CNN); the 10-fold
     protocol picks the cosine threshold on 9 folds and measures accuracy on
     the 10th. Prints mean and std accuracy, the best threshold, TAR at FAR
     1e-3, and every image that failed to align: each pair holding one counts
@@ -111,7 +119,8 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
     try:
         s = run_eval_pairs(pairs, root, work=work, detector=detector, model=model, model_dir=model_dir,
                            flip=flip, device=device, batch_size=batch_size, workers=workers,
-                           dlib_feed=dlib_feed, roc=roc, show_progress=True)
+                           dlib_feed=dlib_feed, roc=roc, show_progress=True, pick=pick,
+                           retry_detector=retry_detector)
     except (EmbedError, PairsError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
@@ -125,6 +134,9 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
     click.echo(f"  best threshold  {s['best_threshold']:.4f} (cosine)")
     click.echo(f"  TAR@FAR=1e-3  {s['tar_at_far_1e-3'] * 100:.2f}% (threshold {s['threshold_at_far_1e-3']:.4f})")
     click.echo(f"  folds         {' '.join(f'{a * 100:.2f}' for a in s['fold_accuracy'])}")
+    if s["retried"]:
+        click.echo(f"  re-searched   {s['retried']} images with no face near the centre "
+                   f"({s['retry']['detector']}): {s['recovered']} recovered")
     click.echo(f"  failed images {s['failed_images']} ({s['failed_pairs']} pairs counted as errors)")
     for f in s["failures"]:
         click.echo(f"    {f['image']}: {f['reason']}")
