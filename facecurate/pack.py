@@ -38,7 +38,7 @@ from facecurate.recordio import (
     RecordWriter,
     iter_records,
     pack_header,
-    read_idx,
+    read_idx_arrays,
     read_record,
     unpack_record,
 )
@@ -718,11 +718,12 @@ def _read_property(folder: Path) -> Optional[tuple[int, ...]]:
 def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
             show_progress: bool = False) -> InspectResult:
     """Validate a .rec/.idx record by record and describe it (see :class:`InspectResult`).
-    Never raises for a corrupt file: problems are in ``result.errors``."""
+    Never raises for a corrupt file: problems are in ``result.errors``. Memory stays
+    a few dozen bytes per record (numpy arrays), so public datasets of millions of
+    images can be inspected."""
     import cv2
     import numpy as np
     from array import array
-    from bisect import bisect_left
 
     from facecurate.files import progress
 
@@ -732,22 +733,32 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
         res.errors.append(f"{rec_path} does not exist")
         return res
     size = rec_path.stat().st_size
-    idx: Optional[list[tuple[int, int]]] = None
+    idx_keys = idx_offs = None
     if idx_path.exists():
         try:
-            idx = read_idx(idx_path)
+            idx_keys, idx_offs = read_idx_arrays(idx_path)
         except RecordIOError as e:
             res.errors.append(f"{idx_path.name}: {e}")
     else:
         res.warnings.append(f"no {idx_path.name}: keys taken as record positions (MXNet's indexed reader needs it)")
+    # offset -> key, for naming records in messages
+    if idx_offs is not None:
+        by_off = np.argsort(idx_offs, kind="stable")
+        sorted_offs = idx_offs[by_off]
+
+    def key_at(offset: Optional[int]) -> Optional[int]:
+        if idx_offs is None or offset is None:
+            return None
+        i = int(np.searchsorted(sorted_offs, offset))
+        return int(idx_keys[by_off[i]]) if i < sorted_offs.size and sorted_offs[i] == offset else None
 
     # Pass over the file: framing, IRHeaders, JPEG completeness (and decoding with --full).
-    offsets, flags = array("q"), array("I")
+    offsets, flags = array("q"), array("q")
     lab0, lab1, imglen = array("d"), array("d"), array("q")
+    nan = float("nan")
     shapes: set = set()
     bad_pad = 0
     framing_error_at: Optional[int] = None
-    key_of = {o: k for k, o in idx} if idx is not None and len(idx) < 2_000_000 else None
     bar = progress(total=size, desc="inspect", unit="B", disable=None if show_progress else True)
     last = 0
     with open(rec_path, "rb", buffering=1 << 20) as f:
@@ -756,32 +767,33 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
                 n = len(offsets)
                 offsets.append(r.offset)
                 bad_pad += r.bad_padding
-                key = key_of.get(r.offset) if key_of is not None else None
                 try:
                     h, img = unpack_record(r.payload)
                 except RecordIOError as e:
-                    res.errors.append(str(RecordIOError(e.message, r.offset, n, key)))
-                    flags.append(0), lab0.append(float("nan")), lab1.append(float("nan")), imglen.append(0)
+                    res.errors.append(str(RecordIOError(e.message, r.offset, n, key_at(r.offset))))
+                    flags.append(-1), lab0.append(nan), lab1.append(nan), imglen.append(0)
                     continue
                 flags.append(h.flag)
-                if isinstance(h.label, tuple):
-                    lab0.append(h.label[0] if h.label else float("nan"))
-                    lab1.append(h.label[1] if len(h.label) > 1 else float("nan"))
+                if h.flag > 0:
+                    lab0.append(h.label[0])
+                    lab1.append(h.label[1] if h.flag > 1 else nan)
                 else:
                     lab0.append(h.label)
-                    lab1.append(float("nan"))
+                    lab1.append(nan)
                 imglen.append(len(img))
                 if img:
                     kind = image_kind(img)
                     if kind == "jpg" and not jpeg_complete(img):
                         res.errors.append(str(RecordIOError("JPEG has no end-of-image marker (truncated or corrupt "
-                                                            "image bytes)", r.offset, n, key)))
-                    elif not kind:
-                        res.warnings.append(str(RecordIOError("image bytes are neither JPEG nor PNG", r.offset, n, key)))
+                                                            "image bytes)", r.offset, n, key_at(r.offset))))
+                    elif not kind and len(res.warnings) < 50:
+                        res.warnings.append(str(RecordIOError("image bytes are neither JPEG nor PNG", r.offset, n,
+                                                              key_at(r.offset))))
                     if full:
                         a = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR)
                         if a is None:
-                            res.errors.append(str(RecordIOError("image does not decode", r.offset, n, key)))
+                            res.errors.append(str(RecordIOError("image does not decode", r.offset, n,
+                                                                key_at(r.offset))))
                         else:
                             shapes.add(tuple(a.shape))
                             res.decoded += 1
@@ -789,131 +801,142 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
                     bar.update(r.offset - last)
                     last = r.offset
         except RecordIOError as e:
-            if key_of is not None and e.offset in key_of:
-                e.key = key_of[e.offset]
+            e.key = key_at(e.offset)
             res.errors.append(str(e))
             framing_error_at = e.offset if e.offset is not None else 0
     bar.close()
     res.records = len(offsets)
     if bad_pad:
         res.errors.append(f"{bad_pad} record(s) with non-zero padding bytes (corrupt length or data)")
+    offs = np.frombuffer(offsets, dtype=np.int64) if offsets else np.zeros(0, np.int64)
+    flags_a = np.frombuffer(flags, dtype=np.int64) if flags else np.zeros(0, np.int64)
+    lab0_a = np.frombuffer(lab0, dtype=np.float64) if lab0 else np.zeros(0)
+    lab1_a = np.frombuffer(lab1, dtype=np.float64) if lab1 else np.zeros(0)
+    imglen_a = np.frombuffer(imglen, dtype=np.int64) if imglen else np.zeros(0, np.int64)
 
-    # The .idx must point at record starts.
-    if idx is None:
-        keys = list(range(len(offsets)))
-        pos_of = {k: k for k in keys}
+    # The .idx must point at record starts; keys -> record positions.
+    if idx_keys is None:
+        keys = np.arange(offs.size, dtype=np.int64)
+        pos = keys.copy()
     else:
-        pos_of = {}
-        bad = 0
-        seen: set = set()
-        for k, o in idx:
-            if k in seen:
-                res.errors.append(f"{idx_path.name}: key {k} appears twice")
-                continue
-            seen.add(k)
-            i = bisect_left(offsets, o)
-            if i < len(offsets) and offsets[i] == o:
-                pos_of[k] = i
-            elif framing_error_at is not None and o >= framing_error_at:
-                continue  # beyond the corrupt point: already reported
-            else:
-                bad += 1
-                if bad <= 10:
-                    res.errors.append(f"{idx_path.name}: key {k} offset {o} is not the start of a record"
-                                      + (" (past the end of the .rec)" if o >= size else ""))
-        if bad > 10:
-            res.errors.append(f"{idx_path.name}: {bad} keys in total point at no record start")
-        keys = [k for k, _ in idx if k in pos_of]
-        unindexed = len(offsets) - len(set(pos_of.values()))
-        if unindexed > 0 and framing_error_at is None:
-            res.warnings.append(f"{unindexed} record(s) are not in the .idx (invisible to MXNet's indexed reader)")
-    if not offsets:
-        res.errors.append("no records" if not res.errors else "no readable records")
-        return res
+        uk, first_seen = np.unique(idx_keys, return_index=True)
+        if uk.size != idx_keys.size:
+            dup = np.setdiff1d(np.arange(idx_keys.size), first_seen)
+            res.errors.append(f"{idx_path.name}: {dup.size} duplicate key(s) (first: key {int(idx_keys[dup[0]])})")
+        p = np.searchsorted(offs, idx_offs)
+        hit = (p < offs.size) & (offs[np.minimum(p, max(offs.size - 1, 0))] == idx_offs) if offs.size else \
+            np.zeros(idx_offs.size, bool)
+        miss = np.flatnonzero(~hit)
+        if framing_error_at is not None:
+            miss = miss[idx_offs[miss] < framing_error_at]  # beyond the corrupt point: already reported
+        for i in miss[:10]:
+            o = int(idx_offs[i])
+            res.errors.append(f"{idx_path.name}: key {int(idx_keys[i])} offset {o} is not the start of a record"
+                              + (" (past the end of the .rec)" if o >= size else ""))
+        if miss.size > 10:
+            res.errors.append(f"{idx_path.name}: {miss.size} keys in total point at no record start")
+        keys, pos = idx_keys[hit], p[hit]
+        if framing_error_at is None:
+            unindexed = offs.size - np.unique(pos).size
+            if unindexed > 0:
+                res.warnings.append(f"{unindexed} record(s) are not in the .idx (invisible to MXNet's indexed reader)")
     if framing_error_at is not None:
         # Counts, labels and layout of a file that cannot be read to its end would mislead.
         res.warnings.append(f"framing broken at offset {framing_error_at}: layout, labels and counts not checked "
-                            f"({len(offsets)} records read before it)")
+                            f"({offs.size} records read before it)")
         return res
-    if 0 not in pos_of:
+    if not offs.size:
+        res.errors.append("no records" if not res.errors else "no readable records")
+        return res
+    order = np.argsort(keys, kind="stable")
+    skeys, spos = keys[order], pos[order]
+
+    def positions(want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """record positions of keys ``want`` and the mask of those present."""
+        i = np.searchsorted(skeys, want)
+        ok = (i < skeys.size) & (skeys[np.minimum(i, skeys.size - 1)] == want)
+        return spos[np.minimum(i, skeys.size - 1)], ok
+
+    p0, ok0 = positions(np.array([0]))
+    if not ok0[0]:
         res.errors.append("key 0 is missing (arcface_torch's MXFaceDataset reads key 0 and raises KeyError)")
         return res
+    p0 = int(p0[0])
 
     # Layout, as MXFaceDataset decides it.
-    p0 = pos_of[0]
-    identity_keys: list[int] = []
-    if flags[p0] > 0 and flags[p0] >= 2 and imglen[p0] == 0:
+    if flags_a[p0] >= 2 and imglen_a[p0] == 0:
         res.layout = LAYOUT_HEADER
-        first, end = lab0[p0], lab1[p0]
-        if first != int(first) or end != int(end) or not (1 <= first <= end):
+        first, end = lab0_a[p0], lab1_a[p0]
+        if not (np.isfinite(first) and np.isfinite(end)) or first != int(first) or end != int(end) \
+                or not 1 <= first <= end:
             res.errors.append(f"key 0: header label [{first}, {end}] is not a valid [first_identity_key, end]")
             return res
         first, end = int(first), int(end)
-        image_keys: Sequence[int] = range(1, first)
-        identity_keys = list(range(first, end))
-        res.identity_records = len(identity_keys)
-        missing = [k for k in list(image_keys) + identity_keys if k not in pos_of]
+        img_pos, ok = positions(np.arange(1, first, dtype=np.int64))
+        id_keys = np.arange(first, end, dtype=np.int64)
+        id_pos, ok_id = positions(id_keys)
+        res.identity_records = int(id_keys.size)
+        missing = int((~ok).sum() + (~ok_id).sum())
         if missing:
-            res.errors.append(f"{len(missing)} key(s) named by the header are missing from the .idx "
-                              f"(first: {missing[0]})")
-            image_keys = [k for k in image_keys if k in pos_of]
-            identity_keys = [k for k in identity_keys if k in pos_of]
+            res.errors.append(f"{missing} key(s) named by the header are missing from the .idx")
+        image_keys = np.arange(1, first, dtype=np.int64)[ok]
+        img_pos, id_pos, id_keys = img_pos[ok], id_pos[ok_id], id_keys[ok_id]
     else:
         res.layout = LAYOUT_PLAIN
-        image_keys = keys
-    res.images = len(image_keys)
+        image_keys, img_pos = skeys, spos
+        id_pos = id_keys = np.zeros(0, np.int64)
+    res.images = int(image_keys.size)
 
     # Labels: integral, >= 0, 0..C-1 with every class present.
-    labs = np.array([lab0[pos_of[k]] for k in image_keys], dtype=np.float64)
-    vec = np.array([flags[pos_of[k]] > 0 for k in image_keys], dtype=bool)
-    res.vector_labels = int(vec.sum())
-    empty = [k for k in image_keys if imglen[pos_of[k]] == 0]
-    if empty:
-        res.errors.append(f"{len(empty)} image record(s) have no image bytes (first: key {empty[0]})")
+    labs = lab0_a[img_pos]
+    res.vector_labels = int((flags_a[img_pos] > 0).sum())
+    empty = np.flatnonzero(imglen_a[img_pos] == 0)
+    if empty.size:
+        res.errors.append(f"{empty.size} image record(s) have no image bytes (first: key {int(image_keys[empty[0]])})")
     if labs.size:
-        nonint = np.flatnonzero(~np.isfinite(labs) | (labs != np.round(labs)) | (labs < 0))
-        if nonint.size:
-            k = image_keys[int(nonint[0])]
-            res.errors.append(f"{nonint.size} image label(s) are not integers >= 0 (first: key {k}, "
-                              f"label {labs[nonint[0]]})")
+        bad = np.flatnonzero(~np.isfinite(labs) | (labs != np.round(labs)) | (labs < 0))
+        if bad.size:
+            res.errors.append(f"{bad.size} image label(s) are not integers >= 0 (first: key "
+                              f"{int(image_keys[bad[0]])}, label {labs[bad[0]]})")
         il = labs[np.isfinite(labs)].astype(np.int64)
         uniq = np.unique(il)
         res.classes = int(uniq.size)
-        res.label_min, res.label_max = int(il.min()), int(il.max())
-        if res.label_min != 0 or res.label_max != res.classes - 1:
-            res.errors.append(f"labels are not contiguous 0..C-1: {res.classes} classes span "
-                              f"{res.label_min}..{res.label_max} (partial-FC silently ignores out-of-range labels)")
-        change = int(np.count_nonzero(il[1:] != il[:-1])) + 1 if il.size else 0
-        res.grouped_by_class = change == res.classes
+        if il.size:
+            res.label_min, res.label_max = int(il.min()), int(il.max())
+            if res.label_min != 0 or res.label_max != res.classes - 1:
+                res.errors.append(f"labels are not contiguous 0..C-1: {res.classes} classes span {res.label_min}.."
+                                  f"{res.label_max} (partial-FC silently ignores out-of-range labels)")
+            runs = int(np.count_nonzero(il[1:] != il[:-1])) + 1
+            res.grouped_by_class = runs == res.classes
     if res.layout == LAYOUT_HEADER:
         if not res.grouped_by_class:
             res.errors.append("insightface layout but the images of a class are not contiguous in key order")
-        expect = 1
-        for ci, k in enumerate(identity_keys):
-            p = pos_of[k]
-            a, b = lab0[p], lab1[p]
-            if flags[p] < 2 or a != expect or not (b > a) or b > first:
-                res.errors.append(f"key {k}: identity record range [{a}, {b}) does not continue at {expect} "
-                                  "(classes must be contiguous)")
-                break
-            cls = labs[int(a) - 1:int(b) - 1]
-            if cls.size and not np.all(cls == cls[0]):
-                res.errors.append(f"key {k}: identity record range [{int(a)}, {int(b)}) holds several labels")
-                break
-            expect = int(b)
-        else:
-            if identity_keys and expect != identity_keys[0]:
-                res.errors.append(f"identity records cover keys 1..{expect - 1}, images are 1..{identity_keys[0] - 1}")
-    res.dali_compatible = res.layout == LAYOUT_PLAIN and all(flags[pos_of[k]] == 0 for k in keys)
+        a, b = lab0_a[id_pos], lab1_a[id_pos]
+        ends_ok = flags_a[id_pos] >= 2
+        expect = np.concatenate([[1.0], b[:-1]]) if b.size else b
+        bad = np.flatnonzero(~ends_ok | (a != expect) | ~(b > a) | (b > first))
+        if bad.size:
+            i = int(bad[0])
+            res.errors.append(f"key {int(id_keys[i])}: identity record range [{a[i]}, {b[i]}) does not continue at "
+                              f"{expect[i]} (classes must be contiguous)")
+        elif b.size and b[-1] != first:
+            res.errors.append(f"identity records cover keys 1..{int(b[-1]) - 1}, images are 1..{first - 1}")
+        elif labs.size and res.grouped_by_class:
+            # every identity record's range holds exactly one label
+            starts = (a - 1).astype(np.int64)
+            if np.any(labs[starts] != labs[(b - 2).astype(np.int64)]):
+                res.errors.append("an identity record's range holds several labels")
+    res.dali_compatible = bool(res.layout == LAYOUT_PLAIN and not np.any(flags_a[spos] != 0))
 
     # Decode a sample (everything was decoded already with --full).
-    if not full and image_keys and framing_error_at is None:
-        n = min(sample, len(image_keys))
-        pick = sorted({image_keys[i * len(image_keys) // n] for i in range(n)})
+    if not full and image_keys.size and sample > 0:
+        n = min(sample, int(image_keys.size))
+        pick = sorted({int(i * image_keys.size // n) for i in range(n)})
         with open(rec_path, "rb") as f:
-            for k in pick:
+            for i in pick:
+                k = int(image_keys[i])
                 try:
-                    _, img = unpack_record(read_record(f, offsets[pos_of[k]], key=k).payload)
+                    _, img = unpack_record(read_record(f, int(offs[img_pos[i]]), key=k).payload)
                 except RecordIOError as e:
                     res.errors.append(str(e))
                     continue
@@ -954,6 +977,12 @@ def _label_names(rec_path: Path) -> Optional[dict[int, str]]:
     return names
 
 
+def _safe_name(name: str) -> bool:
+    """A labels.csv identity usable as one folder name (no path tricks)."""
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name \
+        and "\\" not in name and "\0" not in name
+
+
 def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = True,
            show_progress: bool = False) -> UnpackResult:
     """Write every image of a .rec to ``dest/<identity or label>/<key>.jpg``.
@@ -970,25 +999,30 @@ def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = Tru
     res = UnpackResult(dest=dest)
     if not rec_path.exists():
         raise FileNotFoundError(f"{rec_path} does not exist")
-    idx = read_idx(idx_path) if idx_path.exists() else None
+    import numpy as np
+
+    if idx_path.exists():
+        keys, offs = read_idx_arrays(idx_path)
+        srt = np.argsort(offs, kind="stable")
+        s_offs, s_keys = offs[srt].tolist(), keys[srt].tolist()
+        hit0 = np.flatnonzero(keys == 0)
+        off0 = int(offs[hit0[0]]) if hit0.size else None
+        max_key = int(keys.max()) if keys.size else 0
+    else:
+        s_offs = s_keys = None
+        off0, max_key = 0, 0
     label_names = _label_names(rec_path) if names else None
     res.names = LABELS_CSV if label_names else "label"
     size = rec_path.stat().st_size
 
     with open(rec_path, "rb", buffering=1 << 20) as f:
         # Which keys are images (MXFaceDataset's rule)?
-        off0 = dict(idx).get(0, None) if idx is not None else 0
         first = first_end = None
-        if off0 is not None:
+        if off0 is not None and size:
             h0, img0 = unpack_record(read_record(f, off0, key=0).payload)
             if h0.flag >= 2 and not img0:
                 first = int(h0.label[0])
                 first_end = (h0.label[0], h0.label[1])
-        if idx is not None:
-            order = sorted((o, k) for k, o in idx)
-            max_key = max(k for k, _ in idx) if idx else 0
-        else:
-            order, max_key = None, 0
         width = max(8, len(str(max_key)))
         made: set = set()
         labels_seen: set = set()
@@ -1002,12 +1036,12 @@ def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = Tru
         j = 0
         last = 0
         for n, r in enumerate(iter_records(f, 0, size)):
-            if order is not None:
-                while j < len(order) and order[j][0] < r.offset:
+            if s_offs is not None:
+                while j < len(s_offs) and s_offs[j] < r.offset:
                     j += 1
-                if j >= len(order) or order[j][0] != r.offset:
+                if j >= len(s_offs) or s_offs[j] != r.offset:
                     continue  # not indexed: invisible to MXNet too
-                key = order[j][1]
+                key = s_keys[j]
             else:
                 key = n
             if first is not None and not (1 <= key < first):
@@ -1026,7 +1060,7 @@ def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = Tru
             if not kind:
                 res.errors.append(f"key {key}: image bytes are neither JPEG nor PNG; not written")
                 continue
-            if label_names is not None and lab in label_names:
+            if label_names is not None and lab in label_names and _safe_name(label_names[lab]):
                 folder = label_names[lab]
             else:
                 folder = str(lab).zfill(pad)

@@ -376,6 +376,29 @@ def read_idx(path: Union[str, os.PathLike]) -> list[tuple[int, int]]:
     return out
 
 
+def read_idx_arrays(path: Union[str, os.PathLike]):
+    """(keys, offsets) of a .idx as two int64 numpy arrays, in file order; fast and
+    compact for millions of records. RecordIOError names a bad line."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0) - data.count(b"\n\n")
+    if data.startswith(b"\n"):
+        lines -= 1
+    try:
+        vals = np.fromstring(data.decode("ascii"), dtype=np.int64, sep=" ") if data.strip() else np.zeros(0, np.int64)
+        ok = vals.size == 2 * lines
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:  # the line-by-line parser says which line is wrong
+        pairs = read_idx(path)
+        vals = np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else np.zeros((0, 2), np.int64)
+        return vals[:, 0].copy(), vals[:, 1].copy()
+    vals = vals.reshape(-1, 2)
+    return vals[:, 0].copy(), vals[:, 1].copy()
+
+
 def idx_text(entries: Sequence[tuple[int, int]]) -> str:
     return "".join(f"{k}\t{o}\n" for k, o in entries)
 

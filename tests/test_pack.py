@@ -252,6 +252,16 @@ def test_unpack_without_names_and_resume(crops_dir, tmp_path):
     assert sorted(_mxfacedataset(tmp_path / "b" / "train")) == sorted(_mxfacedataset(tmp_path / "a" / "train"))
 
 
+def test_unpack_refuses_path_tricks_in_labels_csv(crops_dir, tmp_path):
+    pack(crops_dir, tmp_path / "a")
+    rows = read_csv(tmp_path / "a" / "labels.csv")
+    rows[0]["identity"] = "../escaped"
+    write_csv_atomic(tmp_path / "a" / "labels.csv", ("identity", "label", "images"), rows)
+    u = unpack(tmp_path / "a", tmp_path / "u")
+    assert u.written == 22 and not (tmp_path / "escaped").exists()
+    assert (tmp_path / "u" / "000000").is_dir()
+
+
 # ----------------------------------------------------------------------------- inspect
 def test_inspect_describes_both_layouts(crops_dir, tmp_path):
     pack(crops_dir, tmp_path / "p")

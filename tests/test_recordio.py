@@ -27,6 +27,7 @@ from facecurate.recordio import (
     pack_header,
     pack_record,
     read_idx,
+    read_idx_arrays,
     unpack_record,
 )
 
@@ -144,6 +145,20 @@ def test_roundtrip_through_our_reader(tmp_path):
     assert [o for _, o in read_idx(tmp_path / "a.idx")] == [r.offset for r in recs]
     with IndexedRecordReader(tmp_path / "a.rec", tmp_path / "a.idx") as r:
         assert [r.read_idx(k) for k in range(len(payloads))] == payloads
+
+
+def test_idx_arrays_match_line_parser(tmp_path):
+    p = tmp_path / "a.idx"
+    p.write_text("0\t0\n1\t40\n\n7\t96")
+    keys, offs = read_idx_arrays(p)
+    assert keys.tolist() == [0, 1, 7] and offs.tolist() == [0, 40, 96]
+    assert list(zip(keys.tolist(), offs.tolist())) == read_idx(p)
+    p.write_text("0\t0\n1\t4x0\n")
+    with pytest.raises(RecordIOError, match="line 2"):
+        read_idx_arrays(p)
+    p.write_text("0\t0\t5\n")
+    with pytest.raises(RecordIOError, match="line 1"):
+        read_idx_arrays(p)
 
 
 def test_writer_image_fast_path_equals_general_framing(tmp_path):
