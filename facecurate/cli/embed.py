@@ -17,24 +17,25 @@ _FEED_HELP = ("How dlib's model is fed. five: dlib's 150x150 chip geometry warpe
 
 
 def _common(f):
-    f = click.option("--model", default="dlib", show_default=True, metavar="dlib|arcface|FILE.onnx",
-                     help=_MODEL_HELP)(f)
+    # applied bottom-up: the first option listed here is applied last, so it shows first
+    f = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")(f)
+    f = click.option("--dlib-feed", type=click.Choice(["five", "68", "crop"]), default="five",
+                     show_default=True, help=_FEED_HELP)(f)
+    f = click.option("--fp16", is_flag=True, help="ONNX on CUDA: run the model in float16.")(f)
+    f = click.option("--workers", type=click.IntRange(1), default=None,
+                     help="dlib: processes (default: all cores); ONNX: threads decoding and "
+                          "preprocessing ahead of the model.")(f)
+    f = click.option("--batch-size", type=click.IntRange(1), default=None,
+                     help="Faces per model call (default: 32 for dlib, by device for ONNX).")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="ONNX Runtime device; auto uses CUDA only when a session really gets it, "
+                          "else the CPU (and says so).")(f)
     f = click.option("--model-dir", type=click.Path(exists=True), default=None,
                      help="For --model arcface: an insightface model pack directory (e.g. "
                           "~/.insightface/models/buffalo_l) or an .onnx file; the recogniser is "
                           "found by inspecting the graphs.")(f)
-    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="ONNX Runtime device; auto uses CUDA only when a session really gets it, "
-                          "else the CPU (and says so).")(f)
-    f = click.option("--batch-size", type=click.IntRange(1), default=None,
-                     help="Faces per model call (default: 32 for dlib, by device for ONNX).")(f)
-    f = click.option("--workers", type=click.IntRange(1), default=None,
-                     help="dlib: processes (default: all cores); ONNX: threads decoding and "
-                          "preprocessing ahead of the model.")(f)
-    f = click.option("--fp16", is_flag=True, help="ONNX on CUDA: run the model in float16.")(f)
-    f = click.option("--dlib-feed", type=click.Choice(["five", "68", "crop"]), default="five",
-                     show_default=True, help=_FEED_HELP)(f)
-    f = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")(f)
+    f = click.option("--model", default="dlib", show_default=True, metavar="dlib|arcface|FILE.onnx",
+                     help=_MODEL_HELP)(f)
     return f
 
 
