@@ -122,7 +122,7 @@ class PackResult:
         return dict(sorted(out.items()))
 
     def config_snippet(self) -> str:
-        return (f'config.rec = "{self.dest}"\n'
+        return (f'config.rec = "{self.dest.resolve()}"\n'
                 f"config.num_classes = {self.classes}\n"
                 f"config.num_image = {self.images}")
 
