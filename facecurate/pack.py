@@ -356,8 +356,8 @@ def _bad_name(s: str) -> bool:
 
 def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
     """What to read: (source, work units, problems found while listing, notes). A unit
-    is a list of _Cand (manifest sources) or an identity folder name (folder source,
-    listed by the worker that reads it)."""
+    is a list of _Cand (manifest sources) or a tuple of identity folder names (folder
+    source, listed by the worker that reads them)."""
     errors: list[InputError] = []
     notes: dict = {}
     if (out / CLEAN_CSV).exists():
@@ -393,7 +393,8 @@ def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
             else:
                 units.append(e.name)
         notes["top_level_files_ignored"] = ignored
-        return "folder", units, errors, notes
+        # A unit is a few identity folders (fewer, larger work items).
+        return "folder", [tuple(units[i:i + 16]) for i in range(0, len(units), 16)], errors, notes
     cands: list[_Cand] = []
     base = str(out)
     for r in rows:
@@ -448,9 +449,13 @@ def _list_identity(out: str, ident: str) -> tuple[list[_Cand], list[InputError]]
 
 def _work(unit, out: str, size: int, resize: bool, quality: int) -> tuple[list, list[InputError], list[str]]:
     """Read and check one unit: (good crops as _Good, problems, identities listed)."""
-    if isinstance(unit, str):
-        cands, errors = _list_identity(out, unit)
-        listed = [unit]
+    if isinstance(unit, tuple):  # identity folder names
+        cands, errors = [], []
+        for ident in unit:
+            c, e = _list_identity(out, ident)
+            cands += c
+            errors += e
+        listed = list(unit)
     else:
         cands, errors = unit, []
         listed = sorted({c.identity for c in cands})
