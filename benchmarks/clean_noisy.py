@@ -273,12 +273,48 @@ def pipeline(cache: Path, workers: int = 1) -> Path:
     t0 = time.time()
     s = run_align(root / "RAW", out, AlignConfig(), workers=workers)
     print(f"align: {s.get('crops')} crops, {time.time() - t0:.0f}s", file=sys.stderr)
-    from facecurate.embed import run_embed
-
     t0 = time.time()
-    run_embed(out, workers=workers) if "workers" in run_embed.__code__.co_varnames else run_embed(out)
+    try:
+        from facecurate.embed import run_embed
+    except ImportError:  # the embed stage has not landed: dlib's own chip, same store format
+        embed_surrogate(root / "RAW", out)
+    else:
+        run_embed(out, workers=workers) if "workers" in run_embed.__code__.co_varnames else run_embed(out)
     print(f"embed: {time.time() - t0:.0f}s", file=sys.stderr)
     return out
+
+
+def embed_surrogate(raw: Path, out: Path) -> None:
+    """dlib descriptors from the source photos (68 landmarks in align's box, dlib's
+    150x150 chip), written in the embed stage's store format, model "dlib"."""
+    import cv2
+    import dlib
+
+    from facecurate.files import read_csv, write_csv_atomic, write_text_atomic
+    from facecurate.models.dlib_models import SHAPE68, dlib_descriptors, model_file
+
+    if (out / "embeddings.npy").exists():
+        return
+    sp = dlib.shape_predictor(model_file(SHAPE68))
+    rows = [r for r in read_csv(out / "align.csv") if r["aligned"]]
+    vecs = []
+    cache_img = {}
+    for k, r in enumerate(rows):
+        if r["source"] not in cache_img:
+            cache_img.clear()
+            bgr = cv2.imread(str(raw / r["source"]))
+            cache_img[r["source"]] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        rgb = cache_img[r["source"]]
+        x1, y1, x2, y2 = (int(round(float(r[c]))) for c in ("x1", "y1", "x2", "y2"))
+        shape = sp(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
+        v = dlib_descriptors([dlib.get_face_chip(rgb, shape, 150, 0.25)])[0]
+        vecs.append(v / np.linalg.norm(v))
+        if k % 500 == 0:
+            print(f"embed-surrogate {k}/{len(rows)}", file=sys.stderr, flush=True)
+    np.save(out / "embeddings.tmp.npy", np.array(vecs, np.float32))
+    os.replace(out / "embeddings.tmp.npy", out / "embeddings.npy")
+    write_csv_atomic(out / "embeddings.csv", ("aligned", "source", "identity", "face"), rows)
+    write_text_atomic(out / "embeddings.json", json.dumps({"model": "dlib-surrogate", "dim": 128}))
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -311,7 +347,7 @@ def label_faces(root: Path, rows: list[dict]) -> tuple[list, list, dict]:
     for src, g in gt.items():
         for x0, y0, x1, y1, person, photo, subj in json.loads(g["panels"]):
             if subj:
-                photos[(g["identity"], photo)] = False
+                photos.setdefault((g["identity"], photo), False)
             w = x1 - x0
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             best, bd = None, None

@@ -76,6 +76,7 @@ class CleanParams:
     min_face: float = 0.0  # subject faces smaller (px) are low_quality drops
     ambiguous: str = "review"  # what happens to an ambiguous folder's faces: review | drop
     iters: int = 3
+    loo: bool = True  # score each face against the centre of the others
     sample: int = 1000  # all-pairs clustering on at most this many faces per identity
     model: str = ""
     calibrated: dict = field(default_factory=dict)
@@ -88,7 +89,7 @@ class CleanParams:
 #: row was tuned on the noisy LFW-dev benchmark (benchmarks/clean_noisy.py); dlib's
 #: own same-person rule is a Euclidean distance < 0.6, i.e. cosine > 0.82.
 MODEL_DEFAULTS: dict[str, dict] = {
-    "dlib": dict(keep=0.86, drop=0.83, cw=0.875, join=0.9, dup=0.985, merge=0.93, exclude=0.9),
+    "dlib": dict(keep=0.955, drop=0.935, cw=0.93, join=0.95, dup=0.99, merge=0.965, exclude=0.95),
     # insightface ArcFace (w600k_r50, glintr100, mbf): same person typically > 0.4,
     # different people < 0.2 (512-D, cosine).
     "arcface": dict(keep=0.40, drop=0.30, cw=0.40, join=0.55, dup=0.95, merge=0.60, exclude=0.55),
@@ -191,9 +192,6 @@ def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: C
     joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
     joined[0] = True
     dom_size = int(sizes[joined].sum())
-    others = sizes[~joined]
-    second = int(others.max()) if len(others) else 0
-    ambiguous = second >= 2 and second >= p.ambiguous_ratio * dom_size
     # 2. robust centre
     members = np.isin(cluster, np.nonzero(joined)[0])
     c = _norm(emb[members].mean(0))
@@ -209,8 +207,23 @@ def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: C
             break
         c = c_new
     s = (emb @ c).astype(np.float32)
+    if p.loo:  # leave-one-out: a face does not vote for its own centre (matters in small folders)
+        best = _best_per_photo(s, photo)
+        inl = best & (s >= p.drop)
+        if inl.sum() >= 2:
+            tot = emb[inl].sum(0)
+            ii = np.nonzero(inl)[0]
+            s[ii] = np.einsum("ij,ij->i", emb[ii], _norm(tot[None, :] - emb[ii]))
+            out = np.nonzero(~inl)[0]
+            s[out] = emb[out] @ _norm(tot)
     # 3. one subject per photo
     subject = _best_per_photo(s, photo)
+    # ambiguity: a coherent second person (a cluster of subject faces the centre rejects)
+    # nearly as large as the set the centre accepts
+    inliers = int((subject & (s >= p.drop)).sum())
+    rejected = subject & (s < p.drop) & (cluster >= 0)
+    second = int(np.bincount(cluster[rejected], minlength=nclus).max()) if rejected.any() else 0
+    ambiguous = second >= 2 and second >= p.ambiguous_ratio * max(1, inliers)
     # 4. thresholds
     for i in range(n):
         if not subject[i]:
@@ -229,7 +242,8 @@ def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: C
     alive = np.array([d != C.DECISION_DROP for d in decision])
     _mark_duplicates(emb, alive, quality, s, p.dup, decision, reason, dup_of)
     if ambiguous:  # no guess: every face of the competing people goes the same way
-        rival = joined | (sizes >= p.ambiguous_ratio * dom_size)
+        big = np.bincount(cluster[rejected], minlength=nclus) >= p.ambiguous_ratio * max(1, inliers)
+        rival = joined | big
         for i in range(n):
             if reason[i] in (R_CENTRE, R_BAND, R_FAR, R_MINORITY) and (
                     decision[i] != C.DECISION_DROP or (cluster[i] >= 0 and rival[cluster[i]])):
@@ -601,9 +615,11 @@ def _model_name(meta: dict) -> str:
 
 
 def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
+    """The store, embedding with the default model first when crops are missing from it
+    (crops the embed stage recorded as failed are not retried here)."""
     store = load_store(out_dir)
     need = {r["aligned"] for r in rows}
-    if store is None or not need.issubset(store[1]):
+    if store is None or not need.issubset(set(store[1]) | _failed(store[2])):
         try:
             from facecurate.embed import run_embed
         except ImportError as e:  # pragma: no cover - embed stage missing
@@ -613,6 +629,10 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
     return store
+
+
+def _failed(meta: dict) -> set:
+    return {f.get("aligned") for f in meta.get("failed", []) if isinstance(f, dict)}
 
 
 def read_exclude(path: Path) -> tuple[set[str], list]:
@@ -634,31 +654,29 @@ def read_exclude(path: Path) -> tuple[set[str], list]:
     raise FileNotFoundError(f"--exclude {path}: no such file or folder")
 
 
-def embed_images(images: list[bytes], model: str) -> np.ndarray:
-    """Embeddings of encoded aligned crops with the store's model (for --exclude .bin)."""
+def embed_images(images: list[bytes], meta: dict) -> np.ndarray:
+    """Embeddings of encoded aligned crops (a verification .bin) with the store's model
+    (dlib: the embed stage's chip from the crop's five template points)."""
     import cv2
 
-    try:
-        from facecurate import embed as E
-
-        fn = getattr(E, "embed_crops", None)
-    except ImportError:
-        fn = None
     crops = []
     for b in images:
         img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
         if img is not None:
             crops.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
     if not crops:
-        return np.zeros((0, 128), np.float32)
-    if fn is not None:
-        return _norm(np.asarray(fn(crops, model=model), np.float32))
-    if model_family(model) != "dlib":
-        raise RuntimeError("--exclude .bin needs the embed stage for non-dlib models")
-    from facecurate.models.dlib_models import dlib_descriptors
+        return np.zeros((0, int(meta.get("dim", 128))), np.float32)
+    if model_family(_model_name(meta)) != "dlib":
+        raise RuntimeError("--exclude with a .bin needs the dlib store; for other models pass a folder of "
+                           "identity names")
+    from facecurate.embed import DlibEmbedder, crop_points, dlib_chip
 
-    chips = [cv2.resize(c, (150, 150), interpolation=cv2.INTER_LINEAR) for c in crops]
-    return _norm(dlib_descriptors(chips))
+    emb = DlibEmbedder(feed="crop")
+    out = []
+    for b0 in range(0, len(crops), 64):
+        chips = [dlib_chip(c, crop_points(c)) for c in crops[b0:b0 + 64]]
+        out.append(emb.run(chips, bool(meta.get("flip", False))))
+    return _norm(np.concatenate(out))
 
 
 def _f(v, default=0.0) -> float:
@@ -712,7 +730,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
         low = {s.lower().replace(" ", "_") for s in nm}
         ex_ids |= {gid[x] for x in names if x.lower().replace(" ", "_") in low}
         if imgs:
-            v = embed_images(imgs, model)
+            v = embed_images(imgs, meta)
             ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
     res = clean_core(emb, identity, photo, quality, p, face_size=fsize, excluded=ex_ids, exclude_vecs=ex_vecs,
                      show_progress=show_progress)

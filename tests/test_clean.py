@@ -26,7 +26,7 @@ def _unit(v):
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def _person(rng, centre, n, spread=0.30):
+def _person(rng, centre, n, spread=0.20):
     return _unit(centre + spread / np.sqrt(DIM) * rng.standard_normal((n, DIM)))
 
 
@@ -198,3 +198,84 @@ def test_exclude_verification_bin_by_embedding(tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(main, ["clean", str(tmp_path)])
     assert r.exit_code != 0 and "align.csv" in r.output
+
+
+# ----------------------------------------------------------------------------- real photos, real models
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, photos_dir, dlib_faces_dir):
+    """RAW/id00: 7 photos of one person, a photo of someone else, a group photo (the
+    subject beside another person), a re-hosted copy (resized, re-encoded) and a dog;
+    RAW/id01: 4 photos of a second person. Then the real align and clean (which embeds)."""
+    pytest.importorskip("facecurate.embed")
+    tmp = tmp_path_factory.mktemp("clean_real")
+    raw, out = tmp / "RAW", tmp / "OUT"
+    (raw / "id00").mkdir(parents=True)
+    (raw / "id01").mkdir()
+    for f in ("img1", "img10", "img2", "img4", "img5", "img6", "img7"):
+        shutil.copy(photos_dir / "id00" / f"{f}.jpg", raw / "id00" / f"{f}.jpg")
+    for f in ("img27", "img42", "img45", "img46"):
+        shutil.copy(photos_dir / "id01" / f"{f}.jpg", raw / "id01" / f"{f}.jpg")
+    shutil.copy(photos_dir / "id02" / "img8.jpg", raw / "id00" / "intruder.jpg")
+    a = cv2.imread(str(photos_dir / "id00" / "img11.jpg"))
+    b = cv2.imread(str(photos_dir / "id03" / sorted(p.name for p in (photos_dir / "id03").iterdir())[0]))
+    b = cv2.resize(b, (int(b.shape[1] * a.shape[0] / b.shape[0]), a.shape[0]))
+    cv2.imwrite(str(raw / "id00" / "group.jpg"), np.concatenate([a, b], axis=1))
+    c = cv2.imread(str(photos_dir / "id00" / "img5.jpg"))
+    c = cv2.resize(c, (int(c.shape[1] * 0.8), int(c.shape[0] * 0.8)), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(raw / "id00" / "img5_rehosted.jpg"), c, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    shutil.copy(dlib_faces_dir / "dogs.jpg", raw / "id00" / "dogs.jpg")
+    runner = CliRunner()
+    r = runner.invoke(main, ["align", str(raw), str(out), "--workers", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["clean", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    return out, json.loads(r.output.strip().splitlines()[-1]), a.shape[1]
+
+
+def test_real_photos_intruder_bystander_duplicate(real_run):
+    out, summary, split_x = real_run
+    rows = read_csv(out / C.CLEAN_CSV)
+    crops = [r for r in read_csv(out / C.ALIGN_MANIFEST) if r["aligned"]]
+    assert sorted(r["aligned"] for r in rows) == sorted(r["aligned"] for r in crops)
+    by = {}
+    for r in rows:
+        by.setdefault(r["source"], []).append(r)
+    # the other person's photo is not kept
+    assert all(r["decision"] != "keep" for r in by["id00/intruder.jpg"])
+    # group photo: the subject's face (left half) kept, the other person is a bystander
+    group = by["id00/group.jpg"]
+    left = [r for r in group if float(r["x2"]) <= split_x]
+    right = [r for r in group if float(r["x1"]) >= split_x]
+    assert len(left) == 1 and left[0]["decision"] == "keep"
+    assert right and all(r["reason"] == "not_subject" for r in right)
+    # the re-hosted copy and its original: one kept, the other a duplicate of it
+    pair = [r for s in ("id00/img5.jpg", "id00/img5_rehosted.jpg") for r in by[s] if r["reason"] != "not_subject"]
+    assert sorted(r["decision"] for r in pair) == ["drop", "keep"]
+    dup = next(r for r in pair if r["decision"] == "drop")
+    kept = next(r for r in pair if r["decision"] == "keep")
+    assert dup["reason"] == "duplicate" and dup["duplicate_of"] == kept["aligned"]
+    # the genuine photos of both people are kept
+    for ident, n in (("id00", 6), ("id01", 4)):
+        kept_src = {r["source"] for r in rows if r["identity"] == ident and r["decision"] == "keep"}
+        assert len(kept_src) >= n, (ident, kept_src)
+    assert read_csv(out / C.MERGES_CSV) == []
+    ids = {r["identity"]: r for r in read_csv(out / C.IDENTITIES_CSV)}
+    assert int(ids["id00"]["images"]) == 11 and "ambiguous" not in ids["id00"]["flags"]
+
+
+def test_real_exclude_verification_bin(real_run, tmp_path):
+    """A verification .bin holding crops of id01 (as insightface writes one) drops id01."""
+    out, _, _ = real_run
+    crops = [r["aligned"] for r in read_csv(out / C.CLEAN_CSV) if r["identity"] == "id01" and r["decision"] == "keep"]
+    bins = [(out / a).read_bytes() for a in crops[:2]]
+    p = tmp_path / "eval.bin"
+    with open(p, "wb") as f:
+        pickle.dump((bins, [True]), f, protocol=4)
+    work = tmp_path / "OUT"
+    shutil.copytree(out, work)
+    r = CliRunner().invoke(main, ["clean", str(work), "--exclude", str(p), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = read_csv(work / C.CLEAN_CSV)
+    assert {x["reason"] for x in rows if x["identity"] == "id01"} == {"excluded"}
+    assert any(x["decision"] == "keep" for x in rows if x["identity"] == "id00")
+    assert "excluded" not in {x["reason"] for x in rows if x["identity"] == "id00"}
