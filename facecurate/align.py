@@ -205,23 +205,33 @@ class Aligner:
         cfg.validate()
         self.cfg = cfg
         self.detector = make_detector(cfg)
-        self.fallback = None
-        if cfg.fallback not in ("none", cfg.detector):
-            # One pass at a fixed working size, no upsampling retries: MMOD costs
-            # seconds per large image on a CPU.
-            self.fallback = make_detector(replace(cfg, max_upsample=0, detect_min_side=0), cfg.fallback)
+        self._fallback = None  # built on first use
         self._landmarks = None
-        if cfg.detector != "scrfd" or self.fallback is not None:  # dlib detectors give no landmarks
-            from facecurate.models.dlib_models import DlibLandmarks68
-
-            self._landmarks = DlibLandmarks68()
+        if cfg.detector != "scrfd":  # dlib detectors give no landmarks
+            self._landmarks = self._landmark_model()
         self.timings = Timings()
         self.last_detector = cfg.detector
+
+    @staticmethod
+    def _landmark_model():
+        from facecurate.models.dlib_models import DlibLandmarks68
+
+        return DlibLandmarks68()
+
+    @property
+    def fallback(self):
+        """The detector for images where the main one finds nothing: one pass at a
+        fixed working size, no upsampling retries (MMOD costs seconds on big images)."""
+        if self._fallback is None and self.cfg.fallback not in ("none", self.cfg.detector):
+            self._fallback = make_detector(replace(self.cfg, max_upsample=0, detect_min_side=0), self.cfg.fallback)
+            if self._landmarks is None:
+                self._landmarks = self._landmark_model()
+        return self._fallback
 
     @property
     def detector_label(self) -> str:
         """The detector that found the faces of the last image (and its ONNX provider)."""
-        det = self.fallback if self.last_detector != self.cfg.detector else self.detector
+        det = self._fallback if self.last_detector != self.cfg.detector else self.detector
         prov = getattr(det, "provider", None)
         return self.last_detector + (f"/{prov}" if prov else "")
 
@@ -323,7 +333,9 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[d
         aligned, sharp, msg = "", float("nan"), ""
         if r.status == STATUS_OK:
             aligned = f"{inp.crop_stem}_{i}.{cfg.fmt}"
-            write_bytes_atomic(out / aligned, _encode(r.crop, cfg))
+            # No fsync per crop (6 ms each): the rename keeps it whole if killed,
+            # and the shard's manifest, written after its crops, is fsynced.
+            write_bytes_atomic(out / aligned, _encode(r.crop, cfg), fsync=False)
             sharp = sharpness(r.crop)
         elif r.status == STATUS_TOO_SMALL:
             msg = f"face of {r.det.size:.0f} px is below --min-face {cfg.min_face}"
@@ -383,11 +395,15 @@ def run_shard(aligner: Aligner, raw: Path, out: Path, shard: Shard) -> tuple[int
     return shard.index, len(shard.files), stats
 
 
-def _count_status(rows: Sequence[dict]) -> dict:
+def _count(values) -> dict:
     counts: dict = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def _count_status(rows: Sequence[dict]) -> dict:
+    return _count(r["status"] for r in rows)
 
 
 # --------------------------------------------------------------------------- distributor
@@ -487,6 +503,7 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
         "crops": status.get(STATUS_OK, 0),
         "files_with_crop": len({r["source"] for r in rows if r["status"] == STATUS_OK}),
         "status": status, "detector": label, "workers": workers if todo else 0,
+        "found_by": _count(r["detector"] for r in rows if r["face"] != "-1"),
         "seconds": round(elapsed, 2),
         "images_per_second": round(len(todo) / elapsed, 2) if todo and elapsed > 0 else None,
         "detector_share": round((totals.detect + totals.landmarks) / busy, 3) if busy > 0 else None,

@@ -17,19 +17,31 @@ from typing import IO, Iterable, Iterator, Mapping, Sequence
 import click
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **kw) -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync and rename it over
+def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, **kw) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success (fsync and) rename it over
     ``path``. On any exception the temporary file is removed and ``path`` is left
-    untouched, so a reader never sees a half-written file."""
+    untouched, so a reader never sees a half-written file. The rename alone makes
+    this safe against a killed process; ``fsync`` adds safety against power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, mode, **kw) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -37,8 +49,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **kw) -> Iterator[IO
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    with atomic_write(path, "wb", fsync=fsync) as f:
         f.write(data)
 
 

@@ -312,3 +312,38 @@ def test_cli_help_and_version():
     assert r.exit_code == 0 and "--detector" in r.output and "align.csv" in r.output
     r = CliRunner().invoke(main, ["align", "/nonexistent/raw", "/tmp/x"])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+# ------------------------------------------------------------------ SCRFD through ONNX Runtime
+def test_align_with_an_scrfd_graph(photos_dir, tmp_path):
+    """`align --detector scrfd` on a tiny graph with SCRFD's signature whose outputs
+    plant two faces: the crops and manifest carry exactly the planted geometry."""
+    pytest.importorskip("onnxruntime")
+    from test_onnx_models import KPS_A, _plant, scrfd_graph
+
+    box_a, box_b = (8.0, 2.0, 20.0, 14.0), (20.0, 4.0, 31.0, 15.0)
+    kps_b = [[23, 7], [28, 7], [25.5, 9], [23.5, 12], [27.5, 12]]
+    graph = scrfd_graph(tmp_path / "det.onnx", plants=[
+        _plant(8, (1, 1), 0, 2, 4, box_a, KPS_A, 0.9),
+        _plant(16, (1, 0), 0, 2, 2, box_b, kps_b, 0.7),
+    ])
+    raw = tmp_path / "raw" / "someone"
+    raw.mkdir(parents=True)
+    img = cv2.resize(cv2.imread(str(photos_dir / "id00" / "img10.jpg")), (320, 320))
+    cv2.imwrite(str(raw / "photo.png"), img)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["align", str(raw.parent), str(out), "--detector", "scrfd",
+                                    "--model-dir", str(graph), "--workers", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = read_csv(out / "align.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["detector"] == "scrfd/CPUExecutionProvider" for r in rows)
+    by_score = sorted(rows, key=lambda r: -float(r["det_score"]))
+    s = 320 / 32  # letterbox scale back to the image
+    for r, box, kps in ((by_score[0], box_a, KPS_A), (by_score[1], box_b, kps_b)):
+        got_box = [float(r[k]) for k in ("x1", "y1", "x2", "y2")]
+        assert np.allclose(got_box, np.array(box) * s, atol=0.01)
+        got_kps = [float(r[k]) for k in ("le_x", "le_y", "re_x", "re_y", "nose_x", "nose_y",
+                                          "ml_x", "ml_y", "mr_x", "mr_y")]
+        assert np.allclose(got_kps, np.array(kps, float).reshape(-1) * s, atol=0.01)
+        assert cv2.imread(str(out / r["aligned"])).shape == (112, 112, 3)
