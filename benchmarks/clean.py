@@ -3,7 +3,7 @@
     python benchmarks/clean.py [--faces 1000000] [--identities 100000] [--dim 128]
 
 Synthetic data: identity centres are random unit vectors; each face is its centre plus
-Gaussian noise (dlib-like spread: same-person cosine ~0.9), 10% of the faces are other
+Gaussian noise (dlib-like spread: cosine to the centre ~0.98), 10% of the faces are other
 people (random vectors), 2% are re-encoded duplicates (tiny noise), 5% of the photos
 carry a bystander face, and 0.5% of the identities are planted "same person under two
 names" pairs (for merges.csv). Faces per identity are long-tailed (Zipf-like).
@@ -42,7 +42,7 @@ def synth(n_faces: int, n_ids: int, dim: int, seed: int = 0):
     x = np.empty((n, dim), np.float32)
     for b0 in range(0, n, 200_000):
         sl = slice(b0, min(n, b0 + 200_000))
-        x[sl] = centres[ident[sl]] + 0.4 / np.sqrt(dim) * rng.standard_normal((sl.stop - b0, dim)).astype(np.float32)
+        x[sl] = centres[ident[sl]] + 0.2 / np.sqrt(dim) * rng.standard_normal((sl.stop - b0, dim)).astype(np.float32)
     wrong = rng.random(n) < 0.10
     x[wrong] = rng.standard_normal((int(wrong.sum()), dim)).astype(np.float32)
     photo = np.arange(n, dtype=np.int64)

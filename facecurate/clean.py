@@ -76,6 +76,9 @@ class CleanParams:
     min_face: float = 0.0  # subject faces smaller (px) are low_quality drops
     ambiguous: str = "review"  # what happens to an ambiguous folder's faces: review | drop
     iters: int = 3
+    cohort: float = 0.3  # score -= cohort * (mean sim to the 5 nearest other centres - its median)
+    spread: float = 0.5  # score -= spread * (folder's median inlier sim - median over folders)
+    low_sharpness: float = 40.0  # crops below (variance of Laplacian) get the measured quality shift
     loo: bool = True  # score each face against the centre of the others
     sample: int = 1000  # all-pairs clustering on at most this many faces per identity
     model: str = ""
@@ -89,7 +92,7 @@ class CleanParams:
 #: row was tuned on the noisy LFW-dev benchmark (benchmarks/clean_noisy.py); dlib's
 #: own same-person rule is a Euclidean distance < 0.6, i.e. cosine > 0.82.
 MODEL_DEFAULTS: dict[str, dict] = {
-    "dlib": dict(keep=0.955, drop=0.935, cw=0.93, join=0.95, dup=0.99, merge=0.965, exclude=0.95),
+    "dlib": dict(keep=0.96, drop=0.935, cw=0.93, join=0.95, dup=0.99, merge=0.965, exclude=0.95),
     # insightface ArcFace (w600k_r50, glintr100, mbf): same person typically > 0.4,
     # different people < 0.2 (512-D, cosine).
     "arcface": dict(keep=0.40, drop=0.30, cw=0.40, join=0.55, dup=0.95, merge=0.60, exclude=0.55),
@@ -160,11 +163,12 @@ class IdentityResult:
 
 
 def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: CleanParams,
-                   face_size: np.ndarray | None = None) -> IdentityResult:
+                   face_size: np.ndarray | None = None, offset: np.ndarray | None = None) -> IdentityResult:
     """Decide every face of one identity.
 
     emb: (n, d) unit vectors; photo: (n,) photo id (faces of one photo share it);
-    quality: (n,) larger is better (picks the copy kept among duplicates)."""
+    quality: (n,) larger is better (picks the copy kept among duplicates); offset: (n,)
+    subtracted from each face's similarity before the thresholds (see ``score_offsets``)."""
     n = len(emb)
     emb = np.asarray(emb, np.float32)
     photo = np.asarray(photo)
@@ -224,6 +228,8 @@ def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: C
     rejected = subject & (s < p.drop) & (cluster >= 0)
     second = int(np.bincount(cluster[rejected], minlength=nclus).max()) if rejected.any() else 0
     ambiguous = second >= 2 and second >= p.ambiguous_ratio * max(1, inliers)
+    if offset is not None:
+        s = (s - np.asarray(offset, np.float32)).astype(np.float32)
     # 4. thresholds
     for i in range(n):
         if not subject[i]:
@@ -466,7 +472,8 @@ class CoreResult:
 
 
 def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality: np.ndarray,
-               p: CleanParams, *, face_size: np.ndarray | None = None, excluded: Iterable[int] = (),
+               p: CleanParams, *, face_size: np.ndarray | None = None, sharpness: np.ndarray | None = None,
+               excluded: Iterable[int] = (),
                exclude_vecs: np.ndarray | None = None, show_progress: bool = False) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
     photo across the whole set), ``quality`` (n,) floats. Deterministic."""
@@ -484,10 +491,20 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                  dominant_share=0.0, flags=[]) for _ in range(k)]
     excluded = set(int(e) for e in excluded)
     groups = _group(identity) if n else {}
+    offset = None
+    if n and (p.cohort or p.spread or sharpness is not None):
+        first = {}
+        for g in progress(sorted(groups), desc="clean (centres)", unit="id",
+                          disable=None if show_progress else True):
+            rows = groups[g]
+            first[g] = clean_identity(emb[rows], photo[rows], quality[rows], p,
+                                      None if face_size is None else face_size[rows])
+        offset = score_offsets(emb, identity, first, groups, p, sharpness)
     for g in progress(sorted(groups), desc="clean", unit="id", disable=None if show_progress else True):
         rows = groups[g]
         r = clean_identity(emb[rows], photo[rows], quality[rows], p,
-                           None if face_size is None else face_size[rows])
+                           None if face_size is None else face_size[rows],
+                           None if offset is None else offset[rows])
         for j, i in enumerate(rows.tolist()):
             decision[i], reason[i] = r.decision[j], r.reason[j]
             if r.dup_of[j] >= 0:
@@ -545,6 +562,81 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
     return CoreResult(decision, reason, score, cluster, dup_of, info, fin, merges, resolved)
 
 
+def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, sharpness=None) -> np.ndarray:
+    """Per-face corrections of the centre similarity, all measured on the dataset itself:
+
+    * cohort: a face that resembles many other identities' centres (a generic face, a
+      look-alike) scores higher everywhere; subtract ``cohort`` x its mean similarity to
+      the 5 nearest other centres (relative to the median face);
+    * spread: in a folder whose genuine faces are tight, the same similarity is weaker
+      evidence; subtract ``spread`` x (folder's median inlier similarity - the median
+      folder's);
+    * quality: blurred / low-resolution crops (sharpness below ``low_sharpness``) sit
+      lower for everyone; add the measured gap between sharp and blurred inliers'
+      median similarity (0..0.03).
+    """
+    n = len(emb)
+    raw = np.zeros(n, np.float32)
+    inl = np.zeros(n, bool)
+    k = len(first)
+    keys = sorted(first)
+    cen = np.zeros((int(identity.max()) + 1, emb.shape[1]), np.float32)
+    med = np.full(int(identity.max()) + 1, np.nan)
+    for g in keys:
+        rows = groups[g]
+        r = first[g]
+        raw[rows] = r.score
+        sub = np.array([x != R_NOT_SUBJECT for x in r.reason], bool)
+        ok = sub & (r.score >= p.drop)
+        inl[rows] = ok
+        if r.centre is not None:
+            cen[g] = r.centre
+        if ok.sum() >= 3:
+            med[g] = float(np.median(r.score[ok]))
+    off = np.zeros(n, np.float64)
+    if p.cohort and k > 5:
+        co = topk_other_mean(emb, identity, cen[keys], np.asarray(keys), 5)
+        ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
+        off += p.cohort * (co - ref)
+    if p.spread and np.isfinite(med).any():
+        gm = float(np.nanmedian(med))
+        dev = np.where(np.isfinite(med), med - gm, 0.0)
+        off += p.spread * dev[identity]
+    if sharpness is not None:
+        sh = np.asarray(sharpness, np.float64)
+        low = np.isfinite(sh) & (sh > 0) & (sh < p.low_sharpness)
+        hi = np.isfinite(sh) & (sh >= p.low_sharpness)
+        if (inl & low).sum() >= 20 and (inl & hi).sum() >= 20:
+            delta = float(np.clip(np.median(raw[inl & hi]) - np.median(raw[inl & low]), 0.0, 0.03))
+            off -= delta * low
+    return off.astype(np.float32)
+
+
+def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np.ndarray, k: int,
+                    block: int = 4096, cohort_max: int = 5000, seed: int = 0) -> np.ndarray:
+    """Mean similarity of each vector to its k nearest centres of other identities
+    (``ids`` names the rows of ``centres``): an exact search over a cohort of at most
+    ``cohort_max`` centres (a fixed random sample when there are more), so the cost is
+    linear in the number of faces."""
+    n, m = len(q), len(centres)
+    if m > cohort_max:
+        pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
+        centres, ids, m = centres[pick], ids[pick], cohort_max
+    pos = np.full(int(max(ids.max(), own.max())) + 1, -1, np.int64)
+    pos[ids] = np.arange(m)
+    own_pos = pos[own]
+    kk = max(1, min(k, m - 1))
+    out = np.zeros(n, np.float32)
+    for b0 in range(0, n, block):
+        s = q[b0:b0 + block] @ centres.T
+        op = own_pos[b0:b0 + block]
+        ok = op >= 0
+        s[np.arange(len(s))[ok], op[ok]] = -np.inf
+        top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
+        out[b0:b0 + block] = top.mean(1)
+    return out
+
+
 def _max_sim(a: np.ndarray, b: np.ndarray, block: int = 8192) -> np.ndarray:
     out = np.full(len(a), -1.0, np.float32)
     for b0 in range(0, len(b), block):
@@ -586,8 +678,8 @@ def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: Clean
     shift = drop - p.drop
     q = dataclasses.replace(p, keep=keep, drop=drop, cw=p.cw + shift, join=p.join + shift,
                             merge=min(0.999, p.merge + shift), exclude=min(0.999, p.exclude + shift))
-    q.calibrated = dict(far=far, impostor_pairs=int(len(imp)), genuine_median=float(np.median(gen)),
-                        genuine_below_drop=float(np.mean(gen < drop)), shift=shift)
+    q.calibrated = dict(far=far, impostor_pairs=int(len(imp)), own_centre_median=float(np.median(gen)),
+                        faces_below_drop=float(np.mean(gen < drop)), shift=shift)
     return q
 
 
@@ -732,7 +824,8 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
         if imgs:
             v = embed_images(imgs, meta)
             ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
-    res = clean_core(emb, identity, photo, quality, p, face_size=fsize, excluded=ex_ids, exclude_vecs=ex_vecs,
+    res = clean_core(emb, identity, photo, quality, p, face_size=fsize, sharpness=sharp, excluded=ex_ids,
+                     exclude_vecs=ex_vecs,
                      show_progress=show_progress)
     out = []
     for i, r in enumerate(have):

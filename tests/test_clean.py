@@ -279,3 +279,18 @@ def test_real_exclude_verification_bin(real_run, tmp_path):
     assert {x["reason"] for x in rows if x["identity"] == "id01"} == {"excluded"}
     assert any(x["decision"] == "keep" for x in rows if x["identity"] == "id00")
     assert "excluded" not in {x["reason"] for x in rows if x["identity"] == "id00"}
+
+
+def test_cohort_excludes_own_identity_and_samples_deterministically():
+    rng = np.random.default_rng(8)
+    cen = _centres(rng, 300)
+    ids = np.arange(300)
+    own = rng.integers(0, 300, 200)
+    q = _unit(cen[own] + 0.2 / np.sqrt(DIM) * rng.standard_normal((200, DIM)))
+    full = fc.topk_other_mean(q, own, cen, ids, 5)
+    assert np.all(full < 0.6)  # the own centre (cosine ~0.98) is never counted
+    brute = np.array([np.sort(np.delete(cen, o, 0) @ v)[-5:].mean() for v, o in zip(q, own)])
+    assert np.allclose(full, brute, atol=1e-5)
+    a = fc.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
+    b = fc.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
+    assert np.array_equal(a, b) and np.all(a <= full + 1e-6)
