@@ -206,6 +206,43 @@ def dlib_chip(rgb: np.ndarray, pts5, size: int = DLIB_CHIP_SIZE) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+def fit_dlib_chip_template(align_out, limit: int = 1500, seed: int = 0) -> np.ndarray:
+    """How :data:`DLIB_CHIP_TEMPLATE_150` was made (offline, on LFW *dev* identities):
+    for the primary faces of an align OUT, re-run dlib's 68-point model on the box,
+    take dlib's chip placement (``get_face_chip_details(shape, 150, 0.25)``), map the
+    recorded five points into chip pixels and average them."""
+    import random
+
+    import cv2
+    import dlib
+
+    from facecurate.models.dlib_models import SHAPE68, model_file
+
+    items, _ = items_from_align(Path(align_out))
+    prim = {r["aligned"] for r in read_csv(Path(align_out) / ALIGN_MANIFEST) if r["primary"] == "1"}
+    items = [it for it in items if it.aligned in prim and it.pts5 is not None and it.box is not None]
+    random.Random(seed).shuffle(items)
+    sp = dlib.shape_predictor(model_file(SHAPE68))
+    loader = Loader()
+    pts = []
+    for it in items[:limit]:
+        img = loader.source(it.raw)
+        if img is None:
+            continue
+        x1, y1, x2, y2 = (int(round(v)) for v in it.box)
+        det = dlib.get_face_chip_details(sp(img, dlib.rectangle(x1, y1, x2, y2)), DLIB_CHIP_SIZE, 0.25)
+        r, a = det.rect, det.angle
+        c = np.array([(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2])
+        rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+        corners = np.array([[r.left(), r.top()], [r.right(), r.top()], [r.right(), r.bottom()]], float)
+        src = ((corners - c) @ rot.T + c).astype(np.float32)
+        dst = np.float32([[0, 0], [det.cols - 1, 0], [det.cols - 1, det.rows - 1]])
+        m = cv2.getAffineTransform(src, dst)  # dlib's get_mapping_to_chip
+        p5 = np.asarray(it.pts5, float).reshape(5, 2)
+        pts.append(p5 @ m[:, :2].T + m[:, 2])
+    return np.mean(pts, axis=0)
+
+
 def crop_points(crop: np.ndarray) -> np.ndarray:
     """Where the five points lie in an ArcFace-aligned crop of any size."""
     from facecurate.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112

@@ -21,7 +21,6 @@ and the true accept rate at a false accept rate of 1e-3 (over all pairs).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass

@@ -5,7 +5,6 @@ input, all on real photos with dlib's real models."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
