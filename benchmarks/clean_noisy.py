@@ -463,7 +463,7 @@ def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True
 
         for d in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6):
             base[f"cw_{d}_{faces}"] = metrics(full(seed_cw(emb[sub], ident[sub], d)), none, genuine, key, photos)
-        for t in np.round(np.arange(0.90, 0.9651, 0.005), 3):
+        for t in np.round(np.arange(0.90, 0.9851, 0.005), 3):
             base[f"centre_{t}_{faces}"] = metrics(full(seed_centre(emb[sub], ident[sub], t, 0)), none, genuine,
                                                    key, photos)
             base[f"iterated_{t}_{faces}"] = metrics(full(seed_centre(emb[sub], ident[sub], t, 5)), none,

@@ -595,7 +595,13 @@ def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, shar
             med[g] = float(np.median(r.score[ok]))
     off = np.zeros(n, np.float64)
     if p.cohort and k > 5:
-        co = topk_other_mean(emb, identity, cen[keys], np.asarray(keys), 5)
+        # identities that look like the same person (merge candidates) are not each other's cohort
+        karr = np.asarray(keys)
+        partners = defaultdict(list)
+        for a, b, _ in similar_pairs(cen[karr], p.merge):
+            partners[int(karr[a])].append(int(karr[b]))
+            partners[int(karr[b])].append(int(karr[a]))
+        co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners)
         ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
         off += p.cohort * (co - ref)
     if p.spread and np.isfinite(med).any():
@@ -613,11 +619,12 @@ def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, shar
 
 
 def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np.ndarray, k: int,
-                    block: int = 4096, cohort_max: int = 5000, seed: int = 0) -> np.ndarray:
+                    block: int = 4096, cohort_max: int = 5000, seed: int = 0,
+                    partners: dict | None = None) -> np.ndarray:
     """Mean similarity of each vector to its k nearest centres of other identities
     (``ids`` names the rows of ``centres``): an exact search over a cohort of at most
     ``cohort_max`` centres (a fixed random sample when there are more), so the cost is
-    linear in the number of faces."""
+    linear in the number of faces. ``partners`` (identity -> identities) are left out too."""
     n, m = len(q), len(centres)
     if m > cohort_max:
         pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
@@ -632,6 +639,15 @@ def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np
         op = own_pos[b0:b0 + block]
         ok = op >= 0
         s[np.arange(len(s))[ok], op[ok]] = -np.inf
+        if partners:
+            rr, cc = [], []
+            for r_, g in enumerate(own[b0:b0 + block].tolist()):
+                for h in partners.get(g, ()):
+                    if 0 <= h < len(pos) and pos[h] >= 0:
+                        rr.append(r_)
+                        cc.append(pos[h])
+            if rr:
+                s[rr, cc] = -np.inf
         top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
         out[b0:b0 + block] = top.mean(1)
     return out

@@ -165,6 +165,12 @@ def test_run_clean_outputs_merges_exclude_and_determinism(tmp_path):
     first = {n: (out / n).read_bytes() for n in (C.CLEAN_CSV, C.IDENTITIES_CSV, C.MERGES_CSV)}
     assert CliRunner().invoke(main, ["clean", str(out)]).exit_code == 0
     assert first == {n: (out / n).read_bytes() for n in first}
+    # --calibrate: thresholds from the data, recorded in clean.json
+    r = CliRunner().invoke(main, ["clean", str(out), "--calibrate", "0.01", "--json"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "clean.json").read_text())
+    assert meta["params"]["calibrated"]["far"] == 0.01 and json.loads(r.output)["calibrated"] is True
+    assert meta["params"]["drop"] != fc.default_params("dlib").drop
     # --exclude a folder of identity names (an evaluation set laid out by identity)
     ev = tmp_path / "evalset"
     (ev / "bob").mkdir(parents=True)
@@ -294,3 +300,18 @@ def test_cohort_excludes_own_identity_and_samples_deterministically():
     a = fc.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
     b = fc.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
     assert np.array_equal(a, b) and np.all(a <= full + 1e-6)
+
+
+def test_same_person_under_two_names_is_kept_and_listed():
+    """A person crawled under two names: both folders keep their faces (they are not each
+    other's look-alike cohort) and the pair is a merge candidate."""
+    rng = np.random.default_rng(9)
+    c = _centres(rng, 12)
+    c[11] = c[0]
+    emb = np.concatenate([_person(rng, c[k], 6) for k in range(12)])
+    ident = np.repeat(np.arange(12), 6)
+    res = fc.clean_core(emb, ident, np.arange(len(emb)), np.zeros(len(emb)), fc.default_params("dlib"))
+    twins = np.isin(ident, [0, 11])
+    assert all(res.decision[i] == "keep" for i in np.nonzero(twins)[0])
+    assert "drop" not in res.decision
+    assert [(a, b) for a, b, _ in res.merges] == [(0, 11)]
