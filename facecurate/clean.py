@@ -448,13 +448,12 @@ def _pairs_ivf_faiss(vecs, thr, seed):
     index.add(vecs)
     index.nprobe = nprobe
     lims, dist, lab = index.range_search(vecs, float(thr))
-    found = {}
-    for i in range(n):
-        for s, j in zip(dist[lims[i]:lims[i + 1]].tolist(), lab[lims[i]:lims[i + 1]].tolist()):
-            if i != j:
-                a, b = (i, j) if i < j else (j, int(i))
-                found[(int(a), int(b))] = float(s)
-    return [(a, b, s) for (a, b), s in found.items()]
+    q = np.repeat(np.arange(n, dtype=np.int64), np.diff(lims).astype(np.int64))
+    lab = lab.astype(np.int64)
+    ok = (q != lab) & (lab >= 0)
+    a, b = np.minimum(q[ok], lab[ok]), np.maximum(q[ok], lab[ok])
+    _, first = np.unique(a * n + b, return_index=True)
+    return [(int(x), int(y), float(s)) for x, y, s in zip(a[first], b[first], dist[ok][first])]
 
 
 # ----------------------------------------------------------------------------- the core on arrays

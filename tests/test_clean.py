@@ -110,6 +110,9 @@ def test_merge_candidates_exact_and_ivf_agree():
     assert [(a, b) for a, b, _ in exact] == [(7, 100), (1500, 2000)] or \
         sorted((a, b) for a, b, _ in exact) == [(7, 100), (1500, 2000)]
     assert sorted((a, b) for a, b, _ in ivf) == sorted((a, b) for a, b, _ in exact)
+    if fc._have_faiss():  # the faiss inverted file finds the same pairs
+        ff = fc.similar_pairs(c, 0.9, exact_below=0, use_faiss=True)
+        assert sorted((a, b) for a, b, _ in ff) == sorted((a, b) for a, b, _ in exact)
 
 
 def test_calibrate_is_monotone_in_far():
