@@ -262,11 +262,17 @@ class DlibEmbedder:
         if feed not in DLIB_FEEDS:
             raise EmbedError(f"unknown dlib feed {feed!r}; choose one of {', '.join(DLIB_FEEDS)}")
         self.feed = feed
-        from facecurate.models.dlib_models import dlib_descriptor_model
-
-        self.model = dlib_descriptor_model()
+        self._model = None  # loaded on first use: a parent that only hands out work never loads it
         self._sp = None
         self.provider = "CPU (dlib)"
+
+    @property
+    def model(self):
+        if self._model is None:
+            from facecurate.models.dlib_models import dlib_descriptor_model
+
+            self._model = dlib_descriptor_model()
+        return self._model
 
     def info(self) -> dict:
         from facecurate.models.dlib_models import DESCRIPTOR, model_file
