@@ -47,7 +47,7 @@ from facecurate.imageio import ImageError, is_image_name, read_image
 from facecurate.records import Detection
 
 DETECTORS = ("dlib", "dlib-cnn", "scrfd")
-#: The fallback detector sees a copy whose longer side is this many pixels.
+#: The fallback detector sees a copy whose longer side is at most this many pixels.
 FALLBACK_SIDE = 512
 SHARD_DIR = "align"
 
@@ -246,9 +246,8 @@ class Aligner:
         dets = [d.scaled(1.0 / scale) for d in self.detector.detect(small)]
         self.last_detector = self.cfg.detector
         if not dets and self.fallback is not None:
-            f = FALLBACK_SIDE / max(h, w)
-            work = cv2.resize(rgb, (round(w * f), round(h * f)),
-                              interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+            f = min(1.0, FALLBACK_SIDE / max(h, w))
+            work = rgb if f == 1.0 else cv2.resize(rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
             dets = [d.scaled(1.0 / f) for d in self.fallback.detect(work)]
             self.last_detector = self.cfg.fallback
         t1 = time.perf_counter()
