@@ -4,7 +4,7 @@ The baseline is the naive single-process loop people copy from blog posts, over 
 same dlib models: read a file, HOG-detect (upsample 1), 68 landmarks, similarity
 warp to the ArcFace template, write the crop; one file after another.
 
-    python benchmarks/align.py [--images 400] [--workers N]
+    python benchmarks/align.py [--images 400] [--workers N] [--rounds 3]
 
 Prints images/s of both, their ratio, and the share of facecurate's worker time spent
 inside the detector and landmark model. Uses LFW *dev* identities only.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -67,28 +68,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--workers", type=int, default=None, help="facecurate workers (default: all cores)")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if not (DATA / "lfw").is_dir():
         sys.exit(f"LFW not found under {DATA} (set FACECURATE_DATA)")
 
     from facecurate.align import AlignConfig, run_align
 
+    naive_times, fc_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw = pick_raw(args.images, tmp)
-        t0 = time.perf_counter()
-        n_naive = naive_loop(raw, tmp / "naive")
-        t_naive = time.perf_counter() - t0
+        for r in range(args.rounds):  # interleaved, so both see the same machine load
+            t0 = time.perf_counter()
+            n_naive = naive_loop(raw, tmp / f"naive{r}")
+            naive_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            summary = run_align(raw, tmp / f"fc{r}", AlignConfig(), workers=args.workers, show_progress=False)
+            fc_times.append(time.perf_counter() - t0)
 
-        t0 = time.perf_counter()
-        summary = run_align(raw, tmp / "fc", AlignConfig(), workers=args.workers, show_progress=False)
-        t_fc = time.perf_counter() - t0
-
+    t_naive, t_fc = statistics.median(naive_times), statistics.median(fc_times)
     naive_ips, fc_ips = n_naive / t_naive, summary["files"] / t_fc
-    print(f"images: {summary['files']} (LFW dev, {os.cpu_count()} cores)")
-    print(f"naive loop (blog recipe, 1 process): {t_naive:7.2f} s  {naive_ips:7.1f} images/s")
+    print(f"images: {summary['files']} (LFW dev, {os.cpu_count()} cores), median of {args.rounds} interleaved rounds")
+    print(f"naive loop (blog recipe, 1 process): {t_naive:7.2f} s  {naive_ips:7.1f} images/s"
+          f"  (rounds: {', '.join(f'{t:.2f}' for t in naive_times)})")
     print(f"facecurate align ({summary['workers']} workers):  {t_fc:7.2f} s  {fc_ips:7.1f} images/s"
-          f"  (crops {summary['crops']}, files with a crop {summary['files_with_crop']})")
+          f"  (rounds: {', '.join(f'{t:.2f}' for t in fc_times)}; crops {summary['crops']},"
+          f" files with a crop {summary['files_with_crop']})")
     print(f"speed-up: {fc_ips / naive_ips:.2f}x")
     print(f"share of worker time in detector + landmarks: {summary['detector_share']:.0%}"
           f"  (timings s: {summary['timings']})")

@@ -17,6 +17,8 @@ import math
 import multiprocessing as mp
 import os
 import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, Sequence
@@ -197,6 +199,11 @@ class Timings:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
+def _label(name: str, detector) -> str:
+    prov = getattr(detector, "provider", None)
+    return name + (f"/{prov}" if prov else "")
+
+
 class Aligner:
     """Detect, locate landmarks, pick the subject and warp, for one image at a time.
     Holds the models; build one per process."""
@@ -231,9 +238,13 @@ class Aligner:
     @property
     def detector_label(self) -> str:
         """The detector that found the faces of the last image (and its ONNX provider)."""
-        det = self._fallback if self.last_detector != self.cfg.detector else self.detector
-        prov = getattr(det, "provider", None)
-        return self.last_detector + (f"/{prov}" if prov else "")
+        if self.last_detector != self.cfg.detector:
+            return _label(self.last_detector, self._fallback)
+        return self.main_label
+
+    @property
+    def main_label(self) -> str:
+        return _label(self.cfg.detector, self.detector)
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Faces with 5 landmarks, in source pixels; detection runs on a copy whose
@@ -367,8 +378,12 @@ def shard_paths(out: Path, index: int) -> tuple[Path, Path]:
 _WORKER: dict = {}
 
 
+def _child_init(cfg: AlignConfig, raw: str, out: str) -> None:
+    cv2.setNumThreads(1)  # one process per core already
+    _worker_init(cfg, raw, out)
+
+
 def _worker_init(cfg: AlignConfig, raw: str, out: str) -> None:
-    cv2.setNumThreads(1)
     _WORKER["aligner"] = Aligner(cfg)
     _WORKER["raw"], _WORKER["out"] = Path(raw), Path(out)
 
@@ -419,6 +434,46 @@ def _done_shards(out: Path) -> tuple[dict[int, list[dict]], set[str]]:
     return shards, done
 
 
+def _distribute(shards: Sequence[Shard], cfg: AlignConfig, raw: str, out: str, workers: int) -> Iterator[tuple]:
+    """Distributor: yields (shard index, files, stats) as shards finish, in any order.
+    The calling process is one of the ``workers`` lanes: it aligns shards itself
+    while the other ``workers - 1`` processes start and load their models (about a
+    second each), and keeps every child two shards ahead so that none waits."""
+    pending = deque(shards)
+    if not pending:
+        return
+    if workers == 1:
+        _worker_init(cfg, raw, out)
+        while pending:
+            yield _worker_run(pending.popleft())
+        return
+    # spawn, not fork: a forked child of a process whose OpenCV thread pool already
+    # runs can deadlock on its first cv2 call.
+    ex = ProcessPoolExecutor(workers - 1, mp_context=mp.get_context("spawn"),
+                             initializer=_child_init, initargs=(cfg, raw, out))
+    running: set = set()
+    clean_exit = False
+    try:
+        # Children first: they start and load their models while this process loads its own.
+        while pending and len(running) < 2 * (workers - 1):
+            running.add(ex.submit(_worker_run, pending.popleft()))
+        _worker_init(cfg, raw, out)
+        while pending or running:
+            while pending and len(running) < 2 * (workers - 1):
+                running.add(ex.submit(_worker_run, pending.popleft()))
+            if pending:
+                yield _worker_run(pending.popleft())  # this process's own share
+                finished = {f for f in running if f.done()}
+            else:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                running.discard(f)
+                yield f.result()
+        clean_exit = True
+    finally:
+        ex.shutdown(wait=clean_exit, cancel_futures=True)
+
+
 def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig = AlignConfig(), *,
               workers: Optional[int] = None, shard_size: int = 64, overwrite: bool = False,
               show_progress: bool = True, on_shard: Optional[Callable[[dict], None]] = None) -> dict:
@@ -453,41 +508,25 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     todo = [f for f in inputs if f.source not in done]
     next_index = max(shards_done, default=-1) + 1
     workers = max(1, workers or os.cpu_count() or 1)
-    # Small runs: smaller shards, so that every worker gets several.
-    shard_size = max(1, min(shard_size, math.ceil(len(todo) / (4 * workers))))
+    # Small runs: smaller shards, so that every worker gets several and all finish together.
+    shard_size = max(1, min(shard_size, math.ceil(len(todo) / (16 * workers))))
     shards = [Shard(next_index + i, todo[s:s + shard_size]) for i, s in enumerate(range(0, len(todo), shard_size))]
     workers = min(workers, max(1, len(shards)))
 
     totals = Timings()
-    label = cfg.detector
     bar = progress(total=len(inputs), initial=len(inputs) - len(todo), desc="align", unit="img",
                    disable=None if show_progress else True)
+    results = _distribute(shards, cfg, str(raw), str(out), workers)
     try:
-        if shards and workers == 1:
-            _worker_init(cfg, str(raw), str(out))
-            label = _WORKER["aligner"].detector_label
-            results: Iterator = map(_worker_run, shards)
-        elif shards:
-            # spawn, not fork: a forked child of a process whose OpenCV / BLAS thread
-            # pools already run can deadlock on its first cv2 call.
-            pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(cfg, str(raw), str(out)))
-            results = pool.imap_unordered(_worker_run, shards)
-        else:
-            results = iter(())
         for _idx, n, stats in results:
             totals.add(Timings(**stats["timings"]))
             bar.update(n)
             if on_shard:
                 on_shard(stats)
-        if shards and workers > 1:
-            pool.close()
-            pool.join()
-    except BaseException:
-        if shards and workers > 1:
-            pool.terminate()
-        raise
     finally:
+        results.close()
         bar.close()
+    label = _WORKER["aligner"].main_label if shards else cfg.detector
 
     rows = merge_manifest(out)
     elapsed = time.perf_counter() - t_start
