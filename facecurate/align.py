@@ -273,7 +273,9 @@ class Aligner:
         """All faces of one image, the likely subject first."""
         h, w = rgb.shape[:2]
         dets = self.detect(rgb)
-        dets.sort(key=lambda d: (-primary_score(d, w, h), float(d.box[0]), float(d.box[1])))
+        # Usable faces by subject likelihood, then the too-small ones: face 0 is the primary.
+        dets.sort(key=lambda d: (d.size < self.cfg.min_face, -primary_score(d, w, h),
+                                 float(d.box[0]), float(d.box[1])))
         results: list[FaceResult] = []
         primary_taken = False
         t0 = time.perf_counter()

@@ -347,3 +347,20 @@ def test_align_with_an_scrfd_graph(photos_dir, tmp_path):
                                           "ml_x", "ml_y", "mr_x", "mr_y")]
         assert np.allclose(got_kps, np.array(kps, float).reshape(-1) * s, atol=0.01)
         assert cv2.imread(str(out / r["aligned"])).shape == (112, 112, 3)
+
+
+def test_face_zero_is_the_primary_even_beside_a_centred_small_face(photos_dir):
+    """A small face in the centre scores high on centrality but is below --min-face:
+    the usable face in the corner is the primary and comes first."""
+    from facecurate.align import Aligner
+
+    face = cv2.cvtColor(cv2.imread(str(photos_dir / "id00" / "img10.jpg")), cv2.COLOR_BGR2RGB)  # 408x594
+    canvas = np.full((1400, 1400, 3), 128, np.uint8)
+    canvas[:594, :408] = face  # big face in the top-left corner
+    canvas[448:953, 527:874] = cv2.resize(face, (347, 505))  # a 0.85x copy in the centre
+    # Found sizes ~247 px (corner) and ~205 px (centre); centrality alone ranks the centre first.
+    al = Aligner(AlignConfig(min_face=220))
+    res = al.process(canvas)
+    assert len(res) == 2
+    assert res[0].primary and res[0].status == "ok" and res[0].det.box[0] < 300
+    assert res[1].status == "too_small" and not res[1].primary
