@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -24,24 +24,3 @@ class Detection:
         w = max(0.0, float(self.box[2] - self.box[0]))
         h = max(0.0, float(self.box[3] - self.box[1]))
         return float(np.sqrt(w * h))
-
-
-@dataclass
-class FaceRow:
-    """One row of align.csv (see constants.ALIGN_COLUMNS)."""
-
-    source: str
-    identity: str
-    face: int
-    status: str
-    primary: int = 0
-    aligned: str = ""
-    box: Optional[np.ndarray] = None
-    det_score: float = float("nan")
-    landmarks: Optional[np.ndarray] = None
-    sharpness: float = float("nan")
-    img_w: int = 0
-    img_h: int = 0
-    detector: str = ""
-    message: str = ""
-    extra: dict = field(default_factory=dict)
