@@ -11,11 +11,12 @@ Per identity (work linear in its faces; all-pairs steps run on at most
    each photo that lies inside the drop threshold (a trimmed mean).
 3. Per photo, at most one face is the subject (the one closest to the centre); the
    others are ``not_subject``.
-4. Subject faces are kept above ``keep``, dropped below ``drop`` and sent to review in
-   between; the band is narrowed when more than ``max_review`` of all faces would
-   land in review.
-5. Near-duplicates (cosine >= ``dup``) among the subject faces are kept once: the
-   copy with the largest, sharpest face.
+4. Subject faces are kept at or above ``keep``, dropped below ``drop`` and sent to
+   review in between; when more than ``max_review`` of all faces would land in
+   review, the band keeps the faces just short of ``keep`` and drops the rest.
+5. Near-duplicates among the subject faces are kept once (the copy with the largest,
+   sharpest face): cosine >= ``dup``, and when the crops are at hand, pairs within
+   0.005 of ``dup`` are decided by the crops' pixels (``CropSimilarity``).
 
 Across identities: centres closer than ``merge`` become merge candidates (faiss when
 importable, else an inverted-file search in numpy: sub-quadratic), and ``exclude``
@@ -31,7 +32,7 @@ import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class CleanParams:
     drop: float  # below: drop; in between: review
     cw: float  # Chinese-whispers edge: similarity at or above
     join: float  # clusters whose centres are this close join the dominant person
-    dup: float  # near-duplicate: similarity at or above
+    dup: float  # near-duplicate: similarity at or above (embeddings alone)
     merge: float  # identity centres at or above: merge candidates
     exclude: float  # identity centre vs an evaluation face at or above: excluded
     ambiguous_ratio: float = 0.6  # second person / dominant person at or above: ambiguous
@@ -76,7 +77,10 @@ class CleanParams:
     min_face: float = 0.0  # subject faces smaller (px) are low_quality drops
     ambiguous: str = "review"  # what happens to an ambiguous folder's faces: review | drop
     iters: int = 3
+    dup_pixel: float = 0.93  # with the crops at hand: pairs within 0.005 below ``dup`` are duplicates
+    # when their crops correlate at least this much (32x32 grey), and pairs above ``dup`` only then
     cohort: float = 0.3  # score -= cohort * (mean sim to the 5 nearest other centres - its median)
+    cohort_centre: float = 0.3  # score -= this * (centre's mean sim to its 20 nearest other-identity faces - median)
     spread: float = 0.5  # score -= spread * (folder's median inlier sim - median over folders)
     low_sharpness: float = 40.0  # crops below (variance of Laplacian) get the measured quality shift
     loo: bool = True  # score each face against the centre of the others
@@ -92,7 +96,7 @@ class CleanParams:
 #: row was tuned on the noisy LFW-dev benchmark (benchmarks/clean_noisy.py); dlib's
 #: own same-person rule is a Euclidean distance < 0.6, i.e. cosine > 0.82.
 MODEL_DEFAULTS: dict[str, dict] = {
-    "dlib": dict(keep=0.96, drop=0.935, cw=0.93, join=0.95, dup=0.99, merge=0.975, exclude=0.96),
+    "dlib": dict(keep=0.945, drop=0.92, cw=0.93, join=0.95, dup=0.99, merge=0.975, exclude=0.96),
     # insightface ArcFace (w600k_r50, glintr100, mbf): same person typically > 0.4,
     # different people < 0.2 (512-D, cosine).
     "arcface": dict(keep=0.40, drop=0.30, cw=0.40, join=0.55, dup=0.95, merge=0.60, exclude=0.55),
@@ -163,12 +167,15 @@ class IdentityResult:
 
 
 def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: CleanParams,
-                   face_size: np.ndarray | None = None, offset: np.ndarray | None = None) -> IdentityResult:
+                   face_size: np.ndarray | None = None, offset: np.ndarray | None = None,
+                   pixel_sim: Callable[[int, int], float] | None = None) -> IdentityResult:
     """Decide every face of one identity.
 
     emb: (n, d) unit vectors; photo: (n,) photo id (faces of one photo share it);
     quality: (n,) larger is better (picks the copy kept among duplicates); offset: (n,)
-    subtracted from each face's similarity before the thresholds (see ``score_offsets``)."""
+    subtracted from each face's similarity before the thresholds (see ``score_offsets``);
+    pixel_sim(i, j): correlation of the two crops, confirms near-duplicates (two shots
+    of one event can be as close as two copies of one photo in embedding space)."""
     n = len(emb)
     emb = np.asarray(emb, np.float32)
     photo = np.asarray(photo)
@@ -246,7 +253,7 @@ def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: C
             reason[i] = R_MINORITY if (k >= 0 and not joined[k] and sizes[k] >= 2) else R_FAR
     # 5. near-duplicates among the faces that survive
     alive = np.array([d != C.DECISION_DROP for d in decision])
-    _mark_duplicates(emb, alive, quality, s, p.dup, decision, reason, dup_of)
+    _mark_duplicates(emb, alive, quality, s, p, decision, reason, dup_of, pixel_sim)
     if ambiguous:  # no guess: every face of the competing people goes the same way
         big = np.bincount(cluster[rejected], minlength=nclus) >= p.ambiguous_ratio * max(1, inliers)
         rival = joined | big
@@ -269,7 +276,7 @@ def _best_per_photo(s: np.ndarray, photo: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mark_duplicates(emb, alive, quality, s, thr, decision, reason, dup_of) -> None:
+def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, dup_of, pixel_sim=None) -> None:
     ids = np.nonzero(alive)[0]
     if len(ids) < 2:
         return
@@ -281,6 +288,11 @@ def _mark_duplicates(emb, alive, quality, s, thr, decision, reason, dup_of) -> N
             a = parent[a]
         return a
 
+    # Embeddings alone: similarity >= dup. With the crops: from dup - 0.005 to dup + 0.005
+    # a pair must be confirmed by the pixels (re-encoded / rescaled copies correlate
+    # > 0.93 once aligned; two shots of the same event mostly do not); above, it need not.
+    thr = p.dup if pixel_sim is None else p.dup - 0.005
+    sure = p.dup + 0.005
     e = emb[ids]
     block = 2048
     for b0 in range(0, len(ids), block):
@@ -290,7 +302,7 @@ def _mark_duplicates(emb, alive, quality, s, thr, decision, reason, dup_of) -> N
             a, b = int(ids[b0 + r]), int(ids[c])
             if a < b:
                 ra, rb = find(a), find(b)
-                if ra != rb:
+                if ra != rb and (pixel_sim is None or sims[r, c] >= sure or pixel_sim(a, b) >= p.dup_pixel):
                     parent[max(ra, rb)] = min(ra, rb)
     groups = defaultdict(list)
     for i in ids.tolist():
@@ -306,22 +318,20 @@ def _mark_duplicates(emb, alive, quality, s, thr, decision, reason, dup_of) -> N
 
 
 def limit_review(decisions: list, reasons: list, scores: np.ndarray, p: CleanParams, total: int) -> int:
-    """Narrow the review band around its midpoint until at most ``max_review`` of
-    ``total`` faces are in review. Returns how many reviews were resolved."""
+    """Shrink the review band from below until at most ``max_review`` of ``total``
+    faces are in review: the band keeps the faces just short of the keep threshold
+    (the ones a person is most likely to rescue), the rest of it is dropped. Faces at
+    or above ``keep`` are never touched, so the kept set does not depend on the
+    budget. Returns how many reviews were resolved."""
     budget = int(np.floor(p.max_review * total))
     band = [i for i, r in enumerate(reasons) if decisions[i] == C.DECISION_REVIEW and r == R_BAND]
     other = sum(1 for d in decisions if d == C.DECISION_REVIEW) - len(band)
     allowed = max(0, budget - other)
     if len(band) <= allowed:
         return 0
-    mid = (p.keep + p.drop) / 2
-    # keep in review the faces closest to the midpoint
-    order = sorted(band, key=lambda i: (abs(float(scores[i]) - mid), i))
+    order = sorted(band, key=lambda i: (-float(scores[i]), i))
     for i in order[allowed:]:
-        if scores[i] >= mid:
-            decisions[i], reasons[i] = C.DECISION_KEEP, R_CENTRE
-        else:
-            decisions[i], reasons[i] = C.DECISION_DROP, R_FAR
+        decisions[i], reasons[i] = C.DECISION_DROP, R_FAR
     return len(order) - allowed
 
 
@@ -473,9 +483,11 @@ class CoreResult:
 def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality: np.ndarray,
                p: CleanParams, *, face_size: np.ndarray | None = None, sharpness: np.ndarray | None = None,
                excluded: Iterable[int] = (),
-               exclude_vecs: np.ndarray | None = None, show_progress: bool = False) -> CoreResult:
+               exclude_vecs: np.ndarray | None = None, pixel_sim: Callable[[int, int], float] | None = None,
+               show_progress: bool = False) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
-    photo across the whole set), ``quality`` (n,) floats. Deterministic."""
+    photo across the whole set), ``quality`` (n,) floats; ``pixel_sim(i, j)`` compares
+    two faces' crops (confirms near-duplicates; see ``crop_similarity``). Deterministic."""
     n = len(emb)
     identity = np.asarray(identity, np.int64)
     k = int(identity.max()) + 1 if n else 0
@@ -491,7 +503,7 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
     excluded = set(int(e) for e in excluded)
     groups = _group(identity) if n else {}
     offset = None
-    if n and (p.cohort or p.spread or sharpness is not None):
+    if n and (p.cohort or p.cohort_centre or p.spread or sharpness is not None):
         first = {}
         for g in progress(sorted(groups), desc="clean (centres)", unit="id",
                           disable=None if show_progress else True):
@@ -501,9 +513,13 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
         offset = score_offsets(emb, identity, first, groups, p, sharpness)
     for g in progress(sorted(groups), desc="clean", unit="id", disable=None if show_progress else True):
         rows = groups[g]
+        local_pix = None
+        if pixel_sim is not None:
+            def local_pix(a: int, b: int, rows=rows) -> float:
+                return pixel_sim(int(rows[a]), int(rows[b]))
         r = clean_identity(emb[rows], photo[rows], quality[rows], p,
                            None if face_size is None else face_size[rows],
-                           None if offset is None else offset[rows])
+                           None if offset is None else offset[rows], local_pix)
         for j, i in enumerate(rows.tolist()):
             decision[i], reason[i] = r.decision[j], r.reason[j]
             if r.dup_of[j] >= 0:
@@ -570,6 +586,11 @@ def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, shar
     * cohort: a face that resembles many other identities' centres (a generic face, a
       look-alike) scores higher everywhere; subtract ``cohort`` x its mean similarity to
       the 5 nearest other centres (relative to the median face);
+    * cohort_centre: the other side of the same test (as in symmetric score
+      normalisation): an identity whose centre has other people's faces close by (a
+      crowded region of face space, where look-alikes are likely) needs more evidence;
+      subtract ``cohort_centre`` x the centre's mean similarity to its 20 nearest faces
+      of other identities (relative to the median identity);
     * spread: in a folder whose genuine faces are tight, the same similarity is weaker
       evidence; subtract ``spread`` x (folder's median inlier similarity - the median
       folder's);
@@ -596,16 +617,22 @@ def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, shar
         if ok.sum() >= 3:
             med[g] = float(np.median(r.score[ok]))
     off = np.zeros(n, np.float64)
-    if p.cohort and k > 5:
+    if (p.cohort or p.cohort_centre) and k > 5:
         # identities that look like the same person (merge candidates) are not each other's cohort
         karr = np.asarray(keys)
         partners = defaultdict(list)
         for a, b, _ in similar_pairs(cen[karr], p.merge):
             partners[int(karr[a])].append(int(karr[b]))
             partners[int(karr[b])].append(int(karr[a]))
-        co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners)
-        ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
-        off += p.cohort * (co - ref)
+        if p.cohort:
+            co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners)
+            ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
+            off += p.cohort * (co - ref)
+        if p.cohort_centre:
+            cc = centre_crowding(cen[karr], karr, emb, identity, 20, partners=partners)
+            per = np.zeros(len(cen), np.float64)
+            per[karr] = cc - float(np.median(cc))
+            off += p.cohort_centre * per[identity]
     if p.spread and np.isfinite(med).any():
         gm = float(np.nanmedian(med))
         dev = np.where(np.isfinite(med), med - gm, 0.0)
@@ -652,6 +679,33 @@ def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np
                 s[rr, cc] = -np.inf
         top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
         out[b0:b0 + block] = top.mean(1)
+    return out
+
+
+def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, identity: np.ndarray, k: int,
+                    sample: int = 5000, seed: int = 0, block: int = 2048,
+                    partners: dict | None = None) -> np.ndarray:
+    """Mean similarity of each identity centre to its ``k`` nearest faces of *other*
+    identities (and not of its merge ``partners``): how close another person's face
+    can come to this centre in this dataset. A centre in a crowded region of face
+    space (many look-alikes) needs more evidence. The faces searched are a fixed
+    random sample of at most ``sample`` (cost linear in the number of identities)."""
+    n = len(emb)
+    pick = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    fe, fid = emb[pick], identity[pick]
+    kk = max(1, min(k, len(pick) - 1))
+    out = np.zeros(len(centres), np.float32)
+    for b0 in range(0, len(centres), block):
+        s = centres[b0:b0 + block] @ fe.T
+        bid = ids[b0:b0 + block]
+        s[bid[:, None] == fid[None, :]] = -np.inf
+        if partners:
+            for r_, g in enumerate(bid.tolist()):
+                for h in partners.get(g, ()):
+                    s[r_, fid == h] = -np.inf
+        top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
+        top[~np.isfinite(top)] = np.nan
+        out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
     return out
 
 
@@ -737,7 +791,8 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
             from facecurate.embed import run_embed
         except ImportError as e:  # pragma: no cover - embed stage missing
             raise RuntimeError(f"{out_dir}: embeddings missing and the embed stage is unavailable ({e})")
-        run_embed(out_dir)
+        # continue an existing (default-model) store with its own settings
+        run_embed(out_dir, flip=bool(store[2].get("flip", True)) if store is not None else True)
         store = load_store(out_dir)
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
@@ -800,6 +855,35 @@ def _f(v, default=0.0) -> float:
         return default
 
 
+class CropSimilarity:
+    """Correlation of two aligned crops, 32x32 grey, mean removed (1.0: same pixels up to
+    brightness and contrast). Thumbnails are read on first use and cached; a crop that
+    cannot be read compares as 0 (never a duplicate by pixels)."""
+
+    SIDE = 32
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.paths = list(paths)
+        self._cache: dict[int, np.ndarray | None] = {}
+
+    def thumb(self, i: int) -> np.ndarray | None:
+        if i not in self._cache:
+            import cv2
+
+            im = cv2.imread(str(self.paths[i]), cv2.IMREAD_GRAYSCALE)
+            t = None
+            if im is not None and im.size:
+                t = cv2.resize(im, (self.SIDE, self.SIDE), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+                t -= t.mean()
+                t /= float(np.linalg.norm(t)) + 1e-6
+            self._cache[i] = t
+        return self._cache[i]
+
+    def __call__(self, i: int, j: int) -> float:
+        a, b = self.thumb(i), self.thumb(j)
+        return 0.0 if a is None or b is None else float(a @ b)
+
+
 def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
               exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
               min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
@@ -846,7 +930,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
             v = embed_images(imgs, meta)
             ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
     res = clean_core(emb, identity, photo, quality, p, face_size=fsize, sharpness=sharp, excluded=ex_ids,
-                     exclude_vecs=ex_vecs,
+                     exclude_vecs=ex_vecs, pixel_sim=CropSimilarity([out_dir / r["aligned"] for r in have]),
                      show_progress=show_progress)
     out = []
     for i, r in enumerate(have):

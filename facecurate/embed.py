@@ -436,7 +436,7 @@ class Loader:
 class EmbedConfig:
     model: str = "dlib"  # dlib | arcface | path to an .onnx
     model_dir: Optional[str] = None
-    flip: bool = False
+    flip: bool = True
     dlib_feed: str = "five"
     device: str = "auto"
     batch_size: Optional[int] = None
@@ -548,7 +548,7 @@ def default_workers(embedder) -> int:
 
 
 def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, batch_size: Optional[int] = None,
-              workers: Optional[int] = None, flip: bool = False, device: str = "auto",
+              workers: Optional[int] = None, flip: bool = True, device: str = "auto",
               show_progress: bool = True, *, fp16: bool = False, dlib_feed: str = "five",
               store_dir=None, overwrite: bool = False, chunk_size: Optional[int] = None,
               on_chunk: Optional[Callable[[dict], None]] = None) -> dict:

@@ -3,6 +3,7 @@ align + embed + clean chain on real photos for the end-to-end behaviour."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -94,10 +95,25 @@ def test_review_band_and_budget():
     emb = np.concatenate([emb, mid[None]])
     r = fc.clean_identity(emb, np.arange(21), np.zeros(21), p)
     assert r.decision[20] == "review" and p.drop <= r.score[20] < p.keep
-    # with no review budget the same face is resolved by the band's midpoint
+    # with no review budget the same face is dropped; what is kept does not change
     p0 = fc.default_params("dlib", max_review=0, keep=0.87, drop=0.81)
     res = fc.clean_core(emb, np.zeros(21, int), np.arange(21), np.zeros(21), p0)
     assert "review" not in res.decision and res.review_resolved == 1
+    assert res.decision[20] == "drop" and res.reason[20] == "far_from_centre"
+    assert res.decision[:20] == r.decision[:20]
+
+
+def test_review_budget_keeps_the_faces_just_short_of_keep():
+    p = fc.default_params("dlib", keep=0.9, drop=0.8, max_review=0.5)
+    scores = np.array([0.95, 0.95, 0.89, 0.85, 0.81, 0.82, 0.7, 0.96])
+    decisions = ["keep", "keep", "review", "review", "review", "review", "drop", "keep"]
+    reasons = ["centre", "centre", "uncertain", "uncertain", "uncertain", "uncertain", "far_from_centre", "centre"]
+    resolved = fc.limit_review(decisions, reasons, scores, p, total=len(scores))  # budget: 4 faces
+    assert resolved == 0
+    resolved = fc.limit_review(decisions, reasons, scores, dataclasses.replace(p, max_review=0.25), len(scores))
+    assert resolved == 2  # budget 2: the two highest band faces stay in review
+    assert decisions == ["keep", "keep", "review", "review", "drop", "drop", "drop", "keep"]
+    assert reasons[4:6] == ["far_from_centre", "far_from_centre"]
 
 
 def test_merge_candidates_exact_and_ivf_agree():
@@ -318,3 +334,37 @@ def test_same_person_under_two_names_is_kept_and_listed():
     assert all(res.decision[i] == "keep" for i in np.nonzero(twins)[0])
     assert "drop" not in res.decision
     assert [(a, b) for a, b, _ in res.merges] == [(0, 11)]
+
+
+def test_crop_pixels_tell_a_copy_from_another_shot(real_run):
+    """A re-hosted copy correlates with its original's crop; other photos of the same
+    person do not, even though all are close in embedding space."""
+    out, _, _ = real_run
+    rows = [r for r in read_csv(out / C.CLEAN_CSV) if r["identity"] == "id00" and r["reason"] != "not_subject"]
+    at = {r["source"]: i for i, r in enumerate(rows)}
+    sim = fc.CropSimilarity([out / r["aligned"] for r in rows])
+    assert sim(at["id00/img5.jpg"], at["id00/img5_rehosted.jpg"]) >= fc.default_params("dlib").dup_pixel
+    others = [at[s] for s in ("id00/img1.jpg", "id00/img2.jpg", "id00/img4.jpg", "id00/img6.jpg")]
+    assert max(sim(at["id00/img5.jpg"], o) for o in others) < 0.9
+    assert sim(0, 0) == pytest.approx(1.0, abs=1e-4)
+    missing = fc.CropSimilarity([out / "nope.jpg", out / rows[0]["aligned"]])
+    assert missing(0, 1) == 0.0
+
+
+def test_near_duplicates_in_the_uncertain_zone_need_the_pixels():
+    rng = np.random.default_rng(7)
+    c = _centres(rng, 1)[0]
+    emb = _person(rng, c, 8)
+    g = rng.standard_normal(DIM)
+    g = _unit(g - (g @ emb[0]) * emb[0])
+    for t, expect_dup in ((0.987, None), (0.997, True)):
+        twin = _unit(t * emb[0] + np.sqrt(1 - t * t) * g)[None]
+        e = np.concatenate([emb, twin])
+        p = fc.default_params("dlib")
+        for pixels, want in ((0.5, False), (0.99, True)):
+            r = fc.clean_identity(e, np.arange(9), np.zeros(9), p, pixel_sim=lambda a, b, v=pixels: v)
+            dup = "duplicate" in (r.reason[0], r.reason[8])
+            assert dup == (want if expect_dup is None else True), (t, pixels)
+        # embeddings alone: 0.987 is below dup (0.99), 0.997 above
+        r = fc.clean_identity(e, np.arange(9), np.zeros(9), p)
+        assert ("duplicate" in (r.reason[0], r.reason[8])) == (t >= p.dup)

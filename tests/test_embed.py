@@ -72,7 +72,7 @@ def test_store_layout_order_and_metadata(aligned, store):
     assert meta["model"] == "dlib_face_recognition_resnet_model_v1"
     assert meta["sha256"] == sha256_file(model_file(DESCRIPTOR))
     assert meta["dim"] == 128 and meta["input_size"] == [150, 150]
-    assert meta["normalisation"] == "l2" and meta["flip"] is False and meta["feed"] == "five"
+    assert meta["normalisation"] == "l2" and meta["flip"] is True and meta["feed"] == "five"
     assert meta["count"] == len(ok) and meta["failed"] == []
 
 
@@ -197,7 +197,8 @@ def recognizer(tmp_path_factory) -> Path:
 
 
 def test_onnx_path_normalised_in_order_and_batch_equals_single(aligned, recognizer, tmp_path):
-    s1 = run_embed(aligned, model=str(recognizer), batch_size=5, show_progress=False, store_dir=tmp_path / "b5")
+    s1 = run_embed(aligned, model=str(recognizer), batch_size=5, flip=False, show_progress=False,
+                   store_dir=tmp_path / "b5")
     assert s1["provider"] == "CPUExecutionProvider" and s1["dim"] == 64
     vecs, rows, meta = load_store(tmp_path / "b5")
     crops = [cv2.imread(str(aligned / r["aligned"])) for r in rows]
@@ -206,7 +207,8 @@ def test_onnx_path_normalised_in_order_and_batch_equals_single(aligned, recogniz
     np.testing.assert_allclose(vecs, reference(crops), atol=2e-5)
     assert meta["model"] == "w600k_tiny" and meta["sha256"] == sha256_file(recognizer)
     assert meta["input_size"] == [112, 112] and meta["dim"] == 64
-    run_embed(aligned, model=str(recognizer), batch_size=1, workers=2, show_progress=False, store_dir=tmp_path / "b1")
+    run_embed(aligned, model=str(recognizer), batch_size=1, workers=2, flip=False, show_progress=False,
+              store_dir=tmp_path / "b1")
     v1, _, _ = load_store(tmp_path / "b1")
     np.testing.assert_allclose(vecs, v1, atol=1e-6)
     run_embed(aligned, model=str(recognizer), flip=True, show_progress=False, store_dir=tmp_path / "flip")
@@ -226,7 +228,7 @@ def test_cli_arcface_model_dir_and_cpu_fallback(aligned, recognizer, tmp_path):
 
 
 def test_mixing_models_or_settings_is_refused(aligned, recognizer, tmp_path):
-    run_embed(aligned, model=str(recognizer), show_progress=False, store_dir=tmp_path)
+    run_embed(aligned, model=str(recognizer), flip=False, show_progress=False, store_dir=tmp_path)
     before = (tmp_path / "embeddings.npy").read_bytes()
     with pytest.raises(EmbedError, match="flip"):
         run_embed(aligned, model=str(recognizer), flip=True, show_progress=False, store_dir=tmp_path)
@@ -269,7 +271,7 @@ def test_rec_input(aligned, recognizer, tmp_path):
     with IndexedRecordWriter(rec, idx) as w:
         for k, r in enumerate(ok):
             w.write(k, pack_record(float(k % 2), (aligned / r["aligned"]).read_bytes()))
-    s = run_embed(rec, model=str(recognizer), show_progress=False)
+    s = run_embed(rec, model=str(recognizer), flip=False, show_progress=False)
     assert s["input"] == "rec" and s["embedded"] == 5
     vecs, rows, _ = load_store(tmp_path)
     assert [r["aligned"] for r in rows] == [f"rec:{k}" for k in range(5)]

@@ -21,7 +21,8 @@ import click
                    "file of names, or an insightface verification .bin (its faces are embedded and identities "
                    "whose centre matches one are dropped). Repeatable.")
 @click.option("--max-review", type=click.FloatRange(0, 1), default=0.03, show_default=True,
-              help="At most this share of all faces goes to review; the band narrows to fit.")
+              help="At most this share of all faces goes to review: the band keeps the faces just "
+                   "short of --keep and drops the rest (what is kept never depends on it).")
 @click.option("--min-images", type=int, default=2, show_default=True,
               help="Identities with fewer kept photos are dropped (too_few_images).")
 @click.option("--min-face", type=float, default=0.0, show_default=True,

@@ -42,9 +42,10 @@ def _common(f):
 @click.command("embed")
 @click.argument("out", type=click.Path(exists=True))
 @_common
-@click.option("--flip", is_flag=True,
+@click.option("--flip/--no-flip", default=True, show_default=True,
               help="Add the embedding of the mirrored crop, then renormalise (as insightface's "
-                   "evaluation does); costs twice the model time.")
+                   "evaluation does). Costs twice the model time; on the noisy LFW-dev benchmark "
+                   "it lifts clean's retention by about 1 point at the same purity.")
 @click.option("--out", "store", type=click.Path(file_okay=False), default=None,
               help="Write the store here instead of into OUT (needed for a read-only folder of "
                    "crops; default for a .rec: its folder).")
