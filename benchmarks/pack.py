@@ -5,7 +5,8 @@ Stages:
   crops   a few thousand real 112x112 ArcFace crops of LFW *dev* photos (dlib HOG +
           68 landmarks -> 5 points -> geometry.align_face, JPEG q95), cached under
           /tmp/fc/cache/crops_lfw_dev_<N>/<identity>/<Name>_NNNN.jpg (made once).
-  time    in the same run, on the same files, best of --repeat interleaved rounds:
+  time    in the same run, on the same files, best (and median) of --repeat interleaved rounds
+          (before each contender, untimed: sync + 0.3 s for the kernel's background work):
             facecurate pack (the API: lists OUT/<identity>/*, checks every crop,
               plain layout, no shuffle, writes .rec/.idx/.lst/property/... + fsync)
             MXNet's own writer (mx.recordio.MXIndexedRecordIO + mx.recordio.pack on
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,8 +141,8 @@ def plain_copy(paths: list[Path], dst: Path, sync: bool = True) -> None:
 
 
 def run_time(crops: Path, repeat: int, threads: int) -> dict:
-    """Best of ``repeat`` rounds; each round runs every contender once, interleaved,
-    so that load from other processes on the machine hits them alike."""
+    """Best (and median) of ``repeat`` rounds; each round runs every contender once,
+    interleaved, so that load from other processes on the machine hits them alike."""
     from facecurate.pack import pack
 
     idents = sorted(d.name for d in crops.iterdir() if d.is_dir())
@@ -165,39 +167,55 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
         fn()
         return time.perf_counter() - t0
 
+
+    def settle() -> None:
+        """Before each contender (untimed): flush what the previous one left dirty and let
+        the kernel's background work (writeback, freeing the previous files, an exited
+        MXNet process) finish, so that it does not land on the next one's clock."""
+        os.sync()
+        time.sleep(0.3)
+
+    def fc(**kw) -> None:
+        pack(crops, work / "fc", shuffle=False, threads=threads, **kw)
+
     contenders = {
-        "facecurate pack (fsync, the default)":
-            lambda: timed(lambda: pack(crops, work / "fc", shuffle=False, threads=threads)),
+        "facecurate pack (fsync, the default)": lambda: timed(fc),
         "MXNet pass-through writer + fsync": lambda: mx("pass-through", True),
         "plain copy into one file + fsync": lambda: timed(lambda: plain_copy(paths, work / "copy.bin")),
-        "facecurate pack --no-fsync":
-            lambda: timed(lambda: pack(crops, work / "fc", shuffle=False, threads=threads, fsync=False)),
+        "facecurate pack --no-fsync": lambda: timed(lambda: fc(fsync=False)),
         "MXNet pass-through writer": lambda: mx("pass-through", False),
         "plain copy into one file": lambda: timed(lambda: plain_copy(paths, work / "copy.bin", False)),
     }
-    best = dict.fromkeys(contenders, float("inf"))
+    times: dict = {name: [] for name in contenders}
     try:
         plain_copy(paths, work / "warm.bin")  # page cache warm for everybody
         for _ in range(repeat):
             for name, fn in contenders.items():
-                best[name] = min(best[name], fn())
+                settle()
+                times[name].append(fn())
         same = (work / "mx.rec").read_bytes() == (work / "fc" / "train.rec").read_bytes()
-        best["MXNet im2rec default (decode + re-encode)"] = min(mx("im2rec-default", False)
-                                                               for _ in range(max(1, repeat // 3)))
+        times["MXNet im2rec default (decode + re-encode)"] = [mx("im2rec-default", False)
+                                                             for _ in range(max(1, repeat // 3))]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
     print(f"{n} crops (112x112 JPEG q95) of {len(idents)} identities, {mb:.1f} MB, page cache warm; "
-          f"best of {repeat} interleaved rounds; pack threads={threads}")
-    print(f"{'':44s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s}")
+          f"best and median of {repeat} interleaved rounds; pack threads={threads}")
+    print(f"{'':44s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s} {'median s':>9s}")
     for name, t in best.items():
-        print(f"{name:44s} {t:8.3f} {n / t:10.0f} {mb / t:8.1f}")
+        print(f"{name:44s} {t:8.3f} {n / t:10.0f} {mb / t:8.1f} {median[name]:9.3f}")
     names = list(best)
-    out = {"images": n, "identities": len(idents), "mb": mb, "seconds": best, "rec_identical_to_mxnet": same}
+    out = {"images": n, "identities": len(idents), "mb": mb, "seconds": best, "median_seconds": median,
+           "rec_identical_to_mxnet": same}
     for label, (p, m, c) in (("with fsync", names[0:3]), ("without fsync", names[3:6])):
         out[f"speedup_vs_mxnet {label}"] = best[m] / best[p]
         out[f"fraction_of_copy {label}"] = best[c] / best[p]
+        out[f"median speedup_vs_mxnet {label}"] = median[m] / median[p]
+        out[f"median fraction_of_copy {label}"] = median[c] / median[p]
         print(f"{label:14s} pack vs MXNet pass-through writer: {best[m] / best[p]:.2f}x (target >= 1.5x); "
-              f"pack vs plain copy: {100 * best[c] / best[p]:.0f}% (target >= 50%)")
+              f"pack vs plain copy: {100 * best[c] / best[p]:.0f}% (target >= 50%)  "
+              f"[medians: {median[m] / median[p]:.2f}x, {100 * median[c] / median[p]:.0f}%]")
     out["speedup_vs_im2rec_default"] = best[names[-1]] / best[names[0]]
     print(f"pack (fsync) vs MXNet im2rec default: {out['speedup_vs_im2rec_default']:.1f}x")
     print(f"train.rec byte-identical to MXNet's pass-through output: {same}")

@@ -36,6 +36,10 @@ from facecurate.constants import (
 MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
 _HEAD = struct.Struct("<II")
 _IRH = struct.Struct(IRHEADER_FORMAT)
+# What precedes the image in an unsplit image record with a scalar label, packed at
+# once: magic, lrec (IRHEADER_SIZE + image length; cflag 0), then the IRHeader (flag 0,
+# label, id, id2). Only valid when no aligned magic is in the record (checked after).
+_HEAD_IRH = struct.Struct("<II" + IRHEADER_FORMAT.lstrip("<"))
 _ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")
 #: MXNet refuses records of 2**29 bytes or more (``CHECK(size < (1 << 29U))``).
 MAX_RECORD = RECORDIO_MAX_PART
@@ -212,14 +216,13 @@ class RecordWriter:
         parts: list[bytes] = []
         starts: list[int] = []
         pos = 0
-        hp, ip = _HEAD.pack, _IRH.pack
+        hp, ip, hip = _HEAD.pack, _IRH.pack, _HEAD_IRH.pack
         for label, data, id_ in items:
-            header = ip(0, label, id_, 0)
             n = IRHEADER_SIZE + len(data)
             if n > MAX_RECORD:
                 raise ValueError(f"a RecordIO record must be smaller than 2**{RECORDIO_LEN_BITS} bytes, got {n}")
             pad = -n & 3
-            parts += (hp(RECORDIO_MAGIC, n), header, data, _ZEROS[pad])
+            parts += (hip(RECORDIO_MAGIC, n, 0, label, id_, 0), data, _ZEROS[pad])
             starts.append(pos)
             pos += 8 + n + pad
         chunk = b"".join(parts)
