@@ -220,6 +220,14 @@ def test_exclude_verification_bin_by_embedding(tmp_path):
     assert names == set() and len(images) == 2
 
 
+def test_show_defaults_needs_no_out():
+    r = CliRunner().invoke(main, ["clean", "--show-defaults"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["dlib"]["keep"] == fc.MODEL_DEFAULTS["dlib"]["keep"] and d["arcface"]["drop"] == 0.30
+    assert d["dlib"]["drop"] < d["dlib"]["keep"] and "max_review" in d["dlib"]
+
+
 def test_missing_manifest_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(main, ["clean", str(tmp_path)])
     assert r.exit_code != 0 and "align.csv" in r.output

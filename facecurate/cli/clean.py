@@ -5,6 +5,25 @@ from __future__ import annotations
 import click
 
 
+def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
+    """Eager: print every model family's default thresholds (and the shared settings)
+    before OUT is checked, then exit."""
+    if not value or ctx.resilient_parsing:
+        return
+    import json
+
+    from facecurate.clean import default_params
+
+    out = {}
+    for family, example in (("dlib", "dlib_face_recognition_resnet_model_v1"), ("arcface", "w600k_r50")):
+        d = default_params(example).as_dict()
+        d.pop("model", None)
+        d.pop("calibrated", None)
+        out[family] = d
+    click.echo(json.dumps(out, indent=2, sort_keys=True))
+    ctx.exit()
+
+
 @click.command("clean")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--keep", type=float, help="Keep subject faces whose cosine to the identity centre is at least this "
@@ -29,10 +48,10 @@ import click
               help="Subject faces smaller than this (px, sqrt of box area) are dropped as low_quality.")
 @click.option("--ambiguous", type=click.Choice(["review", "drop"]), default="review", show_default=True,
               help="What happens to the faces of a folder with no clearly dominant person.")
-@click.option("--show-defaults", is_flag=True, help="Print the model-aware default thresholds and exit.")
+@click.option("--show-defaults", is_flag=True, is_eager=True, expose_value=False, callback=_show_defaults,
+              help="Print the model-aware default thresholds and exit (no OUT needed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images, min_face, ambiguous,
-          show_defaults, as_json):
+def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images, min_face, ambiguous, as_json):
     """Decide keep / drop / review for every face in OUT/align.csv.
 
     Per identity: dlib Chinese-whispers clusters find the dominant person, a robust
@@ -48,14 +67,9 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
            OUT/merges.csv     identity pairs that look like one person
            OUT/clean.json     the thresholds used and the summary
     """
-    import json
-
-    from facecurate.clean import MODEL_DEFAULTS, run_clean
+    from facecurate.clean import run_clean
     from facecurate.files import emit_summary
 
-    if show_defaults:
-        click.echo(json.dumps(MODEL_DEFAULTS, indent=2, sort_keys=True))
-        return
     if far is not None and not 0 < far < 1:
         raise click.BadParameter("FAR must be between 0 and 1", param_hint="--calibrate")
     try:
