@@ -77,8 +77,8 @@ class CleanParams:
     min_face: float = 0.0  # subject faces smaller (px) are low_quality drops
     ambiguous: str = "review"  # what happens to an ambiguous folder's faces: review | drop
     iters: int = 3
-    dup_pixel: float = 0.93  # with the crops at hand: pairs within 0.005 below ``dup`` are duplicates
-    # when their crops correlate at least this much (32x32 grey), and pairs above ``dup`` only then
+    dup_pixel: float = 0.93  # with the crops at hand, pairs from dup - 0.005 to dup + 0.005 are
+    # duplicates only when their crops correlate at least this much (32x32 grey)
     cohort: float = 0.3  # score -= cohort * (mean sim to the 5 nearest other centres - its median)
     cohort_centre: float = 0.3  # score -= this * (centre's mean sim to its 20 nearest other-identity faces - median)
     spread: float = 0.5  # score -= spread * (folder's median inlier sim - median over folders)
@@ -487,7 +487,7 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                show_progress: bool = False) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
     photo across the whole set), ``quality`` (n,) floats; ``pixel_sim(i, j)`` compares
-    two faces' crops (confirms near-duplicates; see ``crop_similarity``). Deterministic."""
+    two faces' crops (confirms near-duplicates; see ``CropSimilarity``). Deterministic."""
     n = len(emb)
     identity = np.asarray(identity, np.int64)
     k = int(identity.max()) + 1 if n else 0
