@@ -14,7 +14,6 @@ Only identities listed in splits/lfw-dev.txt are used.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ def lfw_embed(cache: Path) -> Path:
     import dlib
 
     from facecurate.models.dlib_models import SHAPE68, DlibHOGDetector, dlib_descriptors, model_file
+    from facecurate.records import nearest_to_centre
 
     out = cache / "lfw_dev_dlib.npz"
     if out.exists():
@@ -53,11 +53,9 @@ def lfw_embed(cache: Path) -> Path:
         if bgr is None:
             continue
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        dets = det.detect(rgb)
-        if not dets:
+        d = nearest_to_centre(det.detect(rgb), rgb.shape[1], rgb.shape[0])
+        if d is None:
             continue
-        c = np.array([rgb.shape[1] / 2, rgb.shape[0] / 2])
-        d = min(dets, key=lambda d: np.linalg.norm((d.box[:2] + d.box[2:]) / 2 - c))
         x1, y1, x2, y2 = (int(round(v)) for v in d.box)
         shape = sp(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
         chip = dlib.get_face_chip(rgb, shape, 150, 0.25)

@@ -54,10 +54,10 @@ def make_crops(n: int, per_identity: int = 30, min_photos: int = 1) -> Path:
         return out
     others = [d for d in CACHE.glob("crops_lfw_dev_*") if (d / "DONE").exists()]
     import cv2
-    import numpy as np
 
     from facecurate.geometry import align_face
     from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
+    from facecurate.records import nearest_to_centre
 
     det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=CACHE))
@@ -79,11 +79,9 @@ def make_crops(n: int, per_identity: int = 30, min_photos: int = 1) -> Path:
             if bgr is None:
                 continue
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            dets = det.detect(rgb)
-            if not dets:
+            d = nearest_to_centre(det.detect(rgb), rgb.shape[1], rgb.shape[0])  # LFW's subject
+            if d is None:
                 continue
-            c = np.array(rgb.shape[1::-1]) / 2.0  # face nearest the centre is LFW's subject
-            d = min(dets, key=lambda d: float(np.sum(((d.box[:2] + d.box[2:]) / 2 - c) ** 2)))
             crop = align_face(rgb, lm.five(lm.predict(rgb, d.box)), 112)
             ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             (tmp / ident).mkdir(exist_ok=True)

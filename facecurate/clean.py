@@ -513,10 +513,8 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
         offset = score_offsets(emb, identity, first, groups, p, sharpness)
     for g in progress(sorted(groups), desc="clean", unit="id", disable=None if show_progress else True):
         rows = groups[g]
-        local_pix = None
-        if pixel_sim is not None:
-            def local_pix(a: int, b: int, rows=rows) -> float:
-                return pixel_sim(int(rows[a]), int(rows[b]))
+        local_pix = None if pixel_sim is None else (
+            lambda a, b, rows=rows: pixel_sim(int(rows[a]), int(rows[b])))  # identity -> global index
         r = clean_identity(emb[rows], photo[rows], quality[rows], p,
                            None if face_size is None else face_size[rows],
                            None if offset is None else offset[rows], local_pix)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -24,3 +24,12 @@ class Detection:
         w = max(0.0, float(self.box[2] - self.box[0]))
         h = max(0.0, float(self.box[3] - self.box[1]))
         return float(np.sqrt(w * h))
+
+
+def nearest_to_centre(dets: Sequence[Detection], width: int, height: int) -> Optional[Detection]:
+    """The detection whose box centre is nearest the image centre (the subject of a
+    photo centred on its subject, as LFW's are); None when there is none."""
+    if not dets:
+        return None
+    c = np.array([width, height], np.float64) / 2.0
+    return min(dets, key=lambda d: float(np.sum(((d.box[:2] + d.box[2:]) / 2 - c) ** 2)))

@@ -51,6 +51,7 @@ def crops_dir(tmp_path_factory, lfw_dir, lfw_dev_ids) -> Path:
     identities with 4 photos each and one with 2."""
     from facecurate.geometry import align_face
     from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
+    from facecurate.records import nearest_to_centre
 
     det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
     root = tmp_path_factory.mktemp("crops")
@@ -64,11 +65,9 @@ def crops_dir(tmp_path_factory, lfw_dir, lfw_dev_ids) -> Path:
         made = 0
         for f in files:
             rgb = cv2.cvtColor(cv2.imread(str(lfw_dir / ident / f)), cv2.COLOR_BGR2RGB)
-            dets = det.detect(rgb)
-            if not dets:
+            d = nearest_to_centre(det.detect(rgb), rgb.shape[1], rgb.shape[0])
+            if d is None:
                 continue
-            c = np.array(rgb.shape[1::-1]) / 2.0
-            d = min(dets, key=lambda d: float(np.sum(((d.box[:2] + d.box[2:]) / 2 - c) ** 2)))
             crop = align_face(rgb, lm.five(lm.predict(rgb, d.box)), 112)
             ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             (root / ident).mkdir(exist_ok=True)
