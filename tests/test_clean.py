@@ -329,6 +329,27 @@ def test_cohort_excludes_own_identity_and_samples_deterministically():
     assert np.array_equal(a, b) and np.all(a <= full + 1e-6)
 
 
+def test_centre_crowding_counts_only_other_people_and_samples_deterministically():
+    rng = np.random.default_rng(9)
+    k = 40
+    cen = _centres(rng, k)
+    identity = np.repeat(np.arange(k), 6)
+    emb = _unit(cen[identity] + 0.2 / np.sqrt(DIM) * rng.standard_normal((len(identity), DIM)))
+    # identity 1 gets a look-alike: identity 2's faces sit near its centre
+    emb[identity == 2] = _unit(cen[1] + 0.3 / np.sqrt(DIM) * rng.standard_normal((6, DIM)))
+    ids = np.arange(k)
+    full = fc.centre_crowding(cen, ids, emb, identity, 3)
+    brute = np.array([np.sort(emb[identity != g] @ cen[g])[-3:].mean() for g in ids])
+    assert np.allclose(full, brute, atol=1e-5)
+    assert full[1] > 0.9 and np.median(full) < 0.5  # own faces never count; the look-alike does
+    # merge partners are not each other's crowd
+    part = fc.centre_crowding(cen, ids, emb, identity, 3, partners={1: [2], 2: [1]})
+    assert part[1] < 0.6 and np.allclose(np.delete(part, [1, 2]), np.delete(full, [1, 2]))
+    a = fc.centre_crowding(cen, ids, emb, identity, 3, sample=100)
+    assert np.array_equal(a, fc.centre_crowding(cen, ids, emb, identity, 3, sample=100))
+    assert np.all(a <= full + 1e-6)
+
+
 def test_same_person_under_two_names_is_kept_and_listed():
     """A person crawled under two names: both folders keep their faces (they are not each
     other's look-alike cohort) and the pair is a merge candidate."""
