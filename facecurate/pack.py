@@ -13,10 +13,12 @@ Layouts written by :func:`pack`:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from facecurate.files import csv_text, read_csv, write_bytes_atomic
 from facecurate.recordio import (
     RecordIOError,
     RecordWriter,
+    frame,
     iter_records,
     pack_header,
     read_idx_arrays,
@@ -505,6 +508,110 @@ def _ordered_map(fn, units: Sequence, threads: int) -> Iterable:
 
 
 # ----------------------------------------------------------------------------- pack
+#: While writing train.rec, ask the kernel to start writing it to disk every this many
+#: bytes, so that the closing fsync finds (almost) nothing left to do.
+WRITEBACK_STEP = 4 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _writeback_starter() -> Optional[Callable[[int, int, int], int]]:
+    """``start(fd, offset, nbytes)``: begin writing a range of a file to disk without
+    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); None elsewhere. It only
+    moves work earlier: durability still comes from the fsync at the end."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+class _RecSink:
+    """Writes records in their final order into DEST's temporary train.rec and collects
+    the matching .idx and .lst lines. Images get keys first_key, first_key+1, ...; in
+    the insightface layout key 0 is the header (its label is known only at the end, so
+    a fixed-size placeholder is written first and overwritten in place) and the
+    identity records follow the images."""
+
+    def __init__(self, dest: Path, layout: str, load: Callable[[_Good], bytes],
+                 on_record: Optional[Callable[[int], None]], bar) -> None:
+        self.layout = layout
+        self.f = open(_tmp(dest, REC_NAME), "wb", buffering=0)
+        self.w = RecordWriter(self.f)
+        self.idx_lines: list[str] = []
+        self.lst_lines: list[str] = []
+        self.classes: list[tuple[str, int]] = []  # (identity, images) in label order
+        self.stored_as_is = 0
+        self._load, self._on_record, self._bar = load, on_record, bar
+        self._start_writeback = _writeback_starter()
+        self._started = 0  # bytes of the file already handed to the kernel's writeback
+        self.first_key = self.key = 0
+        if layout == LAYOUT_INSIGHTFACE:
+            self._header_len = len(frame(pack_header([1.0, 1.0])))
+            self.w.write(pack_header([1.0, 1.0]))  # placeholder, rewritten by finish()
+            self.idx_lines.append("0\t0\n")
+            self.first_key = self.key = 1
+
+    def images(self, items: Sequence[tuple[float, _Good]]) -> None:
+        """Write ``(label, crop)`` records with the next keys."""
+        if not items:
+            return
+        if self.key + len(items) >= MAX_FLOAT_KEY and self.layout == LAYOUT_INSIGHTFACE:
+            raise PackError("more than 2**24 records: the insightface layout stores keys as float32 labels, "
+                            "exact only below 2**24; use --layout plain")
+        k0 = self.key
+        batch = []
+        for lab, g in items:
+            data = g.data if g.data is not None else self._load(g)
+            batch.append((lab, data, self.key))
+            self.lst_lines.append(f"{self.key}\t{lab:f}\t{g.rel}\n")
+            self.stored_as_is += g.as_is
+            self.key += 1
+        offs = self.w.write_images(batch)
+        self.idx_lines.extend([f"{k0 + i}\t{o}\n" for i, o in enumerate(offs)])
+        self._writeback()
+        if self._on_record is not None:
+            for k in range(k0, self.key):
+                self._on_record(k + 1 - self.first_key)
+        self._bar.update(len(items))
+
+    def _writeback(self, last: bool = False) -> None:
+        if self._start_writeback is not None and (last or self.w.offset - self._started >= WRITEBACK_STEP):
+            self._start_writeback(self.f.fileno(), self._started, self.w.offset - self._started)
+            self._started = self.w.offset
+
+    def finish(self) -> int:
+        """Identity records (insightface) and the real header; everything handed to
+        the kernel (and its writeback started). Returns the file's size."""
+        n_img = self.key - self.first_key
+        if self.layout == LAYOUT_INSIGHTFACE:
+            if self.key + len(self.classes) >= MAX_FLOAT_KEY:
+                raise PackError(f"{n_img} images + {len(self.classes)} classes: the insightface layout stores "
+                                "keys as float32 labels, exact only below 2**24; use --layout plain")
+            start = 1
+            for _, n in self.classes:
+                off = self.w.write(pack_header([float(start), float(start + n)], self.key, 0))
+                self.idx_lines.append(f"{self.key}\t{off}\n")
+                self.key += 1
+                start += n
+            self.w.flush()
+            header = frame(pack_header([float(n_img + 1), float(self.key)]))
+            if len(header) != self._header_len:  # cannot happen for positive counts
+                raise PackError("internal error: header record changed size")
+            os.pwrite(self.f.fileno(), header, 0)
+        self.w.flush()
+        self._writeback(last=True)
+        return self.w.offset
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN, shuffle: bool = True,
          seed: int = 0, min_images: int = 1, size: Optional[int] = None, resize: bool = False,
          strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1,
@@ -518,7 +625,13 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     previous contents of ``dest`` as they were. ``on_record(n)`` is called after the
     n-th record is written (progress hook). ``fsync``: flush every file to disk before
     the renames (without it an interrupted *process* still leaves DEST intact; only an
-    OS crash or power loss right after the run could lose the new files)."""
+    OS crash or power loss right after the run could lose the new files).
+
+    Without ``shuffle`` the records' order is the reading order (identities sorted,
+    then files), so each identity is written as soon as it has been read and checked:
+    reading, writing and the disk's writeback overlap, and no crop is held in memory
+    for long. With ``shuffle`` every crop is read and checked first (kept in memory up
+    to ``memory_budget`` bytes, read again beyond it), then written in shuffled order."""
     from functools import partial
 
     from facecurate.files import progress
@@ -528,160 +641,176 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     out, dest = Path(out), Path(dest)
     size = _target_size(out, size)
     source, units, errors, notes = _collect(out, dest)
+    stream = not shuffle
 
-    # Pass 1: list, read and check every crop (keeping the bytes within the memory budget).
-    by_id: dict[str, list[_Good]] = {}
-    listed: set = set()
-    kept_bytes = 0
-    work = partial(_work, out=str(out), size=size, resize=resize, quality=quality)
-    bar = progress(total=len(units), desc="check", unit="unit", disable=None if show_progress else True)
-    for good, errs, ids in _ordered_map(work, units, threads):
-        errors.extend(errs)
-        listed.update(ids)
-        for g in good:
-            n = len(g.data)
-            if kept_bytes + n <= memory_budget:
-                kept_bytes += n
-            else:
-                g = g._replace(data=None)
-            lst = by_id.get(g.identity)
-            if lst is None:
-                by_id[g.identity] = [g]
-            else:
-                lst.append(g)
-        bar.update(1)
-    bar.close()
+    def load_again(g: _Good) -> bytes:
+        data, _, err = _load(g.identity, g.rel, g.path, size, resize, quality)
+        if err is not None:
+            raise PackError(f"{g.rel} changed while packing: {err.message}")
+        return data
 
-    # Identities: empty ones and those below --min-images are reported and dropped.
-    for ident in sorted(listed):
-        if ident not in by_id:
-            errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "no usable crop (all failed, see above)"))
-    dropped_ids = dropped_imgs = 0
-    for ident in sorted(by_id):
-        n = len(by_id[ident])
-        if n < min_images:
-            errors.append(InputError(ident, ident + "/", ERR_BELOW_MIN,
-                                     f"{n} image(s) < --min-images {min_images}; identity not packed"))
-            dropped_ids += 1
-            dropped_imgs += n
-            del by_id[ident]
-    errors.sort(key=lambda e: (e.identity, e.path, e.reason))
-    if strict and errors:
-        raise PackError(f"{len(errors)} input problem(s) and --strict: nothing written "
-                        f"(first: {errors[0].path}: {errors[0].reason}: {errors[0].message})")
-    if not by_id:
-        raise PackError(f"nothing to pack in {out} ({source}): no usable crops"
-                        + (f"; {len(errors)} input problem(s), first: {errors[0].path}: {errors[0].message}"
-                           if errors else ""))
-
-    identities = sorted(by_id)
-    labels = {ident: i for i, ident in enumerate(identities)}
-    rng = random.Random(seed)
-    if layout == LAYOUT_PLAIN:
-        order = [g for ident in identities for g in by_id[ident]]
-        if shuffle:
-            rng.shuffle(order)
-        first_key = 0
-    else:
-        order = []
-        for ident in identities:
-            block = list(by_id[ident])
-            if shuffle:
-                rng.shuffle(block)
-            order.extend(block)
-        first_key = 1
-        if len(order) + len(identities) + 1 >= MAX_FLOAT_KEY:
-            raise PackError(f"{len(order)} images + {len(identities)} classes: the insightface layout stores keys "
-                            "as float32 labels, exact only below 2**24; use --layout plain")
-
-    # Pass 2: write everything under temporary names.
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     for name in ALL_FILES:  # left by a killed run
         _tmp(dest, name).unlink(missing_ok=True)
+    sink: Optional[_RecSink] = None
+    done = False
     try:
-        n_img = len(order)
-        idx_lines: list[str] = []
-        lst_lines: list[str] = []
-        stored_as_is = 0
-        bar = progress(total=n_img, desc="pack", unit="img", disable=None if show_progress else True)
-        with open(_tmp(dest, REC_NAME), "wb", buffering=0) as frec:
-            w = RecordWriter(frec)
-            if layout == LAYOUT_INSIGHTFACE:
-                end = n_img + 1 + len(identities)
-                off = w.write(pack_header([float(n_img + 1), float(end)]))
-                idx_lines.append(f"0\t{off}\n")
-            key = first_key
-            batch: list = []
+        by_id: dict[str, list[_Good]] = {}  # checked crops of identities still open
+        kept: dict[str, list[_Good]] = {}  # shuffle: checked crops of packed identities
+        counts: dict[str, int] = {}  # packed identities (label order) -> images
+        with_crops: set = set()  # identities with at least one usable crop
+        listed: set = set()
+        dropped_ids = dropped_imgs = 0
+        bar = progress(total=None if stream else len(units), desc="pack" if stream else "check",
+                       unit="img" if stream else "unit", disable=None if show_progress else True)
+        if stream:
+            sink = _RecSink(dest, layout, load_again, on_record, bar)
+        pending: list[tuple[float, _Good]] = []
 
-            def flush_batch() -> None:
-                offs = w.write_images(batch)
-                k0 = batch[0][2]
-                idx_lines.extend([f"{k0 + i}\t{o}\n" for i, o in enumerate(offs)])
-                if on_record is not None:
-                    for i in range(len(batch)):
-                        on_record(k0 + i + 1 - first_key)
-                bar.update(len(batch))
-                batch.clear()
+        def close_identity(ident: str) -> None:
+            """An identity is complete: drop it below --min-images, else give it the
+            next label and queue its crops for writing (stream mode)."""
+            nonlocal dropped_ids, dropped_imgs
+            goods = by_id.pop(ident)
+            n = len(goods)
+            if n < min_images:
+                errors.append(InputError(ident, ident + "/", ERR_BELOW_MIN,
+                                         f"{n} image(s) < --min-images {min_images}; identity not packed"))
+                dropped_ids += 1
+                dropped_imgs += n
+                return
+            lab = float(len(counts))
+            counts[ident] = n
+            if sink is not None:
+                sink.classes.append((ident, n))
+                pending.extend([(lab, g) for g in goods])
+            else:
+                kept[ident] = goods
 
-            flab = {ident: float(lab) for ident, lab in labels.items()}
-            for g in order:
-                data = g.data
-                if data is None:
-                    data, _, err = _load(g.identity, g.rel, g.path, size, resize, quality)
-                    if err is not None:
-                        raise PackError(f"{g.rel} changed while packing: {err.message}")
-                lab = flab[g.identity]
-                batch.append((lab, data, key))
-                lst_lines.append(f"{key}\t{lab:f}\t{g.rel}\n")
-                stored_as_is += g.as_is
-                key += 1
-                if len(batch) == 1024:
-                    flush_batch()
-            if batch:
-                flush_batch()
+        # Pass 1: list, read and check every crop (stream: and write it).
+        kept_bytes = 0
+        work = partial(_work, out=str(out), size=size, resize=resize, quality=quality)
+        for unit, (good, errs, ids) in zip(units, _ordered_map(work, units, threads)):
+            errors.extend(errs)
+            listed.update(ids)
+            for g in good:
+                if not stream:
+                    n = len(g.data)
+                    if kept_bytes + n <= memory_budget:
+                        kept_bytes += n
+                    else:
+                        g = g._replace(data=None)
+                lst = by_id.get(g.identity)
+                if lst is None:
+                    by_id[g.identity] = [g]
+                    with_crops.add(g.identity)
+                else:
+                    lst.append(g)
+            if stream:
+                # Units follow the sorted identity order; only a manifest unit's last
+                # identity can continue in the next unit.
+                open_ident = unit[-1].identity if isinstance(unit, list) and unit else None
+                for ident in sorted(by_id):
+                    if ident != open_ident:
+                        close_identity(ident)
+                if len(pending) >= 512:
+                    sink.images(pending)
+                    pending.clear()
+            else:
+                bar.update(1)
+        for ident in sorted(by_id):
+            close_identity(ident)
+        if sink is not None:
+            sink.images(pending)
+            pending.clear()
+        bar.close()
+
+        for ident in sorted(listed - with_crops):
+            errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "no usable crop (all failed, see above)"))
+        errors.sort(key=lambda e: (e.identity, e.path, e.reason))
+        if strict and errors:
+            raise PackError(f"{len(errors)} input problem(s) and --strict: nothing written "
+                            f"(first: {errors[0].path}: {errors[0].reason}: {errors[0].message})")
+        if not counts:
+            raise PackError(f"nothing to pack in {out} ({source}): no usable crops"
+                            + (f"; {len(errors)} input problem(s), first: {errors[0].path}: {errors[0].message}"
+                               if errors else ""))
+        identities = list(counts)
+        labels = {ident: i for i, ident in enumerate(identities)}
+        n_img = sum(counts.values())
+
+        if sink is None:  # Pass 2 (shuffle): write everything in shuffled order.
+            if layout == LAYOUT_INSIGHTFACE and n_img + len(identities) + 1 >= MAX_FLOAT_KEY:
+                raise PackError(f"{n_img} images + {len(identities)} classes: the insightface layout stores keys "
+                                "as float32 labels, exact only below 2**24; use --layout plain")
+            rng = random.Random(seed)
+            order: list[tuple[float, _Good]] = []
+            if layout == LAYOUT_PLAIN:
+                order = [(float(labels[i]), g) for i in identities for g in kept[i]]
+                rng.shuffle(order)
+            else:  # grouped by class: shuffled within each class
+                for i in identities:
+                    block = [(float(labels[i]), g) for g in kept[i]]
+                    rng.shuffle(block)
+                    order.extend(block)
+            kept.clear()
+            bar = progress(total=n_img, desc="pack", unit="img", disable=None if show_progress else True)
+            sink = _RecSink(dest, layout, load_again, on_record, bar)
+            sink.classes.extend(counts.items())
+            for i in range(0, len(order), 1024):
+                sink.images(order[i:i + 1024])
             bar.close()
-            if layout == LAYOUT_INSIGHTFACE:
-                start = 1
-                for ident in identities:
-                    stop = start + len(by_id[ident])
-                    off = w.write(pack_header([float(start), float(stop)], key, 0))
-                    idx_lines.append(f"{key}\t{off}\n")
-                    key += 1
-                    start = stop
-            w.flush()
-            if fsync:
-                os.fsync(frec.fileno())
-            rec_bytes = w.offset
-        counts = {ident: len(by_id[ident]) for ident in identities}
+        rec_bytes = sink.finish()
         texts = {
-            IDX_NAME: "".join(idx_lines),
-            LST_NAME: "".join(lst_lines),
+            IDX_NAME: "".join(sink.idx_lines),
+            LST_NAME: "".join(sink.lst_lines),
             PROPERTY_NAME: f"{len(identities)},{size},{size}\n",
             LABELS_CSV: csv_text(LABELS_COLUMNS, [(i, labels[i], counts[i]) for i in identities]),
             PACK_ERRORS_CSV: csv_text(PACK_ERROR_COLUMNS, [(e.identity, e.path, e.reason, e.message) for e in errors]),
         }
         result = PackResult(dest=dest, source=source, layout=layout, size=size, images=n_img,
-                            classes=len(identities), stored_as_is=stored_as_is, reencoded=n_img - stored_as_is,
-                            rec_bytes=rec_bytes, shuffle=shuffle, seed=seed, min_images=min_images,
-                            dropped_identities=dropped_ids, dropped_images=dropped_imgs, errors=errors, notes=notes)
+                            classes=len(identities), stored_as_is=sink.stored_as_is,
+                            reencoded=n_img - sink.stored_as_is, rec_bytes=rec_bytes, shuffle=shuffle, seed=seed,
+                            min_images=min_images, dropped_identities=dropped_ids, dropped_images=dropped_imgs,
+                            errors=errors, notes=notes)
         meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
         meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
         meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path relative to OUT)"
         texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        for name, text in texts.items():
-            with open(_tmp(dest, name), "w", encoding="utf-8", newline="\n") as f:
+        start_writeback = _writeback_starter() if fsync else None
+        small = []
+        try:
+            for name, text in texts.items():
+                f = open(_tmp(dest, name), "w", encoding="utf-8", newline="\n")
+                small.append(f)
                 f.write(text)
                 f.flush()
-                if fsync:
+                if start_writeback is not None:
+                    start_writeback(f.fileno(), 0, 0)  # 0 bytes: to the end of the file
+            if fsync:  # after all writes, so that the disk works on them together
+                os.fsync(sink.f.fileno())
+                for f in small:
                     os.fsync(f.fileno())
+        finally:
+            for f in small:
+                f.close()
         # Everything is complete on disk: move it into place (pack.json last).
         for name in ALL_FILES:
             os.replace(_tmp(dest, name), dest / name)
         if fsync:
             _fsync_dir(dest)
+        done = True
     finally:
+        if sink is not None:
+            sink.close()
         for name in ALL_FILES:
             _tmp(dest, name).unlink(missing_ok=True)
+        if not done and created:  # a DEST this failed run made: leave no empty folder behind
+            try:
+                dest.rmdir()
+            except OSError:
+                pass
     return result
 
 

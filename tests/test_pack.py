@@ -127,9 +127,10 @@ def _mxfacedataset(prefix: Path) -> list[tuple[int, bytes]]:
 
 # ----------------------------------------------------------------------------- pack + MXNet
 @pytest.mark.oracle
-@pytest.mark.parametrize("layout", ["plain", "insightface"])
-def test_mxnet_reads_both_layouts(crops_dir, tmp_path, layout):
-    res = pack(crops_dir, tmp_path / "d", layout=layout)
+@pytest.mark.parametrize("layout,shuffle", [("plain", True), ("insightface", True), ("insightface", False)])
+def test_mxnet_reads_both_layouts(crops_dir, tmp_path, layout, shuffle):
+    # without shuffle the insightface header is written last, over a placeholder
+    res = pack(crops_dir, tmp_path / "d", layout=layout, shuffle=shuffle)
     assert (res.images, res.classes, res.errors) == (22, 6, [])
     o = _oracle(tmp_path / "d" / "train")
     assert o["images"] == 22 and o["classes"] == 6
@@ -180,8 +181,9 @@ def test_crop_containing_the_magic_round_trips_through_mxnet(crops_dir, tmp_path
 
 
 @pytest.mark.parametrize("layout", ["plain", "insightface"])
-def test_mxfacedataset_loader_gets_every_image_with_its_label(crops_dir, tmp_path, layout):
-    pack(crops_dir, tmp_path / "d", layout=layout, seed=3)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_mxfacedataset_loader_gets_every_image_with_its_label(crops_dir, tmp_path, layout, shuffle):
+    pack(crops_dir, tmp_path / "d", layout=layout, seed=3, shuffle=shuffle)
     labels = {r["identity"]: int(r["label"]) for r in read_csv(tmp_path / "d" / "labels.csv")}
     assert sorted(labels) == sorted(d.name for d in crops_dir.iterdir())
     assert sorted(labels.values()) == list(range(6))
@@ -423,6 +425,59 @@ def test_interrupted_pack_leaves_previous_dest(crops_dir, tmp_path):
     pack(crops_dir, tmp_path / "d", seed=1)
     assert {f: (tmp_path / "d" / f).read_bytes() for f in FILES} == before
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(FILES)
+
+
+def test_streamed_and_shuffled_packs_hold_the_same_records(crops_dir, tmp_path):
+    """Without shuffle each identity is written as soon as it is read. A manifest
+    identity with more crops than one work unit (256) and an identity dropped by
+    --min-images in the middle must give the same labels and records as the shuffled
+    path, in sorted order, with nothing lost or duplicated."""
+    out = tmp_path / "out"
+    shutil.copytree(crops_dir, out)
+    ids = sorted(p.name for p in crops_dir.iterdir())
+    big = ids[2]
+    first = sorted((out / big).iterdir())[0].read_bytes()
+    for i in range(300):  # distinct files (two bytes before the end-of-image marker)
+        (out / big / f"copy_{i:03d}.jpg").write_bytes(first[:-2] + i.to_bytes(2, "big") + b"\xff\xd9")
+    rows = []
+    for d in ids:
+        for f in sorted((out / d).iterdir()):
+            rows.append({"source": f"{d}/{f.name}", "identity": d, "face": 0, "aligned": f"{d}/{f.name}",
+                         "decision": "keep"})
+    small = [d for d in ids if len(list((out / d).iterdir())) == 2][0]
+    write_csv_atomic(out / "clean.csv", CLEAN_COLUMNS, rows)
+    stream = pack(out, tmp_path / "s", shuffle=False, min_images=3)
+    shuffled = pack(out, tmp_path / "h", shuffle=True, min_images=3)
+    n = 22 + 300 - 2
+    assert (stream.images, stream.classes, stream.dropped_identities) == (n, 5, 1)
+    assert (shuffled.images, shuffled.classes, shuffled.dropped_identities) == (n, 5, 1)
+    assert [e.reason for e in stream.errors] == [ERR_BELOW_MIN] and stream.errors[0].identity == small
+    for f in ("labels.csv", "property", "pack_errors.csv"):
+        assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "h" / f).read_bytes(), f
+    labels = {r["identity"]: int(r["label"]) for r in read_csv(tmp_path / "s" / "labels.csv")}
+    assert sorted(labels.values()) == list(range(5)) and small not in labels
+    s_items = _mxfacedataset(tmp_path / "s" / "train")
+    assert sorted(s_items) == sorted(_mxfacedataset(tmp_path / "h" / "train"))
+    assert len({img for _, img in s_items}) == n
+    assert [lab for lab, _ in s_items] == sorted(lab for lab, _ in s_items)  # streamed: in label order
+    lst = [line.split("\t") for line in (tmp_path / "s" / "train.lst").read_text().splitlines()]
+    assert [row[2] for row in lst] == sorted(row[2] for row in lst)
+    assert [int(row[0]) for row in lst] == list(range(n))
+
+
+def test_failed_pack_into_a_new_dest_leaves_nothing(crops_dir, tmp_path):
+    def stop(n):
+        if n == 5:
+            raise KeyboardInterrupt
+
+    for shuffle in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            pack(crops_dir, tmp_path / "new", shuffle=shuffle, on_record=stop)
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PackError, match="nothing to pack"):
+        pack(tmp_path / "empty", tmp_path / "new2", shuffle=False)
+    assert not (tmp_path / "new2").exists()
 
 
 def test_align_csv_source(crops_dir, tmp_path):
