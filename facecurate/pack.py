@@ -78,9 +78,6 @@ ERR_BELOW_MIN = "below_min_images"  # identity dropped by --min-images
 ERR_DUPLICATE = "duplicate"  # same crop listed twice
 ERR_BAD_ROW = "bad_row"  # manifest row that cannot be used (no path, tab in name, ...)
 
-#: Keep at most this many bytes of crops in memory between validation and writing;
-#: crops beyond it are read a second time while writing.
-MEMORY_BUDGET = 1 << 30
 #: float32 holds integers exactly only up to 2**24 (insightface layout stores keys as labels).
 MAX_FLOAT_KEY = 1 << 24
 
@@ -214,9 +211,9 @@ class PairsResult:
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
-    """(width, height) from a JPEG's SOF segment without decoding; None if not a JPEG
-    or the header is not understood."""
+def _jpeg_sof(data: bytes) -> Optional[tuple[int, int, int]]:
+    """(width, height, end) from a JPEG's SOF segment, where ``end`` is the offset just
+    past its size fields; None if not a JPEG or the header is not understood."""
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
@@ -235,11 +232,39 @@ def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
                 return None
             if m in _SOF:
                 h, w = struct.unpack_from(">HH", data, i + 5)
-                return w, h
+                return w, h, i + 9
             i += 2 + struct.unpack_from(">H", data, i + 2)[0]
     except struct.error:
         return None
     return None
+
+
+def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from a JPEG's SOF segment without decoding; None if not a JPEG
+    or the header is not understood."""
+    s = _jpeg_sof(data)
+    return None if s is None else (s[0], s[1])
+
+
+class _SizeCheck:
+    """Is this a JPEG of the target size? Crops from one encoder share their header
+    bytes up to the SOF segment, and the parse depends only on those bytes: once a
+    header prefix has given the target size, a crop that starts with the same bytes
+    has it too (one ``startswith`` instead of a parse)."""
+
+    def __init__(self, size: int) -> None:
+        self.want = (size, size)
+        self.prefix: Optional[bytes] = None
+
+    def __call__(self, data: bytes) -> bool:
+        p = self.prefix
+        if p is not None and data.startswith(p):
+            return True
+        s = _jpeg_sof(data)
+        if s is None or (s[0], s[1]) != self.want:
+            return False
+        self.prefix = data[:s[2]]
+        return True
 
 
 def jpeg_complete(data: bytes) -> bool:
@@ -259,13 +284,14 @@ class _Cand(NamedTuple):
     identity: str
     rel: str  # as written to the .lst (relative to OUT, POSIX)
     path: str
+    name: str  # what to open: relative to the identity folder's descriptor when there is one, else = path
 
 
 class _Good(NamedTuple):
     identity: str
     rel: str
     path: str
-    data: Optional[bytes]  # None: read again while writing (memory budget)
+    data: bytes
     as_is: bool
 
 
@@ -409,7 +435,8 @@ def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
         elif _bad_name(ident) or _bad_name(rel):
             errors.append(InputError(ident, rel, ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
         else:
-            cands.append(_Cand(ident, rel, os.path.join(base, rel)))
+            path = os.path.join(base, rel)
+            cands.append(_Cand(ident, rel, path, path))
     # One order, whatever the manifest's row order; duplicates packed once.
     cands.sort(key=lambda c: (c.identity, c.rel))
     seen: set = set()
@@ -423,11 +450,15 @@ def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
     return source, [uniq[i:i + 256] for i in range(0, len(uniq), 256)], errors, notes
 
 
-def _list_identity(out: str, ident: str) -> tuple[list[_Cand], list[InputError]]:
+#: Open crops relative to their identity folder's descriptor (a shorter path walk).
+_DIR_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and hasattr(os, "O_DIRECTORY")
+
+
+def _list_identity(out: str, ident: str, dfd: Optional[int]) -> tuple[list[_Cand], list[InputError]]:
     cands, errors = [], []
     d = os.path.join(out, ident)
     try:
-        names = sorted(os.listdir(d))
+        names = sorted(os.listdir(d if dfd is None else dfd))
     except OSError as e:
         return [], [InputError(ident, ident + "/", ERR_UNREADABLE, f"cannot list: {e.strerror or e}")]
     prefix = d + os.sep
@@ -443,46 +474,59 @@ def _list_identity(out: str, ident: str) -> tuple[list[_Cand], list[InputError]]
                                          f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})"))
         elif _bad_name(name):
             errors.append(InputError(ident, rel, ERR_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
-        else:
-            cands.append(_Cand(ident, rel, prefix + name))  # a folder named *.jpg fails when read
+        else:  # a folder named *.jpg fails when read
+            cands.append(_Cand(ident, rel, prefix + name, prefix + name if dfd is None else name))
     if not cands:
         errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "identity folder has no image files"))
     return cands, errors
 
 
-def _work(unit, out: str, size: int, resize: bool, quality: int) -> tuple[list, list[InputError], list[str]]:
-    """Read and check one unit: (good crops as _Good, problems, identities listed)."""
-    if isinstance(unit, tuple):  # identity folder names
-        cands, errors = [], []
-        for ident in unit:
-            c, e = _list_identity(out, ident)
-            cands += c
-            errors += e
-        listed = list(unit)
-    else:
-        cands, errors = unit, []
-        listed = sorted({c.identity for c in cands})
-    good = []
-    want = (size, size)
+def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors: list, size: int,
+                  resize: bool, quality: int, check: _SizeCheck) -> None:
+    """Read every candidate: a complete JPEG of the target size goes to ``good`` as it
+    is (the fast path, inlined); anything else is classified by ``_load``."""
     for c in cands:
-        # Inlined fast path (the common case): a complete JPEG of the target size.
         try:
-            fd = os.open(c.path, _O_RDONLY)
+            fd = os.open(c.name, _O_RDONLY, dir_fd=dfd)
             try:
                 data = os.read(fd, 65536)
             finally:
                 os.close(fd)
         except OSError:
             data = b""
-        if len(data) < 65536 and data.endswith(b"\xff\xd9") and jpeg_size(data) == want:
+        if len(data) < 65536 and data.endswith(b"\xff\xd9") and check(data):
             good.append(_Good(c.identity, c.rel, c.path, data, True))
             continue
-        data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality)  # classifies the rest
+        data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality)
         if err is None:
             good.append(_Good(c.identity, c.rel, c.path, data, as_is))
         else:
             errors.append(err)
-    return good, errors, listed
+
+
+def _work(unit, out: str, size: int, resize: bool, quality: int,
+          check: _SizeCheck) -> tuple[list, list[InputError], list[str]]:
+    """Read and check one unit: (good crops as _Good, problems, identities listed)."""
+    good: list[_Good] = []
+    errors: list[InputError] = []
+    if not isinstance(unit, tuple):  # manifest rows
+        _read_checked(unit, None, good, errors, size, resize, quality, check)
+        return good, errors, sorted({c.identity for c in unit})
+    for ident in unit:  # identity folder names
+        dfd = None
+        if _DIR_FD:
+            try:
+                dfd = os.open(os.path.join(out, ident), _O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                pass  # listing by path reports why
+        try:
+            cands, errs = _list_identity(out, ident, dfd)
+            errors += errs
+            _read_checked(cands, dfd, good, errors, size, resize, quality, check)
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+    return good, errors, list(unit)
 
 
 def _ordered_map(fn, units: Sequence, threads: int) -> Iterable:
@@ -538,8 +582,7 @@ class _RecSink:
     a fixed-size placeholder is written first and overwritten in place) and the
     identity records follow the images."""
 
-    def __init__(self, dest: Path, layout: str, load: Callable[[_Good], bytes],
-                 on_record: Optional[Callable[[int], None]], bar) -> None:
+    def __init__(self, dest: Path, layout: str, on_record: Optional[Callable[[int], None]], bar) -> None:
         self.layout = layout
         self.f = open(_tmp(dest, REC_NAME), "wb", buffering=0)
         self.w = RecordWriter(self.f)
@@ -547,7 +590,8 @@ class _RecSink:
         self.lst_lines: list[str] = []
         self.classes: list[tuple[str, int]] = []  # (identity, images) in label order
         self.stored_as_is = 0
-        self._load, self._on_record, self._bar = load, on_record, bar
+        self._lab_text: dict[float, str] = {}  # label -> its .lst text
+        self._on_record, self._bar = on_record, bar
         self._start_writeback = _writeback_starter()
         self._started = 0  # bytes of the file already handed to the kernel's writeback
         self.first_key = self.key = 0
@@ -566,10 +610,13 @@ class _RecSink:
                             "exact only below 2**24; use --layout plain")
         k0 = self.key
         batch = []
+        lab_text = self._lab_text
         for lab, g in items:
-            data = g.data if g.data is not None else self._load(g)
-            batch.append((lab, data, self.key))
-            self.lst_lines.append(f"{self.key}\t{lab:f}\t{g.rel}\n")
+            batch.append((lab, g.data, self.key))
+            t = lab_text.get(lab)
+            if t is None:
+                t = lab_text[lab] = f"{lab:f}"
+            self.lst_lines.append(f"{self.key}\t{t}\t{g.rel}\n")
             self.stored_as_is += g.as_is
             self.key += 1
         offs = self.w.write_images(batch)
@@ -612,11 +659,142 @@ class _RecSink:
         self.f.close()
 
 
+@dataclass
+class _Tally:
+    """What pass 1 found: packed identities (label order) -> images, and the rest."""
+    counts: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+    listed: set = field(default_factory=set)  # identities seen in the source
+    with_crops: set = field(default_factory=set)  # identities with at least one usable crop
+    dropped_ids: int = 0
+    dropped_imgs: int = 0
+
+    def below_min(self, ident: str, n: int, min_images: int) -> None:
+        self.errors.append(InputError(ident, ident + "/", ERR_BELOW_MIN,
+                                      f"{n} image(s) < --min-images {min_images}; identity not packed"))
+        self.dropped_ids += 1
+        self.dropped_imgs += n
+
+
+def _chunks(seq: Sequence, n: int) -> list:
+    return [seq[i:i + n] for i in range(0, len(seq), n)]
+
+
+def _pack_in_order(units: list, work: Callable, sink: _RecSink, min_images: int, threads: int) -> _Tally:
+    """Records in reading order (identities sorted, then files): each identity is
+    written as soon as all of it has been read and checked."""
+    t = _Tally()
+    by_id: dict[str, list[_Good]] = {}  # checked crops of identities still open
+    pending: list[tuple[float, _Good]] = []
+
+    def close_identity(ident: str) -> None:
+        goods = by_id.pop(ident)
+        if len(goods) < min_images:
+            t.below_min(ident, len(goods), min_images)
+            return
+        lab = float(len(t.counts))
+        t.counts[ident] = len(goods)
+        sink.classes.append((ident, len(goods)))
+        pending.extend([(lab, g) for g in goods])
+
+    for unit, (good, errs, ids) in zip(units, _ordered_map(work, units, threads)):
+        t.errors.extend(errs)
+        t.listed.update(ids)
+        for g in good:
+            lst = by_id.get(g.identity)
+            if lst is None:
+                by_id[g.identity] = [g]
+                t.with_crops.add(g.identity)
+            else:
+                lst.append(g)
+        # Units follow the sorted identity order; only a manifest unit's last identity
+        # can continue in the next unit.
+        open_ident = unit[-1].identity if isinstance(unit, list) and unit else None
+        for ident in sorted(by_id):
+            if ident != open_ident:
+                close_identity(ident)
+        if len(pending) >= 512:
+            sink.images(pending)
+            pending.clear()
+    for ident in sorted(by_id):
+        close_identity(ident)
+    sink.images(pending)
+    return t
+
+
+def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSink], out: str, layout: str,
+                   seed: int, min_images: int, threads: int) -> tuple[_Tally, _RecSink]:
+    """Records in shuffled order, written as they are read. Every crop is listed
+    first; the packed identities (hence the labels) are predicted from the listing,
+    the listed crops of those identities are shuffled, then read, checked and written
+    in that order (the crops of identities that are not packed are read and checked
+    too, for their problems). When a failed crop changes which identities are packed,
+    the prediction is made again from what was read and the file rewritten (at most
+    twice more; only unreadable inputs cost this)."""
+    cands: dict[str, list[_Cand]] = {}  # identity -> crops, sorted
+    list_errors: list[InputError] = []
+    listed: set = set()
+    for unit in units:
+        if isinstance(unit, tuple):  # identity folder names
+            for ident in unit:
+                c, e = _list_identity(out, ident, None)
+                list_errors += e
+                listed.add(ident)
+                if c:
+                    cands[ident] = c
+        else:
+            for c in unit:
+                cands.setdefault(c.identity, []).append(c)
+                listed.add(c.identity)
+    predicted = [i for i, c in cands.items() if len(c) >= min_images]
+    for _attempt in range(3):
+        t = _Tally(errors=list(list_errors), listed=set(listed))
+        labels = {ident: float(k) for k, ident in enumerate(predicted)}
+        rng = random.Random(seed)
+        if layout == LAYOUT_PLAIN:
+            order = [c for ident in predicted for c in cands[ident]]
+            rng.shuffle(order)
+        else:  # grouped by class: shuffled within each class
+            order = []
+            for ident in predicted:
+                block = list(cands[ident])
+                rng.shuffle(block)
+                order += block
+        others = [c for ident, cs in cands.items() if ident not in labels for c in cs]
+        sink = new_sink(len(order))
+        good_n: dict[str, int] = {}
+        for good, errs, _ in _ordered_map(work, _chunks(others, 256), threads):
+            t.errors.extend(errs)
+            for g in good:
+                good_n[g.identity] = good_n.get(g.identity, 0) + 1
+        for good, errs, _ in _ordered_map(work, _chunks(order, 256), threads):
+            t.errors.extend(errs)
+            for g in good:
+                good_n[g.identity] = good_n.get(g.identity, 0) + 1
+            sink.images([(labels[g.identity], g) for g in good])
+        packed = [i for i in cands if good_n.get(i, 0) >= max(1, min_images)]
+        if packed == predicted:
+            break
+        sink.close()
+        predicted = packed
+    else:
+        raise PackError(f"the crops in {out} changed while packing (three attempts); nothing written")
+    for ident in cands:
+        n = good_n.get(ident, 0)
+        if n:
+            t.with_crops.add(ident)
+            if ident in labels:
+                t.counts[ident] = n
+                sink.classes.append((ident, n))
+            else:
+                t.below_min(ident, n, min_images)
+    return t, sink
+
+
 def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN, shuffle: bool = True,
          seed: int = 0, min_images: int = 1, size: Optional[int] = None, resize: bool = False,
-         strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1,
-         memory_budget: int = MEMORY_BUDGET, fsync: bool = True, show_progress: bool = False,
-         on_record: Optional[Callable[[int], None]] = None) -> PackResult:
+         strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1, fsync: bool = True,
+         show_progress: bool = False, on_record: Optional[Callable[[int], None]] = None) -> PackResult:
     """Pack the crops of ``out`` into ``dest`` (train.rec, train.idx, train.lst,
     property, labels.csv, pack_errors.csv, pack.json).
 
@@ -627,11 +805,11 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     the renames (without it an interrupted *process* still leaves DEST intact; only an
     OS crash or power loss right after the run could lose the new files).
 
-    Without ``shuffle`` the records' order is the reading order (identities sorted,
-    then files), so each identity is written as soon as it has been read and checked:
-    reading, writing and the disk's writeback overlap, and no crop is held in memory
-    for long. With ``shuffle`` every crop is read and checked first (kept in memory up
-    to ``memory_budget`` bytes, read again beyond it), then written in shuffled order."""
+    Crops are written as they are read, never all held in memory: without ``shuffle``
+    in reading order (identities sorted, then files), each identity as soon as it is
+    complete; with ``shuffle`` in an order drawn from the listing (see
+    ``_pack_shuffled``). While train.rec grows the disk's writeback is started, so
+    reading, writing and the final fsync overlap."""
     from functools import partial
 
     from facecurate.files import progress
@@ -641,13 +819,7 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     out, dest = Path(out), Path(dest)
     size = _target_size(out, size)
     source, units, errors, notes = _collect(out, dest)
-    stream = not shuffle
-
-    def load_again(g: _Good) -> bytes:
-        data, _, err = _load(g.identity, g.rel, g.path, size, resize, quality)
-        if err is not None:
-            raise PackError(f"{g.rel} changed while packing: {err.message}")
-        return data
+    work = partial(_work, out=str(out), size=size, resize=resize, quality=quality, check=_SizeCheck(size))
 
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
@@ -655,78 +827,24 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         _tmp(dest, name).unlink(missing_ok=True)
     sink: Optional[_RecSink] = None
     done = False
+    bar = progress(total=None, desc="pack", unit="img", disable=None if show_progress else True)
     try:
-        by_id: dict[str, list[_Good]] = {}  # checked crops of identities still open
-        kept: dict[str, list[_Good]] = {}  # shuffle: checked crops of packed identities
-        counts: dict[str, int] = {}  # packed identities (label order) -> images
-        with_crops: set = set()  # identities with at least one usable crop
-        listed: set = set()
-        dropped_ids = dropped_imgs = 0
-        bar = progress(total=None if stream else len(units), desc="pack" if stream else "check",
-                       unit="img" if stream else "unit", disable=None if show_progress else True)
-        if stream:
-            sink = _RecSink(dest, layout, load_again, on_record, bar)
-        pending: list[tuple[float, _Good]] = []
+        def new_sink(total: Optional[int] = None) -> _RecSink:
+            nonlocal sink
+            if total is not None:
+                bar.reset(total=total)
+            sink = _RecSink(dest, layout, on_record, bar)
+            return sink
 
-        def close_identity(ident: str) -> None:
-            """An identity is complete: drop it below --min-images, else give it the
-            next label and queue its crops for writing (stream mode)."""
-            nonlocal dropped_ids, dropped_imgs
-            goods = by_id.pop(ident)
-            n = len(goods)
-            if n < min_images:
-                errors.append(InputError(ident, ident + "/", ERR_BELOW_MIN,
-                                         f"{n} image(s) < --min-images {min_images}; identity not packed"))
-                dropped_ids += 1
-                dropped_imgs += n
-                return
-            lab = float(len(counts))
-            counts[ident] = n
-            if sink is not None:
-                sink.classes.append((ident, n))
-                pending.extend([(lab, g) for g in goods])
-            else:
-                kept[ident] = goods
-
-        # Pass 1: list, read and check every crop (stream: and write it).
-        kept_bytes = 0
-        work = partial(_work, out=str(out), size=size, resize=resize, quality=quality)
-        for unit, (good, errs, ids) in zip(units, _ordered_map(work, units, threads)):
-            errors.extend(errs)
-            listed.update(ids)
-            for g in good:
-                if not stream:
-                    n = len(g.data)
-                    if kept_bytes + n <= memory_budget:
-                        kept_bytes += n
-                    else:
-                        g = g._replace(data=None)
-                lst = by_id.get(g.identity)
-                if lst is None:
-                    by_id[g.identity] = [g]
-                    with_crops.add(g.identity)
-                else:
-                    lst.append(g)
-            if stream:
-                # Units follow the sorted identity order; only a manifest unit's last
-                # identity can continue in the next unit.
-                open_ident = unit[-1].identity if isinstance(unit, list) and unit else None
-                for ident in sorted(by_id):
-                    if ident != open_ident:
-                        close_identity(ident)
-                if len(pending) >= 512:
-                    sink.images(pending)
-                    pending.clear()
-            else:
-                bar.update(1)
-        for ident in sorted(by_id):
-            close_identity(ident)
-        if sink is not None:
-            sink.images(pending)
-            pending.clear()
+        if shuffle:
+            tally, sink = _pack_shuffled(units, work, new_sink, str(out), layout, seed, min_images, threads)
+        else:
+            tally = _pack_in_order(units, work, new_sink(), min_images, threads)
         bar.close()
-
-        for ident in sorted(listed - with_crops):
+        errors += tally.errors
+        counts = tally.counts
+        had_no_files = {e.identity for e in errors if e.reason == ERR_EMPTY_IDENTITY}
+        for ident in sorted(tally.listed - tally.with_crops - had_no_files):
             errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "no usable crop (all failed, see above)"))
         errors.sort(key=lambda e: (e.identity, e.path, e.reason))
         if strict and errors:
@@ -739,28 +857,6 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         identities = list(counts)
         labels = {ident: i for i, ident in enumerate(identities)}
         n_img = sum(counts.values())
-
-        if sink is None:  # Pass 2 (shuffle): write everything in shuffled order.
-            if layout == LAYOUT_INSIGHTFACE and n_img + len(identities) + 1 >= MAX_FLOAT_KEY:
-                raise PackError(f"{n_img} images + {len(identities)} classes: the insightface layout stores keys "
-                                "as float32 labels, exact only below 2**24; use --layout plain")
-            rng = random.Random(seed)
-            order: list[tuple[float, _Good]] = []
-            if layout == LAYOUT_PLAIN:
-                order = [(float(labels[i]), g) for i in identities for g in kept[i]]
-                rng.shuffle(order)
-            else:  # grouped by class: shuffled within each class
-                for i in identities:
-                    block = [(float(labels[i]), g) for g in kept[i]]
-                    rng.shuffle(block)
-                    order.extend(block)
-            kept.clear()
-            bar = progress(total=n_img, desc="pack", unit="img", disable=None if show_progress else True)
-            sink = _RecSink(dest, layout, load_again, on_record, bar)
-            sink.classes.extend(counts.items())
-            for i in range(0, len(order), 1024):
-                sink.images(order[i:i + 1024])
-            bar.close()
         rec_bytes = sink.finish()
         texts = {
             IDX_NAME: "".join(sink.idx_lines),
@@ -772,7 +868,8 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         result = PackResult(dest=dest, source=source, layout=layout, size=size, images=n_img,
                             classes=len(identities), stored_as_is=sink.stored_as_is,
                             reencoded=n_img - sink.stored_as_is, rec_bytes=rec_bytes, shuffle=shuffle, seed=seed,
-                            min_images=min_images, dropped_identities=dropped_ids, dropped_images=dropped_imgs,
+                            min_images=min_images, dropped_identities=tally.dropped_ids,
+                            dropped_images=tally.dropped_imgs,
                             errors=errors, notes=notes)
         meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
         meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
@@ -802,6 +899,7 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
             _fsync_dir(dest)
         done = True
     finally:
+        bar.close()
         if sink is not None:
             sink.close()
         for name in ALL_FILES:
