@@ -290,7 +290,6 @@ class _Cand(NamedTuple):
 class _Good(NamedTuple):
     identity: str
     rel: str
-    path: str
     data: bytes
     as_is: bool
 
@@ -495,11 +494,11 @@ def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors
         except OSError:
             data = b""
         if len(data) < 65536 and data.endswith(b"\xff\xd9") and check(data):
-            good.append(_Good(c.identity, c.rel, c.path, data, True))
+            good.append(_Good(c.identity, c.rel, data, True))
             continue
         data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality)
         if err is None:
-            good.append(_Good(c.identity, c.rel, c.path, data, as_is))
+            good.append(_Good(c.identity, c.rel, data, as_is))
         else:
             errors.append(err)
 

@@ -28,7 +28,8 @@ def _fail(msg: str) -> None:
 @click.option("--strict", is_flag=True,
               help="Fail (and leave DEST untouched) on any input problem instead of skipping and reporting it.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Threads reading crops (more can help on fast storage with idle cores).")
+              help="Threads reading crops ahead (can help on slow or network storage; with the files "
+                   "in the page cache one is fastest).")
 @click.option("--fsync/--no-fsync", default=True, show_default=True,
               help="Flush the files to disk before renaming them into place (--no-fsync is faster; an "
                    "interrupted process still leaves DEST intact, only an OS crash could lose the new files).")
@@ -54,8 +55,10 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
       pack_errors.csv        every crop or identity not packed, with the reason
       pack.json              what was packed, with which options
 
-    JPEG crops of the target size are stored byte-for-byte; other crops are encoded
-    once as JPEG quality 95. Missing, unreadable, non-image and wrong-size crops and
+    Crops are streamed: each is read, checked and written in one pass (the shuffled
+    order is drawn from the listing before reading), so memory stays small and the
+    disk writes while pack reads. JPEG crops of the target size are stored
+    byte-for-byte; other crops are encoded once as JPEG quality 95. Missing, unreadable, non-image and wrong-size crops and
     empty identities are skipped and reported (exit 0), or fail the run with
     --strict. All files are written under temporary names (DEST/.<name>.pack-tmp),
     flushed to disk and renamed into place at the end: an interrupted pack leaves
