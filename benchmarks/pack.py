@@ -3,7 +3,7 @@
 Stages:
 
   crops   a few thousand real 112x112 ArcFace crops of LFW *dev* photos (dlib HOG +
-          68 landmarks -> 5 points -> geometry.align_face, JPEG q95), cached under
+          68 landmarks -> 5 points -> align_face, JPEG q95: align.centre_face_jpeg), cached under
           /tmp/fc/cache/crops_lfw_dev_<N>/<identity>/<Name>_NNNN.jpg (made once).
   time    in the same run, on the same files, best (and median) of --repeat interleaved rounds
           (before each contender, untimed: every previous output removed, so each writes
@@ -58,9 +58,8 @@ def make_crops(n: int, per_identity: int = 30, min_photos: int = 1) -> Path:
     others = [d for d in CACHE.glob("crops_lfw_dev_*") if (d / "DONE").exists()]
     import cv2
 
-    from facecurate.geometry import align_face
+    from facecurate.align import centre_face_jpeg
     from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
-    from facecurate.records import nearest_to_centre
 
     det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=CACHE))
@@ -81,14 +80,11 @@ def make_crops(n: int, per_identity: int = 30, min_photos: int = 1) -> Path:
             bgr = cv2.imread(str(DATA / "lfw" / ident / f))
             if bgr is None:
                 continue
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            d = nearest_to_centre(det.detect(rgb), rgb.shape[1], rgb.shape[0])  # LFW's subject
-            if d is None:
+            jpg = centre_face_jpeg(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), det, lm, 112, 95)  # LFW's subject
+            if jpg is None:
                 continue
-            crop = align_face(rgb, lm.five(lm.predict(rgb, d.box)), 112)
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             (tmp / ident).mkdir(exist_ok=True)
-            (tmp / ident / f).write_bytes(buf.tobytes())
+            (tmp / ident / f).write_bytes(jpg)
             made += 1
             if made % 200 == 0:
                 print(f"  crops: {made}/{n} ({time.time() - t0:.0f} s)", file=sys.stderr)

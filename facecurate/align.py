@@ -293,6 +293,24 @@ class Aligner:
         return results
 
 
+def centre_face_jpeg(rgb: np.ndarray, detector, landmarks, size: int = 112,
+                     quality: int = JPEG_QUALITY) -> Optional[bytes]:
+    """The face nearest the image centre (the subject of a centred photo, as in LFW),
+    warped to a ``size`` ArcFace crop and encoded as JPEG; None when no face is found.
+    ``detector``/``landmarks``: e.g. DlibHOGDetector and DlibLandmarks68. For building
+    evaluation and benchmark sets of one crop per photo, outside the align pipeline."""
+    from facecurate.records import nearest_to_centre
+
+    d = nearest_to_centre(detector.detect(rgb), rgb.shape[1], rgb.shape[0])
+    if d is None:
+        return None
+    crop = align_face(rgb, landmarks.five(landmarks.predict(rgb, d.box)), size)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("could not encode crop")
+    return buf.tobytes()
+
+
 # --------------------------------------------------------------------------- worker
 def _row(inp: InputFile, face: int, status: str, *, primary: bool = False, aligned: str = "",
          det: Optional[Detection] = None, sharp: float = float("nan"), img_wh=(0, 0),

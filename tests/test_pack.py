@@ -1,5 +1,5 @@
 """facecurate pack / inspect / unpack / pack-pairs on real ArcFace crops of LFW dev
-photos (dlib HOG + 68 landmarks -> 5 points -> align_face, exactly what align does).
+photos (align.centre_face_jpeg: dlib HOG + 68 landmarks -> 5 points -> align_face).
 
 The MXNet checks (``@pytest.mark.oracle``) run ``../shared/tools/mxnet-oracle`` (the
 real MXNet 1.9.1 reader); they fail under CI when it cannot run, and skip otherwise."""
@@ -49,9 +49,8 @@ FILES = ("train.rec", "train.idx", "train.lst", "property", "labels.csv", "pack_
 def crops_dir(tmp_path_factory, lfw_dir, lfw_dev_ids) -> Path:
     """OUT-like folder <identity>/<Name>_NNNN.jpg of real 112x112 q95 crops: five dev
     identities with 4 photos each and one with 2."""
-    from facecurate.geometry import align_face
+    from facecurate.align import centre_face_jpeg
     from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
-    from facecurate.records import nearest_to_centre
 
     det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
     root = tmp_path_factory.mktemp("crops")
@@ -64,14 +63,11 @@ def crops_dir(tmp_path_factory, lfw_dir, lfw_dev_ids) -> Path:
             continue
         made = 0
         for f in files:
-            rgb = cv2.cvtColor(cv2.imread(str(lfw_dir / ident / f)), cv2.COLOR_BGR2RGB)
-            d = nearest_to_centre(det.detect(rgb), rgb.shape[1], rgb.shape[0])
-            if d is None:
+            jpg = centre_face_jpeg(cv2.cvtColor(cv2.imread(str(lfw_dir / ident / f)), cv2.COLOR_BGR2RGB), det, lm)
+            if jpg is None:
                 continue
-            crop = align_face(rgb, lm.five(lm.predict(rgb, d.box)), 112)
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             (root / ident).mkdir(exist_ok=True)
-            (root / ident / f).write_bytes(buf.tobytes())
+            (root / ident / f).write_bytes(jpg)
             made += 1
             if made == want[0]:
                 break
