@@ -63,25 +63,46 @@ def header_size(data: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers
+
+
+def jpeg_sof(data: bytes, lenient: bool = False) -> Optional[Tuple[int, int, int]]:
+    """(width, height, end) from a JPEG's start-of-frame segment, without decoding;
+    ``end`` is the offset just past its size fields. None if not a JPEG or the header
+    is not understood. Strict by default (every segment must follow the previous
+    one); ``lenient`` skips stray bytes between segments, as libjpeg does (with a
+    warning)."""
+    if data[:2] != b"\xff\xd8":
+        return None
     i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        seg = struct.unpack(">H", data[i + 2:i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return w, h
-        i += 2 + seg
+    try:
+        while i + 4 <= n:
+            if data[i] != 0xFF:
+                if not lenient:
+                    return None
+                i += 1
+                continue
+            m = data[i + 1]
+            if m == 0xFF:
+                i += 1
+                continue
+            if m == 0x01 or 0xD0 <= m <= 0xD8:
+                i += 2
+                continue
+            if m in (0xD9, 0xDA):  # end of image, start of scan: no frame header before it
+                return None
+            if m in _SOF:
+                h, w = struct.unpack_from(">HH", data, i + 5)
+                return w, h, i + 9
+            i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    except struct.error:
+        return None
     return None
+
+
+def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    s = jpeg_sof(data, lenient=True)
+    return None if s is None else (s[0], s[1])
 
 
 def _webp_size(data: bytes) -> Optional[Tuple[int, int]]:

@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import random
-import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from facecurate.constants import (
     STATUS_OK,
 )
 from facecurate.files import csv_text, read_csv, write_bytes_atomic
+from facecurate.imageio import jpeg_sof
 from facecurate.recordio import (
     RecordIOError,
     RecordWriter,
@@ -208,41 +208,10 @@ class PairsResult:
 
 
 # ----------------------------------------------------------------------------- image bytes
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def _jpeg_sof(data: bytes) -> Optional[tuple[int, int, int]]:
-    """(width, height, end) from a JPEG's SOF segment, where ``end`` is the offset just
-    past its size fields; None if not a JPEG or the header is not understood."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    try:
-        while i + 4 <= n:
-            if data[i] != 0xFF:
-                return None
-            m = data[i + 1]
-            if m == 0xFF:
-                i += 1
-                continue
-            if m == 0x01 or 0xD0 <= m <= 0xD8:
-                i += 2
-                continue
-            if m in (0xD9, 0xDA):
-                return None
-            if m in _SOF:
-                h, w = struct.unpack_from(">HH", data, i + 5)
-                return w, h, i + 9
-            i += 2 + struct.unpack_from(">H", data, i + 2)[0]
-    except struct.error:
-        return None
-    return None
-
-
 def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
     """(width, height) from a JPEG's SOF segment without decoding; None if not a JPEG
     or the header is not understood."""
-    s = _jpeg_sof(data)
+    s = jpeg_sof(data)
     return None if s is None else (s[0], s[1])
 
 
@@ -260,7 +229,7 @@ class _SizeCheck:
         p = self.prefix
         if p is not None and data.startswith(p):
             return True
-        s = _jpeg_sof(data)
+        s = jpeg_sof(data)
         if s is None or (s[0], s[1]) != self.want:
             return False
         self.prefix = data[:s[2]]
