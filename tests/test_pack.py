@@ -579,3 +579,9 @@ def test_cli_pack_summary_and_help(crops_dir, tmp_path):
     assert "index<TAB>label<TAB>path" in h
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "d"), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["dali_compatible"] is True
+    # unpack takes the same REC forms as inspect: DEST/train, DEST, a .rec path
+    for i, rec in enumerate((tmp_path / "e" / "train", tmp_path / "e", tmp_path / "e" / "train.rec")):
+        r = CliRunner().invoke(cli, ["unpack", str(rec), str(tmp_path / f"u{i}"), "--json"])
+        assert r.exit_code == 0 and json.loads(r.output)["written"] == 22, r.output
+    r = CliRunner().invoke(cli, ["unpack", str(tmp_path / "nothing" / "train"), str(tmp_path / "u9")])
+    assert r.exit_code == 1 and "train.rec does not exist" in r.output and not (tmp_path / "u9").exists()

@@ -118,7 +118,7 @@ def inspect(rec, full, sample, as_json):
 
 
 @click.command("unpack")
-@click.argument("rec", type=click.Path(exists=True))
+@click.argument("rec", type=click.Path())
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--no-names", is_flag=True, help="Name folders by label even when labels.csv is beside the .rec.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -134,9 +134,14 @@ def unpack(rec, dest, no_names, as_json):
     unpack (files already present are kept; each file appears only when complete).
     """
     from facecurate.files import emit_summary
+    from facecurate.pack import rec_paths
     from facecurate.pack import unpack as run
     from facecurate.recordio import RecordIOError
 
+    rec_file, idx_file = rec_paths(rec)
+    for f in (rec_file, idx_file):
+        if not f.is_file():
+            _fail(f"{f} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)")
     try:
         res = run(rec, dest, names=not no_names, show_progress=True)
     except RecordIOError as e:
