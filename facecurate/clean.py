@@ -51,6 +51,7 @@ R_TOO_FEW = "too_few_images"
 R_LOW_QUALITY = "low_quality"
 R_EXCLUDED = "excluded"
 R_NO_EMBEDDING = "no_embedding"
+R_MANUAL = C.REASON_MANUAL  # a review's decision, kept by later runs
 
 IDENTITY_COLUMNS = (
     "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
@@ -882,12 +883,32 @@ class CropSimilarity:
         return 0.0 if a is None or b is None else float(a @ b)
 
 
+def _carry_manual(previous_csv: Path, out: list[dict]) -> tuple[int, int]:
+    """Give the rows of ``out`` the manual decisions of the previous clean.csv (same
+    crop, same identity). Returns (carried over, lost: their crop is gone)."""
+    if not previous_csv.exists():
+        return 0, 0
+    manual = {(r.get("aligned", ""), r.get("identity", "")): r.get("decision", "")
+              for r in read_csv(previous_csv) if r.get("reason") == R_MANUAL}
+    kept = 0
+    for r in out:
+        d = manual.get((r["aligned"], r["identity"]))
+        if d in (C.DECISION_KEEP, C.DECISION_DROP):
+            r.update(previous_decision=r["decision"], previous_reason=r["reason"], decision=d, reason=R_MANUAL)
+            kept += 1
+    return kept, len(manual) - kept
+
+
 def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
               exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
               min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
-              show_progress: bool = True) -> dict:
+              keep_manual: bool = True, show_progress: bool = True) -> dict:
     """Read OUT/align.csv and the embedding store; write clean.csv, identities.csv,
-    merges.csv and clean.json. Returns the summary."""
+    merges.csv and clean.json. Returns the summary.
+
+    ``keep_manual``: a face whose decision came from a review (reason ``manual`` in
+    the existing clean.csv) keeps it; the decision computed now is recorded in
+    ``previous_decision``/``previous_reason``, as ``review apply`` does."""
     out_dir = Path(out_dir)
     manifest = out_dir / C.ALIGN_MANIFEST
     if not manifest.exists():
@@ -947,6 +968,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
                         sharpness=r.get("sharpness", ""), decision=C.DECISION_DROP, reason=R_NO_EMBEDDING,
                         score="", cluster=-1, duplicate_of="", previous_decision="", previous_reason=""))
     out.sort(key=lambda r: (r["identity"], r["source"], int(r["face"])))
+    manual_kept, manual_lost = _carry_manual(out_dir / C.CLEAN_CSV, out) if keep_manual else (0, 0)
     ident_rows = []
     all_names = sorted(images_by_id)
     for nm in all_names:
@@ -979,6 +1001,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
         faces=len(out), identities=len(all_names),
         keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
         review_share=round(counts[C.DECISION_REVIEW] / len(out), 4) if out else 0.0,
+        manual_kept=manual_kept, manual_lost=manual_lost,
         reasons=dict(sorted(reasons.items())),
         ambiguous=sum(1 for r in ident_rows if "ambiguous" in r["flags"]),
         excluded=sum(1 for r in ident_rows if "excluded" in r["flags"]),

@@ -108,5 +108,8 @@ CLEAN_COLUMNS = (
     "previous_decision",  # audit: decision before a manual review was applied
     "previous_reason",
 )
+#: clean.csv reason of a decision a person made in a review (`review apply`); later
+#: clean runs keep it unless told to discard it.
+REASON_MANUAL = "manual"
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).
 REVIEW_COLUMNS = ("aligned", "identity", "source", "face", "score", "reason", "decision")

@@ -26,7 +26,7 @@ from facecurate import constants as C
 from facecurate.files import format_float, write_csv_atomic, write_text_atomic
 
 #: reason written by ``apply_decisions``
-REASON_MANUAL = "manual"
+REASON_MANUAL = C.REASON_MANUAL
 #: decisions a person may give
 HUMAN_DECISIONS = (C.DECISION_KEEP, C.DECISION_DROP)
 #: columns of the page's export (a subset of REVIEW_COLUMNS; apply reads either)

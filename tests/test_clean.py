@@ -200,6 +200,38 @@ def test_run_clean_outputs_merges_exclude_and_determinism(tmp_path):
     assert {x["decision"] for x in rows if x["identity"] != "Bob"} == {"keep"}
 
 
+def test_rerunning_clean_keeps_the_decisions_of_a_review(tmp_path):
+    from facecurate.review import apply_decisions
+
+    out = _fake_out(tmp_path, np.random.default_rng(8))
+    assert CliRunner().invoke(main, ["clean", str(out)]).exit_code == 0
+    rows = read_csv(out / C.CLEAN_CSV)
+    a, b = rows[0]["aligned"], rows[7]["aligned"]
+    dec = tmp_path / "decisions.csv"
+    dec.write_text(f"aligned,identity,decision\n{a},{a.split('/')[0]},drop\n{b},{b.split('/')[0]},drop\n")
+    assert apply_decisions(out, dec)["changed"] == 2
+    # stricter thresholds: clean's own decisions change, the two manual ones stay
+    r = CliRunner().invoke(main, ["clean", str(out), "--keep", "0.999", "--drop", "0.99", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert (s["manual_kept"], s["manual_lost"]) == (2, 0)
+    by = {x["aligned"]: x for x in read_csv(out / C.CLEAN_CSV)}
+    kept_manual = dict(by)
+    assert [(by[x]["decision"], by[x]["reason"]) for x in (a, b)] == [("drop", "manual")] * 2
+    # --discard-manual recomputes them: what the kept rows recorded as clean's decision
+    r = CliRunner().invoke(main, ["clean", str(out), "--keep", "0.999", "--drop", "0.99", "--discard-manual",
+                                  "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["manual_kept"] == 0
+    by = {x["aligned"]: x for x in read_csv(out / C.CLEAN_CSV)}
+    for x in (a, b):
+        assert by[x]["reason"] != "manual" and by[x]["previous_decision"] == ""
+        assert (kept_manual[x]["previous_decision"], kept_manual[x]["previous_reason"]) == \
+               (by[x]["decision"], by[x]["reason"])
+    assert {x: r for x, r in by.items() if x not in (a, b)} == \
+           {x: r for x, r in kept_manual.items() if x not in (a, b)}
+    assert any(r["decision"] != "keep" for r in by.values())  # the thresholds did change decisions
+
+
 def test_exclude_verification_bin_by_embedding(tmp_path):
     """A .bin (pickle of (bins, issame)) whose faces match an identity's centre drops it."""
     rng = np.random.default_rng(7)
