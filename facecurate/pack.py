@@ -550,8 +550,9 @@ def _writeback_starter() -> Optional[Callable[[int, int, int], int]]:
 
 
 class _RecSink:
-    """Writes records in their final order into DEST's temporary train.rec and collects
-    the matching .idx and .lst lines. Images get keys first_key, first_key+1, ...; in
+    """Writes records in their final order into DEST's temporary train.rec, and the
+    matching lines into the temporary train.idx and train.lst (nothing accumulates in
+    memory). Images get keys first_key, first_key+1, ...; in
     the insightface layout key 0 is the header (its label is known only at the end, so
     a fixed-size placeholder is written first and overwritten in place) and the
     identity records follow the images."""
@@ -560,8 +561,8 @@ class _RecSink:
         self.layout = layout
         self.f = open(_tmp(dest, REC_NAME), "wb", buffering=0)
         self.w = RecordWriter(self.f)
-        self.idx_lines: list[str] = []
-        self.lst_lines: list[str] = []
+        self.idx = open(_tmp(dest, IDX_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
+        self.lst = open(_tmp(dest, LST_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
         self.classes: list[tuple[str, int]] = []  # (identity, images) in label order
         self.stored_as_is = 0
         self._lab_text: dict[float, str] = {}  # label -> its .lst text
@@ -572,7 +573,7 @@ class _RecSink:
         if layout == LAYOUT_INSIGHTFACE:
             self._header_len = len(frame(pack_header([1.0, 1.0])))
             self.w.write(pack_header([1.0, 1.0]))  # placeholder, rewritten by finish()
-            self.idx_lines.append("0\t0\n")
+            self.idx.write("0\t0\n")
             self.first_key = self.key = 1
 
     def images(self, items: Sequence[tuple[float, _Good]]) -> None:
@@ -584,17 +585,19 @@ class _RecSink:
                             "exact only below 2**24; use --layout plain")
         k0 = self.key
         batch = []
+        lines = []
         lab_text = self._lab_text
         for lab, g in items:
             batch.append((lab, g.data, self.key))
             t = lab_text.get(lab)
             if t is None:
                 t = lab_text[lab] = f"{lab:f}"
-            self.lst_lines.append(f"{self.key}\t{t}\t{g.rel}\n")
+            lines.append(f"{self.key}\t{t}\t{g.rel}\n")
             self.stored_as_is += g.as_is
             self.key += 1
         offs = self.w.write_images(batch)
-        self.idx_lines.extend([f"{k0 + i}\t{o}\n" for i, o in enumerate(offs)])
+        self.lst.write("".join(lines))
+        self.idx.write("".join([f"{k0 + i}\t{o}\n" for i, o in enumerate(offs)]))
         self._writeback()
         if self._on_record is not None:
             for k in range(k0, self.key):
@@ -617,7 +620,7 @@ class _RecSink:
             start = 1
             for _, n in self.classes:
                 off = self.w.write(pack_header([float(start), float(start + n)], self.key, 0))
-                self.idx_lines.append(f"{self.key}\t{off}\n")
+                self.idx.write(f"{self.key}\t{off}\n")
                 self.key += 1
                 start += n
             self.w.flush()
@@ -627,10 +630,19 @@ class _RecSink:
             os.pwrite(self.f.fileno(), header, 0)
         self.w.flush()
         self._writeback(last=True)
+        for f in (self.idx, self.lst):
+            f.flush()
+            if self._start_writeback is not None:
+                self._start_writeback(f.fileno(), 0, 0)  # 0 bytes: to the end of the file
         return self.w.offset
 
+    def fsync(self) -> None:
+        for f in (self.f, self.idx, self.lst):
+            os.fsync(f.fileno())
+
     def close(self) -> None:
-        self.f.close()
+        for f in (self.f, self.idx, self.lst):
+            f.close()
 
 
 @dataclass
@@ -833,8 +845,6 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         n_img = sum(counts.values())
         rec_bytes = sink.finish()
         texts = {
-            IDX_NAME: "".join(sink.idx_lines),
-            LST_NAME: "".join(sink.lst_lines),
             PROPERTY_NAME: f"{len(identities)},{size},{size}\n",
             LABELS_CSV: csv_text(LABELS_COLUMNS, [(i, labels[i], counts[i]) for i in identities]),
             PACK_ERRORS_CSV: csv_text(PACK_ERROR_COLUMNS, [(e.identity, e.path, e.reason, e.message) for e in errors]),
@@ -860,7 +870,7 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
                 if start_writeback is not None:
                     start_writeback(f.fileno(), 0, 0)  # 0 bytes: to the end of the file
             if fsync:  # after all writes, so that the disk works on them together
-                os.fsync(sink.f.fileno())
+                sink.fsync()
                 for f in small:
                     os.fsync(f.fileno())
         finally:
