@@ -171,6 +171,7 @@ class RecordWriter:
         self._parts: list[bytes] = []
         self._pending = 0
         self._chunk = chunk_bytes
+        self._scratch = bytearray()  # write_images' framing buffer, reused
         self.offset = offset
         self.records = 0
 
@@ -207,47 +208,62 @@ class RecordWriter:
 
     def write_images(self, items: Sequence[tuple[float, bytes, int]]) -> list[int]:
         """Frame many ``(label, image bytes, id)`` records (scalar labels) at once and
-        return their offsets. The escape check runs vectorised over the whole batch:
-        every record starts at a 4-byte boundary, so an aligned magic inside a payload
-        is an aligned magic of the file, and the only expected ones are the record
-        headers. Records holding another one are framed the slow way."""
+        return their offsets. The batch is framed in a scratch buffer the writer keeps
+        (no fresh memory per batch) and written with one call. The escape check runs
+        vectorised over the whole batch: every record starts at a 4-byte boundary, so
+        an aligned magic inside a payload is an aligned magic of the buffer, and the
+        only expected ones are the record headers. Records holding another one are
+        framed the slow way."""
         import numpy as np
 
-        parts: list[bytes] = []
+        total = 0
+        for _, data, _ in items:
+            total += 8 + IRHEADER_SIZE + len(data) + 3
+        buf = self._scratch
+        if len(buf) < total:
+            buf = self._scratch = bytearray(max(total, len(buf) * 3 // 2))
+        mv = memoryview(buf)
         starts: list[int] = []
         pos = 0
-        hp, ip, hip = _HEAD.pack, _IRH.pack, _HEAD_IRH.pack
+        hip_into = _HEAD_IRH.pack_into
         for label, data, id_ in items:
             n = IRHEADER_SIZE + len(data)
             if n > MAX_RECORD:
                 raise ValueError(f"a RecordIO record must be smaller than 2**{RECORDIO_LEN_BITS} bytes, got {n}")
+            hip_into(buf, pos, RECORDIO_MAGIC, n, 0, label, id_, 0)
+            end = pos + 8 + n
+            mv[pos + 8 + IRHEADER_SIZE:end] = data
             pad = -n & 3
-            parts += (hip(RECORDIO_MAGIC, n, 0, label, id_, 0), data, _ZEROS[pad])
+            if pad:
+                mv[end:end + pad] = _ZEROS[pad]
             starts.append(pos)
-            pos += 8 + n + pad
-        chunk = b"".join(parts)
-        hits = np.flatnonzero(np.frombuffer(chunk, "<u4") == RECORDIO_MAGIC)
+            pos = end + pad
+        hits = np.flatnonzero(np.frombuffer(buf, "<u4", count=pos // 4) == RECORDIO_MAGIC)
         if len(hits) != len(starts):  # some payload holds the magic at an aligned offset
             heads = set(starts)
             st_arr = np.asarray(starts)
             bad = {int(np.searchsorted(st_arr, h * 4, side="right") - 1)
                    for h in hits.tolist() if h * 4 not in heads}
             pieces, starts, pos = [], [], 0
+            hp, ip = _HEAD.pack, _IRH.pack
             for i, (label, data, id_) in enumerate(items):
                 if i in bad:
                     b = frame(_IRH.pack(0, label, id_, 0) + data)
                 else:
-                    header = ip(0, label, id_, 0)
                     n = IRHEADER_SIZE + len(data)
-                    b = b"".join((hp(RECORDIO_MAGIC, n), header, data, _ZEROS[-n & 3]))
+                    b = b"".join((hp(RECORDIO_MAGIC, n), ip(0, label, id_, 0), data, _ZEROS[-n & 3]))
                 pieces.append(b)
                 starts.append(pos)
                 pos += len(b)
-            chunk = b"".join(pieces)
+            chunk = memoryview(b"".join(pieces))
+        else:
+            chunk = mv[:pos]
         base = self.offset
         self.flush()
-        self._f.write(chunk)
-        self.offset = base + len(chunk)
+        while chunk:  # a raw file may write less than asked
+            chunk = chunk[self._f.write(chunk):]
+        mv.release()
+        self.offset = base + pos
         self.records += len(starts)
         return [base + st for st in starts]
 
