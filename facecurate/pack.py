@@ -484,9 +484,9 @@ def _work(unit, out: str, size: int, resize: bool, quality: int,
     files = 0
     for i, ident in enumerate(unit):  # identity folder names
         dfd = None
-        # A descriptor costs two system calls per folder and saves a little on every
-        # file: worth it for folders of about four crops or more (judged on this
-        # unit's folders so far).
+        # Listing through a descriptor costs five more system calls per folder and
+        # opening by name saves a little on every file: worth it for folders of
+        # several crops (judged on this unit's folders so far), not for LFW's one or two.
         if _DIR_FD and files >= 4 * i:
             try:
                 dfd = os.open(out + os.sep + ident, _O_RDONLY | os.O_DIRECTORY)
@@ -552,10 +552,10 @@ def _writeback_starter() -> Optional[Callable[[int, int, int], int]]:
 class _RecSink:
     """Writes records in their final order into DEST's temporary train.rec, and the
     matching lines into the temporary train.idx and train.lst (nothing accumulates in
-    memory). Images get keys first_key, first_key+1, ...; in
-    the insightface layout key 0 is the header (its label is known only at the end, so
-    a fixed-size placeholder is written first and overwritten in place) and the
-    identity records follow the images."""
+    memory). Images get keys first_key, first_key+1, ...; in the insightface layout
+    key 0 is the header (its label is known only at the end, so a fixed-size
+    placeholder is written first and overwritten in place) and the identity records
+    follow the images."""
 
     def __init__(self, dest: Path, layout: str, on_record: Optional[Callable[[int], None]], bar) -> None:
         self.layout = layout
