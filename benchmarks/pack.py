@@ -2,9 +2,10 @@
 
 Stages:
 
-  crops   a few thousand real 112x112 ArcFace crops of LFW *dev* photos (dlib HOG +
-          68 landmarks -> 5 points -> align_face, JPEG q95: align.centre_face_jpeg), cached under
-          /tmp/fc/cache/crops_lfw_dev_<N>/<identity>/<Name>_NNNN.jpg (made once).
+  crops   a few thousand real 112x112 ArcFace crops of LFW *dev* photos
+          (align.centre_face_jpeg: dlib HOG + 68 landmarks -> 5 points -> align_face,
+          JPEG q95), cached under /tmp/fc/cache/crops_lfw_dev_<N>/<identity>/<Name>_NNNN.jpg
+          (made once).
   time    in the same run, on the same files, best (and median) of --repeat interleaved rounds
           (before each contender, untimed: every previous output removed, so each writes
           into an empty destination; sync + 0.3 s for the kernel's background work):
@@ -197,7 +198,7 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
     times: dict = {name: [] for name in contenders}
     try:
         plain_copy(paths, work / "warm.bin")  # page cache warm for everybody
-        for i in range(repeat):
+        for _ in range(repeat):
             for name, fn in contenders.items():
                 settle()
                 times[name].append(fn())

@@ -211,6 +211,11 @@ def test_deterministic_and_seeded(crops_dir, tmp_path):
     for f in FILES:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a" / "train.rec").read_bytes() != (tmp_path / "c" / "train.rec").read_bytes()
+    # in reading order too, with units read ahead by threads
+    for name, threads in (("o1", 1), ("o2", 2)):
+        pack(crops_dir, tmp_path / name, shuffle=False, threads=threads)
+    for f in FILES:
+        assert (tmp_path / "o1" / f).read_bytes() == (tmp_path / "o2" / f).read_bytes(), f
     a = sorted(_mxfacedataset(tmp_path / "a" / "train"))
     assert a == sorted(_mxfacedataset(tmp_path / "c" / "train"))
 

@@ -58,11 +58,12 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     Crops are streamed: each is read, checked and written in one pass (the shuffled
     order is drawn from the listing before reading), so memory stays small and the
     disk writes while pack reads. JPEG crops of the target size are stored
-    byte-for-byte; other crops are encoded once as JPEG quality 95. Missing, unreadable, non-image and wrong-size crops and
-    empty identities are skipped and reported (exit 0), or fail the run with
-    --strict. All files are written under temporary names (DEST/.<name>.pack-tmp),
-    flushed to disk and renamed into place at the end: an interrupted pack leaves
-    DEST as it was. Same inputs, options and seed give byte-identical files.
+    byte-for-byte; other crops are encoded once as JPEG quality 95. Missing,
+    unreadable, non-image and wrong-size crops and empty identities are skipped and
+    reported (exit 0), or fail the run with --strict. All files are written under
+    temporary names (DEST/.<name>.pack-tmp), flushed to disk and renamed into place
+    at the end: an interrupted pack leaves DEST as it was. Same inputs, options and
+    seed give byte-identical files.
     """
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
