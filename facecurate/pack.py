@@ -746,13 +746,18 @@ def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSi
     first.append(len(rels))
     count = [first[i + 1] - first[i] for i in range(len(idents))]
 
+    # Folder crops and align's manifest rows are relative to OUT; a hand-written
+    # manifest may hold absolute paths, which os.path.join keeps as they are.
+    prefix = os.path.join(out, "")
+    plain_join = all(not os.path.isabs(r) for r in rels) if units and not isinstance(units[0], tuple) else True
+
     def read(indices: Sequence[int]) -> Iterable:
         """(good, errors) per chunk of 256 crops, in the order given."""
         def cands(lo: int) -> list[_Cand]:
             out_ = []
             for k in indices[lo:lo + 256]:
                 rel = rels[k]
-                path = os.path.join(out, rel)
+                path = prefix + rel if plain_join else os.path.join(out, rel)
                 out_.append(_Cand(idents[owner[k]], rel, path, path))
             return out_
         chunks = (cands(lo) for lo in range(0, len(indices), 256))  # made as they are read
