@@ -787,15 +787,13 @@ def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSi
                 others.extend(range(first[i], first[i + 1]))
         sink = new_sink(len(order))
         good_n: dict[str, int] = {}
-        for good, errs in read(others):
-            t.errors.extend(errs)
-            for g in good:
-                good_n[g.identity] = good_n.get(g.identity, 0) + 1
-        for good, errs in read(order):
-            t.errors.extend(errs)
-            for g in good:
-                good_n[g.identity] = good_n.get(g.identity, 0) + 1
-            sink.images([(labels[g.identity], g) for g in good])
+        for indices, packing in ((others, False), (order, True)):  # others: checked, not written
+            for good, errs in read(indices):
+                t.errors.extend(errs)
+                for g in good:
+                    good_n[g.identity] = good_n.get(g.identity, 0) + 1
+                if packing:
+                    sink.images([(labels[g.identity], g) for g in good])
         packed = [i for i in range(len(idents)) if good_n.get(idents[i], 0) >= max(1, min_images)]
         if packed == predicted:
             break
