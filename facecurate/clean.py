@@ -913,7 +913,8 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     manifest = out_dir / C.ALIGN_MANIFEST
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: run `facecurate align RAW {out_dir}` first")
-    all_rows = read_csv(manifest)
+    # A file directly under RAW (identity "") is recorded by align but belongs to no identity.
+    all_rows = [r for r in read_csv(manifest) if r.get("identity")]
     rows = [r for r in all_rows if r.get("aligned")]
     images_by_id = defaultdict(set)
     for r in all_rows:

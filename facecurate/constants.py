@@ -51,6 +51,12 @@ REVIEW_HTML = "review.html"
 REPORT_HTML = "report.html"
 #: Per-shard working files live here so that a killed run can resume.
 WORK_DIR = ".facecurate"
+#: A stage's run lock: OUT/.facecurate/<stage>.lock (kernel lock; the file holds the pid).
+LOCK_SUFFIX = ".lock"
+#: The layout align expects, for messages.
+RAW_LAYOUT = "RAW/<identity>/<photo>"
+#: Exit status after Ctrl-C (128 + SIGINT), the shell's convention.
+EXIT_INTERRUPTED = 130
 
 # --- align.csv ------------------------------------------------------------------------
 LANDMARK_COLUMNS = (

@@ -31,6 +31,7 @@ Models:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -57,6 +58,7 @@ from facecurate.constants import (
     WORK_DIR,
 )
 from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
+from facecurate.procs import die_with_parent, run_lock
 
 EMBED_DIR = "embed"
 STORE_COLUMNS = ("aligned", "source", "identity", "face")
@@ -463,7 +465,9 @@ def signature(info: dict, flip: bool, source_kind: str) -> dict:
 _W: dict = {}
 
 
-def _worker_init(cfg: EmbedConfig, threads: Optional[int]) -> None:
+def _worker_init(cfg: EmbedConfig, threads: Optional[int], parent_pid: Optional[int] = None) -> None:
+    if parent_pid is not None:  # a worker process: exit when the run that started it dies
+        die_with_parent(parent_pid)
     _W["embedder"] = make_embedder(cfg, threads)
     _W["cfg"] = cfg
     _W["loader"] = Loader()
@@ -547,6 +551,22 @@ def default_workers(embedder) -> int:
     return 1
 
 
+def _hold_store_lock(fn):
+    """Run ``fn`` holding the store's embed lock: a second run writing the same store
+    at the same time is refused (:class:`facecurate.procs.LockedError`)."""
+    @functools.wraps(fn)
+    def locked(out_dir, *args, **kw):
+        target = Path(out_dir)
+        store = Path(kw["store_dir"]) if kw.get("store_dir") else \
+            target if target.is_dir() else target.parent if target.suffix == ".rec" and target.is_file() else None
+        if store is None:  # not an input run_embed takes: let it say so
+            return fn(out_dir, *args, **kw)
+        with run_lock(store, EMBED_DIR):
+            return fn(out_dir, *args, **kw)
+    return locked
+
+
+@_hold_store_lock
 def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, batch_size: Optional[int] = None,
               workers: Optional[int] = None, flip: bool = True, device: str = "auto",
               show_progress: bool = True, *, fp16: bool = False, dlib_feed: str = "five",
@@ -631,7 +651,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
             pass
         elif is_dlib and workers > 1:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, None)) as pool:
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, None, os.getpid())) as pool:
                 for res in pool.imap_unordered(_worker_chunk, tasks):
                     save(res)
         else:

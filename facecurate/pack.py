@@ -34,7 +34,7 @@ from facecurate.constants import (
     JPEG_QUALITY,
     STATUS_OK,
 )
-from facecurate.files import csv_text, read_csv, write_bytes_atomic
+from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
 from facecurate.imageio import jpeg_sof
 from facecurate.recordio import (
     RecordIOError,
@@ -85,7 +85,14 @@ MAX_FLOAT_KEY = 1 << 24
 
 class PackError(Exception):
     """pack could not produce DEST (nothing usable, --strict with input errors, ...);
-    DEST is left as it was."""
+    DEST is left as it was, except that a pack with no usable crop writes
+    DEST/pack_errors.csv to say why. ``errors``: the input problems found;
+    ``summary``: what the CLI prints under --json."""
+
+    def __init__(self, message: str, errors: Sequence["InputError"] = (), summary: Optional[dict] = None):
+        super().__init__(message)
+        self.errors = list(errors)
+        self.summary = summary
 
 
 # ----------------------------------------------------------------------------- results
@@ -340,7 +347,8 @@ def _target_size(out: Path, size: Optional[int]) -> int:
     meta = out / ALIGN_META
     if meta.exists():
         try:
-            s = json.loads(meta.read_text()).get("size")
+            m = json.loads(meta.read_text())
+            s = (m.get("settings") or {}).get("size") or m.get("size")  # align.json keeps it in settings
             if s:
                 return int(s)
         except (ValueError, OSError, AttributeError):
@@ -867,15 +875,20 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         counts = tally.counts
         had_no_files = {e.identity for e in errors if e.reason == ERR_EMPTY_IDENTITY}
         for ident in sorted(tally.listed - tally.with_crops - had_no_files):
-            errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY, "no usable crop (all failed, see above)"))
+            errors.append(InputError(ident, ident + "/", ERR_EMPTY_IDENTITY,
+                                     "no usable crop: every crop listed for it failed (see its rows)"))
         errors.sort(key=lambda e: (e.identity, e.path, e.reason))
         if strict and errors:
             raise PackError(f"{len(errors)} input problem(s) and --strict: nothing written "
-                            f"(first: {errors[0].path}: {errors[0].reason}: {errors[0].message})")
+                            f"(first: {errors[0].path}: {errors[0].reason}: {errors[0].message})",
+                            errors, _failure_summary(dest, source, size, errors, None))
         if not counts:
+            errors_file = _write_errors(dest, errors) if errors else None
+            first = next((e for e in errors if not e.path.endswith("/")), errors[0]) if errors else None
             raise PackError(f"nothing to pack in {out} ({source}): no usable crops"
-                            + (f"; {len(errors)} input problem(s), first: {errors[0].path}: {errors[0].message}"
-                               if errors else ""))
+                            + (f"; {len(errors)} input problem(s), e.g. {first.path}: {first.reason}: "
+                               f"{first.message} (all in {errors_file})" if first else ""),
+                            errors, _failure_summary(dest, source, size, errors, errors_file))
         identities = list(counts)
         labels = {ident: i for i, ident in enumerate(identities)}
         n_img = sum(counts.values())
@@ -930,6 +943,23 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
             except OSError:
                 pass
     return result
+
+
+def _write_errors(dest: Path, errors: Sequence[InputError]) -> Path:
+    """DEST/pack_errors.csv of a pack that failed (the other files are left as they were)."""
+    path = dest / PACK_ERRORS_CSV
+    write_text_atomic(path, csv_text(PACK_ERROR_COLUMNS, [(e.identity, e.path, e.reason, e.message) for e in errors]))
+    return path
+
+
+def _failure_summary(dest: Path, source: str, size: int, errors: Sequence[InputError],
+                     errors_file: Optional[Path]) -> dict:
+    by_reason: dict = {}
+    for e in errors:
+        by_reason[e.reason] = by_reason.get(e.reason, 0) + 1
+    return {"dest": str(dest), "packed": False, "source": source, "size": f"{size}x{size}", "images": 0,
+            "input_errors": len(errors), "input_errors_by_reason": dict(sorted(by_reason.items())),
+            "errors_file": str(errors_file) if errors_file else None}
 
 
 def _fsync_dir(path: Path) -> None:

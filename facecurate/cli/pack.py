@@ -73,6 +73,7 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
         res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
                   resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True)
     except PackError as e:
+        _explain_failure(e, as_json)
         _fail(str(e))
     emit_summary("facecurate pack", res.summary(), as_json)
     if not as_json:
@@ -80,6 +81,25 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
         click.echo("  " + res.config_snippet().replace("\n", "\n  "))
         if res.errors:
             click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / 'pack_errors.csv'}", err=True)
+
+
+#: How many input problems a failed pack lists on stderr (all are in pack_errors.csv).
+_SHOWN_ERRORS = 20
+
+
+def _explain_failure(e, as_json: bool) -> None:
+    """A failed pack still says why: the first problems per crop on stderr, and the
+    summary on stdout under --json."""
+    import json
+
+    shown = sorted(e.errors, key=lambda x: x.path.endswith("/"))  # crops first, then identities (stable)
+    for err in shown[:_SHOWN_ERRORS]:
+        click.echo(f"  {err.path}: {err.reason}: {err.message}", err=True)
+    if len(e.errors) > _SHOWN_ERRORS:
+        where = (e.summary or {}).get("errors_file") or "the list above"
+        click.echo(f"  ... and {len(e.errors) - _SHOWN_ERRORS} more ({where})", err=True)
+    if as_json and e.summary is not None:
+        click.echo(json.dumps(dict(e.summary, error=str(e)), sort_keys=True, default=str))
 
 
 @click.command("inspect")
@@ -102,7 +122,12 @@ def inspect(rec, full, sample, as_json):
     """
     from facecurate.files import emit_summary
     from facecurate.pack import inspect as run
+    from facecurate.pack import rec_paths
 
+    rec_file = rec_paths(rec)[0]
+    if not rec_file.is_file():  # an error, not a description: stderr only, stdout stays empty
+        _fail(f"{rec_file} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)"
+              if not rec_file.exists() else f"{rec_file} is not a file")
     res = run(rec, full=full, sample=sample, show_progress=True)
     s = res.summary()
     if as_json:
