@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from facecurate.align import AlignConfig, run_align
-from facecurate.procs import LockedError, lock_path, run_lock
 
 PHOTOS = 240  # enough work for a 2-worker run to be caught in the middle
 
@@ -146,14 +145,25 @@ def test_killed_embed_leaves_no_process_quietly(lfw_out, tmp_path):
     store = tmp_path / "store"
     p, err = _start(["embed", lfw_out, "--out", store, "--workers", "2"], tmp_path)
     kids = _wait_for_workers(p, 2)  # two forked workers
-    second = subprocess.run(_cli("embed", lfw_out, "--out", store, "--workers", "1"), capture_output=True,
-                            text=True, timeout=120)
-    assert second.returncode == 1 and f"pid {p.pid}" in second.stderr, second.stderr
     os.kill(p.pid, signal.SIGKILL)
     p.wait(30)
     _assert_all_gone(kids)
     time.sleep(0.5)
     assert "Traceback" not in err.read_text(), err.read_text()
+
+
+def test_second_embed_on_the_same_store_is_refused(lfw_out, tmp_path):
+    store = tmp_path / "store"
+    p, _ = _start(["embed", lfw_out, "--out", store, "--workers", "2"], tmp_path)
+    try:
+        _wait_for_workers(p, 2)
+        second = subprocess.run(_cli("embed", lfw_out, "--out", store, "--workers", "1"), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 1 and f"pid {p.pid}" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        p.kill()
+        p.wait(30)
 
 
 @pytest.mark.parametrize("stage", ["align", "embed"])
@@ -171,6 +181,8 @@ def test_ctrl_c_same_message_and_status_in_every_stage(stage, lfw_raw, lfw_out, 
 
 
 def test_run_lock_is_per_part_and_released_by_the_kernel(tmp_path):
+    from facecurate.procs import LockedError, lock_path, run_lock
+
     with run_lock(tmp_path, "align"):
         with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
             with run_lock(tmp_path, "align"):
