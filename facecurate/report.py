@@ -352,7 +352,8 @@ def render_report(out: Path, d: dict) -> str:
     # histograms
     if cl:
         model = f" ({_e(cl['model'])})" if cl.get("model") else ""
-        parts.append(f'<h2>Score: similarity to the identity centre, corrected{model}</h2>'
+        parts.append(f'<h2>Similarity to the identity centre{model} <small>clean\'s score: the cosine similarity, '
+                     f'corrected, so it can pass 1.0</small></h2>'
                      + svg_histograms(cl["scores"], cl["thresholds"])
                      + '<p class="sub">Kept faces should sit to the right of the keep line, dropped ones mostly to '
                        'the left; bystanders and duplicates can be dropped at any score (see reasons).</p>')
