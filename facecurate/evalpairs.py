@@ -30,10 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from facecurate.constants import STATUS_OK
-
-
-class PairsError(ValueError):
-    pass
+from facecurate.pairs import PairsError, image_stem, parse_pairs
 
 
 @dataclass(frozen=True)
@@ -44,48 +41,27 @@ class Pair:
     same: bool
 
 
-def lfw_name(name: str, num: str) -> str:
-    try:
-        n = int(num)
-    except ValueError as e:
-        raise PairsError(f"image number {num!r} is not an integer") from e
-    return f"{name}/{name}_{n:04d}.jpg"
-
-
 def read_pairs(path) -> list[Pair]:
-    """Parse ``pairs.txt``: a header ``folds n`` (or just ``n``: one fold), then per fold
-    ``n`` same-person lines ``name i j`` and ``n`` different-person lines
-    ``name1 i name2 j`` (LFW's format; fields separated by tabs or spaces)."""
-    lines = [ln.split() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
+    """The pairs of an LFW-style pairs file (:func:`facecurate.pairs.parse_pairs`), with
+    their folds: a header ``folds n`` (or just ``n``: one fold) means ``folds`` blocks
+    of ``n`` same-person then ``n`` different-person lines; without a header the pairs
+    are split into 10 equal folds (one when there are fewer than 20). Any malformed
+    line, or a count that does not match the header, is a PairsError."""
+    parsed = parse_pairs(path)
+    if parsed.header is None and not parsed.lines:
         raise PairsError(f"{path}: empty pairs file")
-    head = lines[0]
-    body = lines[1:]
-    if len(head) == 2 and all(h.isdigit() for h in head):
-        folds, n = int(head[0]), int(head[1])
-    elif len(head) == 1 and head[0].isdigit():
-        folds, n = 1, int(head[0])
-    else:  # no header: every line is a pair, one fold per 2n block unknown -> 10 equal folds
-        folds, n = 0, 0
-        body = lines
-    pairs: list[Pair] = []
-    for i, p in enumerate(body):
-        if len(p) == 3:
-            a, b, same = lfw_name(p[0], p[1]), lfw_name(p[0], p[2]), True
-        elif len(p) == 4:
-            a, b, same = lfw_name(p[0], p[1]), lfw_name(p[2], p[3]), False
-        else:
-            raise PairsError(f"{path}: line {i + 2 if folds else i + 1}: expected 3 or 4 fields, got {len(p)}")
-        fold = i // (2 * n) if folds else 0
-        pairs.append(Pair(fold, a, b, same))
+    bad = next((p for p in parsed.lines if p.problem), None)
+    if bad is not None:
+        raise PairsError(f"{path}: line {bad.line}: {bad.problem}")
+    folds, n = parsed.header or (0, 0)
+    if folds and len(parsed.lines) != folds * 2 * n:
+        raise PairsError(f"{path}: header says {folds} folds of {n}+{n} pairs = {folds * 2 * n}, "
+                         f"found {len(parsed.lines)}")
+    pairs = [Pair(0, image_stem(*p.a) + ".jpg", image_stem(*p.b) + ".jpg", p.same) for p in parsed.lines]
     if folds:
-        if len(pairs) != folds * 2 * n:
-            raise PairsError(f"{path}: header says {folds} folds of {n}+{n} pairs = {folds * 2 * n}, "
-                             f"found {len(pairs)}")
-    else:
-        k = 10 if len(pairs) >= 20 else 1
-        pairs = [Pair(min(k - 1, i * k // len(pairs)), p.a, p.b, p.same) for i, p in enumerate(pairs)]
-    return pairs
+        return [Pair(i // (2 * n), p.a, p.b, p.same) for i, p in enumerate(pairs)]
+    k = 10 if len(pairs) >= 20 else 1
+    return [Pair(min(k - 1, i * k // len(pairs)), p.a, p.b, p.same) for i, p in enumerate(pairs)]
 
 
 # ----------------------------------------------------------------------------- metrics
