@@ -257,6 +257,21 @@ def link_images(root: Path, images: Sequence[str], raw: Path) -> dict[str, str]:
     return missing
 
 
+def _pair_scores(pairs: Sequence[Pair], chosen: dict, failures: dict, stores: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity of each pair's chosen faces, and whether the pair has both
+    (a pair with a failed image is not valid: it counts as an error)."""
+    scores = np.zeros(len(pairs))
+    valid = np.zeros(len(pairs), bool)
+    for k, p in enumerate(pairs):
+        ca, cb = chosen.get(p.a), chosen.get(p.b)
+        if ca is not None and cb is not None and p.a not in failures and p.b not in failures:
+            va = stores[ca[0]][0][ca[1]].astype(np.float64)
+            vb = stores[cb[0]][0][cb[1]].astype(np.float64)
+            scores[k] = float(np.dot(va, vb))
+            valid[k] = True
+    return scores, valid
+
+
 def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model: str = "dlib",
                    model_dir: Optional[str] = None, flip: bool = True, device: str = "auto",
                    batch_size: Optional[int] = None, workers: Optional[int] = None,
@@ -328,15 +343,7 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
                 failures[img] = _reason(by_source.get(img, []) + by2.get(img, []))
 
     n = len(pairs)
-    scores = np.zeros(n)
-    valid = np.zeros(n, bool)
-    for k, p in enumerate(pairs):
-        ca, cb = chosen.get(p.a), chosen.get(p.b)
-        if ca is not None and cb is not None and p.a not in failures and p.b not in failures:
-            va = stores[ca[0]][0][ca[1]].astype(np.float64)
-            vb = stores[cb[0]][0][cb[1]].astype(np.float64)
-            scores[k] = float(np.dot(va, vb))
-            valid[k] = True
+    scores, valid = _pair_scores(pairs, chosen, failures, stores)
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     res = ten_fold(scores, same, folds, valid)
