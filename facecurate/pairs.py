@@ -2,7 +2,7 @@
 and ``pack-pairs``, which writes a ``(bins, issame_list)`` verification set like
 insightface's ``lfw.bin``.
 
-A pairs file (docs/formats.md, "Pairs files"): an optional header on the first
+A pairs file (docs/formats.md, "Verification sets and pairs files"): an optional header on the first
 non-blank line, ``folds n`` or just ``n`` (one fold); then one pair per line,
 ``name i j`` (two images of one person) or ``name1 i name2 j`` (two people), fields
 separated by tabs or spaces. Image ``i`` of ``name`` is ``<name>/<name>_<i:04d>.jpg``.
