@@ -39,18 +39,18 @@ import numpy as np
 from facecurate import constants as C
 from facecurate.files import format_float, progress, read_csv, write_csv_atomic, write_text_atomic
 
-# Reasons written to clean.csv.
-R_CENTRE = "centre"  # kept: close to the identity centre
-R_BAND = "uncertain"  # review: between the keep and drop thresholds
-R_FAR = "far_from_centre"
-R_MINORITY = "minority_cluster"
-R_NOT_SUBJECT = "not_subject"
-R_DUPLICATE = "duplicate"
-R_AMBIGUOUS = "ambiguous_identity"
-R_TOO_FEW = "too_few_images"
-R_LOW_QUALITY = "low_quality"
-R_EXCLUDED = "excluded"
-R_NO_EMBEDDING = "no_embedding"
+# Reasons written to clean.csv (defined in constants.py).
+R_CENTRE = C.REASON_CENTRE
+R_BAND = C.REASON_UNCERTAIN
+R_FAR = C.REASON_FAR
+R_MINORITY = C.REASON_MINORITY
+R_NOT_SUBJECT = C.REASON_NOT_SUBJECT
+R_DUPLICATE = C.REASON_DUPLICATE
+R_AMBIGUOUS = C.REASON_AMBIGUOUS
+R_TOO_FEW = C.REASON_TOO_FEW
+R_LOW_QUALITY = C.REASON_LOW_QUALITY
+R_EXCLUDED = C.REASON_EXCLUDED
+R_NO_EMBEDDING = C.REASON_NO_EMBEDDING
 R_MANUAL = C.REASON_MANUAL  # a review's decision, kept by later runs
 
 IDENTITY_COLUMNS = (

@@ -147,6 +147,18 @@ CLEAN_COLUMNS = (
     "previous_decision",  # audit: decision before a manual review was applied
     "previous_reason",
 )
+#: reasons in clean.csv
+REASON_CENTRE = "centre"  # kept: close to the identity centre
+REASON_UNCERTAIN = "uncertain"  # review: between the keep and drop thresholds
+REASON_FAR = "far_from_centre"
+REASON_MINORITY = "minority_cluster"
+REASON_NOT_SUBJECT = "not_subject"  # another face of a photo whose subject is kept
+REASON_DUPLICATE = "duplicate"
+REASON_AMBIGUOUS = "ambiguous_identity"
+REASON_TOO_FEW = "too_few_images"
+REASON_LOW_QUALITY = "low_quality"
+REASON_EXCLUDED = "excluded"
+REASON_NO_EMBEDDING = "no_embedding"
 #: clean.csv reason of a decision a person made in a review (`review apply`); later
 #: clean runs keep it unless told to discard it.
 REASON_MANUAL = "manual"
