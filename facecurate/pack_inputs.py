@@ -126,7 +126,7 @@ def _load(identity: str, rel: str, path: str, size: int, resize: bool,
     if not data:
         return err(PACK_NOT_IMAGE, "empty file (0 bytes)")
     # Fast path: a complete JPEG of the target size is stored as it is, undecoded.
-    if data.endswith(JPEG_EOI) or jpeg_complete(data):
+    if jpeg_complete(data):
         if jpeg_size(data) == (size, size):
             return data, True, None
     import cv2
@@ -297,6 +297,7 @@ def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors
                 os.close(fd)
         except OSError:
             data = b""
+        # jpeg_complete's common case (no padding after the marker), inlined: the hot loop
         if len(data) < 65536 and data.endswith(JPEG_EOI) and check(data):
             good.append(_Good(c.identity, c.rel, data, True))
             continue
