@@ -111,12 +111,16 @@ REC_NAME = "train.rec"
 IDX_NAME = "train.idx"
 LST_NAME = "train.lst"
 PROPERTY_NAME = "property"
+#: one checksum per record (docs/formats.md, "Checksums"): ``key offset length sha256``
+SUMS_NAME = "train.sums"
+SUMS_SUFFIX = ".sums"
+SUMS_COLUMNS = ("key", "offset", "length", "sha256")
 LABELS_CSV = "labels.csv"
 PACK_ERRORS_CSV = "pack_errors.csv"
 PACK_META = "pack.json"
 #: pack writes every file as DEST/.<name>.pack-tmp and renames them into place at the end.
 PACK_TMP_SUFFIX = ".pack-tmp"
-PACK_FILES = (REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META)
+PACK_FILES = (REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META)
 LABELS_COLUMNS = ("identity", "label", "images")
 PACK_ERROR_COLUMNS = ("identity", "path", "reason", "message")
 #: pack-pairs lists the pairs it left out in DEST + this suffix.
@@ -153,6 +157,22 @@ CLEAN_COLUMNS = (
     "previous_decision",  # audit: decision before a manual review was applied
     "previous_reason",
 )
+#: clean.csv of a packed dataset (``clean DEST`` where DEST holds train.rec): one row per
+#: image record, in key order; ``aligned`` is ``rec:<key>`` (the embedding store's key,
+#: what review and report use), ``label`` the record's label (a vector's first value).
+REC_CLEAN_COLUMNS = (
+    "key", "label", "identity", "aligned",
+    "decision", "reason", "score", "cluster", "duplicate_of",
+    "previous_decision", "previous_reason",
+)
+#: the embedding-store key of record ``key`` of a .rec
+REC_KEY_PREFIX = "rec:"
+#: labels.csv of a pack made from a .rec: the new label's old label(s) and name(s)
+REC_LABELS_COLUMNS = ("identity", "label", "images", "old_label", "old_identity")
+#: pack_errors.csv reasons of a pack made from a .rec
+PACK_NOT_KEPT = "not_kept"  # clean did not keep the record (its decision and reason in the message)
+PACK_NOT_CLEANED = "not_in_clean_csv"  # an image record clean.csv does not list
+PACK_BAD_RECORD = "bad_record"  # an image record without image bytes, or whose label changed since clean
 #: reasons in clean.csv
 REASON_CENTRE = "centre"  # kept: close to the identity centre
 REASON_UNCERTAIN = "uncertain"  # review: between the keep and drop thresholds

@@ -43,6 +43,9 @@ class InspectResult:
     decoded: int = 0
     shapes: list = field(default_factory=list)
     property_line: Optional[str] = None
+    checksums: str = ""  # what was done about payload checksums (train.sums)
+    verified: int = 0  # records whose payload matched train.sums (--verify)
+    checksum_errors: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -58,6 +61,7 @@ class InspectResult:
             "identity_records": self.identity_records, "grouped_by_class": self.grouped_by_class,
             "dali_compatible": self.dali_compatible, "decoded": self.decoded,
             "shapes": ", ".join("x".join(map(str, s)) for s in self.shapes), "property": self.property_line,
+            "checksums": self.checksums, "verified": self.verified, "checksum_errors": self.checksum_errors,
             "errors": len(self.errors), "error_messages": self.errors[:max_messages],
             "warnings": self.warnings[:max_messages],
         }
@@ -86,9 +90,10 @@ class _Images(NamedTuple):
     all_pos: np.ndarray  # every indexed record's position, in key order
 
 
-def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
+def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64, verify: bool = False,
             show_progress: bool = False) -> InspectResult:
     """Validate a .rec/.idx record by record and describe it (see :class:`InspectResult`).
+    ``verify``: check every record's payload against ``train.sums`` (same pass).
     Never raises for a corrupt file: problems are in ``result.errors``."""
     rec_path, idx_path = rec_paths(path)
     res = InspectResult(path=rec_path)
@@ -97,7 +102,10 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
         return res
     size = rec_path.stat().st_size
     idx_keys, idx_offs = _read_index(idx_path, res)
-    scan = _scan(rec_path, size, _key_finder(idx_keys, idx_offs), res, full, show_progress)
+    cursor = _sums_cursor(rec_path, verify, res)
+    scan = _scan(rec_path, size, _key_finder(idx_keys, idx_offs), res, full, show_progress, cursor)
+    if cursor is not None:
+        _finish_verify(cursor, res, scan.framing_error_at is None)
     keys, pos = _match_index(scan, idx_keys, idx_offs, idx_path, size, res)
     if scan.framing_error_at is not None:
         # Counts, labels and layout of a file that cannot be read to its end would mislead.
@@ -123,6 +131,47 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64,
 
 
 # ----------------------------------------------------------------------------- steps
+def _sums_cursor(rec_path: Path, verify: bool, res: InspectResult):
+    """The checksum file to verify against (``verify``), or None; ``res.checksums``
+    says what is possible."""
+    from facecurate.checksums import SumsCursor, SumsError, sums_path
+
+    sp = sums_path(rec_path)
+    if not sp.exists():
+        res.checksums = "none"
+        msg = (f"no checksums ({sp.name}): corruption inside a record's payload (a flipped bit in an image) "
+               f"cannot be detected; `facecurate checksum {rec_path.parent}` writes them")
+        (res.errors if verify else res.warnings).append(msg)
+        return None
+    if not verify:
+        res.checksums = f"{sp.name} present, not verified (--verify)"
+        return None
+    try:
+        cursor = SumsCursor(sp)
+    except SumsError as e:
+        res.checksums = "unreadable"
+        res.errors.append(str(e))
+        return None
+    res.checksums = f"verified against {sp.name}"
+    return cursor
+
+
+def _finish_verify(cursor, res: InspectResult, complete: bool) -> None:
+    """Lines of the checksum file that name no record (only meaningful when the whole
+    file was read)."""
+    from facecurate.checksums import SumsError
+
+    try:
+        cursor.finish()
+    except SumsError as e:
+        res.errors.append(str(e))
+    res.verified = cursor.checked - res.checksum_errors
+    if complete and cursor.unmatched_count:
+        s = cursor.unmatched[0]
+        res.errors.append(f"{cursor.path.name}: {cursor.unmatched_count} line(s) name no record start "
+                          f"(first: key {s.key}, offset {s.offset})")
+
+
 def _read_index(idx_path: Path, res: InspectResult) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(keys, offsets) of the .idx, or (None, None) when it is missing or unreadable."""
     if not idx_path.exists():
@@ -171,9 +220,11 @@ def _check_image_bytes(img: bytes, where: Callable[[str], str], res: InspectResu
 
 
 def _scan(rec_path: Path, size: int, key_at: Callable, res: InspectResult, full: bool,
-          show_progress: bool) -> _Scan:
+          show_progress: bool, cursor=None) -> _Scan:
     """One pass over the file: framing, IRHeaders, JPEG completeness (and decoding with
-    ``full``)."""
+    ``full``), payload checksums (``cursor``)."""
+    from facecurate.checksums import SumsError
+
     from facecurate.files import progress
 
     offsets, flags = array("q"), array("q")
@@ -193,6 +244,17 @@ def _scan(rec_path: Path, size: int, key_at: Callable, res: InspectResult, full:
 
                 def where(msg: str, r=r, n=n) -> str:
                     return str(RecordIOError(msg, r.offset, n, key_at(r.offset)))
+                if cursor is not None:
+                    try:
+                        bad = cursor.check(r.offset, r.payload)
+                    except SumsError as e:
+                        res.errors.append(str(e))
+                        cursor = None
+                        bad = None
+                    if bad is not None:
+                        res.checksum_errors += 1
+                        if res.checksum_errors <= 20:
+                            res.errors.append(where(bad))
                 try:
                     h, img = unpack_record(r.payload)
                 except RecordIOError as e:
@@ -214,6 +276,8 @@ def _scan(rec_path: Path, size: int, key_at: Callable, res: InspectResult, full:
             framing_error_at = e.offset if e.offset is not None else 0
     bar.close()
     res.records = len(offsets)
+    if res.checksum_errors > 20:
+        res.errors.append(f"{res.checksum_errors} record(s) in total fail their checksum")
     if bad_pad:
         res.errors.append(f"{bad_pad} record(s) with non-zero padding bytes (corrupt length or data)")
 

@@ -42,7 +42,9 @@ from facecurate.constants import (
     PACK_TMP_SUFFIX,
     PROPERTY_NAME,
     REC_NAME,
+    SUMS_NAME,
 )
+from facecurate.checksums import SumsWriter
 from facecurate.files import csv_text, write_text_atomic
 from facecurate.pack_inputs import (
     InputError,
@@ -145,6 +147,8 @@ class _RecSink:
         self.w = RecordWriter(self.f)
         self.idx = open(_tmp(dest, IDX_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
         self.lst = open(_tmp(dest, LST_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
+        self.sums_f = open(_tmp(dest, SUMS_NAME), "w", encoding="ascii", newline="\n", buffering=1 << 20)
+        self.sums = SumsWriter(self.sums_f)
         self.classes: list[tuple[str, int]] = []  # (identity, images) in label order
         self.stored_as_is = 0
         self._lab_text: dict[float, str] = {}  # label -> its .lst text
@@ -156,6 +160,7 @@ class _RecSink:
             self._header_len = len(frame(pack_header([1.0, 1.0])))
             self.w.write(pack_header([1.0, 1.0]))  # placeholder, rewritten by finish()
             self.idx.write("0\t0\n")
+            self.sums.placeholder(0, 0, len(pack_header([1.0, 1.0])))
             self.first_key = self.key = 1
 
     def images(self, items: Sequence[tuple[float, _Good]]) -> None:
@@ -178,6 +183,7 @@ class _RecSink:
             self.stored_as_is += g.as_is
             self.key += 1
         offs = self.w.write_images(batch)
+        self.sums.images(k0, offs, [b[0] for b in batch], [b[1] for b in batch])
         self.lst.write("".join(lines))
         self.idx.write("".join([f"{k0 + i}\t{o}\n" for i, o in enumerate(offs)]))
         self._writeback()
@@ -201,30 +207,38 @@ class _RecSink:
                                 "keys as float32 labels, exact only below 2**24; use --layout plain")
             start = 1
             for _, n in self.classes:
-                off = self.w.write(pack_header([float(start), float(start + n)], self.key, 0))
+                payload = pack_header([float(start), float(start + n)], self.key, 0)
+                off = self.w.write(payload)
                 self.idx.write(f"{self.key}\t{off}\n")
+                self.sums.record(self.key, off, payload)
                 self.key += 1
                 start += n
             self.w.flush()
-            header = frame(pack_header([float(n_img + 1), float(self.key)]))
+            payload = pack_header([float(n_img + 1), float(self.key)])
+            header = frame(payload)
             if len(header) != self._header_len:  # cannot happen for positive counts
                 raise PackError("internal error: header record changed size")
             os.pwrite(self.f.fileno(), header, 0)
+            self.sums.fill(0, 0, payload)
+        self.sums.wait()
         self.w.flush()
         self._writeback(last=True)
-        for f in (self.idx, self.lst):
+        for f in (self.idx, self.lst, self.sums_f):
             f.flush()
             if self._start_writeback is not None:
                 self._start_writeback(f.fileno(), 0, 0)  # 0 bytes: to the end of the file
         return self.w.offset
 
     def fsync(self) -> None:
-        for f in (self.f, self.idx, self.lst):
+        for f in (self.f, self.idx, self.lst, self.sums_f):
             os.fsync(f.fileno())
 
     def close(self) -> None:
-        for f in (self.f, self.idx, self.lst):
-            f.close()
+        try:
+            self.sums.close()
+        finally:
+            for f in (self.f, self.idx, self.lst, self.sums_f):
+                f.close()
 
 
 @dataclass
@@ -411,10 +425,11 @@ def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSi
     return t, sink
 
 
-def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN, shuffle: bool = True,
-         seed: int = 0, min_images: int = 1, size: Optional[int] = None, resize: bool = False,
-         strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1, fsync: bool = True,
-         show_progress: bool = False, on_record: Optional[Callable[[int], None]] = None) -> PackResult:
+def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN,
+         shuffle: Optional[bool] = True, seed: int = 0, min_images: int = 1, size: Optional[int] = None,
+         resize: bool = False, strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1,
+         fsync: bool = True, show_progress: bool = False, on_record: Optional[Callable[[int], None]] = None,
+         merges: Optional[os.PathLike | str] = None) -> PackResult:
     """Pack the crops of ``out`` into ``dest`` (train.rec, train.idx, train.lst,
     property, labels.csv, pack_errors.csv, pack.json).
 
@@ -429,14 +444,28 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     in reading order (identities sorted, then files), each identity as soon as it is
     complete; with ``shuffle`` in an order drawn from the listing (see
     ``_pack_shuffled``). While train.rec grows the disk's writeback is started, so
-    reading, writing and the final fsync overlap."""
+    reading, writing and the final fsync overlap.
+
+    When ``out`` is a packed dataset (train.rec + .idx, no align.csv), the records its
+    clean.csv keeps are packed by :func:`facecurate.pack_rec.pack_rec` (``shuffle``
+    None = keep the source's order; ``merges``: a merges.csv of confirmed pairs)."""
     from functools import partial
 
     from facecurate.files import progress
+    from facecurate.recdata import is_rec_dataset
 
     if layout not in (LAYOUT_PLAIN, LAYOUT_INSIGHTFACE):
         raise ValueError(f"layout must be {LAYOUT_PLAIN!r} or {LAYOUT_INSIGHTFACE!r}")
     out, dest = Path(out), Path(dest)
+    if is_rec_dataset(out):
+        from facecurate.pack_rec import pack_rec
+
+        return pack_rec(out, dest, layout=layout, shuffle=bool(shuffle), seed=seed, min_images=min_images,
+                        strict=strict, merges=merges, fsync=fsync, show_progress=show_progress,
+                        on_record=on_record)
+    if merges:
+        raise PackError("--merge-identities applies to a packed dataset (DEST holding train.rec and clean.csv)")
+    shuffle = True if shuffle is None else shuffle
     size = _target_size(out, size)
     source, units, errors, notes = _collect(out, dest)
     work = partial(_work, out=str(out), size=size, resize=resize, quality=quality, check=_SizeCheck(size))
@@ -538,7 +567,7 @@ def _small_files(result: PackResult, counts: dict) -> dict[str, str]:
                                   [(e.identity, e.path, e.reason, e.message) for e in result.errors]),
     }
     meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
-    meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
+    meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
     meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path relative to OUT)"
     texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     return texts

@@ -138,3 +138,72 @@ def read_label_names(rec_path: Path) -> Optional[dict[int, str]]:
         except (KeyError, ValueError):
             return None
     return names
+
+
+# ----------------------------------------------------------------------------- records by key
+class KeyedRecords:
+    """Random access to the records of a .rec by key, through its .idx held as two
+    numpy arrays (16 bytes per record, so millions of records are cheap). Used where a
+    few records are needed (review and report thumbnails, clean's pixel check); the
+    stages that need every record stream the file instead."""
+
+    def __init__(self, rec: os.PathLike | str):
+        import numpy as np
+
+        from facecurate.recordio import read_idx_arrays
+
+        self.rec_path, self.idx_path = rec_paths(rec)
+        keys, offs = read_idx_arrays(self.idx_path)
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.offsets = keys[order], offs[order]
+        self._f: Optional[BinaryIO] = None
+
+    def offset(self, key: int) -> Optional[int]:
+        import numpy as np
+
+        i = int(np.searchsorted(self.keys, key))
+        return int(self.offsets[i]) if i < self.keys.size and self.keys[i] == key else None
+
+    def payload(self, key: int) -> Optional[bytes]:
+        """The payload of record ``key`` (None when the .idx has no such key);
+        RecordIOError for a corrupt record."""
+        off = self.offset(key)
+        if off is None:
+            return None
+        if self._f is None:
+            self._f = open(self.rec_path, "rb")
+        return read_record(self._f, off, key=key).payload
+
+    def image(self, key: int) -> Optional[bytes]:
+        """The image bytes of record ``key``; None when absent, corrupt or empty."""
+        try:
+            p = self.payload(key)
+            return unpack_record(p)[1] or None if p is not None else None
+        except RecordIOError:
+            return None
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def rec_key(aligned: str) -> Optional[int]:
+    """The record key of a store / clean.csv key ``rec:<key>``; None for other keys."""
+    from facecurate.constants import REC_KEY_PREFIX
+
+    if aligned.startswith(REC_KEY_PREFIX):
+        try:
+            return int(aligned[len(REC_KEY_PREFIX):])
+        except ValueError:
+            return None
+    return None
+
+
+def is_rec_dataset(folder: os.PathLike | str) -> bool:
+    """A folder holding ``train.rec`` + ``train.idx`` and no align.csv: the
+    ``clean``/``review``/``report``/``pack`` stages read it as a packed dataset."""
+    from facecurate.constants import ALIGN_MANIFEST, IDX_NAME
+
+    d = Path(folder)
+    return d.is_dir() and (d / REC_NAME).is_file() and (d / IDX_NAME).is_file() and not (d / ALIGN_MANIFEST).exists()

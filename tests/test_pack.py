@@ -41,7 +41,7 @@ from test_recordio import _shared, oracle_python
 from facecurate.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ("train.rec", "train.idx", "train.lst", "property", "labels.csv", "pack_errors.csv", "pack.json")
+FILES = ("train.rec", "train.idx", "train.lst", "train.sums", "property", "labels.csv", "pack_errors.csv", "pack.json")
 
 
 # ----------------------------------------------------------------------------- fixtures

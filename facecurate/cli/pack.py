@@ -18,8 +18,9 @@ def _fail(msg: str) -> None:
               help="plain: keys 0..N-1, every record an image with a scalar label (arcface_torch "
                    "MXFaceDataset and DALI). insightface: header record 0 + images grouped by class + one "
                    "identity record per class (MXFaceDataset and old insightface tools; NOT DALI).")
-@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
-              help="Shuffle the image order (plain) or the order within each class (insightface).")
+@click.option("--shuffle/--no-shuffle", default=None,
+              help="Shuffle the image order (plain) or the order within each class (insightface) "
+                   "[default: shuffle crops; keep the order of a .rec].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffle.")
 @click.option("--min-images", type=click.IntRange(min=1), default=1, show_default=True,
               help="Drop identities with fewer usable images (reported in pack_errors.csv).")
@@ -34,8 +35,11 @@ def _fail(msg: str) -> None:
 @click.option("--fsync/--no-fsync", default=True, show_default=True,
               help="Flush the files to disk before renaming them into place (--no-fsync is faster; an "
                    "interrupted process still leaves DEST intact, only an OS crash could lose the new files).")
+@click.option("--merge-identities", "merges", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="(OUT holding a .rec) a merges.csv of confirmed pairs (columns a, b; rows whose "
+                   "decision/confirmed column says no are skipped): each pair is packed as one identity.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, fsync, as_json):
+def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, fsync, merges, as_json):
     """Pack the crops of OUT into DEST/train.rec, train.idx, train.lst and property
     for insightface arcface_torch, without MXNet.
 
@@ -44,10 +48,15 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
       OUT/clean.csv exists   rows with decision == keep
       else OUT/align.csv     rows with status ok and primary == 1
       else                   OUT/<identity>/* image files
+      OUT/train.rec + .idx   (a packed dataset, no align.csv) the records its
+                             clean.csv keeps, image bytes unchanged, labels
+                             renumbered 0..C-1; labels.csv gives the old ones
 
     \b
     Writes into DEST:
       train.rec, train.idx   MXNet RecordIO + index (keys 0..N-1 in the plain layout)
+      train.sums             key, offset, length, sha256 of every record's payload
+                             (`facecurate inspect --verify` checks them)
       train.lst              MXNet im2rec order: index<TAB>label<TAB>path
                              (not insightface's old aligned<TAB>path<TAB>label order);
                              path relative to OUT
@@ -73,7 +82,7 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
 
     try:
         res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
-                  resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True)
+                  resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True, merges=merges)
     except PackError as e:
         _explain_failure(e, as_json)
         _fail(str(e))
@@ -109,8 +118,11 @@ def _explain_failure(e, as_json: bool) -> None:
 @click.option("--full", is_flag=True, help="Decode every image (default: a sample of --sample images).")
 @click.option("--sample", type=click.IntRange(min=0), default=64, show_default=True,
               help="Number of images to decode without --full.")
+@click.option("--verify", is_flag=True,
+              help="Check every record's payload against the checksums beside the .rec (train.sums, written by "
+                   "pack or `facecurate checksum`); the first bad key is named.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def inspect(rec, full, sample, as_json):
+def inspect(rec, full, sample, verify, as_json):
     """Validate a RecordIO dataset and describe it.
 
     REC is DEST/train, DEST (a folder with train.rec), or a .rec path; the .idx
@@ -119,6 +131,9 @@ def inspect(rec, full, sample, as_json):
     (plain or insightface header, as arcface_torch decides it), labels (integers,
     0..C-1, contiguous; vector labels reduced to their first value), identity
     records, the property file, and decodes a sample of images (all with --full).
+    With --verify, every record's payload is hashed and compared with train.sums;
+    without a train.sums, a flipped bit inside an image cannot be detected (it says
+    so: `facecurate checksum DEST` writes one).
 
     Exits 1 naming the offending record on any problem.
     """
@@ -130,7 +145,7 @@ def inspect(rec, full, sample, as_json):
     if not rec_file.is_file():  # an error, not a description: stderr only, stdout stays empty
         _fail(f"{rec_file} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)"
               if not rec_file.exists() else f"{rec_file} is not a file")
-    res = run(rec, full=full, sample=sample, show_progress=True)
+    res = run(rec, full=full, sample=sample, verify=verify, show_progress=True)
     s = res.summary()
     if as_json:
         emit_summary("", s, True)
@@ -225,4 +240,26 @@ def pack_pairs(pairs, root, dest, strict, as_json):
             click.echo(f"... {len(res.unresolved) - 10} more in {s['unresolved_file']}", err=True)
 
 
-COMMANDS = [pack, inspect, unpack, pack_pairs]
+@click.command("checksum")
+@click.argument("rec", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def checksum(rec, as_json):
+    """Write per-record checksums for an existing RecordIO dataset (e.g. a public
+    set you downloaded), so that `facecurate inspect --verify` can detect any later
+    corruption inside a record.
+
+    REC is DEST/train, DEST (a folder holding train.rec), or a .rec path; the .idx
+    beside it names the keys. Writes train.sums beside the .rec (one line per record:
+    key, offset, payload length, sha256 of the payload) in one pass, atomically.
+    """
+    from facecurate.checksums import SumsError, write_sums
+    from facecurate.files import emit_summary
+
+    try:
+        res = write_sums(rec, show_progress=True)
+    except SumsError as e:
+        _fail(str(e))
+    emit_summary("facecurate checksum", res, as_json)
+
+
+COMMANDS = [pack, inspect, unpack, pack_pairs, checksum]
