@@ -910,6 +910,14 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     the existing clean.csv) keeps it; the decision computed now is recorded in
     ``previous_decision``/``previous_reason``, as ``review apply`` does."""
     out_dir = Path(out_dir)
+    from facecurate.recdata import is_rec_dataset
+
+    if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean_rec)
+        from facecurate.clean_rec import run_clean_rec
+
+        return run_clean_rec(out_dir, model_overrides=model_overrides, calibrate_far=calibrate_far,
+                             exclude=exclude, max_review=max_review, min_images=min_images, min_face=min_face,
+                             ambiguous=ambiguous, keep_manual=keep_manual, show_progress=show_progress)
     manifest = out_dir / C.ALIGN_MANIFEST
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: run `facecurate align RAW {out_dir}` first")

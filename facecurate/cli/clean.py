@@ -56,7 +56,9 @@ def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images, min_face, ambiguous,
           discard_manual, as_json):
-    """Decide keep / drop / review for every face in OUT/align.csv.
+    """Decide keep / drop / review for every face in OUT/align.csv, or for every
+    image record when OUT holds a packed dataset (train.rec + .idx, no align.csv;
+    identities = labels, named from labels.csv beside it; one face per record).
 
     Per identity: dlib Chinese-whispers clusters find the dominant person, a robust
     (trimmed, iterated) centre scores every face, at most one face per photo is the

@@ -1,0 +1,341 @@
+"""``facecurate clean DEST`` where DEST holds a packed dataset (``train.rec`` + ``.idx``)
+and the embedding store ``facecurate embed DEST/train.rec`` wrote beside it.
+
+The same core as for folders (:func:`facecurate.clean.clean_core`: robust centre,
+Chinese whispers, cohort corrections, duplicates, merge candidates, ``--exclude``,
+``--calibrate``), fed differently at the edges:
+
+* the identities are the labels (a vector label's first value), named from the
+  ``labels.csv`` beside the rec when there is one, else the label itself;
+* every image record is one face of its own photo, so there is no subject choice and
+  no bystander; align's face size and sharpness are unknown (no quality correction;
+  the first of two duplicate copies in key order is kept);
+* the pixel check of near-duplicates reads the two records' image bytes.
+
+Rows are handled as numpy arrays, never one dict per record, and the vectors stay in
+the memory-mapped store: clean.csv of millions of records is written from arrays.
+Outputs: ``clean.csv`` (one row per image record, in key order:
+``constants.REC_CLEAN_COLUMNS``), ``identities.csv``, ``merges.csv``, ``clean.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect as _inspect
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from facecurate import constants as C
+from facecurate.files import format_float, write_csv_atomic, write_text_atomic
+from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
+
+
+# ----------------------------------------------------------------------------- inputs
+class RecFaces:
+    """The image records of the store: ``keys``, ``labels``, ``rows`` (index into the
+    store's vectors; -1 = not embedded), in key order; ``failed`` the store's reasons."""
+
+    def __init__(self, keys: np.ndarray, labels: np.ndarray, rows: np.ndarray, failed: dict):
+        self.keys, self.labels, self.rows, self.failed = keys, labels, rows, failed
+
+
+def _store_keys(csv_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(record keys, labels) of the store's rows, in row order, from embeddings.csv
+    (``aligned`` = rec:<key>, ``identity`` = the label)."""
+    keys, labels = [], []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rd = csv.reader(f)
+        head = next(rd, [])
+        ia, ii = head.index("aligned"), head.index("identity")
+        for row in rd:
+            k = rec_key(row[ia])
+            if k is None:
+                raise ValueError(f"{csv_path}: row {row[ia]!r} is not a record of a .rec (this store was made "
+                                 "from folders; run `facecurate embed DEST/train.rec`)")
+            keys.append(k)
+            labels.append(_int_label(row[ii]))
+    return np.asarray(keys, np.int64), np.asarray(labels, np.int64)
+
+
+def _int_label(s: str) -> int:
+    try:
+        v = float(s)
+    except ValueError:
+        return -1
+    return int(v) if v == v and v >= 0 and v == int(v) else -1
+
+
+def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
+    """Labels of a few records read from the .rec (the store's failed records)."""
+    from facecurate.recdata import KeyedRecords
+    from facecurate.recordio import RecordIOError, unpack_record
+
+    if not keys:
+        return []
+    kr = KeyedRecords(rec_path)
+    out = []
+    try:
+        for k in keys:
+            try:
+                p = kr.payload(k)
+                lab = image_label(unpack_record(p)[0]) if p is not None else float("nan")
+            except RecordIOError:
+                lab = float("nan")
+            out.append(int(lab) if lab == lab and lab >= 0 and lab == int(lab) else -1)
+    finally:
+        kr.close()
+    return out
+
+
+def ensure_store(dest: Path, rec_path: Path):
+    """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
+    model) when the store is missing."""
+    from facecurate.embed import load_store
+
+    if not (dest / C.EMBEDDINGS_NPY).exists():
+        from facecurate.embed import run_embed
+
+        run_embed(rec_path)
+    vecs = np.load(dest / C.EMBEDDINGS_NPY, mmap_mode="r")
+    meta_p = dest / C.EMBEDDINGS_META
+    meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+    if meta.get("input") not in (None, "rec"):
+        raise ValueError(f"{dest}: the embedding store was made from {meta.get('input')!r} input, not this .rec "
+                         f"(run `facecurate embed {rec_path} --overwrite`)")
+    keys, labels = _store_keys(dest / C.EMBEDDINGS_CSV)
+    if keys.size != len(vecs):
+        load_store(dest)  # raises the store's own message
+    failed = {rec_key(f.get("aligned", "")): f.get("reason", "") for f in meta.get("failed", [])
+              if isinstance(f, dict) and rec_key(f.get("aligned", "")) is not None}
+    fk = sorted(set(failed) - set(keys.tolist()))
+    all_keys = np.concatenate([keys, np.asarray(fk, np.int64)])
+    all_labels = np.concatenate([labels, np.asarray(_labels_of(rec_path, fk), np.int64)])
+    rows = np.concatenate([np.arange(keys.size, dtype=np.int64), np.full(len(fk), -1, np.int64)])
+    order = np.argsort(all_keys, kind="stable")
+    return vecs, meta, RecFaces(all_keys[order], all_labels[order], rows[order], failed)
+
+
+class RecCropSimilarity:
+    """:class:`facecurate.clean.CropSimilarity` on record bytes: face i is the record at
+    ``offsets[i]`` of the .rec (read on first use, 32x32 grey, mean removed)."""
+
+    SIDE = 32
+
+    def __init__(self, rec_path: os.PathLike | str, offsets: Sequence[int]):
+        self.rec_path = str(rec_path)
+        self.offsets = [int(o) for o in offsets]
+        self._cache: dict = {}
+        self._f = None
+
+    def __getstate__(self):  # for worker processes: no open file, no cache
+        return {"rec_path": self.rec_path, "offsets": self.offsets}
+
+    def __setstate__(self, st):
+        self.__init__(st["rec_path"], st["offsets"])
+
+    def subset(self, rows: Sequence[int]) -> "RecCropSimilarity":
+        return RecCropSimilarity(self.rec_path, [self.offsets[int(i)] for i in rows])
+
+    def thumb(self, i: int):
+        if i not in self._cache:
+            import cv2
+
+            from facecurate.recordio import RecordIOError, read_record, unpack_record
+
+            t = None
+            try:
+                if self._f is None:
+                    self._f = open(self.rec_path, "rb")
+                img = unpack_record(read_record(self._f, self.offsets[i]).payload)[1]
+                im = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_GRAYSCALE) if img else None
+            except (RecordIOError, OSError):
+                im = None
+            if im is not None and im.size:
+                t = cv2.resize(im, (self.SIDE, self.SIDE), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+                t -= t.mean()
+                t /= float(np.linalg.norm(t)) + 1e-6
+            self._cache[i] = t
+        return self._cache[i]
+
+    def __call__(self, i: int, j: int) -> float:
+        a, b = self.thumb(i), self.thumb(j)
+        return 0.0 if a is None or b is None else float(a @ b)
+
+
+# ----------------------------------------------------------------------------- run
+def _core_kwargs(fc, kw: dict) -> dict:
+    """The options of clean_core this version accepts (workers, shard_faces, ...)."""
+    params = _inspect.signature(fc.clean_core).parameters
+    return {k: v for k, v in kw.items() if k in params and v is not None}
+
+
+def _unit_rows(vecs: np.ndarray, rows: np.ndarray, fc) -> np.ndarray:
+    """The vectors of ``rows``: the memory-mapped store itself when the rows are all of
+    it in order and of unit length (the common case: no copy), else a normalised copy."""
+    if rows.size == len(vecs) and np.array_equal(rows, np.arange(rows.size)):
+        ok = all(np.allclose(np.linalg.norm(np.asarray(vecs[lo:lo + 65536], np.float64), axis=1), 1.0, atol=1e-4)
+                 for lo in range(0, len(vecs), 65536))
+        if ok:
+            return vecs
+    return fc._norm(np.asarray(vecs[rows], np.float32))
+
+
+def _exclusions(fc, exclude, names: list[str], meta: dict):
+    ex_ids: set[int] = set()
+    ex_vecs = None
+    for e in exclude:
+        nm, imgs = fc.read_exclude(Path(e))
+        low = {s.lower().replace(" ", "_") for s in nm}
+        ex_ids |= {g for g, x in enumerate(names) if x.lower().replace(" ", "_") in low}
+        if imgs:
+            v = fc.embed_images(imgs, meta)
+            ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
+    return ex_ids, ex_vecs
+
+
+def _previous_manual(path: Path) -> dict[str, str]:
+    """aligned -> keep/drop of the rows a review decided in the previous clean.csv."""
+    if not path.exists():
+        return {}
+    out = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            if r.get("reason") == C.REASON_MANUAL and r.get("decision") in (C.DECISION_KEEP, C.DECISION_DROP):
+                out[r.get("aligned", "")] = r["decision"]
+    return out
+
+
+def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
+                  exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
+                  min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
+                  keep_manual: bool = True, show_progress: bool = True, **core_kw) -> dict:
+    """Clean the image records of ``dest/train.rec`` (see the module); returns the summary."""
+    from facecurate import clean as fc
+    from facecurate.recdata import KeyedRecords
+
+    dest = Path(dest)
+    rec_path, _idx = rec_paths(dest)
+    vecs, meta, faces = ensure_store(dest, rec_path)
+    label_names = read_label_names(rec_path) or {}
+    model = fc._model_name(meta)
+    ov = dict(model_overrides or {})
+    ov.update(max_review=max_review, min_images=min_images, min_face=min_face, ambiguous=ambiguous)
+    p = fc.default_params(model, **ov)
+    have = np.flatnonzero((faces.rows >= 0) & (faces.labels >= 0))
+    ulabs, identity = np.unique(faces.labels[have], return_inverse=True)
+    identity = identity.astype(np.int64)
+    names = [label_names.get(int(lab), str(int(lab))) for lab in ulabs]
+    dim = vecs.shape[1] if vecs.ndim == 2 else int(meta.get("dim", 128))
+    emb = _unit_rows(vecs, faces.rows[have], fc) if have.size else np.zeros((0, dim), np.float32)
+    photo = np.arange(have.size, dtype=np.int64)  # every record is its own photo
+    quality = np.zeros(have.size, np.float32)  # face size and sharpness are not in a .rec
+    if calibrate_far is not None and len(names) >= 2:
+        p = fc.calibrate(emb, identity, photo, p, calibrate_far)
+    ex_ids, ex_vecs = _exclusions(fc, exclude, names, meta)
+    kr = KeyedRecords(rec_path)
+    pos = np.searchsorted(kr.keys, faces.keys[have])
+    offsets = kr.offsets[np.minimum(pos, max(kr.keys.size - 1, 0))]
+    res = fc.clean_core(emb, identity, photo, quality, p, excluded=ex_ids, exclude_vecs=ex_vecs,
+                        pixel_sim=RecCropSimilarity(rec_path, offsets.tolist()), show_progress=show_progress,
+                        **_core_kwargs(fc, core_kw))
+    rows, counts, reasons, manual = _write_clean_csv(dest, faces, have, res, label_names, keep_manual)
+    ident_rows = _identity_rows(faces, have, identity, ulabs, names, res, label_names)
+    merge_rows = [dict(a=names[a], b=names[b], similarity=format_float(s)) for a, b, s in res.merges]
+    write_csv_atomic(dest / C.IDENTITIES_CSV, fc.IDENTITY_COLUMNS, ident_rows)
+    write_csv_atomic(dest / C.MERGES_CSV, fc.MERGE_COLUMNS, merge_rows)
+    summary = dict(
+        input="rec", rec=str(rec_path), faces=rows, identities=len(ident_rows),
+        keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
+        review_share=round(counts[C.DECISION_REVIEW] / rows, 4) if rows else 0.0,
+        manual_kept=manual[0], manual_lost=manual[1], reasons=dict(sorted(reasons.items())),
+        ambiguous=sum(1 for r in ident_rows if "ambiguous" in r["flags"]),
+        excluded=sum(1 for r in ident_rows if "excluded" in r["flags"]),
+        merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved, model=model,
+        thresholds={k: round(getattr(p, k), 4) for k in ("keep", "drop", "cw", "join", "dup", "merge", "exclude")},
+        calibrated=bool(p.calibrated),
+    )
+    write_text_atomic(dest / C.CLEAN_META, json.dumps(dict(summary=summary, params=p.as_dict()),
+                                                      indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _write_clean_csv(dest: Path, faces: RecFaces, have: np.ndarray, res, label_names: dict,
+                     keep_manual: bool):
+    """clean.csv, one row per image record in key order, written from arrays. Returns
+    (rows, counts by decision, counts by reason, (manual kept, manual lost))."""
+    n = faces.keys.size
+    dec = np.full(n, C.DECISION_DROP, dtype=object)
+    rea = np.full(n, C.REASON_NO_EMBEDDING, dtype=object)
+    score = np.full(n, np.nan)
+    cluster = np.full(n, -1, np.int64)
+    dup = np.full(n, -1, np.int64)
+    if have.size:
+        dec[have] = np.asarray(res.decision, dtype=object)
+        rea[have] = np.asarray(res.reason, dtype=object)
+        score[have] = res.score
+        cluster[have] = res.cluster
+        d = np.asarray(res.dup_of, np.int64)
+        dup[have] = np.where(d >= 0, faces.keys[have][np.maximum(d, 0)], -1)
+    manual = _previous_manual(dest / C.CLEAN_CSV) if keep_manual else {}
+    prev_d = np.full(n, "", dtype=object)
+    prev_r = np.full(n, "", dtype=object)
+    kept_manual = 0
+    if manual:
+        for i, k in enumerate(faces.keys.tolist()):
+            m = manual.get(f"{C.REC_KEY_PREFIX}{k}")
+            if m is not None:
+                prev_d[i], prev_r[i] = dec[i], rea[i]
+                dec[i], rea[i] = m, C.REASON_MANUAL
+                kept_manual += 1
+    names = {}
+
+    def name(lab: int) -> str:
+        s = names.get(lab)
+        if s is None:
+            s = names[lab] = label_names.get(lab, str(lab)) if lab >= 0 else ""
+        return s
+    pre = C.REC_KEY_PREFIX
+    out = ((k, lab, name(lab), f"{pre}{k}", d, r, format_float(s), c, f"{pre}{u}" if u >= 0 else "", pd, pr)
+           for k, lab, d, r, s, c, u, pd, pr in zip(faces.keys.tolist(), faces.labels.tolist(), dec, rea,
+                                                     score.tolist(), cluster.tolist(), dup.tolist(), prev_d, prev_r))
+    write_csv_atomic(dest / C.CLEAN_CSV, C.REC_CLEAN_COLUMNS, out)
+    u, c = np.unique(dec.astype(str), return_counts=True) if n else ([], [])
+    counts = {C.DECISION_KEEP: 0, C.DECISION_DROP: 0, C.DECISION_REVIEW: 0}
+    counts.update(dict(zip(u.tolist() if n else [], c.tolist() if n else [])))
+    ur, cr = np.unique(rea.astype(str), return_counts=True) if n else ([], [])
+    reasons = dict(zip(ur.tolist() if n else [], cr.tolist() if n else []))
+    return n, counts, reasons, (kept_manual, len(manual) - kept_manual)
+
+
+def _identity_rows(faces: RecFaces, have: np.ndarray, identity: np.ndarray, ulabs: np.ndarray, names: list,
+                   res, label_names: dict) -> list[dict]:
+    """identities.csv rows: every label of the .rec's image records (records = images)."""
+    labs_all, images = np.unique(faces.labels[faces.labels >= 0], return_counts=True)
+    g_of = {int(lab): g for g, lab in enumerate(ulabs.tolist())}
+    kept = np.asarray(res.decision, dtype=object) == C.DECISION_KEEP if have.size else np.zeros(0, bool)
+    order = np.argsort(identity, kind="stable")
+    bounds = np.searchsorted(identity[order], np.arange(len(names) + 1))
+    out = []
+    for lab, n_img in zip(labs_all.tolist(), images.tolist()):
+        g = g_of.get(lab)
+        if g is None:
+            inf = dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
+                       dominant_share=0.0, flags=["no_faces"])
+            med = ""
+        else:
+            inf = res.identities[g]
+            idx = order[bounds[g]:bounds[g + 1]]
+            sc = res.score[idx][kept[idx]]
+            med = format_float(float(np.median(sc))) if sc.size else ""
+        noise = 1.0 - (inf["kept"] + inf["review"]) / n_img if n_img else 0.0
+        out.append(dict(
+            identity=label_names.get(lab, str(lab)), images=n_img, faces=inf["faces"], kept=inf["kept"],
+            dropped=inf["dropped"], review=inf["review"], duplicates=inf["duplicates"],
+            not_subject=inf["not_subject"], clusters=inf["clusters"],
+            dominant_share=format_float(inf["dominant_share"]), noise=format_float(max(0.0, noise)),
+            median_score=med, flags=";".join(inf["flags"])))
+    return out
