@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
 import html
 import json
@@ -80,13 +81,38 @@ def _cluster(r: dict) -> int:
 
 
 def image_data_uri(path: Path) -> str | None:
-    """``data:`` URI of an image file, or None when it cannot be read."""
+    """``data:`` URI of an image file, or None when it cannot be read. ``OUT/rec:<key>``
+    (a record of the packed dataset in OUT) is read from OUT/train.rec."""
+    from facecurate.constants import IDX_NAME
+    from facecurate.recdata import rec_key
+
+    key = rec_key(path.name)
+    if key is not None:
+        from facecurate.imageio import image_kind
+
+        try:
+            stamp = (path.parent / IDX_NAME).stat().st_mtime_ns
+        except OSError:
+            return None
+        data = _records(str(path.parent), stamp).image(key)
+        if data is None:
+            return None
+        mime = _MIME.get("." + (image_kind(data) or "jpg"), "application/octet-stream")
+        return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
     try:
         data = path.read_bytes()
     except OSError:
         return None
     mime = _MIME.get(path.suffix.lower(), "application/octet-stream")
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+@functools.lru_cache(maxsize=2)
+def _records(folder: str, _stamp: int):
+    """The records of ``folder``/train.rec by key (its .idx read once while unchanged)."""
+    from facecurate.recdata import KeyedRecords
+
+    return KeyedRecords(folder)
 
 
 # ----------------------------------------------------------------------------- the sheet
