@@ -426,7 +426,7 @@ def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSi
 
 
 def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOUT_PLAIN,
-         shuffle: Optional[bool] = True, seed: int = 0, min_images: int = 1, size: Optional[int] = None,
+         shuffle: Optional[bool] = None, seed: int = 0, min_images: int = 1, size: Optional[int] = None,
          resize: bool = False, strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1,
          fsync: bool = True, show_progress: bool = False, on_record: Optional[Callable[[int], None]] = None,
          merges: Optional[os.PathLike | str] = None) -> PackResult:
@@ -448,7 +448,8 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
 
     When ``out`` is a packed dataset (train.rec + .idx, no align.csv), the records its
     clean.csv keeps are packed by :func:`facecurate.pack_rec.pack_rec` (``shuffle``
-    None = keep the source's order; ``merges``: a merges.csv of confirmed pairs)."""
+    None, the default, means: shuffle crops, keep the order of a .rec; ``merges``: a
+    merges.csv of confirmed pairs)."""
     from functools import partial
 
     from facecurate.files import progress

@@ -208,13 +208,17 @@ def _write(plan: _Plan, rec_path: Path, table: RecTable, sink, bar) -> tuple[lis
     """Copy the planned records into ``sink`` (image bytes unchanged). Returns the
     records that could not be copied (errors, and their keys)."""
     errors, bad = [], set()
-    with open(rec_path, "rb", buffering=1 << 20) as f:
+    # In file order a large buffer streams the file; in another order (grouping a
+    # shuffled source by class, or --shuffle) each record is a random read, and a small
+    # buffer keeps it from reading far more than the record.
+    in_order = plan.offs.size < 2 or bool(np.all(plan.offs[1:] > plan.offs[:-1]))
+    with open(rec_path, "rb", buffering=(1 << 20) if in_order else (16 << 10)) as f:
         for lo in range(0, plan.keys.size, _BATCH):
             items = []
-            for k, off, lab in zip(plan.keys[lo:lo + _BATCH].tolist(), plan.offs[lo:lo + _BATCH].tolist(),
-                                   plan.new[lo:lo + _BATCH].tolist()):
-                i = int(np.searchsorted(table.keys, k))
-                old = int(table.labels[i])
+            keys = plan.keys[lo:lo + _BATCH]
+            olds = table.labels[np.searchsorted(table.keys, keys)].tolist()
+            for k, off, lab, old in zip(keys.tolist(), plan.offs[lo:lo + _BATCH].tolist(),
+                                        plan.new[lo:lo + _BATCH].tolist(), olds):
                 name = table.names[old]
                 rel = f"{REC_KEY_PREFIX}{k}"
                 try:
