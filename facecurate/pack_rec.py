@@ -81,7 +81,8 @@ class RecTable:
                     raise PackError(f"{path} line {n}: key and label must be integers") from None
                 keys.append(k)
                 labels.append(lab)
-                self.names.setdefault(lab, row[ii])
+                if lab >= 0:
+                    self.names.setdefault(lab, row[ii])
                 d = row[idc]
                 keep.append(d == DECISION_KEEP)
                 c = codes.setdefault((d, row[ir]), len(codes))
@@ -157,13 +158,16 @@ def _plan(table: RecTable, idx_keys: np.ndarray, idx_offs: np.ndarray, roots: di
         if idx_keys.size else np.zeros(table.keys.size, bool)
     for i in np.flatnonzero(table.keep & ~have)[:1000]:
         k = int(table.keys[i])
-        errors.append(InputError(table.names[int(table.labels[i])], f"{REC_KEY_PREFIX}{k}", PACK_MISSING,
+        errors.append(InputError(table.names.get(int(table.labels[i]), ""), f"{REC_KEY_PREFIX}{k}", PACK_MISSING,
                                  "kept in clean.csv but not in the .idx"))
-    use = table.keep & have
+    use = table.keep & have & (table.labels >= 0)
     if exclude:
         use &= ~np.isin(table.keys, np.fromiter(exclude, np.int64))
     sel = np.flatnonzero(use)
-    root = np.array([roots[int(lab)] for lab in table.labels[sel]], np.int64) if sel.size else np.zeros(0, np.int64)
+    labs = np.fromiter(roots, np.int64, len(roots))
+    root_of = np.zeros(int(labs.max()) + 1 if labs.size else 0, np.int64)
+    root_of[labs] = np.fromiter(roots.values(), np.int64, len(roots))
+    root = root_of[table.labels[sel]]
     uroot, counts = np.unique(root, return_counts=True)
     members: dict[int, list[int]] = {}
     for lab, r in sorted(roots.items()):
@@ -177,10 +181,11 @@ def _plan(table: RecTable, idx_keys: np.ndarray, idx_offs: np.ndarray, roots: di
                                      f"{n} kept record(s) < --min-images {min_images}; identity not packed"))
         else:
             classes.append(r)
-    new_of = {r: i for i, r in enumerate(classes)}
-    ok = np.array([int(r) in new_of for r in root], bool) if root.size else np.zeros(0, bool)
-    sel, root = sel[ok], root[ok]
-    new = np.array([new_of[int(r)] for r in root], np.int64)
+    new_of = np.full(root_of.size, -1, np.int64)
+    new_of[np.asarray(classes, np.int64)] = np.arange(len(classes))
+    new = new_of[root]
+    ok = new >= 0
+    sel, new = sel[ok], new[ok]
     keys = table.keys[sel]
     offs = idx_offs[pos[sel]]
     rng = random.Random(seed)
@@ -243,7 +248,7 @@ def _left_out(table: RecTable, idx_keys: np.ndarray, image_key: Callable[[int], 
     errors = []
     for i in np.flatnonzero(~table.keep):
         d, r = table.whys[int(table.why[i])]
-        errors.append(InputError(table.names[int(table.labels[i])], f"{REC_KEY_PREFIX}{int(table.keys[i])}",
+        errors.append(InputError(table.names.get(int(table.labels[i]), ""), f"{REC_KEY_PREFIX}{int(table.keys[i])}",
                                  PACK_NOT_KEPT, f"clean: {d} ({r})"))
     listed = np.isin(idx_keys, table.keys)
     for k in idx_keys[~listed].tolist():
