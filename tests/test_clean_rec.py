@@ -303,3 +303,29 @@ def test_checksum_command_protects_a_rec_without_sums(face_crops, tmp_path):
     (d / "train.sums").write_text("\n".join(text) + "\n")
     res = inspect(d / "train", verify=True)
     assert not res.ok and any("train.sums line 4" in e for e in res.errors)
+
+
+@pytest.mark.slow
+def test_exclude_names_and_a_verification_bin(embedded_recs, face_crops, tmp_path):
+    """--exclude on a rec: a text file of identity names (from labels.csv), and a .bin
+    whose faces are embedded and matched to identity centres."""
+    import pickle
+
+    src, recs = embedded_recs["insightface"]
+    dest = _copy(src, tmp_path / "DEST")
+    names = [x["identity"] for x in read_csv(dest / "labels.csv")]
+    (tmp_path / "names.txt").write_text(names[2] + "\n")
+    last = sorted(k for k in face_crops if k != INTRUDER_KEY_TAG)[-1]
+    with open(tmp_path / "eval.bin", "wb") as f:
+        pickle.dump(([face_crops[last][1], face_crops[last][2]], [True]), f)
+    r = CliRunner().invoke(cli, ["clean", str(dest), "--exclude", str(tmp_path / "names.txt"),
+                                 "--exclude", str(tmp_path / "eval.bin"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["excluded"] == 2
+    rows = read_csv(dest / "clean.csv")
+    for x in rows:
+        if x["identity"] in (names[2], last):
+            assert (x["decision"], x["reason"]) == (DECISION_DROP, "excluded"), x
+    flags = {x["identity"]: x["flags"] for x in read_csv(dest / "identities.csv")}
+    assert "excluded" in flags[names[2]] and "excluded" in flags[last]
+    assert not any("excluded" in flags[n] for n in names if n not in (names[2], last))
