@@ -54,6 +54,7 @@ from facecurate.constants import (
     EMBEDDINGS_META,
     EMBEDDINGS_NPY,
     LANDMARK_COLUMNS,
+    REC_NAME,
     STATUS_OK,
     WORK_DIR,
 )
@@ -545,6 +546,10 @@ def _load_parts(work: Path) -> tuple[dict[str, np.ndarray], dict[str, str], int]
 def _resolve_input(target: Path, out: Optional[Path]) -> tuple[list[Item], str, Path, dict]:
     if target.is_file() and target.suffix == ".rec":
         return items_from_rec(target), "rec", (out or target.parent), {}
+    from facecurate.recdata import is_rec_dataset
+
+    if is_rec_dataset(target):  # a folder holding train.rec (+ .idx) and no align.csv
+        return items_from_rec(target / REC_NAME), "rec", (out or target), {}
     if not target.is_dir():
         raise EmbedError(f"not found: {target} (expected an align OUT folder, a folder of crops or a .rec)")
     if (target / ALIGN_MANIFEST).exists():
