@@ -94,14 +94,17 @@ def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
 def ensure_store(dest: Path, rec_path: Path):
     """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
     model) when the store is missing."""
-    from facecurate.embed import load_store
+    from facecurate.embed import load_store, run_embed
 
-    if not (dest / C.EMBEDDINGS_NPY).exists():
-        from facecurate.embed import run_embed
-
-        run_embed(rec_path)
-    vecs = np.load(dest / C.EMBEDDINGS_NPY, mmap_mode="r")
     meta_p = dest / C.EMBEDDINGS_META
+    if not (dest / C.EMBEDDINGS_NPY).exists():
+        run_embed(rec_path)
+    else:
+        meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+        if meta.get("input") == "rec" and int(meta.get("count", 0)) + len(meta.get("failed", [])) \
+                < _image_records(rec_path):  # the rec has records the store lacks: continue it
+            run_embed(rec_path, flip=bool(meta.get("flip", True)))
+    vecs = np.load(dest / C.EMBEDDINGS_NPY, mmap_mode="r")
     meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
     if meta.get("input") not in (None, "rec"):
         raise ValueError(f"{dest}: the embedding store was made from {meta.get('input')!r} input, not this .rec "
@@ -117,6 +120,20 @@ def ensure_store(dest: Path, rec_path: Path):
     rows = np.concatenate([np.arange(keys.size, dtype=np.int64), np.full(len(fk), -1, np.int64)])
     order = np.argsort(all_keys, kind="stable")
     return vecs, meta, RecFaces(all_keys[order], all_labels[order], rows[order], failed)
+
+
+def _image_records(rec_path: Path) -> int:
+    """How many image records the .idx names (the layout rule of recdata)."""
+    from facecurate.recdata import read_layout
+    from facecurate.recordio import read_idx_arrays
+
+    keys, offs = read_idx_arrays(rec_paths(rec_path)[1])
+    k0 = np.flatnonzero(keys == 0)
+    with open(rec_path, "rb") as f:
+        layout = read_layout(f, int(offs[k0[0]]) if k0.size else None)
+    if not layout.has_header:
+        return int(keys.size)
+    return int(np.count_nonzero((keys >= 1) & (keys < layout.first)))
 
 
 class RecCropSimilarity:
