@@ -310,7 +310,7 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
     left_out = _left_out(table, idx_keys, src_layout.is_image)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
-    done, sink, exclude = False, None, set()
+    done, sink, exclude, bad_records = False, None, set(), []
     bar = progress(total=None, desc="pack", unit="img", disable=None if show_progress else True)
     try:
         for _attempt in range(2):  # a second time without records found bad, when there are any
@@ -321,11 +321,12 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
             bar.reset(total=int(plan.keys.size))
             sink = _RecSink(dest, layout, on_record, bar)
             write_errors, bad = _write(plan, rec_path, table, sink, bar)
+            bad_records += write_errors
             if not bad:
                 break
-            sink.close()
+            sink.close()  # again without them: they may change which identities remain
             exclude |= bad
-        errors = sorted(left_out + plan_errors + write_errors, key=lambda e: (e.identity, e.path, e.reason))
+        errors = sorted(left_out + plan_errors + bad_records, key=lambda e: (e.identity, e.path, e.reason))
         problems = [e for e in errors if e.reason != PACK_NOT_KEPT]
         if strict and problems:
             raise PackError(f"{len(problems)} input problem(s) and --strict: nothing written (first: "

@@ -329,3 +329,27 @@ def test_exclude_names_and_a_verification_bin(embedded_recs, face_crops, tmp_pat
     flags = {x["identity"]: x["flags"] for x in read_csv(dest / "identities.csv")}
     assert "excluded" in flags[names[2]] and "excluded" in flags[last]
     assert not any("excluded" in flags[n] for n in names if n not in (names[2], last))
+
+
+@pytest.mark.slow
+def test_pack_reports_a_record_that_changed_since_clean(embedded_recs, tmp_path):
+    import struct
+
+    src, recs = embedded_recs["plain"]
+    dest = _copy(src, tmp_path / "DEST")
+    assert CliRunner().invoke(cli, ["clean", str(dest)]).exit_code == 0
+    kept = [x for x in read_csv(dest / "clean.csv") if x["decision"] == DECISION_KEEP]
+    victim = kept[0]
+    off = dict(line.split("\t") for line in (dest / "train.idx").read_text().splitlines())[victim["key"]]
+    with open(dest / "train.rec", "r+b") as f:  # IRHeader label (float32) of that record
+        f.seek(int(off) + 8 + 4)
+        f.write(struct.pack("<f", float(int(victim["label"]) + 1)))
+    res = pack(dest, tmp_path / "NEW")
+    assert res.images == len(kept) - 1
+    bad = [e for e in res.errors if e.reason == "bad_record"]
+    assert [(e.path, e.message) for e in bad] == [
+        (f"rec:{victim['key']}", f"label {int(victim['label']) + 1} in the .rec, {victim['label']} in clean.csv "
+                                 "(the .rec changed since clean)")]
+    assert any(x["reason"] == "bad_record" for x in read_csv(tmp_path / "NEW" / "pack_errors.csv"))
+    ins = inspect(tmp_path / "NEW" / "train", verify=True)
+    assert ins.ok and ins.images == len(kept) - 1 and ins.label_max == ins.classes - 1
