@@ -11,7 +11,8 @@ near-duplicates, planted same-person pairs), records in shuffled order; and the
 embedding store `facecurate embed DEST/train.rec` would write, with those synthetic
 vectors (no model runs: embedding is not what is measured here).
 
-Timed, each in its own process (wall time, peak resident memory of that process):
+Timed, each in its own process (wall time, CPU time and peak resident memory of that
+process; CPU time includes the imports, and worker processes are not counted):
   read     one streaming pass over the .rec (recordio.iter_records), the I/O baseline
   clean    facecurate clean DEST (run_clean: store memory-mapped, identities = labels)
   pack     facecurate pack DEST NEWDEST (the kept records, byte for byte, + train.sums)
@@ -137,6 +138,8 @@ def _child(step: str, dest: Path, new: Path) -> dict:
         r = inspect(new, verify=True)
         out = {"records": r.records, "ok": r.ok, "verified": r.verified, "errors": r.errors[:3]}
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: less sensitive to a loaded machine
+    out["cpu_seconds"] = round(ru.ru_utime + ru.ru_stime, 2)
     out["peak_mb"] = _peak_mb()
     return out
 
@@ -165,6 +168,8 @@ def main(argv=None):
             raise SystemExit(f"{step} failed:\n{r.stderr[-3000:]}")
         out = json.loads(r.stdout.strip().splitlines()[-1])
         out["records_per_s"] = round(out["records"] / out["seconds"], 1)
+        if out.get("cpu_seconds"):
+            out["records_per_cpu_s"] = round(out["records"] / out["cpu_seconds"], 1)
         out["ms1m_minutes_extrapolated"] = round(MS1M / out["records_per_s"] / 60, 1)
         res[step] = out
         print(json.dumps({step: out}), flush=True)
