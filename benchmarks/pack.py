@@ -17,6 +17,8 @@ Stages:
               the bytes as read = im2rec --pass-through / face2rec2 for aligned crops;
               given the file list, run in the MXNet oracle's venv, timed inside it)
             a plain copy of the same bytes into one file (+ fsync; the I/O limit)
+            facecurate pack --no-shuffle (fsync) with train.sums not computed (what the
+              per-record checksums cost)
           and, for reference, im2rec's default path (cv2.imread + pack_img q95).
           Prints images/s, MB/s and the ratios.
 
@@ -185,6 +187,26 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
     def fc(**kw) -> None:
         pack(crops, work / "fc", shuffle=False, threads=threads, **kw)
 
+    def without_sums(fn) -> None:
+        import facecurate.pack as fp
+
+        real = fp.SumsWriter
+
+        class NoSums(real):  # header line only; no hashing, no thread work
+            def images(self, *a) -> None:
+                pass
+
+            def record(self, *a) -> None:
+                pass
+
+            def fill(self, *a) -> None:
+                pass
+        fp.SumsWriter = NoSums
+        try:
+            fn()
+        finally:
+            fp.SumsWriter = real
+
     contenders = {
         "facecurate pack --no-shuffle (fsync)": lambda: timed(fc),
         "MXNet pass-through writer + fsync": lambda: mx("pass-through", True),
@@ -194,6 +216,9 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
         "plain copy into one file": lambda: timed(lambda: plain_copy(paths, work / "copy.bin", False)),
         "facecurate pack (shuffled, fsync: defaults)":
             lambda: timed(lambda: pack(crops, work / "fc_shuffled", threads=threads)),
+        # the same as the first, with the per-record checksums (train.sums) not computed:
+        # what hashing in pack's pass costs
+        "facecurate pack --no-shuffle (fsync), no sums": lambda: timed(lambda: without_sums(fc)),
     }
     times: dict = {name: [] for name in contenders}
     try:
@@ -232,6 +257,11 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
     print(f"shuffled (the default, fsync) vs MXNet pass-through writer + fsync: {best[mxf] / best[shuf]:.2f}x "
           f"[median {median[mxf] / median[shuf]:.2f}x] (MXNet writes the list's order; its cost does not "
           "depend on it)")
+    ns = "facecurate pack --no-shuffle (fsync), no sums"
+    out["checksum_cost"] = best[names[0]] / best[ns] - 1
+    out["median checksum_cost"] = median[names[0]] / median[ns] - 1
+    print(f"train.sums (hashing every record in pack's pass) costs {100 * out['checksum_cost']:+.1f}% "
+          f"[median {100 * out['median checksum_cost']:+.1f}%] against the same pack without it")
     out["speedup_vs_im2rec_default"] = best[names[-1]] / best[names[0]]
     print(f"pack (fsync) vs MXNet im2rec default: {out['speedup_vs_im2rec_default']:.1f}x")
     print(f"train.rec byte-identical to MXNet's pass-through output: {same}")
