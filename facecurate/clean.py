@@ -119,8 +119,23 @@ def default_params(model: str, **overrides) -> CleanParams:
 # ----------------------------------------------------------------------------- helpers
 def _norm(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float32)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    n = np.sqrt(np.add.reduce(v * v, axis=-1, keepdims=True))  # np.linalg.norm(v, axis=-1), without its overhead
     return v / np.maximum(n, 1e-12)
+
+
+def _mean0(x: np.ndarray) -> np.ndarray:
+    """x.mean(0) of a float32 matrix, computed as numpy computes it (same bits), without its overhead."""
+    r = np.add.reduce(x, axis=0)
+    return np.true_divide(r, np.intp(len(x)), out=r, casting="unsafe")
+
+
+def _median(x: np.ndarray) -> float:
+    """float(np.median(x)) of a float32 vector, same bits."""
+    if np.isnan(x).any():
+        return float(np.median(x))
+    v = np.sort(x)
+    h = len(v) // 2
+    return float(v[h]) if len(v) % 2 else float(np.float32(np.add.reduce(v[h - 1:h + 1]) / np.intp(2)))
 
 
 def chinese_whispers(emb: np.ndarray, threshold: float) -> np.ndarray:
@@ -151,7 +166,12 @@ def chinese_whispers(emb: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _renumber(raw: np.ndarray) -> np.ndarray:
-    labs, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    if raw.min() >= 0 and raw.max() < len(raw) and (raw[raw] == raw).all():  # labels name their first member
+        counts = np.bincount(raw, minlength=len(raw))
+        labs = first = np.nonzero(counts)[0]
+        counts = counts[labs]
+    else:
+        labs, first, counts = np.unique(raw, return_index=True, return_counts=True)
     order = np.lexsort((first, -counts))  # by size, ties by first member
     remap = np.empty(labs.max() + 1, np.int64)
     remap[labs[order]] = np.arange(len(labs))
@@ -244,15 +264,15 @@ def analyse_identity(emb: np.ndarray, photo: np.ndarray, p: CleanParams) -> Anal
     # a singleton's mean is its face; the others as numpy's mean computes them
     first = np.full(nclus, -1, np.int64)
     first[lab_s[::-1]] = np.arange(len(lab_s))[::-1]
-    cent = _norm(np.stack([es[first[k]] if sizes[k] == 1 else es[lab_s == k].mean(0) for k in range(nclus)]))
+    cent = _norm(np.stack([es[first[k]] if sizes[k] == 1 else _mean0(es[lab_s == k]) for k in range(nclus)]))
     joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
     joined[0] = True
     dom_size = int(sizes[joined].sum())
     # 2. robust centre
     members = cluster >= 0
     members[members] = joined[cluster[members]]
-    c = _norm(emb[members].mean(0))
-    shared = len(np.unique(photo)) < n  # some photo has several faces
+    c = _norm(_mean0(emb[members]))
+    shared = not (np.diff(photo) > 0).all() and len(np.unique(photo)) < n  # some photo has several faces
 
     def best_per_photo(s):
         return _best_per_photo(s, photo) if shared else np.ones(n, bool)
@@ -262,7 +282,7 @@ def analyse_identity(emb: np.ndarray, photo: np.ndarray, p: CleanParams) -> Anal
         inl = best_per_photo(s) & (s >= p.drop)
         if not inl.any():
             break
-        c_new = _norm(emb[inl].mean(0))
+        c_new = _norm(_mean0(emb[inl]))
         if np.all(np.abs(c_new - c) <= 1e-6 + 1e-5 * np.abs(c)):  # np.allclose(c_new, c, atol=1e-6)
             c = c_new
             break
@@ -287,7 +307,7 @@ def analyse_identity(emb: np.ndarray, photo: np.ndarray, p: CleanParams) -> Anal
     second = int(counts.max()) if rejected.any() else 0
     ambiguous = second >= 2 and second >= p.ambiguous_ratio * max(1, inliers)
     rival = joined | (counts >= p.ambiguous_ratio * max(1, inliers)) if ambiguous else np.zeros(nclus, bool)
-    median = float(np.median(s[good])) if inliers >= 3 else np.nan
+    median = _median(s[good]) if inliers >= 3 else np.nan
     return Analysis(s, cluster, subject, c, ~joined & (sizes >= 2), rival, nclus,
                     float(dom_size / max(1, len(idx))), bool(ambiguous), median)
 
@@ -834,7 +854,7 @@ def _topk_rows(t: dict) -> np.ndarray:
     own_pos = pos[own]
     out = np.zeros(b - a, np.float32)
     for b0 in range(0, b - a, block):
-        s = q[a + b0:min(b, a + b0 + block)] @ centres.T
+        s = q[a + b0:min(b, a + b0 + block)] @ centres.T  # below: -np.partition(-s, ...) without copies
         op = own_pos[b0:b0 + block]
         ok = op >= 0
         s[np.arange(len(s))[ok], op[ok]] = -np.inf
@@ -847,7 +867,9 @@ def _topk_rows(t: dict) -> np.ndarray:
                         cc.append(pos[h])
             if rr:
                 s[rr, cc] = -np.inf
-        top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
+        np.negative(s, out=s)
+        s.partition(kk - 1, axis=1)
+        top = -s[:, :kk]
         out[b0:b0 + block] = top.mean(1)
     return out
 
@@ -885,7 +907,9 @@ def _crowding_rows(t: dict) -> np.ndarray:
             for r_, g in enumerate(bid.tolist()):
                 for h in partners.get(g, ()):
                     s[r_, fid == h] = -np.inf
-        top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
+        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
+        s.partition(kk - 1, axis=1)
+        top = -s[:, :kk]
         top[~np.isfinite(top)] = np.nan
         out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
     return out
