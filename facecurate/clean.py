@@ -572,12 +572,13 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                p: CleanParams, *, face_size: np.ndarray | None = None, sharpness: np.ndarray | None = None,
                excluded: Iterable[int] = (),
                exclude_vecs: np.ndarray | None = None, pixel_sim: Callable[[int, int], float] | None = None,
-               show_progress: bool = False, workers: int | None = 1) -> CoreResult:
+               show_progress: bool = False, workers: int | None = 1, shard_faces: int | None = None) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
     photo across the whole set), ``quality`` (n,) floats; ``pixel_sim(i, j)`` compares
     two faces' crops (confirms near-duplicates; see ``CropSimilarity``). Deterministic:
     the same result for any number of ``workers`` (processes for the per-identity work
-    and the cohort statistics; None: all cores)."""
+    and the cohort statistics; None: all cores); ``shard_faces``: faces per shard of
+    identities (default: about 16 shards per worker, at least 256 faces)."""
     n = len(emb)
     emb = np.ascontiguousarray(emb, np.float32)
     identity = np.asarray(identity, np.int64)
@@ -587,7 +588,7 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
     excluded = set(int(e) for e in excluded)
     groups = _group(identity) if n else {}
     keys = sorted(groups)
-    shards = _identity_shards(keys, groups, default_workers() if workers is None else workers)
+    shards = _identity_shards(keys, groups, default_workers() if workers is None else workers, shard_faces)
     bar = dict(unit="shard", disable=None if show_progress else True)
     with LocalPool(workers) as pool:
         E = pool.share(emb)
@@ -631,12 +632,12 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
     return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded, exclude_vecs)
 
 
-def _identity_shards(keys: list, groups: dict, workers: int) -> list:
+def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | None = None) -> list:
     """Consecutive identities in shards of similar face counts: (rows, bounds, keys)."""
     if not keys:
         return []
     n = sum(len(groups[g]) for g in keys)
-    target = max(256, -(-n // (16 * workers))) if workers > 1 else n
+    target = shard_faces or (max(256, -(-n // (16 * workers))) if workers > 1 else n)
     shards, cur = [], []
     size = 0
     for g in keys:
@@ -1113,15 +1114,16 @@ def _carry_manual(previous_csv: Path, out: list[dict]) -> tuple[int, int]:
 def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
               exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
               min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
-              keep_manual: bool = True, show_progress: bool = True, workers: int | None = None) -> dict:
+              keep_manual: bool = True, show_progress: bool = True, workers: int | None = None,
+              shard_faces: int | None = None) -> dict:
     """Read OUT/align.csv and the embedding store; write clean.csv, identities.csv,
     merges.csv and clean.json. Returns the summary.
 
     ``keep_manual``: a face whose decision came from a review (reason ``manual`` in
     the existing clean.csv) keeps it; the decision computed now is recorded in
     ``previous_decision``/``previous_reason``, as ``review apply`` does. ``workers``:
-    processes for the per-identity work (default: all cores); the outputs do not
-    depend on it."""
+    processes for the per-identity work (default: all cores); the outputs depend
+    neither on it nor on ``shard_faces`` (see ``clean_core``)."""
     out_dir = Path(out_dir)
     manifest = out_dir / C.ALIGN_MANIFEST
     if not manifest.exists():
@@ -1163,7 +1165,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
             ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
     res = clean_core(emb, identity, photo, quality, p, face_size=fsize, sharpness=sharp, excluded=ex_ids,
                      exclude_vecs=ex_vecs, pixel_sim=CropSimilarity([out_dir / r["aligned"] for r in have]),
-                     show_progress=show_progress, workers=workers)
+                     show_progress=show_progress, workers=workers, shard_faces=shard_faces)
     out = []
     for i, r in enumerate(have):
         out.append(dict(
