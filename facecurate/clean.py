@@ -40,18 +40,18 @@ from facecurate import constants as C
 from facecurate.distribute import LocalPool, SharedArray, default_workers
 from facecurate.files import format_float, progress, read_csv, write_csv_atomic, write_text_atomic
 
-# Reasons written to clean.csv.
-R_CENTRE = "centre"  # kept: close to the identity centre
-R_BAND = "uncertain"  # review: between the keep and drop thresholds
-R_FAR = "far_from_centre"
-R_MINORITY = "minority_cluster"
-R_NOT_SUBJECT = "not_subject"
-R_DUPLICATE = "duplicate"
-R_AMBIGUOUS = "ambiguous_identity"
-R_TOO_FEW = "too_few_images"
-R_LOW_QUALITY = "low_quality"
-R_EXCLUDED = "excluded"
-R_NO_EMBEDDING = "no_embedding"
+# Reasons written to clean.csv (defined in constants.py).
+R_CENTRE = C.REASON_CENTRE
+R_BAND = C.REASON_UNCERTAIN
+R_FAR = C.REASON_FAR
+R_MINORITY = C.REASON_MINORITY
+R_NOT_SUBJECT = C.REASON_NOT_SUBJECT
+R_DUPLICATE = C.REASON_DUPLICATE
+R_AMBIGUOUS = C.REASON_AMBIGUOUS
+R_TOO_FEW = C.REASON_TOO_FEW
+R_LOW_QUALITY = C.REASON_LOW_QUALITY
+R_EXCLUDED = C.REASON_EXCLUDED
+R_NO_EMBEDDING = C.REASON_NO_EMBEDDING
 R_MANUAL = C.REASON_MANUAL  # a review's decision, kept by later runs
 
 IDENTITY_COLUMNS = (
@@ -966,16 +966,16 @@ def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: Clean
 
 
 # ----------------------------------------------------------------------------- files
-def load_store(out_dir: Path):
-    """(vectors, {aligned: row}, meta) of OUT's embedding store, or None when absent."""
-    out_dir = Path(out_dir)
-    npy, csvp, meta = out_dir / C.EMBEDDINGS_NPY, out_dir / C.EMBEDDINGS_CSV, out_dir / C.EMBEDDINGS_META
-    if not (npy.exists() and csvp.exists()):
+def store_index(out_dir: Path):
+    """(vectors, memory-mapped; {aligned: row}; meta) of OUT's embedding store, read by
+    :func:`facecurate.embed.load_store`; None when OUT has no store."""
+    from facecurate.embed import load_store
+
+    store = load_store(out_dir, mmap=True, missing_ok=True)
+    if store is None:
         return None
-    vecs = np.load(npy, mmap_mode="r")
-    rows = read_csv(csvp)
-    m = json.loads(meta.read_text()) if meta.exists() else {}
-    return vecs, {r["aligned"]: i for i, r in enumerate(rows)}, m
+    vecs, rows, meta = store
+    return vecs, {r["aligned"]: i for i, r in enumerate(rows)}, meta
 
 
 def _model_name(meta: dict) -> str:
@@ -991,7 +991,7 @@ def _model_name(meta: dict) -> str:
 def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
     """The store, embedding with the default model first when crops are missing from it
     (crops the embed stage recorded as failed are not retried here)."""
-    store = load_store(out_dir)
+    store = store_index(out_dir)
     need = {r["aligned"] for r in rows}
     if store is None or not need.issubset(set(store[1]) | _failed(store[2])):
         try:
@@ -1000,7 +1000,7 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
             raise RuntimeError(f"{out_dir}: embeddings missing and the embed stage is unavailable ({e})")
         # continue an existing (default-model) store with its own settings
         run_embed(out_dir, flip=bool(store[2].get("flip", True)) if store is not None else True)
-        store = load_store(out_dir)
+        store = store_index(out_dir)
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
     return store
@@ -1225,6 +1225,6 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
                                                                        "merge", "exclude")},
         calibrated=bool(p.calibrated),
     )
-    write_text_atomic(out_dir / "clean.json", json.dumps(dict(summary=summary, params=p.as_dict()),
+    write_text_atomic(out_dir / C.CLEAN_META, json.dumps(dict(summary=summary, params=p.as_dict()),
                                                          indent=2, sort_keys=True) + "\n")
     return summary

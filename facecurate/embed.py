@@ -155,23 +155,31 @@ def items_from_folder(folder: Path) -> list[Item]:
 
 
 def items_from_rec(rec: Path) -> list[Item]:
-    """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``;
-    insightface header / identity records (flag > 0 or empty image) are skipped."""
-    from facecurate.recordio import read_idx, read_record, unpack_record
+    """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``, in
+    .idx order. Which records are images is :mod:`facecurate.recdata`'s rule (the one
+    inspect and unpack use): key 0 decides the layout, an insightface header and its
+    identity records are skipped, and an image record with a vector label counts
+    under its first value (as arcface_torch reads it)."""
+    from facecurate.recdata import image_label, read_layout
+    from facecurate.recordio import RecordIOError, read_idx, read_record, unpack_record
 
     idx = rec.with_suffix(".idx")
     if not idx.exists():
         raise EmbedError(f"{rec}: no {idx.name} beside it (needed to read a .rec)")
+    entries = read_idx(idx)
     items = []
     with open(rec, "rb") as f:
-        for key, off in read_idx(idx):
-            hdr, img = unpack_record(read_record(f, off, key=key).payload)
-            if hdr.flag > 0 and hdr.flag != 1 or not img:  # header / identity record
-                continue
-            label = hdr.label if hdr.flag == 0 else hdr.scalar_label
-            ident = str(int(label)) if float(label).is_integer() else str(label)
-            items.append(Item(aligned=f"rec:{key}", source=f"{rec.name}:{key}", identity=ident, face="0",
-                              crop=str(rec), rec_offset=off))
+        try:
+            layout = read_layout(f, dict(entries).get(0))
+            for key, off in entries:
+                if not layout.is_image(key):  # header / identity record
+                    continue
+                label = image_label(unpack_record(read_record(f, off, key=key).payload)[0])
+                ident = str(int(label)) if float(label).is_integer() else str(label)
+                items.append(Item(aligned=f"rec:{key}", source=f"{rec.name}:{key}", identity=ident, face="0",
+                                  crop=str(rec), rec_offset=off))
+        except RecordIOError as e:
+            raise EmbedError(f"{rec}: corrupt .rec at {e} (run `facecurate inspect` for details)") from None
     return items
 
 
@@ -735,17 +743,24 @@ def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, i
             "failures": fails[:20]}
 
 
-def load_store(out_dir) -> tuple[np.ndarray, list[dict], dict]:
-    """(vectors float32 (N, D), rows [{aligned, source, identity, face}], meta) of a store."""
+def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
+    """(vectors float32 (N, D), rows [{aligned, source, identity, face}], meta) of the
+    embedding store in ``out_dir``; the one reader of a store (embed, clean,
+    eval-pairs). ``mmap``: map the vectors read-only instead of reading them (clean's
+    large stores). A missing store is an EmbedError, or None with ``missing_ok``; a
+    store whose .csv and .npy disagree is always an EmbedError."""
     out = Path(out_dir)
     npy, csvp, metap = out / EMBEDDINGS_NPY, out / EMBEDDINGS_CSV, out / EMBEDDINGS_META
     if not (npy.exists() and csvp.exists()):
+        if missing_ok:
+            return None
         raise EmbedError(f"no embedding store in {out} (run: facecurate embed {out})")
-    vecs = np.load(npy)
+    vecs = np.load(npy, mmap_mode="r" if mmap else None)
     rows = read_csv(csvp)
     meta = json.loads(metap.read_text()) if metap.exists() else {}
     if len(rows) != len(vecs):
-        raise EmbedError(f"{out}: {EMBEDDINGS_CSV} has {len(rows)} rows but {EMBEDDINGS_NPY} {len(vecs)} vectors")
+        raise EmbedError(f"{out}: {EMBEDDINGS_CSV} has {len(rows)} rows but {EMBEDDINGS_NPY} {len(vecs)} vectors "
+                         f"(rerun: facecurate embed {out})")
     return vecs, rows, meta
 
 

@@ -117,8 +117,8 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
             s = _float(r.get("score"))
             if s == s:
                 scores[r.get("decision", "")].append(s)
-        manual = [r for r in clean if r.get("reason") == "manual"]
-        cj = _json(out / "clean.json")
+        manual = [r for r in clean if r.get("reason") == C.REASON_MANUAL]
+        cj = _json(out / C.CLEAN_META)
         thr = (cj.get("summary") or {}).get("thresholds") or {}
         d["clean"] = dict(
             faces=len(clean), identities=len({r.get("identity", "") for r in clean}),

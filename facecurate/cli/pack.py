@@ -1,5 +1,6 @@
 """CLI for the pack stage: ``pack``, ``inspect``, ``unpack``, ``pack-pairs`` (thin
-wrappers over :mod:`facecurate.pack`)."""
+wrappers over :mod:`facecurate.pack`, :mod:`facecurate.inspect_rec`,
+:mod:`facecurate.unpack` and :mod:`facecurate.pairs`)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     at the end: an interrupted pack leaves DEST as it was. Same inputs, options and
     seed give byte-identical files.
     """
+    from facecurate.constants import PACK_ERRORS_CSV
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
     from facecurate.pack import pack as run
@@ -79,7 +81,7 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
         click.echo("\narcface_torch config (configs/<yours>.py):")
         click.echo("  " + res.config_snippet().replace("\n", "\n  "))
         if res.errors:
-            click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / 'pack_errors.csv'}", err=True)
+            click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / PACK_ERRORS_CSV}", err=True)
 
 
 @click.command("inspect")
@@ -101,7 +103,7 @@ def inspect(rec, full, sample, as_json):
     Exits 1 naming the offending record on any problem.
     """
     from facecurate.files import emit_summary
-    from facecurate.pack import inspect as run
+    from facecurate.inspect_rec import inspect as run
 
     res = run(rec, full=full, sample=sample, show_progress=True)
     s = res.summary()
@@ -135,8 +137,8 @@ def unpack(rec, dest, no_names, as_json):
     unpack (files already present are kept; each file appears only when complete).
     """
     from facecurate.files import emit_summary
-    from facecurate.pack import rec_paths
-    from facecurate.pack import unpack as run
+    from facecurate.recdata import rec_paths
+    from facecurate.unpack import unpack as run
     from facecurate.recordio import RecordIOError
 
     rec_file, idx_file = rec_paths(rec)
@@ -181,7 +183,7 @@ def pack_pairs(pairs, root, dest, strict, as_json):
     """
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
-    from facecurate.pack import pack_pairs as run
+    from facecurate.pairs import pack_pairs as run
 
     try:
         res = run(pairs, root, dest, strict=strict)
