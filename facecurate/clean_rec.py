@@ -265,7 +265,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     write_csv_atomic(dest / C.IDENTITIES_CSV, fc.IDENTITY_COLUMNS, ident_rows)
     write_csv_atomic(dest / C.MERGES_CSV, fc.MERGE_COLUMNS, merge_rows)
     summary = dict(
-        input="rec", rec=str(rec_path), faces=rows, identities=len(ident_rows),
+        input="rec", faces=rows, identities=len(ident_rows),
         keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
         review_share=round(counts[C.DECISION_REVIEW] / rows, 4) if rows else 0.0,
         manual_kept=manual[0], manual_lost=manual[1], reasons=dict(sorted(reasons.items())),
