@@ -345,6 +345,56 @@ def export(dest, name: str = "dlib-resnet") -> dict:
             "sha256": sha256_file(dest), "source_sha256": sha256_file(dat_path()), "cached": str(src)}
 
 
+def inventory() -> dict:
+    """What is installed and cached: dlib's weight files, the runtimes, converted graphs."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    from facecurate.files import sha256_file
+    from facecurate.models import dlib_models as dm
+
+    weights = []
+    for name in (dm.DESCRIPTOR, dm.SHAPE68, dm.SHAPE5, dm.MMOD):
+        try:
+            p = Path(dm.model_file(name))
+            weights.append({"file": name, "path": str(p), "bytes": p.stat().st_size})
+        except dm.ModelNotFound as e:
+            weights.append({"file": name, "missing": str(e)})
+    runtimes = {}
+    for pkg in ("dlib-bin", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxconverter-common"):
+        try:
+            runtimes[pkg] = version(pkg)
+        except PackageNotFoundError:
+            runtimes[pkg] = None
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        runtimes["onnxruntime_providers"] = list(ort.get_available_providers())
+    current = sha256_file(dat_path()) if weights[0].get("path") else ""
+    cached = []
+    folder = models_cache_dir()
+    for f in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
+        meta = {}
+        try:
+            meta = read_metadata(f)
+        except Exception:  # noqa: BLE001 - listed as unreadable
+            pass
+        cached.append({"file": f.name, "bytes": f.stat().st_size, "model": meta.get("facecurate.model", "?"),
+                       "source_sha256": meta.get("source_sha256", "?"),
+                       "current": bool(current) and meta.get("source_sha256") == current})
+    return {"weights": weights, "runtimes": runtimes, "cache": str(folder), "cached": cached,
+            "dlib_runtime_auto": _auto_runtime()}
+
+
+def _auto_runtime() -> str:
+    try:
+        from facecurate.embed import resolve_runtime
+
+        return resolve_runtime("auto")
+    except Exception as e:  # noqa: BLE001 - informative only
+        return f"unknown ({e})"
+
+
 def read_metadata(path) -> dict:
     """The metadata properties of a converted graph (no weights loaded)."""
     import onnx
