@@ -297,3 +297,25 @@ def test_models_cli_export_and_list(tmp_path, graph, dat):
     r = CliRunner().invoke(main, ["models", "list"])
     assert r.exit_code == 0 and "dlib_face_recognition_resnet_model_v1.dat" in r.output
     assert os.path.basename(str(graph)) in r.output
+
+
+def test_clean_continues_a_store_on_its_own_runtime(photos_dir, tmp_path):
+    """A store made on ONNX Runtime, then new photos: clean --runtime dlib embeds the new
+    crops on the store's runtime (never a mixed store) instead of failing or mixing."""
+    from facecurate.align import AlignConfig, run_align
+    from facecurate.clean import run_clean
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    idents = sorted(p.name for p in photos_dir.iterdir() if p.is_dir())[:3]
+    for k, ident in enumerate(idents):
+        (raw / ident).mkdir(parents=True)
+        for f in sorted(x for x in (photos_dir / ident).iterdir() if x.suffix.lower() in (".jpg", ".jpeg"))[:3]:
+            (raw / ident / f.name).symlink_to(f)
+        if k == 1:
+            run_align(raw, out, AlignConfig(), workers=1, show_progress=False)
+            run_embed(out, runtime="onnx", show_progress=False)
+    before = len(load_store(out)[1])
+    run_align(raw, out, AlignConfig(), workers=1, show_progress=False)
+    run_clean(out, runtime="dlib", show_progress=False)
+    _, rows, meta = load_store(out)
+    assert len(rows) > before and meta["signature"]["runtime"] == "onnxruntime"
