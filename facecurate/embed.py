@@ -25,6 +25,11 @@ Models:
   recorded five ArcFace points onto :data:`DLIB_CHIP_TEMPLATE_150` (dlib's chip
   geometry expressed in those five points, fitted once on LFW dev identities).
   Without a source (folder of crops, .rec) the chip is warped from the crop itself.
+  ``runtime`` decides what runs the network: ``onnx`` (:class:`DlibOnnxEmbedder`: the
+  graph converted from dlib's own weights on ONNX Runtime, batched, CUDA when a
+  session gets it), ``dlib`` (:class:`DlibEmbedder`: dlib itself, one process per
+  core) or ``auto`` (onnx when ONNX Runtime is installed). The store's signature
+  records ``runtime`` for the ONNX runtime, so the two never share a store.
 * ``arcface``: any insightface ArcFace-style ONNX recogniser (``--model-dir`` or an
   ``.onnx`` path), fed the aligned crops; see :class:`ArcFaceONNX`.
 """
