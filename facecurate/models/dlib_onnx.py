@@ -283,8 +283,9 @@ def convert(dat=None, *, sha256: Optional[str] = None) -> bytes:
     dat = Path(dat) if dat else dat_path()
     try:
         import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401  (the built-in check runs the graph)
     except ImportError as e:
-        raise DlibOnnxError("converting dlib's ResNet to ONNX needs the onnx package: "
+        raise DlibOnnxError(f"converting dlib's ResNet to ONNX needs {e.name}: "
                             "pip install 'facecurate[cpu]' (or [gpu])") from e
     sha256 = sha256 or sha256_file(dat)
     try:
