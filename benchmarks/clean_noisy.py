@@ -469,7 +469,7 @@ def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True
                                         key, photos)
     if not baselines:
         return res
-    vecs, where, _ = fc.load_store(out)
+    vecs, where, _ = fc.store_index(out)
     emb = fc._norm(np.asarray(vecs[[where[r["aligned"]] for r in rows]], np.float32))
     names = sorted({r["identity"] for r in rows})
     gid = {n: i for i, n in enumerate(names)}

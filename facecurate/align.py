@@ -36,6 +36,7 @@ from facecurate.constants import (
     JPEG_QUALITY,
     LANDMARK_COLUMNS,
     MAX_IMAGE_PIXELS,
+    RAW_LAYOUT,
     STATUS_NO_FACE,
     STATUS_NOT_PRIMARY,
     STATUS_OK,
@@ -46,6 +47,7 @@ from facecurate.constants import (
 from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
 from facecurate.geometry import align_face, template
 from facecurate.imageio import ImageError, is_image_name, read_image
+from facecurate.procs import die_with_parent, run_lock, stop_processes
 from facecurate.records import Detection
 
 DETECTORS = ("dlib", "dlib-cnn", "scrfd")
@@ -353,8 +355,8 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[d
         return [_row(inp, -1, e.status, message=e.message)]
     aligner.timings.read += time.perf_counter() - t0
     wh = (rgb.shape[1], rgb.shape[0])
-    label = aligner.detector_label
     results = aligner.process(rgb)
+    label = aligner.detector_label  # after process(): the detector that found this image's faces
     if not results:
         return [_row(inp, -1, STATUS_NO_FACE, img_wh=wh, detector=label, message="no face detected")]
     rows = []
@@ -398,7 +400,8 @@ def shard_paths(out: Path, index: int) -> tuple[Path, Path]:
 _WORKER: dict = {}
 
 
-def _child_init(cfg: AlignConfig, raw: str, out: str) -> None:
+def _child_init(cfg: AlignConfig, raw: str, out: str, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a killed run leaves no worker behind
     cv2.setNumThreads(1)  # one process per core already
     _worker_init(cfg, raw, out)
 
@@ -470,7 +473,7 @@ def _distribute(shards: Sequence[Shard], cfg: AlignConfig, raw: str, out: str, w
     # spawn, not fork: a forked child of a process whose OpenCV thread pool already
     # runs can deadlock on its first cv2 call.
     ex = ProcessPoolExecutor(workers - 1, mp_context=mp.get_context("spawn"),
-                             initializer=_child_init, initargs=(cfg, raw, out))
+                             initializer=_child_init, initargs=(cfg, raw, out, os.getpid()))
     running: set = set()
     clean_exit = False
     try:
@@ -491,21 +494,64 @@ def _distribute(shards: Sequence[Shard], cfg: AlignConfig, raw: str, out: str, w
                 yield f.result()
         clean_exit = True
     finally:
+        if not clean_exit:  # an error or Ctrl-C: stop the shards in flight now, not after them
+            stop_processes(list((getattr(ex, "_processes", None) or {}).values()))
         ex.shutdown(wait=clean_exit, cancel_futures=True)
+
+
+def check_paths(raw: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Refuse an OUT that is RAW or lies inside it (its crops would become inputs,
+    and align.csv would land among the photos)."""
+    raw_r, out_r = os.path.realpath(raw), os.path.realpath(out)
+    if out_r == raw_r:
+        raise AlignError(f"OUT is RAW itself ({out}): choose an OUT folder outside RAW")
+    if out_r.startswith(raw_r.rstrip(os.sep) + os.sep):
+        raise AlignError(f"OUT ({out}) is inside RAW ({raw}): choose an OUT folder outside RAW")
+
+
+def _layout_warnings(raw: Path, inputs: Sequence[InputFile]) -> list[str]:
+    """What is wrong with RAW's layout: no identity folders at all is an error, files
+    directly under RAW a warning (they are recorded as unsupported)."""
+    loose = sum(1 for f in inputs if not f.identity)
+    if loose == len(inputs):
+        found = f"{loose} file(s) directly under it and no identity folders" if loose else "no files at all"
+        raise AlignError(f"nothing to align in {raw}: found {found}; expected {RAW_LAYOUT} "
+                         "(one folder of photos per identity)")
+    if loose:
+        return [f"{loose} file(s) directly under {raw} belong to no identity (recorded as unsupported); "
+                f"expected {RAW_LAYOUT}"]
+    return []
 
 
 def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig = AlignConfig(), *,
               workers: Optional[int] = None, shard_size: int = 64, overwrite: bool = False,
               show_progress: bool = True, on_shard: Optional[Callable[[dict], None]] = None) -> dict:
     """Align every file under RAW into OUT. Resumes an interrupted run with the same
-    settings; ``overwrite`` starts again. Returns a summary dict."""
-    from facecurate.files import progress
-
+    settings; ``overwrite`` starts again. A second run on the same OUT at the same time
+    is refused (:class:`facecurate.procs.LockedError`). Returns a summary dict."""
     cfg.validate()
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         raise AlignError(f"RAW folder not found: {raw}")
+    check_paths(raw, out)
+    t_start = time.perf_counter()
+    inputs, warnings = list_inputs(raw, exclude=out)
+    warnings += _layout_warnings(raw, inputs)
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, SHARD_DIR):
+        summary = _run_locked(raw, out, cfg, inputs, workers, shard_size, overwrite, show_progress, on_shard)
+    summary["seconds"] = round(time.perf_counter() - t_start, 2)
+    todo = summary["processed_now"]
+    summary["images_per_second"] = round(todo / summary["seconds"], 2) if todo and summary["seconds"] > 0 else None
+    summary["warnings"] = warnings
+    return summary
+
+
+def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile], workers: Optional[int],
+                shard_size: int, overwrite: bool, show_progress: bool,
+                on_shard: Optional[Callable[[dict], None]]) -> dict:
+    from facecurate.files import progress
+
     meta_path = out / ALIGN_META
     work = out / WORK_DIR / SHARD_DIR
     meta = {"raw": str(raw.resolve()), "settings": cfg.settings(), "version": __version__}
@@ -522,8 +568,6 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
                 "rerun with the same flags to resume, use --overwrite to start again, or pick another OUT")
     write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
-    t_start = time.perf_counter()
-    inputs, warnings = list_inputs(raw, exclude=out)
     shards_done, done = _done_shards(out)
     todo = [f for f in inputs if f.source not in done]
     next_index = max(shards_done, default=-1) + 1
@@ -549,12 +593,10 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     label = _WORKER["aligner"].main_label if shards else cfg.detector
 
     rows = merge_manifest(out)
-    elapsed = time.perf_counter() - t_start
     status = _count_status(rows)
-    files = len({r["source"] for r in rows})
     busy = sum(vars(totals).values())
-    summary = {
-        "raw": str(raw), "out": str(out), "files": files,
+    return {
+        "raw": str(raw), "out": str(out), "files": len({r["source"] for r in rows}),
         "identities": len({r["identity"] for r in rows if r["identity"]}),
         "processed_now": len(todo), "resumed": len(inputs) - len(todo),
         "faces": sum(1 for r in rows if r["face"] != "-1"),
@@ -562,13 +604,11 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
         "files_with_crop": len({r["source"] for r in rows if r["status"] == STATUS_OK}),
         "status": status, "detector": label, "workers": workers if todo else 0,
         "found_by": _count(r["detector"] for r in rows if r["face"] != "-1"),
-        "seconds": round(elapsed, 2),
-        "images_per_second": round(len(todo) / elapsed, 2) if todo and elapsed > 0 else None,
+        "seconds": None, "images_per_second": None,
         "detector_share": round((totals.detect + totals.landmarks) / busy, 3) if busy > 0 else None,
         "timings": {k: round(v, 2) for k, v in vars(totals).items()},
-        "warnings": warnings,
+        "warnings": [],
     }
-    return summary
 
 
 def merge_manifest(out: Path) -> list[dict]:
@@ -585,5 +625,5 @@ def read_manifest(out: str | os.PathLike) -> list[dict]:
     return read_csv(Path(out) / ALIGN_MANIFEST)
 
 
-__all__ = ["AlignConfig", "AlignError", "Aligner", "InputFile", "list_inputs", "run_align", "read_manifest",
+__all__ = ["AlignConfig", "AlignError", "check_paths", "Aligner", "InputFile", "list_inputs", "run_align", "read_manifest",
            "primary_score"]

@@ -39,18 +39,18 @@ import numpy as np
 from facecurate import constants as C
 from facecurate.files import format_float, progress, read_csv, write_csv_atomic, write_text_atomic
 
-# Reasons written to clean.csv.
-R_CENTRE = "centre"  # kept: close to the identity centre
-R_BAND = "uncertain"  # review: between the keep and drop thresholds
-R_FAR = "far_from_centre"
-R_MINORITY = "minority_cluster"
-R_NOT_SUBJECT = "not_subject"
-R_DUPLICATE = "duplicate"
-R_AMBIGUOUS = "ambiguous_identity"
-R_TOO_FEW = "too_few_images"
-R_LOW_QUALITY = "low_quality"
-R_EXCLUDED = "excluded"
-R_NO_EMBEDDING = "no_embedding"
+# Reasons written to clean.csv (defined in constants.py).
+R_CENTRE = C.REASON_CENTRE
+R_BAND = C.REASON_UNCERTAIN
+R_FAR = C.REASON_FAR
+R_MINORITY = C.REASON_MINORITY
+R_NOT_SUBJECT = C.REASON_NOT_SUBJECT
+R_DUPLICATE = C.REASON_DUPLICATE
+R_AMBIGUOUS = C.REASON_AMBIGUOUS
+R_TOO_FEW = C.REASON_TOO_FEW
+R_LOW_QUALITY = C.REASON_LOW_QUALITY
+R_EXCLUDED = C.REASON_EXCLUDED
+R_NO_EMBEDDING = C.REASON_NO_EMBEDDING
 R_MANUAL = C.REASON_MANUAL  # a review's decision, kept by later runs
 
 IDENTITY_COLUMNS = (
@@ -758,16 +758,16 @@ def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: Clean
 
 
 # ----------------------------------------------------------------------------- files
-def load_store(out_dir: Path):
-    """(vectors, {aligned: row}, meta) of OUT's embedding store, or None when absent."""
-    out_dir = Path(out_dir)
-    npy, csvp, meta = out_dir / C.EMBEDDINGS_NPY, out_dir / C.EMBEDDINGS_CSV, out_dir / C.EMBEDDINGS_META
-    if not (npy.exists() and csvp.exists()):
+def store_index(out_dir: Path):
+    """(vectors, memory-mapped; {aligned: row}; meta) of OUT's embedding store, read by
+    :func:`facecurate.embed.load_store`; None when OUT has no store."""
+    from facecurate.embed import load_store
+
+    store = load_store(out_dir, mmap=True, missing_ok=True)
+    if store is None:
         return None
-    vecs = np.load(npy, mmap_mode="r")
-    rows = read_csv(csvp)
-    m = json.loads(meta.read_text()) if meta.exists() else {}
-    return vecs, {r["aligned"]: i for i, r in enumerate(rows)}, m
+    vecs, rows, meta = store
+    return vecs, {r["aligned"]: i for i, r in enumerate(rows)}, meta
 
 
 def _model_name(meta: dict) -> str:
@@ -784,7 +784,7 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[dict], runtime: str = "auto"
     """The store, embedding with the default model first when crops are missing from it
     (crops the embed stage recorded as failed are not retried here). An existing store
     is continued on its own runtime; ``runtime`` applies to a new one."""
-    store = load_store(out_dir)
+    store = store_index(out_dir)
     need = {r["aligned"] for r in rows}
     if store is None or not need.issubset(set(store[1]) | _failed(store[2])):
         try:
@@ -795,7 +795,7 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[dict], runtime: str = "auto"
         if store is not None:
             runtime = _store_runtime(store[2])
         run_embed(out_dir, flip=bool(store[2].get("flip", True)) if store is not None else True, runtime=runtime)
-        store = load_store(out_dir)
+        store = store_index(out_dir)
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
     return store
@@ -921,7 +921,8 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     manifest = out_dir / C.ALIGN_MANIFEST
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: run `facecurate align RAW {out_dir}` first")
-    all_rows = read_csv(manifest)
+    # A file directly under RAW (identity "") is recorded by align but belongs to no identity.
+    all_rows = [r for r in read_csv(manifest) if r.get("identity")]
     rows = [r for r in all_rows if r.get("aligned")]
     images_by_id = defaultdict(set)
     for r in all_rows:
@@ -1019,6 +1020,6 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
                                                                        "merge", "exclude")},
         calibrated=bool(p.calibrated),
     )
-    write_text_atomic(out_dir / "clean.json", json.dumps(dict(summary=summary, params=p.as_dict()),
+    write_text_atomic(out_dir / C.CLEAN_META, json.dumps(dict(summary=summary, params=p.as_dict()),
                                                          indent=2, sort_keys=True) + "\n")
     return summary

@@ -49,8 +49,16 @@ MERGES_CSV = "merges.csv"
 REVIEW_CSV = "review.csv"
 REVIEW_HTML = "review.html"
 REPORT_HTML = "report.html"
+#: clean's thresholds and summary (beside clean.csv).
+CLEAN_META = "clean.json"
 #: Per-shard working files live here so that a killed run can resume.
 WORK_DIR = ".facecurate"
+#: A stage's run lock: OUT/.facecurate/<stage>.lock (kernel lock; the file holds the pid).
+LOCK_SUFFIX = ".lock"
+#: The layout align expects, for messages.
+RAW_LAYOUT = "RAW/<identity>/<photo>"
+#: Exit status after Ctrl-C (128 + SIGINT), the shell's convention.
+EXIT_INTERRUPTED = 130
 
 # --- align.csv ------------------------------------------------------------------------
 LANDMARK_COLUMNS = (
@@ -94,6 +102,43 @@ RECORDIO_LEN_BITS = 29
 RECORDIO_MAX_PART = (1 << RECORDIO_LEN_BITS) - 1
 IRHEADER_FORMAT = "<IfQQ"  # flag, label, id, id2
 IRHEADER_SIZE = 24
+#: float32 holds integers exactly only up to 2**24 (the insightface layout stores keys
+#: as float labels).
+MAX_FLOAT_KEY = 1 << 24
+
+# --- pack: files inside DEST --------------------------------------------------------------
+REC_NAME = "train.rec"
+IDX_NAME = "train.idx"
+LST_NAME = "train.lst"
+PROPERTY_NAME = "property"
+LABELS_CSV = "labels.csv"
+PACK_ERRORS_CSV = "pack_errors.csv"
+PACK_META = "pack.json"
+#: pack writes every file as DEST/.<name>.pack-tmp and renames them into place at the end.
+PACK_TMP_SUFFIX = ".pack-tmp"
+PACK_FILES = (REC_NAME, IDX_NAME, LST_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META)
+LABELS_COLUMNS = ("identity", "label", "images")
+PACK_ERROR_COLUMNS = ("identity", "path", "reason", "message")
+#: pack-pairs lists the pairs it left out in DEST + this suffix.
+UNRESOLVED_SUFFIX = ".unresolved.txt"
+
+#: RecordIO dataset layouts (docs/formats.md): ``plain`` = every record an image;
+#: ``insightface`` = header record at key 0, images, then one identity record per
+#: class. inspect reports the latter, as it finds it in any .rec, as
+#: ``insightface-header``.
+LAYOUT_PLAIN = "plain"
+LAYOUT_INSIGHTFACE = "insightface"
+LAYOUT_HEADER = "insightface-header"
+
+#: reasons in pack_errors.csv
+PACK_MISSING = "missing"  # listed crop does not exist
+PACK_UNREADABLE = "unreadable"  # exists but cannot be read (permissions, I/O error, directory)
+PACK_NOT_IMAGE = "not_image"  # not a decodable image (or not an image file type)
+PACK_WRONG_SIZE = "wrong_size"  # decodes, but not the target size
+PACK_EMPTY_IDENTITY = "empty_identity"  # identity with no usable crop
+PACK_BELOW_MIN = "below_min_images"  # identity dropped by --min-images
+PACK_DUPLICATE = "duplicate"  # same crop listed twice
+PACK_BAD_ROW = "bad_row"  # manifest row that cannot be used (no path, tab in name, ...)
 
 # --- clean.csv / review.csv (interface between clean, review and pack) ---------------
 CLEAN_COLUMNS = (
@@ -108,6 +153,18 @@ CLEAN_COLUMNS = (
     "previous_decision",  # audit: decision before a manual review was applied
     "previous_reason",
 )
+#: reasons in clean.csv
+REASON_CENTRE = "centre"  # kept: close to the identity centre
+REASON_UNCERTAIN = "uncertain"  # review: between the keep and drop thresholds
+REASON_FAR = "far_from_centre"
+REASON_MINORITY = "minority_cluster"
+REASON_NOT_SUBJECT = "not_subject"  # another face of a photo whose subject is kept
+REASON_DUPLICATE = "duplicate"
+REASON_AMBIGUOUS = "ambiguous_identity"
+REASON_TOO_FEW = "too_few_images"
+REASON_LOW_QUALITY = "low_quality"
+REASON_EXCLUDED = "excluded"
+REASON_NO_EMBEDDING = "no_embedding"
 #: clean.csv reason of a decision a person made in a review (`review apply`); later
 #: clean runs keep it unless told to discard it.
 REASON_MANUAL = "manual"

@@ -36,6 +36,7 @@ Models:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -62,6 +63,7 @@ from facecurate.constants import (
     WORK_DIR,
 )
 from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
+from facecurate.procs import die_with_parent, run_lock
 
 EMBED_DIR = "embed"
 STORE_COLUMNS = ("aligned", "source", "identity", "face")
@@ -166,23 +168,31 @@ def items_from_folder(folder: Path) -> list[Item]:
 
 
 def items_from_rec(rec: Path) -> list[Item]:
-    """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``;
-    insightface header / identity records (flag > 0 or empty image) are skipped."""
-    from facecurate.recordio import read_idx, read_record, unpack_record
+    """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``, in
+    .idx order. Which records are images is :mod:`facecurate.recdata`'s rule (the one
+    inspect and unpack use): key 0 decides the layout, an insightface header and its
+    identity records are skipped, and an image record with a vector label counts
+    under its first value (as arcface_torch reads it)."""
+    from facecurate.recdata import image_label, read_layout
+    from facecurate.recordio import RecordIOError, read_idx, read_record, unpack_record
 
     idx = rec.with_suffix(".idx")
     if not idx.exists():
         raise EmbedError(f"{rec}: no {idx.name} beside it (needed to read a .rec)")
+    entries = read_idx(idx)
     items = []
     with open(rec, "rb") as f:
-        for key, off in read_idx(idx):
-            hdr, img = unpack_record(read_record(f, off, key=key).payload)
-            if hdr.flag > 0 and hdr.flag != 1 or not img:  # header / identity record
-                continue
-            label = hdr.label if hdr.flag == 0 else hdr.scalar_label
-            ident = str(int(label)) if float(label).is_integer() else str(label)
-            items.append(Item(aligned=f"rec:{key}", source=f"{rec.name}:{key}", identity=ident, face="0",
-                              crop=str(rec), rec_offset=off))
+        try:
+            layout = read_layout(f, dict(entries).get(0))
+            for key, off in entries:
+                if not layout.is_image(key):  # header / identity record
+                    continue
+                label = image_label(unpack_record(read_record(f, off, key=key).payload)[0])
+                ident = str(int(label)) if float(label).is_integer() else str(label)
+                items.append(Item(aligned=f"rec:{key}", source=f"{rec.name}:{key}", identity=ident, face="0",
+                                  crop=str(rec), rec_offset=off))
+        except RecordIOError as e:
+            raise EmbedError(f"{rec}: corrupt .rec at {e} (run `facecurate inspect` for details)") from None
     return items
 
 
@@ -542,7 +552,9 @@ def signature(info: dict, flip: bool, source_kind: str) -> dict:
 _W: dict = {}
 
 
-def _worker_init(cfg: EmbedConfig, threads: Optional[int]) -> None:
+def _worker_init(cfg: EmbedConfig, threads: Optional[int], parent_pid: Optional[int] = None) -> None:
+    if parent_pid is not None:  # a worker process: exit when the run that started it dies
+        die_with_parent(parent_pid)
     _W["embedder"] = make_embedder(cfg, threads)
     _W["cfg"] = cfg
     _W["loader"] = Loader()
@@ -626,6 +638,22 @@ def default_workers(embedder) -> int:
     return 1
 
 
+def _hold_store_lock(fn):
+    """Run ``fn`` holding the store's embed lock: a second run writing the same store
+    at the same time is refused (:class:`facecurate.procs.LockedError`)."""
+    @functools.wraps(fn)
+    def locked(out_dir, *args, **kw):
+        target = Path(out_dir)
+        store = Path(kw["store_dir"]) if kw.get("store_dir") else \
+            target if target.is_dir() else target.parent if target.suffix == ".rec" and target.is_file() else None
+        if store is None:  # not an input run_embed takes: let it say so
+            return fn(out_dir, *args, **kw)
+        with run_lock(store, EMBED_DIR):
+            return fn(out_dir, *args, **kw)
+    return locked
+
+
+@_hold_store_lock
 def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, batch_size: Optional[int] = None,
               workers: Optional[int] = None, flip: bool = True, device: str = "auto",
               show_progress: bool = True, *, fp16: bool = False, dlib_feed: str = "five",
@@ -710,7 +738,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
             pass
         elif is_dlib and workers > 1:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, None)) as pool:
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, None, os.getpid())) as pool:
                 for res in pool.imap_unordered(_worker_chunk, tasks):
                     save(res)
         else:
@@ -815,17 +843,24 @@ def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, i
             "failures": fails[:20]}
 
 
-def load_store(out_dir) -> tuple[np.ndarray, list[dict], dict]:
-    """(vectors float32 (N, D), rows [{aligned, source, identity, face}], meta) of a store."""
+def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
+    """(vectors float32 (N, D), rows [{aligned, source, identity, face}], meta) of the
+    embedding store in ``out_dir``; the one reader of a store (embed, clean,
+    eval-pairs). ``mmap``: map the vectors read-only instead of reading them (clean's
+    large stores). A missing store is an EmbedError, or None with ``missing_ok``; a
+    store whose .csv and .npy disagree is always an EmbedError."""
     out = Path(out_dir)
     npy, csvp, metap = out / EMBEDDINGS_NPY, out / EMBEDDINGS_CSV, out / EMBEDDINGS_META
     if not (npy.exists() and csvp.exists()):
+        if missing_ok:
+            return None
         raise EmbedError(f"no embedding store in {out} (run: facecurate embed {out})")
-    vecs = np.load(npy)
+    vecs = np.load(npy, mmap_mode="r" if mmap else None)
     rows = read_csv(csvp)
     meta = json.loads(metap.read_text()) if metap.exists() else {}
     if len(rows) != len(vecs):
-        raise EmbedError(f"{out}: {EMBEDDINGS_CSV} has {len(rows)} rows but {EMBEDDINGS_NPY} {len(vecs)} vectors")
+        raise EmbedError(f"{out}: {EMBEDDINGS_CSV} has {len(rows)} rows but {EMBEDDINGS_NPY} {len(vecs)} vectors "
+                         f"(rerun: facecurate embed {out})")
     return vecs, rows, meta
 
 

@@ -30,10 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from facecurate.constants import STATUS_OK
-
-
-class PairsError(ValueError):
-    pass
+from facecurate.pairs import PairsError, image_stem, parse_pairs
 
 
 @dataclass(frozen=True)
@@ -44,48 +41,27 @@ class Pair:
     same: bool
 
 
-def lfw_name(name: str, num: str) -> str:
-    try:
-        n = int(num)
-    except ValueError as e:
-        raise PairsError(f"image number {num!r} is not an integer") from e
-    return f"{name}/{name}_{n:04d}.jpg"
-
-
 def read_pairs(path) -> list[Pair]:
-    """Parse ``pairs.txt``: a header ``folds n`` (or just ``n``: one fold), then per fold
-    ``n`` same-person lines ``name i j`` and ``n`` different-person lines
-    ``name1 i name2 j`` (LFW's format; fields separated by tabs or spaces)."""
-    lines = [ln.split() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
+    """The pairs of an LFW-style pairs file (:func:`facecurate.pairs.parse_pairs`), with
+    their folds: a header ``folds n`` (or just ``n``: one fold) means ``folds`` blocks
+    of ``n`` same-person then ``n`` different-person lines; without a header the pairs
+    are split into 10 equal folds (one when there are fewer than 20). Any malformed
+    line, or a count that does not match the header, is a PairsError."""
+    parsed = parse_pairs(path)
+    if parsed.header is None and not parsed.lines:
         raise PairsError(f"{path}: empty pairs file")
-    head = lines[0]
-    body = lines[1:]
-    if len(head) == 2 and all(h.isdigit() for h in head):
-        folds, n = int(head[0]), int(head[1])
-    elif len(head) == 1 and head[0].isdigit():
-        folds, n = 1, int(head[0])
-    else:  # no header: every line is a pair, one fold per 2n block unknown -> 10 equal folds
-        folds, n = 0, 0
-        body = lines
-    pairs: list[Pair] = []
-    for i, p in enumerate(body):
-        if len(p) == 3:
-            a, b, same = lfw_name(p[0], p[1]), lfw_name(p[0], p[2]), True
-        elif len(p) == 4:
-            a, b, same = lfw_name(p[0], p[1]), lfw_name(p[2], p[3]), False
-        else:
-            raise PairsError(f"{path}: line {i + 2 if folds else i + 1}: expected 3 or 4 fields, got {len(p)}")
-        fold = i // (2 * n) if folds else 0
-        pairs.append(Pair(fold, a, b, same))
+    bad = next((p for p in parsed.lines if p.problem), None)
+    if bad is not None:
+        raise PairsError(f"{path}: line {bad.line}: {bad.problem}")
+    folds, n = parsed.header or (0, 0)
+    if folds and len(parsed.lines) != folds * 2 * n:
+        raise PairsError(f"{path}: header says {folds} folds of {n}+{n} pairs = {folds * 2 * n}, "
+                         f"found {len(parsed.lines)}")
+    pairs = [Pair(0, image_stem(*p.a) + ".jpg", image_stem(*p.b) + ".jpg", p.same) for p in parsed.lines]
     if folds:
-        if len(pairs) != folds * 2 * n:
-            raise PairsError(f"{path}: header says {folds} folds of {n}+{n} pairs = {folds * 2 * n}, "
-                             f"found {len(pairs)}")
-    else:
-        k = 10 if len(pairs) >= 20 else 1
-        pairs = [Pair(min(k - 1, i * k // len(pairs)), p.a, p.b, p.same) for i, p in enumerate(pairs)]
-    return pairs
+        return [Pair(i // (2 * n), p.a, p.b, p.same) for i, p in enumerate(pairs)]
+    k = 10 if len(pairs) >= 20 else 1
+    return [Pair(min(k - 1, i * k // len(pairs)), p.a, p.b, p.same) for i, p in enumerate(pairs)]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -281,6 +257,21 @@ def link_images(root: Path, images: Sequence[str], raw: Path) -> dict[str, str]:
     return missing
 
 
+def _pair_scores(pairs: Sequence[Pair], chosen: dict, failures: dict, stores: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity of each pair's chosen faces, and whether the pair has both
+    (a pair with a failed image is not valid: it counts as an error)."""
+    scores = np.zeros(len(pairs))
+    valid = np.zeros(len(pairs), bool)
+    for k, p in enumerate(pairs):
+        ca, cb = chosen.get(p.a), chosen.get(p.b)
+        if ca is not None and cb is not None and p.a not in failures and p.b not in failures:
+            va = stores[ca[0]][0][ca[1]].astype(np.float64)
+            vb = stores[cb[0]][0][cb[1]].astype(np.float64)
+            scores[k] = float(np.dot(va, vb))
+            valid[k] = True
+    return scores, valid
+
+
 def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model: str = "dlib",
                    model_dir: Optional[str] = None, flip: bool = True, device: str = "auto",
                    batch_size: Optional[int] = None, workers: Optional[int] = None,
@@ -360,15 +351,7 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
                 failures[img] = _reason(by_source.get(img, []) + by2.get(img, []))
 
     n = len(pairs)
-    scores = np.zeros(n)
-    valid = np.zeros(n, bool)
-    for k, p in enumerate(pairs):
-        ca, cb = chosen.get(p.a), chosen.get(p.b)
-        if ca is not None and cb is not None and p.a not in failures and p.b not in failures:
-            va = stores[ca[0]][0][ca[1]].astype(np.float64)
-            vb = stores[cb[0]][0][cb[1]].astype(np.float64)
-            scores[k] = float(np.dot(va, vb))
-            valid[k] = True
+    scores, valid = _pair_scores(pairs, chosen, failures, stores)
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     res = ten_fold(scores, same, folds, valid)

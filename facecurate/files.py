@@ -34,7 +34,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, 
     this safe against a killed process; ``fsync`` adds safety against power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file meant, not the temporary name
+        raise OSError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, mode, **kw) as f:

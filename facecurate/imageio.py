@@ -27,6 +27,10 @@ from facecurate.constants import (
 
 #: Refuse files larger than this before reading them (bytes).
 MAX_FILE_BYTES = 512 * 1024 * 1024
+#: JPEG start-of-image and end-of-image markers; the PNG file signature.
+JPEG_SOI = b"\xff\xd8"
+JPEG_EOI = b"\xff\xd9"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageError(Exception):
@@ -136,9 +140,28 @@ def _tiff_size(data: bytes) -> Optional[Tuple[int, int]]:
     return (w, h) if w and h else None
 
 
-def _jpeg_truncated(data: bytes) -> bool:
-    tail = data[-64:].rstrip(b"\x00")  # some writers pad after EOI
-    return not tail.endswith(b"\xff\xd9")
+def jpeg_complete(data: bytes) -> bool:
+    """True when JPEG bytes end with the end-of-image marker; zero bytes after it are
+    allowed (some writers pad), so only the last 64 bytes are looked at. The one
+    truncation check of the project: align's reader, pack and inspect use it."""
+    return data[-64:].rstrip(b"\0").endswith(JPEG_EOI)
+
+
+def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from a JPEG's SOF segment with the strict parser (what pack
+    trusts to store a crop byte-for-byte); None if not a JPEG or not understood."""
+    s = jpeg_sof(data)
+    return None if s is None else (s[0], s[1])
+
+
+def image_kind(data: bytes) -> str:
+    """``jpg`` or ``png`` from the first bytes, else ``""`` (the two formats a .rec
+    holds; the file extension unpack gives a record)."""
+    if data[:2] == JPEG_SOI:
+        return "jpg"
+    if data[:8] == PNG_SIGNATURE:
+        return "png"
+    return ""
 
 
 def _to_rgb8(img: np.ndarray) -> np.ndarray:
@@ -165,7 +188,7 @@ def decode_image(data: bytes, name: str = "", max_pixels: int = MAX_IMAGE_PIXELS
     size = header_size(data)
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageError(STATUS_TOO_LARGE, f"{size[0]}x{size[1]} pixels is more than the limit of {max_pixels}")
-    if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
+    if data[:2] == JPEG_SOI and not jpeg_complete(data):
         raise ImageError(STATUS_DECODE_ERROR, "truncated JPEG (no end-of-image marker)")
     buf = np.frombuffer(data, np.uint8)
     # IMREAD_COLOR applies EXIF orientation and converts grey/CMYK/16-bit to 8-bit BGR.

@@ -102,7 +102,8 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
     status = Counter(r.get("status", "") or "?" for r in align)
     d["align"] = dict(
         files=len({r.get("source", "") for r in align}), rows=len(align),
-        identities=len({r.get("identity", "") for r in align}),
+        identities=len({r.get("identity") for r in align if r.get("identity")}),
+        without_identity=len({r.get("source", "") for r in align if not r.get("identity")}),
         crops=sum(1 for r in align if r.get("aligned")),
         status=dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
         meta=_json(out / C.ALIGN_META),
@@ -117,11 +118,11 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
             s = _float(r.get("score"))
             if s == s:
                 scores[r.get("decision", "")].append(s)
-        manual = [r for r in clean if r.get("reason") == "manual"]
-        cj = _json(out / "clean.json")
+        manual = [r for r in clean if r.get("reason") == C.REASON_MANUAL]
+        cj = _json(out / C.CLEAN_META)
         thr = (cj.get("summary") or {}).get("thresholds") or {}
         d["clean"] = dict(
-            faces=len(clean), identities=len({r.get("identity", "") for r in clean}),
+            faces=len(clean), identities=len({r.get("identity") for r in clean if r.get("identity")}),
             decisions={k: dec.get(k, 0) for k in (C.DECISION_KEEP, C.DECISION_REVIEW, C.DECISION_DROP)},
             other_decisions={k: v for k, v in sorted(dec.items())
                              if k not in (C.DECISION_KEEP, C.DECISION_REVIEW, C.DECISION_DROP)},
@@ -148,14 +149,14 @@ def _merge_key(r: dict) -> tuple:
 
 
 def noisiest(clean: Sequence[dict], idents: Sequence[dict], top: int) -> list[dict]:
-    """The ``top`` identities with the largest share of faces not kept (identities.csv
-    ``noise`` when present, else dropped share from clean.csv), with their faces."""
+    """The ``top`` identities with the largest share of faces not kept (dropped or in
+    review), with their faces; ties by identities.csv's ``noise`` estimate."""
     faces: dict[str, list[dict]] = defaultdict(list)
     for r in clean:
         faces[r.get("identity", "")].append(r)
     rows = []
     info = {r.get("identity", ""): r for r in idents}
-    for ident in sorted(set(faces) | set(info)):
+    for ident in sorted((set(faces) | set(info)) - {""}):  # "": files outside any identity folder
         fs = faces.get(ident, [])
         c = Counter(r.get("decision", "") for r in fs)
         i = info.get(ident, {})
@@ -168,7 +169,9 @@ def noisiest(clean: Sequence[dict], idents: Sequence[dict], top: int) -> list[di
                          review=c[C.DECISION_REVIEW] if fs else _int(i.get("review")),
                          dropped=c[C.DECISION_DROP] if fs else _int(i.get("dropped")),
                          noise=noise, flags=(i.get("flags") or "").replace(";", " "), faces_rows=fs))
-    rows.sort(key=lambda r: (-r["noise"], -r["dropped"], -r["review"], r["identity"]))
+        r = rows[-1]
+        r["not_kept"] = (r["faces"] - r["kept"]) / r["faces"] if r["faces"] else 0.0
+    rows.sort(key=lambda r: (-r["not_kept"], -r["noise"], -r["dropped"], r["identity"]))
     return rows[:max(0, top)]
 
 
@@ -262,7 +265,8 @@ def svg_histograms(scores: dict[str, list[float]], thresholds: dict, bins: int =
                    f'<text x="{_n(x(v))}" y="{y_end + 16}" text-anchor="middle" class="sub">'
                    f'{format_float(v, 3)}</text>')
     out.append(f'<text x="{left + plot_w / 2}" y="{h - 4}" text-anchor="middle" class="sub">'
-               f'cosine similarity to the identity centre</text></svg>')
+               f'score: cosine similarity to the identity centre, corrected by clean (can pass 1.0)'
+               f'</text></svg>')
     return "".join(out)
 
 
@@ -348,7 +352,8 @@ def render_report(out: Path, d: dict) -> str:
     # histograms
     if cl:
         model = f" ({_e(cl['model'])})" if cl.get("model") else ""
-        parts.append(f'<h2>Similarity to the identity centre{model}</h2>'
+        parts.append(f'<h2>Similarity to the identity centre{model} <small>clean\'s score: the cosine similarity, '
+                     f'corrected, so it can pass 1.0</small></h2>'
                      + svg_histograms(cl["scores"], cl["thresholds"])
                      + '<p class="sub">Kept faces should sit to the right of the keep line, dropped ones mostly to '
                        'the left; bystanders and duplicates can be dropped at any score (see reasons).</p>')
@@ -357,11 +362,13 @@ def render_report(out: Path, d: dict) -> str:
         rows = []
         for r in d["noisiest"]:
             rows.append([_e(r["identity"]), r["images"], r["faces"], r["kept"], r["review"], r["dropped"],
-                         format_float(r["noise"], 2), _e(r["flags"]), _thumbs(out, r["faces_rows"])])
-        parts.append(f'<h2>Noisiest identities <small>top {len(rows)} by share of faces not kept; thumbnails: '
-                     f'most central kept, then lowest-scoring others (border = decision)</small></h2>'
-                     + _table(["identity", "images", "faces", "kept", "review", "dropped", "noise", "flags",
-                               "faces"], rows, "noisy"))
+                         format_float(r["not_kept"], 2), format_float(r["noise"], 2), _e(r["flags"]),
+                         _thumbs(out, r["faces_rows"])])
+        parts.append(f'<h2>Noisiest identities <small>top {len(rows)} by share of faces not kept (dropped or '
+                     f'in review); noise = share of photos with no face kept or in review; '
+                     f'thumbnails: most central kept, then lowest-scoring others (border = decision)</small></h2>'
+                     + _table(["identity", "images", "faces", "kept", "review", "dropped", "not kept", "noise",
+                               "flags", "faces"], rows, "noisy"))
     if d["flags"]:
         parts.append("<h2>Identity flags</h2>" + svg_hbars([(k, v, NEUTRAL) for k, v in sorted(
             d["flags"].items(), key=lambda kv: (-kv[1], kv[0]))]))

@@ -272,7 +272,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
             f'<button type="button" data-all="">clear</button></span></h2>'
             f'<div class="row"><div class="refs"><span class="lbl">reference: most central kept</span>{refs}'
             f'</div><div class="cards">{"".join(cards)}</div></div></section>')
-    body = "\n".join(parts) if parts else '<p class="empty">Nothing to review: clean.csv has no review faces.</p>'
+    body = "\n".join(parts) if parts else _EMPTY
     download = "review-decisions.csv" if len(pages) == 1 else f"review-decisions-{page}.csv"
     meta = json.dumps(dict(key=key, total=total, download=download))
     all_faces, all_ids = totals or (total, len(sections))
@@ -282,8 +282,9 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
                          for k, nm in enumerate(pages, 1))
         pager = (f'<span class="pager">page {page} of {len(pages)} ({all_faces} faces in {all_ids} identities '
                  f'in all; export each page): {links}</span>')
-    return _PAGE.format(css=_CSS, js=_JS, meta=meta, total=total, identities=len(sections),
-                        nav="".join(nav), body=body, pager=pager, download=download)
+    controls = _CONTROLS.format(pager=pager, download=download) if parts else ""
+    return _PAGE.format(css=_CSS, js=_JS if parts else "", meta=meta, total=total, identities=len(sections),
+                        nav="".join(nav), body=body, controls=controls)
 
 
 _CSS = """
@@ -322,7 +323,9 @@ figure img,.noimg{width:112px;height:112px;display:block;background:#ddd}
 .card.keep button.keep{background:#2e7d32;color:#fff;border-color:#2e7d32}
 .card.drop button.drop{background:#c62828;color:#fff;border-color:#c62828}
 body.hide-decided .card.keep,body.hide-decided .card.drop{display:none}
-.empty,.none{color:#666}.none{margin:0;font-size:12px}
+.none{color:#666;margin:0;font-size:12px}
+section.empty{max-width:640px;margin:48px auto;padding:24px 32px;text-align:center;color:#444}
+section.empty h2{display:block;font-size:20px;margin:0 0 12px}
 .pager a{color:#ffca28}
 """
 
@@ -413,6 +416,22 @@ if (cards.length) cards[0].focus({preventScroll: true});
 })();
 """
 
+_CONTROLS = """<span id="progress"></span>
+<button type="button" id="export">Export decisions</button>
+<label><input type="checkbox" id="hide"> hide decided</label>
+{pager}
+<span class="help">click keep/drop (again to undo) &middot; keyboard on a focused card: k keep, d drop,
+x clear, &larr;/&rarr; move &middot; then <code>facecurate review apply OUT {download}</code></span>"""
+
+#: The page when clean left no face to review: a centred notice, no export.
+_EMPTY = ('<section class="empty"><h2>Nothing to review</h2>'
+          '<p>clean decided every face of this run itself: none lies between its drop and keep '
+          'thresholds, so there is nothing to export or apply. <code>facecurate pack</code> uses '
+          'clean.csv as it is.</p>'
+          '<p>To look at more faces, rerun <code>facecurate clean OUT</code> with a wider band (a lower '
+          '<code>--drop</code> or a higher <code>--keep</code>), then <code>facecurate review OUT</code>; '
+          '<code>facecurate report OUT</code> shows every decision.</p></section>')
+
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
@@ -421,12 +440,7 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <header><h1>facecurate review</h1>
 <span>{total} faces in {identities} identities</span>
-<span id="progress"></span>
-<button type="button" id="export">Export decisions</button>
-<label><input type="checkbox" id="hide"> hide decided</label>
-{pager}
-<span class="help">click keep/drop (again to undo) &middot; keyboard on a focused card: k keep, d drop,
-x clear, &larr;/&rarr; move &middot; then <code>facecurate review apply OUT {download}</code></span>
+{controls}
 </header>
 <nav>{nav}</nav>
 <main>

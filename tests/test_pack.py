@@ -21,21 +21,21 @@ import pytest
 from click.testing import CliRunner
 
 from facecurate.cli import main as cli
-from facecurate.constants import ALIGN_COLUMNS, CLEAN_COLUMNS
-from facecurate.files import read_csv, write_csv_atomic
-from facecurate.pack import (
-    ERR_BELOW_MIN,
-    ERR_DUPLICATE,
-    ERR_EMPTY_IDENTITY,
-    ERR_MISSING,
-    ERR_NOT_IMAGE,
-    ERR_WRONG_SIZE,
-    PackError,
-    inspect,
-    pack,
-    pack_pairs,
-    unpack,
+from facecurate.constants import (
+    ALIGN_COLUMNS,
+    CLEAN_COLUMNS,
+    PACK_BELOW_MIN,
+    PACK_DUPLICATE,
+    PACK_EMPTY_IDENTITY,
+    PACK_MISSING,
+    PACK_NOT_IMAGE,
+    PACK_WRONG_SIZE,
 )
+from facecurate.files import read_csv, write_csv_atomic
+from facecurate.inspect_rec import inspect
+from facecurate.pack import PackError, pack
+from facecurate.pairs import pack_pairs
+from facecurate.unpack import unpack
 from test_recordio import _shared, oracle_python
 
 from facecurate.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
@@ -376,14 +376,14 @@ def test_bad_inputs_are_reported_not_silently_skipped(crops_dir, tmp_path):
 
     res = pack(out, tmp_path / "d", min_images=3)
     reasons = {(e.path, e.reason) for e in res.errors}
-    assert (f"{a}/text.jpg", ERR_NOT_IMAGE) in reasons
-    assert (f"{a}/small.jpg", ERR_WRONG_SIZE) in reasons
-    assert (f"{a}/cut.jpg", ERR_NOT_IMAGE) in reasons
-    assert (f"{a}/gone.jpg", ERR_MISSING) in reasons
-    assert ("Nobody/x.jpg", ERR_NOT_IMAGE) in reasons and ("Nobody/", ERR_EMPTY_IDENTITY) in reasons
-    assert (rows[4]["aligned"], ERR_DUPLICATE) in reasons
+    assert (f"{a}/text.jpg", PACK_NOT_IMAGE) in reasons
+    assert (f"{a}/small.jpg", PACK_WRONG_SIZE) in reasons
+    assert (f"{a}/cut.jpg", PACK_NOT_IMAGE) in reasons
+    assert (f"{a}/gone.jpg", PACK_MISSING) in reasons
+    assert ("Nobody/x.jpg", PACK_NOT_IMAGE) in reasons and ("Nobody/", PACK_EMPTY_IDENTITY) in reasons
+    assert (rows[4]["aligned"], PACK_DUPLICATE) in reasons
     small = [i for i in ids if len(list((crops_dir / i).iterdir())) == 2][0]
-    assert (f"{small}/", ERR_BELOW_MIN) in reasons
+    assert (f"{small}/", PACK_BELOW_MIN) in reasons
     assert res.dropped_identities == 1 and res.dropped_images == 2
     assert res.classes == 5 and res.images == 21  # 20 crops of the 4-photo identities + the PNG
     assert res.reencoded == 1 and res.stored_as_is == 20
@@ -403,7 +403,7 @@ def test_bad_inputs_are_reported_not_silently_skipped(crops_dir, tmp_path):
     assert res.exit_code == 1 and "strict" in res.output
     # wrong-size crops can be resized instead
     res = pack(out, tmp_path / "r", resize=True)
-    assert (f"{a}/small.jpg", ERR_WRONG_SIZE) not in {(e.path, e.reason) for e in res.errors}
+    assert (f"{a}/small.jpg", PACK_WRONG_SIZE) not in {(e.path, e.reason) for e in res.errors}
 
 
 def test_interrupted_pack_leaves_previous_dest(crops_dir, tmp_path):
@@ -449,7 +449,7 @@ def test_streamed_and_shuffled_packs_hold_the_same_records(crops_dir, tmp_path):
     n = 22 + 300 - 2
     assert (stream.images, stream.classes, stream.dropped_identities) == (n, 5, 1)
     assert (shuffled.images, shuffled.classes, shuffled.dropped_identities) == (n, 5, 1)
-    assert [e.reason for e in stream.errors] == [ERR_BELOW_MIN] and stream.errors[0].identity == small
+    assert [e.reason for e in stream.errors] == [PACK_BELOW_MIN] and stream.errors[0].identity == small
     for f in ("labels.csv", "property", "pack_errors.csv"):
         assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "h" / f).read_bytes(), f
     labels = {r["identity"]: int(r["label"]) for r in read_csv(tmp_path / "s" / "labels.csv")}
@@ -489,12 +489,12 @@ def test_shuffled_pack_predicts_identities_again_when_crops_fail(crops_dir, tmp_
         res = results[shuffle] = pack(out, d, shuffle=shuffle, min_images=5)
         assert (res.images, res.classes) == (10, 2)
         got = {(e.path, e.reason) for e in res.errors}
-        assert (f"{a}/", ERR_BELOW_MIN) in got and res.dropped_identities == 4  # a and the 3 others below 5
-        assert [e.reason for e in res.errors if e.identity == "Broken"].count(ERR_EMPTY_IDENTITY) == 1
-        assert [e for e in res.errors if e.identity == "Empty" and e.reason == ERR_EMPTY_IDENTITY][0].message \
+        assert (f"{a}/", PACK_BELOW_MIN) in got and res.dropped_identities == 4  # a and the 3 others below 5
+        assert [e.reason for e in res.errors if e.identity == "Broken"].count(PACK_EMPTY_IDENTITY) == 1
+        assert [e for e in res.errors if e.identity == "Empty" and e.reason == PACK_EMPTY_IDENTITY][0].message \
             == "identity folder has no image files"
-        assert len([e for e in res.errors if e.identity == "Empty" and e.reason == ERR_EMPTY_IDENTITY]) == 1
-        below = {e.identity: e.message for e in res.errors if e.reason == ERR_BELOW_MIN}
+        assert len([e for e in res.errors if e.identity == "Empty" and e.reason == PACK_EMPTY_IDENTITY]) == 1
+        below = {e.identity: e.message for e in res.errors if e.reason == PACK_BELOW_MIN}
         assert below[a].startswith("4 image(s)")
         assert inspect(d, full=True).ok
     for f in ("labels.csv", "pack_errors.csv", "property"):

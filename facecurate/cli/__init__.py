@@ -4,12 +4,55 @@ under ``facecurate/cli/`` and are thin wrappers over the importable API; heavy i
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from facecurate import __version__
+from facecurate.constants import EXIT_INTERRUPTED
+
+#: What every stage says after Ctrl-C (each writes its files atomically and resumes).
+INTERRUPTED = "interrupted: nothing is left half-written; rerun the same command to continue where it stopped"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Interrupted(click.ClickException):
+    exit_code = EXIT_INTERRUPTED
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming the path and the problem, e.g. ``cannot write /x/align.json:
+    Read-only file system``."""
+    what = e.strerror or str(e)
+    if e.filename is None:
+        return what
+    path = os.fsdecode(e.filename)
+    if e.filename2 is not None:
+        path += f" -> {os.fsdecode(e.filename2)}"
+    return f"{path}: {what}"
+
+
+class _Main(click.Group):
+    """The command group; every command's errors pass through here: an OSError (a
+    read-only or full disk, a missing permission) becomes one line naming the path
+    (exit 1), another run holding OUT's lock one line naming its pid (exit 1), and
+    Ctrl-C the same message in every stage (exit 130), never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from facecurate.procs import LockedError
+
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise  # click handles a closed stdout itself
+        except OSError as e:
+            raise click.ClickException(os_error_message(e)) from None
+        except LockedError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise Interrupted(INTERRUPTED) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="facecurate")
 def main() -> None:
     """Turn crawled per-identity photo folders into a clean face-recognition
@@ -21,7 +64,9 @@ def main() -> None:
       facecurate embed OUT         L2-normalised embeddings of the crops
       facecurate clean OUT         keep / drop / review per face, merges, duplicates
       facecurate review OUT        HTML contact sheet + CSV for the boundary cases
+      facecurate report OUT        OUT/report.html: counts, score histograms, noisiest identities
       facecurate pack OUT DEST     train.rec/.idx/.lst + property for arcface_torch
+      facecurate inspect DEST      validate a .rec/.idx (ours or a public one)
       facecurate models list       installed weights, runtimes, converted graphs
 
     Every stage records what it did in OUT/, can be interrupted and rerun (it

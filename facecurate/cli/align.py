@@ -6,7 +6,14 @@ import os
 
 import click
 
-from facecurate.constants import DETECT_MAX_SIDE, JPEG_QUALITY, MAX_IMAGE_PIXELS
+from facecurate.constants import ARCFACE_BASE_SIZE, DETECT_MAX_SIDE, JPEG_QUALITY, MAX_IMAGE_PIXELS
+
+
+def _crop_size(_ctx, _param, value: int) -> int:
+    if value <= 0 or value % ARCFACE_BASE_SIZE:
+        raise click.BadParameter(f"{value} is not a positive multiple of {ARCFACE_BASE_SIZE} "
+                                 f"(e.g. 112, 224)")
+    return value
 
 
 @click.command("align")
@@ -20,12 +27,15 @@ from facecurate.constants import DETECT_MAX_SIDE, JPEG_QUALITY, MAX_IMAGE_PIXELS
                    ".onnx file. The detector is found by inspecting the graphs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX Runtime device for scrfd; auto uses CUDA only when a session really gets it.")
-@click.option("--size", type=int, default=112, show_default=True, help="Crop size; a multiple of 112.")
+@click.option("--size", type=int, default=112, show_default=True, callback=_crop_size,
+              help="Crop size in pixels; a positive multiple of 112 (the template is scaled).")
 @click.option("--min-face", type=int, default=40, show_default=True,
               help="Faces smaller than this (sqrt of box area, source pixels) are recorded as too_small, no crop.")
 @click.option("--faces", type=click.Choice(["all", "primary"]), default="all", show_default=True,
               help="Write a crop for every face, or only for the likely subject (the others are still recorded).")
-@click.option("--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
+              help="Crop file format: jpg (quality --quality; pack stores such crops byte-for-byte) or png "
+                   "(lossless, larger; pack re-encodes it as JPEG).")
 @click.option("--quality", type=click.IntRange(1, 100), default=JPEG_QUALITY, show_default=True, help="JPEG quality.")
 @click.option("--fallback", type=click.Choice(["dlib-cnn", "dlib", "none"]), default="dlib-cnn", show_default=True,
               help="Detector tried on images where the main one finds no face.")
@@ -35,8 +45,8 @@ from facecurate.constants import DETECT_MAX_SIDE, JPEG_QUALITY, MAX_IMAGE_PIXELS
               help="Detect on a copy of large images whose longer side is this; crops are warped from full size.")
 @click.option("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, show_default=True,
               help="Refuse larger images (decompression-bomb guard) as too_large.")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
-@click.option("--shard-size", type=int, default=64, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Files per shard: the unit of work a worker takes and of resumption.")
 @click.option("--overwrite", is_flag=True, help="Start again instead of resuming what OUT already holds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -53,8 +63,13 @@ def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, qua
 
     An interrupted run continues where it stopped when rerun with the same flags.
     """
-    from facecurate.align import AlignConfig, AlignError, run_align
+    from facecurate.align import AlignConfig, AlignError, check_paths, run_align
     from facecurate.files import emit_summary
+
+    try:
+        check_paths(raw, out)
+    except AlignError as e:
+        raise click.UsageError(str(e)) from None
 
     cfg = AlignConfig(detector=detector, model_dir=os.path.abspath(model_dir) if model_dir else None, size=size,
                       min_face=min_face, faces=faces, fmt=fmt, quality=quality, fallback=fallback, max_upsample=max_upsample,
@@ -63,8 +78,6 @@ def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, qua
         summary = run_align(raw, out, cfg, workers=workers, shard_size=shard_size, overwrite=overwrite)
     except AlignError as e:
         raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted: rerun the same command to continue where it stopped") from None
     for w in summary["warnings"]:
         click.echo(f"warning: {w}", err=True)
     emit_summary(f"align: {summary['files']} files, {summary['crops']} crops in {summary['out']}", summary, as_json)

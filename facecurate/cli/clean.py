@@ -77,14 +77,17 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
     """
     from facecurate.clean import run_clean
     from facecurate.files import emit_summary
+    from facecurate.procs import run_lock
 
     if far is not None and not 0 < far < 1:
         raise click.BadParameter("FAR must be between 0 and 1", param_hint="--calibrate")
+
     try:
-        summary = run_clean(out, model_overrides=dict(keep=keep, drop=drop, cw=cw, dup=dup, merge=merge),
-                            calibrate_far=far, exclude=exclude, max_review=max_review, min_images=min_images,
-                            min_face=min_face, ambiguous=ambiguous, keep_manual=not discard_manual,
-                            runtime=runtime)
+        with run_lock(out, "clean"):
+            summary = run_clean(out, model_overrides=dict(keep=keep, drop=drop, cw=cw, dup=dup, merge=merge),
+                                calibrate_far=far, exclude=exclude, max_review=max_review,
+                                min_images=min_images, min_face=min_face, ambiguous=ambiguous,
+                                keep_manual=not discard_manual, runtime=runtime)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     emit_summary(f"clean: {summary['faces']} faces in {summary['identities']} identities", summary, as_json)

@@ -123,6 +123,7 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
     1e-3, and every image that failed to align: each pair holding one counts
     as an error.
     """
+    from facecurate.align import AlignError
     from facecurate.embed import EmbedError
     from facecurate.evalpairs import PairsError, run_eval_pairs
 
@@ -131,7 +132,7 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
                            flip=flip, device=device, batch_size=batch_size, workers=workers,
                            dlib_feed=dlib_feed, roc=roc, show_progress=True, pick=pick,
                            retry_detector=retry_detector, runtime=runtime, fp16=fp16)
-    except (EmbedError, PairsError) as e:
+    except (AlignError, EmbedError, PairsError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         emit_summary("eval-pairs", s, True)

@@ -1,5 +1,6 @@
 """CLI for the pack stage: ``pack``, ``inspect``, ``unpack``, ``pack-pairs`` (thin
-wrappers over :mod:`facecurate.pack`)."""
+wrappers over :mod:`facecurate.pack`, :mod:`facecurate.inspect_rec`,
+:mod:`facecurate.unpack` and :mod:`facecurate.pairs`)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     at the end: an interrupted pack leaves DEST as it was. Same inputs, options and
     seed give byte-identical files.
     """
+    from facecurate.constants import PACK_ERRORS_CSV
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
     from facecurate.pack import pack as run
@@ -73,13 +75,33 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
         res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
                   resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True)
     except PackError as e:
+        _explain_failure(e, as_json)
         _fail(str(e))
     emit_summary("facecurate pack", res.summary(), as_json)
     if not as_json:
         click.echo("\narcface_torch config (configs/<yours>.py):")
         click.echo("  " + res.config_snippet().replace("\n", "\n  "))
         if res.errors:
-            click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / 'pack_errors.csv'}", err=True)
+            click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / PACK_ERRORS_CSV}", err=True)
+
+
+#: How many input problems a failed pack lists on stderr (all are in pack_errors.csv).
+_SHOWN_ERRORS = 20
+
+
+def _explain_failure(e, as_json: bool) -> None:
+    """A failed pack still says why: the first problems per crop on stderr, and the
+    summary on stdout under --json."""
+    import json
+
+    shown = sorted(e.errors, key=lambda x: x.path.endswith("/"))  # crops first, then identities (stable)
+    for err in shown[:_SHOWN_ERRORS]:
+        click.echo(f"  {err.path}: {err.reason}: {err.message}", err=True)
+    if len(e.errors) > _SHOWN_ERRORS:
+        where = (e.summary or {}).get("errors_file") or "the list above"
+        click.echo(f"  ... and {len(e.errors) - _SHOWN_ERRORS} more ({where})", err=True)
+    if as_json and e.summary is not None:
+        click.echo(json.dumps(dict(e.summary, error=str(e)), sort_keys=True, default=str))
 
 
 @click.command("inspect")
@@ -101,8 +123,13 @@ def inspect(rec, full, sample, as_json):
     Exits 1 naming the offending record on any problem.
     """
     from facecurate.files import emit_summary
-    from facecurate.pack import inspect as run
+    from facecurate.inspect_rec import inspect as run
+    from facecurate.recdata import rec_paths
 
+    rec_file = rec_paths(rec)[0]
+    if not rec_file.is_file():  # an error, not a description: stderr only, stdout stays empty
+        _fail(f"{rec_file} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)"
+              if not rec_file.exists() else f"{rec_file} is not a file")
     res = run(rec, full=full, sample=sample, show_progress=True)
     s = res.summary()
     if as_json:
@@ -135,8 +162,8 @@ def unpack(rec, dest, no_names, as_json):
     unpack (files already present are kept; each file appears only when complete).
     """
     from facecurate.files import emit_summary
-    from facecurate.pack import rec_paths
-    from facecurate.pack import unpack as run
+    from facecurate.recdata import rec_paths
+    from facecurate.unpack import unpack as run
     from facecurate.recordio import RecordIOError
 
     rec_file, idx_file = rec_paths(rec)
@@ -181,7 +208,7 @@ def pack_pairs(pairs, root, dest, strict, as_json):
     """
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
-    from facecurate.pack import pack_pairs as run
+    from facecurate.pairs import pack_pairs as run
 
     try:
         res = run(pairs, root, dest, strict=strict)

@@ -1,0 +1,368 @@
+"""pack's input side: what to read (clean.csv, align.csv or a folder of crops), and
+reading and checking each crop (exists, readable, an image, the target size). A
+complete JPEG of the target size is taken as it is, byte for byte; anything else is
+decoded and encoded once. Problems become :class:`InputError` rows of
+pack_errors.csv, never exceptions; :mod:`facecurate.pack` writes what passes."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+from facecurate.constants import (
+    ALIGN_MANIFEST,
+    ALIGN_META,
+    ARCFACE_BASE_SIZE,
+    CLEAN_CSV,
+    DECISION_KEEP,
+    IMAGE_EXTENSIONS,
+    PACK_BAD_ROW,
+    PACK_DUPLICATE,
+    PACK_EMPTY_IDENTITY,
+    PACK_MISSING,
+    PACK_NOT_IMAGE,
+    PACK_UNREADABLE,
+    PACK_WRONG_SIZE,
+    STATUS_OK,
+)
+from facecurate.files import read_csv
+from facecurate.imageio import JPEG_EOI, JPEG_SOI, jpeg_complete, jpeg_sof, jpeg_size
+
+class PackError(Exception):
+    """pack could not produce DEST (nothing usable, --strict with input errors, ...);
+    DEST is left as it was, except that a pack with no usable crop writes
+    DEST/pack_errors.csv to say why. ``errors``: the input problems found;
+    ``summary``: what the CLI prints under --json."""
+
+    def __init__(self, message: str, errors: Sequence["InputError"] = (), summary: Optional[dict] = None):
+        super().__init__(message)
+        self.errors = list(errors)
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class InputError:
+    identity: str
+    path: str
+    reason: str
+    message: str
+
+
+class _SizeCheck:
+    """Is this a JPEG of the target size? Crops from one encoder share their header
+    bytes up to the SOF segment, and the parse depends only on those bytes: once a
+    header prefix has given the target size, a crop that starts with the same bytes
+    has it too (one ``startswith`` instead of a parse)."""
+
+    def __init__(self, size: int) -> None:
+        self.want = (size, size)
+        self.prefix: Optional[bytes] = None
+
+    def __call__(self, data: bytes) -> bool:
+        p = self.prefix
+        if p is not None and data.startswith(p):
+            return True
+        s = jpeg_sof(data)
+        if s is None or (s[0], s[1]) != self.want:
+            return False
+        self.prefix = data[:s[2]]
+        return True
+
+
+
+class _Cand(NamedTuple):
+    identity: str
+    rel: str  # as written to the .lst (relative to OUT, POSIX)
+    path: str
+    name: str  # what to open: relative to the identity folder's descriptor when there is one, else = path
+
+
+class _Good(NamedTuple):
+    identity: str
+    rel: str
+    data: bytes
+    as_is: bool
+
+
+#: Crops larger than this are refused (a 112x112 JPEG is ~5 KB).
+MAX_CROP_BYTES = 64 << 20
+_O_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_file(path: str) -> bytes:
+    """The whole file, with as few system calls as possible (no fstat, one read for a
+    file under 64 KiB)."""
+    fd = os.open(path, _O_RDONLY)
+    try:
+        data = os.read(fd, 65536)
+        if len(data) == 65536:
+            parts = [data]
+            total = len(data)
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                total += len(chunk)
+                if total > MAX_CROP_BYTES:
+                    raise OSError(f"larger than {MAX_CROP_BYTES} bytes, not a face crop")
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def _load(identity: str, rel: str, path: str, size: int, resize: bool,
+          quality: int) -> tuple[Optional[bytes], bool, Optional[InputError]]:
+    """Read one crop and return (bytes to store, stored-as-is?, error)."""
+    def err(reason, msg):
+        return None, False, InputError(identity, rel, reason, msg)
+
+    try:
+        data = _read_file(path)
+    except FileNotFoundError:
+        return err(PACK_MISSING, "file does not exist")
+    except IsADirectoryError:
+        return err(PACK_UNREADABLE, "is a directory, not an image file")
+    except OSError as e:
+        return err(PACK_UNREADABLE, f"cannot read: {e.strerror or e}")
+    if not data:
+        return err(PACK_NOT_IMAGE, "empty file (0 bytes)")
+    # Fast path: a complete JPEG of the target size is stored as it is, undecoded.
+    if jpeg_complete(data):
+        if jpeg_size(data) == (size, size):
+            return data, True, None
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        if data[:2] == JPEG_SOI:
+            return err(PACK_NOT_IMAGE, "corrupt or truncated JPEG (cannot decode)")
+        return err(PACK_NOT_IMAGE, "not an image this tool can decode")
+    if data[:2] == JPEG_SOI and not jpeg_complete(data):
+        return err(PACK_NOT_IMAGE, "truncated JPEG (no end-of-image marker)")
+    h, w = img.shape[:2]
+    if (w, h) != (size, size):
+        if not resize:
+            return err(PACK_WRONG_SIZE, f"{w}x{h}, expected {size}x{size} (use --resize to resize such crops)")
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if w > size else cv2.INTER_LINEAR)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        return err(PACK_NOT_IMAGE, "could not encode as JPEG")
+    return buf.tobytes(), False, None
+
+
+# ----------------------------------------------------------------------------- inputs
+def _target_size(out: Path, size: Optional[int]) -> int:
+    if size:
+        return int(size)
+    meta = out / ALIGN_META
+    if meta.exists():
+        try:
+            m = json.loads(meta.read_text())
+            s = (m.get("settings") or {}).get("size") or m.get("size")  # align.json keeps it in settings
+            if s:
+                return int(s)
+        except (ValueError, OSError, AttributeError):
+            pass
+    return ARCFACE_BASE_SIZE
+
+
+def _bad_name(s: str) -> bool:
+    return "\t" in s or "\n" in s or "\r" in s
+
+
+def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
+    """What to read: (source, work units, problems found while listing, notes). A unit
+    is a list of _Cand (manifest sources) or a tuple of identity folder names (folder
+    source, listed by the worker that reads them)."""
+    errors: list[InputError] = []
+    notes: dict = {}
+    if (out / CLEAN_CSV).exists():
+        source, rows = CLEAN_CSV, _kept_rows(out, notes)
+    elif (out / ALIGN_MANIFEST).exists():
+        source = ALIGN_MANIFEST
+        rows = [r for r in read_csv(out / ALIGN_MANIFEST)
+                if r.get("status") == STATUS_OK and str(r.get("primary", "")).strip() == "1"]
+    else:
+        return "folder", _folder_units(out, dest, errors, notes), errors, notes
+    return source, _manifest_units(out, source, rows, errors), errors, notes
+
+
+def _kept_rows(out: Path, notes: dict) -> list[dict]:
+    """The ``keep`` rows of clean.csv; the decisions counted in ``notes``."""
+    rows = read_csv(out / CLEAN_CSV)
+    decisions: dict = {}
+    for r in rows:
+        decisions[r.get("decision", "")] = decisions.get(r.get("decision", ""), 0) + 1
+    notes["clean_decisions"] = dict(sorted(decisions.items()))
+    all_ids = {r.get("identity", "") for r in rows}
+    rows = [r for r in rows if r.get("decision") == DECISION_KEEP]
+    notes["identities_with_nothing_kept"] = len(all_ids - {r.get("identity", "") for r in rows})
+    return rows
+
+
+def _folder_units(out: Path, dest: Path, errors: list, notes: dict) -> list[tuple]:
+    """OUT/<identity>/ folders, a few per unit (fewer, larger work items); DEST itself
+    is skipped when it lies in OUT."""
+    if not out.is_dir():
+        raise PackError(f"{out} is not a directory")
+    ignored, units = 0, []
+    dest_r = dest.resolve()
+    skip = dest_r.name if dest_r.parent == out.resolve() else None
+    with os.scandir(out) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if not e.is_dir():
+            ignored += 1
+        elif e.name == skip:
+            notes["skipped_dest_folder"] = e.name
+        elif _bad_name(e.name):
+            errors.append(InputError(e.name, e.name + "/", PACK_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
+        else:
+            units.append(e.name)
+    notes["top_level_files_ignored"] = ignored
+    return [tuple(units[i:i + 16]) for i in range(0, len(units), 16)]
+
+
+def _manifest_units(out: Path, source: str, rows: list[dict], errors: list) -> list[list[_Cand]]:
+    """The crops a manifest lists, in one order whatever the rows' order (identity,
+    then path), duplicates once; 256 per unit."""
+    cands: list[_Cand] = []
+    base = str(out)
+    for r in rows:
+        ident, rel = r.get("identity", ""), (r.get("aligned") or "").strip()
+        if not ident or not rel:
+            errors.append(InputError(ident, rel, PACK_BAD_ROW,
+                                     f"{source} row without {'identity' if not ident else 'aligned path'}"
+                                     f" (source {r.get('source', '')!r})"))
+        elif _bad_name(ident) or _bad_name(rel):
+            errors.append(InputError(ident, rel, PACK_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
+        else:
+            path = os.path.join(base, rel)
+            cands.append(_Cand(ident, rel, path, path))
+    cands.sort(key=lambda c: (c.identity, c.rel))
+    seen: set = set()
+    uniq = []
+    for c in cands:
+        if c.rel in seen:
+            errors.append(InputError(c.identity, c.rel, PACK_DUPLICATE, "listed more than once; packed once"))
+            continue
+        seen.add(c.rel)
+        uniq.append(c)
+    return [uniq[i:i + 256] for i in range(0, len(uniq), 256)]
+
+
+#: Open crops relative to their identity folder's descriptor (a shorter path walk).
+_DIR_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and hasattr(os, "O_DIRECTORY")
+
+
+def _list_identity(out: str, ident: str, dfd: Optional[int]) -> tuple[list[_Cand], list[InputError]]:
+    """The image files of OUT/<ident> (``dfd``: that folder's descriptor, or None)."""
+    cands, errors = [], []
+    d = out + os.sep + ident  # os.path.join's checks cost more than the listing here
+    try:
+        names = sorted(os.listdir(d if dfd is None else dfd))
+    except OSError as e:
+        return [], [InputError(ident, ident + "/", PACK_UNREADABLE, f"cannot list: {e.strerror or e}")]
+    prefix = d + os.sep
+    for name in names:
+        if name[0] == ".":
+            continue
+        rel = f"{ident}/{name}"
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if os.path.isdir(prefix + name):
+                errors.append(InputError(ident, rel, PACK_UNREADABLE, "sub-folder inside an identity folder"))
+            else:
+                errors.append(InputError(ident, rel, PACK_NOT_IMAGE,
+                                         f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})"))
+        elif _bad_name(name):
+            errors.append(InputError(ident, rel, PACK_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
+        else:  # a folder named *.jpg fails when read
+            cands.append(_Cand(ident, rel, prefix + name, prefix + name if dfd is None else name))
+    if not cands:
+        errors.append(InputError(ident, ident + "/", PACK_EMPTY_IDENTITY, "identity folder has no image files"))
+    return cands, errors
+
+
+def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors: list, size: int,
+                  resize: bool, quality: int, check: _SizeCheck) -> None:
+    """Read every candidate: a complete JPEG of the target size goes to ``good`` as it
+    is (the fast path, inlined); anything else is classified by ``_load``."""
+    for c in cands:
+        try:
+            fd = os.open(c.name, _O_RDONLY, dir_fd=dfd)
+            try:
+                data = os.read(fd, 65536)
+            finally:
+                os.close(fd)
+        except OSError:
+            data = b""
+        # jpeg_complete's common case (no padding after the marker), inlined: the hot loop
+        if len(data) < 65536 and data.endswith(JPEG_EOI) and check(data):
+            good.append(_Good(c.identity, c.rel, data, True))
+            continue
+        data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality)
+        if err is None:
+            good.append(_Good(c.identity, c.rel, data, as_is))
+        else:
+            errors.append(err)
+
+
+def _work(unit, out: str, size: int, resize: bool, quality: int,
+          check: _SizeCheck) -> tuple[list, list[InputError], list[str]]:
+    """Read and check one unit: (good crops as _Good, problems, identities listed)."""
+    good: list[_Good] = []
+    errors: list[InputError] = []
+    if not isinstance(unit, tuple):  # manifest rows
+        _read_checked(unit, None, good, errors, size, resize, quality, check)
+        return good, errors, sorted({c.identity for c in unit})
+    files = 0
+    for i, ident in enumerate(unit):  # identity folder names
+        dfd = None
+        # Listing through a descriptor costs five more system calls per folder and
+        # opening by name saves a little on every file: worth it for folders of
+        # several crops (judged on this unit's folders so far), not for LFW's one or two.
+        if _DIR_FD and files >= 4 * i:
+            try:
+                dfd = os.open(out + os.sep + ident, _O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                pass  # listing by path reports why
+        try:
+            cands, errs = _list_identity(out, ident, dfd)
+            files += len(cands)
+            errors += errs
+            _read_checked(cands, dfd, good, errors, size, resize, quality, check)
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+    return good, errors, list(unit)
+
+
+def _ordered_map(fn, units: Iterable, threads: int) -> Iterable:
+    """fn over units in order; with threads > 1 a bounded window of units is read
+    ahead in worker threads (file reads release the GIL)."""
+    if threads <= 1:
+        yield from map(fn, units)
+        return
+    from collections import deque
+
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        window: deque = deque()
+        it = iter(units)
+        for u in it:
+            window.append(ex.submit(fn, u))
+            if len(window) >= 4 * threads:
+                break
+        for u in it:
+            yield window.popleft().result()
+            window.append(ex.submit(fn, u))
+        while window:
+            yield window.popleft().result()

@@ -1,0 +1,140 @@
+"""A RecordIO *dataset* as facecurate reads it, above the framing of
+:mod:`facecurate.recordio`: where its files are, its ``property`` and ``labels.csv``,
+and the one rule for which records are images, shared by ``embed`` (a .rec as
+input), ``inspect`` and ``unpack``.
+
+The rule (docs/formats.md, "Which records are images"):
+
+* **Key 0 decides the layout.** When the record at key 0 carries a vector label of at
+  least two values (IRHeader ``flag`` >= 2) and no image bytes, it is an insightface
+  header ``[first, end)``: keys 1..first-1 are the image records, keys first..end-1
+  the identity records (one per class), key 0 itself neither. A header whose two
+  values are not integers with ``1 <= first <= end`` is an error.
+* **Otherwise the layout is plain:** key 0 is an image (or there is no key 0) and
+  every record is an image record.
+* **The label of an image record** is its scalar label, or the first value of a
+  vector label (what arcface_torch's ``MXFaceDataset`` uses). A vector label never
+  makes an image record a header or an identity record.
+* An image record without image bytes, or whose label is not an integer >= 0, is a
+  *bad image record*: inspect and unpack report it, embed records it as failed; it
+  is never silently taken for another kind of record.
+
+``MXFaceDataset`` calls key 0 a header as soon as its ``flag`` is > 0; requiring two
+values and no image is the same decision for every file it can read, and keeps a
+plain file whose first image has a one-value vector label a plain file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import BinaryIO, NamedTuple, Optional
+
+from facecurate.constants import LABELS_CSV, LAYOUT_HEADER, LAYOUT_PLAIN, PROPERTY_NAME, REC_NAME
+from facecurate.recordio import IRHeader, RecordIOError, read_record, unpack_record
+
+
+class RecLayout(NamedTuple):
+    """Which keys of a .rec are image records (see the module's rule)."""
+
+    kind: str = LAYOUT_PLAIN  # LAYOUT_PLAIN | LAYOUT_HEADER
+    first: int = 0  # header layout: the first identity key; images are keys 1..first-1
+    end: int = 0  # header layout: identity records are keys first..end-1
+
+    @property
+    def has_header(self) -> bool:
+        return self.kind == LAYOUT_HEADER
+
+    def is_image(self, key: int) -> bool:
+        return not self.has_header or 1 <= key < self.first
+
+
+PLAIN = RecLayout()
+
+
+def is_header_record(flag: int, image_bytes: int) -> bool:
+    """Is a record at key 0 with this IRHeader flag and image length a header?"""
+    return flag >= 2 and image_bytes == 0
+
+
+def layout_of(flag: int, label0: float, label1: float, image_bytes: int) -> RecLayout:
+    """The layout from key 0's IRHeader ``flag``, the first two label values and the
+    length of its image bytes. Raises RecordIOError (key 0) for a header whose range
+    is not valid."""
+    if not is_header_record(flag, image_bytes):
+        return PLAIN
+    first, end = label0, label1
+    if not (math.isfinite(first) and math.isfinite(end)) or first != int(first) or end != int(end) \
+            or not 1 <= first <= end:
+        raise RecordIOError(f"header label [{first}, {end}] is not a valid [first_identity_key, end]", key=0)
+    return RecLayout(LAYOUT_HEADER, int(first), int(end))
+
+
+def layout_from_record(header: IRHeader, image: bytes) -> RecLayout:
+    """:func:`layout_of` for key 0's unpacked record."""
+    values = header.label if isinstance(header.label, tuple) else (header.label,)
+    nan = float("nan")
+    return layout_of(header.flag, values[0] if values else nan, values[1] if len(values) > 1 else nan, len(image))
+
+
+def read_layout(f: BinaryIO, offset0: Optional[int]) -> RecLayout:
+    """The layout of an open .rec whose key 0 starts at ``offset0`` (None: there is no
+    key 0, so the layout is plain)."""
+    if offset0 is None:
+        return PLAIN
+    header, image = unpack_record(read_record(f, offset0, key=0).payload)
+    return layout_from_record(header, image)
+
+
+def image_label(header: IRHeader) -> float:
+    """The class label of an image record: the scalar label, or a vector's first value."""
+    return header.scalar_label
+
+
+def label_ok(label: float) -> bool:
+    """An image record's label must be an integer >= 0."""
+    return math.isfinite(label) and label >= 0 and label == int(label)
+
+
+# ----------------------------------------------------------------------------- files
+def rec_paths(path: os.PathLike | str) -> tuple[Path, Path]:
+    """(.rec, .idx) for ``DEST/train``, ``DEST`` (a folder holding train.rec), a .rec
+    or a .idx path."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / REC_NAME
+    if p.suffix in (".rec", ".idx"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".rec"), p.with_name(p.name + ".idx")
+
+
+def read_property(rec_path: Path) -> Optional[tuple[int, ...]]:
+    """The numbers of the ``property`` file beside a ``train.rec`` (``()`` when it is
+    not numbers); None when there is none (or the .rec has another name)."""
+    if rec_path.name != REC_NAME:
+        return None
+    p = rec_path.parent / PROPERTY_NAME
+    if not p.exists():
+        return None
+    try:
+        return tuple(int(x) for x in p.read_text().strip().split(","))
+    except ValueError:
+        return ()
+
+
+def read_label_names(rec_path: Path) -> Optional[dict[int, str]]:
+    """label -> identity from the ``labels.csv`` beside a .rec; None when absent or
+    not readable as such."""
+    from facecurate.files import read_csv
+
+    p = rec_path.parent / LABELS_CSV
+    if not p.exists():
+        return None
+    names = {}
+    for r in read_csv(p):
+        try:
+            names[int(r["label"])] = r["identity"]
+        except (KeyError, ValueError):
+            return None
+    return names

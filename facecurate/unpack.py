@@ -1,0 +1,177 @@
+"""``facecurate unpack``: a .rec (either layout, vector labels included) back to
+``DEST/<identity or label>/<key>.jpg``, streamed and resumable. Which records are
+images is decided by :mod:`facecurate.recdata`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from facecurate.constants import LABELS_CSV
+from facecurate.imageio import image_kind
+from facecurate.recdata import (
+    RecLayout,
+    image_label,
+    label_ok,
+    read_label_names,
+    read_layout,
+    read_property,
+    rec_paths,
+)
+from facecurate.recordio import RecordIOError, iter_records, read_idx_arrays, unpack_record
+
+
+@dataclass
+class UnpackResult:
+    dest: Path
+    written: int = 0
+    existing: int = 0  # already there from an earlier run (resume)
+    classes: int = 0
+    names: str = "label"  # "labels.csv" when folders are identity names
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"dest": str(self.dest), "written": self.written, "already_present": self.existing,
+                "classes": self.classes, "folder_names": self.names, "errors": len(self.errors),
+                "error_messages": self.errors[:20]}
+
+
+def _safe_name(name: str) -> bool:
+    """A labels.csv identity usable as one folder name (no path tricks)."""
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name \
+        and "\\" not in name and "\0" not in name
+
+
+class _Keys:
+    """The .idx read once: the key of each record start in file order (records not in
+    the .idx are invisible to MXNet and skipped); without a .idx a record's key is its
+    position."""
+
+    def __init__(self, idx_path: Path):
+        import numpy as np
+
+        self.offs = self.keys = None
+        self.off0: Optional[int] = 0
+        self.max_key = 0
+        self._j = 0
+        if idx_path.exists():
+            keys, offs = read_idx_arrays(idx_path)
+            srt = np.argsort(offs, kind="stable")
+            self.offs, self.keys = offs[srt].tolist(), keys[srt].tolist()
+            hit0 = np.flatnonzero(keys == 0)
+            self.off0 = int(offs[hit0[0]]) if hit0.size else None
+            self.max_key = int(keys.max()) if keys.size else 0
+
+    def key_of(self, n: int, offset: int) -> Optional[int]:
+        """Key of the n-th record (at ``offset``; records come in file order)."""
+        if self.offs is None:
+            return n
+        while self._j < len(self.offs) and self.offs[self._j] < offset:
+            self._j += 1
+        if self._j >= len(self.offs) or self.offs[self._j] != offset:
+            return None
+        return self.keys[self._j]
+
+
+class _Writer:
+    """Writes image files under DEST: one folder per label (identity name or the
+    zero-padded label), files named by the zero-padded key; a file already there is
+    kept (resume), a new one appears only when complete."""
+
+    def __init__(self, dest: Path, res: UnpackResult, label_names: Optional[dict], key_width: int, label_width: int):
+        self.dest, self.res, self.names = dest, res, label_names
+        self.key_width, self.label_width = key_width, label_width
+        self.made: set = set()
+        self.labels_seen: set = set()
+
+    def folder(self, label: int) -> str:
+        names = self.names
+        if names is not None and label in names and _safe_name(names[label]):
+            return names[label]
+        return str(label).zfill(self.label_width)
+
+    def write(self, key: int, label: int, kind: str, img: bytes) -> None:
+        folder = self.folder(label)
+        self.labels_seen.add(label)
+        d = self.dest / folder
+        if folder not in self.made:
+            d.mkdir(parents=True, exist_ok=True)
+            self.made.add(folder)
+        target = d / f"{str(key).zfill(self.key_width)}.{kind}"
+        if target.exists():
+            self.res.existing += 1
+            return
+        tmp = d / f".{target.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as g:
+            g.write(img)
+        os.replace(tmp, target)
+        self.res.written += 1
+
+
+def _label_width(rec_path: Path, layout: RecLayout) -> int:
+    """Label folders are zero-padded so that name order is label order (re-pack gives
+    the same labels); the width comes from the dataset, so it is the same in every run
+    (resume)."""
+    prop = read_property(rec_path)
+    n_classes = prop[0] if prop and len(prop) == 3 else (layout.end - layout.first if layout.has_header else 0)
+    return max(6, len(str(max(n_classes - 1, 0))))
+
+
+def _image(payload: bytes, key: int, res: UnpackResult) -> Optional[tuple[int, str, bytes]]:
+    """(label, kind, image bytes) of an image record, or None (reason in ``res``)."""
+    try:
+        h, img = unpack_record(payload)
+    except RecordIOError as e:
+        res.errors.append(f"key {key}: {e.message}")
+        return None
+    lab = image_label(h)
+    if not img or not label_ok(lab):
+        res.errors.append(f"key {key}: " + ("no image bytes" if not img else f"label {lab} is not an integer >= 0"))
+        return None
+    kind = image_kind(img)
+    if not kind:
+        res.errors.append(f"key {key}: image bytes are neither JPEG nor PNG; not written")
+        return None
+    return int(lab), kind, img
+
+
+def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = True,
+           show_progress: bool = False) -> UnpackResult:
+    """Write every image of a .rec to ``dest/<identity or label>/<key>.jpg``.
+
+    Folder names come from ``labels.csv`` beside the .rec when present (and
+    ``names``), else the label zero-padded to a common width; file names are the key
+    zero-padded to at least 8 digits, so name order is key order. Streams the .rec
+    once; files are written under a temporary name and renamed, and files already
+    present are kept, so an interrupted unpack continues where it stopped."""
+    from facecurate.files import progress
+
+    rec_path, idx_path = rec_paths(rec)
+    dest = Path(dest)
+    res = UnpackResult(dest=dest)
+    if not rec_path.exists():
+        raise FileNotFoundError(f"{rec_path} does not exist")
+    index = _Keys(idx_path)
+    label_names = read_label_names(rec_path) if names else None
+    res.names = LABELS_CSV if label_names else "label"
+    size = rec_path.stat().st_size
+    with open(rec_path, "rb", buffering=1 << 20) as f:
+        layout = read_layout(f, index.off0) if size else RecLayout()
+        out = _Writer(dest, res, label_names, max(8, len(str(index.max_key))), _label_width(rec_path, layout))
+        bar = progress(total=size, desc="unpack", unit="B", disable=None if show_progress else True)
+        last = 0
+        for n, r in enumerate(iter_records(f, 0, size)):
+            key = index.key_of(n, r.offset)
+            if key is None or not layout.is_image(key):
+                continue  # not indexed (invisible to MXNet too), or a header / identity record
+            got = _image(r.payload, key, res)
+            if got is not None:
+                out.write(key, *got)
+            if r.offset - last > (8 << 20):
+                bar.update(r.offset - last)
+                last = r.offset
+        bar.close()
+    res.classes = len(out.labels_seen)
+    return res
