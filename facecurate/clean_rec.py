@@ -91,19 +91,21 @@ def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
     return out
 
 
-def ensure_store(dest: Path, rec_path: Path):
+def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
     """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
-    model) when the store is missing."""
+    model, on ``runtime``) when the store is missing; a store that lacks records is
+    continued with its own settings and runtime."""
+    from facecurate.clean import _store_runtime
     from facecurate.embed import load_store, run_embed
 
     meta_p = dest / C.EMBEDDINGS_META
     if not (dest / C.EMBEDDINGS_NPY).exists():
-        run_embed(rec_path)
+        run_embed(rec_path, runtime=runtime)
     else:
         meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
         if meta.get("input") == "rec" and int(meta.get("count", 0)) + len(meta.get("failed", [])) \
                 < _image_records(rec_path):  # the rec has records the store lacks: continue it
-            run_embed(rec_path, flip=bool(meta.get("flip", True)))
+            run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=_store_runtime(meta))
     vecs = np.load(dest / C.EMBEDDINGS_NPY, mmap_mode="r")
     meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
     if meta.get("input") not in (None, "rec"):
@@ -201,7 +203,7 @@ def _unit_rows(vecs: np.ndarray, rows: np.ndarray, fc) -> np.ndarray:
     return fc._norm(np.asarray(vecs[rows], np.float32))
 
 
-def _exclusions(fc, exclude, names: list[str], meta: dict):
+def _exclusions(fc, exclude, names: list[str], meta: dict, runtime: str = "auto"):
     ex_ids: set[int] = set()
     ex_vecs = None
     for e in exclude:
@@ -209,7 +211,8 @@ def _exclusions(fc, exclude, names: list[str], meta: dict):
         low = {s.lower().replace(" ", "_") for s in nm}
         ex_ids |= {g for g, x in enumerate(names) if x.lower().replace(" ", "_") in low}
         if imgs:
-            v = fc.embed_images(imgs, meta)
+            # auto: the store's own runtime, so the .bin's faces are embedded as the records were
+            v = fc.embed_images(imgs, meta, fc._store_runtime(meta) if runtime == "auto" and meta else runtime)
             ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
     return ex_ids, ex_vecs
 
@@ -229,14 +232,17 @@ def _previous_manual(path: Path) -> dict[str, str]:
 def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
                   exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
                   min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
-                  keep_manual: bool = True, show_progress: bool = True, **core_kw) -> dict:
-    """Clean the image records of ``dest/train.rec`` (see the module); returns the summary."""
+                  keep_manual: bool = True, show_progress: bool = True, runtime: str = "auto",
+                  **core_kw) -> dict:
+    """Clean the image records of ``dest/train.rec`` (see the module); returns the summary.
+    ``runtime``: dlib's model on dlib or ONNX Runtime, for a store made here and for the
+    faces of an ``--exclude`` .bin; ``core_kw``: clean_core's options (workers, ...)."""
     from facecurate import clean as fc
     from facecurate.recdata import KeyedRecords
 
     dest = Path(dest)
     rec_path, _idx = rec_paths(dest)
-    vecs, meta, faces = ensure_store(dest, rec_path)
+    vecs, meta, faces = ensure_store(dest, rec_path, runtime)
     label_names = read_label_names(rec_path) or {}
     model = fc._model_name(meta)
     ov = dict(model_overrides or {})
@@ -252,7 +258,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     quality = np.zeros(have.size, np.float32)  # face size and sharpness are not in a .rec
     if calibrate_far is not None and len(names) >= 2:
         p = fc.calibrate(emb, identity, photo, p, calibrate_far)
-    ex_ids, ex_vecs = _exclusions(fc, exclude, names, meta)
+    ex_ids, ex_vecs = _exclusions(fc, exclude, names, meta, runtime)
     kr = KeyedRecords(rec_path)
     pos = np.searchsorted(kr.keys, faces.keys[have])
     offsets = kr.offsets[np.minimum(pos, max(kr.keys.size - 1, 0))]
