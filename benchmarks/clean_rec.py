@@ -94,6 +94,12 @@ def evaluate(cache: Path, workers: int) -> dict:
            "rec_flow": cn.metrics(kept, review, genuine, key, photos),
            "rec_flow_after_review": cn.metrics([a or (b and g) for a, b, g in zip(kept, review, genuine)], review,
                                                genuine, key, photos)}
+    # retention over the genuine photos the rec still holds (what clean itself lost)
+    for name in ("rec_flow", "rec_flow_after_review"):
+        k = np.asarray([a for a in (kept if name == "rec_flow" else
+                                    [a or (b and g) for a, b, g in zip(kept, review, genuine)])], bool)
+        held = {key[i] for i in np.flatnonzero(k) if genuine[i]}
+        res[name]["retention_of_photos_in_rec"] = round(len(held) / max(1, len(in_rec)), 4)
     # the folder flow on the same photos (every face; the subject chosen per photo)
     folder = fc.run_clean(root / "OUT", show_progress=False)
     frows = read_csv(root / "OUT" / "clean.csv")
