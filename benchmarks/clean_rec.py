@@ -51,7 +51,7 @@ def _align_only(out: Path, view: Path) -> Path:
 
 
 def make_rec(root: Path, workers: int) -> Path:
-    from facecurate.clean import run_clean
+    from facecurate.clean import _store_runtime, run_clean
     from facecurate.embed import run_embed
     from facecurate.pack import pack
 
@@ -60,7 +60,9 @@ def make_rec(root: Path, workers: int) -> Path:
         view = _align_only(root / "OUT", root / "OUT_align_only")
         pack(view, rec, shuffle=True)
     t0 = time.time()
-    s = run_embed(rec / "train.rec", workers=workers, show_progress=False)
+    meta_p = rec / "embeddings.json"  # an existing store is continued on its own runtime
+    runtime = _store_runtime(json.loads(meta_p.read_text())) if meta_p.exists() else "auto"
+    s = run_embed(rec / "train.rec", workers=workers, show_progress=False, runtime=runtime)
     t_embed = time.time() - t0
     t0 = time.time()
     summary = run_clean(rec, show_progress=False)
@@ -74,7 +76,7 @@ def evaluate(cache: Path, workers: int) -> dict:
 
     root = cache / "bench"
     rec, info = make_rec(root, workers)
-    align = read_csv(root / "OUT" / "align.csv")
+    align = [r for r in read_csv(root / "OUT" / "align.csv") if r["aligned"]]
     genuine_a, key_a, photos = cn.label_faces(root, align)
     by_aligned = {r["aligned"]: i for i, r in enumerate(align) if r["aligned"]}
     path_of = {}
