@@ -425,10 +425,11 @@ def limit_review(decisions: list, reasons: list, scores: np.ndarray, p: CleanPar
 
 # ----------------------------------------------------------------------------- cross-identity
 def similar_pairs(vecs: np.ndarray, threshold: float, *, exact_below: int = 20000, seed: int = 0,
-                  use_faiss: bool | None = None) -> list[tuple[int, int, float]]:
+                  use_faiss: bool | None = None, pool: LocalPool | None = None) -> list[tuple[int, int, float]]:
     """Pairs (i < j) of unit vectors with cosine >= threshold. Exact (blocked) for small
     sets; above ``exact_below`` an inverted-file search (faiss when importable, numpy
-    otherwise) that costs ~n^1.5 instead of n^2. Sorted by (-sim, i, j)."""
+    otherwise) that costs ~n^1.5 instead of n^2; the numpy one spreads its lists over
+    ``pool``'s workers (same pairs, same bits). Sorted by (-sim, i, j)."""
     vecs = np.ascontiguousarray(vecs, np.float32)
     n = len(vecs)
     if n < 2:
@@ -438,7 +439,8 @@ def similar_pairs(vecs: np.ndarray, threshold: float, *, exact_below: int = 2000
     else:
         if use_faiss is None:
             use_faiss = _have_faiss()
-        pairs = _pairs_ivf_faiss(vecs, threshold, seed) if use_faiss else _pairs_ivf_numpy(vecs, threshold, seed)
+        pairs = _pairs_ivf_faiss(vecs, threshold, seed) if use_faiss else \
+            _pairs_ivf_numpy(vecs, threshold, seed, pool)
     pairs.sort(key=lambda t: (-round(t[2], 6), t[0], t[1]))
     return pairs
 
@@ -470,12 +472,29 @@ def _kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
     for _ in range(iters):
         a = _assign(x, cent, 1)[:, 0]
         sums = np.zeros_like(cent)
-        np.add.at(sums, a, x)
+        _add_at_rows(sums, a, x)
         cnt = np.bincount(a, minlength=k)
         empty = cnt == 0
         sums[empty] = cent[empty]
         cent = _norm(sums)
     return cent
+
+
+def _add_at_rows(sums: np.ndarray, idx: np.ndarray, x: np.ndarray) -> None:
+    """``np.add.at(sums, idx, x.astype(sums.dtype))`` with the same bits (each row of
+    ``sums`` adds its rows of ``x`` one by one, in order), without its per-row cost:
+    one vectorised step per rank within a group."""
+    if not len(idx):
+        return
+    order = np.argsort(idx, kind="stable")
+    si = idx[order]
+    starts = np.r_[0, np.flatnonzero(si[1:] != si[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(si)])
+    big = np.argsort(-sizes, kind="stable")  # groups by decreasing size
+    starts, dest, left = starts[big], si[starts[big]], sizes[big][::-1]
+    for r in range(int(sizes.max())):
+        g = len(left) - int(np.searchsorted(left, r, side="right"))  # groups with more than r rows
+        sums[dest[:g]] += x[order[starts[:g] + r]].astype(sums.dtype, copy=False)
 
 
 def _assign(x: np.ndarray, cent: np.ndarray, nprobe: int, block: int = 65536) -> np.ndarray:
@@ -496,7 +515,7 @@ def _ivf_shape(n: int) -> tuple[int, int]:
     return nlist, 8
 
 
-def _pairs_ivf_numpy(vecs, thr, seed):
+def _pairs_ivf_numpy(vecs, thr, seed, pool: LocalPool | None = None):
     n = len(vecs)
     nlist, nprobe = _ivf_shape(n)
     rng = np.random.default_rng(seed)
@@ -504,26 +523,40 @@ def _pairs_ivf_numpy(vecs, thr, seed):
     cent = _kmeans(train, nlist, seed)
     home = _assign(vecs, cent, 1)[:, 0]
     probes = _assign(vecs, cent, nprobe)
-    members = [np.nonzero(home == k)[0] for k in range(nlist)]
-    # queries of each list: every vector that probes it
-    q_of = [[] for _ in range(nlist)]
-    for j in range(nprobe):
-        for k, qs in _group(probes[:, j]).items():
-            q_of[k].append(qs)
-    found = {}
-    for k in range(nlist):
-        m = members[k]
-        if not len(m) or not q_of[k]:
-            continue
-        q = np.unique(np.concatenate(q_of[k]))
+    members = _group(home)
+    queries = _group(probes.reshape(-1))  # queries of each list: every vector that probes it
+    lists = [(members[k], np.unique(queries[k] // nprobe)) for k in range(nlist) if k in members and k in queries]
+    shared = pool is not None and pool.workers > 1 and len(lists) > 1
+    V = pool.share(vecs) if shared else vecs
+    per = -(-len(lists) // (4 * pool.workers)) if shared else len(lists)
+    tasks = [dict(V=V, thr=thr, lists=lists[a:a + per]) for a in range(0, len(lists), per)]
+    parts = list(pool.map(_ivf_lists, tasks) if shared else map(_ivf_lists, tasks))
+    if not parts:
+        return []
+    a, b, s = (np.concatenate([x[f] for x in parts]) for f in range(3))
+    # a pair met in several lists: the similarity of the last one (as a dict in list order)
+    key = (a * n + b)[::-1]
+    _, last = np.unique(key, return_index=True)
+    last = len(key) - 1 - last
+    return list(zip(a[last].tolist(), b[last].tolist(), s[last].astype(np.float64).tolist()))
+
+
+def _ivf_lists(t: dict):
+    """Worker: the pairs (a < b, sim) at or above ``thr`` between each list's members
+    and its queries, in list order, then row-major order within a list."""
+    vecs = t["V"].get() if isinstance(t["V"], SharedArray) else t["V"]
+    out_a, out_b, out_s = [], [], []
+    for m, q in t["lists"]:
         sims = vecs[q] @ vecs[m].T
-        rr, cc = np.nonzero(sims >= thr)
-        for r, c in zip(rr.tolist(), cc.tolist()):
-            i, j = int(q[r]), int(m[c])
-            if i != j:
-                a, b = (i, j) if i < j else (j, i)
-                found[(a, b)] = float(sims[r, c])
-    return [(a, b, s) for (a, b), s in found.items()]
+        rr, cc = np.nonzero(sims >= t["thr"])
+        i, j = q[rr], m[cc]
+        ok = i != j
+        out_a.append(np.minimum(i, j)[ok])
+        out_b.append(np.maximum(i, j)[ok])
+        out_s.append(sims[rr[ok], cc[ok]])
+    cat = np.concatenate
+    return (cat(out_a) if out_a else np.zeros(0, np.int64), cat(out_b) if out_b else np.zeros(0, np.int64),
+            cat(out_s) if out_s else np.zeros(0, np.float32))
 
 
 def _group(labels: np.ndarray) -> dict:
@@ -629,7 +662,8 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
             dec[rows], rea[rows], score[rows] = out["decision"], out["reason"], out["score"]
             pos = out["dup_of"]
             dup_of[rows[pos >= 0]] = rows[pos[pos >= 0]]
-    return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded, exclude_vecs)
+        return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
+                            exclude_vecs, pool)
 
 
 def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | None = None) -> list:
@@ -701,7 +735,7 @@ def _decide_shard(t: dict) -> dict:
 
 
 def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
-                 exclude_vecs) -> CoreResult:
+                 exclude_vecs, pool: LocalPool | None = None) -> CoreResult:
     """The cross-identity tail: exclusion, too few photos, the review budget, merges, counts."""
     n, (k, d) = len(emb), centres.shape
     # exclusion against an evaluation set's vectors
@@ -728,11 +762,11 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
     alive = dec == KEEP
     sums = np.zeros((k, d), np.float64)
     if alive.any():
-        np.add.at(sums, identity[alive], emb[alive].astype(np.float64))
+        _add_at_rows(sums, identity[alive], emb[alive])
     has = np.linalg.norm(sums, axis=1) > 0
     fin = _norm(np.where(has[:, None], sums, centres)).astype(np.float32)
     live = np.nonzero(has & ~np.isin(np.arange(k), list(excluded)))[0]
-    merges = [(int(live[a]), int(live[b]), s) for a, b, s in similar_pairs(fin[live], p.merge)]
+    merges = [(int(live[a]), int(live[b]), s) for a, b, s in similar_pairs(fin[live], p.merge, pool=pool)]
     for a, b, _ in merges:
         for g in (a, b):
             if "merge_candidate" not in info[g]["flags"]:
@@ -790,7 +824,7 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
     if (p.cohort or p.cohort_centre) and len(karr) > 5:
         # identities that look like the same person (merge candidates) are not each other's cohort
         partners = defaultdict(list)
-        for a, b, _ in similar_pairs(cen[karr], p.merge):
+        for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
             partners[int(karr[a])].append(int(karr[b]))
             partners[int(karr[b])].append(int(karr[a]))
         if p.cohort:
@@ -868,11 +902,39 @@ def _topk_rows(t: dict) -> np.ndarray:
                         cc.append(pos[h])
             if rr:
                 s[rr, cc] = -np.inf
-        np.negative(s, out=s)
-        s.partition(kk - 1, axis=1)
-        top = -s[:, :kk]
-        out[b0:b0 + block] = top.mean(1)
+        out[b0:b0 + block] = _topk_desc(s, kk).mean(1)
     return out
+
+
+def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
+    """The ``kk`` largest values of each row of ``s`` (changed), largest first: the
+    first ``kk`` columns of ``-np.partition(-s, kk - 1, axis=1)``, which numpy's
+    selection leaves sorted, so their mean has the same bits. Wide rows go through a
+    bound instead of a full selection: the kk-th largest of the rows' group maxima is
+    at most the kk-th largest value, so only the groups whose maximum reaches it hold
+    candidates (about kk of them)."""
+    b, m = s.shape
+    ng = -(-m // group)
+    if m < 4 * group or ng < kk or not b:
+        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
+        s.partition(kk - 1, axis=1)
+        return -s[:, :kk]
+    gmax = np.maximum.reduceat(s, np.arange(0, m, group), axis=1)
+    g = -gmax
+    g.partition(kk - 1, axis=1)
+    t = -g[:, kk - 1]
+    if not np.isfinite(t).all() or np.isnan(gmax).any():  # -inf / nan rows: the full selection
+        return _topk_desc(s, kk, group=m + 1)
+    hit = np.flatnonzero(gmax >= t[:, None])
+    row, grp = np.divmod(hit, ng)
+    cols = grp[:, None] * group + np.arange(group)
+    vals = s[row[:, None], np.minimum(cols, m - 1)]
+    vals[cols >= m] = -np.inf
+    ok = vals >= t[row][:, None]
+    rr, vv = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok]
+    order = np.lexsort((-vv, rr))
+    first = np.searchsorted(rr[order], np.arange(b))
+    return vv[order][first[:, None] + np.arange(kk)]
 
 
 def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, identity: np.ndarray, k: int,
@@ -908,9 +970,7 @@ def _crowding_rows(t: dict) -> np.ndarray:
             for r_, g in enumerate(bid.tolist()):
                 for h in partners.get(g, ()):
                     s[r_, fid == h] = -np.inf
-        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
-        s.partition(kk - 1, axis=1)
-        top = -s[:, :kk]
+        top = _topk_desc(s, kk)
         top[~np.isfinite(top)] = np.nan
         out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
     return out
