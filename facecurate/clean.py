@@ -382,13 +382,18 @@ def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, d
         return a
 
     for b0 in range(0, len(ids), block):
-        sims = e[b0:b0 + block] @ e.T
+        rows = e[b0:b0 + block]
+        # only the columns from b0 on hold pairs i < j; BLAS gives them the same bits
+        # as the full product when neither shape is small enough for its small-matrix kernel
+        c0 = b0 if min(len(rows) * (len(e) - b0), len(rows) * len(e)) * e.shape[1] > 4_000_000 else 0
+        sims = rows @ e[c0:].T
         rr, cc = np.nonzero(sims >= thr)
+        cc += c0
         upper = ids[b0 + rr] < ids[cc]
         for r, c in zip(rr[upper].tolist(), cc[upper].tolist()):
             a, b = int(ids[b0 + r]), int(ids[c])
             ra, rb = find(a), find(b)
-            if ra != rb and (pixel_sim is None or sims[r, c] >= sure or pixel_sim(a, b) >= p.dup_pixel):
+            if ra != rb and (pixel_sim is None or sims[r, c - c0] >= sure or pixel_sim(a, b) >= p.dup_pixel):
                 parent[max(ra, rb)] = min(ra, rb)
     if not parent:
         return
@@ -627,7 +632,8 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
         E = pool.share(emb)
         # 1-3 per identity, once: nothing there depends on the offsets or the crops
         tasks = [dict(E=E, rows=rows, bounds=b, photo=photo[rows], p=p, d=d) for rows, b, _ in shards]
-        blocks = list(progress(pool.map(_analyse_shard, tasks), total=len(tasks), desc="clean (centres)", **bar))
+        blocks = list(progress(_largest_first(pool, _analyse_shard, tasks), total=len(tasks), desc="clean (centres)",
+                               **bar))
         raw, subject, cluster = (np.zeros(n, np.float32), np.zeros(n, bool), np.full(n, -1, np.int64))
         centres = np.zeros((k, d), np.float32)
         med = np.full(k, np.nan)
@@ -655,7 +661,7 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                       pixel_sim.subset(rows), global_pixel=local or pool.workers == 1)
                  for (rows, b, _), blk in zip(shards, blocks)]
         # an arbitrary pixel_sim callable cannot travel to the workers: decide here then
-        decided = map(_decide_shard, tasks) if local else pool.map(_decide_shard, tasks)
+        decided = map(_decide_shard, tasks) if local else _largest_first(pool, _decide_shard, tasks)
         dec, rea = np.full(n, DROP, np.uint8), np.full(n, RC[R_FAR], np.uint8)
         score, dup_of = np.zeros(n, np.float32), np.full(n, -1, np.int64)
         for (rows, _, _), out in zip(shards, progress(decided, total=len(tasks), desc="clean", **bar)):
@@ -664,6 +670,22 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
             dup_of[rows[pos >= 0]] = rows[pos[pos >= 0]]
         return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
                             exclude_vecs, pool)
+
+
+def _largest_first(pool: LocalPool, fn, tasks: list):
+    """``pool.map(fn, tasks)``, results in task order, the shards with the most faces
+    started first (one huge identity started last would run alone at the end)."""
+    if pool.workers == 1:
+        yield from map(fn, tasks)
+        return
+    order = sorted(range(len(tasks)), key=lambda i: -len(tasks[i]["rows"]))
+    done: dict = {}
+    nxt = 0
+    for i, r in zip(order, pool.map(fn, [tasks[i] for i in order])):
+        done[i] = r
+        while nxt in done:
+            yield done.pop(nxt)
+            nxt += 1
 
 
 def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | None = None) -> list:
