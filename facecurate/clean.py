@@ -149,6 +149,8 @@ def chinese_whispers(emb: np.ndarray, threshold: float) -> np.ndarray:
     sim = emb @ emb.T
     adj = sim >= threshold
     np.fill_diagonal(adj, True)  # dlib is given every node's self-loop
+    if adj.all():  # one clique: one cluster
+        return np.zeros(n, np.int64)
     first = adj.argmax(1)  # each node's first neighbour
     if np.array_equal(adj, first[:, None] == first[None, :]):
         # Every connected component is a clique (the common case: one tight person plus
@@ -251,22 +253,23 @@ def analyse_identity(emb: np.ndarray, photo: np.ndarray, p: CleanParams) -> Anal
     idx = _sample_index(n, p.sample)
     es = emb if len(idx) == n else emb[idx]
     lab_s = chinese_whispers(es, p.cw)
-    cluster = np.full(n, -1, np.int64)
-    cluster[idx] = lab_s
-    if len(idx) < n:  # the rest join the cluster of their nearest sampled face
-        rest = np.setdiff1d(np.arange(n), idx)
+    cluster = lab_s.copy() if len(idx) == n else np.full(n, -1, np.int64)
+    if len(idx) < n:
+        cluster[idx] = lab_s
+        rest = np.setdiff1d(np.arange(n), idx)  # the rest join the cluster of their nearest sampled face
         sims = emb[rest] @ es.T
         best = sims.argmax(1)
         ok = sims[np.arange(len(rest)), best] >= p.cw
         cluster[rest[ok]] = lab_s[best[ok]]
     nclus = int(lab_s.max()) + 1
     sizes = np.bincount(lab_s, minlength=nclus)
-    # a singleton's mean is its face; the others as numpy's mean computes them
-    first = np.full(nclus, -1, np.int64)
-    first[lab_s[::-1]] = np.arange(len(lab_s))[::-1]
-    cent = _norm(np.stack([es[first[k]] if sizes[k] == 1 else _mean0(es[lab_s == k]) for k in range(nclus)]))
-    joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
-    joined[0] = True
+    joined = np.ones(1, bool)
+    if nclus > 1:  # a singleton's mean is its face; the others as numpy's mean computes them
+        first = np.full(nclus, -1, np.int64)
+        first[lab_s[::-1]] = np.arange(len(lab_s))[::-1]
+        cent = _norm(np.stack([es[first[k]] if sizes[k] == 1 else _mean0(es[lab_s == k]) for k in range(nclus)]))
+        joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
+        joined[0] = True
     dom_size = int(sizes[joined].sum())
     # 2. robust centre
     members = cluster >= 0
@@ -515,6 +518,16 @@ def _assign(x: np.ndarray, cent: np.ndarray, nprobe: int, block: int = 65536) ->
     return out
 
 
+def _home_and_probes(t: dict) -> tuple:
+    """Worker: ``_assign(x, cent, 1)`` and ``_assign(x, cent, nprobe)`` of one block
+    of rows, from one product."""
+    x = t["x"].get() if isinstance(t["x"], SharedArray) else t["x"]
+    s = x[t["a"]:t["b"]] @ t["cent"].T
+    part = np.argpartition(-s, t["nprobe"] - 1, axis=1)[:, :t["nprobe"]]
+    probes = np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable"), 1)
+    return s.argmax(1), probes
+
+
 def _ivf_shape(n: int) -> tuple[int, int]:
     nlist = int(max(16, min(4096, round(np.sqrt(n)))))
     return nlist, 8
@@ -526,14 +539,16 @@ def _pairs_ivf_numpy(vecs, thr, seed, pool: LocalPool | None = None):
     rng = np.random.default_rng(seed)
     train = vecs[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
     cent = _kmeans(train, nlist, seed)
-    home = _assign(vecs, cent, 1)[:, 0]
-    probes = _assign(vecs, cent, nprobe)
+    shared = pool is not None and pool.workers > 1
+    V = pool.share(vecs) if shared else vecs
+    block = 65536  # as _assign
+    tasks = [dict(x=V, a=a, b=min(n, a + block), cent=cent, nprobe=nprobe) for a in range(0, n, block)]
+    hp = list(pool.map(_home_and_probes, tasks) if shared else map(_home_and_probes, tasks))
+    home, probes = np.concatenate([h for h, _ in hp]), np.concatenate([q for _, q in hp])
     members = _group(home)
     queries = _group(probes.reshape(-1))  # queries of each list: every vector that probes it
     lists = [(members[k], np.unique(queries[k] // nprobe)) for k in range(nlist) if k in members and k in queries]
-    shared = pool is not None and pool.workers > 1 and len(lists) > 1
-    V = pool.share(vecs) if shared else vecs
-    per = -(-len(lists) // (4 * pool.workers)) if shared else len(lists)
+    per = max(1, -(-len(lists) // (4 * pool.workers)) if shared else len(lists))
     tasks = [dict(V=V, thr=thr, lists=lists[a:a + per]) for a in range(0, len(lists), per)]
     parts = list(pool.map(_ivf_lists, tasks) if shared else map(_ivf_lists, tasks))
     if not parts:
