@@ -276,12 +276,18 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
                    model_dir: Optional[str] = None, flip: bool = True, device: str = "auto",
                    batch_size: Optional[int] = None, workers: Optional[int] = None,
                    dlib_feed: str = "five", roc: Optional[str] = None, show_progress: bool = True,
-                   pick: str = "centre", retry_detector: str = "dlib-cnn") -> dict:
+                   pick: str = "centre", retry_detector: str = "dlib-cnn", runtime: str = "auto",
+                   fp16: bool = False) -> dict:
     from facecurate.align import AlignConfig, read_manifest, run_align
-    from facecurate.embed import load_store, run_embed
+    from facecurate.embed import load_store, resolve_runtime, run_embed
+
+    def store_of(align_out: Path) -> Path:
+        # dlib's model on ONNX Runtime keeps its own store beside align's (never mixed)
+        return align_out.parent / f"{align_out.name}-onnx" if on_onnx else align_out
 
     if pick not in PICKS:
         raise PairsError(f"pick must be one of {', '.join(PICKS)}")
+    on_onnx = model == "dlib" and resolve_runtime(runtime) == "onnx"
     pairs = read_pairs(pairs_path)
     root = Path(root)
     if not root.is_dir():
@@ -296,8 +302,9 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
                                                     device=device),
                               workers=workers, show_progress=show_progress)
     embed_summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
-                              flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed)
-    vecs, rows, meta = load_store(out)
+                              flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed,
+                              runtime=runtime, fp16=fp16, store_dir=store_of(out))
+    vecs, rows, meta = load_store(store_of(out))
     stores = {"": (vecs, {r["aligned"]: i for i, r in enumerate(rows)})}
     by_source = _by_source(read_manifest(out))
     chosen: dict[str, tuple[str, int]] = {}  # image -> (store, row)
@@ -324,8 +331,9 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
                                               model_dir=model_dir if retry_detector == "scrfd" else None),
                        workers=workers, show_progress=show_progress)
         e2 = run_embed(rout, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
-                       flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed)
-        v2, rows2, _ = load_store(rout)
+                       flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed,
+                       runtime=runtime, fp16=fp16, store_dir=store_of(rout))
+        v2, rows2, _ = load_store(store_of(rout))
         stores["retry"] = (v2, {r["aligned"]: i for i, r in enumerate(rows2)})
         by2 = _by_source(read_manifest(rout))
         retry_summary = {"detector": retry_detector, "images": len(retry),
@@ -364,11 +372,12 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
         "accuracy_valid_pairs_only": (round(res["accuracy_valid_pairs_only"], 5)
                                       if res["accuracy_valid_pairs_only"] is not None else None),
         "model": meta.get("model"), "feed": meta.get("feed"), "flip": bool(meta.get("flip")),
+        "runtime": embed_summary.get("runtime"), "provider": embed_summary.get("provider"),
         "detector": detector, "pick": pick, "retried": len(retry), "recovered": recovered,
         "retry": retry_summary, "work": str(work), "roc": str(roc) if roc else None,
         "align": {k: align_summary.get(k) for k in ("files", "crops", "status", "processed_now", "seconds")},
         "embed": {k: embed_summary.get(k) for k in ("embedded", "embedded_now", "failed", "seconds",
-                                                    "faces_per_second", "feeds")},
+                                                    "faces_per_second", "feeds", "runtime", "provider")},
     }
 
 
