@@ -276,9 +276,31 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
                    model_dir: Optional[str] = None, flip: bool = True, device: str = "auto",
                    batch_size: Optional[int] = None, workers: Optional[int] = None,
                    dlib_feed: str = "five", roc: Optional[str] = None, show_progress: bool = True,
-                   pick: str = "centre", retry_detector: str = "dlib-cnn") -> dict:
+                   pick: str = "centre", retry_detector: str = "dlib-cnn", engine: str = "local",
+                   ray_address: Optional[str] = None) -> dict:
+    """Align and embed every image of the pairs file (on ``engine``), then score."""
+    if engine != "ray":
+        return _eval_pairs(pairs_path, root, work, detector, model, model_dir, flip, device, batch_size,
+                           workers, dlib_feed, roc, show_progress, pick, retry_detector, engine, ray_address)
+    import ray
+
+    from facecurate.engines.ray_engine import connect
+
+    owns = connect(ray_address)  # one Ray connection for all four runs
+    try:
+        return _eval_pairs(pairs_path, root, work, detector, model, model_dir, flip, device, batch_size,
+                           workers, dlib_feed, roc, show_progress, pick, retry_detector, engine, ray_address)
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _eval_pairs(pairs_path, root, work, detector, model, model_dir, flip, device, batch_size, workers, dlib_feed,
+                roc, show_progress, pick, retry_detector, engine, ray_address) -> dict:
     from facecurate.align import AlignConfig, read_manifest, run_align
     from facecurate.embed import load_store, run_embed
+
+    eng = {"engine": engine, "ray_address": ray_address}
 
     if pick not in PICKS:
         raise PairsError(f"pick must be one of {', '.join(PICKS)}")
@@ -294,9 +316,9 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
 
     align_summary = run_align(raw, out, AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None,
                                                     device=device),
-                              workers=workers, show_progress=show_progress)
+                              workers=workers, show_progress=show_progress, **eng)
     embed_summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
-                              flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed)
+                              flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed, **eng)
     vecs, rows, meta = load_store(out)
     stores = {"": (vecs, {r["aligned"]: i for i, r in enumerate(rows)})}
     by_source = _by_source(read_manifest(out))
@@ -322,9 +344,9 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
         link_images(root, retry, rraw)
         a2 = run_align(rraw, rout, AlignConfig(detector=retry_detector, fallback="none", device=device,
                                               model_dir=model_dir if retry_detector == "scrfd" else None),
-                       workers=workers, show_progress=show_progress)
+                       workers=workers, show_progress=show_progress, **eng)
         e2 = run_embed(rout, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
-                       flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed)
+                       flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed, **eng)
         v2, rows2, _ = load_store(rout)
         stores["retry"] = (v2, {r["aligned"]: i for i, r in enumerate(rows2)})
         by2 = _by_source(read_manifest(rout))
