@@ -38,6 +38,8 @@ PLAN_FILE = "plan.json"
 MERGED_FILE = "merged.json"
 #: A shard that fails this many more times after its first try is given up on.
 MAX_SHARD_RETRIES = 2
+#: Fault-injection knob for tests: seconds a worker waits before each shard.
+DELAY_ENV = "FACECURATE_SHARD_DELAY"
 
 
 class RunError(RuntimeError):
@@ -220,6 +222,8 @@ class ShardRunner:
 
     def run(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
+        if os.environ.get(DELAY_ENV):  # fault tests: a slow node, to be killed mid-shard
+            time.sleep(float(os.environ[DELAY_ENV]))
         stats = self.worker.run(shard) or {}
         rec = {"shard": shard.index, "digest": shard.digest, "units": len(shard.items),
                "seconds": round(time.perf_counter() - t0, 4), "node": self.node, "pid": os.getpid(),

@@ -21,7 +21,8 @@ STORE = ("embeddings.npy", "embeddings.csv", "embeddings.json")
 
 def lfw_raw(lfw_dir: Path, ids, dest: Path, n_ids: int = 6, per_id: int = 3) -> Path:
     raw = dest / "raw"
-    for ident in ids[:n_ids]:
+    picked = [i for i in ids if len(os.listdir(lfw_dir / i)) >= per_id][:n_ids]
+    for ident in picked:
         (raw / ident).mkdir(parents=True)
         for f in sorted(os.listdir(lfw_dir / ident))[:per_id]:
             shutil.copyfile(lfw_dir / ident / f, raw / ident / f)

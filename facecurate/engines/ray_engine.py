@@ -32,6 +32,8 @@ from facecurate.runner import MAX_SHARD_RETRIES, Outcome, RunError, ShardRunner,
 LOCAL_OBJECT_STORE = 256 * 1024 * 1024
 #: How long the run waits for a worker to start when none is running (seconds).
 START_TIMEOUT = float(os.environ.get("FACECURATE_RAY_START_TIMEOUT", "180"))
+#: How long the first workers wait for the others to start before taking shards (seconds).
+GATHER = 15.0
 
 
 class ShardActor:
@@ -139,11 +141,13 @@ class _State:
         self.ready: dict = {}  # actor -> shards in flight
         self.tries: dict = {}
         self.deaths = 0
-        self.last_progress = time.monotonic()
+        self.started = self.last_progress = time.monotonic()
+        self.starting = 0  # actors whose setup has not answered yet
 
     def new_actor(self) -> None:
         a = self.cls.remote()
         self.refs[a.setup.remote(self.spec)] = ("setup", a, None)
+        self.starting += 1
 
     def kill_all(self) -> None:
         import ray
@@ -155,6 +159,10 @@ class _State:
                 pass
 
     def _feed(self) -> None:
+        # The first workers wait (up to GATHER seconds) for the others to load their
+        # models, so that the first shards spread over every node.
+        if self.starting and time.monotonic() - self.started < GATHER:
+            return
         for a, held in self.ready.items():
             while self.pending and held < 2:
                 shard = self.pending.popleft()
@@ -173,6 +181,9 @@ class _State:
     def _actor_died(self, actor, err: str) -> list[Outcome]:
         """Requeue every shard the dead actor held and ask for a replacement."""
         import ray
+
+        if any(k == "setup" and a is actor for k, a, _ in self.refs.values()) or actor not in self.ready:
+            self.starting = max(0, self.starting - 1)
 
         out = []
         self.ready.pop(actor, None)
@@ -196,12 +207,12 @@ class _State:
         import ray
 
         while self.pending or any(v[0] == "run" for v in self.refs.values()):
+            self._feed()
             if not self.refs:  # every worker died and no replacement is allowed
                 while self.pending:
                     s = self.pending.popleft()
                     yield Outcome(s, None, "no Ray worker left", retries=self.tries.get(s.index, 0))
                 return
-            self._feed()
             done, _ = ray.wait(list(self.refs), num_returns=1, timeout=2.0)
             if not done:
                 self._check_stall()
@@ -218,13 +229,13 @@ class _State:
 
         try:
             value = ray.get(ref)
-        except RayTaskError as e:  # the shard's code raised: retry it anywhere
-            self.ready[actor] = max(0, self.ready.get(actor, 1) - 1)
-            o = self._retry(shard, str(e.cause if getattr(e, "cause", None) else e).splitlines()[0]) \
-                if kind == "run" else None
+        except RayTaskError as e:  # the code raised: retry the shard anywhere
             if kind == "setup":
                 yield from self._actor_died(actor, f"worker setup failed: {e}")
-            elif o is not None:
+                return
+            self.ready[actor] = max(0, self.ready.get(actor, 1) - 1)
+            o = self._retry(shard, str(getattr(e, "cause", None) or e).splitlines()[0])
+            if o is not None:
                 yield o
             return
         except (RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as e:
@@ -233,6 +244,7 @@ class _State:
             yield from self._actor_died(actor, f"worker died: {type(e).__name__}")
             return
         if kind == "setup":
+            self.starting -= 1
             if value.get("error"):
                 raise WorkerSetupError(value["error"])
             self.ready[actor] = 0
