@@ -123,3 +123,21 @@ def test_a_shard_that_keeps_failing_is_named_and_a_rerun_completes_it(ref, tmp_p
     assert p.returncode == 0, se
     assert json.loads(so.strip().splitlines()[-1])["processed_now"] == 2  # only the failed shard
     assert tree_bytes(out) == tree_bytes(refout)
+
+
+def test_align_then_embed_in_one_process_never_forks(ref, tmp_path, monkeypatch):
+    """eval-pairs runs align in-process (cv2's threads start) and then embed: its
+    workers must be spawned, never forked (a forked child of a threaded process can
+    deadlock). Spawn starts children with fork+exec in C, never os.fork."""
+    raw, refout = ref
+
+    def no_fork():
+        raise AssertionError("os.fork called")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    out = tmp_path / "out"
+    run_align(raw, out, AlignConfig(), workers=2, show_progress=False)
+    s = run_embed(out, workers=2, chunk_size=4, show_progress=False)
+    assert s["workers"] == 2  # a spawned child and this process
+    for name in STORE:
+        assert (out / name).read_bytes() == (refout / name).read_bytes(), name

@@ -122,3 +122,33 @@ def test_node_removed_mid_run_costs_only_its_shards(cluster, ref, tmp_path):
     assert tree_bytes(out) == tree_bytes(refout)
     records = sorted((out / ".facecurate" / "align").glob("shard_*.json"))
     assert len(records) == 12 and not list(out.rglob("*.tmp"))
+
+
+def test_cli_driver_killed_then_rerun_continues(cluster, ref, tmp_path):
+    """The real CLI on the cluster: kill the driver (SIGKILL) once shards are done;
+    no half-written file remains, Ray ends its workers, and the rerun (local engine)
+    finishes byte-identical."""
+    import subprocess
+    import sys
+
+    raw, refout = ref
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
+    cmd = [sys.executable, "-m", "facecurate", "align", str(raw), str(out), "--shard-size", "1"]
+    proc = subprocess.Popen(cmd + ["--engine", "ray"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    work = out / ".facecurate" / "align"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("shard_*.json"))) < 4:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = len(list(work.glob("shard_*.json")))
+    assert 4 <= done < 36 and not (out / "align.csv").exists()
+    res = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    assert s["resumed"] >= done and s["processed_now"] + s["resumed"] == 36
+    assert tree_bytes(out) == tree_bytes(refout)
+    assert not [p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name and ".facecurate" not in p.parts]
