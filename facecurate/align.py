@@ -2,12 +2,13 @@
 to an ArcFace crop in ``OUT/<identity>/``, mark the likely subject, and record every
 input file's fate in ``OUT/align.csv``.
 
-Structure (after img2dataset): a *reader* lists the inputs, a *distributor* splits the
-list into shards and hands them to worker processes, each *worker* loads its models
-once and turns a shard into manifest rows and crop files, and the *writer* merges the
-per-shard manifests into ``align.csv``. A shard's manifest is written atomically when
-the shard is done, so a killed run is resumed by skipping the sources that finished
-shards already cover.
+Structure (after img2dataset): a *reader* lists the inputs, the run machinery
+(:mod:`facecurate.runner`) cuts the sorted list into fixed shards and hands them to
+an engine (:mod:`facecurate.engines`: local processes or Ray actors), each *worker*
+(:class:`AlignWorker`) loads its models once and turns a shard into its manifest and
+crop files, and the *writer* merges the per-shard manifests into ``align.csv``. A
+shard's record is written after its data, so a killed run is resumed by redoing
+only the shards without one.
 """
 
 from __future__ import annotations

@@ -10,11 +10,13 @@ writes the store:
 * ``OUT/embeddings.json`` the model (name, file hash, dimension, input size,
   normalisation, flip, how crops were fed) and the run's counts.
 
-Work is split in fixed chunks of the row list; each finished chunk is written
-atomically to ``OUT/.facecurate/embed/part-*.npz``, so a killed run loses at most the
-chunks in flight and a rerun embeds only what is missing. The store files are
-merged from the parts at the end (atomic writes), so they are byte-identical to an
-uninterrupted run's. A store made with another model / flip / feeding is refused.
+Work is split in fixed shards of the row list by the run machinery
+(:mod:`facecurate.runner`, any engine of :mod:`facecurate.engines`); each finished
+shard is written atomically to ``OUT/.facecurate/embed/shard_NNNNNN.npz`` and then
+recorded, so a killed run loses at most the shards in flight and a rerun embeds only
+what is missing. The store files are merged from the shards at the end (atomic
+writes), so they are byte-identical to an uninterrupted run's. A store made with
+another model / flip / feeding is refused.
 
 Models:
 
@@ -698,8 +700,8 @@ def _part(part, overwrite: bool):
 def _engine(engine, embedder, workers: Optional[int], ray_address: Optional[str]):
     """(engine, prep threads per worker). dlib: one process per core; ONNX: one
     worker (per GPU under Ray) with ``workers`` threads preparing crops ahead."""
-    if isinstance(embedder, DlibEmbedder):
-        n, threads = workers or default_workers(embedder), 0
+    if isinstance(embedder, DlibEmbedder):  # under Ray, default: one worker per CPU of the cluster
+        n, threads = workers or (default_workers(embedder) if engine == "local" else None), 0
     else:
         n, threads = (1 if engine == "local" else None), max(1, int(workers or 1))
     if not isinstance(engine, str):

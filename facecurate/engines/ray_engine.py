@@ -113,7 +113,8 @@ class RayEngine:
             slots = int(res.get("GPU", 0))
         else:
             slots = int(res.get("CPU", 0) // max(self.resources["num_cpus"], 1e-3))
-        return max(1, min(self.workers or slots or 1, n_shards))
+        # More workers than the cluster has room for would wait forever: cap at its slots.
+        return max(1, min(min(self.workers or slots, slots) if slots else 1, n_shards))
 
     def run(self, spec: WorkerSpec, shards) -> Iterator[Outcome]:
         import ray
