@@ -1,6 +1,6 @@
 """Scale benchmark of the clean stage's core on synthetic embeddings.
 
-    python benchmarks/clean.py [--faces 1000000] [--identities 100000] [--dim 128]
+    python benchmarks/clean.py [--faces 1000000] [--identities 100000] [--dim 128] [--workers N]
 
 Synthetic data: identity centres are random unit vectors; each face is its centre plus
 Gaussian noise (dlib-like spread: cosine to the centre ~0.98), 10% of the faces are other
@@ -10,18 +10,21 @@ names" pairs (for merges.csv). Faces per identity are long-tailed (Zipf-like).
 
 Times, in the same run:
   * clean_core on everything (per-identity clustering/centre/decisions + cross-identity
-    merge search + review budget),
+    merge search + review budget), on --workers processes (default: all cores),
   * the merge search alone (inverted file, faiss when importable, else numpy) against
     the naive all-pairs search of identity centres, timed on a subsample and
     extrapolated quadratically (reported as such),
   * the seed method (iterated folder-mean threshold) as the per-identity baseline.
-Prints absolute times, ratios and the merge recall of planted pairs.
+Prints absolute times, ratios, the merge recall of planted pairs and the peak resident
+memory of this process and of the largest worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import sys
 import time
 
 import numpy as np
@@ -60,6 +63,11 @@ def synth(n_faces: int, n_ids: int, dim: int, seed: int = 0):
     return x, ident, photo, quality, planted
 
 
+def _peak_mb(who) -> int:
+    kb = resource.getrusage(who).ru_maxrss  # kB on Linux, bytes on macOS
+    return round(kb / (1 << 20 if sys.platform == "darwin" else 1 << 10))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faces", type=int, default=1_000_000)
@@ -67,10 +75,14 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--naive-sample", type=int, default=20_000,
                     help="identity centres in the all-pairs baseline (extrapolated quadratically)")
+    ap.add_argument("--workers", type=int, default=None, help="clean_core processes (default: all cores)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
     from facecurate.clean import _have_faiss, _pairs_exact, clean_core, default_params, similar_pairs
+    from facecurate.distribute import default_workers
+
+    workers = a.workers or default_workers()
 
     t0 = time.perf_counter()
     x, ident, photo, quality, planted = synth(a.faces, a.identities, a.dim)
@@ -78,7 +90,7 @@ def main(argv=None):
     p = default_params("dlib")
 
     t0 = time.perf_counter()
-    res = clean_core(x, ident, photo, quality, p)
+    res = clean_core(x, ident, photo, quality, p, workers=workers)
     t_clean = time.perf_counter() - t0
 
     # merge search alone on the final centres vs the naive all-pairs search
@@ -114,13 +126,15 @@ def main(argv=None):
 
     dec = np.array(res.decision)
     out = dict(
-        faces=len(x), identities=a.identities, dim=a.dim, faiss=_have_faiss(), synth_s=round(t_synth, 1),
+        faces=len(x), identities=a.identities, dim=a.dim, faiss=_have_faiss(), workers=workers,
+        synth_s=round(t_synth, 1),
         clean_core_s=round(t_clean, 1), faces_per_s=round(len(x) / t_clean),
         seed_iterated_centre_s=round(t_seed, 1), clean_vs_seed_ratio=round(t_clean / t_seed, 2),
         merge_ivf_s=round(t_ivf, 2), merge_naive_allpairs_s_extrapolated=round(t_naive, 1),
         merge_naive_sample=m, merge_naive_sample_s=round(t_naive_sub, 2),
         merge_speedup=round(t_naive / max(t_ivf, 1e-9), 1), merge_recall_on_sample=round(recall_sub, 4),
         planted_merge_recall=round(planted_recall, 4),
+        peak_rss_mb=_peak_mb(resource.RUSAGE_SELF), peak_rss_worker_mb=_peak_mb(resource.RUSAGE_CHILDREN),
         keep=int((dec == "keep").sum()), drop=int((dec == "drop").sum()), review=int((dec == "review").sum()),
     )
     if a.json:

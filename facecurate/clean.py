@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from facecurate import constants as C
+from facecurate.distribute import LocalPool, SharedArray, default_workers
 from facecurate.files import format_float, progress, read_csv, write_csv_atomic, write_text_atomic
 
 # Reasons written to clean.csv (defined in constants.py).
@@ -118,8 +119,23 @@ def default_params(model: str, **overrides) -> CleanParams:
 # ----------------------------------------------------------------------------- helpers
 def _norm(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float32)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    n = np.sqrt(np.add.reduce(v * v, axis=-1, keepdims=True))  # np.linalg.norm(v, axis=-1), without its overhead
     return v / np.maximum(n, 1e-12)
+
+
+def _mean0(x: np.ndarray) -> np.ndarray:
+    """x.mean(0) of a float32 matrix, computed as numpy computes it (same bits), without its overhead."""
+    r = np.add.reduce(x, axis=0)
+    return np.true_divide(r, np.intp(len(x)), out=r, casting="unsafe")
+
+
+def _median(x: np.ndarray) -> float:
+    """float(np.median(x)) of a float32 vector, same bits."""
+    if np.isnan(x).any():
+        return float(np.median(x))
+    v = np.sort(x)
+    h = len(v) // 2
+    return float(v[h]) if len(v) % 2 else float(np.float32(np.add.reduce(v[h - 1:h + 1]) / np.intp(2)))
 
 
 def chinese_whispers(emb: np.ndarray, threshold: float) -> np.ndarray:
@@ -130,21 +146,35 @@ def chinese_whispers(emb: np.ndarray, threshold: float) -> np.ndarray:
         return np.zeros(0, np.int64)
     if n == 1:
         return np.zeros(1, np.int64)
+    sim = emb @ emb.T
+    adj = sim >= threshold
+    np.fill_diagonal(adj, True)  # dlib is given every node's self-loop
+    first = adj.argmax(1)  # each node's first neighbour
+    if np.array_equal(adj, first[:, None] == first[None, :]):
+        # Every connected component is a clique (the common case: one tight person plus
+        # unrelated faces). dlib's run then ends with one label per component: ties go to
+        # the smallest label, so a component's smallest label wins at its first visit and
+        # only spreads, and its 100 n seeded random visits reach every node (checked
+        # against dlib in tests/test_clean.py). Same labels, no edge list.
+        return _renumber(first)
     import dlib
 
-    sim = emb @ emb.T
-    ii, jj = np.nonzero(np.triu(sim >= threshold, 1))
+    ii, jj = np.nonzero(np.triu(adj, 1))
     edges = [(i, i) for i in range(n)] + list(zip(ii.tolist(), jj.tolist()))
     raw = np.asarray(dlib.chinese_whispers(edges), np.int64)
     return _renumber(raw)
 
 
 def _renumber(raw: np.ndarray) -> np.ndarray:
-    labs, first, counts = np.unique(raw, return_index=True, return_counts=True)
-    order = sorted(range(len(labs)), key=lambda k: (-counts[k], first[k]))
+    if raw.min() >= 0 and raw.max() < len(raw) and (raw[raw] == raw).all():  # labels name their first member
+        counts = np.bincount(raw, minlength=len(raw))
+        labs = first = np.nonzero(counts)[0]
+        counts = counts[labs]
+    else:
+        labs, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))  # by size, ties by first member
     remap = np.empty(labs.max() + 1, np.int64)
-    for new, k in enumerate(order):
-        remap[labs[k]] = new
+    remap[labs[order]] = np.arange(len(labs))
     return remap[raw]
 
 
@@ -152,6 +182,14 @@ def _sample_index(n: int, cap: int) -> np.ndarray:
     if n <= cap:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))
+
+
+# decisions and reasons as small codes while computing (strings only in the results)
+KEEP, REVIEW, DROP = 0, 1, 2
+DECISIONS = (C.DECISION_KEEP, C.DECISION_REVIEW, C.DECISION_DROP)
+REASONS = (R_CENTRE, R_BAND, R_FAR, R_MINORITY, R_NOT_SUBJECT, R_DUPLICATE, R_AMBIGUOUS, R_TOO_FEW,
+           R_LOW_QUALITY, R_EXCLUDED, R_NO_EMBEDDING, R_MANUAL)
+RC = {r: i for i, r in enumerate(REASONS)}
 
 
 @dataclass
@@ -167,6 +205,23 @@ class IdentityResult:
     ambiguous: bool
 
 
+@dataclass
+class Analysis:
+    """Steps 1-3 of one identity: everything that depends neither on the other
+    identities (the score offsets) nor on the crops."""
+
+    s: np.ndarray  # (n,) float32: similarity to the robust centre (leave-one-out), no offsets
+    cluster: np.ndarray  # (n,) int64, -1: in no cluster
+    subject: np.ndarray  # (n,) bool: the face of its photo closest to the centre
+    centre: np.ndarray | None
+    minority: np.ndarray  # (clusters,) bool: not the dominant person, >= 2 sampled faces
+    rival: np.ndarray  # (clusters,) bool: a competing person of an ambiguous folder
+    clusters: int
+    dominant_share: float
+    ambiguous: bool
+    median: float  # median s of the subject faces at or above drop (nan: fewer than 3)
+
+
 def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: CleanParams,
                    face_size: np.ndarray | None = None, offset: np.ndarray | None = None,
                    pixel_sim: Callable[[int, int], float] | None = None) -> IdentityResult:
@@ -177,51 +232,64 @@ def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: C
     subtracted from each face's similarity before the thresholds (see ``score_offsets``);
     pixel_sim(i, j): correlation of the two crops, confirms near-duplicates (two shots
     of one event can be as close as two copies of one photo in embedding space)."""
+    a = analyse_identity(emb, photo, p)
+    dec, rea, s, dup_of = decide_identity(a, emb, quality, p, face_size, offset, pixel_sim)
+    return IdentityResult([DECISIONS[c] for c in dec.tolist()], [REASONS[c] for c in rea.tolist()], s, a.cluster,
+                          dup_of, a.centre, a.clusters, a.dominant_share, a.ambiguous)
+
+
+def analyse_identity(emb: np.ndarray, photo: np.ndarray, p: CleanParams) -> Analysis:
+    """Steps 1-3: clusters, the robust centre, each face's similarity to it, one subject
+    per photo, ambiguity."""
     n = len(emb)
-    emb = np.asarray(emb, np.float32)
+    emb = np.ascontiguousarray(emb, np.float32)
     photo = np.asarray(photo)
-    decision = [C.DECISION_DROP] * n
-    reason = [R_FAR] * n
-    dup_of = np.full(n, -1, np.int64)
     if n == 0:
-        return IdentityResult(decision, reason, np.zeros(0, np.float32), np.zeros(0, np.int64), dup_of, None, 0,
-                              0.0, False)
+        z = np.zeros(0, bool)
+        return Analysis(np.zeros(0, np.float32), np.zeros(0, np.int64), z, None, z, z, 0, 0.0, False, np.nan)
     # 1. clusters on (a sample of) the faces
     idx = _sample_index(n, p.sample)
-    lab_s = chinese_whispers(emb[idx], p.cw)
+    es = emb if len(idx) == n else emb[idx]
+    lab_s = chinese_whispers(es, p.cw)
     cluster = np.full(n, -1, np.int64)
     cluster[idx] = lab_s
     if len(idx) < n:  # the rest join the cluster of their nearest sampled face
         rest = np.setdiff1d(np.arange(n), idx)
-        sims = emb[rest] @ emb[idx].T
+        sims = emb[rest] @ es.T
         best = sims.argmax(1)
         ok = sims[np.arange(len(rest)), best] >= p.cw
         cluster[rest[ok]] = lab_s[best[ok]]
     nclus = int(lab_s.max()) + 1
     sizes = np.bincount(lab_s, minlength=nclus)
-    # per-cluster photo counts (a group photo counts once per person)
-    cent = _norm(np.stack([emb[idx][lab_s == k].mean(0) for k in range(nclus)]))
+    # a singleton's mean is its face; the others as numpy's mean computes them
+    first = np.full(nclus, -1, np.int64)
+    first[lab_s[::-1]] = np.arange(len(lab_s))[::-1]
+    cent = _norm(np.stack([es[first[k]] if sizes[k] == 1 else _mean0(es[lab_s == k]) for k in range(nclus)]))
     joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
     joined[0] = True
     dom_size = int(sizes[joined].sum())
     # 2. robust centre
-    members = np.isin(cluster, np.nonzero(joined)[0])
-    c = _norm(emb[members].mean(0))
+    members = cluster >= 0
+    members[members] = joined[cluster[members]]
+    c = _norm(_mean0(emb[members]))
+    shared = not (np.diff(photo) > 0).all() and len(np.unique(photo)) < n  # some photo has several faces
+
+    def best_per_photo(s):
+        return _best_per_photo(s, photo) if shared else np.ones(n, bool)
+
     for _ in range(p.iters):
         s = emb @ c
-        best = _best_per_photo(s, photo)
-        inl = best & (s >= p.drop)
+        inl = best_per_photo(s) & (s >= p.drop)
         if not inl.any():
             break
-        c_new = _norm(emb[inl].mean(0))
-        if np.allclose(c_new, c, atol=1e-6):
+        c_new = _norm(_mean0(emb[inl]))
+        if np.all(np.abs(c_new - c) <= 1e-6 + 1e-5 * np.abs(c)):  # np.allclose(c_new, c, atol=1e-6)
             c = c_new
             break
         c = c_new
     s = (emb @ c).astype(np.float32)
     if p.loo:  # leave-one-out: a face does not vote for its own centre (matters in small folders)
-        best = _best_per_photo(s, photo)
-        inl = best & (s >= p.drop)
+        inl = best_per_photo(s) & (s >= p.drop)
         if inl.sum() >= 2:
             tot = emb[inl].sum(0)
             ii = np.nonzero(inl)[0]
@@ -229,42 +297,58 @@ def clean_identity(emb: np.ndarray, photo: np.ndarray, quality: np.ndarray, p: C
             out = np.nonzero(~inl)[0]
             s[out] = emb[out] @ _norm(tot)
     # 3. one subject per photo
-    subject = _best_per_photo(s, photo)
+    subject = best_per_photo(s)
     # ambiguity: a coherent second person (a cluster of subject faces the centre rejects)
     # nearly as large as the set the centre accepts
-    inliers = int((subject & (s >= p.drop)).sum())
+    good = subject & (s >= p.drop)
+    inliers = int(good.sum())
     rejected = subject & (s < p.drop) & (cluster >= 0)
-    second = int(np.bincount(cluster[rejected], minlength=nclus).max()) if rejected.any() else 0
+    counts = np.bincount(cluster[rejected], minlength=nclus)
+    second = int(counts.max()) if rejected.any() else 0
     ambiguous = second >= 2 and second >= p.ambiguous_ratio * max(1, inliers)
+    rival = joined | (counts >= p.ambiguous_ratio * max(1, inliers)) if ambiguous else np.zeros(nclus, bool)
+    median = _median(s[good]) if inliers >= 3 else np.nan
+    return Analysis(s, cluster, subject, c, ~joined & (sizes >= 2), rival, nclus,
+                    float(dom_size / max(1, len(idx))), bool(ambiguous), median)
+
+
+def decide_identity(a: Analysis, emb: np.ndarray, quality: np.ndarray, p: CleanParams,
+                    face_size: np.ndarray | None = None, offset: np.ndarray | None = None,
+                    pixel_sim: Callable[[int, int], float] | None = None):
+    """Steps 4-5 on an identity's analysis: (decision codes, reason codes, score, dup_of)."""
+    n = len(a.s)
+    s = a.s
     if offset is not None:
         s = (s - np.asarray(offset, np.float32)).astype(np.float32)
+    dec = np.full(n, DROP, np.uint8)
+    rea = np.full(n, RC[R_FAR], np.uint8)
+    dup_of = np.full(n, -1, np.int64)
+    if n == 0:
+        return dec, rea, s, dup_of
     # 4. thresholds
-    for i in range(n):
-        if not subject[i]:
-            decision[i], reason[i] = C.DECISION_DROP, R_NOT_SUBJECT
-        elif face_size is not None and p.min_face > 0 and face_size[i] < p.min_face:
-            decision[i], reason[i] = C.DECISION_DROP, R_LOW_QUALITY
-        elif s[i] >= p.keep:
-            decision[i], reason[i] = C.DECISION_KEEP, R_CENTRE
-        elif s[i] >= p.drop:
-            decision[i], reason[i] = C.DECISION_REVIEW, R_BAND
-        else:
-            decision[i] = C.DECISION_DROP
-            k = cluster[i]
-            reason[i] = R_MINORITY if (k >= 0 and not joined[k] and sizes[k] >= 2) else R_FAR
+    sub = a.subject
+    low = sub & (np.asarray(face_size) < p.min_face) if face_size is not None and p.min_face > 0 else \
+        np.zeros(n, bool)
+    rest = sub & ~low
+    keep = rest & (s >= p.keep)
+    band = rest & ~keep & (s >= p.drop)
+    dec[keep], rea[keep] = KEEP, RC[R_CENTRE]
+    dec[band], rea[band] = REVIEW, RC[R_BAND]
+    far = rest & ~keep & ~band & (a.cluster >= 0)
+    far[far] = a.minority[a.cluster[far]]
+    rea[far] = RC[R_MINORITY]
+    rea[low] = RC[R_LOW_QUALITY]
+    rea[~sub] = RC[R_NOT_SUBJECT]
     # 5. near-duplicates among the faces that survive
-    alive = np.array([d != C.DECISION_DROP for d in decision])
-    _mark_duplicates(emb, alive, quality, s, p, decision, reason, dup_of, pixel_sim)
-    if ambiguous:  # no guess: every face of the competing people goes the same way
-        big = np.bincount(cluster[rejected], minlength=nclus) >= p.ambiguous_ratio * max(1, inliers)
-        rival = joined | big
-        for i in range(n):
-            if reason[i] in (R_CENTRE, R_BAND, R_FAR, R_MINORITY) and (
-                    decision[i] != C.DECISION_DROP or (cluster[i] >= 0 and rival[cluster[i]])):
-                decision[i] = C.DECISION_REVIEW if p.ambiguous == "review" else C.DECISION_DROP
-                reason[i] = R_AMBIGUOUS
-    dominant_share = float(dom_size / max(1, len(idx)))
-    return IdentityResult(decision, reason, s, cluster, dup_of, c, nclus, dominant_share, bool(ambiguous))
+    _mark_duplicates(emb, dec != DROP, quality, s, p, dec, rea, dup_of, pixel_sim)
+    if a.ambiguous:  # no guess: every face of the competing people goes the same way
+        cand = rea <= RC[R_MINORITY]  # centre, uncertain, far_from_centre, minority_cluster
+        rv = a.cluster >= 0
+        rv[rv] = a.rival[a.cluster[rv]]
+        m = cand & ((dec != DROP) | rv)
+        dec[m] = REVIEW if p.ambiguous == "review" else DROP
+        rea[m] = RC[R_AMBIGUOUS]
+    return dec, rea, s, dup_of
 
 
 def _best_per_photo(s: np.ndarray, photo: np.ndarray) -> np.ndarray:
@@ -278,17 +362,10 @@ def _best_per_photo(s: np.ndarray, photo: np.ndarray) -> np.ndarray:
 
 
 def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, dup_of, pixel_sim=None) -> None:
+    """decision / reason: code arrays (KEEP, REVIEW, DROP; RC), changed in place."""
     ids = np.nonzero(alive)[0]
     if len(ids) < 2:
         return
-    parent = {int(i): int(i) for i in ids}
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
     # Embeddings alone: similarity >= dup. With the crops: from dup - 0.005 to dup + 0.005
     # a pair must be confirmed by the pixels (re-encoded / rescaled copies correlate
     # > 0.93 once aligned; two shots of the same event mostly do not); above, it need not.
@@ -296,26 +373,36 @@ def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, d
     sure = p.dup + 0.005
     e = emb[ids]
     block = 2048
+    parent: dict = {}
+
+    def find(a):
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
     for b0 in range(0, len(ids), block):
         sims = e[b0:b0 + block] @ e.T
         rr, cc = np.nonzero(sims >= thr)
-        for r, c in zip(rr.tolist(), cc.tolist()):
+        upper = ids[b0 + rr] < ids[cc]
+        for r, c in zip(rr[upper].tolist(), cc[upper].tolist()):
             a, b = int(ids[b0 + r]), int(ids[c])
-            if a < b:
-                ra, rb = find(a), find(b)
-                if ra != rb and (pixel_sim is None or sims[r, c] >= sure or pixel_sim(a, b) >= p.dup_pixel):
-                    parent[max(ra, rb)] = min(ra, rb)
+            ra, rb = find(a), find(b)
+            if ra != rb and (pixel_sim is None or sims[r, c] >= sure or pixel_sim(a, b) >= p.dup_pixel):
+                parent[max(ra, rb)] = min(ra, rb)
+    if not parent:
+        return
     groups = defaultdict(list)
     for i in ids.tolist():
-        groups[find(i)].append(i)
-    rank = {C.DECISION_KEEP: 0, C.DECISION_REVIEW: 1}
+        if i in parent:
+            groups[find(i)].append(i)
     for g in groups.values():
         if len(g) < 2:
             continue
-        best = min(g, key=lambda i: (rank[decision[i]], -float(quality[i]), -float(s[i]), i))
+        best = min(g, key=lambda i: (int(decision[i]), -float(quality[i]), -float(s[i]), i))
         for i in g:
             if i != best:
-                decision[i], reason[i], dup_of[i] = C.DECISION_DROP, R_DUPLICATE, best
+                decision[i], reason[i], dup_of[i] = DROP, RC[R_DUPLICATE], best
 
 
 def limit_review(decisions: list, reasons: list, scores: np.ndarray, p: CleanParams, total: int) -> int:
@@ -485,51 +572,138 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                p: CleanParams, *, face_size: np.ndarray | None = None, sharpness: np.ndarray | None = None,
                excluded: Iterable[int] = (),
                exclude_vecs: np.ndarray | None = None, pixel_sim: Callable[[int, int], float] | None = None,
-               show_progress: bool = False) -> CoreResult:
+               show_progress: bool = False, workers: int | None = 1, shard_faces: int | None = None) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
     photo across the whole set), ``quality`` (n,) floats; ``pixel_sim(i, j)`` compares
-    two faces' crops (confirms near-duplicates; see ``CropSimilarity``). Deterministic."""
+    two faces' crops (confirms near-duplicates; see ``CropSimilarity``). Deterministic:
+    the same result for any number of ``workers`` (processes for the per-identity work
+    and the cohort statistics; None: all cores); ``shard_faces``: faces per shard of
+    identities (default: about 16 shards per worker, at least 256 faces)."""
     n = len(emb)
+    emb = np.ascontiguousarray(emb, np.float32)
     identity = np.asarray(identity, np.int64)
+    photo, quality = np.asarray(photo), np.asarray(quality)
     k = int(identity.max()) + 1 if n else 0
-    decision = [C.DECISION_DROP] * n
-    reason = [R_FAR] * n
-    score = np.zeros(n, np.float32)
-    cluster = np.full(n, -1, np.int64)
-    dup_of = np.full(n, -1, np.int64)
     d = emb.shape[1] if emb.ndim == 2 else 0
-    centres = np.zeros((k, d), np.float32)
-    info = [dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
-                 dominant_share=0.0, flags=[]) for _ in range(k)]
     excluded = set(int(e) for e in excluded)
     groups = _group(identity) if n else {}
-    offset = None
-    if n and (p.cohort or p.cohort_centre or p.spread or sharpness is not None):
-        first = {}
-        for g in progress(sorted(groups), desc="clean (centres)", unit="id",
-                          disable=None if show_progress else True):
-            rows = groups[g]
-            first[g] = clean_identity(emb[rows], photo[rows], quality[rows], p,
-                                      None if face_size is None else face_size[rows])
-        offset = score_offsets(emb, identity, first, groups, p, sharpness)
-    for g in progress(sorted(groups), desc="clean", unit="id", disable=None if show_progress else True):
-        rows = groups[g]
-        local_pix = None if pixel_sim is None else (
-            lambda a, b, rows=rows: pixel_sim(int(rows[a]), int(rows[b])))  # identity -> global index
-        r = clean_identity(emb[rows], photo[rows], quality[rows], p,
-                           None if face_size is None else face_size[rows],
-                           None if offset is None else offset[rows], local_pix)
-        for j, i in enumerate(rows.tolist()):
-            decision[i], reason[i] = r.decision[j], r.reason[j]
-            if r.dup_of[j] >= 0:
-                dup_of[i] = int(rows[r.dup_of[j]])
-        score[rows] = r.score
-        cluster[rows] = r.cluster
-        if r.centre is not None:
-            centres[g] = r.centre
-        info[g].update(clusters=r.clusters, dominant_share=r.dominant_share)
-        if r.ambiguous:
-            info[g]["flags"].append("ambiguous")
+    keys = sorted(groups)
+    shards = _identity_shards(keys, groups, default_workers() if workers is None else workers, shard_faces)
+    bar = dict(unit="shard", disable=None if show_progress else True)
+    with LocalPool(workers) as pool:
+        E = pool.share(emb)
+        # 1-3 per identity, once: nothing there depends on the offsets or the crops
+        tasks = [dict(E=E, rows=rows, bounds=b, photo=photo[rows], p=p, d=d) for rows, b, _ in shards]
+        blocks = list(progress(pool.map(_analyse_shard, tasks), total=len(tasks), desc="clean (centres)", **bar))
+        raw, subject, cluster = (np.zeros(n, np.float32), np.zeros(n, bool), np.full(n, -1, np.int64))
+        centres = np.zeros((k, d), np.float32)
+        med = np.full(k, np.nan)
+        info = [dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
+                     dominant_share=0.0, flags=[]) for _ in range(k)]
+        for (rows, _, ks), blk in zip(shards, blocks):
+            raw[rows], subject[rows], cluster[rows] = blk["s"], blk["subject"], blk["cluster"]
+            centres[ks] = blk["centre"]
+            med[ks] = blk["median"]
+            for g, nc, ds, amb in zip(ks.tolist(), blk["nclus"].tolist(), blk["dominant_share"].tolist(),
+                                      blk["ambiguous"].tolist()):
+                info[g].update(clusters=nc, dominant_share=ds)
+                if amb:
+                    info[g]["flags"].append("ambiguous")
+        offset = None
+        if n and (p.cohort or p.cohort_centre or p.spread or sharpness is not None):
+            offset = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres, np.asarray(keys), med,
+                                   p, sharpness, pool=pool, shared=E)
+        # 4-5 per identity: thresholds on the corrected scores, duplicates
+        local = pixel_sim is not None and pool.workers > 1 and not hasattr(pixel_sim, "subset")
+        tasks = [dict(E=E, rows=rows, bounds=b, block=blk, quality=quality[rows], p=p,
+                      face_size=None if face_size is None else np.asarray(face_size)[rows],
+                      offset=None if offset is None else offset[rows],
+                      pixel=None if pixel_sim is None else pixel_sim if local or pool.workers == 1 else
+                      pixel_sim.subset(rows), global_pixel=local or pool.workers == 1)
+                 for (rows, b, _), blk in zip(shards, blocks)]
+        # an arbitrary pixel_sim callable cannot travel to the workers: decide here then
+        decided = map(_decide_shard, tasks) if local else pool.map(_decide_shard, tasks)
+        dec, rea = np.full(n, DROP, np.uint8), np.full(n, RC[R_FAR], np.uint8)
+        score, dup_of = np.zeros(n, np.float32), np.full(n, -1, np.int64)
+        for (rows, _, _), out in zip(shards, progress(decided, total=len(tasks), desc="clean", **bar)):
+            dec[rows], rea[rows], score[rows] = out["decision"], out["reason"], out["score"]
+            pos = out["dup_of"]
+            dup_of[rows[pos >= 0]] = rows[pos[pos >= 0]]
+    return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded, exclude_vecs)
+
+
+def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | None = None) -> list:
+    """Consecutive identities in shards of similar face counts: (rows, bounds, keys)."""
+    if not keys:
+        return []
+    n = sum(len(groups[g]) for g in keys)
+    target = shard_faces or (max(256, -(-n // (16 * workers))) if workers > 1 else n)
+    shards, cur = [], []
+    size = 0
+    for g in keys:
+        cur.append(g)
+        size += len(groups[g])
+        if size >= target:
+            shards.append(cur)
+            cur, size = [], 0
+    if cur:
+        shards.append(cur)
+    out = []
+    for ks in shards:
+        parts = [groups[g] for g in ks]
+        out.append((np.concatenate(parts), np.r_[0, np.cumsum([len(x) for x in parts])], np.asarray(ks)))
+    return out
+
+
+def _analyse_shard(t: dict) -> dict:
+    """Worker: analyse_identity for each identity of a shard, packed into arrays."""
+    emb, rows, b, p = t["E"].get(), t["rows"], t["bounds"], t["p"]
+    res = [analyse_identity(np.asarray(emb[rows[b[j]:b[j + 1]]]), t["photo"][b[j]:b[j + 1]], p)
+           for j in range(len(b) - 1)]
+    zero = np.zeros(t["d"], np.float32)
+    return dict(
+        s=np.concatenate([a.s for a in res]), subject=np.concatenate([a.subject for a in res]),
+        cluster=np.concatenate([a.cluster for a in res]),
+        centre=np.stack([zero if a.centre is None else a.centre for a in res]),
+        nclus=np.array([a.clusters for a in res], np.int64),
+        minority=np.concatenate([a.minority for a in res]), rival=np.concatenate([a.rival for a in res]),
+        dominant_share=np.array([a.dominant_share for a in res], np.float64),
+        ambiguous=np.array([a.ambiguous for a in res], bool), median=np.array([a.median for a in res], np.float64))
+
+
+def _unpack(blk: dict, b: np.ndarray) -> list:
+    cb = np.r_[0, np.cumsum(blk["nclus"])]
+    return [Analysis(blk["s"][b[j]:b[j + 1]], blk["cluster"][b[j]:b[j + 1]], blk["subject"][b[j]:b[j + 1]],
+                     blk["centre"][j], blk["minority"][cb[j]:cb[j + 1]], blk["rival"][cb[j]:cb[j + 1]],
+                     int(blk["nclus"][j]), float(blk["dominant_share"][j]), bool(blk["ambiguous"][j]),
+                     float(blk["median"][j])) for j in range(len(b) - 1)]
+
+
+def _decide_shard(t: dict) -> dict:
+    """Worker: decide_identity for each identity of a shard."""
+    emb, rows, b, p = t["E"].get(), t["rows"], t["bounds"], t["p"]
+    n = len(rows)
+    dec, rea = np.full(n, DROP, np.uint8), np.full(n, RC[R_FAR], np.uint8)
+    score, dup = np.zeros(n, np.float32), np.full(n, -1, np.int64)
+    pix, fs, off = t["pixel"], t["face_size"], t["offset"]
+    for j, a in enumerate(_unpack(t["block"], b)):
+        lo, hi = int(b[j]), int(b[j + 1])
+        local_pix = None
+        if pix is not None:  # identity index -> global index (global_pixel) or shard position
+            tr = rows if t["global_pixel"] else np.arange(n)
+            local_pix = (lambda x, y, lo=lo: pix(int(tr[lo + x]), int(tr[lo + y])))
+        dd, rr, ss, du = decide_identity(a, np.asarray(emb[rows[lo:hi]]), t["quality"][lo:hi], p,
+                                         None if fs is None else fs[lo:hi], None if off is None else off[lo:hi],
+                                         local_pix)
+        dec[lo:hi], rea[lo:hi], score[lo:hi] = dd, rr, ss
+        dup[lo:hi] = np.where(du >= 0, du + lo, -1)
+    return dict(decision=dec, reason=rea, score=score, dup_of=dup)
+
+
+def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
+                 exclude_vecs) -> CoreResult:
+    """The cross-identity tail: exclusion, too few photos, the review budget, merges, counts."""
+    n, (k, d) = len(emb), centres.shape
     # exclusion against an evaluation set's vectors
     if exclude_vecs is not None and len(exclude_vecs) and k:
         # an identity overlaps the evaluation set when two of its faces match the centre,
@@ -538,24 +712,20 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
         hit = (hits >= 2) | (best >= p.exclude + 0.015)
         excluded |= set(np.nonzero(hit)[0].tolist())
     if excluded:
-        for i in range(n):
-            if int(identity[i]) in excluded:
-                decision[i], reason[i] = C.DECISION_DROP, R_EXCLUDED
+        m = np.isin(identity, sorted(excluded))
+        dec[m], rea[m] = DROP, RC[R_EXCLUDED]
         for g in excluded:
             if g < k:
                 info[g]["flags"].append("excluded")
     # too few photos
-    kept_by_id = np.bincount(identity[[i for i in range(n) if decision[i] != C.DECISION_DROP]], minlength=k) \
-        if n else np.zeros(0, np.int64)
-    for i in range(n):
-        if decision[i] != C.DECISION_DROP and kept_by_id[identity[i]] < p.min_images:
-            decision[i], reason[i] = C.DECISION_DROP, R_TOO_FEW
-    for g in range(k):
-        if 0 < kept_by_id[g] < p.min_images:
-            info[g]["flags"].append("too_few")
-    resolved = limit_review(decision, reason, score, p, n)
+    kept_by_id = np.bincount(identity[dec != DROP], minlength=k)
+    m = (dec != DROP) & (kept_by_id[identity] < p.min_images)
+    dec[m], rea[m] = DROP, RC[R_TOO_FEW]
+    for g in np.nonzero((kept_by_id > 0) & (kept_by_id < p.min_images))[0].tolist():
+        info[g]["flags"].append("too_few")
+    resolved = _limit_review_codes(dec, rea, score, p, n)
     # centres of what is kept, for merges
-    alive = np.array([dd == C.DECISION_KEEP for dd in decision], bool) if n else np.zeros(0, bool)
+    alive = dec == KEEP
     sums = np.zeros((k, d), np.float64)
     if alive.any():
         np.add.at(sums, identity[alive], emb[alive].astype(np.float64))
@@ -567,20 +737,35 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
         for g in (a, b):
             if "merge_candidate" not in info[g]["flags"]:
                 info[g]["flags"].append("merge_candidate")
-    for i in range(n):
-        g = int(identity[i])
-        info[g]["faces"] += 1
-        dd = decision[i]
-        info[g]["kept" if dd == C.DECISION_KEEP else "review" if dd == C.DECISION_REVIEW else "dropped"] += 1
-        if reason[i] == R_DUPLICATE:
-            info[g]["duplicates"] += 1
-        elif reason[i] == R_NOT_SUBJECT:
-            info[g]["not_subject"] += 1
-    return CoreResult(decision, reason, score, cluster, dup_of, info, fin, merges, resolved)
+    counts = dict(faces=np.ones(n, bool), kept=dec == KEEP, review=dec == REVIEW, dropped=dec == DROP,
+                  duplicates=rea == RC[R_DUPLICATE], not_subject=rea == RC[R_NOT_SUBJECT])
+    for name, m in counts.items():
+        for g, c in enumerate(np.bincount(identity[m], minlength=k).tolist()):
+            info[g][name] += c
+    return CoreResult([DECISIONS[c] for c in dec.tolist()], [REASONS[c] for c in rea.tolist()], score, cluster,
+                      dup_of, info, fin, merges, resolved)
 
 
-def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, sharpness=None) -> np.ndarray:
-    """Per-face corrections of the centre similarity, all measured on the dataset itself:
+def _limit_review_codes(dec, rea, score, p: CleanParams, total: int) -> int:
+    """``limit_review`` on code arrays (in place)."""
+    budget = int(np.floor(p.max_review * total))
+    review = dec == REVIEW
+    band = np.nonzero(review & (rea == RC[R_BAND]))[0]
+    allowed = max(0, budget - (int(review.sum()) - len(band)))
+    if len(band) <= allowed:
+        return 0
+    order = sorted(band.tolist(), key=lambda i: (-float(score[i]), i))
+    gone = np.asarray(order[allowed:], np.int64)
+    dec[gone], rea[gone] = DROP, RC[R_FAR]
+    return len(order) - allowed
+
+
+def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, *,
+                  pool: LocalPool | None = None, shared: SharedArray | None = None) -> np.ndarray:
+    """Per-face corrections of the centre similarity, all measured on the dataset itself.
+    ``raw``: each face's similarity to its identity's centre (no offsets); ``inl``: the
+    subject faces at or above drop; ``cen`` (k, d): identity centres; ``keys``: the
+    identities that have faces; ``med`` (k,): median inlier similarity per identity.
 
     * cohort: a face that resembles many other identities' centres (a generic face, a
       look-alike) scores higher everywhere; subtract ``cohort`` x its mean similarity to
@@ -596,39 +781,24 @@ def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, shar
     * quality: blurred / low-resolution crops (sharpness below ``low_sharpness``) sit
       lower for everyone; add the measured gap between sharp and blurred inliers'
       median similarity (0..0.03).
+    ``pool``/``shared`` (``emb`` shared with the pool) spread the cohort searches over
+    the pool's workers, block by block as in one process.
     """
     n = len(emb)
-    raw = np.zeros(n, np.float32)
-    inl = np.zeros(n, bool)
-    k = len(first)
-    keys = sorted(first)
-    cen = np.zeros((int(identity.max()) + 1, emb.shape[1]), np.float32)
-    med = np.full(int(identity.max()) + 1, np.nan)
-    for g in keys:
-        rows = groups[g]
-        r = first[g]
-        raw[rows] = r.score
-        sub = np.array([x != R_NOT_SUBJECT for x in r.reason], bool)
-        ok = sub & (r.score >= p.drop)
-        inl[rows] = ok
-        if r.centre is not None:
-            cen[g] = r.centre
-        if ok.sum() >= 3:
-            med[g] = float(np.median(r.score[ok]))
+    karr = np.asarray(keys)
     off = np.zeros(n, np.float64)
-    if (p.cohort or p.cohort_centre) and k > 5:
+    if (p.cohort or p.cohort_centre) and len(karr) > 5:
         # identities that look like the same person (merge candidates) are not each other's cohort
-        karr = np.asarray(keys)
         partners = defaultdict(list)
         for a, b, _ in similar_pairs(cen[karr], p.merge):
             partners[int(karr[a])].append(int(karr[b]))
             partners[int(karr[b])].append(int(karr[a]))
         if p.cohort:
-            co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners)
+            co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners, pool=pool, shared=shared)
             ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
             off += p.cohort * (co - ref)
         if p.cohort_centre:
-            cc = centre_crowding(cen[karr], karr, emb, identity, 20, partners=partners)
+            cc = centre_crowding(cen[karr], karr, emb, identity, 20, partners=partners, pool=pool)
             per = np.zeros(len(cen), np.float64)
             per[karr] = cc - float(np.median(cc))
             off += p.cohort_centre * per[identity]
@@ -646,24 +816,46 @@ def score_offsets(emb, identity, first: dict, groups: dict, p: CleanParams, shar
     return off.astype(np.float32)
 
 
+def _chunks(n: int, block: int, pool: LocalPool | None) -> list:
+    """Row ranges of whole blocks, a few per worker."""
+    per = block * max(1, -(-n // (block * 4 * (pool.workers if pool else 1))))
+    return [(a, min(n, a + per)) for a in range(0, n, per)] if pool and pool.workers > 1 else [(0, n)]
+
+
 def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np.ndarray, k: int,
                     block: int = 4096, cohort_max: int = 5000, seed: int = 0,
-                    partners: dict | None = None) -> np.ndarray:
+                    partners: dict | None = None, pool: LocalPool | None = None,
+                    shared: SharedArray | None = None) -> np.ndarray:
     """Mean similarity of each vector to its k nearest centres of other identities
     (``ids`` names the rows of ``centres``): an exact search over a cohort of at most
     ``cohort_max`` centres (a fixed random sample when there are more), so the cost is
-    linear in the number of faces. ``partners`` (identity -> identities) are left out too."""
+    linear in the number of faces. ``partners`` (identity -> identities) are left out too.
+    With a ``pool`` (``shared``: ``q`` shared with it) the blocks run on its workers."""
     n, m = len(q), len(centres)
     if m > cohort_max:
         pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
         centres, ids, m = centres[pick], ids[pick], cohort_max
     pos = np.full(int(max(ids.max(), own.max())) + 1, -1, np.int64)
     pos[ids] = np.arange(m)
-    own_pos = pos[own]
     kk = max(1, min(k, m - 1))
-    out = np.zeros(n, np.float32)
-    for b0 in range(0, n, block):
-        s = q[b0:b0 + block] @ centres.T
+    if pool is None or pool.workers == 1 or shared is None:
+        return _topk_rows(dict(q=q, a=0, b=n, own=own, centres=centres, pos=pos, kk=kk, block=block,
+                               partners=partners))
+    cs = pool.share(np.ascontiguousarray(centres))
+    tasks = [dict(q=shared, a=a, b=b, own=own[a:b], centres=cs, pos=pos, kk=kk, block=block, partners=partners)
+             for a, b in _chunks(n, block, pool)]
+    return np.concatenate(list(pool.map(_topk_rows, tasks)))
+
+
+def _topk_rows(t: dict) -> np.ndarray:
+    """topk_other_mean of rows a..b (a: a multiple of the block)."""
+    q = t["q"].get() if isinstance(t["q"], SharedArray) else t["q"]
+    centres = t["centres"].get() if isinstance(t["centres"], SharedArray) else t["centres"]
+    a, b, own, pos, kk, block, partners = t["a"], t["b"], t["own"], t["pos"], t["kk"], t["block"], t["partners"]
+    own_pos = pos[own]
+    out = np.zeros(b - a, np.float32)
+    for b0 in range(0, b - a, block):
+        s = q[a + b0:min(b, a + b0 + block)] @ centres.T  # below: -np.partition(-s, ...) without copies
         op = own_pos[b0:b0 + block]
         ok = op >= 0
         s[np.arange(len(s))[ok], op[ok]] = -np.inf
@@ -676,23 +868,37 @@ def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np
                         cc.append(pos[h])
             if rr:
                 s[rr, cc] = -np.inf
-        top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
+        np.negative(s, out=s)
+        s.partition(kk - 1, axis=1)
+        top = -s[:, :kk]
         out[b0:b0 + block] = top.mean(1)
     return out
 
 
 def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, identity: np.ndarray, k: int,
                     sample: int = 5000, seed: int = 0, block: int = 2048,
-                    partners: dict | None = None) -> np.ndarray:
+                    partners: dict | None = None, pool: LocalPool | None = None) -> np.ndarray:
     """Mean similarity of each identity centre to its ``k`` nearest faces of *other*
     identities (and not of its merge ``partners``): how close another person's face
     can come to this centre in this dataset. A centre in a crowded region of face
     space (many look-alikes) needs more evidence. The faces searched are a fixed
-    random sample of at most ``sample`` (cost linear in the number of identities)."""
+    random sample of at most ``sample`` (cost linear in the number of identities).
+    With a ``pool`` the blocks of centres run on its workers."""
     n = len(emb)
     pick = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
     fe, fid = emb[pick], identity[pick]
     kk = max(1, min(k, len(pick) - 1))
+    t = dict(fe=fe, fid=fid, kk=kk, block=block, partners=partners)
+    if pool is None or pool.workers == 1:
+        return _crowding_rows(dict(t, centres=centres, ids=ids))
+    parts = [dict(t, centres=np.ascontiguousarray(centres[a:b]), ids=ids[a:b])
+             for a, b in _chunks(len(centres), block, pool)]
+    return np.concatenate(list(pool.map(_crowding_rows, parts)))
+
+
+def _crowding_rows(t: dict) -> np.ndarray:
+    centres, ids, fe, fid, kk, block, partners = (t["centres"], t["ids"], t["fe"], t["fid"], t["kk"], t["block"],
+                                                  t["partners"])
     out = np.zeros(len(centres), np.float32)
     for b0 in range(0, len(centres), block):
         s = centres[b0:b0 + block] @ fe.T
@@ -702,7 +908,9 @@ def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, ident
             for r_, g in enumerate(bid.tolist()):
                 for h in partners.get(g, ()):
                     s[r_, fid == h] = -np.inf
-        top = -np.partition(-s, kk - 1, axis=1)[:, :kk]
+        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
+        s.partition(kk - 1, axis=1)
+        top = -s[:, :kk]
         top[~np.isfinite(top)] = np.nan
         out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
     return out
@@ -865,6 +1073,10 @@ class CropSimilarity:
         self.paths = list(paths)
         self._cache: dict[int, np.ndarray | None] = {}
 
+    def subset(self, rows: Sequence[int]) -> "CropSimilarity":
+        """The same comparison on the crops ``rows`` (renumbered 0..), e.g. for a worker."""
+        return CropSimilarity([self.paths[int(i)] for i in rows])
+
     def thumb(self, i: int) -> np.ndarray | None:
         if i not in self._cache:
             import cv2
@@ -902,13 +1114,16 @@ def _carry_manual(previous_csv: Path, out: list[dict]) -> tuple[int, int]:
 def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
               exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
               min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
-              keep_manual: bool = True, show_progress: bool = True) -> dict:
+              keep_manual: bool = True, show_progress: bool = True, workers: int | None = None,
+              shard_faces: int | None = None) -> dict:
     """Read OUT/align.csv and the embedding store; write clean.csv, identities.csv,
     merges.csv and clean.json. Returns the summary.
 
     ``keep_manual``: a face whose decision came from a review (reason ``manual`` in
     the existing clean.csv) keeps it; the decision computed now is recorded in
-    ``previous_decision``/``previous_reason``, as ``review apply`` does."""
+    ``previous_decision``/``previous_reason``, as ``review apply`` does. ``workers``:
+    processes for the per-identity work (default: all cores); the outputs depend
+    neither on it nor on ``shard_faces`` (see ``clean_core``)."""
     out_dir = Path(out_dir)
     manifest = out_dir / C.ALIGN_MANIFEST
     if not manifest.exists():
@@ -951,7 +1166,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
             ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
     res = clean_core(emb, identity, photo, quality, p, face_size=fsize, sharpness=sharp, excluded=ex_ids,
                      exclude_vecs=ex_vecs, pixel_sim=CropSimilarity([out_dir / r["aligned"] for r in have]),
-                     show_progress=show_progress)
+                     show_progress=show_progress, workers=workers, shard_faces=shard_faces)
     out = []
     for i, r in enumerate(have):
         out.append(dict(

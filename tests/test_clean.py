@@ -429,3 +429,73 @@ def test_near_duplicates_in_the_uncertain_zone_need_the_pixels():
         # embeddings alone: 0.987 is below dup (0.99), 0.997 above
         r = fc.clean_identity(e, np.arange(9), np.zeros(9), p)
         assert ("duplicate" in (r.reason[0], r.reason[8])) == (t >= p.dup)
+
+
+# ----------------------------------------------------------------------------- workers
+@pytest.mark.parametrize("sizes", [[1], [2], [3, 1, 1], [5, 5, 2, 1], [40, 3, 3, 1, 1, 1], [250, 1, 7]])
+def test_chinese_whispers_on_cliques_equals_dlib(sizes):
+    """Graphs whose components are cliques skip dlib; the labels must be dlib's."""
+    import dlib
+
+    rng = np.random.default_rng(sum(sizes))
+    lab = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    emb = np.eye(len(sizes), DIM, dtype=np.float32)[lab]  # same person: cosine 1, others 0
+    n = len(emb)
+    ii, jj = np.nonzero(np.triu(lab[:, None] == lab[None, :], 1))
+    raw = dlib.chinese_whispers([(i, i) for i in range(n)] + list(zip(ii.tolist(), jj.tolist())))
+    assert np.array_equal(fc.chinese_whispers(emb, 0.5), fc._renumber(np.asarray(raw, np.int64)))
+
+
+def test_chinese_whispers_on_a_chain_still_uses_dlib():
+    """A path graph (not cliques): the result is dlib's, e.g. not one label per component."""
+    import dlib
+
+    t = np.linspace(0, 1.2, 12)
+    emb = np.zeros((12, DIM), np.float32)
+    emb[:, 0], emb[:, 1] = np.cos(t), np.sin(t)  # neighbours 0.11 rad apart: only adjacent ones connect
+    sim = emb @ emb.T
+    ii, jj = np.nonzero(np.triu(sim >= 0.99, 1))
+    assert len(ii) == 11
+    raw = dlib.chinese_whispers([(i, i) for i in range(12)] + list(zip(ii.tolist(), jj.tolist())))
+    assert np.array_equal(fc.chinese_whispers(emb, 0.99), fc._renumber(np.asarray(raw, np.int64)))
+
+
+def test_clean_core_workers_do_not_change_the_result():
+    rng = np.random.default_rng(7)
+    cents = _centres(rng, 30)
+    emb, ident, photo = [], [], []
+    for g, c in enumerate(cents):
+        k = int(rng.integers(1, 25))
+        e = _person(rng, c, k)
+        e[rng.random(k) < 0.15] = _unit(rng.standard_normal((1, DIM)))
+        emb.append(e)
+        ident += [g] * k
+    emb = np.concatenate(emb).astype(np.float32)
+    photo = np.arange(len(emb))
+    photo[5] = photo[4]  # a group photo
+    ident = np.array(ident)
+    q = rng.random(len(emb))
+    p = fc.default_params("dlib")
+    one = fc.clean_core(emb, ident, photo, q, p, workers=1)
+    two = fc.clean_core(emb, ident, photo, q, p, workers=2, shard_faces=20)
+    for f in ("decision", "reason", "score", "cluster", "dup_of", "identities", "centres", "merges",
+              "review_resolved"):
+        a, b = getattr(one, f), getattr(two, f)
+        assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), f
+
+
+def test_real_clean_outputs_equal_with_one_and_two_workers(real_run, tmp_path):
+    """The whole clean stage on real photos: byte-identical files with 1 and 2 workers
+    (one identity per shard, so the crops' pixel check runs in the workers too)."""
+    out, _, _ = real_run
+    files = (C.CLEAN_CSV, C.IDENTITIES_CSV, C.MERGES_CSV, "clean.json")
+    got = {}
+    for w in (1, 2):
+        dst = tmp_path / f"w{w}"
+        shutil.copytree(out, dst)
+        for f in files:
+            (dst / f).unlink()
+        fc.run_clean(dst, show_progress=False, workers=w, shard_faces=1)
+        got[w] = [(dst / f).read_bytes() for f in files]
+    assert got[1] == got[2]
+    assert got[1] == [(out / f).read_bytes() for f in files]  # and equal to the CLI's run (all cores)
