@@ -152,3 +152,28 @@ def test_cli_driver_killed_then_rerun_continues(cluster, ref, tmp_path):
     assert s["resumed"] >= done and s["processed_now"] + s["resumed"] == 36
     assert tree_bytes(out) == tree_bytes(refout)
     assert not [p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name and ".facecurate" not in p.parts]
+
+
+def test_onnx_embed_runs_on_the_gpu_node(cluster, ref, tmp_path):
+    """An ONNX recogniser's workers ask Ray for a GPU: on a cluster whose only GPU (a
+    logical one) is on a third node, every shard runs there; the store equals the
+    local engine's (ONNX Runtime falls back to its CPU provider on this machine)."""
+    pytest.importorskip("onnxruntime")
+    from test_embed import build_recognizer
+
+    _, refout = ref
+    model = build_recognizer(tmp_path / "tiny.onnx")
+    local = run_embed(refout, model=str(model), flip=False, chunk_size=8, store_dir=tmp_path / "local",
+                      show_progress=False)
+    node = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=NODE["object_store_memory"])
+    try:
+        cluster.wait_for_nodes()
+        s = run_embed(refout, model=str(model), flip=False, engine="ray", chunk_size=8,
+                      store_dir=tmp_path / "ray", show_progress=False)
+    finally:
+        cluster.remove_node(node)
+    assert s["engine"]["workers"] == 1 and list(s["engine"]["nodes"]) == [
+        next(k for k in s["engine"]["nodes"] if k.endswith(node.node_id[:8]))]
+    assert s["embedded"] == local["embedded"] > 0
+    for name in STORE:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
