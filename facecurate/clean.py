@@ -988,9 +988,10 @@ def _model_name(meta: dict) -> str:
     return "dlib"
 
 
-def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
+def ensure_embeddings(out_dir: Path, rows: Sequence[dict], runtime: str = "auto"):
     """The store, embedding with the default model first when crops are missing from it
-    (crops the embed stage recorded as failed are not retried here)."""
+    (crops the embed stage recorded as failed are not retried here). An existing store
+    is continued on its own runtime; ``runtime`` applies to a new one."""
     store = store_index(out_dir)
     need = {r["aligned"] for r in rows}
     if store is None or not need.issubset(set(store[1]) | _failed(store[2])):
@@ -999,11 +1000,18 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[dict]):
         except ImportError as e:  # pragma: no cover - embed stage missing
             raise RuntimeError(f"{out_dir}: embeddings missing and the embed stage is unavailable ({e})")
         # continue an existing (default-model) store with its own settings
-        run_embed(out_dir, flip=bool(store[2].get("flip", True)) if store is not None else True)
+        if store is not None:
+            runtime = _store_runtime(store[2])
+        run_embed(out_dir, flip=bool(store[2].get("flip", True)) if store is not None else True, runtime=runtime)
         store = store_index(out_dir)
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
     return store
+
+
+def _store_runtime(meta: dict) -> str:
+    """The runtime of dlib's model a store was made with (no ``runtime``: dlib)."""
+    return "onnx" if str((meta.get("signature") or {}).get("runtime", "")).startswith("onnx") else "dlib"
 
 
 def _failed(meta: dict) -> set:
@@ -1029,9 +1037,9 @@ def read_exclude(path: Path) -> tuple[set[str], list]:
     raise FileNotFoundError(f"--exclude {path}: no such file or folder")
 
 
-def embed_images(images: list[bytes], meta: dict) -> np.ndarray:
+def embed_images(images: list[bytes], meta: dict, runtime: str = "auto") -> np.ndarray:
     """Embeddings of encoded aligned crops (a verification .bin) with the store's model
-    (dlib: the embed stage's chip from the crop's five template points)."""
+    (dlib: the embed stage's chip from the crop's five template points) on ``runtime``."""
     import cv2
 
     crops = []
@@ -1044,9 +1052,9 @@ def embed_images(images: list[bytes], meta: dict) -> np.ndarray:
     if model_family(_model_name(meta)) != "dlib":
         raise RuntimeError("--exclude with a .bin needs the dlib store; for other models pass a folder of "
                            "identity names")
-    from facecurate.embed import DlibEmbedder, crop_points, dlib_chip
+    from facecurate.embed import crop_points, dlib_chip, dlib_embedder
 
-    emb = DlibEmbedder(feed="crop")
+    emb = dlib_embedder("crop", runtime)
     out = []
     for b0 in range(0, len(crops), 64):
         chips = [dlib_chip(c, crop_points(c)) for c in crops[b0:b0 + 64]]
@@ -1114,8 +1122,8 @@ def _carry_manual(previous_csv: Path, out: list[dict]) -> tuple[int, int]:
 def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
               exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
               min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
-              keep_manual: bool = True, show_progress: bool = True, workers: int | None = None,
-              shard_faces: int | None = None) -> dict:
+              keep_manual: bool = True, show_progress: bool = True, runtime: str = "auto",
+              workers: int | None = None, shard_faces: int | None = None) -> dict:
     """Read OUT/align.csv and the embedding store; write clean.csv, identities.csv,
     merges.csv and clean.json. Returns the summary.
 
@@ -1134,7 +1142,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     images_by_id = defaultdict(set)
     for r in all_rows:
         images_by_id[r["identity"]].add(r["source"])
-    vecs, where, meta = ensure_embeddings(out_dir, rows) if rows else (np.zeros((0, 128), np.float32), {}, {})
+    vecs, where, meta = ensure_embeddings(out_dir, rows, runtime) if rows else (np.zeros((0, 128), np.float32), {}, {})
     model = _model_name(meta)
     ov = dict(model_overrides or {})
     ov.update(max_review=max_review, min_images=min_images, min_face=min_face, ambiguous=ambiguous)
@@ -1162,7 +1170,8 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
         low = {s.lower().replace(" ", "_") for s in nm}
         ex_ids |= {gid[x] for x in names if x.lower().replace(" ", "_") in low}
         if imgs:
-            v = embed_images(imgs, meta)
+            # auto: the store's own runtime, so the .bin's faces are embedded as the store's were
+            v = embed_images(imgs, meta, _store_runtime(meta) if runtime == "auto" and meta else runtime)
             ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
     res = clean_core(emb, identity, photo, quality, p, face_size=fsize, sharpness=sharp, excluded=ex_ids,
                      exclude_vecs=ex_vecs, pixel_sim=CropSimilarity([out_dir / r["aligned"] for r in have]),

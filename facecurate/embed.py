@@ -27,6 +27,11 @@ Models:
   recorded five ArcFace points onto :data:`DLIB_CHIP_TEMPLATE_150` (dlib's chip
   geometry expressed in those five points, fitted once on LFW dev identities).
   Without a source (folder of crops, .rec) the chip is warped from the crop itself.
+  ``runtime`` decides what runs the network: ``onnx`` (:class:`DlibOnnxEmbedder`: the
+  graph converted from dlib's own weights on ONNX Runtime, batched, CUDA when a
+  session gets it), ``dlib`` (:class:`DlibEmbedder`: dlib itself, one process per
+  core) or ``auto`` (onnx when ONNX Runtime is installed). The store's signature
+  records ``runtime`` for the ONNX runtime, so the two never share a store.
 * ``arcface``: any insightface ArcFace-style ONNX recogniser (``--model-dir`` or an
   ``.onnx`` path), fed the aligned crops; see :class:`ArcFaceONNX`.
 """
@@ -87,6 +92,12 @@ DLIB_CHIP_TEMPLATE_150 = np.array(
 #: aligned crop; loses what lies outside it).
 DLIB_FEEDS = ("five", "68", "crop")
 MODELS = ("dlib", "arcface")
+#: What runs dlib's ResNet: ``onnx`` = the graph converted from dlib's weights
+#: (:mod:`facecurate.models.dlib_onnx`) on ONNX Runtime, batched, CUDA when a session
+#: gets it; ``dlib`` = dlib itself (CPU, one process per core); ``auto`` = onnx when
+#: ONNX Runtime is installed, else dlib.
+RUNTIMES = ("auto", "dlib", "onnx")
+ONNX_RUNTIME_TAG = "onnxruntime"  # the signature's ``runtime`` for the ONNX runtime
 
 
 class EmbedError(RuntimeError):
@@ -349,10 +360,14 @@ class OnnxEmbedder:
     """An insightface ArcFace-style ONNX recogniser fed the aligned crops (BGR)."""
 
     def __init__(self, model_path, device: str = "auto", batch_size: Optional[int] = None,
-                 fp16: bool = False, threads: Optional[int] = None):
-        from facecurate.models.onnx_models import ArcFaceONNX
+                 fp16: bool = False, threads: Optional[int] = None, io_binding: Optional[bool] = None):
+        from facecurate.models.onnx_models import OnnxModelError, load_model
 
-        self.model = ArcFaceONNX(model_path, device=device, batch_size=batch_size, fp16=fp16, threads=threads)
+        try:
+            self.model = load_model(model_path, kind="recognizer", device=device, batch_size=batch_size,
+                                    fp16=fp16, threads=threads, io_binding=io_binding)
+        except OnnxModelError as e:
+            raise EmbedError(str(e)) from None
         self.name = self.model.name
         self.dim = self.model.dim
         self.input_size = self.model.input_size
@@ -384,6 +399,65 @@ class OnnxEmbedder:
         if not crops:
             return np.zeros((0, self.dim), np.float32)
         return self.forward(self.blob(crops, flip), len(crops), flip)
+
+
+class DlibOnnxEmbedder(OnnxEmbedder):
+    """dlib's ResNet on ONNX Runtime: the graph converted from dlib's own weights
+    (cached on first use), loaded through the same door as insightface recognisers,
+    fed exactly the chips :class:`DlibEmbedder` feeds dlib (RGB)."""
+
+    def __init__(self, feed: str = "five", device: str = "auto", batch_size: Optional[int] = None,
+                 fp16: bool = False, threads: Optional[int] = None, io_binding: Optional[bool] = None):
+        from facecurate.models.dlib_onnx import DlibOnnxError, dlib_resnet_onnx
+
+        self._chips = DlibEmbedder(feed)  # chip geometry only; dlib's model is never loaded
+        try:
+            path = dlib_resnet_onnx(sha256=_dlib_sha())
+        except DlibOnnxError as e:
+            raise EmbedError(f"{e} (or use --runtime dlib)") from None
+        super().__init__(path, device=device, batch_size=batch_size, fp16=fp16, threads=threads,
+                         io_binding=io_binding)
+        self.name, self.feed = DlibEmbedder.name, feed
+
+    def info(self) -> dict:
+        d = self.model.info()
+        d.update(name=self.name, onnx_file=Path(d["file"]).name, onnx_sha256=d["sha256"], sha256=_dlib_sha(),
+                 feed=self.feed, runtime=ONNX_RUNTIME_TAG + ("-fp16" if self.model.fp16 else ""))
+        from facecurate.models.dlib_models import DESCRIPTOR
+
+        d["file"] = DESCRIPTOR
+        return d
+
+    def prepare(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
+        return self._chips.chip(item, loader)
+
+    def blob(self, chips: list[np.ndarray], flip: bool) -> np.ndarray:
+        # RGB chips; the recogniser door takes BGR (and turns it back into RGB)
+        return super().blob([c[:, :, ::-1] for c in chips], flip)
+
+
+def resolve_runtime(runtime: str = "auto") -> str:
+    """``dlib`` or ``onnx``: what ``runtime`` means on this installation."""
+    import importlib.util
+
+    if runtime not in RUNTIMES:
+        raise EmbedError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "dlib"
+    if importlib.util.find_spec("onnx") is None:  # cannot convert; a cached graph will do
+        from facecurate.models.dlib_onnx import cached_path
+
+        return "onnx" if cached_path(_dlib_sha()).is_file() else "dlib"
+    return "onnx"
+
+
+def dlib_embedder(feed: str = "five", runtime: str = "auto", **kw):
+    """dlib's ResNet on ``runtime`` (kw: device, batch_size, fp16, threads for ONNX)."""
+    if resolve_runtime(runtime) == "dlib":
+        return DlibEmbedder(feed)
+    return DlibOnnxEmbedder(feed, **kw)
 
 
 def resolve_onnx(model: str, model_dir: Optional[str]) -> Path:
@@ -454,11 +528,13 @@ class EmbedConfig:
     device: str = "auto"
     batch_size: Optional[int] = None
     fp16: bool = False
+    runtime: str = "auto"  # dlib's model: auto | dlib | onnx
 
 
 def make_embedder(cfg: EmbedConfig, threads: Optional[int] = None):
     if cfg.model == "dlib":
-        return DlibEmbedder(cfg.dlib_feed)
+        return dlib_embedder(cfg.dlib_feed, cfg.runtime, device=cfg.device, batch_size=cfg.batch_size,
+                             fp16=cfg.fp16, threads=threads)
     if cfg.model == "arcface" or str(cfg.model).endswith(".onnx"):
         return OnnxEmbedder(resolve_onnx(cfg.model, cfg.model_dir), device=cfg.device,
                             batch_size=cfg.batch_size, fp16=cfg.fp16, threads=threads)
@@ -467,9 +543,12 @@ def make_embedder(cfg: EmbedConfig, threads: Optional[int] = None):
 
 def signature(info: dict, flip: bool, source_kind: str) -> dict:
     """What must be the same for every vector of one store."""
-    return {"name": info["name"], "sha256": info["sha256"], "dim": info["dim"],
-            "input_size": info["input_size"], "feed": info.get("feed", ""), "flip": bool(flip),
-            "input": source_kind}
+    sig = {"name": info["name"], "sha256": info["sha256"], "dim": info["dim"],
+           "input_size": info["input_size"], "feed": info.get("feed", ""), "flip": bool(flip),
+           "input": source_kind}
+    if info.get("runtime"):  # dlib's model on ONNX Runtime (a store made by dlib has none)
+        sig["runtime"] = info["runtime"]
+    return sig
 
 
 # ----------------------------------------------------------------------------- worker
@@ -636,7 +715,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
               workers: Optional[int] = None, flip: bool = True, device: str = "auto",
               show_progress: bool = True, *, fp16: bool = False, dlib_feed: str = "five",
               store_dir=None, overwrite: bool = False, chunk_size: Optional[int] = None,
-              on_chunk: Optional[Callable[[dict], None]] = None, engine="local",
+              on_chunk: Optional[Callable[[dict], None]] = None, runtime: str = "auto", engine="local",
               ray_address: Optional[str] = None, part=None) -> dict:
     """Embed every crop of ``out_dir`` (an align OUT, a folder of crops, or a .rec) into
     the store in ``store_dir`` (default: ``out_dir``, or the .rec's folder). Resumes;
@@ -644,7 +723,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     ``chunk_size``: faces per shard. Returns a summary dict."""
     t_start = time.perf_counter()
     cfg = EmbedConfig(model=str(model), model_dir=model_dir, flip=bool(flip), dlib_feed=dlib_feed,
-                      device=device, batch_size=batch_size, fp16=fp16)
+                      device=device, batch_size=batch_size, fp16=fp16, runtime=runtime)
     target = Path(out_dir)
     items, kind, store, _align_meta = _resolve_input(target, Path(store_dir) if store_dir else None)
     store.mkdir(parents=True, exist_ok=True)
@@ -681,7 +760,9 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
             store, items, *_load_shards(work, shards), info, sig, cfg, kind))
     summary = summary or {"store": str(store), "input": kind, "model": info["name"], "dim": int(info["dim"]),
                           "faces": len(items)}
-    return _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)
+    summary = _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)
+    summary["runtime"] = info.get("runtime") or ("dlib" if is_dlib else ONNX_RUNTIME_TAG)
+    return summary
 
 
 DLIB_SHARD_SIZE = 64
@@ -799,4 +880,5 @@ def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
 
 
 __all__ = ["run_embed", "load_store", "EmbedError", "EmbedConfig", "DlibEmbedder", "OnnxEmbedder",
+           "DlibOnnxEmbedder", "dlib_embedder", "resolve_runtime", "RUNTIMES",
            "dlib_chip", "DLIB_CHIP_TEMPLATE_150", "DLIB_FEEDS", "items_from_align"]

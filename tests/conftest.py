@@ -49,3 +49,16 @@ def dlib_faces_dir(data_dir) -> Path:
 def lfw_dev_ids(data_dir) -> list[str]:
     p = _need(data_dir / "splits" / "lfw-dev.txt")
     return [s.strip() for s in p.read_text().splitlines() if s.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory):
+    """Converted models (dlib's ResNet as ONNX) go to a cache of this test session,
+    never to the user's ~/.cache."""
+    old = os.environ.get("FACECURATE_CACHE")
+    os.environ["FACECURATE_CACHE"] = str(tmp_path_factory.mktemp("fc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FACECURATE_CACHE", None)
+    else:
+        os.environ["FACECURATE_CACHE"] = old

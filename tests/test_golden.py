@@ -59,7 +59,7 @@ def build_raw(data: Path, raw: Path) -> None:
 
 STEPS = [
     ["align", "raw", "out", "--workers", "2"],
-    ["embed", "out", "--workers", "2"],
+    ["embed", "out", "--workers", "2", "--runtime", "dlib"],
     ["clean", "out", "--keep", "0.97"],
     ["review", "out"],
     ["report", "out"],

@@ -67,6 +67,7 @@ def main() -> None:
       facecurate report OUT        OUT/report.html: counts, score histograms, noisiest identities
       facecurate pack OUT DEST     train.rec/.idx/.lst + property for arcface_torch
       facecurate inspect DEST      validate a .rec/.idx (ours or a public one)
+      facecurate models list       installed weights, runtimes, converted graphs
 
     Every stage records what it did in OUT/, can be interrupted and rerun (it
     continues where it stopped), and gives byte-identical output for the same
@@ -78,8 +79,9 @@ from facecurate.cli import align as _align  # noqa: E402
 from facecurate.cli import embed as _embed  # noqa: E402
 from facecurate.cli import clean as _clean  # noqa: E402
 from facecurate.cli import pack as _pack  # noqa: E402
+from facecurate.cli import models as _models  # noqa: E402
 from facecurate.cli import review as _review  # noqa: E402
 
-for _mod in (_align, _embed, _clean, _review, _pack):
+for _mod in (_align, _embed, _clean, _review, _pack, _models):
     for _cmd in _mod.COMMANDS:
         main.add_command(_cmd)

@@ -53,11 +53,15 @@ def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--discard-manual", is_flag=True,
               help="Recompute every decision. By default a face decided in a review (`review apply`, "
                    "reason manual) keeps that decision; what clean decides now goes to previous_decision.")
+@click.option("--runtime", type=click.Choice(["auto", "dlib", "onnx"]), default="auto", show_default=True,
+              help="What runs dlib's model when clean embeds (OUT without a store, or a .bin given to "
+                   "--exclude): onnx (ONNX Runtime), dlib, or auto (onnx when installed). An existing "
+                   "store is continued on its own runtime.")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Processes for the per-identity work (default: all cores); the outputs do not depend on it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images, min_face, ambiguous,
-          discard_manual, workers, as_json):
+          discard_manual, runtime, workers, as_json):
     """Decide keep / drop / review for every face in OUT/align.csv.
 
     Per identity: dlib Chinese-whispers clusters find the dominant person, a robust
@@ -85,7 +89,7 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
             summary = run_clean(out, model_overrides=dict(keep=keep, drop=drop, cw=cw, dup=dup, merge=merge),
                                 calibrate_far=far, exclude=exclude, max_review=max_review,
                                 min_images=min_images, min_face=min_face, ambiguous=ambiguous,
-                                keep_manual=not discard_manual, workers=workers)
+                                keep_manual=not discard_manual, runtime=runtime, workers=workers)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     emit_summary(f"clean: {summary['faces']} faces in {summary['identities']} identities", summary, as_json)

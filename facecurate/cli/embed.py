@@ -16,12 +16,19 @@ _FEED_HELP = ("How dlib's model is fed. five: dlib's 150x150 chip geometry warpe
               "on the box, then dlib.get_face_chip; crop: the chip warped from the 112 crop (less "
               "field of view). Without a source photo, crop is used.")
 
+_RUNTIME_HELP = ("What runs dlib's model. onnx: the network converted from dlib's own weights (at first "
+                 "use, cached) on ONNX Runtime, batched, on CUDA when a session really gets it; dlib: "
+                 "dlib itself (CPU, one process per core); auto: onnx when ONNX Runtime is installed, "
+                 "else dlib. A store is never mixed: its signature records the runtime.")
+
 
 def _common(f):
     # applied bottom-up: the first option listed here is applied last, so it shows first
     f = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")(f)
     f = click.option("--dlib-feed", type=click.Choice(["five", "68", "crop"]), default="five",
                      show_default=True, help=_FEED_HELP)(f)
+    f = click.option("--runtime", type=click.Choice(["auto", "dlib", "onnx"]), default="auto", show_default=True,
+                     help=_RUNTIME_HELP)(f)
     f = click.option("--fp16", is_flag=True, help="ONNX on CUDA: run the model in float16.")(f)
     f = click.option("--workers", type=click.IntRange(1), default=None,
                      help="dlib: processes (default: all cores); ONNX: threads decoding and "
@@ -55,8 +62,8 @@ def _common(f):
                    "resumption. Recorded: reruns and parts without it keep the recorded value.")
 @engine_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing store and start again.")
-def embed(out, model, model_dir, device, batch_size, workers, fp16, dlib_feed, as_json, flip, store, shard_size,
-          engine, ray_address, part, overwrite):
+def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dlib_feed, as_json, flip, store,
+          shard_size, engine, ray_address, part, overwrite):
     """L2-normalised embeddings of every face crop in OUT.
 
     OUT is a folder made by `facecurate align` (every ok crop of OUT/align.csv,
@@ -78,8 +85,8 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, dlib_feed, a
     try:
         summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
                             flip=flip, device=device, fp16=fp16, dlib_feed=dlib_feed, store_dir=store,
-                            overwrite=overwrite, chunk_size=shard_size, engine=engine, ray_address=ray_address,
-                            part=part)
+                            overwrite=overwrite, runtime=runtime, chunk_size=shard_size, engine=engine,
+                            ray_address=ray_address, part=part)
     except EmbedError as e:
         raise click.ClickException(str(e)) from None
     if summary.get("provider") and "CUDA" not in str(summary["provider"]) and model != "dlib" and device != "cpu":
@@ -111,7 +118,7 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, dlib_feed, a
               help="Engine of the align and embed runs (see `facecurate align --help`).")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
               help="--engine ray: the cluster (default: RAY_ADDRESS, else a local Ray instance).")
-def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16, dlib_feed, as_json,
+def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16, runtime, dlib_feed, as_json,
                detector, flip, work, pick, retry_detector, roc, engine, ray_address):
     """Verification accuracy of the detector + alignment + model on an
     LFW-style pairs file.
@@ -134,14 +141,16 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
         s = run_eval_pairs(pairs, root, work=work, detector=detector, model=model, model_dir=model_dir,
                            flip=flip, device=device, batch_size=batch_size, workers=workers,
                            dlib_feed=dlib_feed, roc=roc, show_progress=True, pick=pick,
-                           retry_detector=retry_detector, engine=engine, ray_address=ray_address)
+                           retry_detector=retry_detector, runtime=runtime, fp16=fp16, engine=engine,
+                           ray_address=ray_address)
     except (AlignError, EmbedError, PairsError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         emit_summary("eval-pairs", s, True)
         return
     click.echo(f"eval-pairs: {s['pairs']} pairs in {s['folds']} folds, {s['images']} images "
-               f"({s['model']}, feed={s['feed']}, flip={s['flip']}, detector={s['detector']})")
+               f"({s['model']}, runtime={s['runtime']}, feed={s['feed']}, flip={s['flip']}, "
+               f"detector={s['detector']})")
     click.echo(f"  accuracy      {s['accuracy'] * 100:.2f}% +- {s['std'] * 100:.2f}%  (failed images count as errors)")
     if s["accuracy_valid_pairs_only"] is not None:
         click.echo(f"  without failed pairs  {s['accuracy_valid_pairs_only'] * 100:.2f}%")

@@ -569,7 +569,7 @@ class ArcFaceONNX:
     kind = "recognizer"
 
     def __init__(self, path, device: str = "auto", batch_size: Optional[int] = None,
-                 fp16: bool = False, threads: Optional[int] = None):
+                 fp16: bool = False, threads: Optional[int] = None, io_binding: Optional[bool] = None):
         self.path = Path(path)
         self.session, self.provider = select_session(self.path, device, threads)
         ins, outs = _signature(self.session)
@@ -597,7 +597,8 @@ class ArcFaceONNX:
             self.batch_size = int(batch_size)
         else:
             self.batch_size = DEFAULT_BATCH.get(self.provider, 32)
-        self.use_io_binding = self.provider == CUDA_PROVIDER
+        # I/O binding: the output stays on the device until copied once (default: on CUDA)
+        self.use_io_binding = self.provider == CUDA_PROVIDER if io_binding is None else bool(io_binding)
 
     def _to_fp16(self, threads):  # pragma: no cover - needs a CUDA machine
         try:
@@ -650,10 +651,10 @@ class ArcFaceONNX:
         if fb is not None and n < fb:  # pad a short last batch
             pad = np.zeros((self.fixed_batch - n,) + blob.shape[1:], blob.dtype)
             blob = np.concatenate([blob, pad])
-        if self.use_io_binding:  # pragma: no cover - needs a CUDA machine
+        if self.use_io_binding:
             binding = self.session.io_binding()
             binding.bind_cpu_input(self.input_name, blob)
-            binding.bind_output(self.output_name, "cuda")
+            binding.bind_output(self.output_name, "cuda" if self.provider == CUDA_PROVIDER else "cpu")
             self.session.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
         else:
