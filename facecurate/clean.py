@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from facecurate import constants as C
-from facecurate.distribute import LocalPool, SharedArray, default_workers
+from facecurate.engines.local import LocalPool, SharedArray, default_workers
 from facecurate.files import format_float, progress, read_csv, write_csv_atomic, write_text_atomic
 
 # Reasons written to clean.csv (defined in constants.py).

@@ -536,7 +536,7 @@ def test_rank_wise_row_sums_have_the_bits_of_add_at():
 
 
 def test_ivf_merge_search_on_a_pool_equals_one_process():
-    from facecurate.distribute import LocalPool
+    from facecurate.engines.local import LocalPool
 
     rng = np.random.default_rng(5)
     v = _centres(rng, 3000)

@@ -143,7 +143,7 @@ def test_second_align_on_the_same_out_is_refused(lfw_raw, tmp_path):
 
 def test_killed_embed_leaves_no_process_quietly(lfw_out, tmp_path):
     store = tmp_path / "store"
-    p, err = _start(["embed", lfw_out, "--out", store, "--workers", "2"], tmp_path)
+    p, err = _start(["embed", lfw_out, "--out", store, "--workers", "2", "--runtime", "dlib"], tmp_path)
     kids = _wait_for_workers(p, 2)  # two forked workers
     os.kill(p.pid, signal.SIGKILL)
     p.wait(30)
@@ -154,11 +154,11 @@ def test_killed_embed_leaves_no_process_quietly(lfw_out, tmp_path):
 
 def test_second_embed_on_the_same_store_is_refused(lfw_out, tmp_path):
     store = tmp_path / "store"
-    p, _ = _start(["embed", lfw_out, "--out", store, "--workers", "2"], tmp_path)
+    p, _ = _start(["embed", lfw_out, "--out", store, "--workers", "2", "--runtime", "dlib"], tmp_path)
     try:
         _wait_for_workers(p, 2)
-        second = subprocess.run(_cli("embed", lfw_out, "--out", store, "--workers", "1"), capture_output=True,
-                                text=True, timeout=300)
+        second = subprocess.run(_cli("embed", lfw_out, "--out", store, "--workers", "1", "--runtime", "dlib"),
+                                capture_output=True, text=True, timeout=300)
         assert second.returncode == 1 and f"pid {p.pid}" in second.stderr, second.stderr
         assert "Traceback" not in second.stderr
     finally:
@@ -169,7 +169,7 @@ def test_second_embed_on_the_same_store_is_refused(lfw_out, tmp_path):
 @pytest.mark.parametrize("stage", ["align", "embed"])
 def test_ctrl_c_same_message_and_status_in_every_stage(stage, lfw_raw, lfw_out, tmp_path):
     args = ["align", lfw_raw, tmp_path / "out", "--workers", "2"] if stage == "align" else \
-        ["embed", lfw_out, "--out", tmp_path / "store", "--workers", "2"]
+        ["embed", lfw_out, "--out", tmp_path / "store", "--workers", "2", "--runtime", "dlib"]
     p, err = _start(args, tmp_path)
     kids = _wait_for_workers(p, 2)
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
