@@ -80,7 +80,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     from facecurate.clean import _have_faiss, _pairs_exact, clean_core, default_params, similar_pairs
-    from facecurate.distribute import default_workers
+    from facecurate.engines.local import default_workers
 
     workers = a.workers or default_workers()
 

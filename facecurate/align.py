@@ -2,26 +2,23 @@
 to an ArcFace crop in ``OUT/<identity>/``, mark the likely subject, and record every
 input file's fate in ``OUT/align.csv``.
 
-Structure (after img2dataset): a *reader* lists the inputs, a *distributor* splits the
-list into shards and hands them to worker processes, each *worker* loads its models
-once and turns a shard into manifest rows and crop files, and the *writer* merges the
-per-shard manifests into ``align.csv``. A shard's manifest is written atomically when
-the shard is done, so a killed run is resumed by skipping the sources that finished
-shards already cover.
+Structure (after img2dataset): a *reader* lists the inputs, the run machinery
+(:mod:`facecurate.runner`) cuts the sorted list into fixed shards and hands them to
+an engine (:mod:`facecurate.engines`: local processes or Ray actors), each *worker*
+(:class:`AlignWorker`) loads its models once and turns a shard into its manifest and
+crop files, and the *writer* merges the per-shard manifests into ``align.csv``. A
+shard's record is written after its data, so a killed run is resumed by redoing
+only the shards without one.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing as mp
 import os
 import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -47,13 +44,19 @@ from facecurate.constants import (
 from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
 from facecurate.geometry import align_face, template
 from facecurate.imageio import ImageError, is_image_name, read_image
-from facecurate.procs import die_with_parent, run_lock, stop_processes
+from facecurate.engines import get_engine
+from facecurate.procs import run_lock
+from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, clear, fail_message, finished, in_part,
+                               merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 from facecurate.records import Detection
 
 DETECTORS = ("dlib", "dlib-cnn", "scrfd")
 #: The fallback detector sees a copy whose longer side is at most this many pixels.
 FALLBACK_SIDE = 512
 SHARD_DIR = "align"
+#: Input files per shard (``--shard-size``): the unit of work and of resumption. The
+#: shard plan depends only on the sorted input list and this number.
+SHARD_SIZE = 64
 
 
 class AlignError(RuntimeError):
@@ -386,50 +389,28 @@ def _safe_align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> 
         return [_row(inp, -1, "error", message=f"{type(e).__name__}: {e}")]
 
 
-@dataclass
-class Shard:
-    index: int
-    files: list[InputFile] = field(default_factory=list)
+def shard_csv(out: Path, index: int) -> Path:
+    return out / WORK_DIR / SHARD_DIR / f"shard_{index:06d}.csv"
 
 
-def shard_paths(out: Path, index: int) -> tuple[Path, Path]:
-    d = out / WORK_DIR / SHARD_DIR
-    return d / f"shard_{index:06d}.csv", d / f"shard_{index:06d}.json"
+class AlignWorker:
+    """One per worker process (models loaded once): turns a shard of input files into
+    its manifest ``shard_NNNNNN.csv`` and crop files. Its record is written by the
+    run machinery (:mod:`facecurate.runner`) after it returns."""
 
+    def __init__(self, cfg: AlignConfig, raw: str, out: str):
+        self.aligner = Aligner(cfg)
+        self.raw, self.out = Path(raw), Path(out)
 
-_WORKER: dict = {}
-
-
-def _child_init(cfg: AlignConfig, raw: str, out: str, parent_pid: int) -> None:
-    die_with_parent(parent_pid)  # a killed run leaves no worker behind
-    cv2.setNumThreads(1)  # one process per core already
-    _worker_init(cfg, raw, out)
-
-
-def _worker_init(cfg: AlignConfig, raw: str, out: str) -> None:
-    _WORKER["aligner"] = Aligner(cfg)
-    _WORKER["raw"], _WORKER["out"] = Path(raw), Path(out)
-
-
-def _worker_run(shard: Shard) -> tuple[int, int, dict]:
-    return run_shard(_WORKER["aligner"], _WORKER["raw"], _WORKER["out"], shard)
-
-
-def run_shard(aligner: Aligner, raw: Path, out: Path, shard: Shard) -> tuple[int, int, dict]:
-    """Process one shard and write its manifest and stats atomically.
-    Returns (shard index, files processed, stats)."""
-    before = Timings(**vars(aligner.timings))
-    t0 = time.perf_counter()
-    rows: list[dict] = []
-    for inp in shard.files:
-        rows.extend(_safe_align_file(aligner, raw, out, inp))
-    csv_path, json_path = shard_paths(out, shard.index)
-    write_text_atomic(csv_path, csv_text(ALIGN_COLUMNS, rows))
-    spent = Timings(**{k: getattr(aligner.timings, k) - getattr(before, k) for k in vars(before)})
-    stats = {"shard": shard.index, "files": len(shard.files), "rows": len(rows),
-             "status": _count_status(rows), "seconds": time.perf_counter() - t0, "timings": vars(spent)}
-    write_text_atomic(json_path, json.dumps(stats, sort_keys=True))
-    return shard.index, len(shard.files), stats
+    def run(self, shard) -> dict:
+        before = Timings(**vars(self.aligner.timings))
+        rows: list[dict] = []
+        for inp in shard.items:
+            rows.extend(_safe_align_file(self.aligner, self.raw, self.out, inp))
+        write_text_atomic(shard_csv(self.out, shard.index), csv_text(ALIGN_COLUMNS, rows))
+        spent = {k: getattr(self.aligner.timings, k) - getattr(before, k) for k in vars(before)}
+        return {"rows": len(rows), "status": _count_status(rows), "timings": spent,
+                "detector": self.aligner.main_label}
 
 
 def _count(values) -> dict:
@@ -441,62 +422,6 @@ def _count(values) -> dict:
 
 def _count_status(rows: Sequence[dict]) -> dict:
     return _count(r["status"] for r in rows)
-
-
-# --------------------------------------------------------------------------- distributor
-def _done_shards(out: Path) -> tuple[dict[int, list[dict]], set[str]]:
-    d = out / WORK_DIR / SHARD_DIR
-    shards: dict[int, list[dict]] = {}
-    done: set[str] = set()
-    if d.is_dir():
-        for p in sorted(d.glob("shard_*.csv")):
-            idx = int(p.stem.split("_")[1])
-            rows = read_csv(p)
-            shards[idx] = rows
-            done.update(r["source"] for r in rows)
-    return shards, done
-
-
-def _distribute(shards: Sequence[Shard], cfg: AlignConfig, raw: str, out: str, workers: int) -> Iterator[tuple]:
-    """Distributor: yields (shard index, files, stats) as shards finish, in any order.
-    The calling process is one of the ``workers`` lanes: it aligns shards itself
-    while the other ``workers - 1`` processes start and load their models (about a
-    second each), and keeps every child two shards ahead so that none waits."""
-    pending = deque(shards)
-    if not pending:
-        return
-    if workers == 1:
-        _worker_init(cfg, raw, out)
-        while pending:
-            yield _worker_run(pending.popleft())
-        return
-    # spawn, not fork: a forked child of a process whose OpenCV thread pool already
-    # runs can deadlock on its first cv2 call.
-    ex = ProcessPoolExecutor(workers - 1, mp_context=mp.get_context("spawn"),
-                             initializer=_child_init, initargs=(cfg, raw, out, os.getpid()))
-    running: set = set()
-    clean_exit = False
-    try:
-        # Children first: they start and load their models while this process loads its own.
-        while pending and len(running) < 2 * (workers - 1):
-            running.add(ex.submit(_worker_run, pending.popleft()))
-        _worker_init(cfg, raw, out)
-        while pending or running:
-            while pending and len(running) < 2 * (workers - 1):
-                running.add(ex.submit(_worker_run, pending.popleft()))
-            if pending:
-                yield _worker_run(pending.popleft())  # this process's own share
-                finished = {f for f in running if f.done()}
-            else:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                running.discard(f)
-                yield f.result()
-        clean_exit = True
-    finally:
-        if not clean_exit:  # an error or Ctrl-C: stop the shards in flight now, not after them
-            stop_processes(list((getattr(ex, "_processes", None) or {}).values()))
-        ex.shutdown(wait=clean_exit, cancel_futures=True)
 
 
 def check_paths(raw: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -524,22 +449,37 @@ def _layout_warnings(raw: Path, inputs: Sequence[InputFile]) -> list[str]:
 
 
 def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig = AlignConfig(), *,
-              workers: Optional[int] = None, shard_size: int = 64, overwrite: bool = False,
-              show_progress: bool = True, on_shard: Optional[Callable[[dict], None]] = None) -> dict:
+              workers: Optional[int] = None, shard_size: Optional[int] = None, overwrite: bool = False,
+              show_progress: bool = True, on_shard: Optional[Callable[[dict], None]] = None,
+              engine="local", ray_address: Optional[str] = None, part=None) -> dict:
     """Align every file under RAW into OUT. Resumes an interrupted run with the same
-    settings; ``overwrite`` starts again. A second run on the same OUT at the same time
+    settings; ``overwrite`` starts again. ``engine``: "local", "ray" or an engine
+    object (:mod:`facecurate.engines`); ``part`` "K/N" or (K, N): only shards whose
+    index is K-1 modulo N. A second run on the same OUT (and part) at the same time
     is refused (:class:`facecurate.procs.LockedError`). Returns a summary dict."""
     cfg.validate()
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         raise AlignError(f"RAW folder not found: {raw}")
     check_paths(raw, out)
+    try:
+        part = parse_part(part) if isinstance(part, str) else part
+        if part is not None and overwrite:
+            raise RunError("--overwrite cannot be combined with --part: clear OUT with one run first")
+        if isinstance(engine, str):
+            engine = get_engine(engine, workers=workers, address=ray_address)
+    except RunError as e:
+        raise AlignError(str(e)) from None
     t_start = time.perf_counter()
     inputs, warnings = list_inputs(raw, exclude=out)
     warnings += _layout_warnings(raw, inputs)
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out, SHARD_DIR):
-        summary = _run_locked(raw, out, cfg, inputs, workers, shard_size, overwrite, show_progress, on_shard)
+    with run_lock(out, SHARD_DIR, part):
+        try:
+            summary = _run_locked(raw, out, cfg, inputs, engine, shard_size, overwrite, part,
+                                  show_progress, on_shard)
+        except RunError as e:
+            raise AlignError(str(e)) from None
     summary["seconds"] = round(time.perf_counter() - t_start, 2)
     todo = summary["processed_now"]
     summary["images_per_second"] = round(todo / summary["seconds"], 2) if todo and summary["seconds"] > 0 else None
@@ -547,75 +487,67 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     return summary
 
 
-def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile], workers: Optional[int],
-                shard_size: int, overwrite: bool, show_progress: bool,
-                on_shard: Optional[Callable[[dict], None]]) -> dict:
-    from facecurate.files import progress
+def _same_settings(out: Path):
+    def same(old: dict, new: dict) -> Optional[str]:
+        if old.get("settings") != new["settings"] or old.get("raw") != new["raw"]:
+            return (f"{out} holds a run with other settings or another RAW ({old.get('raw')}); "
+                    "rerun with the same flags to resume, use --overwrite to start again, or pick another OUT")
+        return None
+    return same
 
-    meta_path = out / ALIGN_META
+
+def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile], engine, shard_size: Optional[int],
+                overwrite: bool, part, show_progress: bool, on_shard: Optional[Callable[[dict], None]]) -> dict:
     work = out / WORK_DIR / SHARD_DIR
     meta = {"raw": str(raw.resolve()), "settings": cfg.settings(), "version": __version__}
     if overwrite:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-        (out / ALIGN_MANIFEST).unlink(missing_ok=True)
-    elif meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old.get("settings") != meta["settings"] or old.get("raw") != meta["raw"]:
-            raise AlignError(
-                f"{out} holds a run with other settings or another RAW ({old.get('raw')}); "
-                "rerun with the same flags to resume, use --overwrite to start again, or pick another OUT")
-    write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-    shards_done, done = _done_shards(out)
-    todo = [f for f in inputs if f.source not in done]
-    next_index = max(shards_done, default=-1) + 1
-    workers = max(1, workers or os.cpu_count() or 1)
-    # Small runs: smaller shards, so that every worker gets several and all finish together.
-    shard_size = max(1, min(shard_size, math.ceil(len(todo) / (16 * workers))))
-    shards = [Shard(next_index + i, todo[s:s + shard_size]) for i, s in enumerate(range(0, len(todo), shard_size))]
-    workers = min(workers, max(1, len(shards)))
-
+        clear(work, [out / ALIGN_MANIFEST, out / ALIGN_META])
+    check_meta(out / ALIGN_META, meta, _same_settings(out), part=part)
+    shard_size = int(shard_size or recorded_size(work, SHARD_SIZE))
+    shards = plan_shards(inputs, lambda f: f.source, shard_size)
+    plan = check_plan(work, shards, shard_size, part)
+    spec = WorkerSpec(AlignWorker, (cfg, str(raw), str(out)), str(work), must_see=(str(raw), str(out)),
+                      gpu=cfg.detector == "scrfd" and cfg.device != "cpu")
+    stats, complete = run_shards(engine, spec, shards, part=part, desc="align", unit="img",
+                                 show_progress=show_progress, on_shard=on_shard)
+    if stats.failed:
+        raise RunError(fail_message("align", stats))
+    rows = merge_if_due(out, SHARD_DIR, work, plan, part, lambda: merge_manifest(out, shards)) if complete else None
+    if rows is None:  # a part whose siblings are still running: count its own shards
+        rows = _read_shards(work, [s for s in shards if in_part(s.index, part)])
     totals = Timings()
-    bar = progress(total=len(inputs), initial=len(inputs) - len(todo), desc="align", unit="img",
-                   disable=None if show_progress else True)
-    results = _distribute(shards, cfg, str(raw), str(out), workers)
-    try:
-        for _idx, n, stats in results:
-            totals.add(Timings(**stats["timings"]))
-            bar.update(n)
-            if on_shard:
-                on_shard(stats)
-    finally:
-        results.close()
-        bar.close()
-    label = _WORKER["aligner"].main_label if shards else cfg.detector
-
-    rows = merge_manifest(out)
+    for rec in stats.records:
+        totals.add(Timings(**rec["stats"]["timings"]))
+    now = sum(rec["units"] for rec in stats.records)
+    label = stats.records[0]["stats"]["detector"] if stats.records else cfg.detector
     status = _count_status(rows)
     busy = sum(vars(totals).values())
     return {
         "raw": str(raw), "out": str(out), "files": len({r["source"] for r in rows}),
         "identities": len({r["identity"] for r in rows if r["identity"]}),
-        "processed_now": len(todo), "resumed": len(inputs) - len(todo),
+        "processed_now": now, "resumed": sum(len(s.items) for s in shards if in_part(s.index, part)) - now,
         "faces": sum(1 for r in rows if r["face"] != "-1"),
         "crops": status.get(STATUS_OK, 0),
         "files_with_crop": len({r["source"] for r in rows if r["status"] == STATUS_OK}),
-        "status": status, "detector": label, "workers": workers if todo else 0,
+        "status": status, "detector": label, "workers": stats.workers if now else 0,
         "found_by": _count(r["detector"] for r in rows if r["face"] != "-1"),
         "seconds": None, "images_per_second": None,
         "detector_share": round((totals.detect + totals.landmarks) / busy, 3) if busy > 0 else None,
         "timings": {k: round(v, 2) for k, v in vars(totals).items()},
-        "warnings": [],
+        "part": f"{part[0]}/{part[1]}" if part else None, "merged": complete,
+        "engine": stats.summary(), "warnings": [],
     }
 
 
-def merge_manifest(out: Path) -> list[dict]:
-    """Writer: merge all shard manifests into OUT/align.csv, sorted by source and
-    face (independent of sharding and worker count)."""
-    shards, _ = _done_shards(out)
-    rows = [r for idx in sorted(shards) for r in shards[idx]]
+def _read_shards(work: Path, shards) -> list[dict]:
+    done = finished(work, shards)
+    return [r for s in shards if s.index in done for r in read_csv(work / f"shard_{s.index:06d}.csv")]
+
+
+def merge_manifest(out: Path, shards) -> list[dict]:
+    """Writer: merge the finished shards' manifests into OUT/align.csv, sorted by
+    source and face (independent of sharding, engine and worker count)."""
+    rows = _read_shards(out / WORK_DIR / SHARD_DIR, shards)
     rows.sort(key=lambda r: (r["source"], int(r["face"])))
     write_text_atomic(out / ALIGN_MANIFEST, csv_text(ALIGN_COLUMNS, rows))
     return rows

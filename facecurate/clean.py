@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from facecurate import constants as C
-from facecurate.distribute import LocalPool, SharedArray, default_workers
+from facecurate.engines.local import LocalPool, SharedArray, default_workers
 from facecurate.files import format_float, progress, read_csv, write_csv_atomic, write_text_atomic
 
 # Reasons written to clean.csv (defined in constants.py).
@@ -149,6 +149,8 @@ def chinese_whispers(emb: np.ndarray, threshold: float) -> np.ndarray:
     sim = emb @ emb.T
     adj = sim >= threshold
     np.fill_diagonal(adj, True)  # dlib is given every node's self-loop
+    if adj.all():  # one clique: one cluster
+        return np.zeros(n, np.int64)
     first = adj.argmax(1)  # each node's first neighbour
     if np.array_equal(adj, first[:, None] == first[None, :]):
         # Every connected component is a clique (the common case: one tight person plus
@@ -251,22 +253,23 @@ def analyse_identity(emb: np.ndarray, photo: np.ndarray, p: CleanParams) -> Anal
     idx = _sample_index(n, p.sample)
     es = emb if len(idx) == n else emb[idx]
     lab_s = chinese_whispers(es, p.cw)
-    cluster = np.full(n, -1, np.int64)
-    cluster[idx] = lab_s
-    if len(idx) < n:  # the rest join the cluster of their nearest sampled face
-        rest = np.setdiff1d(np.arange(n), idx)
+    cluster = lab_s.copy() if len(idx) == n else np.full(n, -1, np.int64)
+    if len(idx) < n:
+        cluster[idx] = lab_s
+        rest = np.setdiff1d(np.arange(n), idx)  # the rest join the cluster of their nearest sampled face
         sims = emb[rest] @ es.T
         best = sims.argmax(1)
         ok = sims[np.arange(len(rest)), best] >= p.cw
         cluster[rest[ok]] = lab_s[best[ok]]
     nclus = int(lab_s.max()) + 1
     sizes = np.bincount(lab_s, minlength=nclus)
-    # a singleton's mean is its face; the others as numpy's mean computes them
-    first = np.full(nclus, -1, np.int64)
-    first[lab_s[::-1]] = np.arange(len(lab_s))[::-1]
-    cent = _norm(np.stack([es[first[k]] if sizes[k] == 1 else _mean0(es[lab_s == k]) for k in range(nclus)]))
-    joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
-    joined[0] = True
+    joined = np.ones(1, bool)
+    if nclus > 1:  # a singleton's mean is its face; the others as numpy's mean computes them
+        first = np.full(nclus, -1, np.int64)
+        first[lab_s[::-1]] = np.arange(len(lab_s))[::-1]
+        cent = _norm(np.stack([es[first[k]] if sizes[k] == 1 else _mean0(es[lab_s == k]) for k in range(nclus)]))
+        joined = (cent @ cent[0] >= p.join) & (sizes >= 1)
+        joined[0] = True
     dom_size = int(sizes[joined].sum())
     # 2. robust centre
     members = cluster >= 0
@@ -382,13 +385,18 @@ def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, d
         return a
 
     for b0 in range(0, len(ids), block):
-        sims = e[b0:b0 + block] @ e.T
+        rows = e[b0:b0 + block]
+        # only the columns from b0 on hold pairs i < j; BLAS gives them the same bits
+        # as the full product when neither shape is small enough for its small-matrix kernel
+        c0 = b0 if min(len(rows) * (len(e) - b0), len(rows) * len(e)) * e.shape[1] > 4_000_000 else 0
+        sims = rows @ e[c0:].T
         rr, cc = np.nonzero(sims >= thr)
+        cc += c0
         upper = ids[b0 + rr] < ids[cc]
         for r, c in zip(rr[upper].tolist(), cc[upper].tolist()):
             a, b = int(ids[b0 + r]), int(ids[c])
             ra, rb = find(a), find(b)
-            if ra != rb and (pixel_sim is None or sims[r, c] >= sure or pixel_sim(a, b) >= p.dup_pixel):
+            if ra != rb and (pixel_sim is None or sims[r, c - c0] >= sure or pixel_sim(a, b) >= p.dup_pixel):
                 parent[max(ra, rb)] = min(ra, rb)
     if not parent:
         return
@@ -425,10 +433,11 @@ def limit_review(decisions: list, reasons: list, scores: np.ndarray, p: CleanPar
 
 # ----------------------------------------------------------------------------- cross-identity
 def similar_pairs(vecs: np.ndarray, threshold: float, *, exact_below: int = 20000, seed: int = 0,
-                  use_faiss: bool | None = None) -> list[tuple[int, int, float]]:
+                  use_faiss: bool | None = None, pool: LocalPool | None = None) -> list[tuple[int, int, float]]:
     """Pairs (i < j) of unit vectors with cosine >= threshold. Exact (blocked) for small
     sets; above ``exact_below`` an inverted-file search (faiss when importable, numpy
-    otherwise) that costs ~n^1.5 instead of n^2. Sorted by (-sim, i, j)."""
+    otherwise) that costs ~n^1.5 instead of n^2; the numpy one spreads its lists over
+    ``pool``'s workers (same pairs, same bits). Sorted by (-sim, i, j)."""
     vecs = np.ascontiguousarray(vecs, np.float32)
     n = len(vecs)
     if n < 2:
@@ -438,7 +447,8 @@ def similar_pairs(vecs: np.ndarray, threshold: float, *, exact_below: int = 2000
     else:
         if use_faiss is None:
             use_faiss = _have_faiss()
-        pairs = _pairs_ivf_faiss(vecs, threshold, seed) if use_faiss else _pairs_ivf_numpy(vecs, threshold, seed)
+        pairs = _pairs_ivf_faiss(vecs, threshold, seed) if use_faiss else \
+            _pairs_ivf_numpy(vecs, threshold, seed, pool)
     pairs.sort(key=lambda t: (-round(t[2], 6), t[0], t[1]))
     return pairs
 
@@ -470,12 +480,29 @@ def _kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
     for _ in range(iters):
         a = _assign(x, cent, 1)[:, 0]
         sums = np.zeros_like(cent)
-        np.add.at(sums, a, x)
+        _add_at_rows(sums, a, x)
         cnt = np.bincount(a, minlength=k)
         empty = cnt == 0
         sums[empty] = cent[empty]
         cent = _norm(sums)
     return cent
+
+
+def _add_at_rows(sums: np.ndarray, idx: np.ndarray, x: np.ndarray) -> None:
+    """``np.add.at(sums, idx, x.astype(sums.dtype))`` with the same bits (each row of
+    ``sums`` adds its rows of ``x`` one by one, in order), without its per-row cost:
+    one vectorised step per rank within a group."""
+    if not len(idx):
+        return
+    order = np.argsort(idx, kind="stable")
+    si = idx[order]
+    starts = np.r_[0, np.flatnonzero(si[1:] != si[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(si)])
+    big = np.argsort(-sizes, kind="stable")  # groups by decreasing size
+    starts, dest, left = starts[big], si[starts[big]], sizes[big][::-1]
+    for r in range(int(sizes.max())):
+        g = len(left) - int(np.searchsorted(left, r, side="right"))  # groups with more than r rows
+        sums[dest[:g]] += x[order[starts[:g] + r]].astype(sums.dtype, copy=False)
 
 
 def _assign(x: np.ndarray, cent: np.ndarray, nprobe: int, block: int = 65536) -> np.ndarray:
@@ -491,39 +518,65 @@ def _assign(x: np.ndarray, cent: np.ndarray, nprobe: int, block: int = 65536) ->
     return out
 
 
+def _home_and_probes(t: dict) -> tuple:
+    """Worker: ``_assign(x, cent, 1)`` and ``_assign(x, cent, nprobe)`` of one block
+    of rows, from one product."""
+    x = t["x"].get() if isinstance(t["x"], SharedArray) else t["x"]
+    s = x[t["a"]:t["b"]] @ t["cent"].T
+    part = np.argpartition(-s, t["nprobe"] - 1, axis=1)[:, :t["nprobe"]]
+    probes = np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable"), 1)
+    return s.argmax(1), probes
+
+
 def _ivf_shape(n: int) -> tuple[int, int]:
     nlist = int(max(16, min(4096, round(np.sqrt(n)))))
     return nlist, 8
 
 
-def _pairs_ivf_numpy(vecs, thr, seed):
+def _pairs_ivf_numpy(vecs, thr, seed, pool: LocalPool | None = None):
     n = len(vecs)
     nlist, nprobe = _ivf_shape(n)
     rng = np.random.default_rng(seed)
     train = vecs[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
     cent = _kmeans(train, nlist, seed)
-    home = _assign(vecs, cent, 1)[:, 0]
-    probes = _assign(vecs, cent, nprobe)
-    members = [np.nonzero(home == k)[0] for k in range(nlist)]
-    # queries of each list: every vector that probes it
-    q_of = [[] for _ in range(nlist)]
-    for j in range(nprobe):
-        for k, qs in _group(probes[:, j]).items():
-            q_of[k].append(qs)
-    found = {}
-    for k in range(nlist):
-        m = members[k]
-        if not len(m) or not q_of[k]:
-            continue
-        q = np.unique(np.concatenate(q_of[k]))
+    shared = pool is not None and pool.workers > 1
+    V = pool.share(vecs) if shared else vecs
+    block = 65536  # as _assign
+    tasks = [dict(x=V, a=a, b=min(n, a + block), cent=cent, nprobe=nprobe) for a in range(0, n, block)]
+    hp = list(pool.map(_home_and_probes, tasks) if shared else map(_home_and_probes, tasks))
+    home, probes = np.concatenate([h for h, _ in hp]), np.concatenate([q for _, q in hp])
+    members = _group(home)
+    queries = _group(probes.reshape(-1))  # queries of each list: every vector that probes it
+    lists = [(members[k], np.unique(queries[k] // nprobe)) for k in range(nlist) if k in members and k in queries]
+    per = max(1, -(-len(lists) // (4 * pool.workers)) if shared else len(lists))
+    tasks = [dict(V=V, thr=thr, lists=lists[a:a + per]) for a in range(0, len(lists), per)]
+    parts = list(pool.map(_ivf_lists, tasks) if shared else map(_ivf_lists, tasks))
+    if not parts:
+        return []
+    a, b, s = (np.concatenate([x[f] for x in parts]) for f in range(3))
+    # a pair met in several lists: the similarity of the last one (as a dict in list order)
+    key = (a * n + b)[::-1]
+    _, last = np.unique(key, return_index=True)
+    last = len(key) - 1 - last
+    return list(zip(a[last].tolist(), b[last].tolist(), s[last].astype(np.float64).tolist()))
+
+
+def _ivf_lists(t: dict):
+    """Worker: the pairs (a < b, sim) at or above ``thr`` between each list's members
+    and its queries, in list order, then row-major order within a list."""
+    vecs = t["V"].get() if isinstance(t["V"], SharedArray) else t["V"]
+    out_a, out_b, out_s = [], [], []
+    for m, q in t["lists"]:
         sims = vecs[q] @ vecs[m].T
-        rr, cc = np.nonzero(sims >= thr)
-        for r, c in zip(rr.tolist(), cc.tolist()):
-            i, j = int(q[r]), int(m[c])
-            if i != j:
-                a, b = (i, j) if i < j else (j, i)
-                found[(a, b)] = float(sims[r, c])
-    return [(a, b, s) for (a, b), s in found.items()]
+        rr, cc = np.nonzero(sims >= t["thr"])
+        i, j = q[rr], m[cc]
+        ok = i != j
+        out_a.append(np.minimum(i, j)[ok])
+        out_b.append(np.maximum(i, j)[ok])
+        out_s.append(sims[rr[ok], cc[ok]])
+    cat = np.concatenate
+    return (cat(out_a) if out_a else np.zeros(0, np.int64), cat(out_b) if out_b else np.zeros(0, np.int64),
+            cat(out_s) if out_s else np.zeros(0, np.float32))
 
 
 def _group(labels: np.ndarray) -> dict:
@@ -594,7 +647,8 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
         E = pool.share(emb)
         # 1-3 per identity, once: nothing there depends on the offsets or the crops
         tasks = [dict(E=E, rows=rows, bounds=b, photo=photo[rows], p=p, d=d) for rows, b, _ in shards]
-        blocks = list(progress(pool.map(_analyse_shard, tasks), total=len(tasks), desc="clean (centres)", **bar))
+        blocks = list(progress(_largest_first(pool, _analyse_shard, tasks), total=len(tasks), desc="clean (centres)",
+                               **bar))
         raw, subject, cluster = (np.zeros(n, np.float32), np.zeros(n, bool), np.full(n, -1, np.int64))
         centres = np.zeros((k, d), np.float32)
         med = np.full(k, np.nan)
@@ -622,14 +676,31 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                       pixel_sim.subset(rows), global_pixel=local or pool.workers == 1)
                  for (rows, b, _), blk in zip(shards, blocks)]
         # an arbitrary pixel_sim callable cannot travel to the workers: decide here then
-        decided = map(_decide_shard, tasks) if local else pool.map(_decide_shard, tasks)
+        decided = map(_decide_shard, tasks) if local else _largest_first(pool, _decide_shard, tasks)
         dec, rea = np.full(n, DROP, np.uint8), np.full(n, RC[R_FAR], np.uint8)
         score, dup_of = np.zeros(n, np.float32), np.full(n, -1, np.int64)
         for (rows, _, _), out in zip(shards, progress(decided, total=len(tasks), desc="clean", **bar)):
             dec[rows], rea[rows], score[rows] = out["decision"], out["reason"], out["score"]
             pos = out["dup_of"]
             dup_of[rows[pos >= 0]] = rows[pos[pos >= 0]]
-    return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded, exclude_vecs)
+        return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
+                            exclude_vecs, pool)
+
+
+def _largest_first(pool: LocalPool, fn, tasks: list):
+    """``pool.map(fn, tasks)``, results in task order, the shards with the most faces
+    started first (one huge identity started last would run alone at the end)."""
+    if pool.workers == 1:
+        yield from map(fn, tasks)
+        return
+    order = sorted(range(len(tasks)), key=lambda i: -len(tasks[i]["rows"]))
+    done: dict = {}
+    nxt = 0
+    for i, r in zip(order, pool.map(fn, [tasks[i] for i in order])):
+        done[i] = r
+        while nxt in done:
+            yield done.pop(nxt)
+            nxt += 1
 
 
 def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | None = None) -> list:
@@ -701,7 +772,7 @@ def _decide_shard(t: dict) -> dict:
 
 
 def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
-                 exclude_vecs) -> CoreResult:
+                 exclude_vecs, pool: LocalPool | None = None) -> CoreResult:
     """The cross-identity tail: exclusion, too few photos, the review budget, merges, counts."""
     n, (k, d) = len(emb), centres.shape
     # exclusion against an evaluation set's vectors
@@ -728,11 +799,11 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
     alive = dec == KEEP
     sums = np.zeros((k, d), np.float64)
     if alive.any():
-        np.add.at(sums, identity[alive], emb[alive].astype(np.float64))
+        _add_at_rows(sums, identity[alive], emb[alive])
     has = np.linalg.norm(sums, axis=1) > 0
     fin = _norm(np.where(has[:, None], sums, centres)).astype(np.float32)
     live = np.nonzero(has & ~np.isin(np.arange(k), list(excluded)))[0]
-    merges = [(int(live[a]), int(live[b]), s) for a, b, s in similar_pairs(fin[live], p.merge)]
+    merges = [(int(live[a]), int(live[b]), s) for a, b, s in similar_pairs(fin[live], p.merge, pool=pool)]
     for a, b, _ in merges:
         for g in (a, b):
             if "merge_candidate" not in info[g]["flags"]:
@@ -790,7 +861,7 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
     if (p.cohort or p.cohort_centre) and len(karr) > 5:
         # identities that look like the same person (merge candidates) are not each other's cohort
         partners = defaultdict(list)
-        for a, b, _ in similar_pairs(cen[karr], p.merge):
+        for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
             partners[int(karr[a])].append(int(karr[b]))
             partners[int(karr[b])].append(int(karr[a]))
         if p.cohort:
@@ -868,11 +939,39 @@ def _topk_rows(t: dict) -> np.ndarray:
                         cc.append(pos[h])
             if rr:
                 s[rr, cc] = -np.inf
-        np.negative(s, out=s)
-        s.partition(kk - 1, axis=1)
-        top = -s[:, :kk]
-        out[b0:b0 + block] = top.mean(1)
+        out[b0:b0 + block] = _topk_desc(s, kk).mean(1)
     return out
+
+
+def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
+    """The ``kk`` largest values of each row of ``s`` (changed), largest first: the
+    first ``kk`` columns of ``-np.partition(-s, kk - 1, axis=1)``, which numpy's
+    selection leaves sorted, so their mean has the same bits. Wide rows go through a
+    bound instead of a full selection: the kk-th largest of the rows' group maxima is
+    at most the kk-th largest value, so only the groups whose maximum reaches it hold
+    candidates (about kk of them)."""
+    b, m = s.shape
+    ng = -(-m // group)
+    if m < 4 * group or ng < kk or not b:
+        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
+        s.partition(kk - 1, axis=1)
+        return -s[:, :kk]
+    gmax = np.maximum.reduceat(s, np.arange(0, m, group), axis=1)
+    g = -gmax
+    g.partition(kk - 1, axis=1)
+    t = -g[:, kk - 1]
+    if not np.isfinite(t).all() or np.isnan(gmax).any():  # -inf / nan rows: the full selection
+        return _topk_desc(s, kk, group=m + 1)
+    hit = np.flatnonzero(gmax >= t[:, None])
+    row, grp = np.divmod(hit, ng)
+    cols = grp[:, None] * group + np.arange(group)
+    vals = s[row[:, None], np.minimum(cols, m - 1)]
+    vals[cols >= m] = -np.inf
+    ok = vals >= t[row][:, None]
+    rr, vv = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok]
+    order = np.lexsort((-vv, rr))
+    first = np.searchsorted(rr[order], np.arange(b))
+    return vv[order][first[:, None] + np.arange(kk)]
 
 
 def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, identity: np.ndarray, k: int,
@@ -908,9 +1007,7 @@ def _crowding_rows(t: dict) -> np.ndarray:
             for r_, g in enumerate(bid.tolist()):
                 for h in partners.get(g, ()):
                     s[r_, fid == h] = -np.inf
-        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
-        s.partition(kk - 1, axis=1)
-        top = -s[:, :kk]
+        top = _topk_desc(s, kk)
         top[~np.isfinite(top)] = np.nan
         out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
     return out

@@ -10,11 +10,13 @@ writes the store:
 * ``OUT/embeddings.json`` the model (name, file hash, dimension, input size,
   normalisation, flip, how crops were fed) and the run's counts.
 
-Work is split in fixed chunks of the row list; each finished chunk is written
-atomically to ``OUT/.facecurate/embed/part-*.npz``, so a killed run loses at most the
-chunks in flight and a rerun embeds only what is missing. The store files are
-merged from the parts at the end (atomic writes), so they are byte-identical to an
-uninterrupted run's. A store made with another model / flip / feeding is refused.
+Work is split in fixed shards of the row list by the run machinery
+(:mod:`facecurate.runner`, any engine of :mod:`facecurate.engines`); each finished
+shard is written atomically to ``OUT/.facecurate/embed/shard_NNNNNN.npz`` and then
+recorded, so a killed run loses at most the shards in flight and a rerun embeds only
+what is missing. The store files are merged from the shards at the end (atomic
+writes), so they are byte-identical to an uninterrupted run's. A store made with
+another model / flip / feeding is refused.
 
 Models:
 
@@ -40,14 +42,12 @@ import functools
 import io
 import json
 import math
-import multiprocessing as mp
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -64,7 +64,10 @@ from facecurate.constants import (
     WORK_DIR,
 )
 from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
-from facecurate.procs import die_with_parent, run_lock
+from facecurate.engines import get_engine
+from facecurate.procs import run_lock
+from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, clear, fail_message, in_part,
+                               merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 
 EMBED_DIR = "embed"
 STORE_COLUMNS = ("aligned", "source", "identity", "face")
@@ -550,15 +553,16 @@ def signature(info: dict, flip: bool, source_kind: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- worker
-_W: dict = {}
+_EMBEDDERS: dict = {}
 
 
-def _worker_init(cfg: EmbedConfig, threads: Optional[int], parent_pid: Optional[int] = None) -> None:
-    if parent_pid is not None:  # a worker process: exit when the run that started it dies
-        die_with_parent(parent_pid)
-    _W["embedder"] = make_embedder(cfg, threads)
-    _W["cfg"] = cfg
-    _W["loader"] = Loader()
+def cached_embedder(cfg: "EmbedConfig"):
+    """One embedder per process and config: the run's own process builds it to read the
+    model's signature, and its in-process worker lane reuses it (one ONNX session)."""
+    if cfg not in _EMBEDDERS:
+        _EMBEDDERS.clear()
+        _EMBEDDERS[cfg] = make_embedder(cfg)
+    return _EMBEDDERS[cfg]
 
 
 def _prepare_chunk(embedder, loader: Loader, items: Sequence[Item]):
@@ -581,16 +585,67 @@ def _embed_in_batches(embedder, inputs, flip: bool, batch_size: int) -> np.ndarr
     return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
 
 
-def _worker_chunk(task) -> dict:
-    index, items, batch_size = task
-    emb, cfg = _W["embedder"], _W["cfg"]
-    t0 = time.perf_counter()
-    inputs, keep, failed, feeds = _prepare_chunk(emb, _W["loader"], items)
-    t1 = time.perf_counter()
-    vecs = _embed_in_batches(emb, inputs, cfg.flip, batch_size)
-    t2 = time.perf_counter()
-    return {"index": index, "keys": keep, "vectors": vecs, "failed": failed, "feeds": feeds,
-            "t_prepare": t1 - t0, "t_model": t2 - t1}
+def shard_npz(work: Path, index: int) -> Path:
+    return Path(work) / f"shard_{index:06d}.npz"
+
+
+class EmbedWorker:
+    """One per worker process (model loaded once): embeds a shard of faces into
+    ``shard_NNNNNN.npz``. With ``threads`` (ONNX), the next shard's crops are read
+    and preprocessed by a thread pool while the model runs on this one (ordered
+    read-ahead; cv2 decoding and warping release the GIL)."""
+
+    def __init__(self, cfg: "EmbedConfig", batch_size: int, work: str, threads: int = 0):
+        self.embedder = cached_embedder(cfg)
+        self.cfg, self.batch_size, self.work = cfg, batch_size, Path(work)
+        self.loader = Loader()
+        self.threads = threads
+        self._pool = self._lead = None
+        if threads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=threads)  # decodes a shard's crops
+            self._lead = ThreadPoolExecutor(max_workers=1)  # prepares the next shard
+        self._ahead: dict = {}
+        self._local = threading.local()
+
+    def _prep(self, items: Sequence[Item]):
+        t0 = time.perf_counter()
+        if not self.threads:
+            return _prepare_chunk(self.embedder, self.loader, items), None, time.perf_counter() - t0
+
+        def one(it):
+            if not hasattr(self._local, "loader"):
+                self._local.loader = Loader()
+            return _prepare_chunk(self.embedder, self._local.loader, [it])
+
+        inputs, keep, failed, feeds = [], [], [], {}
+        for i, k, f, fd in self._pool.map(one, items):
+            inputs += i
+            keep += k
+            failed += f
+            for key, v in fd.items():
+                feeds[key] = feeds.get(key, 0) + v
+        blob = self.embedder.blob(inputs, self.cfg.flip) if isinstance(self.embedder, OnnxEmbedder) and inputs else None
+        return (inputs, keep, failed, feeds), blob, time.perf_counter() - t0
+
+    def prefetch(self, shard) -> None:
+        if self.threads and shard.index not in self._ahead:
+            self._ahead[shard.index] = self._lead.submit(self._prep, shard.items)
+
+    def run(self, shard) -> dict:
+        fut = self._ahead.pop(shard.index, None)
+        (inputs, keep, failed, feeds), blob, t_prep = fut.result() if fut else self._prep(shard.items)
+        t1 = time.perf_counter()
+        if blob is not None:
+            vecs = self.embedder.forward(blob, len(inputs), self.cfg.flip)
+        else:
+            vecs = _embed_in_batches(self.embedder, inputs, self.cfg.flip, self.batch_size)
+        t_model = time.perf_counter() - t1
+        res = {"keys": keep, "vectors": vecs, "failed": failed}
+        write_bytes_atomic(shard_npz(self.work, shard.index), _part_bytes(res, self.embedder.dim))
+        return {"embedded": len(keep), "failed": len(failed), "feeds": feeds,
+                "t_prepare": round(t_prep, 4), "t_model": round(t_model, 4)}
 
 
 # ----------------------------------------------------------------------------- parts
@@ -603,22 +658,19 @@ def _part_bytes(res: dict, dim: int) -> bytes:
     return buf.getvalue()
 
 
-def _load_parts(work: Path) -> tuple[dict[str, np.ndarray], dict[str, str], int]:
+def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Vectors and failures of the plan's finished shards."""
+    from facecurate.runner import finished
+
     vecs: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
-    n = 0
-    for p in sorted(work.glob("part-*.npz")):
-        try:
-            with np.load(p) as z:
-                for k, v in zip(z["keys"].tolist(), z["vectors"]):
-                    vecs[k] = v
-                for k, r in zip(z["failed_keys"].tolist(), z["failed_reasons"].tolist()):
-                    failed[k] = r
-        except Exception:  # noqa: BLE001 - an unreadable part is redone
-            p.unlink(missing_ok=True)
-            continue
-        n += 1
-    return vecs, failed, n
+    for idx in sorted(finished(work, shards)):
+        with np.load(shard_npz(work, idx)) as z:
+            for k, v in zip(z["keys"].tolist(), z["vectors"]):
+                vecs[k] = v
+            for k, r in zip(z["failed_keys"].tolist(), z["failed_reasons"].tolist()):
+                failed[k] = r
+    return vecs, failed
 
 
 # ----------------------------------------------------------------------------- run
@@ -653,7 +705,12 @@ def _hold_store_lock(fn):
             target if target.is_dir() else target.parent if target.suffix == ".rec" and target.is_file() else None
         if store is None:  # not an input run_embed takes: let it say so
             return fn(out_dir, *args, **kw)
-        with run_lock(store, EMBED_DIR):
+        part = kw.get("part")
+        try:
+            part = parse_part(part) if isinstance(part, str) else part
+        except RunError as e:
+            raise EmbedError(str(e)) from None
+        with run_lock(store, EMBED_DIR, part):
             return fn(out_dir, *args, **kw)
     return locked
 
@@ -663,12 +720,12 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
               workers: Optional[int] = None, flip: bool = True, device: str = "auto",
               show_progress: bool = True, *, fp16: bool = False, dlib_feed: str = "five",
               store_dir=None, overwrite: bool = False, chunk_size: Optional[int] = None,
-              on_chunk: Optional[Callable[[dict], None]] = None, runtime: str = "auto") -> dict:
+              on_chunk: Optional[Callable[[dict], None]] = None, runtime: str = "auto", engine="local",
+              ray_address: Optional[str] = None, part=None) -> dict:
     """Embed every crop of ``out_dir`` (an align OUT, a folder of crops, or a .rec) into
     the store in ``store_dir`` (default: ``out_dir``, or the .rec's folder). Resumes;
-    refuses to mix models. Returns a summary dict."""
-    from facecurate.files import progress
-
+    refuses to mix models. ``engine``/``part`` as in :func:`facecurate.align.run_align`;
+    ``chunk_size``: faces per shard. Returns a summary dict."""
     t_start = time.perf_counter()
     cfg = EmbedConfig(model=str(model), model_dir=model_dir, flip=bool(flip), dlib_feed=dlib_feed,
                       device=device, batch_size=batch_size, fp16=fp16, runtime=runtime)
@@ -676,132 +733,90 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     items, kind, store, _align_meta = _resolve_input(target, Path(store_dir) if store_dir else None)
     store.mkdir(parents=True, exist_ok=True)
     work = store / WORK_DIR / EMBED_DIR
-
-    # The embedder in this process: tells the signature (and runs the batches when
-    # there is one worker, or for ONNX, always).
-    embedder = make_embedder(cfg)
+    embedder = cached_embedder(cfg)  # tells the signature (and runs the in-process lane)
     info = embedder.info()
     sig = signature(info, cfg.flip, kind)
+    part = _part(part, overwrite)
     if overwrite:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-        for name in (EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META):
-            (store / name).unlink(missing_ok=True)
+        clear(work, [store / n for n in (EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META)])
     _check_signature(store, work, sig)
     work.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(work / "signature.json", json.dumps(sig, indent=2, sort_keys=True) + "\n")
+    check_meta(work / "signature.json", sig, lambda old, new: None, part=part)
 
     is_dlib = isinstance(embedder, DlibEmbedder)
     if batch_size is None:
         batch_size = 32 if is_dlib else getattr(embedder.model, "batch_size", 32)
     batch_size = max(1, int(batch_size))
-    if workers is None:
-        workers = default_workers(embedder)
-    workers = max(1, int(workers))
-    # dlib's vectors do not depend on the batch they were computed in (checked: batch
-    # and single results are bit-identical), so chunks can be sized to the run: small
-    # runs get several chunks per worker.
-    chunk = int(chunk_size or (64 if is_dlib else max(256, batch_size)))
-    if not chunk_size and is_dlib:
-        chunk = max(4, min(chunk, math.ceil(len(items) / (4 * workers))))
-    done_vecs, done_failed, _nparts = _load_parts(work)
-    done = set(done_vecs) | set(done_failed)
-    # Fixed chunks of the full list: an interrupted run redoes whole chunks with the
-    # same composition, so the vectors match an uninterrupted run's exactly.
-    tasks = []
-    for j, s in enumerate(range(0, len(items), chunk)):
-        todo = [it for it in items[s:s + chunk] if it.aligned not in done]
-        if todo:
-            tasks.append((j, todo, batch_size))
-    n_todo = sum(len(t[1]) for t in tasks)
-    workers = max(1, min(workers, max(1, len(tasks))))
-    run_tag = time.strftime("%Y%m%d%H%M%S") + f"-{os.getpid()}"
-
-    feeds: dict[str, int] = {}
-    t_prep = t_model = 0.0
-    bar = progress(total=len(items), initial=len(items) - n_todo, desc="embed", unit="face",
-                   disable=None if show_progress else True)
-
-    def save(res: dict) -> None:
-        nonlocal t_prep, t_model
-        write_bytes_atomic(work / f"part-{res['index']:06d}-{run_tag}.npz", _part_bytes(res, embedder.dim))
-        for k, v in zip(res["keys"], res["vectors"]):
-            done_vecs[k] = v
-        for k, r in res["failed"]:
-            done_failed[k] = r
-        for k, v in res["feeds"].items():
-            feeds[k] = feeds.get(k, 0) + v
-        t_prep += res["t_prepare"]
-        t_model += res["t_model"]
-        bar.update(len(res["keys"]) + len(res["failed"]))
-        if on_chunk:
-            on_chunk(res)
-
-    try:
-        if not tasks:
-            pass
-        elif is_dlib and workers > 1:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, None, os.getpid())) as pool:
-                for res in pool.imap_unordered(_worker_chunk, tasks):
-                    save(res)
-        else:
-            for res in _pipelined(embedder, cfg, tasks, max(1, workers)):
-                save(res)
-    finally:
-        bar.close()
-
-    summary = _write_store(store, items, done_vecs, done_failed, info, sig, cfg, kind)
-    elapsed = time.perf_counter() - t_start
-    summary.update({
-        "embedded_now": n_todo - sum(1 for t in tasks for it in t[1] if it.aligned in done_failed),
-        "resumed": len(items) - n_todo, "workers": workers if tasks else 0, "batch_size": batch_size,
-        "seconds": round(elapsed, 2),
-        "faces_per_second": round(n_todo / elapsed, 2) if n_todo and elapsed > 0 else None,
-        "feeds": dict(sorted(feeds.items())), "provider": embedder.provider,
-        "runtime": info.get("runtime") or ("dlib" if is_dlib else ONNX_RUNTIME_TAG),
-        "timings": {"prepare": round(t_prep, 2), "model": round(t_model, 2)},
-    })
+    # Fixed shards of the full list, whatever the workers, engine or part: a rerun redoes
+    # whole shards of the same composition, so its vectors equal an uninterrupted run's.
+    size = int(chunk_size or recorded_size(work, DLIB_SHARD_SIZE if is_dlib else max(256, batch_size)))
+    shards = plan_shards(items, lambda it: it.aligned, size)
+    plan = check_plan(work, shards, size, part)
+    eng, threads = _engine(engine, embedder, workers, ray_address)
+    spec = WorkerSpec(EmbedWorker, (cfg, batch_size, str(work), threads), str(work),
+                      must_see=(str(store),), gpu=not is_dlib and cfg.device != "cpu")
+    stats, complete = run_shards(eng, spec, shards, part=part, desc="embed", unit="face",
+                                 show_progress=show_progress, on_shard=on_chunk)
+    if stats.failed:
+        raise EmbedError(fail_message("embed", stats))
+    summary = None
+    if complete:
+        summary = merge_if_due(store, EMBED_DIR, work, plan, part, lambda: _write_store(
+            store, items, *_load_shards(work, shards), info, sig, cfg, kind))
+    summary = summary or {"store": str(store), "input": kind, "model": info["name"], "dim": int(info["dim"]),
+                          "faces": len(items)}
+    summary = _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)
+    summary["runtime"] = info.get("runtime") or ("dlib" if is_dlib else ONNX_RUNTIME_TAG)
     return summary
 
 
-def _pipelined(embedder, cfg: EmbedConfig, tasks, threads: int) -> Iterator[dict]:
-    """One process: a thread pool decodes and prepares the next chunks while this
-    thread runs the model on the current one (cv2 decoding and warping release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
+DLIB_SHARD_SIZE = 64
 
-    local = threading.local()
 
-    def prep(task):
-        if not hasattr(local, "loader"):
-            local.loader = Loader()
-        t0 = time.perf_counter()
-        inputs, keep, failed, feeds = _prepare_chunk(embedder, local.loader, task[1])
-        blob = None
-        if isinstance(embedder, OnnxEmbedder) and inputs:
-            blob = embedder.blob(inputs, cfg.flip)
-        return task, inputs, blob, keep, failed, feeds, time.perf_counter() - t0
+def _part(part, overwrite: bool):
+    try:
+        part = parse_part(part) if isinstance(part, str) else part
+    except RunError as e:
+        raise EmbedError(str(e)) from None
+    if part is not None and overwrite:
+        raise EmbedError("--overwrite cannot be combined with --part: clear the store with one run first")
+    return part
 
-    with ThreadPoolExecutor(max_workers=threads) as ex:
-        pending: "queue.Queue" = queue.Queue()
-        it = iter(tasks)
-        for _ in range(threads + 1):
-            t = next(it, None)
-            if t is not None:
-                pending.put(ex.submit(prep, t))
-        while not pending.empty():
-            task, inputs, blob, keep, failed, feeds, tp = pending.get().result()
-            t = next(it, None)
-            if t is not None:
-                pending.put(ex.submit(prep, t))
-            t1 = time.perf_counter()
-            if blob is not None:
-                vecs = embedder.forward(blob, len(inputs), cfg.flip)
-            else:
-                vecs = _embed_in_batches(embedder, inputs, cfg.flip, task[2])
-            yield {"index": task[0], "keys": keep, "vectors": vecs, "failed": failed, "feeds": feeds,
-                   "t_prepare": tp, "t_model": time.perf_counter() - t1}
+
+def _engine(engine, embedder, workers: Optional[int], ray_address: Optional[str]):
+    """(engine, prep threads per worker). dlib: one process per core; ONNX: one
+    worker (per GPU under Ray) with ``workers`` threads preparing crops ahead."""
+    if isinstance(embedder, DlibEmbedder):  # under Ray, default: one worker per CPU of the cluster
+        n, threads = workers or (default_workers(embedder) if engine == "local" else None), 0
+    else:
+        n, threads = (1 if engine == "local" else None), max(1, int(workers or 1))
+    if not isinstance(engine, str):
+        return engine, threads
+    try:
+        return get_engine(engine, workers=n, address=ray_address), threads
+    except RunError as e:
+        raise EmbedError(str(e)) from None
+
+
+def _summary(summary: dict, stats, shards, part, complete: bool, batch_size: int, embedder, t_start) -> dict:
+    feeds: dict[str, int] = {}
+    for rec in stats.records:
+        for k, v in rec["stats"]["feeds"].items():
+            feeds[k] = feeds.get(k, 0) + v
+    now = sum(rec["units"] for rec in stats.records)
+    elapsed = time.perf_counter() - t_start
+    summary.update({
+        "embedded_now": sum(rec["stats"]["embedded"] for rec in stats.records),
+        "resumed": sum(len(s.items) for s in shards if in_part(s.index, part)) - now,
+        "workers": stats.workers if now else 0, "batch_size": batch_size,
+        "seconds": round(elapsed, 2),
+        "faces_per_second": round(now / elapsed, 2) if now and elapsed > 0 else None,
+        "feeds": dict(sorted(feeds.items())), "provider": embedder.provider,
+        "timings": {"prepare": round(sum(r["stats"]["t_prepare"] for r in stats.records), 2),
+                    "model": round(sum(r["stats"]["t_model"] for r in stats.records), 2)},
+        "part": f"{part[0]}/{part[1]}" if part else None, "merged": complete, "engine": stats.summary(),
+    })
+    return summary
 
 
 def _check_signature(store: Path, work: Path, sig: dict) -> None:

@@ -277,13 +277,36 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
                    batch_size: Optional[int] = None, workers: Optional[int] = None,
                    dlib_feed: str = "five", roc: Optional[str] = None, show_progress: bool = True,
                    pick: str = "centre", retry_detector: str = "dlib-cnn", runtime: str = "auto",
-                   fp16: bool = False) -> dict:
+                   fp16: bool = False, engine: str = "local", ray_address: Optional[str] = None) -> dict:
+    """Align and embed every image of the pairs file (on ``engine``), then score."""
+    kw = dict(work=work, detector=detector, model=model, model_dir=model_dir, flip=flip, device=device,
+              batch_size=batch_size, workers=workers, dlib_feed=dlib_feed, roc=roc, show_progress=show_progress,
+              pick=pick, retry_detector=retry_detector, runtime=runtime, fp16=fp16, engine=engine,
+              ray_address=ray_address)
+    if engine != "ray":
+        return _eval_pairs(pairs_path, root, **kw)
+    import ray
+
+    from facecurate.engines.ray_engine import connect
+
+    owns = connect(ray_address)  # one Ray connection for all four runs
+    try:
+        return _eval_pairs(pairs_path, root, **kw)
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, device, batch_size, workers, dlib_feed,
+                roc, show_progress, pick, retry_detector, runtime, fp16, engine, ray_address) -> dict:
     from facecurate.align import AlignConfig, read_manifest, run_align
     from facecurate.embed import load_store, resolve_runtime, run_embed
 
     def store_of(align_out: Path) -> Path:
         # dlib's model on ONNX Runtime keeps its own store beside align's (never mixed)
         return align_out.parent / f"{align_out.name}-onnx" if on_onnx else align_out
+
+    eng = {"engine": engine, "ray_address": ray_address}
 
     if pick not in PICKS:
         raise PairsError(f"pick must be one of {', '.join(PICKS)}")
@@ -300,10 +323,10 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
 
     align_summary = run_align(raw, out, AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None,
                                                     device=device),
-                              workers=workers, show_progress=show_progress)
+                              workers=workers, show_progress=show_progress, **eng)
     embed_summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
                               flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed,
-                              runtime=runtime, fp16=fp16, store_dir=store_of(out))
+                              runtime=runtime, fp16=fp16, store_dir=store_of(out), **eng)
     vecs, rows, meta = load_store(store_of(out))
     stores = {"": (vecs, {r["aligned"]: i for i, r in enumerate(rows)})}
     by_source = _by_source(read_manifest(out))
@@ -329,10 +352,10 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
         link_images(root, retry, rraw)
         a2 = run_align(rraw, rout, AlignConfig(detector=retry_detector, fallback="none", device=device,
                                               model_dir=model_dir if retry_detector == "scrfd" else None),
-                       workers=workers, show_progress=show_progress)
+                       workers=workers, show_progress=show_progress, **eng)
         e2 = run_embed(rout, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
                        flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed,
-                       runtime=runtime, fp16=fp16, store_dir=store_of(rout))
+                       runtime=runtime, fp16=fp16, store_dir=store_of(rout), **eng)
         v2, rows2, _ = load_store(store_of(rout))
         stores["retry"] = (v2, {r["aligned"]: i for i, r in enumerate(rows2)})
         by2 = _by_source(read_manifest(rout))

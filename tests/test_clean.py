@@ -499,3 +499,77 @@ def test_real_clean_outputs_equal_with_one_and_two_workers(real_run, tmp_path):
         got[w] = [(dst / f).read_bytes() for f in files]
     assert got[1] == got[2]
     assert got[1] == [(out / f).read_bytes() for f in files]  # and equal to the CLI's run (all cores)
+
+
+# ----------------------------------------------------------------------------- exact shortcuts
+def test_topk_by_group_bound_has_the_bits_of_the_full_partition():
+    """The cohort's top-k (a bound on group maxima, then a sort of the few candidates)
+    gives the values -np.partition(-s, k - 1)[:, :k] gives, in the same order (their
+    float32 mean differs in the last bit for another order), with ties, -inf and nan."""
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        b, m, kk = int(rng.integers(1, 200)), int(rng.integers(400, 3000)), int(rng.choice([1, 2, 5, 20]))
+        s = rng.standard_normal((b, m)).astype(np.float32)
+        if trial % 3 == 0:
+            s = np.round(s, 1)
+        if trial % 5 == 0:
+            s[rng.random(s.shape) < 0.3] = -np.inf
+        if trial % 7 == 0:
+            s[rng.random(s.shape) < 0.001] = np.nan
+        ref = -np.partition(-s, kk - 1, axis=1)[:, :kk]
+        got = fc._topk_desc(s.copy(), kk)
+        assert np.array_equal(ref.view(np.int32), got.view(np.int32)), trial
+
+
+def test_rank_wise_row_sums_have_the_bits_of_add_at():
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        for trial in range(10):
+            n, k = int(rng.integers(1, 5000)), int(rng.integers(1, 200))
+            x = (rng.standard_normal((n, 8)) * rng.choice([1e-3, 1.0, 1e3], size=(n, 1))).astype(np.float32)
+            idx = rng.integers(0, k, n) if trial % 2 else rng.zipf(1.5, n) % k
+            ref = np.zeros((k, 8), dtype)
+            np.add.at(ref, idx, x.astype(dtype))
+            got = np.zeros((k, 8), dtype)
+            fc._add_at_rows(got, idx, x)
+            assert np.array_equal(ref.view(np.uint8), got.view(np.uint8))
+
+
+def test_ivf_merge_search_on_a_pool_equals_one_process():
+    from facecurate.engines.local import LocalPool
+
+    rng = np.random.default_rng(5)
+    v = _centres(rng, 3000)
+    v[1500:1600] = _unit(v[:100] + 0.05 / np.sqrt(DIM) * rng.standard_normal((100, DIM)))
+    one = fc.similar_pairs(v, 0.9, exact_below=0, use_faiss=False)
+    with LocalPool(2) as pool:
+        two = fc.similar_pairs(v, 0.9, exact_below=0, use_faiss=False, pool=pool)
+    assert len(one) >= 100 and one == two
+
+
+def test_duplicates_of_a_large_identity_equal_the_full_product():
+    """Above 2048 faces the duplicate search multiplies only the upper columns; the
+    pairs and their similarities are those of the full product."""
+    rng = np.random.default_rng(6)
+    e = _person(rng, _centres(rng, 1)[0], 5000, spread=0.3)
+    cp = rng.choice(5000, 300, replace=False)
+    e[cp[:150]] = _unit(e[cp[150:]] + 0.02 / np.sqrt(DIM) * rng.standard_normal((150, DIM)))
+    p = fc.default_params("dlib")
+    alive = rng.random(5000) < 0.9
+    q, s = rng.random(5000), rng.random(5000).astype(np.float32)
+    dec, rea, dup = np.zeros(5000, np.uint8), np.zeros(5000, np.uint8), np.full(5000, -1, np.int64)
+    fc._mark_duplicates(e, alive, q, s, p, dec, rea, dup)
+    ids = np.nonzero(alive)[0]
+    sims = e[ids] @ e[ids].T  # the full product, as the search computed it before
+    ii, jj = np.nonzero(np.triu(sims >= p.dup, 1))
+    groups = {}
+    for i, j in zip(ids[ii].tolist(), ids[jj].tolist()):
+        gi, gj = groups.get(i, {i}), groups.get(j, {j})
+        for x in (g := gi | gj):
+            groups[x] = g
+    want = np.full(5000, -1, np.int64)
+    for g in {id(g): g for g in groups.values()}.values():
+        best = min(g, key=lambda i: (int(dec[i] if dup[i] < 0 else 0), -float(q[i]), -float(s[i]), i))
+        for i in g - {best}:
+            want[i] = best
+    assert (want >= 0).sum() >= 100 and np.array_equal(dup, want)

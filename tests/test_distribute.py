@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from facecurate.distribute import LocalPool, distribute
+from facecurate.engines.local import LocalPool, distribute
 
 
 def _rowsum(t):
@@ -39,7 +39,7 @@ def test_shared_array_reaches_the_workers_as_a_read_only_map():
 
 _KILLED_PARENT = """
 import os, sys, time
-from facecurate.distribute import LocalPool
+from facecurate.engines.local import LocalPool
 def f(_):
     return os.getpid()
 if __name__ == "__main__":

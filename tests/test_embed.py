@@ -137,8 +137,8 @@ def test_store_survives_kill_and_rerun(aligned, store, tmp_path):
     s = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILLER, str(aligned), str(s)], capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    parts = list((s / ".facecurate" / "embed").glob("part-*.npz"))
-    assert len(parts) == 1  # exactly the first chunk survived, atomically written
+    records = list((s / ".facecurate" / "embed").glob("shard_*.json"))
+    assert len(records) == 1  # exactly the first shard survived, its data and then its record
     assert not (s / "embeddings.npy").exists()
     assert not [p for p in s.rglob("*.tmp")]
     summary = run_embed(aligned, show_progress=False, store_dir=s)

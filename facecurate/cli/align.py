@@ -6,6 +6,7 @@ import os
 
 import click
 
+from facecurate.cli.engine_options import engine_options
 from facecurate.constants import ARCFACE_BASE_SIZE, DETECT_MAX_SIDE, JPEG_QUALITY, MAX_IMAGE_PIXELS
 
 
@@ -46,12 +47,14 @@ def _crop_size(_ctx, _param, value: int) -> int:
 @click.option("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, show_default=True,
               help="Refuse larger images (decompression-bomb guard) as too_large.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
-@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Files per shard: the unit of work a worker takes and of resumption.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Files per shard (default 64): the unit of work a worker takes and of resumption. "
+                   "Recorded in OUT: reruns and parts without it keep the recorded value.")
+@engine_options
 @click.option("--overwrite", is_flag=True, help="Start again instead of resuming what OUT already holds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, quality, fallback, max_upsample,
-          detect_max_side, max_pixels, workers, shard_size, overwrite, as_json):
+          detect_max_side, max_pixels, workers, shard_size, engine, ray_address, part, overwrite, as_json):
     """Detect every face in RAW/<identity>/* and write aligned crops to OUT.
 
     Each face with its 5 landmarks is warped onto the ArcFace template (similarity
@@ -75,7 +78,8 @@ def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, qua
                       min_face=min_face, faces=faces, fmt=fmt, quality=quality, fallback=fallback, max_upsample=max_upsample,
                       detect_max_side=detect_max_side, max_pixels=max_pixels, device=device)
     try:
-        summary = run_align(raw, out, cfg, workers=workers, shard_size=shard_size, overwrite=overwrite)
+        summary = run_align(raw, out, cfg, workers=workers, shard_size=shard_size, overwrite=overwrite,
+                            engine=engine, ray_address=ray_address, part=part)
     except AlignError as e:
         raise click.ClickException(str(e)) from None
     for w in summary["warnings"]:

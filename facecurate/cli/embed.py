@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from facecurate.cli.engine_options import engine_options
 from facecurate.files import emit_summary
 
 _MODEL_HELP = ("dlib (default, offline: dlib's 128-D ResNet descriptor), arcface (an insightface "
@@ -56,9 +57,13 @@ def _common(f):
 @click.option("--out", "store", type=click.Path(file_okay=False), default=None,
               help="Write the store here instead of into OUT (needed for a read-only folder of "
                    "crops; default for a .rec: its folder).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Faces per shard (default: 64 for dlib, 256 for ONNX): the unit of work and of "
+                   "resumption. Recorded: reruns and parts without it keep the recorded value.")
+@engine_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing store and start again.")
 def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dlib_feed, as_json, flip, store,
-          overwrite):
+          shard_size, engine, ray_address, part, overwrite):
     """L2-normalised embeddings of every face crop in OUT.
 
     OUT is a folder made by `facecurate align` (every ok crop of OUT/align.csv,
@@ -80,7 +85,8 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
     try:
         summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
                             flip=flip, device=device, fp16=fp16, dlib_feed=dlib_feed, store_dir=store,
-                            overwrite=overwrite, runtime=runtime)
+                            overwrite=overwrite, runtime=runtime, chunk_size=shard_size, engine=engine,
+                            ray_address=ray_address, part=part)
     except EmbedError as e:
         raise click.ClickException(str(e)) from None
     if summary.get("provider") and "CUDA" not in str(summary["provider"]) and model != "dlib" and device != "cpu":
@@ -108,8 +114,12 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
               help="With --pick centre: images with no face near the centre are searched again "
                    "with this detector.")
 @click.option("--roc", type=click.Path(dir_okay=False), default=None, help="Write a ROC curve (PNG) here.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Engine of the align and embed runs (see `facecurate align --help`).")
+@click.option("--ray-address", default=None, metavar="HOST:PORT",
+              help="--engine ray: the cluster (default: RAY_ADDRESS, else a local Ray instance).")
 def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16, runtime, dlib_feed, as_json,
-               detector, flip, work, pick, retry_detector, roc):
+               detector, flip, work, pick, retry_detector, roc, engine, ray_address):
     """Verification accuracy of the detector + alignment + model on an
     LFW-style pairs file.
 
@@ -131,7 +141,8 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
         s = run_eval_pairs(pairs, root, work=work, detector=detector, model=model, model_dir=model_dir,
                            flip=flip, device=device, batch_size=batch_size, workers=workers,
                            dlib_feed=dlib_feed, roc=roc, show_progress=True, pick=pick,
-                           retry_detector=retry_detector, runtime=runtime, fp16=fp16)
+                           retry_detector=retry_detector, runtime=runtime, fp16=fp16, engine=engine,
+                           ray_address=ray_address)
     except (AlignError, EmbedError, PairsError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

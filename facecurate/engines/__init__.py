@@ -1,0 +1,35 @@
+"""Engines run a stage's shards; the stages never know which one does.
+
+An engine has ``name``, ``lanes(spec, n_shards)`` (how many workers it will use)
+and ``run(spec, shards)``, which yields one :class:`facecurate.runner.Outcome` per
+shard, in any order, after at most :data:`facecurate.runner.MAX_SHARD_RETRIES`
+retries. Its workers are :class:`facecurate.runner.ShardRunner` objects: built once
+per worker process (models loaded once), each writes its shard's data and then
+its record.
+
+* ``local`` (:mod:`facecurate.engines.local`): spawned processes on this machine;
+* ``ray`` (:mod:`facecurate.engines.ray_engine`): Ray actors on a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+ENGINES = ("local", "ray")
+
+
+def get_engine(name: str = "local", *, workers: Optional[int] = None, address: Optional[str] = None):
+    if name == "local":
+        from facecurate.engines.local import LocalEngine
+
+        return LocalEngine(workers)
+    if name == "ray":
+        from facecurate.engines.ray_engine import RayEngine
+
+        return RayEngine(address=address, workers=workers)
+    from facecurate.runner import RunError
+
+    raise RunError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+
+
+__all__ = ["ENGINES", "get_engine"]

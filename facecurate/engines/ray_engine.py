@@ -1,0 +1,269 @@
+"""The Ray engine: one stateful actor per worker slot of a Ray cluster.
+
+Each actor holds a :class:`facecurate.runner.ShardRunner` (models loaded once) and
+runs shards one at a time; the driver keeps every actor two shards deep and is the
+only place that decides retries (actors are created with ``max_restarts=0`` and
+``max_task_retries=0``, so Ray itself retries nothing behind our back):
+
+* a shard whose code raises is retried on any actor;
+* an actor that dies (its process or its whole node) costs the shards it held:
+  they go back to the queue and a replacement actor is requested, which Ray places
+  wherever resources are left;
+* a shard retried :data:`facecurate.runner.MAX_SHARD_RETRIES` times is reported
+  as failed; a worker that cannot see RAW or OUT fails the run at once.
+
+CPU workers ask for ``spec.num_cpus`` CPUs; GPU workers (``spec.gpu`` on a cluster
+with GPUs) for one GPU each, so every GPU of every node gets a worker. Shards are
+written by the workers to storage every node sees at the same path; only stats
+travel back to the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Iterator, Optional
+
+from facecurate.runner import MAX_SHARD_RETRIES, Outcome, RunError, ShardRunner, WorkerSpec, WorkerSetupError
+
+#: Object store of a Ray instance this engine starts itself (bytes): only shards'
+#: item lists and stats pass through it.
+LOCAL_OBJECT_STORE = 256 * 1024 * 1024
+#: How long the run waits for a worker to start when none is running (seconds).
+START_TIMEOUT = float(os.environ.get("FACECURATE_RAY_START_TIMEOUT", "180"))
+#: How long the first workers wait for the others to start before taking shards (seconds).
+GATHER = 15.0
+
+
+class ShardActor:
+    """The body of a Ray actor (wrapped with ``ray.remote`` by the engine)."""
+
+    def __init__(self):
+        self.runner: Optional[ShardRunner] = None
+
+    def setup(self, spec: WorkerSpec) -> dict:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:8]
+        try:
+            self.runner = ShardRunner(spec, node=f"{_ip()}/{node}", child=True)
+        except WorkerSetupError as e:
+            return {"error": str(e)}
+        return {"node": self.runner.node, "pid": os.getpid()}
+
+    def run(self, shard) -> dict:
+        return self.runner.run(shard)
+
+
+def _ip() -> str:
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def connect(address: Optional[str]) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a Ray instance for this
+    run. Returns True when this call started or connected Ray (and should shut it down)."""
+    try:
+        import ray
+    except ImportError:
+        raise RunError("--engine ray needs Ray: pip install 'facecurate[ray]' (Python 3.10+)") from None
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(object_store_memory=LOCAL_OBJECT_STORE, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RunError(f"cannot connect to the Ray cluster at {address or 'a new local instance'}: {e}") from None
+    return True
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, workers: Optional[int] = None,
+                 max_retries: int = MAX_SHARD_RETRIES, start_timeout: float = START_TIMEOUT):
+        self.address, self.workers = address, workers
+        self.max_retries, self.start_timeout = max_retries, start_timeout
+        self.resources: dict = {}
+
+    def _request(self, spec: WorkerSpec) -> dict:
+        import ray
+
+        res = ray.cluster_resources()
+        if spec.gpu and res.get("GPU", 0) >= 1:
+            return {"num_cpus": 0, "num_gpus": 1}
+        return {"num_cpus": spec.num_cpus, "num_gpus": 0}
+
+    def lanes(self, spec: WorkerSpec, n_shards: int) -> int:
+        import ray
+
+        self._owns = connect(self.address) or getattr(self, "_owns", False)
+        self.resources = self._request(spec)
+        res = ray.cluster_resources()
+        if self.resources["num_gpus"]:
+            slots = int(res.get("GPU", 0))
+        else:
+            slots = int(res.get("CPU", 0) // max(self.resources["num_cpus"], 1e-3))
+        # More workers than the cluster has room for would wait forever: cap at its slots.
+        return max(1, min(min(self.workers or slots, slots) if slots else 1, n_shards))
+
+    def run(self, spec: WorkerSpec, shards) -> Iterator[Outcome]:
+        import ray
+
+        n = self.lanes(spec, len(shards))
+        actor_cls = ray.remote(ShardActor).options(max_restarts=0, max_task_retries=0, **self.resources)
+        state = _State(self, spec, actor_cls, deque(shards))
+        try:
+            for _ in range(n):
+                state.new_actor()
+            yield from state.loop()
+        finally:
+            state.kill_all()
+            if getattr(self, "_owns", False):
+                ray.shutdown()
+                self._owns = False
+
+
+class _State:
+    """The driver's bookkeeping for one run: actors, shards in flight, retries."""
+
+    def __init__(self, engine: RayEngine, spec: WorkerSpec, actor_cls, pending: deque):
+        self.e, self.spec, self.cls, self.pending = engine, spec, actor_cls, pending
+        self.refs: dict = {}  # ObjectRef -> ("setup", actor) | ("run", actor, shard)
+        self.ready: dict = {}  # actor -> shards in flight
+        self.tries: dict = {}
+        self.deaths = 0
+        self.started = self.last_progress = time.monotonic()
+        self.starting = 0  # actors whose setup has not answered yet
+
+    def new_actor(self) -> None:
+        a = self.cls.remote()
+        self.refs[a.setup.remote(self.spec)] = ("setup", a, None)
+        self.starting += 1
+
+    def kill_all(self) -> None:
+        import ray
+
+        for v in list(self.refs.values()) + [("", a, None) for a in self.ready]:
+            try:
+                ray.kill(v[1], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def _feed(self) -> None:
+        # The first workers wait (up to GATHER seconds) for the others to load their
+        # models, so that the first shards spread over every node.
+        if self.starting and time.monotonic() - self.started < GATHER:
+            return
+        for a, held in self.ready.items():
+            while self.pending and held < 2:
+                shard = self.pending.popleft()
+                self.refs[a.run.remote(shard)] = ("run", a, shard)
+                held += 1
+            self.ready[a] = held
+
+    def _retry(self, shard, err: str) -> Optional[Outcome]:
+        n = self.tries.get(shard.index, 0)
+        if n >= self.e.max_retries:
+            return Outcome(shard, None, err, retries=n)
+        self.tries[shard.index] = n + 1
+        self.pending.append(shard)
+        return None
+
+    def _actor_died(self, actor, err: str) -> list[Outcome]:
+        """Requeue every shard the dead actor held and ask for a replacement."""
+        import ray
+
+        if any(k == "setup" and a is actor for k, a, _ in self.refs.values()) or actor not in self.ready:
+            self.starting = max(0, self.starting - 1)
+
+        out = []
+        self.ready.pop(actor, None)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        for ref, (kind, a, shard) in list(self.refs.items()):
+            if a is actor:
+                del self.refs[ref]
+                if kind == "run":
+                    o = self._retry(shard, err)
+                    if o is not None:
+                        out.append(o)
+        self.deaths += 1
+        if self.pending and self.deaths <= 4 * (self.e.max_retries + 1) * max(1, len(self.ready) + 1):
+            self.new_actor()
+        return out
+
+    def loop(self) -> Iterator[Outcome]:
+        import ray
+
+        while self.pending or any(v[0] == "run" for v in self.refs.values()):
+            self._feed()
+            if not self.refs:  # every worker died and no replacement is allowed
+                while self.pending:
+                    s = self.pending.popleft()
+                    yield Outcome(s, None, "no Ray worker left", retries=self.tries.get(s.index, 0))
+                return
+            done, _ = ray.wait(list(self.refs), num_returns=1, timeout=2.0)
+            if not done:
+                self._check_stall()
+                continue
+            self.last_progress = time.monotonic()
+            ref = done[0]
+            if ref not in self.refs:
+                continue
+            yield from self._handle(ref, *self.refs.pop(ref))
+
+    def _handle(self, ref, kind, actor, shard) -> Iterator[Outcome]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            value = ray.get(ref)
+        except RayTaskError as e:  # the code raised: retry the shard anywhere
+            if kind == "setup":
+                yield from self._actor_died(actor, f"worker setup failed: {e}")
+                return
+            self.ready[actor] = max(0, self.ready.get(actor, 1) - 1)
+            o = self._retry(shard, str(getattr(e, "cause", None) or e).splitlines()[0])
+            if o is not None:
+                yield o
+            return
+        except (RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as e:
+            if kind == "run":
+                self.refs[ref] = (kind, actor, shard)  # so that _actor_died requeues it too
+            yield from self._actor_died(actor, f"worker died: {type(e).__name__}")
+            return
+        if kind == "setup":
+            self.starting -= 1
+            if value.get("error"):
+                raise WorkerSetupError(value["error"])
+            self.ready[actor] = 0
+            return
+        self.ready[actor] = max(0, self.ready.get(actor, 1) - 1)
+        yield Outcome(shard, value, retries=self.tries.get(shard.index, 0))
+
+    def _check_stall(self) -> None:
+        """No worker running and none starting within the timeout: fail rather than hang."""
+        if self.ready or not self.pending:
+            self.last_progress = time.monotonic() if self.ready else self.last_progress
+            return
+        if time.monotonic() - self.last_progress > self.e.start_timeout:
+            import ray
+
+            raise RunError(f"no Ray worker could start within {self.e.start_timeout:.0f} s (each asks for "
+                           f"{self.e.resources}; the cluster has {ray.available_resources()} free of "
+                           f"{ray.cluster_resources()})")
+
+
+__all__ = ["RayEngine", "connect", "ShardActor"]

@@ -1,0 +1,142 @@
+"""The run machinery without Ray: --part K/N, the fixed shard plan, a shard that
+keeps failing, and the one machinery under align and embed (real models, real photos)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from facecurate.align import AlignConfig, run_align
+from facecurate.embed import run_embed
+from facecurate.runner import parse_part, plan_shards, RunError
+
+STORE = ("embeddings.npy", "embeddings.csv", "embeddings.json")
+
+
+def lfw_raw(lfw_dir: Path, ids, dest: Path, n_ids: int = 6, per_id: int = 3) -> Path:
+    raw = dest / "raw"
+    picked = [i for i in ids if len(os.listdir(lfw_dir / i)) >= per_id][:n_ids]
+    for ident in picked:
+        (raw / ident).mkdir(parents=True)
+        for f in sorted(os.listdir(lfw_dir / ident))[:per_id]:
+            shutil.copyfile(lfw_dir / ident / f, raw / ident / f)
+    return raw
+
+
+def tree_bytes(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".facecurate" not in p.parts and p.name not in STORE}
+
+
+@pytest.fixture(scope="module")
+def ref(lfw_dir, lfw_dev_ids, tmp_path_factory):
+    """A local run (2 workers): align then embed."""
+    tmp = tmp_path_factory.mktemp("parts")
+    raw = lfw_raw(lfw_dir, lfw_dev_ids, tmp)
+    out = tmp / "ref"
+    run_align(raw, out, AlignConfig(), workers=2, shard_size=2, show_progress=False)
+    run_embed(out, workers=2, chunk_size=4, show_progress=False)
+    return raw, out
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    return subprocess.Popen([sys.executable, "-m", "facecurate", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_plan_ignores_workers_and_parts():
+    items = [f"f{i:03d}" for i in range(10)]
+    shards = plan_shards(items, str, 4)
+    assert [len(s.items) for s in shards] == [4, 4, 2]
+    assert shards[1].items == ("f004", "f005", "f006", "f007")
+    assert plan_shards(items, str, 4) == shards  # same inputs, same plan
+    assert parse_part("2/3") == (2, 3)
+    for bad in ("0/3", "4/3", "x", "1/2/3"):
+        with pytest.raises(RunError):
+            parse_part(bad)
+
+
+def test_parts_run_concurrently_then_merge_byte_identical(ref, tmp_path):
+    raw, refout = ref
+    out = tmp_path / "out"
+    procs = [_cli("align", str(raw), str(out), "--workers", "1", "--shard-size", "2", "--part", f"{k}/3",
+                  "--json") for k in (1, 2, 3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (so, se) in zip(procs, results):
+        assert p.returncode == 0, se[-2000:]
+    summaries = [json.loads(so.strip().splitlines()[-1]) for so, _ in results]
+    # Disjoint shards: every file processed exactly once over the three parts.
+    assert sum(s["processed_now"] for s in summaries) == len(list(raw.rglob("*.jpg")))
+    assert any(s["merged"] for s in summaries)  # the part that found every shard finished merged them
+    # Or a later run without --part merges (and does nothing else).
+    p = _cli("align", str(raw), str(out), "--json")
+    so, se = p.communicate(timeout=600)
+    assert p.returncode == 0, se
+    assert json.loads(so.strip().splitlines()[-1])["processed_now"] == 0
+    assert tree_bytes(out) == tree_bytes(refout)
+
+    procs = [_cli("embed", str(out), "--workers", "1", "--shard-size", "4", "--part", f"{k}/2", "--json")
+             for k in (1, 2)]
+    for p in procs:
+        so, se = p.communicate(timeout=600)
+        assert p.returncode == 0, se[-2000:]
+    p = _cli("embed", str(out), "--json")
+    so, se = p.communicate(timeout=600)
+    assert p.returncode == 0, se
+    assert json.loads(so.strip().splitlines()[-1])["embedded_now"] == 0
+    for name in STORE:
+        assert (out / name).read_bytes() == (refout / name).read_bytes(), name
+
+
+def test_a_part_with_another_shard_size_is_refused(ref, tmp_path):
+    raw, _ = ref
+    out = tmp_path / "out"
+    run_align(raw, out, AlignConfig(), workers=1, shard_size=2, part="1/4", show_progress=False)
+    p = _cli("align", str(raw), str(out), "--shard-size", "3", "--part", "2/4")
+    _, se = p.communicate(timeout=300)
+    assert p.returncode == 1 and "--shard-size" in se and "Traceback" not in se
+    p = _cli("align", str(raw), str(out), "--part", "2/4", "--overwrite")
+    _, se = p.communicate(timeout=300)
+    assert p.returncode == 1 and "--overwrite cannot be combined with --part" in se
+
+
+def test_a_shard_that_keeps_failing_is_named_and_a_rerun_completes_it(ref, tmp_path):
+    raw, refout = ref
+    out = tmp_path / "out"
+    blocker = out / ".facecurate" / "align" / "shard_000001.csv"
+    blocker.mkdir(parents=True)  # the shard's manifest cannot be written: it fails on every try
+    p = _cli("align", str(raw), str(out), "--workers", "2", "--shard-size", "2")
+    _, se = p.communicate(timeout=600)
+    assert p.returncode == 1, se
+    assert "shard_000001" in se and "kept failing" in se and "Traceback" not in se
+    assert not (out / "align.csv").exists()  # no merge of an incomplete run
+    blocker.rmdir()
+    p = _cli("align", str(raw), str(out), "--workers", "2", "--json")
+    so, se = p.communicate(timeout=600)
+    assert p.returncode == 0, se
+    assert json.loads(so.strip().splitlines()[-1])["processed_now"] == 2  # only the failed shard
+    assert tree_bytes(out) == tree_bytes(refout)
+
+
+def test_align_then_embed_in_one_process_never_forks(ref, tmp_path, monkeypatch):
+    """eval-pairs runs align in-process (cv2's threads start) and then embed: its
+    workers must be spawned, never forked (a forked child of a threaded process can
+    deadlock). Spawn starts children with fork+exec in C, never os.fork."""
+    raw, refout = ref
+
+    def no_fork():
+        raise AssertionError("os.fork called")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    out = tmp_path / "out"
+    run_align(raw, out, AlignConfig(), workers=2, show_progress=False)
+    s = run_embed(out, workers=2, chunk_size=4, runtime="dlib", show_progress=False)  # dlib: processes
+    assert s["workers"] == 2  # a spawned child and this process
+    assert s["embedded"] == s["embedded_now"] > 0

@@ -1,0 +1,179 @@
+"""The Ray engine on a real multi-node Ray cluster on this host (never a mock):
+byte-identical outputs to the local engine, a node removed mid-run, a run started
+under one engine and finished under the other, workers that cannot see RAW, and
+GPU workers asking Ray for a GPU. One cluster for the whole module (Ray starts in
+seconds, not milliseconds); small object stores and no dashboard (2-core CI)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from facecurate.align import AlignConfig, AlignError, run_align  # noqa: E402
+from facecurate.embed import run_embed  # noqa: E402
+from facecurate.engines.ray_engine import RayEngine  # noqa: E402
+
+from test_parts import STORE, lfw_raw, tree_bytes  # noqa: E402
+
+NODE = {"num_cpus": 1, "object_store_memory": 200 * 1024 * 1024}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False))
+    c.add_node(**NODE)
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ref(lfw_dir, lfw_dev_ids, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray")
+    raw = lfw_raw(lfw_dir, lfw_dev_ids, tmp, n_ids=12, per_id=3)
+    out = tmp / "ref"
+    run_align(raw, out, AlignConfig(), workers=2, shard_size=2, show_progress=False)
+    run_embed(out, workers=2, chunk_size=4, show_progress=False)
+    return raw, out
+
+
+def test_align_and_embed_on_two_nodes_identical_to_local(cluster, ref, tmp_path):
+    raw, refout = ref
+    out = tmp_path / "out"
+    s = run_align(raw, out, AlignConfig(), engine="ray", shard_size=2, show_progress=False)
+    assert s["engine"]["name"] == "ray" and s["engine"]["workers"] == 2
+    assert len(s["engine"]["nodes"]) == 2  # both nodes did shards
+    assert s["processed_now"] == 36 and not s["engine"]["failed"]
+    assert tree_bytes(out) == tree_bytes(refout)
+    e = run_embed(out, engine="ray", chunk_size=4, show_progress=False)
+    assert e["engine"]["name"] == "ray" and e["embedded_now"] == e["embedded"]
+    for name in STORE:
+        assert (out / name).read_bytes() == (refout / name).read_bytes(), name
+    assert ray.is_initialized()  # a cluster the run connected to is left running
+
+
+def test_interrupted_locally_finished_on_ray_and_back(cluster, ref, tmp_path):
+    raw, refout = ref
+    out = tmp_path / "out"
+    run_align(raw, out, AlignConfig(), workers=1, shard_size=2, part="1/3", show_progress=False)
+    s = run_align(raw, out, AlignConfig(), engine="ray", show_progress=False)
+    assert s["resumed"] == 12 and s["processed_now"] == 24  # shards 0, 3, 6, ... were done
+    assert tree_bytes(out) == tree_bytes(refout)
+    run_embed(out, engine="ray", chunk_size=4, part="2/2", show_progress=False)
+    e = run_embed(out, workers=1, show_progress=False)  # the local engine finishes the store
+    assert e["resumed"] > 0 and e["embedded_now"] > 0
+    for name in STORE:
+        assert (out / name).read_bytes() == (refout / name).read_bytes(), name
+
+
+def test_worker_that_cannot_see_raw_fails_clearly(cluster, tmp_path):
+    from facecurate.runner import WorkerSpec, WorkerSetupError, plan_shards
+
+    spec = WorkerSpec(dict, (), str(tmp_path), must_see=(str(tmp_path / "not-mounted"),))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerSetupError, match="cannot see .*not-mounted.*same path"):
+        list(RayEngine().run(spec, plan_shards(["a", "b"], str, 1)))
+    assert time.monotonic() - t0 < 60  # no hang
+
+
+def test_gpu_workers_ask_for_a_gpu(cluster):
+    from facecurate.runner import WorkerSpec
+
+    spec = WorkerSpec(dict, (), "/tmp", gpu=True)
+    eng = RayEngine()
+    assert eng.lanes(WorkerSpec(dict, (), "/tmp"), 10) == 2 and eng.resources["num_gpus"] == 0
+    node = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=NODE["object_store_memory"])
+    try:
+        cluster.wait_for_nodes()
+        assert eng.lanes(spec, 10) == 1  # one worker per GPU of the cluster
+        assert eng.resources == {"num_cpus": 0, "num_gpus": 1}
+    finally:
+        cluster.remove_node(node)
+
+
+def test_node_removed_mid_run_costs_only_its_shards(cluster, ref, tmp_path):
+    """A third, slow node joins; when its worker has finished one shard (and holds
+    the next), the worker is killed and the node removed. Its shards in flight are retried elsewhere: nothing lost or doubled."""
+    raw, refout = ref
+    node = cluster.add_node(**NODE, env_vars={"FACECURATE_SHARD_DELAY": "3"})  # a slow node
+    cluster.wait_for_nodes()
+    out = tmp_path / "out"
+    removed = []
+
+    def remove_once(rec):  # once the new node's worker has finished a shard (and holds another)
+        if not removed and rec["node"].endswith(node.node_id[:8]):
+            removed.append(rec)
+            cluster.remove_node(node, allow_graceful=False)
+
+    s = run_align(raw, out, AlignConfig(), engine="ray", shard_size=3, show_progress=False,
+                  on_shard=remove_once)
+    assert removed, s["engine"]
+    assert s["engine"]["workers"] == 3
+    assert s["engine"]["retries"] >= 1  # the removed node held shards in flight
+    assert not s["engine"]["failed"] and s["processed_now"] == 36
+    assert tree_bytes(out) == tree_bytes(refout)
+    records = sorted((out / ".facecurate" / "align").glob("shard_*.json"))
+    assert len(records) == 12 and not list(out.rglob("*.tmp"))
+
+
+def test_cli_driver_killed_then_rerun_continues(cluster, ref, tmp_path):
+    """The real CLI on the cluster: kill the driver (SIGKILL) once shards are done;
+    no half-written file remains, Ray ends its workers, and the rerun (local engine)
+    finishes byte-identical."""
+    import subprocess
+    import sys
+
+    raw, refout = ref
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
+    cmd = [sys.executable, "-m", "facecurate", "align", str(raw), str(out), "--shard-size", "1"]
+    proc = subprocess.Popen(cmd + ["--engine", "ray"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    work = out / ".facecurate" / "align"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("shard_*.json"))) < 4:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = len(list(work.glob("shard_*.json")))
+    assert 4 <= done < 36 and not (out / "align.csv").exists()
+    res = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    assert s["resumed"] >= done and s["processed_now"] + s["resumed"] == 36
+    assert tree_bytes(out) == tree_bytes(refout)
+    assert not [p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name and ".facecurate" not in p.parts]
+
+
+def test_onnx_embed_runs_on_the_gpu_node(cluster, ref, tmp_path):
+    """An ONNX recogniser's workers ask Ray for a GPU: on a cluster whose only GPU (a
+    logical one) is on a third node, every shard runs there; the store equals the
+    local engine's (ONNX Runtime falls back to its CPU provider on this machine)."""
+    pytest.importorskip("onnxruntime")
+    from test_embed import build_recognizer
+
+    _, refout = ref
+    model = build_recognizer(tmp_path / "tiny.onnx")
+    local = run_embed(refout, model=str(model), flip=False, chunk_size=8, store_dir=tmp_path / "local",
+                      show_progress=False)
+    node = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=NODE["object_store_memory"])
+    try:
+        cluster.wait_for_nodes()
+        s = run_embed(refout, model=str(model), flip=False, engine="ray", chunk_size=8,
+                      store_dir=tmp_path / "ray", show_progress=False)
+    finally:
+        cluster.remove_node(node)
+    assert s["engine"]["workers"] == 1 and list(s["engine"]["nodes"]) == [
+        next(k for k in s["engine"]["nodes"] if k.endswith(node.node_id[:8]))]
+    assert s["embedded"] == local["embedded"] > 0
+    for name in STORE:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
