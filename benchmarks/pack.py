@@ -192,7 +192,7 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
 
         real = fp.SumsWriter
 
-        class NoSums(real):  # header line only; no hashing, no thread work
+        class NoSums(real):  # header line only; no hashing
             def images(self, *a) -> None:
                 pass
 

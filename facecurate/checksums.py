@@ -6,8 +6,7 @@ magic of a split record put back, i.e. what a reader gets). The framing checks o
 inside an image.
 
 * ``pack`` writes the file in the same pass as the records (:class:`SumsWriter`
-  hashes each batch in a background thread while the next one is read; hashlib
-  releases the GIL on large buffers).
+  hashes each batch as it is written).
 * ``facecurate checksum DEST`` writes it for an existing .rec (:func:`write_sums`).
 * ``inspect --verify`` checks every record against it (:class:`SumsCursor`, fed in
   file order by inspect's single pass).
@@ -18,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, TextIO
 
@@ -56,59 +53,46 @@ def _image_lines(keys: range, offsets: Sequence[int], labels: Sequence[float], d
     pack, sha = _IRH.pack, hashlib.sha256
     for key, off, lab, data in zip(keys, offsets, labels, datas):
         h = sha(pack(0, lab, key, 0))
-        h.update(data)  # releases the GIL for image-sized buffers
+        h.update(data)
         out.append(f"{key}\t{off}\t{IRHEADER_SIZE + len(data)}\t{h.hexdigest()}\n")
     return "".join(out)
 
 
 class SumsWriter:
-    """Writes ``train.sums`` while pack writes the records: image batches are hashed in
-    one background thread (in order), at most ``depth`` batches behind the writer."""
+    """Writes ``train.sums`` while pack writes the records, batch by batch, in the same
+    pass (each record's bytes are hashed while they are in memory). The hashing runs
+    in pack's thread: a background thread was measured slower (every hashlib call
+    hands the GIL back and forth with pack's loop)."""
 
-    def __init__(self, f: TextIO, depth: int = 2):
+    def __init__(self, f: TextIO):
         self.f = f
         self.f.write(HEADER_LINE)
-        self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sums")
-        self._pending: deque = deque()
-        self._depth = depth
         self._placeholder_at: Optional[int] = None
 
     def placeholder(self, key: int, offset: int, length: int) -> None:
         """A fixed-width line for a record written later in place (the insightface
         header), filled in by :meth:`fill`."""
-        self.wait()
         self.f.flush()
         self._placeholder_at = self.f.tell()
         self.f.write(line(key, offset, length, "0" * DIGEST_HEX))
 
     def fill(self, key: int, offset: int, payload: bytes) -> None:
-        self.wait()
         self.f.flush()
         os.pwrite(self.f.fileno(), line(key, offset, len(payload), digest(payload)).encode("ascii"),
                   self._placeholder_at)
 
     def images(self, k0: int, offsets: Sequence[int], labels: Sequence[float], datas: Sequence[bytes]) -> None:
-        while len(self._pending) >= self._depth:
-            self._pending.popleft().result()
-        self._pending.append(self._ex.submit(self._write, range(k0, k0 + len(offsets)), offsets, labels, datas))
-
-    def _write(self, *args) -> None:  # in the worker thread, batches in order
-        self.f.write(_image_lines(*args))
+        self.f.write(_image_lines(range(k0, k0 + len(offsets)), offsets, labels, datas))
 
     def record(self, key: int, offset: int, payload: bytes) -> None:
-        """One record hashed here (identity records, few)."""
-        self.wait()
+        """One record that is not a scalar-label image (identity records)."""
         self.f.write(line(key, offset, len(payload), digest(payload)))
 
-    def wait(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
+    def wait(self) -> None:  # nothing in flight (kept for callers that flush first)
+        pass
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._ex.shutdown(wait=True)
+        pass
 
 
 # ----------------------------------------------------------------------------- reading
