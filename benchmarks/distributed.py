@@ -8,7 +8,7 @@ on the same LFW *dev* photos:
 * overhead: Ray on 2 CPUs (the two nodes) against the local engine with 2 workers
   (target: within 10%).
 
-    python benchmarks/distributed.py [--n 300] [--repeat 3] [--shard-size 10]
+    python benchmarks/distributed.py [--n 300] [--repeat 3] [--shard-size 10] [--runtime dlib]
 
 Each figure is the median of ``--repeat`` rounds (the 2-node and local runs are
 interleaved); wall time of the whole ``run_align`` / ``run_embed`` call, model
@@ -65,6 +65,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=10)
     ap.add_argument("--data", default=os.environ.get("FACECURATE_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--runtime", choices=["auto", "dlib", "onnx"], default="dlib",
+                    help="what runs dlib's model in embed (default dlib: processes, one per CPU; onnx is one "
+                         "batched session per worker)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -100,7 +103,7 @@ def main() -> int:
         k[0] += 1
         store = tmp / f"e{k[0]}"
         t = timed(lambda: run_embed(base, engine=engine, workers=workers, chunk_size=ss, store_dir=store,
-                                    show_progress=False))
+                                    runtime=args.runtime, show_progress=False))
         got = outputs(store, STORE)
         ref.setdefault("embed", got)
         assert got == ref["embed"], "embed outputs differ between runs"
