@@ -1182,11 +1182,17 @@ class CropSimilarity:
         """The same comparison on the crops ``rows`` (renumbered 0..), e.g. for a worker."""
         return CropSimilarity([self.paths[int(i)] for i in rows])
 
+    def grey(self, i: int) -> np.ndarray | None:
+        """Crop ``i`` as a grey image, or None when it cannot be read."""
+        import cv2
+
+        return cv2.imread(str(self.paths[i]), cv2.IMREAD_GRAYSCALE)
+
     def thumb(self, i: int) -> np.ndarray | None:
         if i not in self._cache:
             import cv2
 
-            im = cv2.imread(str(self.paths[i]), cv2.IMREAD_GRAYSCALE)
+            im = self.grey(i)
             t = None
             if im is not None and im.size:
                 t = cv2.resize(im, (self.SIDE, self.SIDE), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from facecurate import constants as C
+from facecurate.clean import CropSimilarity
 from facecurate.files import format_float, write_csv_atomic, write_text_atomic
 from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
 
@@ -138,16 +139,14 @@ def _image_records(rec_path: Path) -> int:
     return int(np.count_nonzero((keys >= 1) & (keys < layout.first)))
 
 
-class RecCropSimilarity:
+class RecCropSimilarity(CropSimilarity):
     """:class:`facecurate.clean.CropSimilarity` on record bytes: face i is the record at
     ``offsets[i]`` of the .rec (read on first use, 32x32 grey, mean removed)."""
 
-    SIDE = 32
-
     def __init__(self, rec_path: os.PathLike | str, offsets: Sequence[int]):
+        super().__init__([])
         self.rec_path = str(rec_path)
         self.offsets = [int(o) for o in offsets]
-        self._cache: dict = {}
         self._f = None
 
     def __getstate__(self):  # for worker processes: no open file, no cache
@@ -159,30 +158,18 @@ class RecCropSimilarity:
     def subset(self, rows: Sequence[int]) -> "RecCropSimilarity":
         return RecCropSimilarity(self.rec_path, [self.offsets[int(i)] for i in rows])
 
-    def thumb(self, i: int):
-        if i not in self._cache:
-            import cv2
+    def grey(self, i: int):
+        import cv2
 
-            from facecurate.recordio import RecordIOError, read_record, unpack_record
+        from facecurate.recordio import RecordIOError, read_record, unpack_record
 
-            t = None
-            try:
-                if self._f is None:
-                    self._f = open(self.rec_path, "rb")
-                img = unpack_record(read_record(self._f, self.offsets[i]).payload)[1]
-                im = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_GRAYSCALE) if img else None
-            except (RecordIOError, OSError):
-                im = None
-            if im is not None and im.size:
-                t = cv2.resize(im, (self.SIDE, self.SIDE), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
-                t -= t.mean()
-                t /= float(np.linalg.norm(t)) + 1e-6
-            self._cache[i] = t
-        return self._cache[i]
-
-    def __call__(self, i: int, j: int) -> float:
-        a, b = self.thumb(i), self.thumb(j)
-        return 0.0 if a is None or b is None else float(a @ b)
+        try:
+            if self._f is None:
+                self._f = open(self.rec_path, "rb")
+            img = unpack_record(read_record(self._f, self.offsets[i]).payload)[1]
+            return cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_GRAYSCALE) if img else None
+        except (RecordIOError, OSError):
+            return None
 
 
 # ----------------------------------------------------------------------------- run
