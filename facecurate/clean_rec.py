@@ -25,7 +25,7 @@ import inspect as _inspect
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

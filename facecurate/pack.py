@@ -504,16 +504,22 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         done = True
     finally:
         bar.close()
-        if sink is not None:
-            sink.close()
-        for name in PACK_FILES:
-            _tmp(dest, name).unlink(missing_ok=True)
-        if not done and created:  # a DEST this failed run made: leave no empty folder behind
-            try:
-                dest.rmdir()
-            except OSError:
-                pass
+        _cleanup(dest, sink, done, created)
     return result
+
+
+def _cleanup(dest: Path, sink, done: bool, created: bool) -> None:
+    """After a pack, finished or not: close the writer, remove every temporary file, and
+    remove a DEST that this failed run made, so that it leaves no empty folder behind."""
+    if sink is not None:
+        sink.close()
+    for name in PACK_FILES:
+        _tmp(dest, name).unlink(missing_ok=True)
+    if not done and created:
+        try:
+            dest.rmdir()
+        except OSError:
+            pass
 
 
 def _final_errors(out: Path, dest: Path, source: str, size: int, errors: list[InputError], tally: _Tally,

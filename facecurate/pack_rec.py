@@ -29,7 +29,6 @@ from facecurate.constants import (
     DECISION_KEEP,
     IDX_NAME,
     LABELS_CSV,
-    LAYOUT_INSIGHTFACE,
     LAYOUT_PLAIN,
     LST_NAME,
     PACK_BAD_RECORD,
@@ -286,7 +285,7 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
     ``shuffle``: a new order (plain) or a new order within each class (insightface);
     without it the records keep the source's order (grouped by class for insightface)."""
     from facecurate.files import progress
-    from facecurate.pack import PackResult, _commit, _RecSink, _tmp
+    from facecurate.pack import PackResult, _cleanup, _commit, _RecSink, _tmp
 
     src, dest = Path(src), Path(dest)
     rec_path, idx_path = rec_paths(src)
@@ -350,15 +349,7 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
         done = True
     finally:
         bar.close()
-        if sink is not None:
-            sink.close()
-        for name in PACK_FILES:
-            _tmp(dest, name).unlink(missing_ok=True)
-        if not done and created:
-            try:
-                dest.rmdir()
-            except OSError:
-                pass
+        _cleanup(dest, sink, done, created)
     return result
 
 
