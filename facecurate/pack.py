@@ -563,19 +563,24 @@ def _failure_summary(dest: Path, source: str, size: int, errors: Sequence[InputE
 
 
 def _small_files(result: PackResult, counts: dict) -> dict[str, str]:
-    """The text files beside the records: property, labels.csv, pack_errors.csv,
-    pack.json."""
+    """The text files beside the records of a pack of crops."""
     identities = list(counts)
-    labels = {ident: i for i, ident in enumerate(identities)}
+    labels = csv_text(LABELS_COLUMNS, [(ident, i, counts[ident]) for i, ident in enumerate(identities)])
+    return dest_texts(result, len(identities), labels, "path relative to OUT")
+
+
+def dest_texts(result: PackResult, classes: int, labels_csv: str, lst_paths: str) -> dict[str, str]:
+    """property, labels.csv (given), pack_errors.csv and pack.json of a finished pack;
+    ``lst_paths`` says what the .lst's path column holds."""
     texts = {
-        PROPERTY_NAME: f"{len(identities)},{result.size},{result.size}\n",
-        LABELS_CSV: csv_text(LABELS_COLUMNS, [(i, labels[i], counts[i]) for i in identities]),
+        PROPERTY_NAME: f"{classes},{result.size},{result.size}\n",
+        LABELS_CSV: labels_csv,
         PACK_ERRORS_CSV: csv_text(PACK_ERROR_COLUMNS,
                                   [(e.identity, e.path, e.reason, e.message) for e in result.errors]),
     }
     meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
     meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
-    meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path relative to OUT)"
+    meta["lst_format"] = f"im2rec: index<TAB>label<TAB>path ({lst_paths})"
     texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     return texts
 

@@ -16,7 +16,6 @@ labels, offsets), never the records.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 from pathlib import Path
@@ -27,24 +26,15 @@ import numpy as np
 from facecurate.constants import (
     CLEAN_CSV,
     DECISION_KEEP,
-    IDX_NAME,
-    LABELS_CSV,
     LAYOUT_PLAIN,
-    LST_NAME,
     PACK_BAD_RECORD,
     PACK_BELOW_MIN,
-    PACK_ERROR_COLUMNS,
-    PACK_ERRORS_CSV,
     PACK_FILES,
-    PACK_META,
     PACK_MISSING,
     PACK_NOT_CLEANED,
     PACK_NOT_KEPT,
-    PROPERTY_NAME,
     REC_KEY_PREFIX,
     REC_LABELS_COLUMNS,
-    REC_NAME,
-    SUMS_NAME,
 )
 from facecurate.files import csv_text
 from facecurate.pack_inputs import InputError, PackError, _Good
@@ -355,18 +345,11 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
 
 def _texts(result, plan: _Plan, table: RecTable, sink) -> dict[str, str]:
     """property, labels.csv (new label -> old labels and names), pack_errors.csv, pack.json."""
+    from facecurate.pack import dest_texts
+
     rows = []
     for new, (r, (name, n)) in enumerate(zip(plan.classes, sink.classes)):
         olds = plan.members.get(r, [r])
         rows.append((name, new, n, ";".join(map(str, olds)), ";".join(table.names[o] for o in olds)))
-    texts = {
-        PROPERTY_NAME: f"{len(plan.classes)},{result.size},{result.size}\n",
-        LABELS_CSV: csv_text(REC_LABELS_COLUMNS, rows),
-        PACK_ERRORS_CSV: csv_text(PACK_ERROR_COLUMNS,
-                                  [(e.identity, e.path, e.reason, e.message) for e in result.errors]),
-    }
-    meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
-    meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
-    meta["lst_format"] = "im2rec: index<TAB>label<TAB>path (path: rec:<key> of the source .rec)"
-    texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    return texts
+    return dest_texts(result, len(plan.classes), csv_text(REC_LABELS_COLUMNS, rows),
+                      "path: rec:<key> of the source .rec")
