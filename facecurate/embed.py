@@ -690,9 +690,11 @@ def _resolve_input(target: Path, out: Optional[Path]) -> tuple[list[Item], str, 
 
 
 def default_workers(embedder) -> int:
-    if isinstance(embedder, DlibEmbedder):
-        return os.cpu_count() or 1
-    return 1
+    """dlib's descriptor is single-threaded: one process per usable core (as align); an
+    ONNX session is one worker whose threads use the cores."""
+    from facecurate.engines.local import default_workers as cores
+
+    return cores() if isinstance(embedder, DlibEmbedder) else 1
 
 
 def _hold_store_lock(fn):
