@@ -190,3 +190,6 @@ REASON_NO_EMBEDDING = "no_embedding"
 REASON_MANUAL = "manual"
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).
 REVIEW_COLUMNS = ("aligned", "identity", "source", "face", "score", "reason", "decision")
+#: Environment variables that size the BLAS/OpenMP thread pools; workers (one per core)
+#: set them to 1.
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

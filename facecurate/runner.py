@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from facecurate.constants import BLAS_THREAD_VARS
 from facecurate.files import write_text_atomic
 
 PLAN_FILE = "plan.json"
@@ -190,7 +191,7 @@ class WorkerSpec:
 
 def single_threaded_libraries() -> None:
     """One worker per core: keep OpenCV and BLAS from starting a thread per core."""
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for k in BLAS_THREAD_VARS:
         os.environ.setdefault(k, "1")
     try:
         import cv2

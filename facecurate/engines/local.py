@@ -35,19 +35,19 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from facecurate.constants import BLAS_THREAD_VARS
 from facecurate.procs import die_with_parent, stop_processes
 from facecurate.runner import MAX_SHARD_RETRIES, Outcome, ShardRunner, WorkerSpec, WorkerSetupError
 
 _RUNNER: dict = {}  # the ShardRunner of this worker process
-_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @contextlib.contextmanager
 def single_threaded_children():
     """Children spawned inside this block run their BLAS single-threaded (the variable
     must be set before numpy loads in the child, so it is set here, in the parent)."""
-    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
-    os.environ.update({k: "1" for k in _BLAS_ENV})
+    saved = {k: os.environ.get(k) for k in BLAS_THREAD_VARS}
+    os.environ.update({k: "1" for k in BLAS_THREAD_VARS})
     try:
         yield
     finally:
