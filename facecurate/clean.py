@@ -727,43 +727,42 @@ def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | 
 
 
 def _analyse_shard(t: dict) -> dict:
-    """Worker: analyse_identity for each identity of a shard, packed into arrays."""
-    emb, rows, b, p = t["E"].get(), t["rows"], t["bounds"], t["p"]
-    res = [analyse_identity(np.asarray(emb[rows[b[j]:b[j + 1]]]), t["photo"][b[j]:b[j + 1]], p)
-           for j in range(len(b) - 1)]
-    zero = np.zeros(t["d"], np.float32)
-    return dict(
-        s=np.concatenate([a.s for a in res]), subject=np.concatenate([a.subject for a in res]),
-        cluster=np.concatenate([a.cluster for a in res]),
-        centre=np.stack([zero if a.centre is None else a.centre for a in res]),
-        nclus=np.array([a.clusters for a in res], np.int64),
-        minority=np.concatenate([a.minority for a in res]), rival=np.concatenate([a.rival for a in res]),
-        dominant_share=np.array([a.dominant_share for a in res], np.float64),
-        ambiguous=np.array([a.ambiguous for a in res], bool), median=np.array([a.median for a in res], np.float64))
+    """Worker: analyse_identity for each identity of a shard, packed into arrays (small
+    identities stacked by size: facecurate.clean_batch, same bits)."""
+    from facecurate.clean_batch import analyse_rows
+
+    return analyse_rows(t["E"].get(), t["rows"], t["photo"], t["bounds"], t["p"], analyse_identity)
 
 
-def _unpack(blk: dict, b: np.ndarray) -> list:
+def _unpack(blk: dict, b: np.ndarray, which: list) -> dict:
+    """The Analysis of the identities ``which`` of a shard's packed arrays."""
     cb = np.r_[0, np.cumsum(blk["nclus"])]
-    return [Analysis(blk["s"][b[j]:b[j + 1]], blk["cluster"][b[j]:b[j + 1]], blk["subject"][b[j]:b[j + 1]],
-                     blk["centre"][j], blk["minority"][cb[j]:cb[j + 1]], blk["rival"][cb[j]:cb[j + 1]],
-                     int(blk["nclus"][j]), float(blk["dominant_share"][j]), bool(blk["ambiguous"][j]),
-                     float(blk["median"][j])) for j in range(len(b) - 1)]
+    return {j: Analysis(blk["s"][b[j]:b[j + 1]], blk["cluster"][b[j]:b[j + 1]], blk["subject"][b[j]:b[j + 1]],
+                        blk["centre"][j], blk["minority"][cb[j]:cb[j + 1]], blk["rival"][cb[j]:cb[j + 1]],
+                        int(blk["nclus"][j]), float(blk["dominant_share"][j]), bool(blk["ambiguous"][j]),
+                        float(blk["median"][j])) for j in which}
 
 
 def _decide_shard(t: dict) -> dict:
-    """Worker: decide_identity for each identity of a shard."""
+    """Worker: decide_identity for each identity of a shard (the thresholds of all its
+    faces at once, then decide_identity where duplicates or ambiguity can change them:
+    facecurate.clean_batch.decide_rows, same result)."""
+    from facecurate.clean_batch import decide_rows
+
     emb, rows, b, p = t["E"].get(), t["rows"], t["bounds"], t["p"]
     n = len(rows)
-    dec, rea = np.full(n, DROP, np.uint8), np.full(n, RC[R_FAR], np.uint8)
-    score, dup = np.zeros(n, np.float32), np.full(n, -1, np.int64)
     pix, fs, off = t["pixel"], t["face_size"], t["offset"]
-    for j, a in enumerate(_unpack(t["block"], b)):
+    dec, rea, score, needs = decide_rows(emb, rows, b, t["block"], p, fs, off, pix is not None)
+    dup = np.full(n, -1, np.int64)
+    todo = np.nonzero(needs)[0].tolist()
+    analyses = _unpack(t["block"], b, todo)
+    for j in todo:
         lo, hi = int(b[j]), int(b[j + 1])
         local_pix = None
         if pix is not None:  # identity index -> global index (global_pixel) or shard position
             tr = rows if t["global_pixel"] else np.arange(n)
             local_pix = (lambda x, y, lo=lo: pix(int(tr[lo + x]), int(tr[lo + y])))
-        dd, rr, ss, du = decide_identity(a, np.asarray(emb[rows[lo:hi]]), t["quality"][lo:hi], p,
+        dd, rr, ss, du = decide_identity(analyses[j], np.asarray(emb[rows[lo:hi]]), t["quality"][lo:hi], p,
                                          None if fs is None else fs[lo:hi], None if off is None else off[lo:hi],
                                          local_pix)
         dec[lo:hi], rea[lo:hi], score[lo:hi] = dd, rr, ss
@@ -918,6 +917,19 @@ def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np
     return np.concatenate(list(pool.map(_topk_rows, tasks)))
 
 
+def _sub_blocks(rows: int, m: int, d: int, sub: int = 512) -> list:
+    """Row ranges that split a product of ``rows`` x ``m`` (inner size ``d``) into parts
+    that stay in the cache, each with the bits of the whole product: BLAS gives a row
+    the same bits in any matrix of at least two rows that is too large for its
+    small-matrix kernel (a single row goes through another routine), so every part has
+    at least two rows and 4M multiply-adds, and a shorter tail joins the part before."""
+    least = max(2, -(-4_000_001 // max(1, m * d)), sub)
+    if rows < 2 * least:
+        return [(0, rows)]
+    cuts = list(range(0, rows - least + 1, least))
+    return [(a, b) for a, b in zip(cuts, cuts[1:] + [rows])]
+
+
 def _topk_rows(t: dict) -> np.ndarray:
     """topk_other_mean of rows a..b (a: a multiple of the block)."""
     q = t["q"].get() if isinstance(t["q"], SharedArray) else t["q"]
@@ -926,20 +938,23 @@ def _topk_rows(t: dict) -> np.ndarray:
     own_pos = pos[own]
     out = np.zeros(b - a, np.float32)
     for b0 in range(0, b - a, block):
-        s = q[a + b0:min(b, a + b0 + block)] @ centres.T  # below: -np.partition(-s, ...) without copies
-        op = own_pos[b0:b0 + block]
-        ok = op >= 0
-        s[np.arange(len(s))[ok], op[ok]] = -np.inf
-        if partners:
-            rr, cc = [], []
-            for r_, g in enumerate(own[b0:b0 + block].tolist()):
-                for h in partners.get(g, ()):
-                    if 0 <= h < len(pos) and pos[h] >= 0:
-                        rr.append(r_)
-                        cc.append(pos[h])
-            if rr:
-                s[rr, cc] = -np.inf
-        out[b0:b0 + block] = _topk_desc(s, kk).mean(1)
+        b1 = min(b - a, b0 + block)
+        for u0, u1 in _sub_blocks(b1 - b0, len(centres), q.shape[1]):  # the block's product, part by part
+            lo, hi = b0 + u0, b0 + u1
+            s = q[a + lo:a + hi] @ centres.T  # below: -np.partition(-s, ...) without copies
+            op = own_pos[lo:hi]
+            ok = op >= 0
+            s[np.arange(len(s))[ok], op[ok]] = -np.inf
+            if partners:
+                rr, cc = [], []
+                for r_, g in enumerate(own[lo:hi].tolist()):
+                    for h in partners.get(g, ()):
+                        if 0 <= h < len(pos) and pos[h] >= 0:
+                            rr.append(r_)
+                            cc.append(pos[h])
+                if rr:
+                    s[rr, cc] = -np.inf
+            out[lo:hi] = _topk_desc(s, kk).mean(1)
     return out
 
 
@@ -949,14 +964,14 @@ def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
     selection leaves sorted, so their mean has the same bits. Wide rows go through a
     bound instead of a full selection: the kk-th largest of the rows' group maxima is
     at most the kk-th largest value, so only the groups whose maximum reaches it hold
-    candidates (about kk of them)."""
+    candidates (about kk of them); ties keep the column order."""
     b, m = s.shape
-    ng = -(-m // group)
+    ng = m // group  # whole groups; the last group also holds the (shorter) tail
     if m < 4 * group or ng < kk or not b:
         np.negative(s, out=s)  # -np.partition(-s, ...) without copies
         s.partition(kk - 1, axis=1)
         return -s[:, :kk]
-    gmax = np.maximum.reduceat(s, np.arange(0, m, group), axis=1)
+    gmax = np.maximum.reduceat(s, np.arange(0, ng * group, group), axis=1)
     g = -gmax
     g.partition(kk - 1, axis=1)
     t = -g[:, kk - 1]
@@ -964,12 +979,17 @@ def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
         return _topk_desc(s, kk, group=m + 1)
     hit = np.flatnonzero(gmax >= t[:, None])
     row, grp = np.divmod(hit, ng)
+    # the candidate groups as whole rows of a (b, ng, group) view: one contiguous copy each
+    view = np.lib.stride_tricks.as_strided(s, (b, ng, group), (s.strides[0], group * s.strides[1], s.strides[1]))
+    vals = view[row, grp]
     cols = grp[:, None] * group + np.arange(group)
-    vals = s[row[:, None], np.minimum(cols, m - 1)]
-    vals[cols >= m] = -np.inf
+    if ng * group < m:  # the tail belongs to the last group: its columns join every row's last candidate group
+        tail = s[row, ng * group:]
+        tail[grp != ng - 1] = -np.inf
+        vals, cols = np.hstack([vals, tail]), np.hstack([cols, np.broadcast_to(np.arange(ng * group, m), tail.shape)])
     ok = vals >= t[row][:, None]
-    rr, vv = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok]
-    order = np.lexsort((-vv, rr))
+    rr, vv, cc = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok], cols[ok]
+    order = np.lexsort((cc, -vv, rr))
     first = np.searchsorted(rr[order], np.arange(b))
     return vv[order][first[:, None] + np.arange(kk)]
 
