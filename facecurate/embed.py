@@ -119,6 +119,7 @@ class Item:
     pts5: Optional[tuple] = None  # 10 floats, the 5 points in source pixels
     box: Optional[tuple] = None  # x1, y1, x2, y2 in source pixels
     rec_offset: int = -1  # byte offset of the record in a .rec
+    data: Optional[bytes] = None  # the record's image bytes (.rec input: read with its label)
 
 
 def _float(s: str) -> float:
@@ -173,31 +174,11 @@ def items_from_folder(folder: Path) -> list[Item]:
 
 def items_from_rec(rec: Path) -> list[Item]:
     """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``, in
-    .idx order. Which records are images is :mod:`facecurate.recdata`'s rule (the one
-    inspect and unpack use): key 0 decides the layout, an insightface header and its
-    identity records are skipped, and an image record with a vector label counts
-    under its first value (as arcface_torch reads it)."""
-    from facecurate.recdata import image_label, read_layout
-    from facecurate.recordio import RecordIOError, read_idx, read_record, unpack_record
+    .idx order (:func:`facecurate.embed_rec.items_from_rec`; embed itself streams the
+    file shard by shard)."""
+    from facecurate.embed_rec import items_from_rec as read_all
 
-    idx = rec.with_suffix(".idx")
-    if not idx.exists():
-        raise EmbedError(f"{rec}: no {idx.name} beside it (needed to read a .rec)")
-    entries = read_idx(idx)
-    items = []
-    with open(rec, "rb") as f:
-        try:
-            layout = read_layout(f, dict(entries).get(0))
-            for key, off in entries:
-                if not layout.is_image(key):  # header / identity record
-                    continue
-                label = image_label(unpack_record(read_record(f, off, key=key).payload)[0])
-                ident = str(int(label)) if float(label).is_integer() else str(label)
-                items.append(Item(aligned=f"rec:{key}", source=f"{rec.name}:{key}", identity=ident, face="0",
-                                  crop=str(rec), rec_offset=off))
-        except RecordIOError as e:
-            raise EmbedError(f"{rec}: corrupt .rec at {e} (run `facecurate inspect` for details)") from None
-    return items
+    return read_all(rec)
 
 
 # ----------------------------------------------------------------------------- models
@@ -499,6 +480,8 @@ class Loader:
         return img
 
     def _bytes(self, item: Item) -> bytes:
+        if item.data is not None:
+            return item.data
         if item.rec_offset >= 0:
             from facecurate.recordio import read_record, unpack_record
 
@@ -609,17 +592,19 @@ class EmbedWorker:
         self._ahead: dict = {}
         self._local = threading.local()
 
-    def _prep(self, items: Sequence[Item]):
+    def _prep(self, shard):
         t0 = time.perf_counter()
+        items, unread = _shard_items(shard)
         if not self.threads:
-            return _prepare_chunk(self.embedder, self.loader, items), None, time.perf_counter() - t0
+            inputs, keep, failed, feeds = _prepare_chunk(self.embedder, self.loader, items)
+            return (inputs, keep, unread + failed, feeds), None, _identities(shard, items), time.perf_counter() - t0
 
         def one(it):
             if not hasattr(self._local, "loader"):
                 self._local.loader = Loader()
             return _prepare_chunk(self.embedder, self._local.loader, [it])
 
-        inputs, keep, failed, feeds = [], [], [], {}
+        inputs, keep, failed, feeds = [], [], list(unread), {}
         for i, k, f, fd in self._pool.map(one, items):
             inputs += i
             keep += k
@@ -627,15 +612,15 @@ class EmbedWorker:
             for key, v in fd.items():
                 feeds[key] = feeds.get(key, 0) + v
         blob = self.embedder.blob(inputs, self.cfg.flip) if isinstance(self.embedder, OnnxEmbedder) and inputs else None
-        return (inputs, keep, failed, feeds), blob, time.perf_counter() - t0
+        return (inputs, keep, failed, feeds), blob, _identities(shard, items), time.perf_counter() - t0
 
     def prefetch(self, shard) -> None:
         if self.threads and shard.index not in self._ahead:
-            self._ahead[shard.index] = self._lead.submit(self._prep, shard.items)
+            self._ahead[shard.index] = self._lead.submit(self._prep, shard)
 
     def run(self, shard) -> dict:
         fut = self._ahead.pop(shard.index, None)
-        (inputs, keep, failed, feeds), blob, t_prep = fut.result() if fut else self._prep(shard.items)
+        (inputs, keep, failed, feeds), blob, idents, t_prep = fut.result() if fut else self._prep(shard)
         t1 = time.perf_counter()
         if blob is not None:
             vecs = self.embedder.forward(blob, len(inputs), self.cfg.flip)
@@ -643,18 +628,33 @@ class EmbedWorker:
             vecs = _embed_in_batches(self.embedder, inputs, self.cfg.flip, self.batch_size)
         t_model = time.perf_counter() - t1
         res = {"keys": keep, "vectors": vecs, "failed": failed}
+        if idents is not None:  # .rec input: the labels read with the records
+            res["identities"] = [idents[k] for k in keep]
         write_bytes_atomic(shard_npz(self.work, shard.index), _part_bytes(res, self.embedder.dim))
         return {"embedded": len(keep), "failed": len(failed), "feeds": feeds,
                 "t_prepare": round(t_prep, 4), "t_model": round(t_model, 4)}
 
 
 # ----------------------------------------------------------------------------- parts
+def _shard_items(shard) -> tuple[Sequence[Item], list]:
+    """(items, failures) of a shard: its items, or a .rec range's records read now."""
+    if hasattr(shard.items, "load"):  # embed_rec.RecRange
+        return shard.items.load()
+    return shard.items, []
+
+
+def _identities(shard, items: Sequence[Item]) -> Optional[dict]:
+    """key -> identity of a .rec range's items (known only once read); None otherwise."""
+    return {it.aligned: it.identity for it in items} if hasattr(shard.items, "load") else None
+
+
 def _part_bytes(res: dict, dim: int) -> bytes:
     buf = io.BytesIO()
     fk = [k for k, _ in res["failed"]]
     fr = [r for _, r in res["failed"]]
+    extra = {"identities": np.array(res["identities"], dtype=str)} if "identities" in res else {}
     np.savez(buf, keys=np.array(res["keys"], dtype=str), vectors=np.asarray(res["vectors"], np.float32).reshape(-1, dim),
-             failed_keys=np.array(fk, dtype=str), failed_reasons=np.array(fr, dtype=str))
+             failed_keys=np.array(fk, dtype=str), failed_reasons=np.array(fr, dtype=str), **extra)
     return buf.getvalue()
 
 
@@ -674,13 +674,15 @@ def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, s
 
 
 # ----------------------------------------------------------------------------- run
-def _resolve_input(target: Path, out: Optional[Path]) -> tuple[list[Item], str, Path, dict]:
-    if target.is_file() and target.suffix == ".rec":
-        return items_from_rec(target), "rec", (out or target.parent), {}
+def _resolve_input(target: Path, out: Optional[Path]) -> tuple[object, str, Path, dict]:
+    """(items, or the .rec path for a .rec, input kind, store folder, align meta)."""
+    from facecurate.embed_rec import check_rec
     from facecurate.recdata import is_rec_dataset
 
+    if target.is_file() and target.suffix == ".rec":
+        return check_rec(target), "rec", (out or target.parent), {}
     if is_rec_dataset(target):  # a folder holding train.rec (+ .idx) and no align.csv
-        return items_from_rec(target / REC_NAME), "rec", (out or target), {}
+        return check_rec(target / REC_NAME), "rec", (out or target), {}
     if not target.is_dir():
         raise EmbedError(f"not found: {target} (expected an align OUT folder, a folder of crops or a .rec)")
     if (target / ALIGN_MANIFEST).exists():
@@ -752,7 +754,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     # Fixed shards of the full list, whatever the workers, engine or part: a rerun redoes
     # whole shards of the same composition, so its vectors equal an uninterrupted run's.
     size = int(chunk_size or recorded_size(work, DLIB_SHARD_SIZE if is_dlib else max(256, batch_size)))
-    shards = plan_shards(items, lambda it: it.aligned, size)
+    shards = _plan(items, kind, size)
     plan = check_plan(work, shards, size, part)
     eng, threads = _engine(engine, embedder, workers, ray_address)
     spec = WorkerSpec(EmbedWorker, (cfg, batch_size, str(work), threads), str(work),
@@ -763,16 +765,36 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
         raise EmbedError(fail_message("embed", stats))
     summary = None
     if complete:
-        summary = merge_if_due(store, EMBED_DIR, work, plan, part, lambda: _write_store(
-            store, items, *_load_shards(work, shards), info, sig, cfg, kind))
+        summary = merge_if_due(store, EMBED_DIR, work, plan, part, lambda: _merge(
+            store, items, work, shards, info, sig, cfg, kind))
     summary = summary or {"store": str(store), "input": kind, "model": info["name"], "dim": int(info["dim"]),
-                          "faces": len(items)}
+                          "faces": sum(len(s.items) for s in shards)}
     summary = _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)
     summary["runtime"] = info.get("runtime") or ("dlib" if is_dlib else ONNX_RUNTIME_TAG)
     return summary
 
 
 DLIB_SHARD_SIZE = 64
+
+
+def _plan(items, kind: str, size: int):
+    """Fixed shards of ``size`` faces: of the item list, or of a .rec's image records
+    (:func:`facecurate.embed_rec.plan_rec_shards`, one pass over its .idx)."""
+    if kind == "rec":
+        from facecurate.embed_rec import plan_rec_shards
+
+        return plan_rec_shards(items, size)
+    return plan_shards(items, lambda it: it.aligned, size)
+
+
+def _merge(store: Path, items, work: Path, shards, info: dict, sig: dict, cfg: "EmbedConfig", kind: str) -> dict:
+    if kind == "rec":  # streamed: vectors and rows shard after shard, never all in memory
+        from facecurate.embed_rec import write_rec_store
+
+        count, fails = write_rec_store(store, Path(items), work, shards, int(info["dim"]))
+        faces = sum(len(s.items) for s in shards)
+        return _write_meta(store, info, sig, cfg, kind, count, fails, faces)
+    return _write_store(store, items, *_load_shards(work, shards), info, sig, cfg, kind)
 
 
 def _part(part, overwrite: bool):
@@ -850,18 +872,25 @@ def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, i
     buf = io.BytesIO()
     np.save(buf, arr)
     fails = [{"aligned": it.aligned, "reason": failed[it.aligned]} for it in items if it.aligned in failed]
+    write_bytes_atomic(store / EMBEDDINGS_NPY, buf.getvalue())
+    write_text_atomic(store / EMBEDDINGS_CSV, csv_text(STORE_COLUMNS, rows))
+    return _write_meta(store, info, sig, cfg, kind, len(rows), fails, len(items))
+
+
+def _write_meta(store: Path, info: dict, sig: dict, cfg: "EmbedConfig", kind: str, count: int, fails: list,
+                faces: int) -> dict:
+    """embeddings.json (after the vectors and rows), and the run's summary."""
+    dim = int(info["dim"])
     meta = {
         "model": info["name"], "model_info": {k: v for k, v in info.items() if k not in ("provider", "file")},
         "model_file": info.get("file"), "sha256": info["sha256"], "dim": dim,
         "input_size": info["input_size"], "normalisation": "l2", "flip": cfg.flip,
-        "feed": info.get("feed"), "input": kind, "count": len(rows), "failed": fails,
+        "feed": info.get("feed"), "input": kind, "count": count, "failed": fails,
         "signature": sig, "version": __version__,
     }
-    write_bytes_atomic(store / EMBEDDINGS_NPY, buf.getvalue())
-    write_text_atomic(store / EMBEDDINGS_CSV, csv_text(STORE_COLUMNS, rows))
     write_text_atomic(store / EMBEDDINGS_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "flip": cfg.flip,
-            "feed": info.get("feed"), "faces": len(items), "embedded": len(rows), "failed": len(fails),
+            "feed": info.get("feed"), "faces": faces, "embedded": count, "failed": len(fails),
             "failures": fails[:20]}
 
 
