@@ -131,3 +131,46 @@ def test_rec_range_is_small(tmp_path):
     one, = plan_rec_shards(rec, 5000)
     assert isinstance(one.items, RecRange) and len(one.items) == 3000
     assert len(pickle.dumps(one)) < 600
+
+
+def _clean_csv(d: Path, n: int, review: int = 40) -> Path:
+    """A rec clean.csv of ``n`` rows in 500 identities, the first ``review`` rows to review."""
+    from facecurate.constants import REC_CLEAN_COLUMNS
+    from facecurate.files import csv_text
+
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n):
+        lab = k % 500
+        dec = "review" if k < review else ("keep" if k % 5 else "drop")
+        rows.append({"key": k, "label": lab, "identity": f"id{lab:04d}", "aligned": f"rec:{k}", "decision": dec,
+                     "reason": "centre" if dec == "keep" else "far_from_centre",
+                     "score": f"{(k * 7919 % 1000) / 1000:.4f}", "cluster": 0})
+    (d / "clean.csv").write_text(csv_text(REC_CLEAN_COLUMNS, rows))
+    return d
+
+
+def test_review_of_a_large_clean_csv_holds_only_the_sheet(tmp_path):
+    """review reads clean.csv as a stream: 4x the rows with the same review faces
+    take about the same memory (it held every row as a dict), and the sheet is the
+    one build_sections makes of the rows in memory (same references and counts)."""
+    from facecurate.review import build_sections, clean_rows, load_clean, stream_sections, write_review
+
+    small, large = _clean_csv(tmp_path / "s", 20_000), _clean_csv(tmp_path / "l", 80_000)
+    write_review(small)  # warm-up
+    peaks = {d: _peak(lambda: write_review(d)) for d in (small, large)}
+    assert peaks[large] < peaks[small] * 1.3 + 100_000, peaks
+    s = write_review(large)
+    assert s["faces"] == 80_000 and s["review_faces"] == 40 and s["identities"] == 40
+
+    rows = load_clean(large)[1]
+    got, n = stream_sections(clean_rows(large)[1], 6)
+    assert [(x.identity, x.kept, x.dropped) for x in build_sections(rows, 6)] == \
+        [(x.identity, x.kept, x.dropped) for x in got]
+    assert n == 80_000
+    for sec in got:  # against a plain in-memory computation
+        kept = sorted((r for r in rows if r["identity"] == sec.identity and r["decision"] == "keep"),
+                      key=lambda r: (-float(r["score"]), r["aligned"]))
+        assert [r["aligned"] for r in sec.references] == [r["aligned"] for r in kept[:6]]
+        assert sec.kept == len(kept)
+        assert sec.dropped == sum(r["identity"] == sec.identity and r["decision"] == "drop" for r in rows)
