@@ -174,3 +174,40 @@ def test_review_of_a_large_clean_csv_holds_only_the_sheet(tmp_path):
         assert [r["aligned"] for r in sec.references] == [r["aligned"] for r in kept[:6]]
         assert sec.kept == len(kept)
         assert sec.dropped == sum(r["identity"] == sec.identity and r["decision"] == "drop" for r in rows)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_sums_hashed_by_the_child_equal_sums_hashed_in_line(tmp_path, fail):
+    """train.sums from the hashing child process is byte for byte the file hashing in
+    pack's thread writes, records split around an aligned magic included; a pack that
+    fails stops the child (no process left behind)."""
+    import struct
+
+    from facecurate.checksums import SumsWriter
+    from facecurate.constants import RECORDIO_MAGIC
+    from facecurate.recordio import RecordWriter
+
+    magic = struct.pack("<I", RECORDIO_MAGIC)
+    datas = [b"jpeg%05d" % k * (k % 50 + 1) for k in range(700)]
+    datas[10] = b"abcd" * 3 + magic + b"tail"  # aligned in the payload: a split record
+    texts = []
+    for child in (False, True):
+        rec, sums = tmp_path / f"{child}.rec", tmp_path / f"{child}.sums"
+        with open(rec, "wb", buffering=0) as f, open(sums, "w", encoding="ascii", newline="\n") as sf:
+            w = RecordWriter(f)
+            sw = SumsWriter(sf, rec if child else None)
+            sw.placeholder(0, 0, 40)
+            for lo in range(0, len(datas), 256):
+                batch = [(float(k % 9), datas[k], k + 1) for k in range(lo, min(len(datas), lo + 256))]
+                offs = w.write_images(batch)
+                sw.images(lo + 1, offs, [b[0] for b in batch], [b[1] for b in batch])
+            if child and fail:
+                proc = sw._hasher.proc
+                sw.close()
+                assert not proc.is_alive()
+                return
+            sw.record(701, w.offset, pack_header([1.0, 2.0]))
+            sw.fill(0, 0, pack_header([701.0, 702.0]))
+            sw.close()
+        texts.append(sums.read_text())
+    assert texts[0] == texts[1] and texts[0].count("\n") == 703
