@@ -8,7 +8,7 @@ Models are built only by :mod:`facecurate.models.zoo`.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class ModelError(RuntimeError):
     """A model file, pack, option or runtime problem, explained for the user."""
 
 
+@runtime_checkable
 class Detector(Protocol):
     """Finds faces in an RGB uint8 image."""
 
@@ -40,6 +41,7 @@ class Detector(Protocol):
         """What a run record should say about the detector."""
 
 
+@runtime_checkable
 class Landmarker(Protocol):
     """Locates landmarks of one face given its box (dlib's 68-point model)."""
 
@@ -52,6 +54,7 @@ class Landmarker(Protocol):
         """The five ArcFace points (eyes, nose tip, mouth corners) of :meth:`predict`'s."""
 
 
+@runtime_checkable
 class Embedder(Protocol):
     """Turns faces into L2-normalised vectors: ``prepare`` (or ``from_crop``) makes
     one model input per face, ``run`` embeds a batch of inputs."""
