@@ -130,12 +130,12 @@ def embed_images(images: list[bytes], meta: dict, runtime: str = "auto") -> np.n
     if model_family(_model_name(meta)) != "dlib":
         raise RuntimeError("--exclude with a .bin needs the dlib store; for other models pass a folder of "
                            "identity names")
-    from facecurate.embed import crop_points, dlib_chip, dlib_embedder
+    from facecurate.models.zoo import make_embedder
 
-    emb = dlib_embedder("crop", runtime)
+    emb = make_embedder("dlib", feed="crop", runtime=runtime)
     out = []
     for b0 in range(0, len(crops), 64):
-        chips = [dlib_chip(c, crop_points(c)) for c in crops[b0:b0 + 64]]
+        chips = [emb.from_crop(c) for c in crops[b0:b0 + 64]]
         out.append(emb.run(chips, bool(meta.get("flip", False))))
     return normalize(np.concatenate(out))
 

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from facecurate.constants import STATUS_OK
+from facecurate.models.zoo import resolve_runtime
 from facecurate.pairs import PairsError, image_stem, parse_pairs
 
 
@@ -300,7 +301,7 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
 def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, device, batch_size, workers, dlib_feed,
                 roc, show_progress, pick, retry_detector, runtime, fp16, engine, ray_address) -> dict:
     from facecurate.align import AlignConfig, read_manifest, run_align
-    from facecurate.embed import load_store, resolve_runtime, run_embed
+    from facecurate.embed import load_store, run_embed
 
     def store_of(align_out: Path) -> Path:
         # dlib's model on ONNX Runtime keeps its own store beside align's (never mixed)
