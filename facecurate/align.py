@@ -45,12 +45,12 @@ from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_
 from facecurate.geometry import align_face, template
 from facecurate.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
+from facecurate.models.zoo import DETECTORS, make_detector, make_landmarker
 from facecurate.procs import run_lock
 from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, clear, fail_message, finished, in_part,
                                merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 from facecurate.records import Detection
 
-DETECTORS = ("dlib", "dlib-cnn", "scrfd")
 #: The fallback detector sees a copy whose longer side is at most this many pixels.
 FALLBACK_SIDE = 512
 SHARD_DIR = "align"
@@ -155,17 +155,10 @@ def list_inputs(raw: str | os.PathLike, exclude: Optional[str | os.PathLike] = N
 
 
 # --------------------------------------------------------------------------- models
-def make_detector(cfg: AlignConfig, name: Optional[str] = None):
-    from facecurate.models.dlib_models import DlibCNNDetector, DlibHOGDetector
-
-    name = name or cfg.detector
-    if name == "dlib":
-        return DlibHOGDetector(max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
-    if name == "dlib-cnn":
-        return DlibCNNDetector(max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
-    from facecurate.models.onnx_models import SCRFD, find_model
-
-    return SCRFD(find_model(cfg.model_dir, "detector"), device=cfg.device)
+def _detector(cfg: AlignConfig, name: Optional[str] = None):
+    """Detector ``name`` (default: ``cfg.detector``) from the model zoo, set up by ``cfg``."""
+    return make_detector(name or cfg.detector, model_dir=cfg.model_dir, device=cfg.device,
+                         max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
 
 
 def primary_score(det: Detection, w: int, h: int) -> float:
@@ -205,7 +198,7 @@ class Timings:
 
 
 def _label(name: str, detector) -> str:
-    prov = getattr(detector, "provider", None)
+    prov = detector.provider
     return name + (f"/{prov}" if prov else "")
 
 
@@ -216,28 +209,22 @@ class Aligner:
     def __init__(self, cfg: AlignConfig):
         cfg.validate()
         self.cfg = cfg
-        self.detector = make_detector(cfg)
+        self.detector = _detector(cfg)
         self._fallback = None  # built on first use
         self._landmarks = None
-        if cfg.detector != "scrfd":  # dlib detectors give no landmarks
-            self._landmarks = self._landmark_model()
+        if not self.detector.has_landmarks:  # dlib's detectors: the 68-point model fills them in
+            self._landmarks = make_landmarker()
         self.timings = Timings()
         self.last_detector = cfg.detector
-
-    @staticmethod
-    def _landmark_model():
-        from facecurate.models.dlib_models import DlibLandmarks68
-
-        return DlibLandmarks68()
 
     @property
     def fallback(self):
         """The detector for images where the main one finds nothing: one pass at a
         fixed working size, no upsampling retries (MMOD costs seconds on big images)."""
         if self._fallback is None and self.cfg.fallback not in ("none", self.cfg.detector):
-            self._fallback = make_detector(replace(self.cfg, max_upsample=0, detect_min_side=0), self.cfg.fallback)
+            self._fallback = _detector(replace(self.cfg, max_upsample=0, detect_min_side=0), self.cfg.fallback)
             if self._landmarks is None:
-                self._landmarks = self._landmark_model()
+                self._landmarks = make_landmarker()
         return self._fallback
 
     @property

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from facecurate.clean_identity import analyse_identity
+from facecurate.clean_params import DROP, KEEP, R_BAND, R_CENTRE, R_FAR, R_LOW_QUALITY, R_MINORITY, R_NOT_SUBJECT, \
+    RC, REVIEW
+from facecurate.vectors import normalize as _norm
+
 #: identities of 2..MAX_BATCH faces take the stacked path
 MAX_BATCH = 32
-
-
-def _norm(v: np.ndarray) -> np.ndarray:
-    """facecurate.clean._norm, row by row (same bits)."""
-    n = np.sqrt(np.add.reduce(v * v, axis=-1, keepdims=True))
-    return v / np.maximum(n, 1e-12)
 
 
 def _masked_sums(E: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -33,7 +32,7 @@ def _masked_sums(E: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _masked_means(E: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``facecurate.clean._mean0(E[b][mask[b]])`` for each b (float64 division, as there)."""
+    """``facecurate.clean_identity._mean0(E[b][mask[b]])`` for each b (float64 division, as there)."""
     r = _masked_sums(E, mask)
     cnt = np.maximum(mask.sum(1), 1).astype(np.intp)
     return np.true_divide(r, cnt[:, None], out=r, casting="unsafe")
@@ -107,7 +106,7 @@ def _dominant(E: np.ndarray, lab: np.ndarray, sizes: np.ndarray, nclus: np.ndarr
 
 
 def _best_per_photo(s: np.ndarray, photo: np.ndarray) -> np.ndarray:
-    """``facecurate.clean._best_per_photo`` of each row: no other face of the photo
+    """``facecurate.clean_identity._best_per_photo`` of each row: no other face of the photo
     scores higher, or the same and comes first."""
     n = s.shape[1]
     earlier = np.arange(n)[None, :] < np.arange(n)[:, None]  # [i, j]: j before i
@@ -189,10 +188,9 @@ def analyse_stack(E: np.ndarray, photo: np.ndarray, p) -> dict:
                 dominant_share=dom_size / n, ambiguous=ambiguous, median=median, ok=ok)
 
 
-def analyse_rows(emb: np.ndarray, rows: np.ndarray, photo: np.ndarray, b: np.ndarray, p,
-                 analyse_identity) -> dict:
+def analyse_rows(emb: np.ndarray, rows: np.ndarray, photo: np.ndarray, b: np.ndarray, p) -> dict:
     """``analyse_identity`` of the identities ``emb[rows[b[j]:b[j + 1]]]`` (``photo``:
-    of ``rows``) packed into arrays (as ``facecurate.clean._analyse_shard`` returns
+    of ``rows``) packed into arrays (as ``facecurate.clean_core._analyse_shard`` returns
     them): stacks of equal size where ``analyse_stack`` applies, ``analyse_identity``
     for the others."""
     J, N, d = len(b) - 1, len(rows), emb.shape[1]
@@ -243,9 +241,6 @@ def decide_rows(emb: np.ndarray, rows: np.ndarray, b: np.ndarray, blk: dict, p, 
     near-duplicate pair, an ambiguous folder, or more than MAX_BATCH faces. Returns
     (decision codes, reason codes, scores, needs (identities,) bool); the codes are
     final for the identities that do not need it (nothing else changes them there)."""
-    from facecurate.clean import DROP, KEEP, R_BAND, R_CENTRE, R_FAR, R_LOW_QUALITY, R_MINORITY, R_NOT_SUBJECT, \
-        REVIEW, RC
-
     n, size = len(rows), np.diff(b)
     s = blk["s"]
     if offset is not None:

@@ -21,7 +21,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from facecurate import constants as C
 from facecurate.files import format_float, write_csv_atomic, write_text_atomic
@@ -44,17 +44,26 @@ _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".web
 def load_clean(out_dir: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     """Columns and rows of OUT/clean.csv, with a clear error when it is missing or
     lacks the columns review needs."""
+    columns, rows = clean_rows(out_dir)
+    return columns, list(rows())
+
+
+def clean_rows(out_dir: str | Path) -> tuple[list[str], Callable[[], Iterator[dict[str, str]]]]:
+    """Columns of OUT/clean.csv and a function that streams its rows (each call reads
+    the file again from the start); the same errors as :func:`load_clean`."""
     path = Path(out_dir) / C.CLEAN_CSV
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `facecurate clean {out_dir}` first")
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
+        columns = list(csv.DictReader(f).fieldnames or [])
     need = ("aligned", "identity", "decision", "reason", "score")
     missing = [c for c in need if c not in columns]
     if missing:
         raise ValueError(f"{path} lacks column(s) {', '.join(missing)}: not a facecurate clean.csv")
+
+    def rows() -> Iterator[dict[str, str]]:
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f)
     return columns, rows
 
 
@@ -129,27 +138,45 @@ def build_sections(rows: Sequence[dict], references: int = DEFAULT_REFERENCES) -
     """One section per identity that has review faces, in identity order; review
     faces by cluster (dominant first) then descending score, references the
     ``references`` highest-scoring kept faces."""
+    return stream_sections(lambda: iter(rows), references)[0]
+
+
+def stream_sections(rows: Callable[[], Iterable[dict]], references: int = DEFAULT_REFERENCES
+                    ) -> tuple[list[Section], int]:
+    """:func:`build_sections` over rows read twice from ``rows()`` (e.g. streamed from
+    clean.csv), holding only what the sheet shows: the review faces, and for their
+    identities the counts and the ``references`` best kept faces. Returns (sections,
+    rows read)."""
     by_id: dict[str, Section] = {}
-    kept: dict[str, list[dict]] = defaultdict(list)
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in rows:
-        ident = r.get("identity", "")
-        d = r.get("decision", "")
-        if d == C.DECISION_REVIEW and r.get("aligned"):
+    n = 0
+    for r in rows():  # pass 1: the review faces (at most clean's review budget)
+        n += 1
+        if r.get("decision", "") == C.DECISION_REVIEW and r.get("aligned"):
+            ident = r.get("identity", "")
             by_id.setdefault(ident, Section(ident)).review.append(r)
-        elif d == C.DECISION_KEEP:
-            kept[ident].append(r)
-            counts[ident][0] += 1
+    refs = max(0, references)
+    kept: dict[str, list[dict]] = defaultdict(list)
+    for r in rows():  # pass 2: counts and references of those identities only
+        s = by_id.get(r.get("identity", ""))
+        if s is None:
+            continue
+        d = r.get("decision", "")
+        if d == C.DECISION_KEEP:
+            s.kept += 1
+            best = kept[s.identity]
+            best.append(r)
+            if len(best) > 2 * refs + 16:  # keep the best few (the key is a total order)
+                best.sort(key=_score_key)
+                del best[refs:]
         elif d == C.DECISION_DROP:
-            counts[ident][1] += 1
+            s.dropped += 1
     sections = []
     for ident in sorted(by_id):
         s = by_id[ident]
         s.review.sort(key=lambda r: (_cluster(r), *_score_key(r)))  # one person's faces side by side
-        s.references = sorted(kept.get(ident, []), key=_score_key)[:max(0, references)]
-        s.kept, s.dropped = counts[ident]
+        s.references = sorted(kept.get(ident, []), key=_score_key)[:refs]
         sections.append(s)
-    return sections
+    return sections, n
 
 
 def review_table(sections: Sequence[Section]) -> list[dict]:
@@ -194,8 +221,8 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
     ``page_size`` review faces) and OUT/review.csv for the faces clean.csv marks
     ``review``. Returns a summary."""
     out_dir = Path(out_dir)
-    _, rows = load_clean(out_dir)
-    sections = build_sections(rows, references)
+    _, rows = clean_rows(out_dir)
+    sections, n_rows = stream_sections(rows, references)
     table = review_table(sections)
     missing: list[str] = []
     pages = paginate(sections, page_size)
@@ -218,7 +245,7 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
         reasons[r["reason"]] += 1
     return dict(
         review_faces=len(table), identities=len(sections),
-        faces=len(rows), reasons=dict(sorted(reasons.items())),
+        faces=n_rows, reasons=dict(sorted(reasons.items())),
         missing_crops=len(missing), missing_examples=missing[:5],
         html=str(out_dir / names[0]), pages=len(pages), csv=str(out_dir / csv_name),
         html_bytes=sum(sizes),

@@ -16,17 +16,9 @@ from click.testing import CliRunner
 
 from facecurate.align import AlignConfig, run_align
 from facecurate.cli import main
-from facecurate.embed import (
-    DLIB_CHIP_TEMPLATE_150,
-    DlibEmbedder,
-    EmbedError,
-    Loader,
-    dlib_chip,
-    items_from_align,
-    load_store,
-    run_embed,
-)
+from facecurate.embed import EmbedError, Loader, items_from_align, load_store, run_embed
 from facecurate.files import read_csv, sha256_file
+from facecurate.models.dlib_resnet import DLIB_CHIP_TEMPLATE_150, DlibEmbedder, dlib_chip
 
 IDS_PER_RUN = 5
 PHOTOS_PER_ID = 4
