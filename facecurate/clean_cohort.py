@@ -168,14 +168,13 @@ def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
     # the candidate groups as whole rows of a (b, ng, group) view: one contiguous copy each
     view = np.lib.stride_tricks.as_strided(s, (b, ng, group), (s.strides[0], group * s.strides[1], s.strides[1]))
     vals = view[row, grp]
-    cols = grp[:, None] * group + np.arange(group)
-    if ng * group < m:  # the tail belongs to the last group: its columns join every row's last candidate group
+    if ng * group < m:  # the tail belongs to the last group: its columns follow the last group's
         tail = s[row, ng * group:]
         tail[grp != ng - 1] = -np.inf
-        vals, cols = np.hstack([vals, tail]), np.hstack([cols, np.broadcast_to(np.arange(ng * group, m), tail.shape)])
+        vals = np.hstack([vals, tail])
     ok = vals >= t[row][:, None]
-    rr, vv, cc = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok], cols[ok]
-    order = np.lexsort((cc, -vv, rr))
+    rr, vv = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok]  # by row, then column
+    order = np.lexsort((-vv, rr))  # stable: ties keep the column order
     first = np.searchsorted(rr[order], np.arange(b))
     return vv[order][first[:, None] + np.arange(kk)]
 
@@ -205,18 +204,34 @@ def _crowding_rows(t: dict) -> np.ndarray:
     centres, ids, fe, fid, kk, block, partners = (t["centres"], t["ids"], t["fe"], t["fid"], t["kk"], t["block"],
                                                   t["partners"])
     out = np.zeros(len(centres), np.float32)
+    order = np.argsort(fid, kind="stable")
     for b0 in range(0, len(centres), block):
-        s = centres[b0:b0 + block] @ fe.T
         bid = ids[b0:b0 + block]
-        s[bid[:, None] == fid[None, :]] = -np.inf
-        if partners:
-            for r_, g in enumerate(bid.tolist()):
-                for h in partners.get(g, ()):
-                    s[r_, fid == h] = -np.inf
-        top = _topk_desc(s, kk)
+        tops = []
+        for u0, u1 in _sub_blocks(len(bid), len(fe), fe.shape[1]):  # the block's product, part by part
+            s = centres[b0 + u0:b0 + u1] @ fe.T
+            rows, who = np.arange(u1 - u0), bid[u0:u1]  # (row, identity) whose sampled faces are left out
+            if partners:
+                extra = [(r_, h) for r_, g in enumerate(who.tolist()) for h in partners.get(g, ())]
+                if extra:
+                    rows, who = np.r_[rows, [r_ for r_, _ in extra]], np.r_[who, [h for _, h in extra]]
+            rr, cc = _rows_of(fid, order, who)
+            s[rows[rr], cc] = -np.inf
+            tops.append(_topk_desc(s, kk))
+        top = np.concatenate(tops)
         top[~np.isfinite(top)] = np.nan
         out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
     return out
+
+
+def _rows_of(labels: np.ndarray, order: np.ndarray, want: np.ndarray) -> tuple:
+    """(i, j) for every j with labels[j] == want[i] (``order``: a stable argsort of
+    ``labels``)."""
+    srt = labels[order]
+    lo, hi = np.searchsorted(srt, want, "left"), np.searchsorted(srt, want, "right")
+    cnt = hi - lo
+    i = np.repeat(np.arange(len(want)), cnt)
+    return i, order[np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))]
 
 
 def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: CleanParams, far: float,
