@@ -295,7 +295,7 @@ def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, d
         # as the full product when neither shape is small enough for its small-matrix kernel
         c0 = b0 if min(len(rows) * (len(e) - b0), len(rows) * len(e)) * e.shape[1] > 4_000_000 else 0
         sims = rows @ e[c0:].T
-        rr, cc = np.nonzero(sims >= thr)
+        rr, cc = np.divmod(np.flatnonzero(sims >= thr), sims.shape[1])  # np.nonzero's pairs, in its order
         cc += c0
         upper = ids[b0 + rr] < ids[cc]
         for r, c in zip(rr[upper].tolist(), cc[upper].tolist()):
