@@ -43,6 +43,8 @@ ALIGN_META = "align.json"
 EMBEDDINGS_NPY = "embeddings.npy"
 EMBEDDINGS_CSV = "embeddings.csv"
 EMBEDDINGS_META = "embeddings.json"
+#: embeddings.csv: row i names vector i of embeddings.npy
+EMBEDDINGS_COLUMNS = ("aligned", "source", "identity", "face")
 CLEAN_CSV = "clean.csv"
 IDENTITIES_CSV = "identities.csv"
 MERGES_CSV = "merges.csv"
@@ -188,6 +190,13 @@ REASON_NO_EMBEDDING = "no_embedding"
 #: clean.csv reason of a decision a person made in a review (`review apply`); later
 #: clean runs keep it unless told to discard it.
 REASON_MANUAL = "manual"
+#: clean's per-identity summary, identities.csv
+IDENTITY_COLUMNS = (
+    "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
+    "clusters", "dominant_share", "noise", "median_score", "flags",
+)
+#: clean's merge candidates, merges.csv: two identities that look like one person
+MERGE_COLUMNS = ("a", "b", "similarity")
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).
 REVIEW_COLUMNS = ("aligned", "identity", "source", "face", "score", "reason", "decision")
 #: Environment variables that size the BLAS/OpenMP thread pools; workers (one per core)
