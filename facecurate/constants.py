@@ -57,6 +57,16 @@ CLEAN_META = "clean.json"
 WORK_DIR = ".facecurate"
 #: A stage's run lock: OUT/.facecurate/<stage>.lock (kernel lock; the file holds the pid).
 LOCK_SUFFIX = ".lock"
+#: Inside a stage's work folder OUT/.facecurate/<stage>/: the shard plan, the merge
+#: record, and per shard its record (.json) and data (align .csv, embed .npz).
+PLAN_FILE = "plan.json"
+MERGED_FILE = "merged.json"
+SHARD_STEM = "shard_{index:06d}"
+SHARD_RECORD = SHARD_STEM + ".json"
+SHARD_CSV = SHARD_STEM + ".csv"
+SHARD_NPZ = SHARD_STEM + ".npz"
+#: embed's record of the settings of a run in progress (beside its shards)
+EMBED_SIGNATURE = "signature.json"
 #: The layout align expects, for messages.
 RAW_LAYOUT = "RAW/<identity>/<photo>"
 #: Exit status after Ctrl-C (128 + SIGINT), the shell's convention.
@@ -92,6 +102,7 @@ STATUS_UNSUPPORTED = "unsupported"
 STATUS_TOO_LARGE = "too_large"
 STATUS_UNREADABLE = "unreadable"
 STATUS_NOT_PRIMARY = "not_primary"  # face found but --faces primary wrote no crop
+STATUS_ERROR = "error"  # an unexpected failure on one file (the message says what)
 
 # --- clean decisions -------------------------------------------------------------------
 DECISION_KEEP = "keep"

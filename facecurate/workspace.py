@@ -33,6 +33,10 @@ MAKERS = {
 }
 
 
+#: the columns of clean.csv without which no stage can use it
+CLEAN_NEED = ("aligned", "identity", "decision")
+
+
 class MissingFile(FileNotFoundError):
     """A file of OUT that a stage needs is not there."""
 
@@ -185,14 +189,14 @@ class Workspace:
         self.write_json(C.EMBEDDINGS_META, meta)
 
     # ------------------------------------------------------------------ clean
-    def clean_table(self) -> tuple[tuple[str, ...], list[CleanRow]]:
+    def clean_table(self, need: Sequence[str] = CLEAN_NEED) -> tuple[tuple[str, ...], list[CleanRow]]:
         """(layout columns, rows) of clean.csv: CLEAN_COLUMNS, or REC_CLEAN_COLUMNS for
-        a packed dataset's."""
-        header, rows = self.read_table(C.CLEAN_CSV, CleanRow, ("aligned", "identity", "decision", "reason", "score"))
+        a packed dataset's; ManifestError when it lacks a column of ``need``."""
+        header, rows = self.read_table(C.CLEAN_CSV, CleanRow, need)
         return clean_columns(rows, header), rows
 
-    def clean_rows(self) -> list[CleanRow]:
-        return self.clean_table()[1]
+    def clean_rows(self, need: Sequence[str] = CLEAN_NEED) -> list[CleanRow]:
+        return self.clean_table(need)[1]
 
     def write_clean(self, rows: Iterable[CleanRow | Sequence], columns: Sequence[str] = C.CLEAN_COLUMNS) -> Path:
         return self.write_table(C.CLEAN_CSV, columns, rows)
