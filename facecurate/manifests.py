@@ -30,26 +30,27 @@ class RowError(ValueError):
 def parse_float(text, column: str = "value") -> float:
     """The one float parser of manifest cells: empty (or None) is NaN; anything
     else must be a number (RowError otherwise)."""
-    if text is None:
-        return NAN
-    s = str(text).strip()
-    if not s:
+    if not text:
         return NAN
     try:
-        return float(s)
-    except ValueError:
+        return float(text)
+    except (TypeError, ValueError):
+        if isinstance(text, str) and not text.strip():
+            return NAN
         raise RowError(f"column {column!r}: {text!r} is not a number") from None
 
 
 def parse_int(text, column: str = "value") -> Optional[int]:
     """An integer cell; empty is None. ``3.0`` is accepted (some tools write it)."""
-    s = "" if text is None else str(text).strip()
-    if not s:
+    if not text:
         return None
     try:
-        return int(s)
-    except ValueError:
+        return int(text)
+    except (TypeError, ValueError):
         pass
+    s = str(text).strip()
+    if not s:
+        return None
     try:
         v = float(s)
     except ValueError:
@@ -119,10 +120,8 @@ class Row:
     @classmethod
     def from_csv(cls, row: Mapping[str, str]):
         """The typed row of one CSV row (a dict of column -> text)."""
-        kw = {}
-        for name, (parse, _) in cls._codecs().items():
-            kw[name] = parse(row.get(name), name)
-        return cls(**kw)
+        get = row.get
+        return cls(**{name: parse(get(name), name) for name, (parse, _) in cls._codecs().items()})
 
     def to_csv(self, columns: Optional[Sequence[str]] = None) -> list[str]:
         """The row's cells as text, in ``columns`` order (default ``COLUMNS``)."""
