@@ -1,7 +1,7 @@
 """``facecurate clean DEST`` where DEST holds a packed dataset (``train.rec`` + ``.idx``)
 and the embedding store ``facecurate embed DEST/train.rec`` wrote beside it.
 
-The same core as for folders (:func:`facecurate.clean.clean_core`: robust centre,
+The same core as for folders (:func:`facecurate.clean_core.clean_core`: robust centre,
 Chinese whispers, cohort corrections, duplicates, merge candidates, ``--exclude``,
 ``--calibrate``), fed differently at the edges:
 
@@ -30,9 +30,11 @@ import numpy as np
 
 from facecurate import constants as C
 from facecurate.clean import CropSimilarity
+from facecurate.clean_cohort import calibrate
 from facecurate.files import format_float
 from facecurate.manifests import IdentityRow, MergeRow
 from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
+from facecurate.vectors import normalize
 from facecurate.workspace import Workspace
 
 
@@ -188,7 +190,7 @@ def _unit_rows(vecs: np.ndarray, rows: np.ndarray, fc) -> np.ndarray:
                  for lo in range(0, len(vecs), 65536))
         if ok:
             return vecs
-    return fc._norm(np.asarray(vecs[rows], np.float32))
+    return normalize(np.asarray(vecs[rows], np.float32))
 
 
 def _exclusions(fc, exclude, names: list[str], meta: dict, runtime: str = "auto"):
@@ -241,7 +243,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     photo = np.arange(have.size, dtype=np.int64)  # every record is its own photo
     quality = np.zeros(have.size, np.float32)  # face size and sharpness are not in a .rec
     if calibrate_far is not None and len(names) >= 2:
-        p = fc.calibrate(emb, identity, photo, p, calibrate_far)
+        p = calibrate(emb, identity, photo, p, calibrate_far)
     ex_ids, ex_vecs = _exclusions(fc, exclude, names, meta, runtime)
     kr = KeyedRecords(rec_path)
     pos = np.searchsorted(kr.keys, faces.keys[have])
