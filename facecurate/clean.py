@@ -53,7 +53,7 @@ def store_index(out_dir: Path):
     if store is None:
         return None
     vecs, rows, meta = store
-    return vecs, {r["aligned"]: i for i, r in enumerate(rows)}, meta
+    return vecs, {r.aligned: i for i, r in enumerate(rows)}, meta
 
 
 def _model_name(meta: dict) -> str:

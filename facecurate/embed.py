@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
-import math
 import os
 import threading
 import time
@@ -50,16 +48,18 @@ import numpy as np
 from facecurate import __version__
 from facecurate.constants import (
     ALIGN_MANIFEST,
-    ALIGN_META,
+    EMBEDDINGS_COLUMNS,
     EMBEDDINGS_CSV,
     EMBEDDINGS_META,
     EMBEDDINGS_NPY,
-    LANDMARK_COLUMNS,
+    EMBED_SIGNATURE,
     REC_NAME,
-    STATUS_OK,
+    SHARD_NPZ,
     WORK_DIR,
 )
-from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
+from facecurate.files import write_bytes_atomic
+from facecurate.manifests import EmbeddingRow, _fmt_int
+from facecurate.workspace import ManifestError, MissingFile, Workspace
 from facecurate.engines import get_engine
 from facecurate.models.base import ModelError
 from facecurate.models.zoo import make_embedder
@@ -68,7 +68,7 @@ from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, cle
                                merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 
 EMBED_DIR = "embed"
-STORE_COLUMNS = ("aligned", "source", "identity", "face")
+STORE_COLUMNS = EMBEDDINGS_COLUMNS
 
 
 class EmbedError(RuntimeError):
@@ -92,33 +92,22 @@ class Item:
     data: Optional[bytes] = None  # the record's image bytes (.rec input: read with its label)
 
 
-def _float(s: str) -> float:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def items_from_align(out: Path) -> tuple[list[Item], dict]:
-    """The ``ok`` rows of OUT/align.csv, in the manifest's order."""
-    man = out / ALIGN_MANIFEST
-    rows = read_csv(man)
-    meta = {}
-    if (out / ALIGN_META).exists():
-        meta = json.loads((out / ALIGN_META).read_text())
+def items_from_align(out: Path, primary_only: bool = False) -> tuple[list[Item], dict]:
+    """The ``ok`` rows of OUT/align.csv (``primary_only``: of the photos' subjects),
+    in the manifest's order, and align.json."""
+    ws = Workspace(out)
+    rows = ws.align_rows()
+    meta = ws.align_meta()
     raw = meta.get("raw") or ""
     items = []
     for r in rows:
-        if r.get("status") != STATUS_OK or not r.get("aligned"):
+        if not r.is_ok or not r.aligned or (primary_only and not r.primary):
             continue
-        pts = tuple(_float(r.get(k, "")) for k in LANDMARK_COLUMNS)
-        box = tuple(_float(r.get(k, "")) for k in ("x1", "y1", "x2", "y2"))
         items.append(Item(
-            aligned=r["aligned"], source=r["source"], identity=r["identity"], face=r["face"],
-            crop=str(out / r["aligned"]),
-            raw=str(Path(raw) / r["source"]) if raw else "",
-            pts5=pts if all(math.isfinite(v) for v in pts) else None,
-            box=box if all(math.isfinite(v) for v in box) else None,
+            aligned=r.aligned, source=r.source, identity=r.identity, face=_fmt_int(r.face),
+            crop=str(out / r.aligned),
+            raw=str(Path(raw) / r.source) if raw else "",
+            pts5=r.points, box=r.box,
         ))
     return items, meta
 
@@ -259,7 +248,7 @@ def _embed_in_batches(embedder, inputs, flip: bool, batch_size: int) -> np.ndarr
 
 
 def shard_npz(work: Path, index: int) -> Path:
-    return Path(work) / f"shard_{index:06d}.npz"
+    return Path(work) / SHARD_NPZ.format(index=index)
 
 
 class EmbedWorker:
@@ -435,7 +424,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
         clear(work, [store / n for n in (EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META)])
     _check_signature(store, work, sig)
     work.mkdir(parents=True, exist_ok=True)
-    check_meta(work / "signature.json", sig, lambda old, new: None, part=part)
+    check_meta(work / EMBED_SIGNATURE, sig, lambda old, new: None, part=part)
 
     per_core = embedder.per_core
     batch_size = max(1, int(embedder.batch_size if batch_size is None else batch_size))
@@ -533,10 +522,13 @@ def _summary(summary: dict, stats, shards, part, complete: bool, batch_size: int
 
 def _check_signature(store: Path, work: Path, sig: dict) -> None:
     old = None
-    if (work / "signature.json").exists():
-        old = json.loads((work / "signature.json").read_text())
-    elif (store / EMBEDDINGS_META).exists():
-        old = json.loads((store / EMBEDDINGS_META).read_text()).get("signature")
+    try:
+        if (work / EMBED_SIGNATURE).exists():
+            old = Workspace(work).read_json(EMBED_SIGNATURE, required=True)
+        elif (store / EMBEDDINGS_META).exists():
+            old = Workspace(store).read_json(EMBEDDINGS_META, required=True).get("signature")
+    except ManifestError as e:
+        raise EmbedError(str(e)) from None
     if old is not None and old != sig:
         diff = ", ".join(f"{k}: {old.get(k)!r} in the store, {sig.get(k)!r} now"
                          for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k))
@@ -553,15 +545,16 @@ def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, i
         v = vecs.get(it.aligned)
         if v is None:
             continue
-        rows.append({"aligned": it.aligned, "source": it.source, "identity": it.identity, "face": it.face})
+        rows.append(EmbeddingRow(aligned=it.aligned, source=it.source, identity=it.identity, face=it.face))
         mats.append(v)
     dim = int(info["dim"])
     arr = np.ascontiguousarray(np.array(mats, np.float32).reshape(len(mats), dim))
     buf = io.BytesIO()
     np.save(buf, arr)
     fails = [{"aligned": it.aligned, "reason": failed[it.aligned]} for it in items if it.aligned in failed]
-    write_bytes_atomic(store / EMBEDDINGS_NPY, buf.getvalue())
-    write_text_atomic(store / EMBEDDINGS_CSV, csv_text(STORE_COLUMNS, rows))
+    ws = Workspace(store)
+    write_bytes_atomic(ws.path(EMBEDDINGS_NPY), buf.getvalue())
+    ws.write_table(EMBEDDINGS_CSV, STORE_COLUMNS, rows)
     return _write_meta(store, info, sig, cfg, kind, len(rows), fails, len(items))
 
 
@@ -576,31 +569,26 @@ def _write_meta(store: Path, info: dict, sig: dict, cfg: "EmbedConfig", kind: st
         "feed": info.get("feed"), "input": kind, "count": count, "failed": fails,
         "signature": sig, "version": __version__,
     }
-    write_text_atomic(store / EMBEDDINGS_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    Workspace(store).write_json(EMBEDDINGS_META, meta)  # written last: it marks the store whole
     return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "flip": cfg.flip,
             "feed": info.get("feed"), "faces": faces, "embedded": count, "failed": len(fails),
             "failures": fails[:20]}
 
 
 def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
-    """(vectors float32 (N, D), rows [{aligned, source, identity, face}], meta) of the
-    embedding store in ``out_dir``; the one reader of a store (embed, clean,
-    eval-pairs). ``mmap``: map the vectors read-only instead of reading them (clean's
-    large stores). A missing store is an EmbedError, or None with ``missing_ok``; a
-    store whose .csv and .npy disagree is always an EmbedError."""
-    out = Path(out_dir)
-    npy, csvp, metap = out / EMBEDDINGS_NPY, out / EMBEDDINGS_CSV, out / EMBEDDINGS_META
-    if not (npy.exists() and csvp.exists()):
-        if missing_ok:
-            return None
-        raise EmbedError(f"no embedding store in {out} (run: facecurate embed {out})")
-    vecs = np.load(npy, mmap_mode="r" if mmap else None)
-    rows = read_csv(csvp)
-    meta = json.loads(metap.read_text()) if metap.exists() else {}
-    if len(rows) != len(vecs):
-        raise EmbedError(f"{out}: {EMBEDDINGS_CSV} has {len(rows)} rows but {EMBEDDINGS_NPY} {len(vecs)} vectors "
-                         f"(rerun: facecurate embed {out})")
-    return vecs, rows, meta
+    """(vectors float32 (N, D), rows [EmbeddingRow], meta) of the embedding store in
+    ``out_dir`` (read by :meth:`facecurate.workspace.Workspace.store`), for embed,
+    clean and eval-pairs. ``mmap``: map the vectors read-only instead of reading them
+    (clean's large stores). A missing store is an EmbedError, or None with
+    ``missing_ok``; a store whose .csv and .npy disagree is always an EmbedError."""
+    ws = Workspace(out_dir)
+    if missing_ok and not ws.has_store():
+        return None
+    try:
+        st = ws.store(mmap=mmap)
+    except (MissingFile, ManifestError) as e:
+        raise EmbedError(str(e)) from None
+    return st.vecs, st.rows, st.meta
 
 
 __all__ = ["run_embed", "load_store", "EmbedError", "EmbedConfig", "Item", "Loader", "items_from_align",

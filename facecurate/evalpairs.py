@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from facecurate.constants import STATUS_OK
+from facecurate.manifests import AlignRow
 from facecurate.models.zoo import resolve_runtime
 from facecurate.pairs import PairsError, image_stem, parse_pairs
 
@@ -189,41 +189,42 @@ CENTRE_TOLERANCE = 0.15
 PICKS = ("centre", "primary")
 
 
-def _by_source(manifest: Sequence[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
+def _by_source(manifest: Sequence[AlignRow]) -> dict[str, list[AlignRow]]:
+    out: dict[str, list[AlignRow]] = {}
     for r in manifest:
-        out.setdefault(r["source"], []).append(r)
+        out.setdefault(r.source, []).append(r)
     return out
 
 
-def _centre_distance(r: dict) -> float:
-    try:
-        w, h = float(r["img_w"]), float(r["img_h"])
-        cx = (float(r["x1"]) + float(r["x2"])) / 2
-        cy = (float(r["y1"]) + float(r["y2"])) / 2
-        return float(np.hypot(cx - w / 2, cy - h / 2) / max(w, h))
-    except (KeyError, ValueError, ZeroDivisionError):
+def _centre_distance(r: AlignRow) -> float:
+    """Distance of the face's box centre from the image centre, in image sizes (inf
+    when the row lacks the box or the image size)."""
+    box = r.box
+    if box is None or not r.img_w or not r.img_h:
         return float("inf")
+    w, h = float(r.img_w), float(r.img_h)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return float(np.hypot(cx - w / 2, cy - h / 2) / max(w, h))
 
 
-def _choose(rows: Sequence[dict], index: dict, pick: str) -> Optional[tuple[float, int]]:
+def _choose(rows: Sequence[AlignRow], index: dict, pick: str) -> Optional[tuple[float, int]]:
     """(centre distance, store row) of the face that stands for a pairs image: the
     embedded face nearest the image centre (``centre``; pairs images such as LFW's
     are centred on their subject) or align's primary face (``primary``)."""
-    cands = [r for r in rows if r["status"] == STATUS_OK and r["aligned"] in index]
+    cands = [r for r in rows if r.is_ok and r.aligned in index]
     if pick == "primary":
-        cands = [r for r in cands if r["primary"] == "1"]
+        cands = [r for r in cands if r.is_primary_ok]
     if not cands:
         return None
-    r = min(cands, key=lambda r: (_centre_distance(r), r["aligned"]))
-    return _centre_distance(r), index[r["aligned"]]
+    r = min(cands, key=lambda r: (_centre_distance(r), r.aligned))
+    return _centre_distance(r), index[r.aligned]
 
 
-def _reason(rows: Sequence[dict]) -> str:
+def _reason(rows: Sequence[AlignRow]) -> str:
     if not rows:
         return "not processed by align"
-    st = sorted({r["status"] for r in rows})
-    msg = "; ".join(sorted({r.get("message", "") for r in rows if r.get("message")}))
+    st = sorted({r.status for r in rows})
+    msg = "; ".join(sorted({r.message for r in rows if r.message}))
     return "/".join(st) + (f": {msg}" if msg else "")
 
 
@@ -328,7 +329,7 @@ def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, dev
     align_summary = run_align(raw, out, align_cfg, **run_kw)
     embed_summary = run_embed(out, store_dir=store_of(out), **embed_kw)
     vecs, rows, meta = load_store(store_of(out))
-    stores = {"": (vecs, {r["aligned"]: i for i, r in enumerate(rows)})}
+    stores = {"": (vecs, {r.aligned: i for i, r in enumerate(rows)})}
     by_source = _by_source(read_manifest(out))
     chosen: dict[str, tuple[str, int]] = {}  # image -> (store, row)
     retry: list[str] = []
@@ -388,7 +389,7 @@ def _retry(work: Path, root: Path, retry: list, by_source: dict, stores: dict, c
                                           model_dir=model_dir if retry_detector == "scrfd" else None), **run_kw)
     e2 = run_embed(rout, store_dir=store_of(rout), **embed_kw)
     v2, rows2, _ = load_store(store_of(rout))
-    stores["retry"] = (v2, {r["aligned"]: i for i, r in enumerate(rows2)})
+    stores["retry"] = (v2, {r.aligned: i for i, r in enumerate(rows2)})
     by2 = _by_source(read_manifest(rout))
     retry_summary = {"detector": retry_detector, "images": len(retry),
                      "crops": a2.get("crops"), "embedded_now": e2.get("embedded_now")}

@@ -164,16 +164,16 @@ def test_review_of_a_large_clean_csv_holds_only_the_sheet(tmp_path):
     assert s["faces"] == 80_000 and s["review_faces"] == 40 and s["identities"] == 40
 
     rows = load_clean(large)[1]
-    got, n = stream_sections(clean_rows(large)[1], 6)
+    got, n = stream_sections(clean_rows(large), 6)
     assert [(x.identity, x.kept, x.dropped) for x in build_sections(rows, 6)] == \
         [(x.identity, x.kept, x.dropped) for x in got]
     assert n == 80_000
     for sec in got:  # against a plain in-memory computation
-        kept = sorted((r for r in rows if r["identity"] == sec.identity and r["decision"] == "keep"),
-                      key=lambda r: (-float(r["score"]), r["aligned"]))
-        assert [r["aligned"] for r in sec.references] == [r["aligned"] for r in kept[:6]]
+        kept = sorted((r for r in rows if r.identity == sec.identity and r.decision == "keep"),
+                      key=lambda r: (-r.score, r.aligned))
+        assert [r.aligned for r in sec.references] == [r.aligned for r in kept[:6]]
         assert sec.kept == len(kept)
-        assert sec.dropped == sum(r["identity"] == sec.identity and r["decision"] == "drop" for r in rows)
+        assert sec.dropped == sum(r.identity == sec.identity and r.decision == "drop" for r in rows)
 
 
 @pytest.mark.parametrize("fail", [False, True])
