@@ -579,3 +579,94 @@ def test_duplicates_of_a_large_identity_equal_the_full_product():
         for i in g - {best}:
             want[i] = best
     assert (want >= 0).sum() >= 100 and np.array_equal(dup, want)
+
+
+# ----------------------------------------------------------------------------- stacked small identities
+def _tiny_identities(seed: int, count: int = 400):
+    """Identities of 1-14 faces with what makes the per-identity path branch: intruders,
+    a second person (ambiguous folders), faces sharing a photo (bystanders, ties),
+    copies and near-copies (duplicates), chains that are no union of cliques."""
+    rng = np.random.default_rng(seed)
+    cents = _centres(rng, count + 1)
+    emb, photo, ident = [], [], []
+    nxt = 0
+    for g in range(count):
+        n = int(rng.integers(1, 15)) if g % 5 else int(rng.integers(1, 4))
+        kind = g % 7
+        e = _person(rng, cents[g], n, spread=float(rng.choice([0.1, 0.2, 0.3])))
+        if kind == 1 and n >= 4:  # a second person nearly as large: ambiguous
+            e[n // 2:] = _person(rng, cents[g + 1], n - n // 2)
+        e[rng.random(n) < 0.15] = _unit(rng.standard_normal((1, DIM)))  # intruders
+        if kind == 2 and n >= 2:  # copies and near-copies
+            e[1] = e[0] if g % 2 else _unit(e[0] + 0.01 / np.sqrt(DIM) * rng.standard_normal(DIM))
+        if kind == 3 and n >= 3:  # a chain: 0-1 and 1-2 close, 0-2 not
+            t = rng.standard_normal((2, DIM))
+            e[0], e[2] = _unit(e[1] + 0.25 * _unit(t[0])), _unit(e[1] - 0.25 * _unit(t[0]))
+        ph = np.arange(nxt, nxt + n)
+        if kind in (4, 5) and n >= 2:  # faces sharing a photo (kind 5: the same vector twice: a tie)
+            ph[1] = ph[0]
+            if kind == 5:
+                e[1] = e[0]
+            if n >= 4:
+                ph[3] = ph[2]
+        nxt += n
+        emb.append(e)
+        photo.append(ph)
+        ident += [g] * n
+    return np.concatenate(emb).astype(np.float32), np.concatenate(photo), np.array(ident)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stacked_analysis_has_the_bits_of_analyse_identity(seed):
+    """The stacked path (identities of equal size at once) gives every field
+    analyse_identity gives, bit for bit, and takes most tiny identities."""
+    from facecurate.clean_batch import analyse_rows, analyse_stack
+
+    emb, photo, ident = _tiny_identities(seed)
+    p = fc.default_params("dlib", min_face=20.0)
+    b = np.r_[0, np.flatnonzero(np.diff(ident)) + 1, len(ident)]
+    got = analyse_rows(emb, np.arange(len(emb)), photo, b, p)
+    cb = np.r_[0, np.cumsum(got["nclus"])]
+    stacked = 0
+    for j in range(len(b) - 1):
+        lo, hi = b[j], b[j + 1]
+        a = ci.analyse_identity(emb[lo:hi], photo[lo:hi], p)
+        for name, want, have in (("s", a.s, got["s"][lo:hi]), ("subject", a.subject, got["subject"][lo:hi]),
+                                 ("cluster", a.cluster, got["cluster"][lo:hi]), ("centre", a.centre, got["centre"][j]),
+                                 ("minority", a.minority, got["minority"][cb[j]:cb[j + 1]]),
+                                 ("rival", a.rival, got["rival"][cb[j]:cb[j + 1]])):
+            assert want.dtype == have.dtype and np.array_equal(want.view(np.uint8), have.view(np.uint8)), (j, name)
+        assert (a.clusters, a.ambiguous) == (got["nclus"][j], got["ambiguous"][j]), j
+        assert np.float64(a.dominant_share).tobytes() == got["dominant_share"][j].tobytes(), j
+        assert np.float64(a.median).tobytes() == got["median"][j].tobytes(), j
+        if 2 <= hi - lo:
+            stacked += bool(analyse_stack(emb[lo:hi][None], photo[lo:hi][None], p)["ok"][0])
+    assert stacked > 250 and any(got["ambiguous"]) and got["subject"].sum() < len(emb)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_array_thresholds_decide_as_decide_identity(seed):
+    """A shard decided through array thresholds (decide_identity only where duplicates
+    or ambiguity can change the outcome) equals decide_identity on every identity, with
+    offsets, a minimum face size and the crops' pixel check."""
+    emb, photo, ident = _tiny_identities(seed)
+    p = fc.default_params("dlib", min_face=20.0)
+    rng = np.random.default_rng(seed)
+    b = np.r_[0, np.flatnonzero(np.diff(ident)) + 1, len(ident)]
+    rows = np.arange(len(emb))
+    blk = core._analyse_shard(dict(E=type("E", (), {"get": lambda self: emb})(), rows=rows, bounds=b, photo=photo,
+                                   p=p, d=DIM))
+    q, fs = rng.random(len(emb)), rng.uniform(10, 60, len(emb)).astype(np.float32)
+    off = (0.01 * rng.standard_normal(len(emb))).astype(np.float32)
+    for pixel in (None, lambda i, j: 1.0 if (i + j) % 2 else 0.5):
+        out = core._decide_shard(dict(E=type("E", (), {"get": lambda self: emb})(), rows=rows, bounds=b, block=blk,
+                                      quality=q, p=p, face_size=fs, offset=off, pixel=pixel, global_pixel=True))
+        analyses = core._unpack(blk, b, list(range(len(b) - 1)))
+        for j in range(len(b) - 1):
+            lo, hi = b[j], b[j + 1]
+            pix = None if pixel is None else (lambda x, y, lo=lo: pixel(lo + x, lo + y))
+            dd, rr, ss, du = ci.decide_identity(analyses[j], emb[lo:hi], q[lo:hi], p, fs[lo:hi], off[lo:hi], pix)
+            assert np.array_equal(dd, out["decision"][lo:hi]) and np.array_equal(rr, out["reason"][lo:hi]), j
+            assert np.array_equal(ss.view(np.uint8), out["score"][lo:hi].view(np.uint8)), j
+            assert np.array_equal(np.where(du >= 0, du + lo, -1), out["dup_of"][lo:hi]), j
+        assert (out["reason"] == cparams.RC[cparams.R_DUPLICATE]).sum() >= 5
