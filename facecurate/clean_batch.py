@@ -1,15 +1,19 @@
-"""Steps 1-3 of the clean stage (``analyse_identity``) for many small identities at once.
+"""The per-identity steps of the clean stage for many small identities at once.
 
 Most identities of a crawl have a handful of faces, where one identity's work is a
-hundred numpy calls on tiny arrays: the per-call cost dominates. Here identities of
-the same size ``n`` are stacked into one (B, n, d) array and each step runs once for
-the whole stack. The result has the bits ``analyse_identity`` gives, identity by
-identity, because every product goes through the same BLAS routine with the same
-shapes (numpy's batched matmul calls it once per identity), every mean adds the same
-rows in the same order (a sum over the first axis adds row after row; a row left out
-adds +0.0, which changes nothing), and every norm reduces the same row. An identity
-outside the common case (a graph that is not a union of cliques, nan) is marked for the general path (``ok`` False).
-tests/test_clean.py compares this path with ``analyse_identity`` on many stacks.
+hundred numpy calls on tiny arrays: the per-call cost dominates. ``analyse_rows``
+stacks identities of the same size ``n`` into one (B, n, d) array and runs each step
+of ``analyse_identity`` once for the whole stack. The result has the bits
+``analyse_identity`` gives, identity by identity: every product goes through the
+same BLAS routine with the same shapes (numpy's batched matmul calls it once per
+identity; a product on a subset of rows is made on exactly that subset), every mean
+adds the same rows in the same order (a sum over the first axis adds row after row;
+a row left out adds +0.0, which changes nothing), and every norm reduces the same
+row. An identity outside the common case (more than MAX_BATCH faces, a graph that is
+not a union of cliques, nan) goes through ``analyse_identity`` itself.
+``decide_rows`` applies the thresholds of ``decide_identity`` to a whole shard and
+names the identities where duplicates or ambiguity can still change them.
+tests/test_clean.py compares both with the per-identity functions bit for bit.
 """
 
 from __future__ import annotations
