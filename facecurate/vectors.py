@@ -19,16 +19,27 @@ def group_by_label(labels: np.ndarray) -> dict:
     return {int(g[0]): order[s:e] for g, s, e in zip(np.split(lab, cuts), np.r_[0, cuts], np.r_[cuts, len(lab)])}
 
 
-def add_at_rows(sums: np.ndarray, idx: np.ndarray, x: np.ndarray) -> None:
+def add_at_rows(sums: np.ndarray, idx: np.ndarray, x: np.ndarray, long: int = 256, chunk: int = 65536) -> None:
     """``np.add.at(sums, idx, x.astype(sums.dtype))`` with the same bits (each row of
     ``sums`` adds its rows of ``x`` one by one, in order), without its per-row cost:
-    one vectorised step per rank within a group."""
+    one vectorised step per rank within a group for groups of at most ``long`` rows;
+    a longer group through ``np.add.reduce`` over its row of ``sums`` then its rows (a
+    reduction over the first axis adds the rows one after the other; np.add.reduceat
+    does not), ``chunk`` rows at a time."""
     if not len(idx):
         return
     order = np.argsort(idx, kind="stable")
     si = idx[order]
     starts = np.r_[0, np.flatnonzero(si[1:] != si[:-1]) + 1]
     sizes = np.diff(np.r_[starts, len(si)])
+    for i in np.flatnonzero(sizes > long).tolist():
+        g, a, e = si[starts[i]], int(starts[i]), int(starts[i] + sizes[i])
+        for c in range(a, e, chunk):
+            part = x[order[c:min(e, c + chunk)]].astype(sums.dtype)
+            sums[g] = np.add.reduce(np.vstack([sums[g][None], part]), axis=0)
+    starts, sizes = starts[sizes <= long], sizes[sizes <= long]
+    if not len(starts):
+        return
     big = np.argsort(-sizes, kind="stable")  # groups by decreasing size
     starts, dest, left = starts[big], si[starts[big]], sizes[big][::-1]
     for r in range(int(sizes.max())):

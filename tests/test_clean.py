@@ -536,8 +536,14 @@ def test_rank_wise_row_sums_have_the_bits_of_add_at():
             idx = rng.integers(0, k, n) if trial % 2 else rng.zipf(1.5, n) % k
             ref = np.zeros((k, 8), dtype)
             np.add.at(ref, idx, x.astype(dtype))
-            got = np.zeros((k, 8), dtype)
-            add_at_rows(got, idx, x)
+            for long, chunk in ((256, 65536), (3, 7), (50, 100)):  # long groups reduced, in slices
+                got = np.zeros((k, 8), dtype)
+                add_at_rows(got, idx, x, long=long, chunk=chunk)
+                assert np.array_equal(ref.view(np.uint8), got.view(np.uint8)), (long, chunk)
+            init = rng.standard_normal((k, 8)).astype(dtype)  # rows that do not start at zero
+            ref, got = init.copy(), init.copy()
+            np.add.at(ref, idx, x.astype(dtype))
+            add_at_rows(got, idx, x, long=20, chunk=30)
             assert np.array_equal(ref.view(np.uint8), got.view(np.uint8))
 
 
