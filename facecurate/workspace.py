@@ -156,10 +156,11 @@ class Workspace:
                             raise ManifestError(f"{p} line {reader.line_num}: {e}") from None
         return header, rows
 
-    def columns(self, name: str, columns: Sequence[str]) -> Iterator[tuple[str, ...]]:
+    def columns(self, name: str, columns: Sequence[str], numbered: bool = False) -> Iterator[tuple]:
         """The text of ``columns`` of CSV file ``name``, row by row (no typed parsing:
-        the fast path for files of millions of rows); ManifestError when the file lacks
-        one of them or a row is short."""
+        the fast path for files of millions of rows; blank lines skipped); with
+        ``numbered``, (line number, cells). ManifestError when the file lacks one of
+        the columns or a row is short."""
         p = self.require(name)
         with self._csv(p) as reader:
             header = next(reader, [])
@@ -174,7 +175,12 @@ class Workspace:
                     continue
                 if len(cells) <= last:
                     raise ManifestError(f"{p} line {reader.line_num}: {len(cells)} cells, {len(header)} columns")
-                yield tuple(cells[i] for i in idx)
+                got = tuple(cells[i] for i in idx)
+                yield (reader.line_num, got) if numbered else got
+
+    def header(self, name: str) -> list[str]:
+        """The columns of CSV file ``name`` (MissingFile when it is not there)."""
+        return self._header(self.require(name))
 
     def _header(self, p: Path) -> list[str]:
         with self._csv(p) as reader:

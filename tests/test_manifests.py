@@ -257,3 +257,33 @@ def test_the_compiled_writer_formats_as_format_float():
     assert row.to_csv()[:4] == ["", "nan", "3", "-0.0000"]  # text cells are never touched
     rec = row.replace(key=12, label=3)
     assert rec.to_csv(C.REC_CLEAN_COLUMNS) == _reference_cells(rec, C.REC_CLEAN_COLUMNS)
+
+
+def test_the_streaming_store_writer_equals_the_whole_store_and_is_atomic(tmp_path):
+    """store_writer, piece by piece, leaves the bytes write_store leaves; a writer
+    that fails (or gets fewer rows than announced) leaves no file behind."""
+    import io as _io
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((5, 4)).astype(np.float32)
+    rows = [EmbeddingRow(aligned=f"rec:{i}", source=f"train.rec:{i}", identity=str(i % 2), face="0") for i in range(5)]
+    whole, streamed = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    whole.out.mkdir()
+    streamed.out.mkdir()
+    buf = _io.BytesIO()
+    np.save(buf, vecs)
+    whole.write_store(buf.getvalue(), rows)
+    with streamed.store_writer(5, 4) as w:
+        w.add(vecs[:2], rows[:2])
+        w.add(vecs[2:], [r.to_csv() for r in rows[2:]])
+    for n in (C.EMBEDDINGS_NPY, C.EMBEDDINGS_CSV):
+        assert (whole.path(n)).read_bytes() == (streamed.path(n)).read_bytes()
+    assert [tuple(r) for r in streamed.store_columns("aligned", "identity")] == [(r.aligned, r.identity) for r in rows]
+    bad = Workspace(tmp_path / "c")
+    bad.out.mkdir()
+    with pytest.raises(ValueError, match="3 rows given for a store of 5"):
+        with bad.store_writer(5, 4) as w:
+            w.add(vecs[:3], rows[:3])
+    assert sorted(p.name for p in bad.out.iterdir()) == []
