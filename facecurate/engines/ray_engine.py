@@ -218,12 +218,26 @@ class _State:
             if kind == "setup" and self.held.get(a) and not ray.wait([ref], timeout=0)[0]:
                 self._forget(a)
 
-    def _forget(self, actor) -> list:
-        """End ``actor`` and drop its calls. Returns the shards it held; those it was
-        given before its setup answered never ran there and go back to the queue."""
+    def _started(self, actor) -> bool:
+        """Whether the actor's setup has succeeded (the driver may not have read it yet)."""
         import ray
 
-        was_ready = actor in self.ready
+        if actor in self.ready:
+            return True
+        for ref, (kind, a, _) in self.refs.items():
+            if kind == "setup" and a is actor and ray.wait([ref], timeout=0)[0]:
+                try:
+                    return not ray.get(ref).get("error")
+                except Exception:  # noqa: BLE001 - it died in its setup
+                    return False
+        return False
+
+    def _forget(self, actor) -> list:
+        """End ``actor`` and drop its calls. Returns the shards it held; those it was
+        given before its setup succeeded never ran there and go back to the queue."""
+        import ray
+
+        was_ready = self._started(actor)
         for group in (self.ready, self.first):
             group.discard(actor)
         self.held.pop(actor, None)
