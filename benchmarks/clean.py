@@ -79,7 +79,9 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
-    from facecurate.clean import _have_faiss, _pairs_exact, clean_core, default_params, similar_pairs
+    from facecurate.clean_core import clean_core
+    from facecurate.clean_params import default_params
+    from facecurate.similar import _have_faiss, _pairs_exact, similar_pairs
     from facecurate.engines.local import default_workers
 
     workers = a.workers or default_workers()

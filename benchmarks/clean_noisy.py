@@ -448,6 +448,7 @@ def variant_out(root: Path, lookalike_share: float, seed: int = 0) -> Path:
 def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True,
              lookalike_share: float = 1.0) -> dict:
     from facecurate import clean as fc
+    from facecurate.vectors import normalize
     from facecurate.files import read_csv
 
     root = cache / "bench"
@@ -470,7 +471,7 @@ def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True
     if not baselines:
         return res
     vecs, where, _ = fc.store_index(out)
-    emb = fc._norm(np.asarray(vecs[[where[r["aligned"]] for r in rows]], np.float32))
+    emb = normalize(np.asarray(vecs[[where[r["aligned"]] for r in rows]], np.float32))
     names = sorted({r["identity"] for r in rows})
     gid = {n: i for i, n in enumerate(names)}
     ident = np.array([gid[r["identity"]] for r in rows])

@@ -72,6 +72,7 @@ def make_rec(root: Path, workers: int) -> Path:
 
 def evaluate(cache: Path, workers: int) -> dict:
     from facecurate import clean as fc
+    from facecurate.vectors import normalize
     from facecurate.files import read_csv
 
     root = cache / "bench"
@@ -111,7 +112,7 @@ def evaluate(cache: Path, workers: int) -> dict:
                               faces=len(frows), reasons=folder["reasons"])
     # the seeds on the rec's embeddings
     vecs, where, _ = fc.store_index(rec)
-    emb = fc._norm(np.asarray(vecs[[where[r["aligned"]] for r in rows]], np.float32))
+    emb = normalize(np.asarray(vecs[[where[r["aligned"]] for r in rows]], np.float32))
     labs = np.array([int(r["label"]) for r in rows])
     none = [False] * len(rows)
     base = {}

@@ -50,7 +50,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from facecurate.align import AlignConfig, run_align
-    from facecurate.embed import DlibEmbedder, Loader, items_from_align, load_store, run_embed
+    from facecurate.embed import Loader, items_from_align, load_store, run_embed
+    from facecurate.models.dlib_resnet import DlibEmbedder
 
     data = Path(args.data)
     lfw, ids = data / "lfw", (data / "splits" / "lfw-dev.txt").read_text().split()

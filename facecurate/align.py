@@ -25,7 +25,6 @@ import numpy as np
 
 from facecurate import __version__
 from facecurate.constants import (
-    ALIGN_COLUMNS,
     ALIGN_MANIFEST,
     ALIGN_META,
     DETECT_MAX_SIDE,
@@ -34,6 +33,8 @@ from facecurate.constants import (
     LANDMARK_COLUMNS,
     MAX_IMAGE_PIXELS,
     RAW_LAYOUT,
+    SHARD_CSV,
+    STATUS_ERROR,
     STATUS_NO_FACE,
     STATUS_NOT_PRIMARY,
     STATUS_OK,
@@ -41,16 +42,18 @@ from facecurate.constants import (
     STATUS_UNSUPPORTED,
     WORK_DIR,
 )
-from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
+from facecurate.files import write_bytes_atomic
 from facecurate.geometry import align_face, template
 from facecurate.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
+from facecurate.models.zoo import DETECTORS, make_detector, make_landmarker
 from facecurate.procs import run_lock
 from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, clear, fail_message, finished, in_part,
                                merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
+from facecurate.manifests import AlignRow
 from facecurate.records import Detection
+from facecurate.workspace import Workspace
 
-DETECTORS = ("dlib", "dlib-cnn", "scrfd")
 #: The fallback detector sees a copy whose longer side is at most this many pixels.
 FALLBACK_SIDE = 512
 SHARD_DIR = "align"
@@ -155,17 +158,10 @@ def list_inputs(raw: str | os.PathLike, exclude: Optional[str | os.PathLike] = N
 
 
 # --------------------------------------------------------------------------- models
-def make_detector(cfg: AlignConfig, name: Optional[str] = None):
-    from facecurate.models.dlib_models import DlibCNNDetector, DlibHOGDetector
-
-    name = name or cfg.detector
-    if name == "dlib":
-        return DlibHOGDetector(max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
-    if name == "dlib-cnn":
-        return DlibCNNDetector(max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
-    from facecurate.models.onnx_models import SCRFD, find_model
-
-    return SCRFD(find_model(cfg.model_dir, "detector"), device=cfg.device)
+def _detector(cfg: AlignConfig, name: Optional[str] = None):
+    """Detector ``name`` (default: ``cfg.detector``) from the model zoo, set up by ``cfg``."""
+    return make_detector(name or cfg.detector, model_dir=cfg.model_dir, device=cfg.device,
+                         max_upsample=cfg.max_upsample, min_side=cfg.detect_min_side)
 
 
 def primary_score(det: Detection, w: int, h: int) -> float:
@@ -205,7 +201,7 @@ class Timings:
 
 
 def _label(name: str, detector) -> str:
-    prov = getattr(detector, "provider", None)
+    prov = detector.provider
     return name + (f"/{prov}" if prov else "")
 
 
@@ -216,28 +212,22 @@ class Aligner:
     def __init__(self, cfg: AlignConfig):
         cfg.validate()
         self.cfg = cfg
-        self.detector = make_detector(cfg)
+        self.detector = _detector(cfg)
         self._fallback = None  # built on first use
         self._landmarks = None
-        if cfg.detector != "scrfd":  # dlib detectors give no landmarks
-            self._landmarks = self._landmark_model()
+        if not self.detector.has_landmarks:  # dlib's detectors: the 68-point model fills them in
+            self._landmarks = make_landmarker()
         self.timings = Timings()
         self.last_detector = cfg.detector
-
-    @staticmethod
-    def _landmark_model():
-        from facecurate.models.dlib_models import DlibLandmarks68
-
-        return DlibLandmarks68()
 
     @property
     def fallback(self):
         """The detector for images where the main one finds nothing: one pass at a
         fixed working size, no upsampling retries (MMOD costs seconds on big images)."""
         if self._fallback is None and self.cfg.fallback not in ("none", self.cfg.detector):
-            self._fallback = make_detector(replace(self.cfg, max_upsample=0, detect_min_side=0), self.cfg.fallback)
+            self._fallback = _detector(replace(self.cfg, max_upsample=0, detect_min_side=0), self.cfg.fallback)
             if self._landmarks is None:
-                self._landmarks = self._landmark_model()
+                self._landmarks = make_landmarker()
         return self._fallback
 
     @property
@@ -319,17 +309,17 @@ def centre_face_jpeg(rgb: np.ndarray, detector, landmarks, size: int = 112,
 # --------------------------------------------------------------------------- worker
 def _row(inp: InputFile, face: int, status: str, *, primary: bool = False, aligned: str = "",
          det: Optional[Detection] = None, sharp: float = float("nan"), img_wh=(0, 0),
-         detector: str = "", message: str = "") -> dict:
-    row = {"source": inp.source, "identity": inp.identity, "face": face, "status": status,
-           "primary": int(primary), "aligned": aligned, "sharpness": sharp,
-           "img_w": img_wh[0] or "", "img_h": img_wh[1] or "", "detector": detector, "message": message}
+         detector: str = "", message: str = "") -> AlignRow:
+    row = dict(source=inp.source, identity=inp.identity, face=face, status=status, primary=bool(primary),
+               aligned=aligned, sharpness=sharp, img_w=img_wh[0] or None, img_h=img_wh[1] or None,
+               detector=detector, message=message)
     if det is not None:
         row.update(zip(("x1", "y1", "x2", "y2"), (float(v) for v in det.box)))
         row["det_score"] = float(det.score)
         row["face_size"] = det.size
         if det.landmarks is not None:
             row.update(zip(LANDMARK_COLUMNS, (float(v) for v in det.landmarks.reshape(-1))))
-    return row
+    return AlignRow(**row)
 
 
 def _encode(crop_rgb: np.ndarray, cfg: AlignConfig) -> bytes:
@@ -343,7 +333,7 @@ def _encode(crop_rgb: np.ndarray, cfg: AlignConfig) -> bytes:
     return enc.tobytes()
 
 
-def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[dict]:
+def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[AlignRow]:
     """All manifest rows for one input file; writes its crops (atomically)."""
     cfg = aligner.cfg
     if not inp.identity:
@@ -382,15 +372,16 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[d
     return rows
 
 
-def _safe_align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[dict]:
+def _safe_align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[AlignRow]:
     try:
         return align_file(aligner, raw, out, inp)
     except Exception as e:  # one bad file must not end the run
-        return [_row(inp, -1, "error", message=f"{type(e).__name__}: {e}")]
+        return [_row(inp, -1, STATUS_ERROR, message=f"{type(e).__name__}: {e}")]
 
 
-def shard_csv(out: Path, index: int) -> Path:
-    return out / WORK_DIR / SHARD_DIR / f"shard_{index:06d}.csv"
+def shard_csv(index: int) -> str:
+    """A shard's manifest, relative to OUT."""
+    return f"{WORK_DIR}/{SHARD_DIR}/{SHARD_CSV.format(index=index)}"
 
 
 class AlignWorker:
@@ -404,10 +395,10 @@ class AlignWorker:
 
     def run(self, shard) -> dict:
         before = Timings(**vars(self.aligner.timings))
-        rows: list[dict] = []
+        rows: list[AlignRow] = []
         for inp in shard.items:
             rows.extend(_safe_align_file(self.aligner, self.raw, self.out, inp))
-        write_text_atomic(shard_csv(self.out, shard.index), csv_text(ALIGN_COLUMNS, rows))
+        Workspace(self.out).write_align(rows, shard_csv(shard.index))
         spent = {k: getattr(self.aligner.timings, k) - getattr(before, k) for k in vars(before)}
         return {"rows": len(rows), "status": _count_status(rows), "timings": spent,
                 "detector": self.aligner.main_label}
@@ -420,8 +411,8 @@ def _count(values) -> dict:
     return dict(sorted(counts.items()))
 
 
-def _count_status(rows: Sequence[dict]) -> dict:
-    return _count(r["status"] for r in rows)
+def _count_status(rows: Sequence[AlignRow]) -> dict:
+    return _count(r.status for r in rows)
 
 
 def check_paths(raw: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -514,7 +505,7 @@ def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile],
         raise RunError(fail_message("align", stats))
     rows = merge_if_due(out, SHARD_DIR, work, plan, part, lambda: merge_manifest(out, shards)) if complete else None
     if rows is None:  # a part whose siblings are still running: count its own shards
-        rows = _read_shards(work, [s for s in shards if in_part(s.index, part)])
+        rows = _read_shards(out, [s for s in shards if in_part(s.index, part)])
     totals = Timings()
     for rec in stats.records:
         totals.add(Timings(**rec["stats"]["timings"]))
@@ -523,14 +514,14 @@ def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile],
     status = _count_status(rows)
     busy = sum(vars(totals).values())
     return {
-        "raw": str(raw), "out": str(out), "files": len({r["source"] for r in rows}),
-        "identities": len({r["identity"] for r in rows if r["identity"]}),
+        "raw": str(raw), "out": str(out), "files": len({r.source for r in rows}),
+        "identities": len({r.identity for r in rows if r.identity}),
         "processed_now": now, "resumed": sum(len(s.items) for s in shards if in_part(s.index, part)) - now,
-        "faces": sum(1 for r in rows if r["face"] != "-1"),
+        "faces": sum(1 for r in rows if r.has_face),
         "crops": status.get(STATUS_OK, 0),
-        "files_with_crop": len({r["source"] for r in rows if r["status"] == STATUS_OK}),
+        "files_with_crop": len({r.source for r in rows if r.is_ok}),
         "status": status, "detector": label, "workers": stats.workers if now else 0,
-        "found_by": _count(r["detector"] for r in rows if r["face"] != "-1"),
+        "found_by": _count(r.detector for r in rows if r.has_face),
         "seconds": None, "images_per_second": None,
         "detector_share": round((totals.detect + totals.landmarks) / busy, 3) if busy > 0 else None,
         "timings": {k: round(v, 2) for k, v in vars(totals).items()},
@@ -539,22 +530,23 @@ def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile],
     }
 
 
-def _read_shards(work: Path, shards) -> list[dict]:
-    done = finished(work, shards)
-    return [r for s in shards if s.index in done for r in read_csv(work / f"shard_{s.index:06d}.csv")]
+def _read_shards(out: Path, shards) -> list[AlignRow]:
+    done = finished(out / WORK_DIR / SHARD_DIR, shards)
+    ws = Workspace(out)
+    return [r for s in shards if s.index in done for r in ws.read_table(shard_csv(s.index), AlignRow)[1]]
 
 
-def merge_manifest(out: Path, shards) -> list[dict]:
+def merge_manifest(out: Path, shards) -> list[AlignRow]:
     """Writer: merge the finished shards' manifests into OUT/align.csv, sorted by
     source and face (independent of sharding, engine and worker count)."""
-    rows = _read_shards(out / WORK_DIR / SHARD_DIR, shards)
-    rows.sort(key=lambda r: (r["source"], int(r["face"])))
-    write_text_atomic(out / ALIGN_MANIFEST, csv_text(ALIGN_COLUMNS, rows))
+    rows = _read_shards(out, shards)
+    rows.sort(key=AlignRow.sort_key)
+    Workspace(out).write_align(rows)
     return rows
 
 
-def read_manifest(out: str | os.PathLike) -> list[dict]:
-    return read_csv(Path(out) / ALIGN_MANIFEST)
+def read_manifest(out: str | os.PathLike) -> list[AlignRow]:
+    return Workspace(out).align_rows()
 
 
 __all__ = ["AlignConfig", "AlignError", "check_paths", "Aligner", "InputFile", "list_inputs", "run_align", "read_manifest",

@@ -5,8 +5,8 @@ magic of a split record put back, i.e. what a reader gets). The framing checks o
 ``inspect`` catch broken lengths and magics; only a checksum catches a flipped bit
 inside an image.
 
-* ``pack`` writes the file in the same pass as the records (:class:`SumsWriter`
-  hashes each batch as it is written).
+* ``pack`` writes the file in the same pass as the records (:class:`SumsWriter`:
+  a child process hashes each batch as soon as it is written, off pack's thread).
 * ``facecurate checksum DEST`` writes it for an existing .rec (:func:`write_sums`).
 * ``inspect --verify`` checks every record against it (:class:`SumsCursor`, fed in
   file order by inspect's single pass).
@@ -60,14 +60,18 @@ def _image_lines(keys: range, offsets: Sequence[int], labels: Sequence[float], d
 
 class SumsWriter:
     """Writes ``train.sums`` while pack writes the records, batch by batch, in the same
-    pass (each record's bytes are hashed while they are in memory). The hashing runs
-    in pack's thread: a background thread was measured slower (every hashlib call
-    hands the GIL back and forth with pack's loop)."""
+    pass. With ``rec`` (the .rec being written), the image records are hashed off
+    pack's thread, by a child process (:class:`_Hasher`) that reads each batch back
+    from the .rec just written (the page cache) and appends its lines: a thread
+    would not do (every hashlib call hands the GIL back and forth with pack's loop,
+    measured slower than hashing in line). Without ``rec`` they are hashed here."""
 
-    def __init__(self, f: TextIO):
+    def __init__(self, f: TextIO, rec: Optional[os.PathLike | str] = None):
         self.f = f
         self.f.write(HEADER_LINE)
         self._placeholder_at: Optional[int] = None
+        self._rec = rec
+        self._hasher: Optional[_Hasher] = None
 
     def placeholder(self, key: int, offset: int, length: int) -> None:
         """A fixed-width line for a record written later in place (the insightface
@@ -77,22 +81,98 @@ class SumsWriter:
         self.f.write(line(key, offset, length, "0" * DIGEST_HEX))
 
     def fill(self, key: int, offset: int, payload: bytes) -> None:
+        self.wait()
         self.f.flush()
         os.pwrite(self.f.fileno(), line(key, offset, len(payload), digest(payload)).encode("ascii"),
                   self._placeholder_at)
 
     def images(self, k0: int, offsets: Sequence[int], labels: Sequence[float], datas: Sequence[bytes]) -> None:
-        self.f.write(_image_lines(range(k0, k0 + len(offsets)), offsets, labels, datas))
+        """Lines of image records already written (and flushed) to the .rec."""
+        if self._rec is None:
+            self.f.write(_image_lines(range(k0, k0 + len(offsets)), offsets, labels, datas))
+            return
+        if self._hasher is None:
+            self.f.flush()  # the child appends after what is written so far
+            self._hasher = _Hasher(self._rec, self.f.name)
+        self._hasher.send(k0, [int(o) for o in offsets])
 
     def record(self, key: int, offset: int, payload: bytes) -> None:
         """One record that is not a scalar-label image (identity records)."""
+        self.wait()
         self.f.write(line(key, offset, len(payload), digest(payload)))
 
-    def wait(self) -> None:  # nothing in flight (kept for callers that flush first)
-        pass
+    def wait(self) -> None:
+        """Every image line written (the child done); the file's position at its end."""
+        if self._hasher is not None:
+            self._hasher.finish()
+            self._hasher = None
+            self.f.seek(0, os.SEEK_END)
 
     def close(self) -> None:
-        pass
+        """Stop a child still running (a failed pack)."""
+        if self._hasher is not None:
+            self._hasher.stop()
+            self._hasher = None
+
+
+class _Hasher:
+    """The child process of :class:`SumsWriter`: receives ``(first key, offsets)`` per
+    batch, reads those records from the .rec and appends their lines to the sums
+    file, in order. It dies with its parent (:func:`facecurate.procs.die_with_parent`)."""
+
+    def __init__(self, rec: os.PathLike | str, sums: str):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_hash_records, args=(child, str(rec), sums, os.getpid()), daemon=True,
+                                name="facecurate-sums")
+        self.proc.start()
+        child.close()
+
+    def send(self, k0: int, offsets: list[int]) -> None:
+        self._conn.send((k0, offsets))
+
+    def finish(self) -> None:
+        try:
+            self._conn.send(None)
+            err = self._conn.recv()
+        except (EOFError, OSError):
+            err = f"the checksum process ended with status {self.proc.exitcode}"
+        self.proc.join()
+        self._conn.close()
+        if err:
+            raise SumsError(f"checksums not written: {err}")
+
+    def stop(self) -> None:
+        from facecurate.procs import stop_processes
+
+        self._conn.close()
+        stop_processes([self.proc])
+
+
+def _hash_records(conn, rec: str, sums: str, parent: int) -> None:
+    from facecurate.procs import die_with_parent
+    from facecurate.recordio import read_record
+
+    die_with_parent(parent)
+    err, msg = "", ()
+    try:
+        with open(rec, "rb", buffering=1 << 20) as f, \
+                open(sums, "a", encoding="ascii", newline="\n", buffering=1 << 20) as w:
+            while (msg := conn.recv()) is not None:
+                k0, offsets = msg
+                out = []
+                for i, off in enumerate(offsets):
+                    p = read_record(f, off, key=k0 + i).payload
+                    out.append(line(k0 + i, off, len(p), digest(p)))
+                w.write("".join(out))
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        err = f"{type(e).__name__}: {e}"
+        while msg is not None:  # drain until the parent asks for the result
+            msg = conn.recv()
+    conn.send(err)
+    conn.close()
 
 
 # ----------------------------------------------------------------------------- reading

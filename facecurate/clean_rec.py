@@ -1,7 +1,7 @@
 """``facecurate clean DEST`` where DEST holds a packed dataset (``train.rec`` + ``.idx``)
 and the embedding store ``facecurate embed DEST/train.rec`` wrote beside it.
 
-The same core as for folders (:func:`facecurate.clean.clean_core`: robust centre,
+The same core as for folders (:func:`facecurate.clean_core.clean_core`: robust centre,
 Chinese whispers, cohort corrections, duplicates, merge candidates, ``--exclude``,
 ``--calibrate``), fed differently at the edges:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import inspect as _inspect
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,8 +30,12 @@ import numpy as np
 
 from facecurate import constants as C
 from facecurate.clean import CropSimilarity
-from facecurate.files import format_float, write_csv_atomic, write_text_atomic
+from facecurate.clean_cohort import calibrate
+from facecurate.files import format_float
+from facecurate.manifests import IdentityRow, MergeRow
 from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
+from facecurate.vectors import normalize
+from facecurate.workspace import Workspace
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -99,16 +102,16 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
     from facecurate.clean import _store_runtime
     from facecurate.embed import load_store, run_embed
 
-    meta_p = dest / C.EMBEDDINGS_META
-    if not (dest / C.EMBEDDINGS_NPY).exists():
+    ws = Workspace(dest)
+    if not ws.has(C.EMBEDDINGS_NPY):
         run_embed(rec_path, runtime=runtime)
     else:
-        meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+        meta = ws.store_meta()
         if meta.get("input") == "rec" and int(meta.get("count", 0)) + len(meta.get("failed", [])) \
                 < _image_records(rec_path):  # the rec has records the store lacks: continue it
             run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=_store_runtime(meta))
-    vecs = np.load(dest / C.EMBEDDINGS_NPY, mmap_mode="r")
-    meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+    vecs = np.load(ws.path(C.EMBEDDINGS_NPY), mmap_mode="r")
+    meta = ws.store_meta()
     if meta.get("input") not in (None, "rec"):
         raise ValueError(f"{dest}: the embedding store was made from {meta.get('input')!r} input, not this .rec "
                          f"(run `facecurate embed {rec_path} --overwrite`)")
@@ -187,7 +190,7 @@ def _unit_rows(vecs: np.ndarray, rows: np.ndarray, fc) -> np.ndarray:
                  for lo in range(0, len(vecs), 65536))
         if ok:
             return vecs
-    return fc._norm(np.asarray(vecs[rows], np.float32))
+    return normalize(np.asarray(vecs[rows], np.float32))
 
 
 def _exclusions(fc, exclude, names: list[str], meta: dict, runtime: str = "auto"):
@@ -204,16 +207,12 @@ def _exclusions(fc, exclude, names: list[str], meta: dict, runtime: str = "auto"
     return ex_ids, ex_vecs
 
 
-def _previous_manual(path: Path) -> dict[str, str]:
+def _previous_manual(ws: Workspace) -> dict[str, str]:
     """aligned -> keep/drop of the rows a review decided in the previous clean.csv."""
-    if not path.exists():
+    if not ws.has(C.CLEAN_CSV):
         return {}
-    out = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            if r.get("reason") == C.REASON_MANUAL and r.get("decision") in (C.DECISION_KEEP, C.DECISION_DROP):
-                out[r.get("aligned", "")] = r["decision"]
-    return out
+    return {r.aligned: r.decision for r in ws.clean_rows()
+            if r.reason == C.REASON_MANUAL and r.decision in (C.DECISION_KEEP, C.DECISION_DROP)}
 
 
 def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: float | None = None,
@@ -244,7 +243,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     photo = np.arange(have.size, dtype=np.int64)  # every record is its own photo
     quality = np.zeros(have.size, np.float32)  # face size and sharpness are not in a .rec
     if calibrate_far is not None and len(names) >= 2:
-        p = fc.calibrate(emb, identity, photo, p, calibrate_far)
+        p = calibrate(emb, identity, photo, p, calibrate_far)
     ex_ids, ex_vecs = _exclusions(fc, exclude, names, meta, runtime)
     kr = KeyedRecords(rec_path)
     pos = np.searchsorted(kr.keys, faces.keys[have])
@@ -254,22 +253,22 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
                         **_core_kwargs(fc, core_kw))
     rows, counts, reasons, manual = _write_clean_csv(dest, faces, have, res, label_names, keep_manual)
     ident_rows = _identity_rows(faces, have, identity, ulabs, names, res, label_names)
-    merge_rows = [dict(a=names[a], b=names[b], similarity=format_float(s)) for a, b, s in res.merges]
-    write_csv_atomic(dest / C.IDENTITIES_CSV, fc.IDENTITY_COLUMNS, ident_rows)
-    write_csv_atomic(dest / C.MERGES_CSV, fc.MERGE_COLUMNS, merge_rows)
+    merge_rows = [MergeRow(a=names[a], b=names[b], similarity=float(s)) for a, b, s in res.merges]
+    ws = Workspace(dest)
+    ws.write_identities(ident_rows)
+    ws.write_merges(merge_rows)
     summary = dict(
         input="rec", faces=rows, identities=len(ident_rows),
         keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
         review_share=round(counts[C.DECISION_REVIEW] / rows, 4) if rows else 0.0,
         manual_kept=manual[0], manual_lost=manual[1], reasons=dict(sorted(reasons.items())),
-        ambiguous=sum(1 for r in ident_rows if "ambiguous" in r["flags"]),
-        excluded=sum(1 for r in ident_rows if "excluded" in r["flags"]),
+        ambiguous=sum(1 for r in ident_rows if "ambiguous" in r.flags),
+        excluded=sum(1 for r in ident_rows if "excluded" in r.flags),
         merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved, model=model,
         thresholds={k: round(getattr(p, k), 4) for k in ("keep", "drop", "cw", "join", "dup", "merge", "exclude")},
         calibrated=bool(p.calibrated),
     )
-    write_text_atomic(dest / C.CLEAN_META, json.dumps(dict(summary=summary, params=p.as_dict()),
-                                                      indent=2, sort_keys=True) + "\n")
+    ws.write_clean_meta(dict(summary=summary, params=p.as_dict()))
     return summary
 
 
@@ -290,7 +289,7 @@ def _write_clean_csv(dest: Path, faces: RecFaces, have: np.ndarray, res, label_n
         cluster[have] = res.cluster
         d = np.asarray(res.dup_of, np.int64)
         dup[have] = np.where(d >= 0, faces.keys[have][np.maximum(d, 0)], -1)
-    manual = _previous_manual(dest / C.CLEAN_CSV) if keep_manual else {}
+    manual = _previous_manual(Workspace(dest)) if keep_manual else {}
     prev_d = np.full(n, "", dtype=object)
     prev_r = np.full(n, "", dtype=object)
     kept_manual = 0
@@ -312,7 +311,7 @@ def _write_clean_csv(dest: Path, faces: RecFaces, have: np.ndarray, res, label_n
     out = ((k, lab, name(lab), f"{pre}{k}", d, r, format_float(s), c, f"{pre}{u}" if u >= 0 else "", pd, pr)
            for k, lab, d, r, s, c, u, pd, pr in zip(faces.keys.tolist(), faces.labels.tolist(), dec, rea,
                                                      score.tolist(), cluster.tolist(), dup.tolist(), prev_d, prev_r))
-    write_csv_atomic(dest / C.CLEAN_CSV, C.REC_CLEAN_COLUMNS, out)
+    Workspace(dest).write_clean(out, C.REC_CLEAN_COLUMNS)
     u, c = np.unique(dec.astype(str), return_counts=True) if n else ([], [])
     counts = {C.DECISION_KEEP: 0, C.DECISION_DROP: 0, C.DECISION_REVIEW: 0}
     counts.update(dict(zip(u.tolist() if n else [], c.tolist() if n else [])))
@@ -322,7 +321,7 @@ def _write_clean_csv(dest: Path, faces: RecFaces, have: np.ndarray, res, label_n
 
 
 def _identity_rows(faces: RecFaces, have: np.ndarray, identity: np.ndarray, ulabs: np.ndarray, names: list,
-                   res, label_names: dict) -> list[dict]:
+                   res, label_names: dict) -> list[IdentityRow]:
     """identities.csv rows: every label of the .rec's image records (records = images)."""
     labs_all, images = np.unique(faces.labels[faces.labels >= 0], return_counts=True)
     g_of = {int(lab): g for g, lab in enumerate(ulabs.tolist())}
@@ -335,17 +334,17 @@ def _identity_rows(faces: RecFaces, have: np.ndarray, identity: np.ndarray, ulab
         if g is None:
             inf = dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
                        dominant_share=0.0, flags=["no_faces"])
-            med = ""
+            med = float("nan")
         else:
             inf = res.identities[g]
             idx = order[bounds[g]:bounds[g + 1]]
             sc = res.score[idx][kept[idx]]
-            med = format_float(float(np.median(sc))) if sc.size else ""
+            med = float(np.median(sc)) if sc.size else float("nan")
         noise = 1.0 - (inf["kept"] + inf["review"]) / n_img if n_img else 0.0
-        out.append(dict(
+        out.append(IdentityRow(
             identity=label_names.get(lab, str(lab)), images=n_img, faces=inf["faces"], kept=inf["kept"],
             dropped=inf["dropped"], review=inf["review"], duplicates=inf["duplicates"],
             not_subject=inf["not_subject"], clusters=inf["clusters"],
-            dominant_share=format_float(inf["dominant_share"]), noise=format_float(max(0.0, noise)),
+            dominant_share=float(inf["dominant_share"]), noise=max(0.0, noise),
             median_score=med, flags=";".join(inf["flags"])))
     return out

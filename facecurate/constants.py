@@ -43,6 +43,8 @@ ALIGN_META = "align.json"
 EMBEDDINGS_NPY = "embeddings.npy"
 EMBEDDINGS_CSV = "embeddings.csv"
 EMBEDDINGS_META = "embeddings.json"
+#: embeddings.csv: row i names vector i of embeddings.npy
+EMBEDDINGS_COLUMNS = ("aligned", "source", "identity", "face")
 CLEAN_CSV = "clean.csv"
 IDENTITIES_CSV = "identities.csv"
 MERGES_CSV = "merges.csv"
@@ -55,6 +57,16 @@ CLEAN_META = "clean.json"
 WORK_DIR = ".facecurate"
 #: A stage's run lock: OUT/.facecurate/<stage>.lock (kernel lock; the file holds the pid).
 LOCK_SUFFIX = ".lock"
+#: Inside a stage's work folder OUT/.facecurate/<stage>/: the shard plan, the merge
+#: record, and per shard its record (.json) and data (align .csv, embed .npz).
+PLAN_FILE = "plan.json"
+MERGED_FILE = "merged.json"
+SHARD_STEM = "shard_{index:06d}"
+SHARD_RECORD = SHARD_STEM + ".json"
+SHARD_CSV = SHARD_STEM + ".csv"
+SHARD_NPZ = SHARD_STEM + ".npz"
+#: embed's record of the settings of a run in progress (beside its shards)
+EMBED_SIGNATURE = "signature.json"
 #: The layout align expects, for messages.
 RAW_LAYOUT = "RAW/<identity>/<photo>"
 #: Exit status after Ctrl-C (128 + SIGINT), the shell's convention.
@@ -90,6 +102,7 @@ STATUS_UNSUPPORTED = "unsupported"
 STATUS_TOO_LARGE = "too_large"
 STATUS_UNREADABLE = "unreadable"
 STATUS_NOT_PRIMARY = "not_primary"  # face found but --faces primary wrote no crop
+STATUS_ERROR = "error"  # an unexpected failure on one file (the message says what)
 
 # --- clean decisions -------------------------------------------------------------------
 DECISION_KEEP = "keep"
@@ -188,6 +201,13 @@ REASON_NO_EMBEDDING = "no_embedding"
 #: clean.csv reason of a decision a person made in a review (`review apply`); later
 #: clean runs keep it unless told to discard it.
 REASON_MANUAL = "manual"
+#: clean's per-identity summary, identities.csv
+IDENTITY_COLUMNS = (
+    "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
+    "clusters", "dominant_share", "noise", "median_score", "flags",
+)
+#: clean's merge candidates, merges.csv: two identities that look like one person
+MERGE_COLUMNS = ("a", "b", "similarity")
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).
 REVIEW_COLUMNS = ("aligned", "identity", "source", "face", "score", "reason", "decision")
 #: Environment variables that size the BLAS/OpenMP thread pools; workers (one per core)

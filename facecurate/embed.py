@@ -18,30 +18,24 @@ what is missing. The store files are merged from the shards at the end (atomic
 writes), so they are byte-identical to an uninterrupted run's. A store made with
 another model / flip / feeding is refused.
 
-Models:
+Models come from :func:`facecurate.models.zoo.make_embedder` and are used through
+the :class:`facecurate.models.base.Embedder` protocol:
 
-* ``dlib`` (default, offline): dlib's 128-D ResNet descriptor. dlib's network was
-  trained on dlib's own 150x150 face chips (``get_face_chip(img, shape, 150, 0.25)``),
-  which show more of the head than the 112x112 ArcFace crop. With ``align.csv`` at
-  hand the chip is rebuilt from the *source photo*: a similarity transform maps the
-  recorded five ArcFace points onto :data:`DLIB_CHIP_TEMPLATE_150` (dlib's chip
-  geometry expressed in those five points, fitted once on LFW dev identities).
-  Without a source (folder of crops, .rec) the chip is warped from the crop itself.
-  ``runtime`` decides what runs the network: ``onnx`` (:class:`DlibOnnxEmbedder`: the
-  graph converted from dlib's own weights on ONNX Runtime, batched, CUDA when a
-  session gets it), ``dlib`` (:class:`DlibEmbedder`: dlib itself, one process per
-  core) or ``auto`` (onnx when ONNX Runtime is installed). The store's signature
-  records ``runtime`` for the ONNX runtime, so the two never share a store.
+* ``dlib`` (default, offline): dlib's 128-D ResNet descriptor on dlib's 150x150 chip,
+  rebuilt from the *source photo* when ``align.csv`` gives one, else warped from the
+  crop (:mod:`facecurate.models.dlib_resnet`). ``runtime`` decides what runs the
+  network: ``onnx`` (dlib's weights converted to ONNX, on ONNX Runtime), ``dlib``
+  (dlib itself, one process per core) or ``auto`` (onnx when ONNX Runtime is
+  installed). The store's signature records ``runtime`` for the ONNX runtime, so the
+  two never share a store.
 * ``arcface``: any insightface ArcFace-style ONNX recogniser (``--model-dir`` or an
-  ``.onnx`` path), fed the aligned crops; see :class:`ArcFaceONNX`.
+  ``.onnx`` path), fed the aligned crops (:mod:`facecurate.models.arcface`).
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import json
-import math
 import os
 import threading
 import time
@@ -54,51 +48,27 @@ import numpy as np
 from facecurate import __version__
 from facecurate.constants import (
     ALIGN_MANIFEST,
-    ALIGN_META,
+    EMBEDDINGS_COLUMNS,
     EMBEDDINGS_CSV,
     EMBEDDINGS_META,
     EMBEDDINGS_NPY,
-    LANDMARK_COLUMNS,
+    EMBED_SIGNATURE,
     REC_NAME,
-    STATUS_OK,
+    SHARD_NPZ,
     WORK_DIR,
 )
-from facecurate.files import csv_text, read_csv, write_bytes_atomic, write_text_atomic
+from facecurate.files import write_bytes_atomic
+from facecurate.manifests import EmbeddingRow, _fmt_int
+from facecurate.workspace import ManifestError, MissingFile, Workspace
 from facecurate.engines import get_engine
+from facecurate.models.base import ModelError
+from facecurate.models.zoo import make_embedder
 from facecurate.procs import run_lock
 from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, clear, fail_message, in_part,
                                merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 
 EMBED_DIR = "embed"
-STORE_COLUMNS = ("aligned", "source", "identity", "face")
-
-#: dlib's face chip (``get_face_chip(img, shape, 150, 0.25)``) expressed in the five
-#: ArcFace points (left eye, right eye, nose tip, left / right mouth corner) in chip
-#: pixels: the mean over 1500 LFW *dev* faces of the 5 points mapped into dlib's chip
-#: (research/fit in the embed issue; the per-point spread is ~3.7 px).
-DLIB_CHIP_SIZE = 150
-DLIB_CHIP_TEMPLATE_150 = np.array(
-    [
-        [47.2957, 46.1568],
-        [99.6780, 46.1906],
-        [73.5659, 75.0590],
-        [49.7033, 103.8239],
-        [97.4912, 103.9099],
-    ],
-    dtype=np.float64,
-)
-#: How the dlib model is fed: ``five`` (chip warped from the source photo with the
-#: recorded 5 points, the default), ``68`` (dlib's 68 landmarks re-run on the recorded
-#: box, then ``dlib.get_face_chip``: dlib's exact chain), ``crop`` (chip warped from the
-#: aligned crop; loses what lies outside it).
-DLIB_FEEDS = ("five", "68", "crop")
-MODELS = ("dlib", "arcface")
-#: What runs dlib's ResNet: ``onnx`` = the graph converted from dlib's weights
-#: (:mod:`facecurate.models.dlib_onnx`) on ONNX Runtime, batched, CUDA when a session
-#: gets it; ``dlib`` = dlib itself (CPU, one process per core); ``auto`` = onnx when
-#: ONNX Runtime is installed, else dlib.
-RUNTIMES = ("auto", "dlib", "onnx")
-ONNX_RUNTIME_TAG = "onnxruntime"  # the signature's ``runtime`` for the ONNX runtime
+STORE_COLUMNS = EMBEDDINGS_COLUMNS
 
 
 class EmbedError(RuntimeError):
@@ -119,35 +89,25 @@ class Item:
     pts5: Optional[tuple] = None  # 10 floats, the 5 points in source pixels
     box: Optional[tuple] = None  # x1, y1, x2, y2 in source pixels
     rec_offset: int = -1  # byte offset of the record in a .rec
+    data: Optional[bytes] = None  # the record's image bytes (.rec input: read with its label)
 
 
-def _float(s: str) -> float:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def items_from_align(out: Path) -> tuple[list[Item], dict]:
-    """The ``ok`` rows of OUT/align.csv, in the manifest's order."""
-    man = out / ALIGN_MANIFEST
-    rows = read_csv(man)
-    meta = {}
-    if (out / ALIGN_META).exists():
-        meta = json.loads((out / ALIGN_META).read_text())
+def items_from_align(out: Path, primary_only: bool = False) -> tuple[list[Item], dict]:
+    """The ``ok`` rows of OUT/align.csv (``primary_only``: of the photos' subjects),
+    in the manifest's order, and align.json."""
+    ws = Workspace(out)
+    rows = ws.align_rows()
+    meta = ws.align_meta()
     raw = meta.get("raw") or ""
     items = []
     for r in rows:
-        if r.get("status") != STATUS_OK or not r.get("aligned"):
+        if not r.is_ok or not r.aligned or (primary_only and not r.primary):
             continue
-        pts = tuple(_float(r.get(k, "")) for k in LANDMARK_COLUMNS)
-        box = tuple(_float(r.get(k, "")) for k in ("x1", "y1", "x2", "y2"))
         items.append(Item(
-            aligned=r["aligned"], source=r["source"], identity=r["identity"], face=r["face"],
-            crop=str(out / r["aligned"]),
-            raw=str(Path(raw) / r["source"]) if raw else "",
-            pts5=pts if all(math.isfinite(v) for v in pts) else None,
-            box=box if all(math.isfinite(v) for v in box) else None,
+            aligned=r.aligned, source=r.source, identity=r.identity, face=_fmt_int(r.face),
+            crop=str(out / r.aligned),
+            raw=str(Path(raw) / r.source) if raw else "",
+            pts5=r.points, box=r.box,
         ))
     return items, meta
 
@@ -173,308 +133,11 @@ def items_from_folder(folder: Path) -> list[Item]:
 
 def items_from_rec(rec: Path) -> list[Item]:
     """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``, in
-    .idx order. Which records are images is :mod:`facecurate.recdata`'s rule (the one
-    inspect and unpack use): key 0 decides the layout, an insightface header and its
-    identity records are skipped, and an image record with a vector label counts
-    under its first value (as arcface_torch reads it)."""
-    from facecurate.recdata import image_label, read_layout
-    from facecurate.recordio import RecordIOError, read_idx, read_record, unpack_record
+    .idx order (:func:`facecurate.embed_rec.items_from_rec`; embed itself streams the
+    file shard by shard)."""
+    from facecurate.embed_rec import items_from_rec as read_all
 
-    idx = rec.with_suffix(".idx")
-    if not idx.exists():
-        raise EmbedError(f"{rec}: no {idx.name} beside it (needed to read a .rec)")
-    entries = read_idx(idx)
-    items = []
-    with open(rec, "rb") as f:
-        try:
-            layout = read_layout(f, dict(entries).get(0))
-            for key, off in entries:
-                if not layout.is_image(key):  # header / identity record
-                    continue
-                label = image_label(unpack_record(read_record(f, off, key=key).payload)[0])
-                ident = str(int(label)) if float(label).is_integer() else str(label)
-                items.append(Item(aligned=f"rec:{key}", source=f"{rec.name}:{key}", identity=ident, face="0",
-                                  crop=str(rec), rec_offset=off))
-        except RecordIOError as e:
-            raise EmbedError(f"{rec}: corrupt .rec at {e} (run `facecurate inspect` for details)") from None
-    return items
-
-
-# ----------------------------------------------------------------------------- models
-def _l2(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, np.float64)
-    n = np.linalg.norm(v, axis=1, keepdims=True)
-    n[n == 0] = 1.0
-    return (v / n).astype(np.float32)
-
-
-def dlib_chip(rgb: np.ndarray, pts5, size: int = DLIB_CHIP_SIZE) -> np.ndarray:
-    """dlib's 150x150 chip geometry from the five ArcFace points (RGB in, RGB out).
-    Large downscales go through an area-averaged resize first (no aliasing), as
-    dlib's own chip extraction does with its image pyramid."""
-    import cv2
-
-    from facecurate.geometry import similarity_transform
-
-    pts = np.asarray(pts5, np.float64).reshape(5, 2)
-    tpl = DLIB_CHIP_TEMPLATE_150 * (size / DLIB_CHIP_SIZE)
-    m = similarity_transform(pts, tpl)
-    scale = math.sqrt(abs(np.linalg.det(m[:, :2])))
-    if scale < 0.5:
-        f = min(1.0, 2.0 * scale)  # shrink so that the warp scales by about 0.5
-        h, w = rgb.shape[:2]
-        nw, nh = max(1, round(w * f)), max(1, round(h * f))
-        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
-        fx, fy = nw / w, nh / h
-        m = similarity_transform(pts * np.array([fx, fy]), tpl)
-    return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-
-
-def fit_dlib_chip_template(align_out, limit: int = 1500, seed: int = 0) -> np.ndarray:
-    """How :data:`DLIB_CHIP_TEMPLATE_150` was made (offline, on LFW *dev* identities):
-    for the primary faces of an align OUT, re-run dlib's 68-point model on the box,
-    take dlib's chip placement (``get_face_chip_details(shape, 150, 0.25)``), map the
-    recorded five points into chip pixels and average them."""
-    import random
-
-    import cv2
-    import dlib
-
-    from facecurate.models.dlib_models import SHAPE68, model_file
-
-    items, _ = items_from_align(Path(align_out))
-    prim = {r["aligned"] for r in read_csv(Path(align_out) / ALIGN_MANIFEST) if r["primary"] == "1"}
-    items = [it for it in items if it.aligned in prim and it.pts5 is not None and it.box is not None]
-    random.Random(seed).shuffle(items)
-    sp = dlib.shape_predictor(model_file(SHAPE68))
-    loader = Loader()
-    pts = []
-    for it in items[:limit]:
-        img = loader.source(it.raw)
-        if img is None:
-            continue
-        x1, y1, x2, y2 = (int(round(v)) for v in it.box)
-        det = dlib.get_face_chip_details(sp(img, dlib.rectangle(x1, y1, x2, y2)), DLIB_CHIP_SIZE, 0.25)
-        r, a = det.rect, det.angle
-        c = np.array([(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2])
-        rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        corners = np.array([[r.left(), r.top()], [r.right(), r.top()], [r.right(), r.bottom()]], float)
-        src = ((corners - c) @ rot.T + c).astype(np.float32)
-        dst = np.float32([[0, 0], [det.cols - 1, 0], [det.cols - 1, det.rows - 1]])
-        m = cv2.getAffineTransform(src, dst)  # dlib's get_mapping_to_chip
-        p5 = np.asarray(it.pts5, float).reshape(5, 2)
-        pts.append(p5 @ m[:, :2].T + m[:, 2])
-    return np.mean(pts, axis=0)
-
-
-def crop_points(crop: np.ndarray) -> np.ndarray:
-    """Where the five points lie in an ArcFace-aligned crop of any size."""
-    from facecurate.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112
-
-    h, w = crop.shape[:2]
-    return ARCFACE_TEMPLATE_112 * np.array([w / ARCFACE_BASE_SIZE, h / ARCFACE_BASE_SIZE])
-
-
-class DlibEmbedder:
-    """dlib's 128-D ResNet descriptor on dlib chips built as described above."""
-
-    name = "dlib_face_recognition_resnet_model_v1"
-    dim = 128
-    input_size = (DLIB_CHIP_SIZE, DLIB_CHIP_SIZE)
-
-    def __init__(self, feed: str = "five"):
-        if feed not in DLIB_FEEDS:
-            raise EmbedError(f"unknown dlib feed {feed!r}; choose one of {', '.join(DLIB_FEEDS)}")
-        self.feed = feed
-        self._model = None  # loaded on first use: a parent that only hands out work never loads it
-        self._sp = None
-        self.provider = "CPU (dlib)"
-
-    @property
-    def model(self):
-        if self._model is None:
-            from facecurate.models.dlib_models import dlib_descriptor_model
-
-            self._model = dlib_descriptor_model()
-        return self._model
-
-    def info(self) -> dict:
-        from facecurate.models.dlib_models import DESCRIPTOR, model_file
-
-        return {"name": self.name, "file": Path(model_file(DESCRIPTOR)).name,
-                "sha256": _dlib_sha(), "dim": self.dim, "input_size": list(self.input_size),
-                "color": "RGB", "feed": self.feed, "provider": self.provider}
-
-    def chip(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
-        """(150x150 RGB chip, how it was made)."""
-        if self.feed != "crop" and item.raw and item.pts5 is not None:
-            src = loader.source(item.raw)
-            if src is not None:
-                if self.feed == "68" and item.box is not None:
-                    return self._chip68(src, item.box), "source68"
-                return dlib_chip(src, item.pts5), "source"
-        crop = loader.crop_rgb(item)
-        return dlib_chip(crop, crop_points(crop)), "crop"
-
-    def _chip68(self, rgb, box):
-        import dlib
-
-        from facecurate.models.dlib_models import SHAPE68, model_file
-
-        if self._sp is None:
-            self._sp = dlib.shape_predictor(model_file(SHAPE68))
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        shape = self._sp(rgb, dlib.rectangle(x1, y1, x2, y2))
-        return dlib.get_face_chip(rgb, shape, DLIB_CHIP_SIZE, 0.25)
-
-    def prepare(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
-        return self.chip(item, loader)
-
-    def run(self, chips: list[np.ndarray], flip: bool) -> np.ndarray:
-        if not chips:
-            return np.zeros((0, self.dim), np.float32)
-        batch = [np.ascontiguousarray(c) for c in chips]
-        if flip:
-            batch += [np.ascontiguousarray(c[:, ::-1]) for c in chips]
-        vecs = np.array([np.array(v) for v in self.model.compute_face_descriptor(batch)], np.float64)
-        if flip:
-            n = len(chips)
-            vecs = vecs[:n] + vecs[n:]
-        return _l2(vecs)
-
-
-_DLIB_SHA: Optional[str] = None
-
-
-def _dlib_sha() -> str:
-    global _DLIB_SHA
-    if _DLIB_SHA is None:
-        from facecurate.files import sha256_file
-        from facecurate.models.dlib_models import DESCRIPTOR, model_file
-
-        _DLIB_SHA = sha256_file(model_file(DESCRIPTOR))
-    return _DLIB_SHA
-
-
-class OnnxEmbedder:
-    """An insightface ArcFace-style ONNX recogniser fed the aligned crops (BGR)."""
-
-    def __init__(self, model_path, device: str = "auto", batch_size: Optional[int] = None,
-                 fp16: bool = False, threads: Optional[int] = None, io_binding: Optional[bool] = None):
-        from facecurate.models.onnx_models import OnnxModelError, load_model
-
-        try:
-            self.model = load_model(model_path, kind="recognizer", device=device, batch_size=batch_size,
-                                    fp16=fp16, threads=threads, io_binding=io_binding)
-        except OnnxModelError as e:
-            raise EmbedError(str(e)) from None
-        self.name = self.model.name
-        self.dim = self.model.dim
-        self.input_size = self.model.input_size
-        self.provider = self.model.provider
-        self.feed = "crop"
-
-    def info(self) -> dict:
-        d = self.model.info()
-        d["feed"] = "crop"
-        return d
-
-    def prepare(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
-        return loader.crop_bgr(item), "crop"
-
-    def blob(self, crops: list[np.ndarray], flip: bool) -> np.ndarray:
-        if flip:
-            crops = list(crops) + [np.ascontiguousarray(c[:, ::-1]) for c in crops]
-        return self.model.preprocess(crops)
-
-    def forward(self, blob: np.ndarray, n: int, flip: bool) -> np.ndarray:
-        bs = self.model.batch_size
-        out = np.concatenate([self.model.forward(blob[i:i + bs]) for i in range(0, len(blob), bs)])
-        out = out.astype(np.float64)
-        if flip:
-            out = out[:n] + out[n:]
-        return _l2(out)
-
-    def run(self, crops: list[np.ndarray], flip: bool) -> np.ndarray:
-        if not crops:
-            return np.zeros((0, self.dim), np.float32)
-        return self.forward(self.blob(crops, flip), len(crops), flip)
-
-
-class DlibOnnxEmbedder(OnnxEmbedder):
-    """dlib's ResNet on ONNX Runtime: the graph converted from dlib's own weights
-    (cached on first use), loaded through the same door as insightface recognisers,
-    fed exactly the chips :class:`DlibEmbedder` feeds dlib (RGB)."""
-
-    def __init__(self, feed: str = "five", device: str = "auto", batch_size: Optional[int] = None,
-                 fp16: bool = False, threads: Optional[int] = None, io_binding: Optional[bool] = None):
-        from facecurate.models.dlib_onnx import DlibOnnxError, dlib_resnet_onnx
-
-        self._chips = DlibEmbedder(feed)  # chip geometry only; dlib's model is never loaded
-        try:
-            path = dlib_resnet_onnx(sha256=_dlib_sha())
-        except DlibOnnxError as e:
-            raise EmbedError(f"{e} (or use --runtime dlib)") from None
-        super().__init__(path, device=device, batch_size=batch_size, fp16=fp16, threads=threads,
-                         io_binding=io_binding)
-        self.name, self.feed = DlibEmbedder.name, feed
-
-    def info(self) -> dict:
-        d = self.model.info()
-        d.update(name=self.name, onnx_file=Path(d["file"]).name, onnx_sha256=d["sha256"], sha256=_dlib_sha(),
-                 feed=self.feed, runtime=ONNX_RUNTIME_TAG + ("-fp16" if self.model.fp16 else ""))
-        from facecurate.models.dlib_models import DESCRIPTOR
-
-        d["file"] = DESCRIPTOR
-        return d
-
-    def prepare(self, item: Item, loader: "Loader") -> tuple[np.ndarray, str]:
-        return self._chips.chip(item, loader)
-
-    def blob(self, chips: list[np.ndarray], flip: bool) -> np.ndarray:
-        # RGB chips; the recogniser door takes BGR (and turns it back into RGB)
-        return super().blob([c[:, :, ::-1] for c in chips], flip)
-
-
-def resolve_runtime(runtime: str = "auto") -> str:
-    """``dlib`` or ``onnx``: what ``runtime`` means on this installation."""
-    import importlib.util
-
-    if runtime not in RUNTIMES:
-        raise EmbedError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if runtime != "auto":
-        return runtime
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "dlib"
-    if importlib.util.find_spec("onnx") is None:  # cannot convert; a cached graph will do
-        from facecurate.models.dlib_onnx import cached_path
-
-        return "onnx" if cached_path(_dlib_sha()).is_file() else "dlib"
-    return "onnx"
-
-
-def dlib_embedder(feed: str = "five", runtime: str = "auto", **kw):
-    """dlib's ResNet on ``runtime`` (kw: device, batch_size, fp16, threads for ONNX)."""
-    if resolve_runtime(runtime) == "dlib":
-        return DlibEmbedder(feed)
-    return DlibOnnxEmbedder(feed, **kw)
-
-
-def resolve_onnx(model: str, model_dir: Optional[str]) -> Path:
-    """The recogniser .onnx for ``--model arcface --model-dir DIR`` or ``--model X.onnx``."""
-    from facecurate.models.onnx_models import find_model
-
-    target = model_dir if model == "arcface" else model
-    if not target:
-        raise EmbedError("--model arcface needs --model-dir (a model pack directory or an .onnx file)")
-    p = Path(target)
-    if not p.exists():
-        raise EmbedError(f"model not found: {p}")
-    try:
-        return Path(find_model(p, "recognizer"))
-    except Exception as e:  # noqa: BLE001 - report the model zoo's reason
-        raise EmbedError(f"no ArcFace-style recogniser in {p}: {e}") from None
+    return read_all(rec)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -499,6 +162,8 @@ class Loader:
         return img
 
     def _bytes(self, item: Item) -> bytes:
+        if item.data is not None:
+            return item.data
         if item.rec_offset >= 0:
             from facecurate.recordio import read_record, unpack_record
 
@@ -532,15 +197,6 @@ class EmbedConfig:
     runtime: str = "auto"  # dlib's model: auto | dlib | onnx
 
 
-def make_embedder(cfg: EmbedConfig, threads: Optional[int] = None):
-    if cfg.model == "dlib":
-        return dlib_embedder(cfg.dlib_feed, cfg.runtime, device=cfg.device, batch_size=cfg.batch_size,
-                             fp16=cfg.fp16, threads=threads)
-    if cfg.model == "arcface" or str(cfg.model).endswith(".onnx"):
-        return OnnxEmbedder(resolve_onnx(cfg.model, cfg.model_dir), device=cfg.device,
-                            batch_size=cfg.batch_size, fp16=cfg.fp16, threads=threads)
-    raise EmbedError(f"unknown model {cfg.model!r}: use dlib, arcface (with --model-dir) or a path to an .onnx")
-
 
 def signature(info: dict, flip: bool, source_kind: str) -> dict:
     """What must be the same for every vector of one store."""
@@ -557,11 +213,17 @@ _EMBEDDERS: dict = {}
 
 
 def cached_embedder(cfg: "EmbedConfig"):
-    """One embedder per process and config: the run's own process builds it to read the
-    model's signature, and its in-process worker lane reuses it (one ONNX session)."""
+    """One embedder per process and config, from the model zoo: the run's own process
+    builds it to read the model's signature, and its in-process worker lane reuses it
+    (one ONNX session). A model problem is an :class:`EmbedError`."""
     if cfg not in _EMBEDDERS:
         _EMBEDDERS.clear()
-        _EMBEDDERS[cfg] = make_embedder(cfg)
+        try:
+            _EMBEDDERS[cfg] = make_embedder(cfg.model, model_dir=cfg.model_dir, feed=cfg.dlib_feed,
+                                            runtime=cfg.runtime, device=cfg.device, batch_size=cfg.batch_size,
+                                            fp16=cfg.fp16)
+        except ModelError as e:
+            raise EmbedError(str(e)) from None
     return _EMBEDDERS[cfg]
 
 
@@ -586,7 +248,7 @@ def _embed_in_batches(embedder, inputs, flip: bool, batch_size: int) -> np.ndarr
 
 
 def shard_npz(work: Path, index: int) -> Path:
-    return Path(work) / f"shard_{index:06d}.npz"
+    return Path(work) / SHARD_NPZ.format(index=index)
 
 
 class EmbedWorker:
@@ -609,33 +271,35 @@ class EmbedWorker:
         self._ahead: dict = {}
         self._local = threading.local()
 
-    def _prep(self, items: Sequence[Item]):
+    def _prep(self, shard):
         t0 = time.perf_counter()
+        items, unread = _shard_items(shard)
         if not self.threads:
-            return _prepare_chunk(self.embedder, self.loader, items), None, time.perf_counter() - t0
+            inputs, keep, failed, feeds = _prepare_chunk(self.embedder, self.loader, items)
+            return (inputs, keep, unread + failed, feeds), None, _identities(shard, items), time.perf_counter() - t0
 
         def one(it):
             if not hasattr(self._local, "loader"):
                 self._local.loader = Loader()
             return _prepare_chunk(self.embedder, self._local.loader, [it])
 
-        inputs, keep, failed, feeds = [], [], [], {}
+        inputs, keep, failed, feeds = [], [], list(unread), {}
         for i, k, f, fd in self._pool.map(one, items):
             inputs += i
             keep += k
             failed += f
             for key, v in fd.items():
                 feeds[key] = feeds.get(key, 0) + v
-        blob = self.embedder.blob(inputs, self.cfg.flip) if isinstance(self.embedder, OnnxEmbedder) and inputs else None
-        return (inputs, keep, failed, feeds), blob, time.perf_counter() - t0
+        blob = self.embedder.blob(inputs, self.cfg.flip) if inputs else None
+        return (inputs, keep, failed, feeds), blob, _identities(shard, items), time.perf_counter() - t0
 
     def prefetch(self, shard) -> None:
         if self.threads and shard.index not in self._ahead:
-            self._ahead[shard.index] = self._lead.submit(self._prep, shard.items)
+            self._ahead[shard.index] = self._lead.submit(self._prep, shard)
 
     def run(self, shard) -> dict:
         fut = self._ahead.pop(shard.index, None)
-        (inputs, keep, failed, feeds), blob, t_prep = fut.result() if fut else self._prep(shard.items)
+        (inputs, keep, failed, feeds), blob, idents, t_prep = fut.result() if fut else self._prep(shard)
         t1 = time.perf_counter()
         if blob is not None:
             vecs = self.embedder.forward(blob, len(inputs), self.cfg.flip)
@@ -643,18 +307,33 @@ class EmbedWorker:
             vecs = _embed_in_batches(self.embedder, inputs, self.cfg.flip, self.batch_size)
         t_model = time.perf_counter() - t1
         res = {"keys": keep, "vectors": vecs, "failed": failed}
+        if idents is not None:  # .rec input: the labels read with the records
+            res["identities"] = [idents[k] for k in keep]
         write_bytes_atomic(shard_npz(self.work, shard.index), _part_bytes(res, self.embedder.dim))
         return {"embedded": len(keep), "failed": len(failed), "feeds": feeds,
                 "t_prepare": round(t_prep, 4), "t_model": round(t_model, 4)}
 
 
 # ----------------------------------------------------------------------------- parts
+def _shard_items(shard) -> tuple[Sequence[Item], list]:
+    """(items, failures) of a shard: its items, or a .rec range's records read now."""
+    if hasattr(shard.items, "load"):  # embed_rec.RecRange
+        return shard.items.load()
+    return shard.items, []
+
+
+def _identities(shard, items: Sequence[Item]) -> Optional[dict]:
+    """key -> identity of a .rec range's items (known only once read); None otherwise."""
+    return {it.aligned: it.identity for it in items} if hasattr(shard.items, "load") else None
+
+
 def _part_bytes(res: dict, dim: int) -> bytes:
     buf = io.BytesIO()
     fk = [k for k, _ in res["failed"]]
     fr = [r for _, r in res["failed"]]
+    extra = {"identities": np.array(res["identities"], dtype=str)} if "identities" in res else {}
     np.savez(buf, keys=np.array(res["keys"], dtype=str), vectors=np.asarray(res["vectors"], np.float32).reshape(-1, dim),
-             failed_keys=np.array(fk, dtype=str), failed_reasons=np.array(fr, dtype=str))
+             failed_keys=np.array(fk, dtype=str), failed_reasons=np.array(fr, dtype=str), **extra)
     return buf.getvalue()
 
 
@@ -674,13 +353,15 @@ def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, s
 
 
 # ----------------------------------------------------------------------------- run
-def _resolve_input(target: Path, out: Optional[Path]) -> tuple[list[Item], str, Path, dict]:
-    if target.is_file() and target.suffix == ".rec":
-        return items_from_rec(target), "rec", (out or target.parent), {}
+def _resolve_input(target: Path, out: Optional[Path]) -> tuple[object, str, Path, dict]:
+    """(items, or the .rec path for a .rec, input kind, store folder, align meta)."""
+    from facecurate.embed_rec import check_rec
     from facecurate.recdata import is_rec_dataset
 
+    if target.is_file() and target.suffix == ".rec":
+        return check_rec(target), "rec", (out or target.parent), {}
     if is_rec_dataset(target):  # a folder holding train.rec (+ .idx) and no align.csv
-        return items_from_rec(target / REC_NAME), "rec", (out or target), {}
+        return check_rec(target / REC_NAME), "rec", (out or target), {}
     if not target.is_dir():
         raise EmbedError(f"not found: {target} (expected an align OUT folder, a folder of crops or a .rec)")
     if (target / ALIGN_MANIFEST).exists():
@@ -694,7 +375,7 @@ def default_workers(embedder) -> int:
     ONNX session is one worker whose threads use the cores."""
     from facecurate.engines.local import default_workers as cores
 
-    return cores() if isinstance(embedder, DlibEmbedder) else 1
+    return cores() if embedder.per_core else 1
 
 
 def _hold_store_lock(fn):
@@ -743,36 +424,54 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
         clear(work, [store / n for n in (EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META)])
     _check_signature(store, work, sig)
     work.mkdir(parents=True, exist_ok=True)
-    check_meta(work / "signature.json", sig, lambda old, new: None, part=part)
+    check_meta(work / EMBED_SIGNATURE, sig, lambda old, new: None, part=part)
 
-    is_dlib = isinstance(embedder, DlibEmbedder)
-    if batch_size is None:
-        batch_size = 32 if is_dlib else getattr(embedder.model, "batch_size", 32)
-    batch_size = max(1, int(batch_size))
+    per_core = embedder.per_core
+    batch_size = max(1, int(embedder.batch_size if batch_size is None else batch_size))
     # Fixed shards of the full list, whatever the workers, engine or part: a rerun redoes
     # whole shards of the same composition, so its vectors equal an uninterrupted run's.
-    size = int(chunk_size or recorded_size(work, DLIB_SHARD_SIZE if is_dlib else max(256, batch_size)))
-    shards = plan_shards(items, lambda it: it.aligned, size)
+    size = int(chunk_size or recorded_size(work, DLIB_SHARD_SIZE if per_core else max(256, batch_size)))
+    shards = _plan(items, kind, size)
     plan = check_plan(work, shards, size, part)
     eng, threads = _engine(engine, embedder, workers, ray_address)
     spec = WorkerSpec(EmbedWorker, (cfg, batch_size, str(work), threads), str(work),
-                      must_see=(str(store),), gpu=not is_dlib and cfg.device != "cpu")
+                      must_see=(str(store),), gpu=not per_core and cfg.device != "cpu")
     stats, complete = run_shards(eng, spec, shards, part=part, desc="embed", unit="face",
                                  show_progress=show_progress, on_shard=on_chunk)
     if stats.failed:
         raise EmbedError(fail_message("embed", stats))
     summary = None
     if complete:
-        summary = merge_if_due(store, EMBED_DIR, work, plan, part, lambda: _write_store(
-            store, items, *_load_shards(work, shards), info, sig, cfg, kind))
+        summary = merge_if_due(store, EMBED_DIR, work, plan, part, lambda: _merge(
+            store, items, work, shards, info, sig, cfg, kind))
     summary = summary or {"store": str(store), "input": kind, "model": info["name"], "dim": int(info["dim"]),
-                          "faces": len(items)}
+                          "faces": sum(len(s.items) for s in shards)}
     summary = _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)
-    summary["runtime"] = info.get("runtime") or ("dlib" if is_dlib else ONNX_RUNTIME_TAG)
+    summary["runtime"] = info.get("runtime") or embedder.runtime
     return summary
 
 
 DLIB_SHARD_SIZE = 64
+
+
+def _plan(items, kind: str, size: int):
+    """Fixed shards of ``size`` faces: of the item list, or of a .rec's image records
+    (:func:`facecurate.embed_rec.plan_rec_shards`, one pass over its .idx)."""
+    if kind == "rec":
+        from facecurate.embed_rec import plan_rec_shards
+
+        return plan_rec_shards(items, size)
+    return plan_shards(items, lambda it: it.aligned, size)
+
+
+def _merge(store: Path, items, work: Path, shards, info: dict, sig: dict, cfg: "EmbedConfig", kind: str) -> dict:
+    if kind == "rec":  # streamed: vectors and rows shard after shard, never all in memory
+        from facecurate.embed_rec import write_rec_store
+
+        count, fails = write_rec_store(store, Path(items), work, shards, int(info["dim"]))
+        faces = sum(len(s.items) for s in shards)
+        return _write_meta(store, info, sig, cfg, kind, count, fails, faces)
+    return _write_store(store, items, *_load_shards(work, shards), info, sig, cfg, kind)
 
 
 def _part(part, overwrite: bool):
@@ -788,7 +487,7 @@ def _part(part, overwrite: bool):
 def _engine(engine, embedder, workers: Optional[int], ray_address: Optional[str]):
     """(engine, prep threads per worker). dlib: one process per core; ONNX: one
     worker (per GPU under Ray) with ``workers`` threads preparing crops ahead."""
-    if isinstance(embedder, DlibEmbedder):  # under Ray, default: one worker per CPU of the cluster
+    if embedder.per_core:  # under Ray, default: one worker per CPU of the cluster
         n, threads = workers or (default_workers(embedder) if engine == "local" else None), 0
     else:
         n, threads = (1 if engine == "local" else None), max(1, int(workers or 1))
@@ -823,10 +522,13 @@ def _summary(summary: dict, stats, shards, part, complete: bool, batch_size: int
 
 def _check_signature(store: Path, work: Path, sig: dict) -> None:
     old = None
-    if (work / "signature.json").exists():
-        old = json.loads((work / "signature.json").read_text())
-    elif (store / EMBEDDINGS_META).exists():
-        old = json.loads((store / EMBEDDINGS_META).read_text()).get("signature")
+    try:
+        if (work / EMBED_SIGNATURE).exists():
+            old = Workspace(work).read_json(EMBED_SIGNATURE, required=True)
+        elif (store / EMBEDDINGS_META).exists():
+            old = Workspace(store).read_json(EMBEDDINGS_META, required=True).get("signature")
+    except ManifestError as e:
+        raise EmbedError(str(e)) from None
     if old is not None and old != sig:
         diff = ", ".join(f"{k}: {old.get(k)!r} in the store, {sig.get(k)!r} now"
                          for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k))
@@ -843,49 +545,51 @@ def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, i
         v = vecs.get(it.aligned)
         if v is None:
             continue
-        rows.append({"aligned": it.aligned, "source": it.source, "identity": it.identity, "face": it.face})
+        rows.append(EmbeddingRow(aligned=it.aligned, source=it.source, identity=it.identity, face=it.face))
         mats.append(v)
     dim = int(info["dim"])
     arr = np.ascontiguousarray(np.array(mats, np.float32).reshape(len(mats), dim))
     buf = io.BytesIO()
     np.save(buf, arr)
     fails = [{"aligned": it.aligned, "reason": failed[it.aligned]} for it in items if it.aligned in failed]
+    ws = Workspace(store)
+    write_bytes_atomic(ws.path(EMBEDDINGS_NPY), buf.getvalue())
+    ws.write_table(EMBEDDINGS_CSV, STORE_COLUMNS, rows)
+    return _write_meta(store, info, sig, cfg, kind, len(rows), fails, len(items))
+
+
+def _write_meta(store: Path, info: dict, sig: dict, cfg: "EmbedConfig", kind: str, count: int, fails: list,
+                faces: int) -> dict:
+    """embeddings.json (after the vectors and rows), and the run's summary."""
+    dim = int(info["dim"])
     meta = {
         "model": info["name"], "model_info": {k: v for k, v in info.items() if k not in ("provider", "file")},
         "model_file": info.get("file"), "sha256": info["sha256"], "dim": dim,
         "input_size": info["input_size"], "normalisation": "l2", "flip": cfg.flip,
-        "feed": info.get("feed"), "input": kind, "count": len(rows), "failed": fails,
+        "feed": info.get("feed"), "input": kind, "count": count, "failed": fails,
         "signature": sig, "version": __version__,
     }
-    write_bytes_atomic(store / EMBEDDINGS_NPY, buf.getvalue())
-    write_text_atomic(store / EMBEDDINGS_CSV, csv_text(STORE_COLUMNS, rows))
-    write_text_atomic(store / EMBEDDINGS_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    Workspace(store).write_json(EMBEDDINGS_META, meta)  # written last: it marks the store whole
     return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "flip": cfg.flip,
-            "feed": info.get("feed"), "faces": len(items), "embedded": len(rows), "failed": len(fails),
+            "feed": info.get("feed"), "faces": faces, "embedded": count, "failed": len(fails),
             "failures": fails[:20]}
 
 
 def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
-    """(vectors float32 (N, D), rows [{aligned, source, identity, face}], meta) of the
-    embedding store in ``out_dir``; the one reader of a store (embed, clean,
-    eval-pairs). ``mmap``: map the vectors read-only instead of reading them (clean's
-    large stores). A missing store is an EmbedError, or None with ``missing_ok``; a
-    store whose .csv and .npy disagree is always an EmbedError."""
-    out = Path(out_dir)
-    npy, csvp, metap = out / EMBEDDINGS_NPY, out / EMBEDDINGS_CSV, out / EMBEDDINGS_META
-    if not (npy.exists() and csvp.exists()):
-        if missing_ok:
-            return None
-        raise EmbedError(f"no embedding store in {out} (run: facecurate embed {out})")
-    vecs = np.load(npy, mmap_mode="r" if mmap else None)
-    rows = read_csv(csvp)
-    meta = json.loads(metap.read_text()) if metap.exists() else {}
-    if len(rows) != len(vecs):
-        raise EmbedError(f"{out}: {EMBEDDINGS_CSV} has {len(rows)} rows but {EMBEDDINGS_NPY} {len(vecs)} vectors "
-                         f"(rerun: facecurate embed {out})")
-    return vecs, rows, meta
+    """(vectors float32 (N, D), rows [EmbeddingRow], meta) of the embedding store in
+    ``out_dir`` (read by :meth:`facecurate.workspace.Workspace.store`), for embed,
+    clean and eval-pairs. ``mmap``: map the vectors read-only instead of reading them
+    (clean's large stores). A missing store is an EmbedError, or None with
+    ``missing_ok``; a store whose .csv and .npy disagree is always an EmbedError."""
+    ws = Workspace(out_dir)
+    if missing_ok and not ws.has_store():
+        return None
+    try:
+        st = ws.store(mmap=mmap)
+    except (MissingFile, ManifestError) as e:
+        raise EmbedError(str(e)) from None
+    return st.vecs, st.rows, st.meta
 
 
-__all__ = ["run_embed", "load_store", "EmbedError", "EmbedConfig", "DlibEmbedder", "OnnxEmbedder",
-           "DlibOnnxEmbedder", "dlib_embedder", "resolve_runtime", "RUNTIMES",
-           "dlib_chip", "DLIB_CHIP_TEMPLATE_150", "DLIB_FEEDS", "items_from_align"]
+__all__ = ["run_embed", "load_store", "EmbedError", "EmbedConfig", "Item", "Loader", "items_from_align",
+           "items_from_folder", "items_from_rec", "cached_embedder"]

@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from facecurate.constants import STATUS_OK
+from facecurate.manifests import AlignRow
+from facecurate.models.zoo import resolve_runtime
 from facecurate.pairs import PairsError, image_stem, parse_pairs
 
 
@@ -188,41 +189,42 @@ CENTRE_TOLERANCE = 0.15
 PICKS = ("centre", "primary")
 
 
-def _by_source(manifest: Sequence[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
+def _by_source(manifest: Sequence[AlignRow]) -> dict[str, list[AlignRow]]:
+    out: dict[str, list[AlignRow]] = {}
     for r in manifest:
-        out.setdefault(r["source"], []).append(r)
+        out.setdefault(r.source, []).append(r)
     return out
 
 
-def _centre_distance(r: dict) -> float:
-    try:
-        w, h = float(r["img_w"]), float(r["img_h"])
-        cx = (float(r["x1"]) + float(r["x2"])) / 2
-        cy = (float(r["y1"]) + float(r["y2"])) / 2
-        return float(np.hypot(cx - w / 2, cy - h / 2) / max(w, h))
-    except (KeyError, ValueError, ZeroDivisionError):
+def _centre_distance(r: AlignRow) -> float:
+    """Distance of the face's box centre from the image centre, in image sizes (inf
+    when the row lacks the box or the image size)."""
+    box = r.box
+    if box is None or not r.img_w or not r.img_h:
         return float("inf")
+    w, h = float(r.img_w), float(r.img_h)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return float(np.hypot(cx - w / 2, cy - h / 2) / max(w, h))
 
 
-def _choose(rows: Sequence[dict], index: dict, pick: str) -> Optional[tuple[float, int]]:
+def _choose(rows: Sequence[AlignRow], index: dict, pick: str) -> Optional[tuple[float, int]]:
     """(centre distance, store row) of the face that stands for a pairs image: the
     embedded face nearest the image centre (``centre``; pairs images such as LFW's
     are centred on their subject) or align's primary face (``primary``)."""
-    cands = [r for r in rows if r["status"] == STATUS_OK and r["aligned"] in index]
+    cands = [r for r in rows if r.is_ok and r.aligned in index]
     if pick == "primary":
-        cands = [r for r in cands if r["primary"] == "1"]
+        cands = [r for r in cands if r.is_primary_ok]
     if not cands:
         return None
-    r = min(cands, key=lambda r: (_centre_distance(r), r["aligned"]))
-    return _centre_distance(r), index[r["aligned"]]
+    r = min(cands, key=lambda r: (_centre_distance(r), r.aligned))
+    return _centre_distance(r), index[r.aligned]
 
 
-def _reason(rows: Sequence[dict]) -> str:
+def _reason(rows: Sequence[AlignRow]) -> str:
     if not rows:
         return "not processed by align"
-    st = sorted({r["status"] for r in rows})
-    msg = "; ".join(sorted({r.get("message", "") for r in rows if r.get("message")}))
+    st = sorted({r.status for r in rows})
+    msg = "; ".join(sorted({r.message for r in rows if r.message}))
     return "/".join(st) + (f": {msg}" if msg else "")
 
 
@@ -300,13 +302,15 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
 def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, device, batch_size, workers, dlib_feed,
                 roc, show_progress, pick, retry_detector, runtime, fp16, engine, ray_address) -> dict:
     from facecurate.align import AlignConfig, read_manifest, run_align
-    from facecurate.embed import load_store, resolve_runtime, run_embed
+    from facecurate.embed import load_store, run_embed
 
     def store_of(align_out: Path) -> Path:
         # dlib's model on ONNX Runtime keeps its own store beside align's (never mixed)
         return align_out.parent / f"{align_out.name}-onnx" if on_onnx else align_out
 
-    eng = {"engine": engine, "ray_address": ray_address}
+    run_kw = dict(workers=workers, show_progress=show_progress, engine=engine, ray_address=ray_address)
+    embed_kw = dict(model=model, model_dir=model_dir, batch_size=batch_size, flip=flip, device=device,
+                    dlib_feed=dlib_feed, runtime=runtime, fp16=fp16, **run_kw)
 
     if pick not in PICKS:
         raise PairsError(f"pick must be one of {', '.join(PICKS)}")
@@ -321,14 +325,11 @@ def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, dev
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
     failures: dict[str, str] = link_images(root, images, raw)
 
-    align_summary = run_align(raw, out, AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None,
-                                                    device=device),
-                              workers=workers, show_progress=show_progress, **eng)
-    embed_summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
-                              flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed,
-                              runtime=runtime, fp16=fp16, store_dir=store_of(out), **eng)
+    align_cfg = AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None, device=device)
+    align_summary = run_align(raw, out, align_cfg, **run_kw)
+    embed_summary = run_embed(out, store_dir=store_of(out), **embed_kw)
     vecs, rows, meta = load_store(store_of(out))
-    stores = {"": (vecs, {r["aligned"]: i for i, r in enumerate(rows)})}
+    stores = {"": (vecs, {r.aligned: i for i, r in enumerate(rows)})}
     by_source = _by_source(read_manifest(out))
     chosen: dict[str, tuple[str, int]] = {}  # image -> (store, row)
     retry: list[str] = []
@@ -346,34 +347,10 @@ def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, dev
     recovered = 0
     retry_summary = None
     if retry:
-        # Recover what the detector missed near the centre with a second detector
-        # (dlib's CNN by default) on just those images.
-        rraw, rout = work / f"retry-{retry_detector}" / "raw", work / f"retry-{retry_detector}" / "out"
-        link_images(root, retry, rraw)
-        a2 = run_align(rraw, rout, AlignConfig(detector=retry_detector, fallback="none", device=device,
-                                              model_dir=model_dir if retry_detector == "scrfd" else None),
-                       workers=workers, show_progress=show_progress, **eng)
-        e2 = run_embed(rout, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
-                       flip=flip, device=device, show_progress=show_progress, dlib_feed=dlib_feed,
-                       runtime=runtime, fp16=fp16, store_dir=store_of(rout), **eng)
-        v2, rows2, _ = load_store(store_of(rout))
-        stores["retry"] = (v2, {r["aligned"]: i for i, r in enumerate(rows2)})
-        by2 = _by_source(read_manifest(rout))
-        retry_summary = {"detector": retry_detector, "images": len(retry),
-                         "crops": a2.get("crops"), "embedded_now": e2.get("embedded_now")}
-        for img in retry:
-            b2 = _choose(by2.get(img, []), stores["retry"][1], pick)
-            b1 = _choose(by_source.get(img, []), stores[""][1], pick)
-            if b2 is not None and b2[0] <= CENTRE_TOLERANCE:
-                chosen[img] = ("retry", b2[1])
-                recovered += 1
-            elif b1 is not None or b2 is not None:  # nothing central: the most central face found
-                use = min((b for b in ((b1, ""), (b2, "retry")) if b[0] is not None), key=lambda b: b[0][0])
-                chosen[img] = (use[1], use[0][1])
-            else:
-                failures[img] = _reason(by_source.get(img, []) + by2.get(img, []))
+        recovered, retry_summary = _retry(work, root, retry, by_source, stores, chosen, failures, pick=pick,
+                                          retry_detector=retry_detector, store_of=store_of, run_kw=run_kw,
+                                          embed_kw=embed_kw)
 
-    n = len(pairs)
     scores, valid = _pair_scores(pairs, chosen, failures, stores)
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
@@ -382,10 +359,58 @@ def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, dev
         roc_png(roc, scores, same, valid, title=f"{meta.get('model', model)} flip={flip} "
                 f"acc={res['accuracy'] * 100:.2f}%")
     return {
-        "pairs": n, "folds": len(set(folds.tolist())), "images": len(images),
+        "pairs": len(pairs), "folds": len(set(folds.tolist())), "images": len(images),
         "failed_images": len(failures),
         "failures": [{"image": k, "reason": v} for k, v in sorted(failures.items())],
         "failed_pairs": int((~valid).sum()),
+        **_metrics(res),
+        "model": meta.get("model"), "feed": meta.get("feed"), "flip": bool(meta.get("flip")),
+        "runtime": embed_summary.get("runtime"), "provider": embed_summary.get("provider"),
+        "detector": detector, "pick": pick, "retried": len(retry), "recovered": recovered,
+        "retry": retry_summary, "work": str(work), "roc": str(roc) if roc else None,
+        "align": {k: align_summary.get(k) for k in ("files", "crops", "status", "processed_now", "seconds")},
+        "embed": {k: embed_summary.get(k) for k in ("embedded", "embedded_now", "failed", "seconds",
+                                                    "faces_per_second", "feeds", "runtime", "provider")},
+    }
+
+
+def _retry(work: Path, root: Path, retry: list, by_source: dict, stores: dict, chosen: dict, failures: dict, *,
+           pick: str, retry_detector: str, store_of, run_kw: dict, embed_kw: dict) -> tuple[int, dict]:
+    """Recover what the detector missed near the centre with a second detector
+    (dlib's CNN by default) on just those images. Updates ``stores``, ``chosen`` and
+    ``failures``; returns (images recovered near the centre, the retry's summary)."""
+    from facecurate.align import AlignConfig, read_manifest, run_align
+    from facecurate.embed import load_store, run_embed
+
+    model_dir, device = embed_kw["model_dir"], embed_kw["device"]
+    rraw, rout = work / f"retry-{retry_detector}" / "raw", work / f"retry-{retry_detector}" / "out"
+    link_images(root, retry, rraw)
+    a2 = run_align(rraw, rout, AlignConfig(detector=retry_detector, fallback="none", device=device,
+                                          model_dir=model_dir if retry_detector == "scrfd" else None), **run_kw)
+    e2 = run_embed(rout, store_dir=store_of(rout), **embed_kw)
+    v2, rows2, _ = load_store(store_of(rout))
+    stores["retry"] = (v2, {r.aligned: i for i, r in enumerate(rows2)})
+    by2 = _by_source(read_manifest(rout))
+    retry_summary = {"detector": retry_detector, "images": len(retry),
+                     "crops": a2.get("crops"), "embedded_now": e2.get("embedded_now")}
+    recovered = 0
+    for img in retry:
+        b2 = _choose(by2.get(img, []), stores["retry"][1], pick)
+        b1 = _choose(by_source.get(img, []), stores[""][1], pick)
+        if b2 is not None and b2[0] <= CENTRE_TOLERANCE:
+            chosen[img] = ("retry", b2[1])
+            recovered += 1
+        elif b1 is not None or b2 is not None:  # nothing central: the most central face found
+            use = min((b for b in ((b1, ""), (b2, "retry")) if b[0] is not None), key=lambda b: b[0][0])
+            chosen[img] = (use[1], use[0][1])
+        else:
+            failures[img] = _reason(by_source.get(img, []) + by2.get(img, []))
+    return recovered, retry_summary
+
+
+def _metrics(res: dict) -> dict:
+    """The summary's rounded figures of :func:`ten_fold`'s result."""
+    return {
         "accuracy": round(res["accuracy"], 5), "std": round(res["std"], 5),
         "best_threshold": round(res["best_threshold"], 4),
         "fold_thresholds": [round(t, 4) for t in res["fold_thresholds"]],
@@ -394,13 +419,6 @@ def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, dev
         "threshold_at_far_1e-3": round(res["threshold_at_far_1e-3"], 4),
         "accuracy_valid_pairs_only": (round(res["accuracy_valid_pairs_only"], 5)
                                       if res["accuracy_valid_pairs_only"] is not None else None),
-        "model": meta.get("model"), "feed": meta.get("feed"), "flip": bool(meta.get("flip")),
-        "runtime": embed_summary.get("runtime"), "provider": embed_summary.get("provider"),
-        "detector": detector, "pick": pick, "retried": len(retry), "recovered": recovered,
-        "retry": retry_summary, "work": str(work), "roc": str(roc) if roc else None,
-        "align": {k: align_summary.get(k) for k in ("files", "crops", "status", "processed_now", "seconds")},
-        "embed": {k: embed_summary.get(k) for k in ("embedded", "embedded_now", "failed", "seconds",
-                                                    "faces_per_second", "feeds", "runtime", "provider")},
     }
 
 

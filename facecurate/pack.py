@@ -148,7 +148,7 @@ class _RecSink:
         self.idx = open(_tmp(dest, IDX_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
         self.lst = open(_tmp(dest, LST_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
         self.sums_f = open(_tmp(dest, SUMS_NAME), "w", encoding="ascii", newline="\n", buffering=1 << 20)
-        self.sums = SumsWriter(self.sums_f)
+        self.sums = SumsWriter(self.sums_f, _tmp(dest, REC_NAME))
         self.classes: list[tuple[str, int]] = []  # (identity, images) in label order
         self.stored_as_is = 0
         self._lab_text: dict[float, str] = {}  # label -> its .lst text

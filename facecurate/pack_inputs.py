@@ -6,7 +6,6 @@ pack_errors.csv, never exceptions; :mod:`facecurate.pack` writes what passes."""
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 from facecurate.constants import (
     ALIGN_MANIFEST,
-    ALIGN_META,
     ARCFACE_BASE_SIZE,
     CLEAN_CSV,
     DECISION_KEEP,
@@ -27,9 +25,9 @@ from facecurate.constants import (
     PACK_NOT_IMAGE,
     PACK_UNREADABLE,
     PACK_WRONG_SIZE,
-    STATUS_OK,
 )
-from facecurate.files import read_csv
+from facecurate.manifests import AlignRow, CleanRow
+from facecurate.workspace import Workspace
 from facecurate.imageio import JPEG_EOI, JPEG_SOI, jpeg_complete, jpeg_sof, jpeg_size
 
 class PackError(Exception):
@@ -161,16 +159,7 @@ def _load(identity: str, rel: str, path: str, size: int, resize: bool,
 def _target_size(out: Path, size: Optional[int]) -> int:
     if size:
         return int(size)
-    meta = out / ALIGN_META
-    if meta.exists():
-        try:
-            m = json.loads(meta.read_text())
-            s = (m.get("settings") or {}).get("size") or m.get("size")  # align.json keeps it in settings
-            if s:
-                return int(s)
-        except (ValueError, OSError, AttributeError):
-            pass
-    return ARCFACE_BASE_SIZE
+    return Workspace(out).crop_size() or ARCFACE_BASE_SIZE
 
 
 def _bad_name(s: str) -> bool:
@@ -183,27 +172,27 @@ def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
     source, listed by the worker that reads them)."""
     errors: list[InputError] = []
     notes: dict = {}
-    if (out / CLEAN_CSV).exists():
-        source, rows = CLEAN_CSV, _kept_rows(out, notes)
-    elif (out / ALIGN_MANIFEST).exists():
+    ws = Workspace(out)
+    if ws.has(CLEAN_CSV):
+        source, rows = CLEAN_CSV, _kept_rows(ws, notes)
+    elif ws.has(ALIGN_MANIFEST):
         source = ALIGN_MANIFEST
-        rows = [r for r in read_csv(out / ALIGN_MANIFEST)
-                if r.get("status") == STATUS_OK and str(r.get("primary", "")).strip() == "1"]
+        rows = [r for r in ws.align_rows() if r.is_primary_ok]
     else:
         return "folder", _folder_units(out, dest, errors, notes), errors, notes
     return source, _manifest_units(out, source, rows, errors), errors, notes
 
 
-def _kept_rows(out: Path, notes: dict) -> list[dict]:
+def _kept_rows(ws: Workspace, notes: dict) -> list[CleanRow]:
     """The ``keep`` rows of clean.csv; the decisions counted in ``notes``."""
-    rows = read_csv(out / CLEAN_CSV)
+    rows = ws.clean_rows()
     decisions: dict = {}
     for r in rows:
-        decisions[r.get("decision", "")] = decisions.get(r.get("decision", ""), 0) + 1
+        decisions[r.decision] = decisions.get(r.decision, 0) + 1
     notes["clean_decisions"] = dict(sorted(decisions.items()))
-    all_ids = {r.get("identity", "") for r in rows}
-    rows = [r for r in rows if r.get("decision") == DECISION_KEEP]
-    notes["identities_with_nothing_kept"] = len(all_ids - {r.get("identity", "") for r in rows})
+    all_ids = {r.identity for r in rows}
+    rows = [r for r in rows if r.decision == DECISION_KEEP]
+    notes["identities_with_nothing_kept"] = len(all_ids - {r.identity for r in rows})
     return rows
 
 
@@ -232,17 +221,17 @@ def _folder_units(out: Path, dest: Path, errors: list, notes: dict) -> list[tupl
     return [tuple(units[i:i + 16]) for i in range(0, len(units), 16)]
 
 
-def _manifest_units(out: Path, source: str, rows: list[dict], errors: list) -> list[list[_Cand]]:
+def _manifest_units(out: Path, source: str, rows: Sequence[AlignRow | CleanRow], errors: list) -> list[list[_Cand]]:
     """The crops a manifest lists, in one order whatever the rows' order (identity,
     then path), duplicates once; 256 per unit."""
     cands: list[_Cand] = []
     base = str(out)
     for r in rows:
-        ident, rel = r.get("identity", ""), (r.get("aligned") or "").strip()
+        ident, rel = r.identity, r.aligned.strip()
         if not ident or not rel:
             errors.append(InputError(ident, rel, PACK_BAD_ROW,
                                      f"{source} row without {'identity' if not ident else 'aligned path'}"
-                                     f" (source {r.get('source', '')!r})"))
+                                     f" (source {r.source!r})"))
         elif _bad_name(ident) or _bad_name(rel):
             errors.append(InputError(ident, rel, PACK_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
         else:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from facecurate.constants import ALIGN_MANIFEST, IMAGE_EXTENSIONS, STATUS_OK, UNRESOLVED_SUFFIX
+from facecurate.constants import ALIGN_MANIFEST, IMAGE_EXTENSIONS, UNRESOLVED_SUFFIX
 
 
 class PairsError(ValueError):
@@ -113,15 +113,13 @@ class _Resolver:
     align.csv maps each photo to its primary crop. Results are cached."""
 
     def __init__(self, root: Path):
-        from facecurate.files import read_csv
+        from facecurate.workspace import Workspace
 
         self.root = root
         self.crop_of: Optional[dict[str, str]] = None
-        if (root / ALIGN_MANIFEST).exists():
-            self.crop_of = {}
-            for r in read_csv(root / ALIGN_MANIFEST):
-                if r.get("status") == STATUS_OK and str(r.get("primary", "")).strip() == "1" and r.get("aligned"):
-                    self.crop_of[r["source"]] = r["aligned"]
+        ws = Workspace(root)
+        if ws.has(ALIGN_MANIFEST):
+            self.crop_of = {r.source: r.aligned for r in ws.align_rows() if r.is_primary_ok and r.aligned}
         self.cache: dict[tuple, tuple] = {}
 
     def __call__(self, name: str, i: int) -> tuple:

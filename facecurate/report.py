@@ -8,9 +8,7 @@ embedded as ``data:`` URIs. No timestamps: the same OUT gives the same bytes.
 
 from __future__ import annotations
 
-import csv
 import html
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Sequence
 
 from facecurate import constants as C
 from facecurate.files import format_float, write_text_atomic
+from facecurate.manifests import AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, Row
+from facecurate.workspace import ManifestError, Workspace
 from facecurate.review import image_data_uri
 
 COLORS = {C.DECISION_KEEP: "#2e7d32", C.DECISION_REVIEW: "#f9a825", C.DECISION_DROP: "#c62828"}
@@ -25,44 +25,30 @@ NEUTRAL = "#546e7a"
 
 
 # ----------------------------------------------------------------------------- reading
-def _read(path: Path) -> tuple[list[dict], str | None]:
-    """Rows of a CSV, or ([], note) when it is missing or unreadable."""
-    if not path.exists():
-        return [], f"{path.name} not found"
+def _read(ws: Workspace, name: str, row_type: type[Row]) -> tuple[list, str | None]:
+    """Typed rows of a CSV of OUT, or ([], note) when it is missing or unreadable."""
+    if not ws.has(name):
+        return [], f"{name} not found"
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f)), None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        return [], f"{path.name} unreadable: {e}"
+        return ws.read_table(name, row_type)[1], None
+    except (OSError, ManifestError) as e:
+        return [], f"{name} unreadable: {e}"
 
 
-def _json(path: Path) -> dict:
-    try:
-        v = json.loads(path.read_text(encoding="utf-8"))
-        return v if isinstance(v, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _float(v) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-    return x if math.isfinite(x) else float("nan")
+def _fin(v: float) -> float:
+    """``v``, NaN when it is not finite (a missing or unusable number)."""
+    return v if math.isfinite(v) else float("nan")
 
 
 def _int(v, default: int = 0) -> int:
-    try:
-        return int(float(v))
-    except (TypeError, ValueError):
-        return default
+    return default if v is None else v
 
 
 def embedding_info(out: Path) -> dict:
     """Count, dimension and model of the embedding store, as far as it can be told."""
     info: dict = {}
-    npy = out / C.EMBEDDINGS_NPY
+    ws = Workspace(out)
+    npy = ws.path(C.EMBEDDINGS_NPY)
     if npy.exists():
         try:
             import numpy as np
@@ -72,10 +58,10 @@ def embedding_info(out: Path) -> dict:
             info["dim"] = int(a.shape[1]) if a.ndim == 2 else 0
         except (OSError, ValueError) as e:
             info["note"] = f"{npy.name} unreadable: {e}"
-    elif (out / C.EMBEDDINGS_CSV).exists():
-        rows, _ = _read(out / C.EMBEDDINGS_CSV)
+    elif ws.has(C.EMBEDDINGS_CSV):
+        rows, _ = _read(ws, C.EMBEDDINGS_CSV, EmbeddingRow)
         info["count"] = len(rows)
-    meta = _json(out / C.EMBEDDINGS_META)
+    meta = ws.store_meta()
     for k in ("model", "name", "model_name"):
         v = meta.get(k)
         if isinstance(v, dict):
@@ -91,38 +77,39 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"{out} is not a directory")
-    align, align_note = _read(out / C.ALIGN_MANIFEST)
-    clean, clean_note = _read(out / C.CLEAN_CSV)
-    idents, _ = _read(out / C.IDENTITIES_CSV)
-    merges, _ = _read(out / C.MERGES_CSV)
+    ws = Workspace(out)
+    align, align_note = _read(ws, C.ALIGN_MANIFEST, AlignRow)
+    clean, clean_note = _read(ws, C.CLEAN_CSV, CleanRow)
+    idents, _ = _read(ws, C.IDENTITIES_CSV, IdentityRow)
+    merges, _ = _read(ws, C.MERGES_CSV, MergeRow)
     if align_note and clean_note:
         raise FileNotFoundError(f"{out}: neither {C.ALIGN_MANIFEST} nor {C.CLEAN_CSV} found: nothing to report")
     d: dict = dict(out=str(out), notes=[n for n in (align_note, clean_note) if n])
     # align
-    status = Counter(r.get("status", "") or "?" for r in align)
+    status = Counter(r.status or "?" for r in align)
     d["align"] = dict(
-        files=len({r.get("source", "") for r in align}), rows=len(align),
-        identities=len({r.get("identity") for r in align if r.get("identity")}),
-        without_identity=len({r.get("source", "") for r in align if not r.get("identity")}),
-        crops=sum(1 for r in align if r.get("aligned")),
+        files=len({r.source for r in align}), rows=len(align),
+        identities=len({r.identity for r in align if r.identity}),
+        without_identity=len({r.source for r in align if not r.identity}),
+        crops=sum(1 for r in align if r.aligned),
         status=dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
-        meta=_json(out / C.ALIGN_META),
+        meta=ws.align_meta(),
     ) if align else None
     d["embed"] = embedding_info(out)
     # clean
     if clean:
-        dec = Counter(r.get("decision", "") for r in clean)
-        reasons = Counter((r.get("decision", ""), r.get("reason", "")) for r in clean)
+        dec = Counter(r.decision for r in clean)
+        reasons = Counter((r.decision, r.reason) for r in clean)
         scores: dict[str, list[float]] = defaultdict(list)
         for r in clean:
-            s = _float(r.get("score"))
+            s = _fin(r.score)
             if s == s:
-                scores[r.get("decision", "")].append(s)
-        manual = [r for r in clean if r.get("reason") == C.REASON_MANUAL]
-        cj = _json(out / C.CLEAN_META)
+                scores[r.decision].append(s)
+        manual = [r for r in clean if r.reason == C.REASON_MANUAL]
+        cj = ws.clean_meta()
         thr = (cj.get("summary") or {}).get("thresholds") or {}
         d["clean"] = dict(
-            faces=len(clean), identities=len({r.get("identity") for r in clean if r.get("identity")}),
+            faces=len(clean), identities=len({r.identity for r in clean if r.identity}),
             decisions={k: dec.get(k, 0) for k in (C.DECISION_KEEP, C.DECISION_REVIEW, C.DECISION_DROP)},
             other_decisions={k: v for k, v in sorted(dec.items())
                              if k not in (C.DECISION_KEEP, C.DECISION_REVIEW, C.DECISION_DROP)},
@@ -131,44 +118,43 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
             thresholds={k: thr[k] for k in ("keep", "drop") if isinstance(thr.get(k), (int, float))},
             model=(cj.get("summary") or {}).get("model"),
             manual=len(manual),
-            manual_changed=sum(1 for r in manual if r.get("previous_decision") and
-                               r.get("previous_decision") != r.get("decision")),
-            identities_with_kept=len({r.get("identity") for r in clean if r.get("decision") == C.DECISION_KEEP}),
+            manual_changed=sum(1 for r in manual if r.previous_decision and r.previous_decision != r.decision),
+            identities_with_kept=len({r.identity for r in clean if r.decision == C.DECISION_KEEP}),
         )
     else:
         d["clean"] = None
     d["noisiest"] = noisiest(clean, idents, top)
     d["merges"] = sorted(merges, key=_merge_key)
-    d["flags"] = Counter(f for r in idents for f in (r.get("flags") or "").split(";") if f)
+    d["flags"] = Counter(f for r in idents for f in r.flag_list)
     return d
 
 
-def _merge_key(r: dict) -> tuple:
-    s = _float(r.get("similarity"))
-    return (-s if s == s else 9.0, r.get("a", ""), r.get("b", ""))
+def _merge_key(r: MergeRow) -> tuple:
+    s = _fin(r.similarity)
+    return (-s if s == s else 9.0, r.a, r.b)
 
 
-def noisiest(clean: Sequence[dict], idents: Sequence[dict], top: int) -> list[dict]:
+def noisiest(clean: Sequence[CleanRow], idents: Sequence[IdentityRow], top: int) -> list[dict]:
     """The ``top`` identities with the largest share of faces not kept (dropped or in
     review), with their faces; ties by identities.csv's ``noise`` estimate."""
-    faces: dict[str, list[dict]] = defaultdict(list)
+    faces: dict[str, list[CleanRow]] = defaultdict(list)
     for r in clean:
-        faces[r.get("identity", "")].append(r)
+        faces[r.identity].append(r)
     rows = []
-    info = {r.get("identity", ""): r for r in idents}
+    info = {r.identity: r for r in idents}
     for ident in sorted((set(faces) | set(info)) - {""}):  # "": files outside any identity folder
         fs = faces.get(ident, [])
-        c = Counter(r.get("decision", "") for r in fs)
-        i = info.get(ident, {})
+        c = Counter(r.decision for r in fs)
+        i = info.get(ident) or IdentityRow(identity=ident)
         n = len(fs)
-        noise = _float(i.get("noise"))
+        noise = _fin(i.noise)
         if noise != noise:
             noise = (n - c[C.DECISION_KEEP] - c[C.DECISION_REVIEW]) / n if n else 0.0
-        rows.append(dict(identity=ident, images=_int(i.get("images"), len({r.get("source") for r in fs})),
-                         faces=n or _int(i.get("faces")), kept=c[C.DECISION_KEEP] if fs else _int(i.get("kept")),
-                         review=c[C.DECISION_REVIEW] if fs else _int(i.get("review")),
-                         dropped=c[C.DECISION_DROP] if fs else _int(i.get("dropped")),
-                         noise=noise, flags=(i.get("flags") or "").replace(";", " "), faces_rows=fs))
+        rows.append(dict(identity=ident, images=_int(i.images, len({r.source for r in fs})),
+                         faces=n or _int(i.faces), kept=c[C.DECISION_KEEP] if fs else _int(i.kept),
+                         review=c[C.DECISION_REVIEW] if fs else _int(i.review),
+                         dropped=c[C.DECISION_DROP] if fs else _int(i.dropped),
+                         noise=noise, flags=i.flags.replace(";", " "), faces_rows=fs))
         r = rows[-1]
         r["not_kept"] = (r["faces"] - r["kept"]) / r["faces"] if r["faces"] else 0.0
     rows.sort(key=lambda r: (-r["not_kept"], -r["noise"], -r["dropped"], r["identity"]))
@@ -271,20 +257,20 @@ def svg_histograms(scores: dict[str, list[float]], thresholds: dict, bins: int =
 
 
 # ----------------------------------------------------------------------------- page
-def _thumbs(out: Path, faces: Sequence[dict], n_keep: int = 4, n_bad: int = 8) -> str:
+def _thumbs(out: Path, faces: Sequence[CleanRow], n_keep: int = 4, n_bad: int = 8) -> str:
     def key(r):
-        s = _float(r.get("score"))
+        s = _fin(r.score)
         return s if s == s else -9.0
-    kept = sorted((r for r in faces if r.get("decision") == C.DECISION_KEEP), key=key, reverse=True)[:n_keep]
-    bad = sorted((r for r in faces if r.get("decision") != C.DECISION_KEEP), key=key)[:n_bad]
+    kept = sorted((r for r in faces if r.decision == C.DECISION_KEEP), key=key, reverse=True)[:n_keep]
+    bad = sorted((r for r in faces if r.decision != C.DECISION_KEEP), key=key)[:n_bad]
     cells = []
     for r in [*kept, *bad]:
-        uri = image_data_uri(out / r["aligned"]) if r.get("aligned") else None
-        dcol = COLORS.get(r.get("decision", ""), NEUTRAL)
-        tip = f"{r.get('aligned', '')}: {r.get('decision', '')} {r.get('reason', '')} {r.get('score', '')}"
+        uri = image_data_uri(out / r.aligned) if r.aligned else None
+        dcol = COLORS.get(r.decision, NEUTRAL)
+        tip = f"{r.aligned}: {r.decision} {r.reason} {format_float(r.score)}"
         if uri:
             cells.append(f'<img src="{uri}" loading="lazy" width="48" height="48" style="border-color:{dcol}" '
-                         f'title="{_e(tip)}" alt="{_e(r.get("reason", ""))}">')
+                         f'title="{_e(tip)}" alt="{_e(r.reason)}">')
         else:
             cells.append(f'<span class="noimg" style="border-color:{dcol}" title="{_e(tip)}">?</span>')
     return "".join(cells)
@@ -373,7 +359,7 @@ def render_report(out: Path, d: dict) -> str:
         parts.append("<h2>Identity flags</h2>" + svg_hbars([(k, v, NEUTRAL) for k, v in sorted(
             d["flags"].items(), key=lambda kv: (-kv[1], kv[0]))]))
     if d["merges"]:
-        mr = [[_e(m.get("a", "")), _e(m.get("b", "")), _e(m.get("similarity", ""))] for m in d["merges"][:50]]
+        mr = [[_e(m.a), _e(m.b), _e(format_float(m.similarity))] for m in d["merges"][:50]]
         parts.append(f'<h2>Merge candidates <small>{len(d["merges"])} pair(s) of identities that look like one '
                      f'person (merges.csv){"; first 50" if len(d["merges"]) > 50 else ""}</small></h2>'
                      + _table(["a", "b", "similarity"], mr))

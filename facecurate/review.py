@@ -17,14 +17,15 @@ import functools
 import hashlib
 import html
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from facecurate import constants as C
-from facecurate.files import format_float, write_csv_atomic, write_text_atomic
+from facecurate.files import format_float, write_text_atomic
+from facecurate.manifests import CleanRow, ReviewRow
+from facecurate.workspace import Workspace
 
 #: reason written by ``apply_decisions``
 REASON_MANUAL = C.REASON_MANUAL
@@ -41,43 +42,31 @@ _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".web
 
 
 # ----------------------------------------------------------------------------- reading
-def load_clean(out_dir: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Columns and rows of OUT/clean.csv, with a clear error when it is missing or
-    lacks the columns review needs."""
-    path = Path(out_dir) / C.CLEAN_CSV
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `facecurate clean {out_dir}` first")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
-    need = ("aligned", "identity", "decision", "reason", "score")
-    missing = [c for c in need if c not in columns]
-    if missing:
-        raise ValueError(f"{path} lacks column(s) {', '.join(missing)}: not a facecurate clean.csv")
-    return columns, rows
+#: the columns of clean.csv review needs
+NEED_COLUMNS = ("aligned", "identity", "decision", "reason", "score")
 
 
-def _score(r: dict) -> float:
-    try:
-        v = float(r.get("score") or "nan")
-    except ValueError:
-        return float("nan")
-    return v
+def clean_rows(out_dir: str | Path) -> Callable[[], Iterator[CleanRow]]:
+    """A function that streams OUT/clean.csv's typed rows (each call reads the file
+    again from the start); the errors of :func:`load_clean`."""
+    return Workspace(out_dir).stream_clean(NEED_COLUMNS)
 
 
-def _score_key(r: dict) -> tuple:
-    s = _score(r)
-    return (0 if s == s else 1, -s if s == s else 0.0, r.get("aligned", ""))
+def load_clean(out_dir: str | Path) -> tuple[tuple[str, ...], list[CleanRow]]:
+    """Layout (columns) and rows of OUT/clean.csv, with a clear error when it is
+    missing, lacks the columns review needs or holds a malformed row."""
+    return Workspace(out_dir).clean_table(NEED_COLUMNS)
 
 
-def _cluster(r: dict) -> int:
+def _score_key(r: CleanRow) -> tuple:
+    s = r.score
+    return (0 if s == s else 1, -s if s == s else 0.0, r.aligned)
+
+
+def _cluster(r: CleanRow) -> int:
     """Chinese-whispers cluster for ordering: dominant (0) first, none (-1) last."""
-    try:
-        c = int(r.get("cluster") or -1)
-    except ValueError:
-        return 1 << 30
-    return c if c >= 0 else 1 << 30
+    c = r.cluster
+    return c if c is not None and c >= 0 else 1 << 30
 
 
 def image_data_uri(path: Path) -> str | None:
@@ -119,48 +108,60 @@ def _records(folder: str, _stamp: int):
 @dataclass
 class Section:
     identity: str
-    references: list[dict] = field(default_factory=list)  # most central kept faces
-    review: list[dict] = field(default_factory=list)
+    references: list[CleanRow] = field(default_factory=list)  # most central kept faces
+    review: list[CleanRow] = field(default_factory=list)
     kept: int = 0
     dropped: int = 0
 
 
-def build_sections(rows: Sequence[dict], references: int = DEFAULT_REFERENCES) -> list[Section]:
+def build_sections(rows: Sequence[CleanRow], references: int = DEFAULT_REFERENCES) -> list[Section]:
     """One section per identity that has review faces, in identity order; review
     faces by cluster (dominant first) then descending score, references the
     ``references`` highest-scoring kept faces."""
+    return stream_sections(lambda: iter(rows), references)[0]
+
+
+def stream_sections(rows: Callable[[], Iterable[CleanRow]], references: int = DEFAULT_REFERENCES
+                    ) -> tuple[list[Section], int]:
+    """:func:`build_sections` over rows read twice from ``rows()`` (e.g. streamed from
+    clean.csv), holding only what the sheet shows: the review faces, and for their
+    identities the counts and the ``references`` best kept faces. Returns (sections,
+    rows read)."""
     by_id: dict[str, Section] = {}
-    kept: dict[str, list[dict]] = defaultdict(list)
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in rows:
-        ident = r.get("identity", "")
-        d = r.get("decision", "")
-        if d == C.DECISION_REVIEW and r.get("aligned"):
+    n = 0
+    for r in rows():  # pass 1: the review faces (at most clean's review budget)
+        n += 1
+        if r.decision == C.DECISION_REVIEW and r.aligned:
+            ident = r.identity
             by_id.setdefault(ident, Section(ident)).review.append(r)
-        elif d == C.DECISION_KEEP:
-            kept[ident].append(r)
-            counts[ident][0] += 1
+    refs = max(0, references)
+    kept: dict[str, list[CleanRow]] = defaultdict(list)
+    for r in rows():  # pass 2: counts and references of those identities only
+        s = by_id.get(r.identity)
+        if s is None:
+            continue
+        d = r.decision
+        if d == C.DECISION_KEEP:
+            s.kept += 1
+            best = kept[s.identity]
+            best.append(r)
+            if len(best) > 2 * refs + 16:  # keep the best few (the key is a total order)
+                best.sort(key=_score_key)
+                del best[refs:]
         elif d == C.DECISION_DROP:
-            counts[ident][1] += 1
+            s.dropped += 1
     sections = []
     for ident in sorted(by_id):
         s = by_id[ident]
         s.review.sort(key=lambda r: (_cluster(r), *_score_key(r)))  # one person's faces side by side
-        s.references = sorted(kept.get(ident, []), key=_score_key)[:max(0, references)]
-        s.kept, s.dropped = counts[ident]
+        s.references = sorted(kept.get(ident, []), key=_score_key)[:refs]
         sections.append(s)
-    return sections
+    return sections, n
 
 
-def review_table(sections: Sequence[Section]) -> list[dict]:
+def review_table(sections: Sequence[Section]) -> list[ReviewRow]:
     """review.csv rows in page order, decision blank for a person to fill in."""
-    out = []
-    for s in sections:
-        for r in s.review:
-            out.append(dict(aligned=r["aligned"], identity=r.get("identity", ""), source=r.get("source", ""),
-                            face=r.get("face", ""), score=r.get("score", ""), reason=r.get("reason", ""),
-                            decision=""))
-    return out
+    return [ReviewRow.of(r) for s in sections for r in s.review]
 
 
 def paginate(sections: Sequence[Section], page_size: int) -> list[list[Section]]:
@@ -194,12 +195,12 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
     ``page_size`` review faces) and OUT/review.csv for the faces clean.csv marks
     ``review``. Returns a summary."""
     out_dir = Path(out_dir)
-    _, rows = load_clean(out_dir)
-    sections = build_sections(rows, references)
+    ws = Workspace(out_dir)
+    sections, n_rows = stream_sections(clean_rows(out_dir), references)
     table = review_table(sections)
     missing: list[str] = []
     pages = paginate(sections, page_size)
-    raw = raw_dir(out_dir)
+    raw = ws.raw_dir()
     names = [page_name(k, html_name) for k in range(1, len(pages) + 1)]
     sizes = []
     for k, secs in enumerate(pages, 1):
@@ -212,13 +213,13 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
     while (out_dir / page_name(k, html_name)).exists():
         (out_dir / page_name(k, html_name)).unlink()
         k += 1
-    write_csv_atomic(out_dir / csv_name, C.REVIEW_COLUMNS, table)
+    ws.write_review_table(table, csv_name)
     reasons: dict[str, int] = defaultdict(int)
     for r in table:
-        reasons[r["reason"]] += 1
+        reasons[r.reason] += 1
     return dict(
         review_faces=len(table), identities=len(sections),
-        faces=len(rows), reasons=dict(sorted(reasons.items())),
+        faces=n_rows, reasons=dict(sorted(reasons.items())),
         missing_crops=len(missing), missing_examples=missing[:5],
         html=str(out_dir / names[0]), pages=len(pages), csv=str(out_dir / csv_name),
         html_bytes=sum(sizes),
@@ -231,22 +232,16 @@ def _esc(s) -> str:
 
 def raw_dir(out_dir: Path) -> Path | None:
     """RAW as align recorded it in OUT/align.json, when it is still there."""
-    try:
-        raw = json.loads((Path(out_dir) / C.ALIGN_META).read_text(encoding="utf-8")).get("raw")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(raw, str) and os.path.isabs(raw) and os.path.isdir(raw):
-        return Path(raw)
-    return None
+    return Workspace(out_dir).raw_dir()
 
 
-def _card(out_dir: Path, r: dict, kind: str, missing: list[str], index: int | None = None,
+def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int | None = None,
           raw: Path | None = None) -> str:
-    aligned = r.get("aligned", "")
+    aligned = r.aligned
     uri = image_data_uri(out_dir / aligned) if aligned else None
-    score = _score(r)
+    score = r.score
     score_txt = format_float(score, 3) if score == score else "n/a"
-    title = f"{r.get('source', '')} face {r.get('face', '')}"
+    title = f"{r.source} face {'' if r.face is None else r.face}"
     if uri is None:
         missing.append(aligned)
         img = f'<div class="noimg" title="{_esc(aligned)}">missing crop</div>'
@@ -255,16 +250,16 @@ def _card(out_dir: Path, r: dict, kind: str, missing: list[str], index: int | No
     c = _cluster(r)
     clus = f' <span class="cl" title="cluster within the identity">c{c}</span>' if 0 < c < (1 << 30) else ""
     link = ""
-    if raw is not None and r.get("source"):
-        link = (f' <a class="src" href="{_esc((raw / r["source"]).as_uri())}" target="_blank" rel="noopener" '
+    if raw is not None and r.source:
+        link = (f' <a class="src" href="{_esc((raw / r.source).as_uri())}" target="_blank" rel="noopener" '
                 f'tabindex="-1" title="open the source photo">photo</a>')
     if kind == "ref":
         return (f'<figure class="ref" title="{_esc(title)}">{img}'
                 f'<figcaption>{score_txt}</figcaption></figure>')
     return (f'<figure class="card" tabindex="0" data-i="{index}" data-aligned="{_esc(aligned)}" '
-            f'data-identity="{_esc(r.get("identity", ""))}" title="{_esc(title)}">{img}'
+            f'data-identity="{_esc(r.identity)}" title="{_esc(title)}">{img}'
             f'<figcaption><span class="score">{score_txt}</span> '
-            f'<span class="reason">{_esc(r.get("reason", ""))}</span>{clus}{link}</figcaption>'
+            f'<span class="reason">{_esc(r.reason)}</span>{clus}{link}</figcaption>'
             f'<div class="btns"><button type="button" class="keep" data-d="keep">keep</button>'
             f'<button type="button" class="drop" data-d="drop">drop</button></div></figure>')
 
@@ -276,7 +271,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
     if missing is None:
         missing = []
     total = sum(len(s.review) for s in sections)
-    key = hashlib.sha256("\n".join(r["aligned"] for s in sections for r in s.review).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join(r.aligned for s in sections for r in s.review).encode()).hexdigest()[:16]
     parts = []
     idx = 0
     nav = []
@@ -531,10 +526,7 @@ def apply_decisions(out_dir: str | Path, decisions_csv: str | Path | Sequence[st
     The file is rewritten atomically, and only when something changed."""
     out_dir = Path(out_dir)
     columns, rows = load_clean(out_dir)
-    for c in ("previous_decision", "previous_reason"):
-        if c not in columns:
-            columns.append(c)
-    index = {r["aligned"]: i for i, r in enumerate(rows) if r.get("aligned")}
+    index = {r.aligned: i for i, r in enumerate(rows) if r.aligned}
     files = [decisions_csv] if isinstance(decisions_csv, (str, Path)) else list(decisions_csv)
     entries = []
     for f in files:
@@ -564,8 +556,8 @@ def apply_decisions(out_dir: str | Path, decisions_csv: str | Path | Sequence[st
             problems.append(Problem(line, a, f"not in {C.CLEAN_CSV} (a crop of another run?)", tag))
             continue
         ident = e.get("identity", "")
-        if ident and ident != rows[i].get("identity", ""):
-            problems.append(Problem(line, a, f"identity {ident!r} does not match {rows[i].get('identity')!r} "
+        if ident and ident != rows[i].identity:
+            problems.append(Problem(line, a, f"identity {ident!r} does not match {rows[i].identity!r} "
                                              f"in {C.CLEAN_CSV}", tag))
             continue
         if a in chosen and chosen[a][1] != d:
@@ -582,20 +574,16 @@ def apply_decisions(out_dir: str | Path, decisions_csv: str | Path | Sequence[st
         for a, (_, d) in chosen.items():
             r = rows[index[a]]
             by_decision[d] += 1
-            if r.get("reason") == REASON_MANUAL:
-                new = dict(r, decision=d)
-            else:
-                new = dict(r, decision=d, reason=REASON_MANUAL, previous_decision=r.get("decision", ""),
-                           previous_reason=r.get("reason", ""))
-            if new == r:
+            new = r.manual(d)
+            if new.to_csv(columns) == r.to_csv(columns):
                 unchanged += 1
             else:
                 changed += 1
                 rows[index[a]] = new
     path = out_dir / C.CLEAN_CSV
     if apply_now and changed and not dry_run:
-        write_csv_atomic(path, columns, rows)
-    left = sum(1 for r in rows if r.get("decision") == C.DECISION_REVIEW)
+        Workspace(out_dir).write_clean(rows, columns)
+    left = sum(1 for r in rows if r.decision == C.DECISION_REVIEW)
     return dict(
         decisions_read=len(entries), accepted=len(chosen) if apply_now else 0,
         changed=changed, unchanged=unchanged, undecided=undecided,

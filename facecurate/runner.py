@@ -32,11 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from facecurate.constants import BLAS_THREAD_VARS
+from facecurate.constants import BLAS_THREAD_VARS, MERGED_FILE, PLAN_FILE, SHARD_RECORD, SHARD_STEM
 from facecurate.files import write_text_atomic
 
-PLAN_FILE = "plan.json"
-MERGED_FILE = "merged.json"
 #: A shard that fails this many more times after its first try is given up on.
 MAX_SHARD_RETRIES = 2
 #: Fault-injection knob for tests: seconds a worker waits before each shard.
@@ -60,7 +58,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"shard_{self.index:06d}"
+        return SHARD_STEM.format(index=self.index)
 
 
 def _digest(keys: Sequence[str]) -> str:
@@ -92,7 +90,7 @@ def in_part(index: int, part: Optional[tuple[int, int]]) -> bool:
 
 
 def record_path(work: Path, index: int) -> Path:
-    return Path(work) / f"shard_{index:06d}.json"
+    return Path(work) / SHARD_RECORD.format(index=index)
 
 
 def finished(work: Path, shards: Sequence[Shard]) -> dict[int, dict]:

@@ -15,9 +15,15 @@ import pytest
 from click.testing import CliRunner
 
 from facecurate import clean as fc
+from facecurate import clean_cohort as co
+from facecurate import clean_core as core
+from facecurate import clean_identity as ci
+from facecurate import clean_params as cparams
+from facecurate import similar as sp
 from facecurate import constants as C
 from facecurate.cli import main
 from facecurate.files import read_csv, write_csv_atomic
+from facecurate.vectors import add_at_rows
 
 DIM = 128
 
@@ -41,7 +47,7 @@ def test_intruders_dropped_and_subject_kept():
     c = _centres(rng, 6)
     emb = np.concatenate([_person(rng, c[0], 12), _unit(rng.standard_normal((3, DIM)))])
     photo = np.arange(len(emb))
-    r = fc.clean_identity(emb, photo, np.zeros(len(emb)), fc.default_params("dlib"))
+    r = ci.clean_identity(emb, photo, np.zeros(len(emb)), cparams.default_params("dlib"))
     assert r.decision[:12] == ["keep"] * 12
     assert all(d == "drop" for d in r.decision[12:])
     assert not r.ambiguous
@@ -57,7 +63,7 @@ def test_one_subject_per_photo_and_duplicates():
     emb = np.concatenate([subj, bystander, dup])
     photo = np.array([0, 1, 2, 3, 4, 5, 5, 6])  # the bystander shares photo 5
     quality = np.array([1, 1, 1, 1, 1, 1, 1, 5.0])  # the copy is the better one
-    r = fc.clean_identity(emb, photo, quality, fc.default_params("dlib"))
+    r = ci.clean_identity(emb, photo, quality, cparams.default_params("dlib"))
     assert r.reason[6] == "not_subject" and r.decision[6] == "drop"
     assert r.decision[5] == "keep"
     # the better copy (index 7) is kept, the other is the duplicate
@@ -69,13 +75,13 @@ def test_ambiguous_folder_flagged_not_guessed():
     rng = np.random.default_rng(2)
     c = _centres(rng, 2)
     emb = np.concatenate([_person(rng, c[0], 6), _person(rng, c[1], 5)])
-    r = fc.clean_identity(emb, np.arange(11), np.zeros(11), fc.default_params("dlib"))
+    r = ci.clean_identity(emb, np.arange(11), np.zeros(11), cparams.default_params("dlib"))
     assert r.ambiguous
     assert all(d != "keep" for d in r.decision)
     assert set(r.reason) == {"ambiguous_identity"}
     # a clear majority is not ambiguous
     emb2 = np.concatenate([_person(rng, c[0], 10), _person(rng, c[1], 3)])
-    r2 = fc.clean_identity(emb2, np.arange(13), np.zeros(13), fc.default_params("dlib"))
+    r2 = ci.clean_identity(emb2, np.arange(13), np.zeros(13), cparams.default_params("dlib"))
     assert not r2.ambiguous
     assert r2.decision[:10] == ["keep"] * 10
     assert set(r2.reason[10:]) == {"minority_cluster"}
@@ -83,7 +89,7 @@ def test_ambiguous_folder_flagged_not_guessed():
 
 def test_review_band_and_budget():
     rng = np.random.default_rng(3)
-    p = fc.default_params("dlib", max_review=1.0)
+    p = cparams.default_params("dlib", max_review=1.0)
     c = _centres(rng, 1)[0]
     emb = _person(rng, c, 20)
     # a face whose similarity to the centre is between drop and keep
@@ -93,24 +99,24 @@ def test_review_band_and_budget():
     t = (p.keep + p.drop) / 2
     mid = _unit(t * c + np.sqrt(1 - t * t) * other)
     emb = np.concatenate([emb, mid[None]])
-    r = fc.clean_identity(emb, np.arange(21), np.zeros(21), p)
+    r = ci.clean_identity(emb, np.arange(21), np.zeros(21), p)
     assert r.decision[20] == "review" and p.drop <= r.score[20] < p.keep
     # with no review budget the same face is dropped; what is kept does not change
-    p0 = fc.default_params("dlib", max_review=0, keep=0.87, drop=0.81)
-    res = fc.clean_core(emb, np.zeros(21, int), np.arange(21), np.zeros(21), p0)
+    p0 = cparams.default_params("dlib", max_review=0, keep=0.87, drop=0.81)
+    res = core.clean_core(emb, np.zeros(21, int), np.arange(21), np.zeros(21), p0)
     assert "review" not in res.decision and res.review_resolved == 1
     assert res.decision[20] == "drop" and res.reason[20] == "far_from_centre"
     assert res.decision[:20] == r.decision[:20]
 
 
 def test_review_budget_keeps_the_faces_just_short_of_keep():
-    p = fc.default_params("dlib", keep=0.9, drop=0.8, max_review=0.5)
+    p = cparams.default_params("dlib", keep=0.9, drop=0.8, max_review=0.5)
     scores = np.array([0.95, 0.95, 0.89, 0.85, 0.81, 0.82, 0.7, 0.96])
     decisions = ["keep", "keep", "review", "review", "review", "review", "drop", "keep"]
     reasons = ["centre", "centre", "uncertain", "uncertain", "uncertain", "uncertain", "far_from_centre", "centre"]
-    resolved = fc.limit_review(decisions, reasons, scores, p, total=len(scores))  # budget: 4 faces
+    resolved = ci.limit_review(decisions, reasons, scores, p, total=len(scores))  # budget: 4 faces
     assert resolved == 0
-    resolved = fc.limit_review(decisions, reasons, scores, dataclasses.replace(p, max_review=0.25), len(scores))
+    resolved = ci.limit_review(decisions, reasons, scores, dataclasses.replace(p, max_review=0.25), len(scores))
     assert resolved == 2  # budget 2: the two highest band faces stay in review
     assert decisions == ["keep", "keep", "review", "review", "drop", "drop", "drop", "keep"]
     assert reasons[4:6] == ["far_from_centre", "far_from_centre"]
@@ -121,13 +127,13 @@ def test_merge_candidates_exact_and_ivf_agree():
     c = _centres(rng, 3000)
     c[100] = _unit(c[7] + 0.05 * rng.standard_normal(DIM) / np.sqrt(DIM))
     c[2000] = _unit(c[1500] + 0.05 * rng.standard_normal(DIM) / np.sqrt(DIM))
-    exact = fc.similar_pairs(c, 0.9)
-    ivf = fc.similar_pairs(c, 0.9, exact_below=0, use_faiss=False)
+    exact = sp.similar_pairs(c, 0.9)
+    ivf = sp.similar_pairs(c, 0.9, exact_below=0, use_faiss=False)
     assert [(a, b) for a, b, _ in exact] == [(7, 100), (1500, 2000)] or \
         sorted((a, b) for a, b, _ in exact) == [(7, 100), (1500, 2000)]
     assert sorted((a, b) for a, b, _ in ivf) == sorted((a, b) for a, b, _ in exact)
-    if fc._have_faiss():  # the faiss inverted file finds the same pairs
-        ff = fc.similar_pairs(c, 0.9, exact_below=0, use_faiss=True)
+    if sp._have_faiss():  # the faiss inverted file finds the same pairs
+        ff = sp.similar_pairs(c, 0.9, exact_below=0, use_faiss=True)
         assert sorted((a, b) for a, b, _ in ff) == sorted((a, b) for a, b, _ in exact)
 
 
@@ -136,9 +142,9 @@ def test_calibrate_is_monotone_in_far():
     c = _centres(rng, 40)
     emb = np.concatenate([_person(rng, c[k], 8, spread=0.5) for k in range(40)])
     ident = np.repeat(np.arange(40), 8)
-    p = fc.default_params("dlib")
-    loose = fc.calibrate(emb, ident, np.arange(len(emb)), p, far=1e-2)
-    strict = fc.calibrate(emb, ident, np.arange(len(emb)), p, far=1e-4)
+    p = cparams.default_params("dlib")
+    loose = co.calibrate(emb, ident, np.arange(len(emb)), p, far=1e-2)
+    strict = co.calibrate(emb, ident, np.arange(len(emb)), p, far=1e-4)
     assert strict.drop > loose.drop and strict.keep > loose.keep
     assert loose.keep > loose.drop
     # random 128-D directions: impostor cosines are near 0, so calibrated thresholds are far below dlib's
@@ -189,7 +195,7 @@ def test_run_clean_outputs_merges_exclude_and_determinism(tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "clean.json").read_text())
     assert meta["params"]["calibrated"]["far"] == 0.01 and json.loads(r.output)["calibrated"] is True
-    assert meta["params"]["drop"] != fc.default_params("dlib").drop
+    assert meta["params"]["drop"] != cparams.default_params("dlib").drop
     # --exclude a folder of identity names (an evaluation set laid out by identity)
     ev = tmp_path / "evalset"
     (ev / "bob").mkdir(parents=True)
@@ -239,7 +245,7 @@ def test_exclude_verification_bin_by_embedding(tmp_path):
     vecs = np.load(out / C.EMBEDDINGS_NPY)
     # encode two images; embed_images runs the real dlib model on them, so instead of
     # synthetic pictures we check the matching step on vectors directly
-    res = fc.clean_core(vecs, np.repeat(np.arange(4), 6), np.arange(24), np.zeros(24), fc.default_params("dlib"),
+    res = core.clean_core(vecs, np.repeat(np.arange(4), 6), np.arange(24), np.zeros(24), cparams.default_params("dlib"),
                         exclude_vecs=vecs[6:8])
     assert {res.reason[i] for i in range(6, 12)} == {"excluded"}
     assert "excluded" not in {res.reason[i] for i in range(6)}
@@ -256,7 +262,7 @@ def test_show_defaults_needs_no_out():
     r = CliRunner().invoke(main, ["clean", "--show-defaults"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["dlib"]["keep"] == fc.MODEL_DEFAULTS["dlib"]["keep"] and d["arcface"]["drop"] == 0.30
+    assert d["dlib"]["keep"] == cparams.MODEL_DEFAULTS["dlib"]["keep"] and d["arcface"]["drop"] == 0.30
     assert d["dlib"]["drop"] < d["dlib"]["keep"] and "max_review" in d["dlib"]
 
 
@@ -352,12 +358,12 @@ def test_cohort_excludes_own_identity_and_samples_deterministically():
     ids = np.arange(300)
     own = rng.integers(0, 300, 200)
     q = _unit(cen[own] + 0.2 / np.sqrt(DIM) * rng.standard_normal((200, DIM)))
-    full = fc.topk_other_mean(q, own, cen, ids, 5)
+    full = co.topk_other_mean(q, own, cen, ids, 5)
     assert np.all(full < 0.6)  # the own centre (cosine ~0.98) is never counted
     brute = np.array([np.sort(np.delete(cen, o, 0) @ v)[-5:].mean() for v, o in zip(q, own)])
     assert np.allclose(full, brute, atol=1e-5)
-    a = fc.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
-    b = fc.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
+    a = co.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
+    b = co.topk_other_mean(q, own, cen, ids, 5, cohort_max=100)
     assert np.array_equal(a, b) and np.all(a <= full + 1e-6)
 
 
@@ -370,15 +376,15 @@ def test_centre_crowding_counts_only_other_people_and_samples_deterministically(
     # identity 1 gets a look-alike: identity 2's faces sit near its centre
     emb[identity == 2] = _unit(cen[1] + 0.3 / np.sqrt(DIM) * rng.standard_normal((6, DIM)))
     ids = np.arange(k)
-    full = fc.centre_crowding(cen, ids, emb, identity, 3)
+    full = co.centre_crowding(cen, ids, emb, identity, 3)
     brute = np.array([np.sort(emb[identity != g] @ cen[g])[-3:].mean() for g in ids])
     assert np.allclose(full, brute, atol=1e-5)
     assert full[1] > 0.9 and np.median(full) < 0.5  # own faces never count; the look-alike does
     # merge partners are not each other's crowd
-    part = fc.centre_crowding(cen, ids, emb, identity, 3, partners={1: [2], 2: [1]})
+    part = co.centre_crowding(cen, ids, emb, identity, 3, partners={1: [2], 2: [1]})
     assert part[1] < 0.6 and np.allclose(np.delete(part, [1, 2]), np.delete(full, [1, 2]))
-    a = fc.centre_crowding(cen, ids, emb, identity, 3, sample=100)
-    assert np.array_equal(a, fc.centre_crowding(cen, ids, emb, identity, 3, sample=100))
+    a = co.centre_crowding(cen, ids, emb, identity, 3, sample=100)
+    assert np.array_equal(a, co.centre_crowding(cen, ids, emb, identity, 3, sample=100))
     assert np.all(a <= full + 1e-6)
 
 
@@ -390,7 +396,7 @@ def test_same_person_under_two_names_is_kept_and_listed():
     c[11] = c[0]
     emb = np.concatenate([_person(rng, c[k], 6) for k in range(12)])
     ident = np.repeat(np.arange(12), 6)
-    res = fc.clean_core(emb, ident, np.arange(len(emb)), np.zeros(len(emb)), fc.default_params("dlib"))
+    res = core.clean_core(emb, ident, np.arange(len(emb)), np.zeros(len(emb)), cparams.default_params("dlib"))
     twins = np.isin(ident, [0, 11])
     assert all(res.decision[i] == "keep" for i in np.nonzero(twins)[0])
     assert "drop" not in res.decision
@@ -404,7 +410,7 @@ def test_crop_pixels_tell_a_copy_from_another_shot(real_run):
     rows = [r for r in read_csv(out / C.CLEAN_CSV) if r["identity"] == "id00" and r["reason"] != "not_subject"]
     at = {r["source"]: i for i, r in enumerate(rows)}
     sim = fc.CropSimilarity([out / r["aligned"] for r in rows])
-    assert sim(at["id00/img5.jpg"], at["id00/img5_rehosted.jpg"]) >= fc.default_params("dlib").dup_pixel
+    assert sim(at["id00/img5.jpg"], at["id00/img5_rehosted.jpg"]) >= cparams.default_params("dlib").dup_pixel
     others = [at[s] for s in ("id00/img1.jpg", "id00/img2.jpg", "id00/img4.jpg", "id00/img6.jpg")]
     assert max(sim(at["id00/img5.jpg"], o) for o in others) < 0.9
     assert sim(0, 0) == pytest.approx(1.0, abs=1e-4)
@@ -421,13 +427,13 @@ def test_near_duplicates_in_the_uncertain_zone_need_the_pixels():
     for t, expect_dup in ((0.987, None), (0.997, True)):
         twin = _unit(t * emb[0] + np.sqrt(1 - t * t) * g)[None]
         e = np.concatenate([emb, twin])
-        p = fc.default_params("dlib")
+        p = cparams.default_params("dlib")
         for pixels, want in ((0.5, False), (0.99, True)):
-            r = fc.clean_identity(e, np.arange(9), np.zeros(9), p, pixel_sim=lambda a, b, v=pixels: v)
+            r = ci.clean_identity(e, np.arange(9), np.zeros(9), p, pixel_sim=lambda a, b, v=pixels: v)
             dup = "duplicate" in (r.reason[0], r.reason[8])
             assert dup == (want if expect_dup is None else True), (t, pixels)
         # embeddings alone: 0.987 is below dup (0.99), 0.997 above
-        r = fc.clean_identity(e, np.arange(9), np.zeros(9), p)
+        r = ci.clean_identity(e, np.arange(9), np.zeros(9), p)
         assert ("duplicate" in (r.reason[0], r.reason[8])) == (t >= p.dup)
 
 
@@ -443,7 +449,7 @@ def test_chinese_whispers_on_cliques_equals_dlib(sizes):
     n = len(emb)
     ii, jj = np.nonzero(np.triu(lab[:, None] == lab[None, :], 1))
     raw = dlib.chinese_whispers([(i, i) for i in range(n)] + list(zip(ii.tolist(), jj.tolist())))
-    assert np.array_equal(fc.chinese_whispers(emb, 0.5), fc._renumber(np.asarray(raw, np.int64)))
+    assert np.array_equal(ci.chinese_whispers(emb, 0.5), ci._renumber(np.asarray(raw, np.int64)))
 
 
 def test_chinese_whispers_on_a_chain_still_uses_dlib():
@@ -457,7 +463,7 @@ def test_chinese_whispers_on_a_chain_still_uses_dlib():
     ii, jj = np.nonzero(np.triu(sim >= 0.99, 1))
     assert len(ii) == 11
     raw = dlib.chinese_whispers([(i, i) for i in range(12)] + list(zip(ii.tolist(), jj.tolist())))
-    assert np.array_equal(fc.chinese_whispers(emb, 0.99), fc._renumber(np.asarray(raw, np.int64)))
+    assert np.array_equal(ci.chinese_whispers(emb, 0.99), ci._renumber(np.asarray(raw, np.int64)))
 
 
 def test_clean_core_workers_do_not_change_the_result():
@@ -475,9 +481,9 @@ def test_clean_core_workers_do_not_change_the_result():
     photo[5] = photo[4]  # a group photo
     ident = np.array(ident)
     q = rng.random(len(emb))
-    p = fc.default_params("dlib")
-    one = fc.clean_core(emb, ident, photo, q, p, workers=1)
-    two = fc.clean_core(emb, ident, photo, q, p, workers=2, shard_faces=20)
+    p = cparams.default_params("dlib")
+    one = core.clean_core(emb, ident, photo, q, p, workers=1)
+    two = core.clean_core(emb, ident, photo, q, p, workers=2, shard_faces=20)
     for f in ("decision", "reason", "score", "cluster", "dup_of", "identities", "centres", "merges",
               "review_resolved"):
         a, b = getattr(one, f), getattr(two, f)
@@ -517,7 +523,7 @@ def test_topk_by_group_bound_has_the_bits_of_the_full_partition():
         if trial % 7 == 0:
             s[rng.random(s.shape) < 0.001] = np.nan
         ref = -np.partition(-s, kk - 1, axis=1)[:, :kk]
-        got = fc._topk_desc(s.copy(), kk)
+        got = co._topk_desc(s.copy(), kk)
         assert np.array_equal(ref.view(np.int32), got.view(np.int32)), trial
 
 
@@ -531,7 +537,7 @@ def test_rank_wise_row_sums_have_the_bits_of_add_at():
             ref = np.zeros((k, 8), dtype)
             np.add.at(ref, idx, x.astype(dtype))
             got = np.zeros((k, 8), dtype)
-            fc._add_at_rows(got, idx, x)
+            add_at_rows(got, idx, x)
             assert np.array_equal(ref.view(np.uint8), got.view(np.uint8))
 
 
@@ -541,9 +547,9 @@ def test_ivf_merge_search_on_a_pool_equals_one_process():
     rng = np.random.default_rng(5)
     v = _centres(rng, 3000)
     v[1500:1600] = _unit(v[:100] + 0.05 / np.sqrt(DIM) * rng.standard_normal((100, DIM)))
-    one = fc.similar_pairs(v, 0.9, exact_below=0, use_faiss=False)
+    one = sp.similar_pairs(v, 0.9, exact_below=0, use_faiss=False)
     with LocalPool(2) as pool:
-        two = fc.similar_pairs(v, 0.9, exact_below=0, use_faiss=False, pool=pool)
+        two = sp.similar_pairs(v, 0.9, exact_below=0, use_faiss=False, pool=pool)
     assert len(one) >= 100 and one == two
 
 
@@ -554,11 +560,11 @@ def test_duplicates_of_a_large_identity_equal_the_full_product():
     e = _person(rng, _centres(rng, 1)[0], 5000, spread=0.3)
     cp = rng.choice(5000, 300, replace=False)
     e[cp[:150]] = _unit(e[cp[150:]] + 0.02 / np.sqrt(DIM) * rng.standard_normal((150, DIM)))
-    p = fc.default_params("dlib")
+    p = cparams.default_params("dlib")
     alive = rng.random(5000) < 0.9
     q, s = rng.random(5000), rng.random(5000).astype(np.float32)
     dec, rea, dup = np.zeros(5000, np.uint8), np.zeros(5000, np.uint8), np.full(5000, -1, np.int64)
-    fc._mark_duplicates(e, alive, q, s, p, dec, rea, dup)
+    ci._mark_duplicates(e, alive, q, s, p, dec, rea, dup)
     ids = np.nonzero(alive)[0]
     sims = e[ids] @ e[ids].T  # the full product, as the search computed it before
     ii, jj = np.nonzero(np.triu(sims >= p.dup, 1))

@@ -17,11 +17,12 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from facecurate.cli import main  # noqa: E402
-from facecurate.embed import DlibEmbedder, EmbedError, Loader, items_from_align, load_store, run_embed  # noqa: E402
+from facecurate.embed import EmbedError, Loader, items_from_align, load_store, run_embed  # noqa: E402
 from facecurate.files import sha256_file  # noqa: E402
 from facecurate.models import dlib_onnx  # noqa: E402
 from facecurate.models.dlib_models import dlib_descriptors  # noqa: E402
 from facecurate.models.dlib_onnx import DlibOnnxError, dlib_resnet_onnx, synthetic_chip  # noqa: E402
+from facecurate.models.dlib_resnet import DlibEmbedder  # noqa: E402
 from facecurate.models.dlib_serial import DlibFormatError, read_dlib_net  # noqa: E402
 from facecurate.models.onnx_models import ArcFaceONNX, OnnxModelError, load_model  # noqa: E402
 

@@ -16,17 +16,9 @@ from click.testing import CliRunner
 
 from facecurate.align import AlignConfig, run_align
 from facecurate.cli import main
-from facecurate.embed import (
-    DLIB_CHIP_TEMPLATE_150,
-    DlibEmbedder,
-    EmbedError,
-    Loader,
-    dlib_chip,
-    items_from_align,
-    load_store,
-    run_embed,
-)
+from facecurate.embed import EmbedError, Loader, items_from_align, load_store, run_embed
 from facecurate.files import read_csv, sha256_file
+from facecurate.models.dlib_resnet import DLIB_CHIP_TEMPLATE_150, DlibEmbedder, dlib_chip
 
 IDS_PER_RUN = 5
 PHOTOS_PER_ID = 4
@@ -65,8 +57,8 @@ def test_store_layout_order_and_metadata(aligned, store):
     vecs, rows, meta = load_store(store)
     ok = _ok_rows(aligned)
     assert len(ok) >= IDS_PER_RUN * PHOTOS_PER_ID - 2
-    assert [r["aligned"] for r in rows] == [r["aligned"] for r in ok]
-    assert [(r["source"], r["identity"], r["face"]) for r in rows] == [(r["source"], r["identity"], r["face"]) for r in ok]
+    assert [r.aligned for r in rows] == [r["aligned"] for r in ok]
+    assert [(r.source, r.identity, r.face) for r in rows] == [(r["source"], r["identity"], r["face"]) for r in ok]
     assert vecs.dtype == np.float32 and vecs.shape == (len(ok), 128)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     assert meta["model"] == "dlib_face_recognition_resnet_model_v1"
@@ -78,7 +70,7 @@ def test_store_layout_order_and_metadata(aligned, store):
 
 def test_same_person_scores_higher_than_different_people(store):
     vecs, rows, _ = load_store(store)
-    ids = np.array([r["identity"] for r in rows])
+    ids = np.array([r.identity for r in rows])
     sim = vecs @ vecs.T
     iu = np.triu_indices(len(rows), 1)
     same = (ids[:, None] == ids[None, :])[iu]
@@ -201,8 +193,8 @@ def test_onnx_path_normalised_in_order_and_batch_equals_single(aligned, recogniz
                    store_dir=tmp_path / "b5")
     assert s1["provider"] == "CPUExecutionProvider" and s1["dim"] == 64
     vecs, rows, meta = load_store(tmp_path / "b5")
-    crops = [cv2.imread(str(aligned / r["aligned"])) for r in rows]
-    assert [r["aligned"] for r in rows] == [r["aligned"] for r in _ok_rows(aligned)]
+    crops = [cv2.imread(str(aligned / r.aligned)) for r in rows]
+    assert [r.aligned for r in rows] == [r["aligned"] for r in _ok_rows(aligned)]
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(vecs, reference(crops), atol=2e-5)
     assert meta["model"] == "w600k_tiny" and meta["sha256"] == sha256_file(recognizer)
@@ -255,10 +247,10 @@ def test_plain_folder_of_crops_with_a_broken_file(aligned, store, recognizer, tm
     assert s["feeds"] == {"crop": 6}
     vecs, rows, meta = load_store(tmp_path / "s")
     assert meta["input"] == "folder"
-    assert [r["identity"] for r in rows] == [r["identity"] for r in ok]
+    assert [r.identity for r in rows] == [r["identity"] for r in ok]
     # chips warped from the 112 crops are close to the ones from the source photos
     ref, ref_rows, _ = load_store(store)
-    idx = {r["aligned"]: i for i, r in enumerate(ref_rows)}
+    idx = {r.aligned: i for i, r in enumerate(ref_rows)}
     cos = [float(vecs[i] @ ref[idx[r["aligned"]]]) for i, r in enumerate(ok)]
     assert min(cos) > 0.9, cos
 
@@ -274,8 +266,8 @@ def test_rec_input(aligned, recognizer, tmp_path):
     s = run_embed(rec, model=str(recognizer), flip=False, show_progress=False)
     assert s["input"] == "rec" and s["embedded"] == 5
     vecs, rows, _ = load_store(tmp_path)
-    assert [r["aligned"] for r in rows] == [f"rec:{k}" for k in range(5)]
-    assert [r["identity"] for r in rows] == ["0", "1", "0", "1", "0"]
+    assert [r.aligned for r in rows] == [f"rec:{k}" for k in range(5)]
+    assert [r.identity for r in rows] == ["0", "1", "0", "1", "0"]
     crops = [cv2.imread(str(aligned / r["aligned"])) for r in ok]
     np.testing.assert_allclose(vecs, reference(crops), atol=2e-5)
 

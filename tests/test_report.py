@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from facecurate import constants as C
 from facecurate.cli.review import report as report_cli
+from facecurate.manifests import CleanRow
 from facecurate.files import read_csv, write_csv_atomic
 from facecurate.report import histogram, noisiest, svg_histograms, write_report
 from facecurate.review import apply_decisions
@@ -121,7 +122,7 @@ def test_noisiest_falls_back_to_clean_counts_and_histogram_svg_is_well_formed():
     clean = [dict(identity="a", decision="keep", score="0.9", aligned="", source="1"),
              dict(identity="a", decision="drop", score="0.1", aligned="", source="2"),
              dict(identity="b", decision="keep", score="0.8", aligned="", source="3")]
-    rows = noisiest(clean, [], 5)
+    rows = noisiest([CleanRow.from_csv(r) for r in clean], [], 5)
     assert [(r["identity"], r["noise"]) for r in rows] == [("a", 0.5), ("b", 0.0)]
     import xml.etree.ElementTree as ET
 

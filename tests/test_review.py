@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from facecurate import constants as C
 from facecurate.cli.review import review as review_cli
 from facecurate.files import format_float, read_csv, write_csv_atomic
+from facecurate.manifests import CleanRow
 from facecurate.review import apply_decisions, build_sections, write_review
 
 IDENTITIES = ("id00", "id01", "id02", "id03")
@@ -109,11 +110,11 @@ def test_sheet_holds_every_review_face_with_its_real_crop(run_dir, photos_dir):
         src = re.search(r'<a class="src" href="file://([^"]+)"', body).group(1)  # the source photo
         assert Path(urllib.parse.unquote(src)).resolve().samefile(photos_dir / row["source"])
     # references: the 3 highest-scoring kept faces of each identity
-    sections = build_sections(clean, references=3)
+    sections = build_sections([CleanRow.from_csv(r) for r in clean], references=3)
     for s in sections:
         kept = sorted((r for r in clean if r["identity"] == s.identity and r["decision"] == "keep"),
                       key=lambda r: -float(r["score"]))[:3]
-        assert [r["aligned"] for r in s.references] == [r["aligned"] for r in kept]
+        assert [r.aligned for r in s.references] == [r["aligned"] for r in kept]
     assert page.count('<figure class="ref"') == sum(len(s.references) for s in sections)
     # deterministic
     first = (run_dir / C.REVIEW_HTML).read_bytes(), (run_dir / C.REVIEW_CSV).read_bytes()
@@ -125,9 +126,9 @@ def test_review_faces_grouped_by_cluster_then_score():
     rows = [dict(identity="a", aligned=f"a/{i}.jpg", decision="review", score=str(sc), cluster=str(cl))
             for i, (sc, cl) in enumerate([(0.5, 1), (0.7, 0), (0.9, 1), (0.6, 0), (0.8, -1), (0.4, "")])]
     rows.append(dict(identity="a", aligned="a/k.jpg", decision="keep", score="0.95", cluster="0"))
-    (sec,) = build_sections(rows, references=2)
-    assert [r["aligned"] for r in sec.review] == ["a/1.jpg", "a/3.jpg", "a/2.jpg", "a/0.jpg", "a/4.jpg", "a/5.jpg"]
-    assert [r["aligned"] for r in sec.references] == ["a/k.jpg"] and sec.kept == 1
+    (sec,) = build_sections([CleanRow.from_csv(r) for r in rows], references=2)
+    assert [r.aligned for r in sec.review] == ["a/1.jpg", "a/3.jpg", "a/2.jpg", "a/0.jpg", "a/4.jpg", "a/5.jpg"]
+    assert [r.aligned for r in sec.references] == ["a/k.jpg"] and sec.kept == 1
 
 
 def test_missing_crop_becomes_a_placeholder_not_a_crash(run_dir):

@@ -39,6 +39,7 @@ class _Main(click.Group):
 
     def invoke(self, ctx: click.Context):
         from facecurate.procs import LockedError
+        from facecurate.workspace import ManifestError
 
         try:
             return super().invoke(ctx)
@@ -46,7 +47,7 @@ class _Main(click.Group):
             raise  # click handles a closed stdout itself
         except OSError as e:
             raise click.ClickException(os_error_message(e)) from None
-        except LockedError as e:
+        except (LockedError, ManifestError) as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise Interrupted(INTERRUPTED) from None

@@ -1,2 +1,3 @@
-"""Model zoo: one small class per model family (dlib HOG / MMOD detectors, dlib
-landmarks and descriptor, SCRFD and ArcFace ONNX graphs)."""
+"""Model zoo: one small module per model family (dlib HOG / MMOD detectors and
+landmarks, dlib's ResNet, SCRFD, ArcFace ONNX, ONNX Runtime sessions), the
+protocols the stages use (:mod:`.base`) and one door that builds them (:mod:`.zoo`)."""

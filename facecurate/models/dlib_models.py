@@ -23,9 +23,11 @@ from facecurate.constants import (
 )
 from facecurate.records import Detection
 
+from .base import ModelError
 
-class ModelNotFound(RuntimeError):
-    pass
+
+class ModelNotFound(ModelError):
+    """A weight file of ``face_recognition_models`` is missing."""
 
 
 def model_file(name: str) -> str:
@@ -52,13 +54,26 @@ def _rect(box) -> "dlib.rectangle":  # noqa: F821
     return dlib.rectangle(x1, y1, x2, y2)
 
 
+class _DlibDetector:
+    """What dlib's two detectors share: no ONNX provider, no landmarks (the 68-point
+    :class:`DlibLandmarks68` fills them in), upsampling settings."""
+
+    name = ""
+    provider = None
+    has_landmarks = False
+
+    def info(self) -> dict:
+        return {"name": self.name, "max_upsample": self.max_upsample, "min_side": self.min_side,
+                "provider": self.provider}
+
+
 def _first_upsample(image: np.ndarray, min_side: int) -> int:
     """Images smaller than ``min_side`` are searched at twice their size from the
     start: HOG's smallest face is about 80 px, MMOD's about 40 px."""
     return 1 if max(image.shape[:2]) < min_side else 0
 
 
-class DlibHOGDetector:
+class DlibHOGDetector(_DlibDetector):
     """dlib's HOG + linear SVM frontal face detector (on the grey image). Small images
     are upsampled once from the start; more upsampling (finds smaller faces, ~4x the
     cost each) happens only when nothing is found."""
@@ -87,7 +102,7 @@ class DlibHOGDetector:
         ]
 
 
-class DlibCNNDetector:
+class DlibCNNDetector(_DlibDetector):
     """dlib's MMOD CNN face detector (more robust to pose, slower on a CPU)."""
 
     name = "dlib-cnn"
@@ -115,6 +130,8 @@ class DlibCNNDetector:
 
 class DlibLandmarks68:
     """dlib's 68-point shape predictor; ``five`` turns 68 points into the ArcFace 5."""
+
+    name = "dlib-68"
 
     def __init__(self):
         import dlib

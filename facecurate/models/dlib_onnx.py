@@ -389,7 +389,7 @@ def inventory() -> dict:
 
 def _auto_runtime() -> str:
     try:
-        from facecurate.embed import resolve_runtime
+        from facecurate.models.zoo import resolve_runtime
 
         return resolve_runtime("auto")
     except Exception as e:  # noqa: BLE001 - informative only

@@ -1,0 +1,236 @@
+"""clean's dataset-wide statistics: the per-face score offsets (cohort, centre
+crowding, folder spread, sharpness) measured on the dataset itself, and the
+calibration of keep / drop from impostor scores (``--calibrate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+
+from facecurate.clean_identity import clean_identity
+from facecurate.clean_params import CleanParams
+from facecurate.engines.local import LocalPool, SharedArray
+from facecurate.similar import similar_pairs
+from facecurate.vectors import group_by_label
+
+
+def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, *,
+                  pool: LocalPool | None = None, shared: SharedArray | None = None) -> np.ndarray:
+    """Per-face corrections of the centre similarity, all measured on the dataset itself.
+    ``raw``: each face's similarity to its identity's centre (no offsets); ``inl``: the
+    subject faces at or above drop; ``cen`` (k, d): identity centres; ``keys``: the
+    identities that have faces; ``med`` (k,): median inlier similarity per identity.
+
+    * cohort: a face that resembles many other identities' centres (a generic face, a
+      look-alike) scores higher everywhere; subtract ``cohort`` x its mean similarity to
+      the 5 nearest other centres (relative to the median face);
+    * cohort_centre: the other side of the same test (as in symmetric score
+      normalisation): an identity whose centre has other people's faces close by (a
+      crowded region of face space, where look-alikes are likely) needs more evidence;
+      subtract ``cohort_centre`` x the centre's mean similarity to its 20 nearest faces
+      of other identities (relative to the median identity);
+    * spread: in a folder whose genuine faces are tight, the same similarity is weaker
+      evidence; subtract ``spread`` x (folder's median inlier similarity - the median
+      folder's);
+    * quality: blurred / low-resolution crops (sharpness below ``low_sharpness``) sit
+      lower for everyone; add the measured gap between sharp and blurred inliers'
+      median similarity (0..0.03).
+    ``pool``/``shared`` (``emb`` shared with the pool) spread the cohort searches over
+    the pool's workers, block by block as in one process.
+    """
+    n = len(emb)
+    karr = np.asarray(keys)
+    off = np.zeros(n, np.float64)
+    if (p.cohort or p.cohort_centre) and len(karr) > 5:
+        # identities that look like the same person (merge candidates) are not each other's cohort
+        partners = defaultdict(list)
+        for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
+            partners[int(karr[a])].append(int(karr[b]))
+            partners[int(karr[b])].append(int(karr[a]))
+        if p.cohort:
+            co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners, pool=pool, shared=shared)
+            ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
+            off += p.cohort * (co - ref)
+        if p.cohort_centre:
+            cc = centre_crowding(cen[karr], karr, emb, identity, 20, partners=partners, pool=pool)
+            per = np.zeros(len(cen), np.float64)
+            per[karr] = cc - float(np.median(cc))
+            off += p.cohort_centre * per[identity]
+    if p.spread and np.isfinite(med).any():
+        gm = float(np.nanmedian(med))
+        dev = np.where(np.isfinite(med), med - gm, 0.0)
+        off += p.spread * dev[identity]
+    if sharpness is not None:
+        sh = np.asarray(sharpness, np.float64)
+        low = np.isfinite(sh) & (sh > 0) & (sh < p.low_sharpness)
+        hi = np.isfinite(sh) & (sh >= p.low_sharpness)
+        if (inl & low).sum() >= 20 and (inl & hi).sum() >= 20:
+            delta = float(np.clip(np.median(raw[inl & hi]) - np.median(raw[inl & low]), 0.0, 0.03))
+            off -= delta * low
+    return off.astype(np.float32)
+
+
+def _chunks(n: int, block: int, pool: LocalPool | None) -> list:
+    """Row ranges of whole blocks, a few per worker."""
+    per = block * max(1, -(-n // (block * 4 * (pool.workers if pool else 1))))
+    return [(a, min(n, a + per)) for a in range(0, n, per)] if pool and pool.workers > 1 else [(0, n)]
+
+
+def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np.ndarray, k: int,
+                    block: int = 4096, cohort_max: int = 5000, seed: int = 0,
+                    partners: dict | None = None, pool: LocalPool | None = None,
+                    shared: SharedArray | None = None) -> np.ndarray:
+    """Mean similarity of each vector to its k nearest centres of other identities
+    (``ids`` names the rows of ``centres``): an exact search over a cohort of at most
+    ``cohort_max`` centres (a fixed random sample when there are more), so the cost is
+    linear in the number of faces. ``partners`` (identity -> identities) are left out too.
+    With a ``pool`` (``shared``: ``q`` shared with it) the blocks run on its workers."""
+    n, m = len(q), len(centres)
+    if m > cohort_max:
+        pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
+        centres, ids, m = centres[pick], ids[pick], cohort_max
+    pos = np.full(int(max(ids.max(), own.max())) + 1, -1, np.int64)
+    pos[ids] = np.arange(m)
+    kk = max(1, min(k, m - 1))
+    if pool is None or pool.workers == 1 or shared is None:
+        return _topk_rows(dict(q=q, a=0, b=n, own=own, centres=centres, pos=pos, kk=kk, block=block,
+                               partners=partners))
+    cs = pool.share(np.ascontiguousarray(centres))
+    tasks = [dict(q=shared, a=a, b=b, own=own[a:b], centres=cs, pos=pos, kk=kk, block=block, partners=partners)
+             for a, b in _chunks(n, block, pool)]
+    return np.concatenate(list(pool.map(_topk_rows, tasks)))
+
+
+def _topk_rows(t: dict) -> np.ndarray:
+    """topk_other_mean of rows a..b (a: a multiple of the block)."""
+    q = t["q"].get() if isinstance(t["q"], SharedArray) else t["q"]
+    centres = t["centres"].get() if isinstance(t["centres"], SharedArray) else t["centres"]
+    a, b, own, pos, kk, block, partners = t["a"], t["b"], t["own"], t["pos"], t["kk"], t["block"], t["partners"]
+    own_pos = pos[own]
+    out = np.zeros(b - a, np.float32)
+    for b0 in range(0, b - a, block):
+        s = q[a + b0:min(b, a + b0 + block)] @ centres.T  # below: -np.partition(-s, ...) without copies
+        op = own_pos[b0:b0 + block]
+        ok = op >= 0
+        s[np.arange(len(s))[ok], op[ok]] = -np.inf
+        if partners:
+            rr, cc = [], []
+            for r_, g in enumerate(own[b0:b0 + block].tolist()):
+                for h in partners.get(g, ()):
+                    if 0 <= h < len(pos) and pos[h] >= 0:
+                        rr.append(r_)
+                        cc.append(pos[h])
+            if rr:
+                s[rr, cc] = -np.inf
+        out[b0:b0 + block] = _topk_desc(s, kk).mean(1)
+    return out
+
+
+def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
+    """The ``kk`` largest values of each row of ``s`` (changed), largest first: the
+    first ``kk`` columns of ``-np.partition(-s, kk - 1, axis=1)``, which numpy's
+    selection leaves sorted, so their mean has the same bits. Wide rows go through a
+    bound instead of a full selection: the kk-th largest of the rows' group maxima is
+    at most the kk-th largest value, so only the groups whose maximum reaches it hold
+    candidates (about kk of them)."""
+    b, m = s.shape
+    ng = -(-m // group)
+    if m < 4 * group or ng < kk or not b:
+        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
+        s.partition(kk - 1, axis=1)
+        return -s[:, :kk]
+    gmax = np.maximum.reduceat(s, np.arange(0, m, group), axis=1)
+    g = -gmax
+    g.partition(kk - 1, axis=1)
+    t = -g[:, kk - 1]
+    if not np.isfinite(t).all() or np.isnan(gmax).any():  # -inf / nan rows: the full selection
+        return _topk_desc(s, kk, group=m + 1)
+    hit = np.flatnonzero(gmax >= t[:, None])
+    row, grp = np.divmod(hit, ng)
+    cols = grp[:, None] * group + np.arange(group)
+    vals = s[row[:, None], np.minimum(cols, m - 1)]
+    vals[cols >= m] = -np.inf
+    ok = vals >= t[row][:, None]
+    rr, vv = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok]
+    order = np.lexsort((-vv, rr))
+    first = np.searchsorted(rr[order], np.arange(b))
+    return vv[order][first[:, None] + np.arange(kk)]
+
+
+def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, identity: np.ndarray, k: int,
+                    sample: int = 5000, seed: int = 0, block: int = 2048,
+                    partners: dict | None = None, pool: LocalPool | None = None) -> np.ndarray:
+    """Mean similarity of each identity centre to its ``k`` nearest faces of *other*
+    identities (and not of its merge ``partners``): how close another person's face
+    can come to this centre in this dataset. A centre in a crowded region of face
+    space (many look-alikes) needs more evidence. The faces searched are a fixed
+    random sample of at most ``sample`` (cost linear in the number of identities).
+    With a ``pool`` the blocks of centres run on its workers."""
+    n = len(emb)
+    pick = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    fe, fid = emb[pick], identity[pick]
+    kk = max(1, min(k, len(pick) - 1))
+    t = dict(fe=fe, fid=fid, kk=kk, block=block, partners=partners)
+    if pool is None or pool.workers == 1:
+        return _crowding_rows(dict(t, centres=centres, ids=ids))
+    parts = [dict(t, centres=np.ascontiguousarray(centres[a:b]), ids=ids[a:b])
+             for a, b in _chunks(len(centres), block, pool)]
+    return np.concatenate(list(pool.map(_crowding_rows, parts)))
+
+
+def _crowding_rows(t: dict) -> np.ndarray:
+    centres, ids, fe, fid, kk, block, partners = (t["centres"], t["ids"], t["fe"], t["fid"], t["kk"], t["block"],
+                                                  t["partners"])
+    out = np.zeros(len(centres), np.float32)
+    for b0 in range(0, len(centres), block):
+        s = centres[b0:b0 + block] @ fe.T
+        bid = ids[b0:b0 + block]
+        s[bid[:, None] == fid[None, :]] = -np.inf
+        if partners:
+            for r_, g in enumerate(bid.tolist()):
+                for h in partners.get(g, ()):
+                    s[r_, fid == h] = -np.inf
+        top = _topk_desc(s, kk)
+        top[~np.isfinite(top)] = np.nan
+        out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
+    return out
+
+
+def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: CleanParams, far: float,
+              seed: int = 0) -> CleanParams:
+    """Estimate keep/drop from the data: genuine = each subject face's similarity to
+    its own identity's robust centre (leave-in, default thresholds), impostor = a
+    face's similarity to other identities' centres. ``drop`` is the impostor score
+    at false-accept rate ``far``; ``keep`` the one at ``far / 10``; other thresholds
+    are shifted by the same amount as ``drop`` moved from its default."""
+    identity = np.asarray(identity, np.int64)
+    groups = group_by_label(identity)
+    keys = sorted(groups)
+    cents = []
+    for g in keys:
+        rows = groups[g]
+        r = clean_identity(emb[rows], photo[rows], np.zeros(len(rows)), p)
+        cents.append(r.centre)
+    cents = np.stack(cents).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    m = min(len(emb), 20000)
+    pick = np.sort(rng.choice(len(emb), size=m, replace=False))
+    pos = {g: t for t, g in enumerate(keys)}
+    own = np.array([pos[int(g)] for g in identity[pick]])
+    sims = emb[pick] @ cents.T
+    sims[np.arange(m), own] = -np.inf
+    imp = sims[np.isfinite(sims)]
+    if len(imp) > 2_000_000:
+        imp = rng.choice(imp, 2_000_000, replace=False)
+    gen = (emb[pick] * cents[own]).sum(1)
+    drop = float(np.quantile(imp, 1 - far))
+    keep = float(np.quantile(imp, 1 - far / 10))
+    keep = max(keep, drop + 0.005)
+    shift = drop - p.drop
+    q = dataclasses.replace(p, keep=keep, drop=drop, cw=p.cw + shift, join=p.join + shift,
+                            merge=min(0.999, p.merge + shift), exclude=min(0.999, p.exclude + shift))
+    q.calibrated = dict(far=far, impostor_pairs=int(len(imp)), own_centre_median=float(np.median(gen)),
+                        faces_below_drop=float(np.mean(gen < drop)), shift=shift)
+    return q

@@ -1,0 +1,252 @@
+"""``facecurate embed DEST/train.rec``: a .rec as embed's input, in one streaming pass
+with memory bounded independently of the number of records.
+
+* **Plan** (the run's own process): the .idx is streamed once and cut into shards of
+  ``size`` consecutive image records (:mod:`facecurate.recdata`'s rule says which
+  records are images). A shard is a :class:`RecRange`: the byte range of its lines in
+  the .idx and how many image records they name; the process never holds a record,
+  a label or an item per record. A shard's digest is the runner's digest of its keys
+  ``rec:<key>`` (the same shards, and digests, as a plan made from a list of items).
+* **Shards** (worker processes): a worker reads its shard's lines from the .idx and
+  each of its records once, in .idx order (records written in order are a sequential
+  read of the .rec), getting the label and the image bytes from the same read. A
+  record that cannot be read is recorded as failed with the reason. The shard's file
+  carries each embedded record's identity (its label).
+* **Store**: ``embeddings.npy`` is written through a memory map and
+  ``embeddings.csv`` streamed, shard after shard in plan order, both under temporary
+  names renamed at the end; the bytes equal those of the in-memory writer.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from facecurate.constants import EMBEDDINGS_CSV, EMBEDDINGS_NPY, REC_KEY_PREFIX
+from facecurate.embed import STORE_COLUMNS, EmbedError, Item, shard_npz
+from facecurate.recdata import PLAIN, RecLayout, image_label, read_layout
+from facecurate.recordio import RecordIOError, read_record, unpack_record
+from facecurate.runner import Shard
+
+
+@dataclass(frozen=True)
+class RecRange:
+    """The image records of one shard of a .rec: the .idx lines in bytes
+    ``[idx_start, idx_end)`` of the .idx, naming ``count`` image records. Small and
+    picklable: this is all a worker is sent."""
+
+    rec: str
+    idx: str
+    idx_start: int
+    idx_end: int
+    count: int
+    layout: RecLayout = PLAIN
+
+    def __len__(self) -> int:
+        return self.count
+
+    def entries(self) -> list[tuple[int, int]]:
+        """(key, offset) of the range's image records, in .idx order."""
+        with open(self.idx, "rb") as f:
+            f.seek(self.idx_start)
+            data = f.read(self.idx_end - self.idx_start)
+        pairs = (_parse(line, self.idx, None) for line in data.splitlines())
+        return [p for p in pairs if p is not None and self.layout.is_image(p[0])]
+
+    def load(self) -> tuple[list[Item], list[tuple[str, str]]]:
+        """(items with their image bytes and identity, failures) of the range: each
+        record read once. A record that cannot be read is a failure, with the reason."""
+        items, failed = [], []
+        name = Path(self.rec).name
+        with open(self.rec, "rb", buffering=1 << 20) as f:
+            for key, off in self.entries():
+                aligned = f"{REC_KEY_PREFIX}{key}"
+                try:
+                    header, data = unpack_record(read_record(f, off, key=key).payload)
+                except RecordIOError as e:
+                    failed.append((aligned, f"corrupt record: {e}"))
+                    continue
+                items.append(Item(aligned=aligned, source=f"{name}:{key}", identity=_identity(image_label(header)),
+                                  face="0", crop=self.rec, rec_offset=off, data=data))
+        return items, failed
+
+
+def _identity(label: float) -> str:
+    return str(int(label)) if float(label).is_integer() else str(label)
+
+
+def _parse(line: bytes, idx: str, lineno: Optional[int]) -> Optional[tuple[int, int]]:
+    """(key, offset) of a .idx line; None for a blank line; EmbedError names a bad one."""
+    fields = line.split()
+    if not fields:
+        return None
+    try:
+        if len(fields) != 2:
+            raise ValueError
+        return int(fields[0]), int(fields[1])
+    except ValueError:
+        where = f"line {lineno}" if lineno else "a line"
+        raise EmbedError(f"{idx}: {where} is not 'key<TAB>offset': {line[:80]!r}") from None
+
+
+def check_rec(rec: Path) -> Path:
+    """``rec``, once its .idx is known to exist (EmbedError otherwise)."""
+    _idx_of(rec)
+    return rec
+
+
+def _idx_of(rec: Path) -> Path:
+    idx = rec.with_suffix(".idx")
+    if not idx.exists():
+        raise EmbedError(f"{rec}: no {idx.name} beside it (needed to read a .rec)")
+    return idx
+
+
+def _layout(rec: Path, idx: Path) -> RecLayout:
+    """The layout, from key 0's record (found by streaming the .idx up to it)."""
+    off0 = None
+    with open(idx, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            p = _parse(line, str(idx), lineno)
+            if p is not None and p[0] == 0:
+                off0 = p[1]
+                break
+    try:
+        with open(rec, "rb") as f:
+            return read_layout(f, off0)
+    except RecordIOError as e:
+        raise EmbedError(f"{rec}: corrupt .rec at {e} (run `facecurate inspect` for details)") from None
+
+
+def plan_rec_shards(rec: os.PathLike | str, size: int) -> list[Shard]:
+    """Shards of ``size`` consecutive image records of ``rec`` (in .idx order), each a
+    :class:`RecRange`, by one streaming pass over the .idx. The digests equal
+    :func:`facecurate.runner.plan_shards`' on the keys ``rec:<key>``."""
+    rec = Path(rec)
+    idx = _idx_of(rec)
+    layout = _layout(rec, idx)
+    size = max(1, int(size))
+    shards: list[Shard] = []
+    h, n, start, pos = hashlib.sha256(), 0, 0, 0
+    prefix = REC_KEY_PREFIX.encode()
+    with open(idx, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            pos += len(line)
+            p = _parse(line, str(idx), lineno)
+            if p is not None and layout.is_image(p[0]):
+                h.update(b"%s%s%d" % (b"\n" if n else b"", prefix, p[0]))
+                n += 1
+            if n == size:
+                shards.append(Shard(len(shards), RecRange(str(rec), str(idx), start, pos, n, layout),
+                                    h.hexdigest()[:32]))
+                h, n, start = hashlib.sha256(), 0, pos
+    if n:
+        shards.append(Shard(len(shards), RecRange(str(rec), str(idx), start, pos, n, layout), h.hexdigest()[:32]))
+    return shards
+
+
+def items_from_rec(rec: os.PathLike | str) -> list[Item]:
+    """Every image record of a .rec as an :class:`~facecurate.embed.Item` (with its
+    bytes), in .idx order: a list of the whole file, for tests and small files (embed
+    itself reads shard by shard). A record that cannot be read is an EmbedError."""
+    items: list[Item] = []
+    for s in plan_rec_shards(rec, 1 << 16):
+        got, failed = s.items.load()
+        if failed:
+            raise EmbedError(f"{rec}: {failed[0][0]}: {failed[0][1]} (run `facecurate inspect` for details)")
+        items += got
+    return items
+
+
+# ----------------------------------------------------------------------------- the store
+def _shard_rows(work: Path, shards) -> Iterator[tuple[np.ndarray, list, list, list]]:
+    """(vectors, keys, identities, failures) of each shard in plan order (one shard
+    in memory at a time)."""
+    for s in shards:
+        with np.load(shard_npz(work, s.index)) as z:
+            keys = z["keys"].tolist()
+            if "identities" in z.files:
+                idents = z["identities"].tolist()
+            else:  # a shard an older version wrote: read its labels again
+                labels = {it.aligned: it.identity for it in s.items.load()[0]}
+                idents = [labels[k] for k in keys]
+            yield (z["vectors"], keys, idents,
+                   list(zip(z["failed_keys"].tolist(), z["failed_reasons"].tolist())))
+
+
+def write_rec_store(store: Path, rec: Path, work: Path, shards, dim: int) -> tuple[int, list[dict]]:
+    """Write ``embeddings.npy`` (memory-mapped) and ``embeddings.csv`` (streamed) of a
+    .rec's store from the finished shards, in plan order. Returns (rows, failures)."""
+    total = 0
+    for s in shards:
+        with np.load(shard_npz(work, s.index)) as z:
+            total += int(z["keys"].shape[0])
+    fails: list[dict] = []
+    npy_tmp = _tmp(store, EMBEDDINGS_NPY)
+    try:
+        with _AtomicCsv(store / EMBEDDINGS_CSV) as w:
+            arr = _open_npy(npy_tmp, total, dim)
+            at = 0
+            for vecs, keys, idents, failed in _shard_rows(work, shards):
+                if arr is not None and keys:
+                    arr[at:at + len(keys)] = np.asarray(vecs, np.float32).reshape(len(keys), dim)
+                at += len(keys)
+                for k, ident in zip(keys, idents):
+                    w.writerow((k, f"{rec.name}:{k[len(REC_KEY_PREFIX):]}", ident, "0"))
+                fails += [{"aligned": k, "reason": r} for k, r in failed]
+            if arr is not None:
+                arr.flush()
+                del arr
+            _fsync(npy_tmp)
+            os.replace(npy_tmp, store / EMBEDDINGS_NPY)
+    finally:
+        npy_tmp.unlink(missing_ok=True)
+    return total, fails
+
+
+def _tmp(store: Path, name: str) -> Path:
+    fd, p = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=store)
+    os.close(fd)
+    return Path(p)
+
+
+def _open_npy(path: Path, rows: int, dim: int) -> Optional[np.memmap]:
+    """A .npy of float32 (rows, dim) mapped for writing (the header np.save writes);
+    an empty store is written at once (nothing to map)."""
+    if rows == 0:
+        np.save(path, np.zeros((0, dim), np.float32))
+        return None
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _AtomicCsv:
+    """embeddings.csv written row by row under a temporary name (renamed on success)."""
+
+    def __init__(self, path: Path):
+        from facecurate.files import atomic_write
+
+        self._cm = atomic_write(path, "w", encoding="utf-8", newline="")
+
+    def __enter__(self):
+        f = self._cm.__enter__()
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(STORE_COLUMNS)
+        return w
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)

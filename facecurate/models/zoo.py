@@ -1,0 +1,128 @@
+"""The one door to the models: every stage (align, embed, eval-pairs through them,
+clean's ``--exclude`` embedding) builds its detector, landmark model and embedder
+here, by name, and talks to them only through the protocols of
+:mod:`facecurate.models.base`. Errors a user can cause are :class:`ModelError`s.
+
+=================  ==========================================  =======================
+name               class                                       module
+=================  ==========================================  =======================
+detector dlib      :class:`DlibHOGDetector`                    :mod:`.dlib_models`
+detector dlib-cnn  :class:`DlibCNNDetector` (MMOD)             :mod:`.dlib_models`
+detector scrfd     :class:`SCRFD`                              :mod:`.scrfd`
+landmarks          :class:`DlibLandmarks68`                    :mod:`.dlib_models`
+embedder dlib      :class:`DlibEmbedder` / ``DlibOnnxEmbedder``  :mod:`.dlib_resnet`
+embedder arcface   :class:`OnnxEmbedder` (an ``ArcFaceONNX``)  :mod:`.arcface`
+=================  ==========================================  =======================
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+from .base import Detector, Embedder, Landmarker, ModelError
+
+DETECTORS = ("dlib", "dlib-cnn", "scrfd")
+MODELS = ("dlib", "arcface")
+#: What runs dlib's ResNet: ``onnx`` = the graph converted from dlib's weights
+#: (:mod:`facecurate.models.dlib_onnx`) on ONNX Runtime, batched, CUDA when a session
+#: gets it; ``dlib`` = dlib itself (CPU, one process per core); ``auto`` = onnx when
+#: ONNX Runtime is installed, else dlib.
+RUNTIMES = ("auto", "dlib", "onnx")
+
+
+def make_detector(name: str, *, model_dir: Optional[str] = None, device: str = "auto", max_upsample: int = 1,
+                  min_side: int = 512) -> Detector:
+    """Detector ``name`` (one of :data:`DETECTORS`). dlib's: ``max_upsample`` /
+    ``min_side`` (see :class:`DlibHOGDetector`); SCRFD: the detector of the pack or
+    .onnx ``model_dir`` on ``device``."""
+    from .dlib_models import DlibCNNDetector, DlibHOGDetector
+
+    if name == "dlib":
+        return DlibHOGDetector(max_upsample=max_upsample, min_side=min_side)
+    if name == "dlib-cnn":
+        return DlibCNNDetector(max_upsample=max_upsample, min_side=min_side)
+    if name != "scrfd":
+        raise ModelError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+    from .onnx_models import SCRFD, find_model
+
+    return SCRFD(find_model(model_dir, "detector"), device=device)
+
+
+def make_landmarker() -> Landmarker:
+    """dlib's 68-point landmark model (fills in the five points dlib's detectors lack)."""
+    from .dlib_models import DlibLandmarks68
+
+    return DlibLandmarks68()
+
+
+def make_embedder(model: str = "dlib", *, model_dir: Optional[str] = None, feed: str = "five",
+                  runtime: str = "auto", device: str = "auto", batch_size: Optional[int] = None,
+                  fp16: bool = False, threads: Optional[int] = None) -> Embedder:
+    """Embedder ``model``: ``dlib`` (dlib's ResNet fed ``feed`` chips, on ``runtime``),
+    ``arcface`` (the recogniser of the pack or .onnx ``model_dir``) or a path to an
+    .onnx recogniser. ``device``, ``batch_size``, ``fp16``, ``threads``: ONNX Runtime's."""
+    onnx_kw = {"device": device, "batch_size": batch_size, "fp16": fp16, "threads": threads}
+    if model == "dlib":
+        from .dlib_resnet import DlibEmbedder, DlibOnnxEmbedder
+
+        if resolve_runtime(runtime) == "dlib":
+            return DlibEmbedder(feed)
+        DlibEmbedder(feed)  # an unknown feed is refused before the graph is converted
+        return DlibOnnxEmbedder(_dlib_graph(onnx_kw), feed)
+    if model == "arcface" or str(model).endswith(".onnx"):
+        from .arcface import OnnxEmbedder
+        from .onnx_models import load_model
+
+        return OnnxEmbedder(load_model(resolve_onnx(model, model_dir), kind="recognizer", **onnx_kw))
+    raise ModelError(f"unknown model {model!r}: use dlib, arcface (with --model-dir) or a path to an .onnx")
+
+
+def _dlib_graph(onnx_kw: dict):
+    """dlib's ResNet converted to ONNX (cached), loaded as an ArcFaceONNX."""
+    from .dlib_onnx import DlibOnnxError, dlib_resnet_onnx
+    from .dlib_resnet import dlib_sha
+    from .onnx_models import load_model
+
+    try:
+        path = dlib_resnet_onnx(sha256=dlib_sha())
+    except DlibOnnxError as e:
+        raise ModelError(f"{e} (or use --runtime dlib)") from None
+    return load_model(path, kind="recognizer", **onnx_kw)
+
+
+def resolve_runtime(runtime: str = "auto") -> str:
+    """``dlib`` or ``onnx``: what ``runtime`` means on this installation."""
+    if runtime not in RUNTIMES:
+        raise ModelError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "dlib"
+    if importlib.util.find_spec("onnx") is None:  # cannot convert; a cached graph will do
+        from .dlib_onnx import cached_path
+        from .dlib_resnet import dlib_sha
+
+        return "onnx" if cached_path(dlib_sha()).is_file() else "dlib"
+    return "onnx"
+
+
+def resolve_onnx(model: str, model_dir: Optional[str]) -> Path:
+    """The recogniser .onnx for ``--model arcface --model-dir DIR`` or ``--model X.onnx``."""
+    from .onnx_models import find_model
+
+    target = model_dir if model == "arcface" else model
+    if not target:
+        raise ModelError("--model arcface needs --model-dir (a model pack directory or an .onnx file)")
+    p = Path(target)
+    if not p.exists():
+        raise ModelError(f"model not found: {p}")
+    try:
+        return Path(find_model(p, "recognizer"))
+    except Exception as e:  # noqa: BLE001 - report the model zoo's reason
+        raise ModelError(f"no ArcFace-style recogniser in {p}: {e}") from None
+
+
+__all__ = ["make_detector", "make_landmarker", "make_embedder", "resolve_runtime", "resolve_onnx",
+           "DETECTORS", "MODELS", "RUNTIMES", "ModelError"]
