@@ -51,7 +51,8 @@ def _align_only(out: Path, view: Path) -> Path:
 
 
 def make_rec(root: Path, workers: int) -> Path:
-    from facecurate.clean import _store_runtime, run_clean
+    from facecurate.clean import run_clean
+    from facecurate.clean_inputs import store_runtime
     from facecurate.embed import run_embed
     from facecurate.pack import pack
 
@@ -61,7 +62,7 @@ def make_rec(root: Path, workers: int) -> Path:
         pack(view, rec, shuffle=True)
     t0 = time.time()
     meta_p = rec / "embeddings.json"  # an existing store is continued on its own runtime
-    runtime = _store_runtime(json.loads(meta_p.read_text())) if meta_p.exists() else "auto"
+    runtime = store_runtime(json.loads(meta_p.read_text())) if meta_p.exists() else "auto"
     s = run_embed(rec / "train.rec", workers=workers, show_progress=False, runtime=runtime)
     t_embed = time.time() - t0
     t0 = time.time()

@@ -16,9 +16,7 @@ the manual decisions carried over from a previous clean.csv, and the outputs.
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +27,15 @@ import numpy as np
 from facecurate import constants as C
 from facecurate.clean_cohort import calibrate
 from facecurate.clean_core import CoreResult, clean_core
-from facecurate.clean_params import R_MANUAL, R_NO_EMBEDDING, CleanParams, default_params, model_family
-from facecurate.files import format_float, read_csv, write_csv_atomic, write_text_atomic
+from facecurate.clean_inputs import embed_images, exclusions, failed_keys, model_name, read_exclude, store_runtime
+from facecurate.clean_params import R_MANUAL, R_NO_EMBEDDING, CleanParams, default_params
+from facecurate.manifests import AlignRow, CleanRow, IdentityRow, MergeRow
 from facecurate.similar import similar_pairs
 from facecurate.vectors import normalize
+from facecurate.workspace import Workspace
 
-__all__ = ["CleanParams", "CoreResult", "CropSimilarity", "clean_core", "default_params", "read_exclude",
-           "run_clean", "similar_pairs", "store_index"]
-
-IDENTITY_COLUMNS = (
-    "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
-    "clusters", "dominant_share", "noise", "median_score", "flags",
-)
-MERGE_COLUMNS = ("a", "b", "similarity")
+__all__ = ["CleanParams", "CoreResult", "CropSimilarity", "clean_core", "default_params", "embed_images",
+           "read_exclude", "run_clean", "similar_pairs", "store_index"]
 
 
 def store_index(out_dir: Path):
@@ -56,96 +50,25 @@ def store_index(out_dir: Path):
     return vecs, {r.aligned: i for i, r in enumerate(rows)}, meta
 
 
-def _model_name(meta: dict) -> str:
-    for k in ("model", "name", "model_name"):
-        v = meta.get(k)
-        if isinstance(v, str):
-            return v
-        if isinstance(v, dict) and isinstance(v.get("name"), str):
-            return v["name"]
-    return "dlib"
-
-
-def ensure_embeddings(out_dir: Path, rows: Sequence[dict], runtime: str = "auto"):
+def ensure_embeddings(out_dir: Path, rows: Sequence[AlignRow], runtime: str = "auto"):
     """The store, embedding with the default model first when crops are missing from it
     (crops the embed stage recorded as failed are not retried here). An existing store
     is continued on its own runtime; ``runtime`` applies to a new one."""
     store = store_index(out_dir)
-    need = {r["aligned"] for r in rows}
-    if store is None or not need.issubset(set(store[1]) | _failed(store[2])):
+    need = {r.aligned for r in rows}
+    if store is None or not need.issubset(set(store[1]) | failed_keys(store[2])):
         try:
             from facecurate.embed import run_embed
         except ImportError as e:  # pragma: no cover - embed stage missing
             raise RuntimeError(f"{out_dir}: embeddings missing and the embed stage is unavailable ({e})")
         # continue an existing (default-model) store with its own settings
         if store is not None:
-            runtime = _store_runtime(store[2])
+            runtime = store_runtime(store[2])
         run_embed(out_dir, flip=bool(store[2].get("flip", True)) if store is not None else True, runtime=runtime)
         store = store_index(out_dir)
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
     return store
-
-
-def _store_runtime(meta: dict) -> str:
-    """The runtime of dlib's model a store was made with (no ``runtime``: dlib)."""
-    return "onnx" if str((meta.get("signature") or {}).get("runtime", "")).startswith("onnx") else "dlib"
-
-
-def _failed(meta: dict) -> set:
-    return {f.get("aligned") for f in meta.get("failed", []) if isinstance(f, dict)}
-
-
-def read_exclude(path: Path) -> tuple[set[str], list]:
-    """Names (folder of identities) or encoded images (verification .bin)."""
-    path = Path(path)
-    if path.is_dir():
-        names = {e.name for e in path.iterdir() if not e.name.startswith(".")}
-        names |= {Path(n).stem for n in names}
-        return names, []
-    if path.suffix == ".bin":
-        with open(path, "rb") as f:
-            try:
-                bins, _issame = pickle.load(f, encoding="bytes")
-            except Exception as e:
-                raise ValueError(f"{path}: not a verification .bin (pickle of (bins, issame_list)): {e}")
-        return set(), [bytes(b) for b in bins]
-    if path.is_file():  # a text file of names
-        return {s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()}, []
-    raise FileNotFoundError(f"--exclude {path}: no such file or folder")
-
-
-def embed_images(images: list[bytes], meta: dict, runtime: str = "auto") -> np.ndarray:
-    """Embeddings of encoded aligned crops (a verification .bin) with the store's model
-    (dlib: the embed stage's chip from the crop's five template points) on ``runtime``."""
-    import cv2
-
-    crops = []
-    for b in images:
-        img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
-        if img is not None:
-            crops.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    if not crops:
-        return np.zeros((0, int(meta.get("dim", 128))), np.float32)
-    if model_family(_model_name(meta)) != "dlib":
-        raise RuntimeError("--exclude with a .bin needs the dlib store; for other models pass a folder of "
-                           "identity names")
-    from facecurate.models.zoo import make_embedder
-
-    emb = make_embedder("dlib", feed="crop", runtime=runtime)
-    out = []
-    for b0 in range(0, len(crops), 64):
-        chips = [emb.from_crop(c) for c in crops[b0:b0 + 64]]
-        out.append(emb.run(chips, bool(meta.get("flip", False))))
-    return normalize(np.concatenate(out))
-
-
-def _f(v, default=0.0) -> float:
-    try:
-        x = float(v)
-        return x if x == x else default
-    except (TypeError, ValueError):
-        return default
 
 
 class CropSimilarity:
@@ -187,20 +110,21 @@ class CropSimilarity:
         return 0.0 if a is None or b is None else float(a @ b)
 
 
-def _carry_manual(previous_csv: Path, out: list[dict]) -> tuple[int, int]:
-    """Give the rows of ``out`` the manual decisions of the previous clean.csv (same
-    crop, same identity). Returns (carried over, lost: their crop is gone)."""
-    if not previous_csv.exists():
-        return 0, 0
-    manual = {(r.get("aligned", ""), r.get("identity", "")): r.get("decision", "")
-              for r in read_csv(previous_csv) if r.get("reason") == R_MANUAL}
+def _carry_manual(ws: Workspace, out: list[CleanRow]) -> tuple[list[CleanRow], int, int]:
+    """``out`` with the manual decisions of the previous clean.csv (same crop, same
+    identity). Returns (rows, carried over, lost: their crop is gone)."""
+    if not ws.has(C.CLEAN_CSV):
+        return out, 0, 0
+    manual = {(r.aligned, r.identity): r.decision for r in ws.clean_rows() if r.reason == R_MANUAL}
     kept = 0
+    rows = []
     for r in out:
-        d = manual.get((r["aligned"], r["identity"]))
+        d = manual.get((r.aligned, r.identity))
         if d in (C.DECISION_KEEP, C.DECISION_DROP):
-            r.update(previous_decision=r["decision"], previous_reason=r["reason"], decision=d, reason=R_MANUAL)
+            r = r.replace(previous_decision=r.decision, previous_reason=r.reason, decision=d, reason=R_MANUAL)
             kept += 1
-    return kept, len(manual) - kept
+        rows.append(r)
+    return rows, kept, len(manual) - kept
 
 
 @dataclass
@@ -208,8 +132,8 @@ class _Faces:
     """align.csv's faces as :func:`clean_core`'s arrays: the rows with an embedding in
     stable order (identity, source, face) and the rows without one."""
 
-    have: list  # rows with an embedding; row i is face i of the arrays
-    missing: list  # rows whose crop has no embedding
+    have: list[AlignRow]  # rows with an embedding; row i is face i of the arrays
+    missing: list[AlignRow]  # rows whose crop has no embedding
     names: list  # identity names with faces, sorted: identity number -> name
     gid: dict  # name -> identity number
     emb: np.ndarray
@@ -243,144 +167,124 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
                              exclude=exclude, max_review=max_review, min_images=min_images, min_face=min_face,
                              ambiguous=ambiguous, keep_manual=keep_manual, show_progress=show_progress,
                              workers=workers, shard_faces=shard_faces, runtime=runtime)
-    all_rows, rows = _read_align(out_dir)
+    ws = Workspace(out_dir)
+    all_rows, rows = _read_align(ws)
     images_by_id = defaultdict(set)
     for r in all_rows:
-        images_by_id[r["identity"]].add(r["source"])
+        images_by_id[r.identity].add(r.source)
     vecs, where, meta = ensure_embeddings(out_dir, rows, runtime) if rows else (np.zeros((0, 128), np.float32), {}, {})
-    model = _model_name(meta)
+    model = model_name(meta)
     ov = dict(model_overrides or {})
     ov.update(max_review=max_review, min_images=min_images, min_face=min_face, ambiguous=ambiguous)
     p = default_params(model, **ov)
     f = _face_arrays(rows, vecs, where)
     if calibrate_far is not None and len(f.names) >= 2:
         p = calibrate(f.emb, f.identity, f.photo, p, calibrate_far)
-    ex_ids, ex_vecs = _exclusions(exclude, f.names, meta, runtime)
+    ex_ids, ex_vecs = exclusions(exclude, f.names, meta, runtime)
     res = clean_core(f.emb, f.identity, f.photo, f.quality, p, face_size=f.face_size, sharpness=f.sharpness,
                      excluded=ex_ids, exclude_vecs=ex_vecs,
-                     pixel_sim=CropSimilarity([out_dir / r["aligned"] for r in f.have]),
+                     pixel_sim=CropSimilarity([out_dir / r.aligned for r in f.have]),
                      show_progress=show_progress, workers=workers, shard_faces=shard_faces)
     out = _face_rows(f, res)
-    manual_kept, manual_lost = _carry_manual(out_dir / C.CLEAN_CSV, out) if keep_manual else (0, 0)
+    out, manual_kept, manual_lost = _carry_manual(ws, out) if keep_manual else (out, 0, 0)
     ident_rows = _identity_rows(images_by_id, f, res)
-    merge_rows = [dict(a=f.names[a], b=f.names[b], similarity=format_float(s)) for a, b, s in res.merges]
-    write_csv_atomic(out_dir / C.CLEAN_CSV, C.CLEAN_COLUMNS, out)
-    write_csv_atomic(out_dir / C.IDENTITIES_CSV, IDENTITY_COLUMNS, ident_rows)
-    write_csv_atomic(out_dir / C.MERGES_CSV, MERGE_COLUMNS, merge_rows)
+    merge_rows = [MergeRow(a=f.names[a], b=f.names[b], similarity=float(s)) for a, b, s in res.merges]
+    ws.write_clean(out)
+    ws.write_identities(ident_rows)
+    ws.write_merges(merge_rows)
     summary = _summary(out, ident_rows, merge_rows, res, p, model, manual_kept, manual_lost)
-    write_text_atomic(out_dir / C.CLEAN_META, json.dumps(dict(summary=summary, params=p.as_dict()),
-                                                         indent=2, sort_keys=True) + "\n")
+    ws.write_clean_meta(dict(summary=summary, params=p.as_dict()))
     return summary
 
 
-def _read_align(out_dir: Path) -> tuple[list, list]:
+def _read_align(ws: Workspace) -> tuple[list[AlignRow], list[AlignRow]]:
     """(every row of align.csv with an identity, those of them with a crop)."""
-    manifest = out_dir / C.ALIGN_MANIFEST
-    if not manifest.exists():
-        raise FileNotFoundError(f"{manifest} not found: run `facecurate align RAW {out_dir}` first")
     # A file directly under RAW (identity "") is recorded by align but belongs to no identity.
-    all_rows = [r for r in read_csv(manifest) if r.get("identity")]
-    return all_rows, [r for r in all_rows if r.get("aligned")]
+    all_rows = [r for r in ws.align_rows() if r.identity]
+    return all_rows, [r for r in all_rows if r.aligned]
+
+
+def _order(r: AlignRow | CleanRow) -> tuple:
+    """clean's order of faces: identity, source, face."""
+    return r.identity, r.source, -1 if r.face is None else r.face
 
 
 def _face_arrays(rows: list, vecs: np.ndarray, where: dict) -> _Faces:
     """The crops' rows (sorted here: identity, source, face) as arrays: unit vectors,
     identity and photo numbers, face size, sharpness and the duplicate-choice quality."""
-    rows.sort(key=lambda r: (r["identity"], r["source"], int(r["face"])))
-    have = [r for r in rows if r["aligned"] in where]
-    missing = [r for r in rows if r["aligned"] not in where]
-    names = sorted({r["identity"] for r in have})
+    rows.sort(key=_order)
+    have = [r for r in rows if r.aligned in where]
+    missing = [r for r in rows if r.aligned not in where]
+    names = sorted({r.identity for r in have})
     gid = {nm: i for i, nm in enumerate(names)}
-    emb = normalize(np.asarray(vecs[[where[r["aligned"]] for r in have]], np.float32)) if have else \
+    emb = normalize(np.asarray(vecs[[where[r.aligned] for r in have]], np.float32)) if have else \
         np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 128), np.float32)
-    identity = np.array([gid[r["identity"]] for r in have], np.int64)
+    identity = np.array([gid[r.identity] for r in have], np.int64)
     srcs = {}
-    photo = np.array([srcs.setdefault(r["source"], len(srcs)) for r in have], np.int64)
-    fsize = np.array([_f(r.get("face_size")) for r in have], np.float32)
-    sharp = np.array([_f(r.get("sharpness")) for r in have], np.float32)
+    photo = np.array([srcs.setdefault(r.source, len(srcs)) for r in have], np.int64)
+    fsize = np.array([r.face_size for r in have], np.float32)
+    sharp = np.array([r.sharpness for r in have], np.float32)
+    fsize[np.isnan(fsize)] = 0.0  # not recorded: 0
+    sharp[np.isnan(sharp)] = 0.0
     quality = fsize * 1000.0 + np.minimum(sharp, 999.0)
     return _Faces(have, missing, names, gid, emb, identity, photo, fsize, sharp, quality)
 
 
-def _exclusions(exclude: Sequence[str | os.PathLike], names: list, meta: dict, runtime: str):
-    """``--exclude``: (identity numbers named, vectors of the evaluation images or None)."""
-    ex_ids: set[int] = set()
-    ex_vecs = None
-    for e in exclude:
-        nm, imgs = read_exclude(Path(e))
-        low = {s.lower().replace(" ", "_") for s in nm}
-        ex_ids |= {i for i, x in enumerate(names) if x.lower().replace(" ", "_") in low}
-        if imgs:
-            # auto: the store's own runtime, so the .bin's faces are embedded as the store's were
-            v = embed_images(imgs, meta, _store_runtime(meta) if runtime == "auto" and meta else runtime)
-            ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
-    return ex_ids, ex_vecs
+def _clean_row(r: AlignRow, **decided) -> CleanRow:
+    """A clean.csv row: the columns clean copies from align.csv, and ``decided``."""
+    return CleanRow(source=r.source, identity=r.identity, face=r.face, aligned=r.aligned, x1=r.x1, y1=r.y1,
+                    x2=r.x2, y2=r.y2, primary=r.primary, det_score=r.det_score, sharpness=r.sharpness, **decided)
 
 
-def _align_fields(r: dict) -> dict:
-    """The columns clean.csv copies from align.csv."""
-    return dict(source=r["source"], identity=r["identity"], face=r["face"], aligned=r["aligned"],
-                x1=r.get("x1", ""), y1=r.get("y1", ""), x2=r.get("x2", ""), y2=r.get("y2", ""),
-                primary=r.get("primary", ""), det_score=r.get("det_score", ""), sharpness=r.get("sharpness", ""))
-
-
-def _face_rows(f: _Faces, res: CoreResult) -> list[dict]:
+def _face_rows(f: _Faces, res: CoreResult) -> list[CleanRow]:
     """clean.csv's rows: the decided faces, then those without an embedding; sorted."""
     have = f.have
-    out = []
-    for i, r in enumerate(have):
-        out.append(dict(
-            _align_fields(r),
-            decision=res.decision[i], reason=res.reason[i], score=format_float(float(res.score[i])),
-            cluster=int(res.cluster[i]),
-            duplicate_of=have[res.dup_of[i]]["aligned"] if res.dup_of[i] >= 0 else "",
-            previous_decision="", previous_reason=""))
-    for r in f.missing:
-        out.append(dict(_align_fields(r), decision=C.DECISION_DROP, reason=R_NO_EMBEDDING,
-                        score="", cluster=-1, duplicate_of="", previous_decision="", previous_reason=""))
-    out.sort(key=lambda r: (r["identity"], r["source"], int(r["face"])))
+    out = [_clean_row(r, decision=res.decision[i], reason=res.reason[i], score=float(res.score[i]),
+                      cluster=int(res.cluster[i]), duplicate_of=have[d].aligned if (d := res.dup_of[i]) >= 0 else "")
+           for i, r in enumerate(have)]
+    out += [_clean_row(r, decision=C.DECISION_DROP, reason=R_NO_EMBEDDING, cluster=-1) for r in f.missing]
+    out.sort(key=_order)
     return out
 
 
-def _identity_rows(images_by_id: dict, f: _Faces, res: CoreResult) -> list[dict]:
+def _identity_rows(images_by_id: dict, f: _Faces, res: CoreResult) -> list[IdentityRow]:
     """identities.csv's rows: every identity of align.csv, with or without faces."""
     ident_rows = []
     for nm in sorted(images_by_id):
         g = f.gid.get(nm)
         inf = res.identities[g] if g is not None else dict(faces=0, kept=0, dropped=0, review=0, duplicates=0,
                                                            not_subject=0, clusters=0, dominant_share=0.0,
-                                                           flags=["no_faces"])
+                                                           flags=[C.FLAG_NO_FACES])
         sc = res.score[f.identity == g] if g is not None else np.zeros(0)
         kept_mask = np.array([res.decision[i] == C.DECISION_KEEP for i in np.nonzero(f.identity == g)[0]], bool) \
             if g is not None else np.zeros(0, bool)
         images = len(images_by_id[nm])
         noise = 1.0 - (inf["kept"] + inf["review"]) / images if images else 0.0
-        ident_rows.append(dict(
+        ident_rows.append(IdentityRow(
             identity=nm, images=images, faces=inf["faces"], kept=inf["kept"], dropped=inf["dropped"],
             review=inf["review"], duplicates=inf["duplicates"], not_subject=inf["not_subject"],
-            clusters=inf["clusters"], dominant_share=format_float(inf["dominant_share"]),
-            noise=format_float(max(0.0, noise)),
-            median_score=format_float(float(np.median(sc[kept_mask]))) if kept_mask.any() else "",
+            clusters=inf["clusters"], dominant_share=float(inf["dominant_share"]), noise=max(0.0, noise),
+            median_score=float(np.median(sc[kept_mask])) if kept_mask.any() else float("nan"),
             flags=";".join(inf["flags"])))
     return ident_rows
 
 
-def _summary(out: list, ident_rows: list, merge_rows: list, res: CoreResult, p: CleanParams, model: str,
-             manual_kept: int, manual_lost: int) -> dict:
+def _summary(out: list[CleanRow], ident_rows: list[IdentityRow], merge_rows: list[MergeRow], res: CoreResult,
+             p: CleanParams, model: str, manual_kept: int, manual_lost: int) -> dict:
     """clean.json's summary (and run_clean's return value)."""
     counts = defaultdict(int)
     reasons = defaultdict(int)
     for r in out:
-        counts[r["decision"]] += 1
-        reasons[r["reason"]] += 1
+        counts[r.decision] += 1
+        reasons[r.reason] += 1
     return dict(
         faces=len(out), identities=len(ident_rows),
         keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
         review_share=round(counts[C.DECISION_REVIEW] / len(out), 4) if out else 0.0,
         manual_kept=manual_kept, manual_lost=manual_lost,
         reasons=dict(sorted(reasons.items())),
-        ambiguous=sum(1 for r in ident_rows if "ambiguous" in r["flags"]),
-        excluded=sum(1 for r in ident_rows if "excluded" in r["flags"]),
+        ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
+        excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
         merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved,
         model=model, thresholds={k: round(getattr(p, k), 4) for k in ("keep", "drop", "cw", "join", "dup",
                                                                        "merge", "exclude")},

@@ -204,7 +204,7 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
     dec[m], rea[m] = DROP, RC[R_TOO_FEW]
     for g in np.nonzero((kept_by_id > 0) & (kept_by_id < p.min_images))[0].tolist():
         info[g]["flags"].append("too_few")
-    resolved = _limit_review_codes(dec, rea, score, p, n)
+    resolved = limit_review(dec, rea, score, p, n)
     # centres of what is kept, for merges
     alive = dec == KEEP
     sums = np.zeros((k, d), np.float64)
@@ -227,8 +227,14 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
                       dup_of, info, fin, merges, resolved)
 
 
-def _limit_review_codes(dec, rea, score, p: CleanParams, total: int) -> int:
-    """``limit_review`` on code arrays (in place)."""
+def limit_review(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanParams, total: int) -> int:
+    """Shrink the review band from below until at most ``max_review`` of ``total``
+    faces are in review: the band keeps the faces just short of the keep threshold
+    (the ones a person is most likely to rescue), the rest of it is dropped (reason
+    far_from_centre). Faces at or above ``keep`` are never touched, so the kept set
+    does not depend on the budget. ``dec``/``rea``: decision and reason codes
+    (:mod:`facecurate.clean_params`), changed in place. Returns how many reviews
+    were resolved."""
     budget = int(np.floor(p.max_review * total))
     review = dec == REVIEW
     band = np.nonzero(review & (rea == RC[R_BAND]))[0]

@@ -28,7 +28,6 @@ from typing import Callable
 
 import numpy as np
 
-from facecurate import constants as C
 from facecurate.clean_params import (
     DECISIONS, DROP, KEEP, R_AMBIGUOUS, R_BAND, R_CENTRE, R_DUPLICATE, R_FAR, R_LOW_QUALITY, R_MINORITY,
     R_NOT_SUBJECT, RC, REASONS, REVIEW, CleanParams,
@@ -317,20 +316,3 @@ def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, d
             if i != best:
                 decision[i], reason[i], dup_of[i] = DROP, RC[R_DUPLICATE], best
 
-
-def limit_review(decisions: list, reasons: list, scores: np.ndarray, p: CleanParams, total: int) -> int:
-    """Shrink the review band from below until at most ``max_review`` of ``total``
-    faces are in review: the band keeps the faces just short of the keep threshold
-    (the ones a person is most likely to rescue), the rest of it is dropped. Faces at
-    or above ``keep`` are never touched, so the kept set does not depend on the
-    budget. Returns how many reviews were resolved."""
-    budget = int(np.floor(p.max_review * total))
-    band = [i for i, r in enumerate(reasons) if decisions[i] == C.DECISION_REVIEW and r == R_BAND]
-    other = sum(1 for d in decisions if d == C.DECISION_REVIEW) - len(band)
-    allowed = max(0, budget - other)
-    if len(band) <= allowed:
-        return 0
-    order = sorted(band, key=lambda i: (-float(scores[i]), i))
-    for i in order[allowed:]:
-        decisions[i], reasons[i] = C.DECISION_DROP, R_FAR
-    return len(order) - allowed

@@ -20,8 +20,6 @@ Outputs: ``clean.csv`` (one row per image record, in key order:
 
 from __future__ import annotations
 
-import csv
-import inspect as _inspect
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +29,9 @@ import numpy as np
 from facecurate import constants as C
 from facecurate.clean import CropSimilarity
 from facecurate.clean_cohort import calibrate
+from facecurate.clean_core import clean_core
+from facecurate.clean_inputs import exclusions, model_name, store_runtime
+from facecurate.clean_params import default_params
 from facecurate.files import format_float
 from facecurate.manifests import IdentityRow, MergeRow
 from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
@@ -47,21 +48,17 @@ class RecFaces:
         self.keys, self.labels, self.rows, self.failed = keys, labels, rows, failed
 
 
-def _store_keys(csv_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _store_keys(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     """(record keys, labels) of the store's rows, in row order, from embeddings.csv
-    (``aligned`` = rec:<key>, ``identity`` = the label)."""
+    (``aligned`` = rec:<key>, ``identity`` = the label), streamed as text."""
     keys, labels = [], []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rd = csv.reader(f)
-        head = next(rd, [])
-        ia, ii = head.index("aligned"), head.index("identity")
-        for row in rd:
-            k = rec_key(row[ia])
-            if k is None:
-                raise ValueError(f"{csv_path}: row {row[ia]!r} is not a record of a .rec (this store was made "
-                                 "from folders; run `facecurate embed DEST/train.rec`)")
-            keys.append(k)
-            labels.append(_int_label(row[ii]))
+    for aligned, ident in ws.store_columns("aligned", "identity"):
+        k = rec_key(aligned)
+        if k is None:
+            raise ValueError(f"{ws.path(C.EMBEDDINGS_CSV)}: row {aligned!r} is not a record of a .rec (this store "
+                             "was made from folders; run `facecurate embed DEST/train.rec`)")
+        keys.append(k)
+        labels.append(_int_label(ident))
     return np.asarray(keys, np.int64), np.asarray(labels, np.int64)
 
 
@@ -99,8 +96,7 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
     """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
     model, on ``runtime``) when the store is missing; a store that lacks records is
     continued with its own settings and runtime."""
-    from facecurate.clean import _store_runtime
-    from facecurate.embed import load_store, run_embed
+    from facecurate.embed import run_embed
 
     ws = Workspace(dest)
     if not ws.has(C.EMBEDDINGS_NPY):
@@ -109,15 +105,14 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
         meta = ws.store_meta()
         if meta.get("input") == "rec" and int(meta.get("count", 0)) + len(meta.get("failed", [])) \
                 < _image_records(rec_path):  # the rec has records the store lacks: continue it
-            run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=_store_runtime(meta))
-    vecs = np.load(ws.path(C.EMBEDDINGS_NPY), mmap_mode="r")
+            run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=store_runtime(meta))
+    vecs = ws.store_vectors(mmap=True)
     meta = ws.store_meta()
     if meta.get("input") not in (None, "rec"):
         raise ValueError(f"{dest}: the embedding store was made from {meta.get('input')!r} input, not this .rec "
                          f"(run `facecurate embed {rec_path} --overwrite`)")
-    keys, labels = _store_keys(dest / C.EMBEDDINGS_CSV)
-    if keys.size != len(vecs):
-        load_store(dest)  # raises the store's own message
+    keys, labels = _store_keys(ws)
+    ws.check_store_rows(keys.size, len(vecs))
     failed = {rec_key(f.get("aligned", "")): f.get("reason", "") for f in meta.get("failed", [])
               if isinstance(f, dict) and rec_key(f.get("aligned", "")) is not None}
     fk = sorted(set(failed) - set(keys.tolist()))
@@ -176,13 +171,7 @@ class RecCropSimilarity(CropSimilarity):
 
 
 # ----------------------------------------------------------------------------- run
-def _core_kwargs(fc, kw: dict) -> dict:
-    """The options of clean_core this version accepts (workers, shard_faces, ...)."""
-    params = _inspect.signature(fc.clean_core).parameters
-    return {k: v for k, v in kw.items() if k in params and v is not None}
-
-
-def _unit_rows(vecs: np.ndarray, rows: np.ndarray, fc) -> np.ndarray:
+def _unit_rows(vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The vectors of ``rows``: the memory-mapped store itself when the rows are all of
     it in order and of unit length (the common case: no copy), else a normalised copy."""
     if rows.size == len(vecs) and np.array_equal(rows, np.arange(rows.size)):
@@ -191,20 +180,6 @@ def _unit_rows(vecs: np.ndarray, rows: np.ndarray, fc) -> np.ndarray:
         if ok:
             return vecs
     return normalize(np.asarray(vecs[rows], np.float32))
-
-
-def _exclusions(fc, exclude, names: list[str], meta: dict, runtime: str = "auto"):
-    ex_ids: set[int] = set()
-    ex_vecs = None
-    for e in exclude:
-        nm, imgs = fc.read_exclude(Path(e))
-        low = {s.lower().replace(" ", "_") for s in nm}
-        ex_ids |= {g for g, x in enumerate(names) if x.lower().replace(" ", "_") in low}
-        if imgs:
-            # auto: the store's own runtime, so the .bin's faces are embedded as the records were
-            v = fc.embed_images(imgs, meta, fc._store_runtime(meta) if runtime == "auto" and meta else runtime)
-            ex_vecs = v if ex_vecs is None else np.concatenate([ex_vecs, v])
-    return ex_ids, ex_vecs
 
 
 def _previous_manual(ws: Workspace) -> dict[str, str]:
@@ -222,35 +197,34 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
                   **core_kw) -> dict:
     """Clean the image records of ``dest/train.rec`` (see the module); returns the summary.
     ``runtime``: dlib's model on dlib or ONNX Runtime, for a store made here and for the
-    faces of an ``--exclude`` .bin; ``core_kw``: clean_core's options (workers, ...)."""
-    from facecurate import clean as fc
+    faces of an ``--exclude`` .bin; ``core_kw``: clean_core's options (workers, shard_faces)."""
     from facecurate.recdata import KeyedRecords
 
     dest = Path(dest)
     rec_path, _idx = rec_paths(dest)
     vecs, meta, faces = ensure_store(dest, rec_path, runtime)
     label_names = read_label_names(rec_path) or {}
-    model = fc._model_name(meta)
+    model = model_name(meta)
     ov = dict(model_overrides or {})
     ov.update(max_review=max_review, min_images=min_images, min_face=min_face, ambiguous=ambiguous)
-    p = fc.default_params(model, **ov)
+    p = default_params(model, **ov)
     have = np.flatnonzero((faces.rows >= 0) & (faces.labels >= 0))
     ulabs, identity = np.unique(faces.labels[have], return_inverse=True)
     identity = identity.astype(np.int64)
     names = [label_names.get(int(lab), str(int(lab))) for lab in ulabs]
     dim = vecs.shape[1] if vecs.ndim == 2 else int(meta.get("dim", 128))
-    emb = _unit_rows(vecs, faces.rows[have], fc) if have.size else np.zeros((0, dim), np.float32)
+    emb = _unit_rows(vecs, faces.rows[have]) if have.size else np.zeros((0, dim), np.float32)
     photo = np.arange(have.size, dtype=np.int64)  # every record is its own photo
     quality = np.zeros(have.size, np.float32)  # face size and sharpness are not in a .rec
     if calibrate_far is not None and len(names) >= 2:
         p = calibrate(emb, identity, photo, p, calibrate_far)
-    ex_ids, ex_vecs = _exclusions(fc, exclude, names, meta, runtime)
+    ex_ids, ex_vecs = exclusions(exclude, names, meta, runtime)
     kr = KeyedRecords(rec_path)
     pos = np.searchsorted(kr.keys, faces.keys[have])
     offsets = kr.offsets[np.minimum(pos, max(kr.keys.size - 1, 0))]
-    res = fc.clean_core(emb, identity, photo, quality, p, excluded=ex_ids, exclude_vecs=ex_vecs,
-                        pixel_sim=RecCropSimilarity(rec_path, offsets.tolist()), show_progress=show_progress,
-                        **_core_kwargs(fc, core_kw))
+    res = clean_core(emb, identity, photo, quality, p, excluded=ex_ids, exclude_vecs=ex_vecs,
+                     pixel_sim=RecCropSimilarity(rec_path, offsets.tolist()), show_progress=show_progress,
+                     **{k: v for k, v in core_kw.items() if v is not None})
     rows, counts, reasons, manual = _write_clean_csv(dest, faces, have, res, label_names, keep_manual)
     ident_rows = _identity_rows(faces, have, identity, ulabs, names, res, label_names)
     merge_rows = [MergeRow(a=names[a], b=names[b], similarity=float(s)) for a, b, s in res.merges]
@@ -262,8 +236,8 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
         keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
         review_share=round(counts[C.DECISION_REVIEW] / rows, 4) if rows else 0.0,
         manual_kept=manual[0], manual_lost=manual[1], reasons=dict(sorted(reasons.items())),
-        ambiguous=sum(1 for r in ident_rows if "ambiguous" in r.flags),
-        excluded=sum(1 for r in ident_rows if "excluded" in r.flags),
+        ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
+        excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
         merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved, model=model,
         thresholds={k: round(getattr(p, k), 4) for k in ("keep", "drop", "cw", "join", "dup", "merge", "exclude")},
         calibrated=bool(p.calibrated),
@@ -333,7 +307,7 @@ def _identity_rows(faces: RecFaces, have: np.ndarray, identity: np.ndarray, ulab
         g = g_of.get(lab)
         if g is None:
             inf = dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
-                       dominant_share=0.0, flags=["no_faces"])
+                       dominant_share=0.0, flags=[C.FLAG_NO_FACES])
             med = float("nan")
         else:
             inf = res.identities[g]

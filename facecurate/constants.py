@@ -206,6 +206,12 @@ IDENTITY_COLUMNS = (
     "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
     "clusters", "dominant_share", "noise", "median_score", "flags",
 )
+#: flags of identities.csv (";"-separated)
+FLAG_AMBIGUOUS = "ambiguous"  # a second person nearly as large as the dominant one
+FLAG_EXCLUDED = "excluded"  # named by --exclude, or matching its evaluation faces
+FLAG_NO_FACES = "no_faces"  # align found no face in any of its photos
+FLAG_TOO_FEW = "too_few"  # fewer kept photos than --min-images
+FLAG_MERGE_CANDIDATE = "merge_candidate"  # in merges.csv
 #: clean's merge candidates, merges.csv: two identities that look like one person
 MERGE_COLUMNS = ("a", "b", "similarity")
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).

@@ -552,9 +552,7 @@ def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, i
     buf = io.BytesIO()
     np.save(buf, arr)
     fails = [{"aligned": it.aligned, "reason": failed[it.aligned]} for it in items if it.aligned in failed]
-    ws = Workspace(store)
-    write_bytes_atomic(ws.path(EMBEDDINGS_NPY), buf.getvalue())
-    ws.write_table(EMBEDDINGS_CSV, STORE_COLUMNS, rows)
+    Workspace(store).write_store(buf.getvalue(), rows)  # the meta after: _write_meta
     return _write_meta(store, info, sig, cfg, kind, len(rows), fails, len(items))
 
 
@@ -569,7 +567,7 @@ def _write_meta(store: Path, info: dict, sig: dict, cfg: "EmbedConfig", kind: st
         "feed": info.get("feed"), "input": kind, "count": count, "failed": fails,
         "signature": sig, "version": __version__,
     }
-    Workspace(store).write_json(EMBEDDINGS_META, meta)  # written last: it marks the store whole
+    Workspace(store).write_store_meta(meta)  # written last: it marks the store whole
     return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "flip": cfg.flip,
             "feed": info.get("feed"), "faces": faces, "embedded": count, "failed": len(fails),
             "failures": fails[:20]}

@@ -12,28 +12,28 @@ with memory bounded independently of the number of records.
   read of the .rec), getting the label and the image bytes from the same read. A
   record that cannot be read is recorded as failed with the reason. The shard's file
   carries each embedded record's identity (its label).
-* **Store**: ``embeddings.npy`` is written through a memory map and
-  ``embeddings.csv`` streamed, shard after shard in plan order, both under temporary
-  names renamed at the end; the bytes equal those of the in-memory writer.
+* **Store**: written shard after shard in plan order through
+  :meth:`facecurate.workspace.Workspace.store_writer` (``embeddings.npy`` through a
+  memory map, ``embeddings.csv`` streamed, both under temporary names renamed at the
+  end); the bytes equal those of the in-memory writer.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from facecurate.constants import EMBEDDINGS_CSV, EMBEDDINGS_NPY, REC_KEY_PREFIX
-from facecurate.embed import STORE_COLUMNS, EmbedError, Item, shard_npz
+from facecurate.constants import REC_KEY_PREFIX
+from facecurate.embed import EmbedError, Item, shard_npz
 from facecurate.recdata import PLAIN, RecLayout, image_label, read_layout
 from facecurate.recordio import RecordIOError, read_record, unpack_record
 from facecurate.runner import Shard
+from facecurate.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -182,71 +182,16 @@ def _shard_rows(work: Path, shards) -> Iterator[tuple[np.ndarray, list, list, li
 
 
 def write_rec_store(store: Path, rec: Path, work: Path, shards, dim: int) -> tuple[int, list[dict]]:
-    """Write ``embeddings.npy`` (memory-mapped) and ``embeddings.csv`` (streamed) of a
-    .rec's store from the finished shards, in plan order. Returns (rows, failures)."""
+    """Write ``embeddings.npy`` and ``embeddings.csv`` of a .rec's store from the
+    finished shards, in plan order, through :meth:`Workspace.store_writer` (one shard
+    in memory at a time). Returns (rows, failures)."""
     total = 0
     for s in shards:
         with np.load(shard_npz(work, s.index)) as z:
             total += int(z["keys"].shape[0])
     fails: list[dict] = []
-    npy_tmp = _tmp(store, EMBEDDINGS_NPY)
-    try:
-        with _AtomicCsv(store / EMBEDDINGS_CSV) as w:
-            arr = _open_npy(npy_tmp, total, dim)
-            at = 0
-            for vecs, keys, idents, failed in _shard_rows(work, shards):
-                if arr is not None and keys:
-                    arr[at:at + len(keys)] = np.asarray(vecs, np.float32).reshape(len(keys), dim)
-                at += len(keys)
-                for k, ident in zip(keys, idents):
-                    w.writerow((k, f"{rec.name}:{k[len(REC_KEY_PREFIX):]}", ident, "0"))
-                fails += [{"aligned": k, "reason": r} for k, r in failed]
-            if arr is not None:
-                arr.flush()
-                del arr
-            _fsync(npy_tmp)
-            os.replace(npy_tmp, store / EMBEDDINGS_NPY)
-    finally:
-        npy_tmp.unlink(missing_ok=True)
+    with Workspace(store).store_writer(total, dim) as w:
+        for vecs, keys, idents, failed in _shard_rows(work, shards):
+            w.add(vecs, [(k, f"{rec.name}:{k[len(REC_KEY_PREFIX):]}", ident, "0") for k, ident in zip(keys, idents)])
+            fails += [{"aligned": k, "reason": r} for k, r in failed]
     return total, fails
-
-
-def _tmp(store: Path, name: str) -> Path:
-    fd, p = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=store)
-    os.close(fd)
-    return Path(p)
-
-
-def _open_npy(path: Path, rows: int, dim: int) -> Optional[np.memmap]:
-    """A .npy of float32 (rows, dim) mapped for writing (the header np.save writes);
-    an empty store is written at once (nothing to map)."""
-    if rows == 0:
-        np.save(path, np.zeros((0, dim), np.float32))
-        return None
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _AtomicCsv:
-    """embeddings.csv written row by row under a temporary name (renamed on success)."""
-
-    def __init__(self, path: Path):
-        from facecurate.files import atomic_write
-
-        self._cm = atomic_write(path, "w", encoding="utf-8", newline="")
-
-    def __enter__(self):
-        f = self._cm.__enter__()
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(STORE_COLUMNS)
-        return w
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)

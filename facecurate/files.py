@@ -69,13 +69,14 @@ def csv_text(columns: Sequence[str], rows: Iterable[Mapping | Sequence]) -> str:
     w.writerow(columns)
     for r in rows:
         if isinstance(r, Mapping):
-            w.writerow([_cell(r.get(c, "")) for c in columns])
+            w.writerow([csv_cell(r.get(c, "")) for c in columns])
         else:
-            w.writerow([_cell(v) for v in r])
+            w.writerow([csv_cell(v) for v in r])
     return buf.getvalue()
 
 
-def _cell(v) -> str:
+def csv_cell(v) -> str:
+    """A value as the text of a CSV cell: None is empty, floats have four decimals."""
     if v is None:
         return ""
     if isinstance(v, float):

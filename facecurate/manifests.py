@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar, Mapping, Optional, Sequence
+from typing import Callable, ClassVar, Mapping, Optional, Sequence
 
 from facecurate import constants as C
 from facecurate.files import format_float
@@ -87,7 +87,7 @@ def _fmt_flag(v: Optional[bool]) -> str:
     return "" if v is None else ("1" if v else "0")
 
 
-#: column kind -> (parser, formatter)
+#: column kind -> (parser, formatter): the reference the compiled converters equal
 _CODECS = {
     "str": (lambda t, c: "" if t is None else str(t), lambda v: v),
     "float": (parse_float, _fmt_float),
@@ -99,34 +99,59 @@ _KINDS = {"str": "str", "float": "float", "Optional[int]": "int", "int": "int", 
 
 class Row:
     """Base of the typed rows: ``COLUMNS`` are the file's columns (the dataclass's
-    fields, or a selection of them for a file with several layouts)."""
+    fields, or a selection of them for a file with several layouts).
+
+    Reading and writing many rows goes through converters compiled once per class
+    and layout (:meth:`reader`, :meth:`to_csv`): one expression per row, the common
+    cells parsed inline; a row the fast path cannot take (a bad cell, a short row,
+    ``3.0`` in an integer column) is parsed again by :meth:`from_csv`, whose result
+    or RowError is the answer. Both paths give the same rows."""
 
     __slots__ = ()
     COLUMNS: ClassVar[tuple[str, ...]] = ()
     _codec: ClassVar[dict]
+    _readers: ClassVar[dict]
+    _writers: ClassVar[dict]
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        cls._codec = {}
+        cls._codec, cls._readers, cls._writers = {}, {}, {}
 
     @classmethod
     def _codecs(cls) -> dict:
         if not cls._codec:
             for f in fields(cls):
-                kind = _KINDS[f.type if isinstance(f.type, str) else f.type.__name__]
-                cls._codec[f.name] = _CODECS[kind]
+                cls._codec[f.name] = _KINDS[f.type if isinstance(f.type, str) else f.type.__name__]
         return cls._codec
 
     @classmethod
     def from_csv(cls, row: Mapping[str, str]):
         """The typed row of one CSV row (a dict of column -> text)."""
         get = row.get
-        return cls(**{name: parse(get(name), name) for name, (parse, _) in cls._codecs().items()})
+        return cls(**{name: _CODECS[kind][0](get(name), name) for name, kind in cls._codecs().items()})
+
+    @classmethod
+    def reader(cls, header: Sequence[str]) -> Callable[[Sequence[str]], "Row"]:
+        """A function from one ``csv.reader`` row (cells in ``header`` order) to a typed
+        row: what :meth:`from_csv` gives for the same row as a dict."""
+        key = tuple(header)
+        fn = cls._readers.get(key)
+        if fn is None:
+            fn = cls._readers[key] = _compile_reader(cls, key)
+        return fn
 
     def to_csv(self, columns: Optional[Sequence[str]] = None) -> list[str]:
         """The row's cells as text, in ``columns`` order (default ``COLUMNS``)."""
-        codec = self._codecs()
-        return [codec[c][1](getattr(self, c)) for c in (columns or self.COLUMNS)]
+        return self.writer(columns)(self)
+
+    @classmethod
+    def writer(cls, columns: Optional[Sequence[str]] = None) -> Callable[["Row"], list[str]]:
+        """A function from a typed row to its cells as text in ``columns`` order."""
+        key = tuple(columns or cls.COLUMNS)
+        fn = cls._writers.get(key)
+        if fn is None:
+            fn = cls._writers[key] = _compile_writer(cls, key)
+        return fn
 
     def to_dict(self, columns: Optional[Sequence[str]] = None) -> dict[str, str]:
         cols = columns or self.COLUMNS
@@ -134,6 +159,66 @@ class Row:
 
     def replace(self, **changes):
         return replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- compiled converters
+#: kind -> inline expression parsing the text ``x`` (a ValueError/KeyError falls back to from_csv)
+_PARSE_EXPR = {"str": "{cell}", "float": "(float(x) if (x := {cell}) else NAN)",
+               "int": "(int(x) if (x := {cell}) else None)", "flag": "_FLAG[{cell}]"}
+#: kind -> the value of a column the file does not have (what the parser makes of None)
+_MISSING = {"str": "", "float": NAN, "int": None, "flag": None}
+_FLAG = {"": None, "0": False, "1": True}
+#: kind -> inline expression formatting the value ``v`` as the cell text (floats: _compile_writer)
+_FORMAT_EXPR = {
+    "str": "v",
+    "int": '("" if v is None else str(int(v)))',
+    "flag": '("" if v is None else ("1" if v else "0"))',
+}
+
+
+def _compile_reader(cls, header: tuple[str, ...]) -> Callable:
+    where = {name: i for i, name in enumerate(header)}  # the last of a repeated column, as DictReader
+    args, env = [], {"NAN": NAN, "_FLAG": _FLAG, "_cls": cls, "_slow": _slow_reader(cls, header)}
+    for name, kind in cls._codecs().items():
+        if name in where:
+            args.append(f"{name}=" + _PARSE_EXPR[kind].format(cell=f"c[{where[name]}]"))
+        else:
+            env[f"_m_{name}"] = _MISSING[kind]
+            args.append(f"{name}=_m_{name}")
+    src = ("def read(c):\n    try:\n        return _cls(" + ", ".join(args) + ")\n"
+           "    except (ValueError, KeyError, IndexError, TypeError):\n        pass\n    return _slow(c)\n")
+    exec(compile(src, f"<{cls.__name__} reader>", "exec"), env)
+    return env["read"]
+
+
+def _slow_reader(cls, header: tuple[str, ...]) -> Callable:
+    def slow(cells):
+        return cls.from_csv(dict(zip(header, cells)))  # a short row: the missing cells read as None
+    return slow
+
+
+def _compile_writer(cls, columns: tuple[str, ...]) -> Callable:
+    """The row's float cells are formatted in one ``%`` operation (NaN -> empty,
+    ``-0.0000`` -> ``0.0000``: :func:`facecurate.files.format_float` on each)."""
+    codecs = cls._codecs()
+    floats = [name for name in columns if codecs[name] == "float"]
+    cells, pre = [], ""
+    for name in columns:
+        kind = codecs[name]
+        if kind == "float":
+            cells.append(f"f[{floats.index(name)}]")
+        elif kind == "str":
+            cells.append(f"r.{name}")
+        else:
+            cells.append(_FORMAT_EXPR[kind].replace("v", f"(v := r.{name})", 1))
+    if floats:
+        fmt = "\\x00".join(["%.4f"] * len(floats))
+        pre = (f'    f = ("{fmt}" % (' + "".join(f"r.{n}, " for n in floats) + '))'
+               '.replace("nan", "").replace("-0.0000", "0.0000").split("\\x00")\n')
+    src = "def write(r):\n" + pre + "    return [" + ", ".join(cells) + "]\n"
+    env: dict = {}
+    exec(compile(src, f"<{cls.__name__} writer>", "exec"), env)
+    return env["write"]
 
 
 # ----------------------------------------------------------------------------- align.csv

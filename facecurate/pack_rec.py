@@ -40,6 +40,7 @@ from facecurate.files import csv_text
 from facecurate.pack_inputs import InputError, PackError, _Good
 from facecurate.recdata import image_label, read_layout, read_property, rec_paths
 from facecurate.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
+from facecurate.workspace import Workspace
 
 #: records written per batch (and per progress update)
 _BATCH = 512
@@ -55,27 +56,21 @@ class RecTable:
         self.names: dict[int, str] = {}
         self.whys: list[tuple[str, str]] = []
         codes: dict[tuple[str, str], int] = {}
-        with open(path, newline="", encoding="utf-8") as f:
-            rd = csv.reader(f)
-            head = next(rd, [])
+        ws, cols = Workspace(path.parent), ("key", "label", "identity", "decision", "reason")
+        if not set(cols) <= set(ws.header(path.name)):
+            raise PackError(f"{path} is not the clean.csv of a packed dataset (needs the columns key, label, "
+                            f"identity, decision, reason; run `facecurate clean {path.parent}`)")
+        for n, (key, label, ident, d, reason) in ws.columns(path.name, cols, numbered=True):
             try:
-                ik, il, ii, idc, ir = (head.index(c) for c in ("key", "label", "identity", "decision", "reason"))
+                k, lab = int(key), int(label)
             except ValueError:
-                raise PackError(f"{path} is not the clean.csv of a packed dataset (needs the columns key, label, "
-                                f"identity, decision, reason; run `facecurate clean {path.parent}`)") from None
-            for n, row in enumerate(rd, 2):
-                try:
-                    k, lab = int(row[ik]), int(row[il])
-                except (ValueError, IndexError):
-                    raise PackError(f"{path} line {n}: key and label must be integers") from None
-                keys.append(k)
-                labels.append(lab)
-                if lab >= 0:
-                    self.names.setdefault(lab, row[ii])
-                d = row[idc]
-                keep.append(d == DECISION_KEEP)
-                c = codes.setdefault((d, row[ir]), len(codes))
-                why.append(c)
+                raise PackError(f"{path} line {n}: key and label must be integers") from None
+            keys.append(k)
+            labels.append(lab)
+            if lab >= 0:
+                self.names.setdefault(lab, ident)
+            keep.append(d == DECISION_KEEP)
+            why.append(codes.setdefault((d, reason), len(codes)))
         self.whys = list(codes)
         order = np.argsort(np.asarray(keys, np.int64), kind="stable")
         self.keys = np.asarray(keys, np.int64)[order]

@@ -48,16 +48,13 @@ def embedding_info(out: Path) -> dict:
     """Count, dimension and model of the embedding store, as far as it can be told."""
     info: dict = {}
     ws = Workspace(out)
-    npy = ws.path(C.EMBEDDINGS_NPY)
-    if npy.exists():
+    if ws.has(C.EMBEDDINGS_NPY):
         try:
-            import numpy as np
-
-            a = np.load(npy, mmap_mode="r")
+            a = ws.store_vectors(mmap=True)
             info["count"] = int(a.shape[0])
             info["dim"] = int(a.shape[1]) if a.ndim == 2 else 0
         except (OSError, ValueError) as e:
-            info["note"] = f"{npy.name} unreadable: {e}"
+            info["note"] = f"{C.EMBEDDINGS_NPY} unreadable: {e}"
     elif ws.has(C.EMBEDDINGS_CSV):
         rows, _ = _read(ws, C.EMBEDDINGS_CSV, EmbeddingRow)
         info["count"] = len(rows)

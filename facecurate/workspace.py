@@ -10,15 +10,18 @@ path, the line and the column."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from facecurate import constants as C
-from facecurate.files import csv_text, write_bytes_atomic, write_text_atomic
+from facecurate.files import atomic_write, csv_cell, write_bytes_atomic, write_text_atomic
 from facecurate.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
                                   RowError, clean_columns)
 
@@ -54,6 +57,50 @@ class Store:
     meta: dict
 
 
+class StoreWriter:
+    """The pieces of a store being written (:meth:`Workspace.store_writer`): each
+    :meth:`add` appends vectors and the rows naming them."""
+
+    def __init__(self, f, npy: Path, rows: int, dim: int):
+        import numpy as np
+
+        self.rows, self.dim, self.at = int(rows), int(dim), 0
+        self._csv = csv.writer(f, lineterminator="\n")
+        self._csv.writerow(C.EMBEDDINGS_COLUMNS)
+        self._npy = npy
+        if self.rows == 0:  # nothing to map: the empty array np.save writes
+            np.save(npy, np.zeros((0, self.dim), np.float32))
+            self._arr = None
+        else:
+            self._arr = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(self.rows, self.dim))
+
+    def add(self, vecs, rows: Sequence[EmbeddingRow | Sequence[str]]) -> None:
+        """Vectors (len(rows), dim) and their rows (typed, or the four cells as text)."""
+        import numpy as np
+
+        n = len(rows)
+        if self.at + n > self.rows:
+            raise ValueError(f"store writer: {self.at + n} rows given for a store of {self.rows}")
+        if n:
+            self._arr[self.at:self.at + n] = np.asarray(vecs, np.float32).reshape(n, self.dim)
+        self.at += n
+        w = EmbeddingRow.writer()
+        self._csv.writerows(w(r) if isinstance(r, EmbeddingRow) else r for r in rows)
+
+    def close(self) -> None:
+        """Flush the vectors to disk; ValueError when fewer rows came than announced."""
+        if self.at != self.rows:
+            raise ValueError(f"store writer: {self.at} rows given for a store of {self.rows}")
+        if self._arr is not None:
+            self._arr.flush()
+            self._arr = None
+        fd = os.open(self._npy, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class Workspace:
     """The files of one OUT folder (or of a store folder, or of a packed dataset's
     folder: the same names)."""
@@ -83,44 +130,96 @@ class Workspace:
         """(header, typed rows) of CSV file ``name``; MissingFile when it is not there,
         ManifestError when it lacks a column of ``need`` or a cell cannot be parsed."""
         header, rows = self.stream_table(name, row_type, need)
-        return header, list(rows())
+        was = gc.isenabled()
+        gc.disable()  # rows hold no cycles: a collection every 700 rows would only rescan them
+        try:
+            return header, list(rows())
+        finally:
+            if was:
+                gc.enable()
 
     def stream_table(self, name: str, row_type: type[Row], need: Sequence[str] = ()
                      ) -> tuple[list[str], Callable[[], Iterator]]:
         """(header, a function that streams the typed rows of CSV file ``name``; each
         call reads the file again from the start): the errors of :meth:`read_table`,
-        the header's at once, a cell's when its row is read."""
+        the header's at once, a cell's when its row is read. Rows are parsed by the
+        row type's compiled reader (the same rows as ``from_csv`` on csv.DictReader's
+        dicts, blank lines skipped as it does)."""
         p = self.require(name)
-        try:
-            with open(p, newline="", encoding="utf-8") as f:
-                header = list(csv.DictReader(f).fieldnames or [])
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise ManifestError(f"{p}: not a readable CSV file ({e})") from None
+        header = self._header(p)
         lack = [c for c in need if c not in header]
         if lack:
             raise ManifestError(f"{p} lacks column(s) {', '.join(lack)}: not a facecurate {name}")
-        parse = row_type.from_csv
+        parse = row_type.reader(header)
 
         def rows() -> Iterator:
-            try:
-                with open(p, newline="", encoding="utf-8") as f:
-                    reader = csv.DictReader(f)
-                    for r in reader:
+            with self._csv(p) as reader:
+                next(reader, None)
+                for cells in reader:
+                    if cells:
                         try:
-                            yield parse(r)
+                            yield parse(cells)
                         except RowError as e:
                             raise ManifestError(f"{p} line {reader.line_num}: {e}") from None
-            except (UnicodeDecodeError, csv.Error) as e:
-                raise ManifestError(f"{p}: not a readable CSV file ({e})") from None
         return header, rows
 
+    def columns(self, name: str, columns: Sequence[str], numbered: bool = False) -> Iterator[tuple]:
+        """The text of ``columns`` of CSV file ``name``, row by row (no typed parsing:
+        the fast path for files of millions of rows; blank lines skipped); with
+        ``numbered``, (line number, cells). ManifestError when the file lacks one of
+        the columns or a row is short."""
+        p = self.require(name)
+        with self._csv(p) as reader:
+            header = next(reader, [])
+            where = {c: i for i, c in enumerate(header)}
+            lack = [c for c in columns if c not in where]
+            if lack:
+                raise ManifestError(f"{p} lacks column(s) {', '.join(lack)}: not a facecurate {name}")
+            idx = [where[c] for c in columns]
+            last = max(idx, default=-1)
+            for cells in reader:
+                if not cells:
+                    continue
+                if len(cells) <= last:
+                    raise ManifestError(f"{p} line {reader.line_num}: {len(cells)} cells, {len(header)} columns")
+                got = tuple(cells[i] for i in idx)
+                yield (reader.line_num, got) if numbered else got
+
+    def header(self, name: str) -> list[str]:
+        """The columns of CSV file ``name`` (MissingFile when it is not there)."""
+        return self._header(self.require(name))
+
+    def _header(self, p: Path) -> list[str]:
+        with self._csv(p) as reader:
+            return list(next(reader, []))
+
+    @contextlib.contextmanager
+    def _csv(self, p: Path):
+        """A csv.reader of ``p``; ManifestError when it is not a readable CSV file."""
+        try:
+            with open(p, newline="", encoding="utf-8") as f:
+                yield csv.reader(f)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ManifestError(f"{p}: not a readable CSV file ({e})") from None
+
     def write_table(self, name: str, columns: Sequence[str], rows: Iterable[Row | Sequence]) -> Path:
-        """Write CSV file ``name`` atomically: typed rows (in ``columns``) or rows of
-        cells already in ``columns`` order."""
+        """Write CSV file ``name`` atomically, streaming: typed rows (in ``columns``) or
+        rows of values in ``columns`` order (floats with four decimals, None empty)."""
         cols = tuple(columns)
-        cells = (r.to_csv(cols) if isinstance(r, Row) else r for r in rows)
+        writers: dict = {}
+
+        def cells(r):
+            if isinstance(r, Row):
+                w = writers.get(type(r))
+                if w is None:
+                    w = writers[type(r)] = type(r).writer(cols)
+                return w(r)
+            return [csv_cell(v) for v in r]
         p = self.out / name
-        write_text_atomic(p, csv_text(cols, cells))
+        with atomic_write(p, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(cols)
+            w.writerows(map(cells, rows))
         return p
 
     def read_json(self, name: str, required: bool = False) -> dict:
@@ -184,22 +283,67 @@ class Workspace:
     def store(self, *, mmap: bool = False) -> Store:
         """The embedding store; MissingFile when there is none, ManifestError when its
         .csv and .npy disagree."""
-        import numpy as np
-
         if not self.has_store():
             raise MissingFile(f"no embedding store in {self.out} (run: facecurate embed {self.out})")
-        vecs = np.load(self.out / C.EMBEDDINGS_NPY, mmap_mode="r" if mmap else None)
+        vecs = self.store_vectors(mmap=mmap)
         _, rows = self.read_table(C.EMBEDDINGS_CSV, EmbeddingRow, ("aligned",))
-        if len(rows) != len(vecs):
-            raise ManifestError(f"{self.out}: {C.EMBEDDINGS_CSV} has {len(rows)} rows but {C.EMBEDDINGS_NPY} "
-                                f"{len(vecs)} vectors (rerun: facecurate embed {self.out})")
+        self.check_store_rows(len(rows), len(vecs))
         return Store(vecs, rows, self.store_meta())
 
-    def write_store(self, npy: bytes, rows: Iterable[EmbeddingRow], meta: dict) -> None:
-        """The store's three files (each atomic; the .json, written last, marks it whole)."""
+    def store_vectors(self, *, mmap: bool = False):
+        """The store's vectors alone, float32 (N, D): read, or with ``mmap`` mapped
+        read-only (stores larger than memory). MissingFile when there is none,
+        ManifestError when the .npy cannot be read."""
+        import numpy as np
+
+        p = self.require(C.EMBEDDINGS_NPY)
+        try:
+            return np.load(p, mmap_mode="r" if mmap else None)
+        except ValueError as e:
+            raise ManifestError(f"{p}: not a readable .npy file ({e})") from None
+
+    def store_columns(self, *columns: str) -> Iterator[tuple[str, ...]]:
+        """The text of ``columns`` of embeddings.csv, row by row (row i names vector i):
+        the fast path for stores of millions of rows (see :meth:`columns`)."""
+        return self.columns(C.EMBEDDINGS_CSV, columns)
+
+    def check_store_rows(self, rows: int, vectors: int) -> None:
+        """ManifestError when embeddings.csv's ``rows`` do not name the .npy's ``vectors``."""
+        if rows != vectors:
+            raise ManifestError(f"{self.out}: {C.EMBEDDINGS_CSV} has {rows} rows but {C.EMBEDDINGS_NPY} "
+                                f"{vectors} vectors (rerun: facecurate embed {self.out})")
+
+    def write_store(self, npy: bytes, rows: Iterable[EmbeddingRow], meta: Optional[dict] = None) -> None:
+        """The store's three files (each atomic; the .json, written last, marks it whole;
+        ``meta`` None: the caller writes it with :meth:`write_store_meta`)."""
         write_bytes_atomic(self.out / C.EMBEDDINGS_NPY, npy)
         self.write_table(C.EMBEDDINGS_CSV, C.EMBEDDINGS_COLUMNS, rows)
-        self.write_json(C.EMBEDDINGS_META, meta)
+        if meta is not None:
+            self.write_store_meta(meta)
+
+    def write_store_meta(self, meta: dict) -> Path:
+        return self.write_json(C.EMBEDDINGS_META, meta)
+
+    @contextlib.contextmanager
+    def store_writer(self, rows: int, dim: int) -> Iterator["StoreWriter"]:
+        """A store of ``rows`` vectors of ``dim`` written piece by piece (memory bounded
+        by a piece, not the store): the .npy through a memory map, embeddings.csv
+        streamed, both under temporary names renamed at the end, only when every
+        vector was given; the bytes equal :meth:`write_store`'s. The caller writes
+        the meta after (:meth:`write_store_meta`)."""
+        npy_tmp = None
+        try:
+            with atomic_write(self.out / C.EMBEDDINGS_CSV, "w", encoding="utf-8", newline="") as f:
+                fd, tmp = tempfile.mkstemp(prefix=f".{C.EMBEDDINGS_NPY}.", suffix=".tmp", dir=self.out)
+                os.close(fd)
+                npy_tmp = Path(tmp)
+                w = StoreWriter(f, npy_tmp, rows, dim)
+                yield w
+                w.close()
+                os.replace(npy_tmp, self.out / C.EMBEDDINGS_NPY)
+        finally:
+            if npy_tmp is not None:
+                npy_tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ clean
     def clean_table(self, need: Sequence[str] = CLEAN_NEED) -> tuple[tuple[str, ...], list[CleanRow]]:
@@ -243,4 +387,4 @@ class Workspace:
         return self.write_table(name, C.REVIEW_COLUMNS, rows)
 
 
-__all__ = ["Workspace", "Store", "MissingFile", "ManifestError", "MAKERS"]
+__all__ = ["Workspace", "Store", "StoreWriter", "MissingFile", "ManifestError", "MAKERS"]

@@ -114,12 +114,14 @@ def test_review_budget_keeps_the_faces_just_short_of_keep():
     scores = np.array([0.95, 0.95, 0.89, 0.85, 0.81, 0.82, 0.7, 0.96])
     decisions = ["keep", "keep", "review", "review", "review", "review", "drop", "keep"]
     reasons = ["centre", "centre", "uncertain", "uncertain", "uncertain", "uncertain", "far_from_centre", "centre"]
-    resolved = ci.limit_review(decisions, reasons, scores, p, total=len(scores))  # budget: 4 faces
+    dec = np.array([cparams.DECISIONS.index(d) for d in decisions])
+    rea = np.array([cparams.RC[r] for r in reasons])
+    resolved = core.limit_review(dec, rea, scores, p, total=len(scores))  # budget: 4 faces
     assert resolved == 0
-    resolved = ci.limit_review(decisions, reasons, scores, dataclasses.replace(p, max_review=0.25), len(scores))
+    resolved = core.limit_review(dec, rea, scores, dataclasses.replace(p, max_review=0.25), len(scores))
     assert resolved == 2  # budget 2: the two highest band faces stay in review
-    assert decisions == ["keep", "keep", "review", "review", "drop", "drop", "drop", "keep"]
-    assert reasons[4:6] == ["far_from_centre", "far_from_centre"]
+    assert [cparams.DECISIONS[c] for c in dec] == ["keep", "keep", "review", "review", "drop", "drop", "drop", "keep"]
+    assert [cparams.REASONS[c] for c in rea[4:6]] == ["far_from_centre", "far_from_centre"]
 
 
 def test_merge_candidates_exact_and_ivf_agree():

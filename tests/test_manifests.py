@@ -200,3 +200,90 @@ def test_store_whose_csv_and_npy_disagree_is_refused(run, tmp_path):
     (out / C.EMBEDDINGS_CSV).write_text("".join(lines[:-1]))
     with pytest.raises(ManifestError, match=rf"has {len(lines) - 2} rows but {C.EMBEDDINGS_NPY} {len(lines) - 1}"):
         Workspace(out).store()
+
+
+# ----------------------------------------------------------------------------- compiled converters
+def _reference_cells(row, columns) -> list[str]:
+    from facecurate.manifests import _CODECS
+
+    return [_CODECS[type(row)._codecs()[c]][1](getattr(row, c)) for c in columns]
+
+
+def _same_row(a, b) -> bool:
+    return _reference_cells(a, a.COLUMNS) == _reference_cells(b, b.COLUMNS)
+
+
+@pytest.mark.parametrize("cells", [
+    ["a/1.jpg", "a", "0", "ok", "1", "a/1_0.jpg", "3.5"],  # short row: the rest reads as missing
+    ["a/1.jpg", "a", "3.0", "ok", " 1", "", " 2.5 ", " "],  # the cells only the slow parser takes
+    ["a/1.jpg", "a", "", "no_face", "", "", "nan", "inf", "-inf", "-0.0", "1e3"],
+    ["a/1.jpg", "a", "-1", "ok", "0", "x", *["1.25"] * 17, "640", "480", "dlib", "m", "extra cell"],
+])
+def test_the_compiled_reader_gives_from_csv_rows(cells):
+    """Row.reader (positional, compiled) equals from_csv on csv.DictReader's dict for
+    the same row, also for the rows the fast path hands to the slow one."""
+    header = list(C.ALIGN_COLUMNS)
+    fast = AlignRow.reader(header)(cells)
+    slow = AlignRow.from_csv(next(csv.DictReader(io.StringIO(csv_text(header, [cells]), newline=""))))
+    assert _same_row(fast, slow) and fast.face == slow.face and fast.primary == slow.primary
+    # a header in another order, with a column missing and one repeated (the last one counts)
+    header2 = ["identity", "source", "face", "face", "status"]
+    fast = AlignRow.reader(header2)(["a", "a/1.jpg", "7", "2", "ok"])
+    assert (fast.identity, fast.source, fast.face, fast.status, fast.aligned) == ("a", "a/1.jpg", 2, "ok", "")
+
+
+def test_the_compiled_reader_raises_the_same_row_errors():
+    read = AlignRow.reader(C.ALIGN_COLUMNS)
+    with pytest.raises(RowError, match=r"column 'face': 'zero' is not an integer"):
+        read(["a/1.jpg", "a", "zero", "ok"])
+    with pytest.raises(RowError, match=r"column 'primary': 'yes' is not 0 or 1"):
+        read(["a/1.jpg", "a", "0", "ok", "yes"])
+    with pytest.raises(RowError, match=r"column 'x1': '3,5' is not a number"):
+        read(["a/1.jpg", "a", "0", "ok", "1", "x", "3,5"])
+
+
+def test_the_compiled_writer_formats_as_format_float():
+    """One % operation per row gives each float cell format_float's text (NaN empty,
+    -0.0000 without its sign), ints and flags as the reference codecs."""
+    from facecurate.files import format_float
+
+    vals = [math.nan, -0.0, 0.0, -0.00004, -0.00005, -0.00006, 0.00005, -1.23456, 123.99995, 1e20, math.inf,
+            -math.inf, -0.5, 2.0000499]
+    for v in vals:
+        assert MergeRow(a="x", b="y", similarity=v).to_csv() == ["x", "y", format_float(v)]
+    row = CleanRow(identity="nan", aligned="-0.0000", decision="keep", reason="centre", score=-0.00001, cluster=0,
+                   face=3, primary=False, x1=math.nan, y1=-0.0, key=None)
+    assert row.to_csv() == _reference_cells(row, C.CLEAN_COLUMNS)
+    assert row.to_csv()[:4] == ["", "nan", "3", "-0.0000"]  # text cells are never touched
+    rec = row.replace(key=12, label=3)
+    assert rec.to_csv(C.REC_CLEAN_COLUMNS) == _reference_cells(rec, C.REC_CLEAN_COLUMNS)
+
+
+def test_the_streaming_store_writer_equals_the_whole_store_and_is_atomic(tmp_path):
+    """store_writer, piece by piece, leaves the bytes write_store leaves; a writer
+    that fails (or gets fewer rows than announced) leaves no file behind."""
+    import io as _io
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((5, 4)).astype(np.float32)
+    rows = [EmbeddingRow(aligned=f"rec:{i}", source=f"train.rec:{i}", identity=str(i % 2), face="0") for i in range(5)]
+    whole, streamed = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    whole.out.mkdir()
+    streamed.out.mkdir()
+    buf = _io.BytesIO()
+    np.save(buf, vecs)
+    whole.write_store(buf.getvalue(), rows)
+    with streamed.store_writer(5, 4) as w:
+        w.add(vecs[:2], rows[:2])
+        w.add(vecs[2:], [r.to_csv() for r in rows[2:]])
+    for n in (C.EMBEDDINGS_NPY, C.EMBEDDINGS_CSV):
+        assert (whole.path(n)).read_bytes() == (streamed.path(n)).read_bytes()
+    assert [tuple(r) for r in streamed.store_columns("aligned", "identity")] == [(r.aligned, r.identity) for r in rows]
+    bad = Workspace(tmp_path / "c")
+    bad.out.mkdir()
+    with pytest.raises(ValueError, match="3 rows given for a store of 5"):
+        with bad.store_writer(5, 4) as w:
+            w.add(vecs[:3], rows[:3])
+    assert sorted(p.name for p in bad.out.iterdir()) == []

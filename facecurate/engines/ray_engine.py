@@ -1,9 +1,15 @@
 """The Ray engine: one stateful actor per worker slot of a Ray cluster.
 
 Each actor holds a :class:`facecurate.runner.ShardRunner` (models loaded once) and
-runs shards one at a time; the driver keeps every actor two shards deep and is the
-only place that decides retries (actors are created with ``max_restarts=0`` and
-``max_task_retries=0``, so Ray itself retries nothing behind our back):
+runs shards one at a time. Every actor is created at once and handed its first shard
+with its setup call, so it starts on it the moment its models are loaded; from then
+on the driver keeps it two shards deep (one when fewer shards are left than workers,
+so that none waits at the end behind another's second shard). While some actors are
+still starting (at most :data:`GATHER` seconds), an actor takes at most its fair share
+of the run's shards, so that the work spreads over every node however late a node's
+models load. The driver is the only place that decides retries (actors are created
+with ``max_restarts=0`` and ``max_task_retries=0``, so Ray retries nothing behind
+our back):
 
 * a shard whose code raises is retried on any actor;
 * an actor that dies (its process or its whole node) costs the shards it held:
@@ -32,8 +38,11 @@ from facecurate.runner import MAX_SHARD_RETRIES, Outcome, RunError, ShardRunner,
 LOCAL_OBJECT_STORE = 256 * 1024 * 1024
 #: How long the run waits for a worker to start when none is running (seconds).
 START_TIMEOUT = float(os.environ.get("FACECURATE_RAY_START_TIMEOUT", "180"))
-#: How long the first workers wait for the others to start before taking shards (seconds).
+#: While other workers are still starting, a ready worker takes at most its fair share
+#: of the shards, for at most this many seconds after the start of the run.
 GATHER = 15.0
+#: How long the driver waits for an answer before it checks for a stall (seconds).
+POLL = 0.5
 
 
 class ShardActor:
@@ -53,6 +62,8 @@ class ShardActor:
         return {"node": self.runner.node, "pid": os.getpid()}
 
     def run(self, shard) -> dict:
+        if self.runner is None:  # its setup failed; the driver learns why from the setup call
+            raise RuntimeError("the worker's setup failed")
         return self.runner.run(shard)
 
 
@@ -121,10 +132,10 @@ class RayEngine:
 
         n = self.lanes(spec, len(shards))
         actor_cls = ray.remote(ShardActor).options(max_restarts=0, max_task_retries=0, **self.resources)
-        state = _State(self, spec, actor_cls, deque(shards))
+        state = _State(self, spec, actor_cls, deque(shards), n)
         try:
             for _ in range(n):
-                state.new_actor()
+                state.new_actor(first=True)
             yield from state.loop()
         finally:
             state.kill_all()
@@ -136,40 +147,56 @@ class RayEngine:
 class _State:
     """The driver's bookkeeping for one run: actors, shards in flight, retries."""
 
-    def __init__(self, engine: RayEngine, spec: WorkerSpec, actor_cls, pending: deque):
+    def __init__(self, engine: RayEngine, spec: WorkerSpec, actor_cls, pending: deque, lanes: int):
         self.e, self.spec, self.cls, self.pending = engine, spec, actor_cls, pending
-        self.refs: dict = {}  # ObjectRef -> ("setup", actor) | ("run", actor, shard)
-        self.ready: dict = {}  # actor -> shards in flight
+        self.refs: dict = {}  # ObjectRef -> ("setup", actor, None) | ("run", actor, shard)
+        self.held: dict = {}  # live actor -> shards in flight
+        self.ready: set = set()  # live actors whose setup has answered
+        self.taken: dict = {}  # actor -> shards handed to it in this run
+        self.first: set = set()  # the actors created at the start of the run, while alive
+        self.share = -(-len(pending) // max(1, lanes))  # a fair share of the run's shards
         self.tries: dict = {}
         self.deaths = 0
         self.started = self.last_progress = time.monotonic()
-        self.starting = 0  # actors whose setup has not answered yet
 
-    def new_actor(self) -> None:
+    def new_actor(self, first: bool = False) -> None:
+        """Create an actor. One of the run's first actors is handed its first shard
+        with its setup (a replacement gets shards once it has started: Ray may have
+        no room for it)."""
         a = self.cls.remote()
         self.refs[a.setup.remote(self.spec)] = ("setup", a, None)
-        self.starting += 1
+        self.held[a] = self.taken[a] = 0
+        if first:
+            self.first.add(a)
+            if self.pending:
+                self._give(a)
+
+    def _give(self, actor) -> None:
+        shard = self.pending.popleft()
+        self.refs[actor.run.remote(shard)] = ("run", actor, shard)
+        self.held[actor] += 1
+        self.taken[actor] += 1
 
     def kill_all(self) -> None:
         import ray
 
-        for v in list(self.refs.values()) + [("", a, None) for a in self.ready]:
+        for a in {v[1] for v in self.refs.values()} | set(self.held):
             try:
-                ray.kill(v[1], no_restart=True)
+                ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
     def _feed(self) -> None:
-        # The first workers wait (up to GATHER seconds) for the others to load their
-        # models, so that the first shards spread over every node.
-        if self.starting and time.monotonic() - self.started < GATHER:
-            return
-        for a, held in self.ready.items():
-            while self.pending and held < 2:
-                shard = self.pending.popleft()
-                self.refs[a.run.remote(shard)] = ("run", a, shard)
-                held += 1
-            self.ready[a] = held
+        # Two shards deep, so that an actor never waits for the driver between two
+        # shards; one when fewer shards are left than actors. While the first actors
+        # start, none takes more than its share, so that the work spreads over every node.
+        self._reclaim()
+        capped = bool(self.first - self.ready) and time.monotonic() - self.started < GATHER
+        for a in self.ready:
+            while self.pending and self.held[a] < (2 if len(self.pending) >= len(self.held) else 1):
+                if capped and self.taken[a] >= self.share:
+                    break
+                self._give(a)
 
     def _retry(self, shard, err: str) -> Optional[Outcome]:
         n = self.tries.get(shard.index, 0)
@@ -179,28 +206,64 @@ class _State:
         self.pending.append(shard)
         return None
 
-    def _actor_died(self, actor, err: str) -> list[Outcome]:
-        """Requeue every shard the dead actor held and ask for a replacement."""
+    def _reclaim(self) -> None:
+        """No shard left to hand out and a started actor idle, while an actor still
+        loading its models holds the shard it was given at creation: end that actor
+        and give its shard to the started one."""
         import ray
 
-        if any(k == "setup" and a is actor for k, a, _ in self.refs.values()) or actor not in self.ready:
-            self.starting = max(0, self.starting - 1)
+        if self.pending or not any(self.held[a] == 0 for a in self.ready):
+            return
+        for ref, (kind, a, _) in list(self.refs.items()):
+            if kind == "setup" and self.held.get(a) and not ray.wait([ref], timeout=0)[0]:
+                self._forget(a)
 
-        out = []
-        self.ready.pop(actor, None)
+    def _started(self, actor) -> bool:
+        """Whether the actor's setup has succeeded (the driver may not have read it yet)."""
+        import ray
+
+        if actor in self.ready:
+            return True
+        for ref, (kind, a, _) in self.refs.items():
+            if kind == "setup" and a is actor and ray.wait([ref], timeout=0)[0]:
+                try:
+                    return not ray.get(ref).get("error")
+                except Exception:  # noqa: BLE001 - it died in its setup
+                    return False
+        return False
+
+    def _forget(self, actor) -> list:
+        """End ``actor`` and drop its calls. Returns the shards it held; those it was
+        given before its setup succeeded never ran there and go back to the queue."""
+        import ray
+
+        was_ready = self._started(actor)
+        for group in (self.ready, self.first):
+            group.discard(actor)
+        self.held.pop(actor, None)
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
+        held = []
         for ref, (kind, a, shard) in list(self.refs.items()):
             if a is actor:
                 del self.refs[ref]
-                if kind == "run":
-                    o = self._retry(shard, err)
-                    if o is not None:
-                        out.append(o)
+                if kind == "run" and was_ready:
+                    held.append(shard)
+                elif kind == "run":
+                    self.pending.appendleft(shard)
+        return held
+
+    def _actor_died(self, actor, err: str) -> list[Outcome]:
+        """Requeue every shard the dead actor held (a try each) and ask for a replacement."""
+        out = []
+        for shard in self._forget(actor):
+            o = self._retry(shard, err)
+            if o is not None:
+                out.append(o)
         self.deaths += 1
-        if self.pending and self.deaths <= 4 * (self.e.max_retries + 1) * max(1, len(self.ready) + 1):
+        if self.pending and self.deaths <= 4 * (self.e.max_retries + 1) * max(1, len(self.held) + 1):
             self.new_actor()
         return out
 
@@ -214,7 +277,7 @@ class _State:
                     s = self.pending.popleft()
                     yield Outcome(s, None, "no Ray worker left", retries=self.tries.get(s.index, 0))
                 return
-            done, _ = ray.wait(list(self.refs), num_returns=1, timeout=2.0)
+            done, _ = ray.wait(list(self.refs), num_returns=1, timeout=POLL)
             if not done:
                 self._check_stall()
                 continue
@@ -234,7 +297,7 @@ class _State:
             if kind == "setup":
                 yield from self._actor_died(actor, f"worker setup failed: {e}")
                 return
-            self.ready[actor] = max(0, self.ready.get(actor, 1) - 1)
+            self.held[actor] = max(0, self.held.get(actor, 1) - 1)
             o = self._retry(shard, str(getattr(e, "cause", None) or e).splitlines()[0])
             if o is not None:
                 yield o
@@ -245,12 +308,11 @@ class _State:
             yield from self._actor_died(actor, f"worker died: {type(e).__name__}")
             return
         if kind == "setup":
-            self.starting -= 1
             if value.get("error"):
                 raise WorkerSetupError(value["error"])
-            self.ready[actor] = 0
+            self.ready.add(actor)
             return
-        self.ready[actor] = max(0, self.ready.get(actor, 1) - 1)
+        self.held[actor] = max(0, self.held.get(actor, 1) - 1)
         yield Outcome(shard, value, retries=self.tries.get(shard.index, 0))
 
     def _check_stall(self) -> None:
