@@ -209,7 +209,8 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
     alive = dec == KEEP
     sums = np.zeros((k, d), np.float64)
     if alive.any():
-        add_at_rows(sums, identity[alive], emb[alive])
+        kept = np.flatnonzero(alive)
+        add_at_rows(sums, identity[kept], emb, rows=kept)  # no copy of the kept faces' vectors
     has = np.linalg.norm(sums, axis=1) > 0
     fin = normalize(np.where(has[:, None], sums, centres)).astype(np.float32)
     live = np.nonzero(has & ~np.isin(np.arange(k), list(excluded)))[0]

@@ -678,3 +678,38 @@ def test_array_thresholds_decide_as_decide_identity(seed):
             assert np.array_equal(ss.view(np.uint8), out["score"][lo:hi].view(np.uint8)), j
             assert np.array_equal(np.where(du >= 0, du + lo, -1), out["dup_of"][lo:hi]), j
         assert (out["reason"] == cparams.RC[cparams.R_DUPLICATE]).sum() >= 5
+
+
+def _core_digest(res) -> str:
+    """sha256 of every field of a CoreResult (float bits included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (json.dumps([res.decision, res.reason, res.identities, res.merges, res.review_resolved],
+                            sort_keys=True, default=float).encode(),
+                 np.ascontiguousarray(res.score, np.float32).tobytes(),
+                 np.ascontiguousarray(res.cluster, np.int64).tobytes(),
+                 np.ascontiguousarray(res.dup_of, np.int64).tobytes(),
+                 np.ascontiguousarray(res.centres, np.float32).tobytes()):
+        h.update(part)
+    return h.hexdigest()
+
+
+#: clean_core's result on the scale benchmark's synthetic data at 100k faces / 10k
+#: identities (benchmarks/clean.py's synth), recorded from the code of 631aa1f (before
+#: the stacked per-identity path, the cache-sized cohort parts and the buffered
+#: add_at_rows): every speed-up since must give the same bits.
+CORE_100K_DIGEST = "fd6a0ccd8b6b54c4cb2ab6f65a2234c581dce3082717c8e150e3f2a86d8221e9"
+
+
+def test_clean_core_at_100k_faces_keeps_its_bits_for_1_and_2_workers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_clean", Path(__file__).parents[1] / "benchmarks" / "clean.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, ident, photo, quality, _ = bench.synth(100_000, 10_000, 128)
+    p = cparams.default_params("dlib")
+    digests = {w: _core_digest(core.clean_core(x, ident, photo, quality, p, workers=w)) for w in (1, 2)}
+    assert digests[1] == digests[2]
+    assert digests[1] == CORE_100K_DIGEST
