@@ -147,13 +147,15 @@ class KeyedRecords:
     few records are needed (review and report thumbnails, clean's pixel check); the
     stages that need every record stream the file instead."""
 
-    def __init__(self, rec: os.PathLike | str):
+    def __init__(self, rec: os.PathLike | str, keys=None):
+        """``keys``: only these records will be asked for (the .idx is then streamed
+        and only their offsets kept: memory bounded by them, not by the rec)."""
         import numpy as np
 
-        from facecurate.recordio import read_idx_arrays
+        from facecurate.recordio import read_idx_arrays, read_idx_keys
 
         self.rec_path, self.idx_path = rec_paths(rec)
-        keys, offs = read_idx_arrays(self.idx_path)
+        keys, offs = read_idx_arrays(self.idx_path) if keys is None else read_idx_keys(self.idx_path, keys)
         order = np.argsort(keys, kind="stable")
         self.keys, self.offsets = keys[order], offs[order]
         self._f: Optional[BinaryIO] = None

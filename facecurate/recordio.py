@@ -418,6 +418,43 @@ def read_idx_arrays(path: Union[str, os.PathLike]):
     return vals[:, 0].copy(), vals[:, 1].copy()
 
 
+def read_idx_keys(path: Union[str, os.PathLike], wanted, chunk: int = 1 << 22):
+    """(keys, offsets) of the .idx lines whose key is in ``wanted`` (an int array),
+    in file order, reading the file ``chunk`` bytes at a time: memory bounded by the
+    chunk and the answer, whatever the size of the .idx. A chunk that does not parse
+    goes through :func:`read_idx_arrays`'s checks (which name the bad line)."""
+    import numpy as np
+
+    wanted = np.unique(np.asarray(wanted, np.int64))
+    keys, offs = [], []
+    rest = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            data = rest + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                data, rest = data[:cut], data[cut:]
+            if data.strip():
+                try:
+                    vals = np.array(data.split(), dtype=np.int64)
+                except ValueError:
+                    vals = None
+                if vals is None or vals.size % 2:
+                    k, o = read_idx_arrays(path)  # raises RecordIOError naming the line
+                    m = np.isin(k, wanted)
+                    return k[m], o[m]
+                vals = vals.reshape(-1, 2)
+                m = np.isin(vals[:, 0], wanted)
+                keys.append(vals[m, 0])
+                offs.append(vals[m, 1])
+            if not block:
+                break
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(keys), np.concatenate(offs)
+
+
 def idx_text(entries: Sequence[tuple[int, int]]) -> str:
     return "".join(f"{k}\t{o}\n" for k, o in entries)
 

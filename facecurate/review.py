@@ -69,9 +69,11 @@ def _cluster(r: CleanRow) -> int:
     return c if c is not None and c >= 0 else 1 << 30
 
 
-def image_data_uri(path: Path) -> str | None:
+def image_data_uri(path: Path, records=None) -> str | None:
     """``data:`` URI of an image file, or None when it cannot be read. ``OUT/rec:<key>``
-    (a record of the packed dataset in OUT) is read from OUT/train.rec."""
+    (a record of the packed dataset in OUT) is read from OUT/train.rec, through
+    ``records`` (a :class:`facecurate.recdata.KeyedRecords` of the keys a page shows)
+    when given, else through the whole .idx."""
     from facecurate.constants import IDX_NAME
     from facecurate.recdata import rec_key
 
@@ -79,11 +81,12 @@ def image_data_uri(path: Path) -> str | None:
     if key is not None:
         from facecurate.imageio import image_kind
 
-        try:
-            stamp = (path.parent / IDX_NAME).stat().st_mtime_ns
-        except OSError:
-            return None
-        data = _records(str(path.parent), stamp).image(key)
+        if records is None:
+            try:
+                records = _records(str(path.parent), (path.parent / IDX_NAME).stat().st_mtime_ns)
+            except OSError:
+                return None
+        data = records.image(key)
         if data is None:
             return None
         mime = _MIME.get("." + (image_kind(data) or "jpg"), "application/octet-stream")
@@ -94,6 +97,20 @@ def image_data_uri(path: Path) -> str | None:
         return None
     mime = _MIME.get(path.suffix.lower(), "application/octet-stream")
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _sheet_records(out_dir: Path, sections: Sequence[Section]):
+    """For clean.csv of a packed dataset: the records the sheet shows, their offsets
+    read in one streamed pass over OUT/train.idx (memory bounded by the sheet, not by
+    the rec); None for crops in folders."""
+    from facecurate.constants import IDX_NAME
+    from facecurate.recdata import KeyedRecords, rec_key
+
+    keys = [k for s in sections for r in (*s.review, *s.references)
+            if (k := rec_key(r.aligned)) is not None]
+    if not keys or not (out_dir / IDX_NAME).exists():
+        return None
+    return KeyedRecords(out_dir, keys=keys)
 
 
 @functools.lru_cache(maxsize=2)
@@ -201,11 +218,12 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
     missing: list[str] = []
     pages = paginate(sections, page_size)
     raw = ws.raw_dir()
+    records = _sheet_records(out_dir, sections)
     names = [page_name(k, html_name) for k in range(1, len(pages) + 1)]
     sizes = []
     for k, secs in enumerate(pages, 1):
         page = render_review_html(out_dir, secs, missing, page=k, pages=names,
-                                  totals=(len(table), len(sections)), raw=raw)
+                                  totals=(len(table), len(sections)), raw=raw, records=records)
         write_text_atomic(out_dir / names[k - 1], page)
         sizes.append(len(page.encode("utf-8")))
     # pages of an earlier, longer sheet would be stale: remove them
@@ -236,9 +254,9 @@ def raw_dir(out_dir: Path) -> Path | None:
 
 
 def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int | None = None,
-          raw: Path | None = None) -> str:
+          raw: Path | None = None, records=None) -> str:
     aligned = r.aligned
-    uri = image_data_uri(out_dir / aligned) if aligned else None
+    uri = image_data_uri(out_dir / aligned, records) if aligned else None
     score = r.score
     score_txt = format_float(score, 3) if score == score else "n/a"
     title = f"{r.source} face {'' if r.face is None else r.face}"
@@ -266,8 +284,9 @@ def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int 
 
 def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list[str] | None = None, *,
                        page: int = 1, pages: Sequence[str] = (C.REVIEW_HTML,),
-                       totals: tuple[int, int] | None = None, raw: Path | None = None) -> str:
-    """One page as a string (deterministic: no timestamps, stable order)."""
+                       totals: tuple[int, int] | None = None, raw: Path | None = None, records=None) -> str:
+    """One page as a string (deterministic: no timestamps, stable order). ``records``:
+    see :func:`image_data_uri`."""
     if missing is None:
         missing = []
     total = sum(len(s.review) for s in sections)
@@ -278,11 +297,11 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
     for si, s in enumerate(sections):
         sid = f"s{si}"
         nav.append(f'<a href="#{sid}">{_esc(s.identity)} <b>{len(s.review)}</b></a>')
-        refs = "".join(_card(out_dir, r, "ref", missing) for r in s.references) or \
+        refs = "".join(_card(out_dir, r, "ref", missing, records=records) for r in s.references) or \
             '<p class="none">no kept faces yet</p>'
         cards = []
         for r in s.review:
-            cards.append(_card(out_dir, r, "review", missing, idx, raw))
+            cards.append(_card(out_dir, r, "review", missing, idx, raw, records))
             idx += 1
         parts.append(
             f'<section id="{sid}" data-identity="{_esc(s.identity)}">'

@@ -211,3 +211,46 @@ def test_sums_hashed_by_the_child_equal_sums_hashed_in_line(tmp_path, fail):
             sw.close()
         texts.append(sums.read_text())
     assert texts[0] == texts[1] and texts[0].count("\n") == 703
+
+
+def test_review_reads_only_the_offsets_of_the_faces_it_shows(tmp_path):
+    """read_idx_keys streams the .idx in chunks (boundaries inside lines included) and
+    keeps only the wanted keys, as filtering the whole index does; a bad line is
+    still named; the sheet's KeyedRecords holds only the sheet's records and reads
+    their bytes."""
+    import numpy as np
+
+    from facecurate.recdata import KeyedRecords
+    from facecurate.recordio import RecordIOError, read_idx_arrays, read_idx_keys
+
+    rec = _rec(tmp_path / "r", 5000, header=True)
+    idx = rec.with_suffix(".idx")
+    k_all, o_all = read_idx_arrays(idx)
+    want = np.array([0, 1, 17, 2500, 4999, 5000, 123456])
+    for chunk in (7, 64, 1 << 22):
+        k, o = read_idx_keys(idx, want, chunk=chunk)
+        m = np.isin(k_all, want)
+        assert np.array_equal(k, k_all[m]) and np.array_equal(o, o_all[m])
+    kr = KeyedRecords(rec.parent, keys=[17, 2500])
+    assert kr.keys.size == 2 and kr.image(17) == b"img16" and kr.image(3) is None
+    bad = tmp_path / "bad.idx"
+    bad.write_bytes(idx.read_bytes()[:200] + b"x\n" + idx.read_bytes()[200:])
+    with pytest.raises(RecordIOError):
+        read_idx_keys(bad, want, chunk=64)
+
+
+def test_review_of_a_rec_shows_every_face_from_the_record_bytes(tmp_path):
+    """write_review on a packed dataset's clean.csv: every card's thumbnail comes from
+    its record (none missing), through the sheet's own offsets."""
+    import base64
+
+    from facecurate.review import write_review
+
+    d = tmp_path / "r"
+    _rec(d, 3000)
+    _clean_csv(d, 3000)
+    s = write_review(d)
+    assert s["review_faces"] == 40 and s["missing_crops"] == 0
+    page = (d / "review.html").read_text()
+    for k in (0, 39):
+        assert base64.b64encode(b"img%d" % k).decode() in page
