@@ -58,6 +58,11 @@ def _image_lines(keys: range, offsets: Sequence[int], labels: Sequence[float], d
     return "".join(out)
 
 
+#: Image bytes pack hashes in its own thread before handing the rest to a child
+#: process (a spawned child takes about 0.1 s to start: more than hashing 64 MB).
+INLINE_BYTES = 64 * 1024 * 1024
+
+
 class SumsWriter:
     """Writes ``train.sums`` while pack writes the records, batch by batch, in the same
     pass. With ``rec`` (the .rec being written), the image records are hashed off
@@ -72,6 +77,7 @@ class SumsWriter:
         self._placeholder_at: Optional[int] = None
         self._rec = rec
         self._hasher: Optional[_Hasher] = None
+        self._inline = 0  # image bytes hashed in pack's thread so far
 
     def placeholder(self, key: int, offset: int, length: int) -> None:
         """A fixed-width line for a record written later in place (the insightface
@@ -87,8 +93,11 @@ class SumsWriter:
                   self._placeholder_at)
 
     def images(self, k0: int, offsets: Sequence[int], labels: Sequence[float], datas: Sequence[bytes]) -> None:
-        """Lines of image records already written (and flushed) to the .rec."""
-        if self._rec is None:
+        """Lines of image records already written (and flushed) to the .rec. The first
+        :data:`INLINE_BYTES` are hashed here (starting the child costs more than
+        hashing a small pack), the rest by the child."""
+        if self._rec is None or (self._hasher is None and self._inline < INLINE_BYTES):
+            self._inline += sum(len(d) for d in datas)
             self.f.write(_image_lines(range(k0, k0 + len(offsets)), offsets, labels, datas))
             return
         if self._hasher is None:
@@ -123,7 +132,7 @@ class _Hasher:
     def __init__(self, rec: os.PathLike | str, sums: str):
         import multiprocessing
 
-        ctx = multiprocessing.get_context("fork")
+        ctx = multiprocessing.get_context("spawn")  # as every worker: never fork a process that may run threads
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_hash_records, args=(child, str(rec), sums, os.getpid()), daemon=True,
                                 name="facecurate-sums")

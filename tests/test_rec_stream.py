@@ -177,13 +177,17 @@ def test_review_of_a_large_clean_csv_holds_only_the_sheet(tmp_path):
 
 
 @pytest.mark.parametrize("fail", [False, True])
-def test_sums_hashed_by_the_child_equal_sums_hashed_in_line(tmp_path, fail):
+def test_sums_hashed_by_the_child_equal_sums_hashed_in_line(tmp_path, fail, monkeypatch):
     """train.sums from the hashing child process is byte for byte the file hashing in
     pack's thread writes, records split around an aligned magic included; a pack that
-    fails stops the child (no process left behind)."""
+    fails stops the child (no process left behind). The first batch is hashed in
+    line, the rest by the child (the in-line share made small here)."""
     import struct
 
+    from facecurate import checksums
     from facecurate.checksums import SumsWriter
+
+    monkeypatch.setattr(checksums, "INLINE_BYTES", 1000)
     from facecurate.constants import RECORDIO_MAGIC
     from facecurate.recordio import RecordWriter
 
@@ -201,6 +205,8 @@ def test_sums_hashed_by_the_child_equal_sums_hashed_in_line(tmp_path, fail):
                 batch = [(float(k % 9), datas[k], k + 1) for k in range(lo, min(len(datas), lo + 256))]
                 offs = w.write_images(batch)
                 sw.images(lo + 1, offs, [b[0] for b in batch], [b[1] for b in batch])
+            if child:
+                assert sw._hasher is not None  # the child took over after the first batch
             if child and fail:
                 proc = sw._hasher.proc
                 sw.close()
