@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from facecurate.clean_identity import analyse_identity
-from facecurate.clean_params import DROP, KEEP, R_BAND, R_CENTRE, R_FAR, R_LOW_QUALITY, R_MINORITY, R_NOT_SUBJECT, \
-    RC, REVIEW
+from facecurate.clean_identity import analyse_identity, apply_thresholds
+from facecurate.clean_params import DROP, R_FAR, RC
 from facecurate.vectors import normalize as _norm
 
 #: identities of 2..MAX_BATCH faces take the stacked path
@@ -250,21 +249,11 @@ def decide_rows(emb: np.ndarray, rows: np.ndarray, b: np.ndarray, blk: dict, p, 
     if offset is not None:
         s = (s - np.asarray(offset, np.float32)).astype(np.float32)
     dec, rea = np.full(n, DROP, np.uint8), np.full(n, RC[R_FAR], np.uint8)
-    sub, cluster = blk["subject"], blk["cluster"]
-    low = sub & (np.asarray(face_size) < p.min_face) if face_size is not None and p.min_face > 0 else \
-        np.zeros(n, bool)
-    rest = sub & ~low
-    keep = rest & (s >= p.keep)
-    band = rest & ~keep & (s >= p.drop)
-    dec[keep], rea[keep] = KEEP, RC[R_CENTRE]
-    dec[band], rea[band] = REVIEW, RC[R_BAND]
-    far = rest & ~keep & ~band & (cluster >= 0)
+    cluster = blk["cluster"]
     ident = np.repeat(np.arange(len(size)), size)
     cb = np.r_[0, np.cumsum(blk["nclus"])]
-    far[far] = blk["minority"][cb[ident[far]] + cluster[far]]
-    rea[far] = RC[R_MINORITY]
-    rea[low] = RC[R_LOW_QUALITY]
-    rea[~sub] = RC[R_NOT_SUBJECT]
+    flat = np.where(cluster >= 0, cb[ident] + cluster, -1)  # each face's cluster among the shard's
+    apply_thresholds(s, blk["subject"], flat, blk["minority"], face_size, p, dec, rea)
     needs = blk["ambiguous"] | (size > MAX_BATCH)
     needs |= _duplicate_candidates(emb, rows, b, dec != DROP, p.dup - 0.005 if pixel else p.dup, ~needs)
     return dec, rea, s, needs

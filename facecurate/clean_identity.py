@@ -219,6 +219,27 @@ def analyse_identity(emb: np.ndarray, photo: np.ndarray, p: CleanParams) -> Anal
                     float(dom_size / max(1, len(idx))), bool(ambiguous), median)
 
 
+def apply_thresholds(s: np.ndarray, subject: np.ndarray, cluster: np.ndarray, minority: np.ndarray,
+                     face_size: np.ndarray | None, p: CleanParams, dec: np.ndarray, rea: np.ndarray) -> None:
+    """Step 4 on code arrays (changed in place, from DROP / far_from_centre): keep and
+    review bands of the subject faces, minority clusters, low quality, not the subject.
+    ``cluster`` indexes ``minority`` (-1: in no cluster); shared by one identity and by
+    a shard of identities (:mod:`facecurate.clean_batch`)."""
+    n = len(s)
+    low = subject & (np.asarray(face_size) < p.min_face) if face_size is not None and p.min_face > 0 else \
+        np.zeros(n, bool)
+    rest = subject & ~low
+    keep = rest & (s >= p.keep)
+    band = rest & ~keep & (s >= p.drop)
+    dec[keep], rea[keep] = KEEP, RC[R_CENTRE]
+    dec[band], rea[band] = REVIEW, RC[R_BAND]
+    far = rest & ~keep & ~band & (cluster >= 0)
+    far[far] = minority[cluster[far]]
+    rea[far] = RC[R_MINORITY]
+    rea[low] = RC[R_LOW_QUALITY]
+    rea[~subject] = RC[R_NOT_SUBJECT]
+
+
 def decide_identity(a: Analysis, emb: np.ndarray, quality: np.ndarray, p: CleanParams,
                     face_size: np.ndarray | None = None, offset: np.ndarray | None = None,
                     pixel_sim: Callable[[int, int], float] | None = None):
@@ -233,19 +254,7 @@ def decide_identity(a: Analysis, emb: np.ndarray, quality: np.ndarray, p: CleanP
     if n == 0:
         return dec, rea, s, dup_of
     # 4. thresholds
-    sub = a.subject
-    low = sub & (np.asarray(face_size) < p.min_face) if face_size is not None and p.min_face > 0 else \
-        np.zeros(n, bool)
-    rest = sub & ~low
-    keep = rest & (s >= p.keep)
-    band = rest & ~keep & (s >= p.drop)
-    dec[keep], rea[keep] = KEEP, RC[R_CENTRE]
-    dec[band], rea[band] = REVIEW, RC[R_BAND]
-    far = rest & ~keep & ~band & (a.cluster >= 0)
-    far[far] = a.minority[a.cluster[far]]
-    rea[far] = RC[R_MINORITY]
-    rea[low] = RC[R_LOW_QUALITY]
-    rea[~sub] = RC[R_NOT_SUBJECT]
+    apply_thresholds(s, a.subject, a.cluster, a.minority, face_size, p, dec, rea)
     # 5. near-duplicates among the faces that survive
     _mark_duplicates(emb, dec != DROP, quality, s, p, dec, rea, dup_of, pixel_sim)
     if a.ambiguous:  # no guess: every face of the competing people goes the same way
