@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from .base import ONNX_RUNTIME_TAG, l2_rows
-from .onnx_inspect import _classify, _dim, _signature, input_normalisation
+from .onnx_inspect import _dim, input_normalisation, open_checked
 from .onnx_session import CUDA_PROVIDER, DEFAULT_BATCH, OnnxModelError, select_session
 
 
@@ -33,11 +33,7 @@ class ArcFaceONNX:
     def __init__(self, path, device: str = "auto", batch_size: Optional[int] = None,
                  fp16: bool = False, threads: Optional[int] = None, io_binding: Optional[bool] = None):
         self.path = Path(path)
-        self.session, self.provider = select_session(self.path, device, threads)
-        ins, outs = _signature(self.session)
-        kind, desc = _classify(ins, outs)
-        if kind != "recognizer":
-            raise OnnxModelError(f"{self.path} is not a recognition model: {desc}")
+        self.session, self.provider, ins, outs = open_checked(self.path, "recognizer", "a recognition model", device, threads)
         self.name = self.path.stem
         self.input_name = ins[0][0]
         self.output_name = outs[0][0]

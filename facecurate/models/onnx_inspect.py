@@ -29,6 +29,19 @@ def _signature(session):
     return ins, outs
 
 
+def open_checked(path: Path, kind: str, what: str, device: str, threads):
+    """(session, provider, inputs, outputs) of the ONNX model at ``path``, refused with
+    an OnnxModelError ("PATH is not WHAT: ...") unless its graph is a ``kind``."""
+    from .onnx_session import select_session
+
+    session, provider = select_session(path, device, threads)
+    ins, outs = _signature(session)
+    found, desc = _classify(ins, outs)
+    if found != kind:
+        raise OnnxModelError(f"{path} is not {what}: {desc}")
+    return session, provider, ins, outs
+
+
 def _io_signature(path):
     """(inputs, outputs) as lists of (name, shape, type) read with a light session."""
     ort = _ort()

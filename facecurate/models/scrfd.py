@@ -10,8 +10,8 @@ from typing import Optional
 import numpy as np
 
 from ..records import Detection
-from .onnx_inspect import SCRFD_LAYOUTS, _classify, _dim, _signature
-from .onnx_session import OnnxModelError, select_session
+from .onnx_inspect import SCRFD_LAYOUTS, _dim, open_checked
+from .onnx_session import OnnxModelError
 
 
 def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
@@ -92,11 +92,7 @@ class SCRFD:
     def __init__(self, path, device: str = "auto", det_size=(640, 640), det_thresh: float = 0.5,
                  nms_thresh: float = 0.4, threads: Optional[int] = None):
         self.path = Path(path)
-        self.session, self.provider = select_session(self.path, device, threads)
-        ins, outs = _signature(self.session)
-        kind, desc = _classify(ins, outs)
-        if kind != "detector":
-            raise OnnxModelError(f"{self.path} is not an SCRFD detector: {desc}")
+        self.session, self.provider, ins, outs = open_checked(self.path, "detector", "an SCRFD detector", device, threads)
         self.name = self.path.stem
         self.input_name = ins[0][0]
         self.output_names = [o[0] for o in outs]
