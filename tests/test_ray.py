@@ -7,7 +7,6 @@ seconds, not milliseconds); small object stores and no dashboard (2-core CI)."""
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from facecurate.align import AlignConfig, AlignError, run_align  # noqa: E402
+from facecurate.align import AlignConfig, run_align  # noqa: E402
 from facecurate.embed import run_embed  # noqa: E402
 from facecurate.engines.ray_engine import RayEngine  # noqa: E402
 
