@@ -1,8 +1,8 @@
 """Benchmark: the Ray engine against itself on more nodes, and against the local engine.
 
-On this host, a real Ray cluster (``ray.cluster_utils.Cluster``, nodes of 1 CPU each,
-small object stores, no dashboard) runs ``align`` and then ``embed`` (dlib's model)
-on the same LFW *dev* photos:
+On this host, two real Ray clusters (``ray.cluster_utils.Cluster``, nodes of 1 CPU
+each, small object stores, no dashboard), one of one node and one of two, run
+``align`` and then ``embed`` (dlib's model) on the same LFW *dev* photos:
 
 * scaling: a cluster of two 1-CPU nodes against one 1-CPU node (target >= 1.7x);
 * overhead: Ray on 2 CPUs (the two nodes) against the local engine with 2 workers
@@ -10,11 +10,15 @@ on the same LFW *dev* photos:
 
     python benchmarks/distributed.py [--n 300] [--repeat 3] [--shard-size 10] [--runtime dlib] [--stages align]
 
-Each figure is the median of ``--repeat`` rounds (the 2-node and local runs are
-interleaved); wall time of the whole ``run_align`` / ``run_embed`` call, model
-loading and Ray worker start included, Ray itself already running. Outputs of every
-run are checked byte-identical to the first local run's. Also prints the per-core
-rates (photos/s and faces/s per CPU) that the README's sizing paragraph uses.
+Each round runs the three setups back to back (1 node, 2 nodes, local; reversed
+every other round), so that the shared machine's drifting speed hits them alike.
+Times are medians over ``--repeat`` rounds; each ratio is the median of the rounds'
+own ratios. A time is the wall time of the whole ``run_align`` / ``run_embed`` call,
+model loading and Ray worker start included, with Ray itself already running and
+this a later job on it (the idle workers Ray starts for a cluster's first job are
+used up first, as a user's first job would have). Outputs of every run are checked
+byte-identical to each other. Also prints the per-core rates (photos/s and faces/s
+per CPU) that the README's sizing paragraph uses.
 """
 
 from __future__ import annotations
@@ -53,6 +57,41 @@ def outputs(out: Path, names=None) -> dict:
             if p.is_file() and ".facecurate" not in p.parts}
 
 
+def start_cluster(nodes: int):
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False))
+    for _ in range(nodes - 1):
+        c.add_node(**NODE)
+    c.wait_for_nodes()
+    return c
+
+
+def use(cluster) -> None:
+    """Connect this driver to ``cluster`` (a new Ray job)."""
+    import ray
+
+    ray.shutdown()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+
+
+def drain_prestarted() -> None:
+    """Ray starts idle worker processes for the first job of a cluster only; a user's
+    later jobs start theirs (about 0.4 s each). One throwaway actor per CPU uses them
+    up, so that every timed run pays that start as a user's run would."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def ping(self):
+            return 0
+
+    actors = [Probe.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))]
+    ray.get([a.ping.remote() for a in actors])
+    for a in actors:
+        ray.kill(a)
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -77,7 +116,6 @@ def main() -> int:
         ap.error("--stages: name align, embed or both")
 
     import ray
-    from ray.cluster_utils import Cluster
 
     from facecurate.align import AlignConfig, run_align
     from facecurate.embed import run_embed
@@ -115,36 +153,52 @@ def main() -> int:
         shutil.rmtree(store)
         return t
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False))
-    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    # Two real clusters on this host, both kept up: one 1-CPU node, and two 1-CPU nodes.
+    # The driver connects to each in turn (a new Ray job each time), so that every
+    # round times the three setups back to back and a drift of the shared machine's
+    # speed hits all three alike.
+    clusters = {"ray_1node": start_cluster(1), "ray_2nodes": start_cluster(2)}
     try:
-        timers = [(stage, fn) for stage, fn in (("align", align), ("embed", embed)) if stage in stages]
-        for stage, fn in timers:
-            runs[stage] = {"ray_1node": [fn("ray") for _ in range(args.repeat)]}
-        cluster.add_node(**NODE)
-        cluster.wait_for_nodes()
-        for _ in range(args.repeat):
-            for stage, fn in timers:
-                runs[stage].setdefault("ray_2nodes", []).append(fn("ray"))
-                runs[stage].setdefault("local_2", []).append(fn("local", 2))
+        for c in clusters.values():
+            use(c)
+            drain_prestarted()
+        for r in range(args.repeat):
+            for stage, fn in (("align", align), ("embed", embed)):
+                if stage not in stages:
+                    continue
+                order = ["ray_1node", "ray_2nodes", "local_2"]
+                for setup in (order if r % 2 == 0 else order[::-1]):
+                    if setup == "local_2":
+                        ray.shutdown()
+                        t = fn("local", 2)
+                    else:
+                        use(clusters[setup])
+                        t = fn("ray")
+                    runs.setdefault(stage, {}).setdefault(setup, []).append(t)
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        for c in clusters.values():
+            c.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
     report = {"photos": n, "repeat": args.repeat, "shard_size": ss, "seconds": runs, "figures": {}}
     for stage in stages:
-        med = {k: statistics.median(v) for k, v in runs[stage].items()}
+        t = runs[stage]
+        med = {k: statistics.median(v) for k, v in t.items()}
         report["figures"][stage] = {
             "median_seconds": {k: round(v, 2) for k, v in med.items()},
-            "scaling_2_vs_1_node": round(med["ray_1node"] / med["ray_2nodes"], 2),
-            "ray_over_local_2cpu": round(med["ray_2nodes"] / med["local_2"], 3),
+            # each round's ratio (its three runs back to back), then the median over rounds
+            "scaling_2_vs_1_node": round(statistics.median(
+                a / b for a, b in zip(t["ray_1node"], t["ray_2nodes"])), 2),
+            "ray_over_local_2cpu": round(statistics.median(
+                a / b for a, b in zip(t["ray_2nodes"], t["local_2"])), 3),
             "per_core_rate_1node": round(n / med["ray_1node"], 2),
         }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{n} LFW dev photos, shard size {ss}, medians of {args.repeat} rounds (shared, noisy machine)")
+        print(f"{n} LFW dev photos, shard size {ss}, medians of {args.repeat} interleaved rounds; ratios are "
+              "medians of each round's ratio (shared, noisy machine)")
         for stage, f in report["figures"].items():
             m = f["median_seconds"]
             print(f"{stage:6s} ray 1 node {m['ray_1node']:6.2f} s | ray 2 nodes {m['ray_2nodes']:6.2f} s | "

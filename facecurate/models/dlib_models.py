@@ -45,6 +45,23 @@ SHAPE68 = "shape_predictor_68_face_landmarks.dat"
 SHAPE5 = "shape_predictor_5_face_landmarks.dat"
 DESCRIPTOR = "dlib_face_recognition_resnet_model_v1.dat"
 MMOD = "mmod_human_face_detector.dat"
+#: dlib's built-in frontal face detector (HOG + linear SVM), saved once with
+#: ``fhog_object_detector.save``. ``dlib.get_frontal_face_detector()`` rebuilds it from
+#: a compressed string in dlib's source on every call, which costs 0.3-0.5 s in every
+#: worker that starts; reading this copy takes about 1 ms. ``tests/test_align.py``
+#: checks that it is the same detector, byte for byte, as the installed dlib's.
+HOG_FILE = os.path.join(os.path.dirname(__file__), "data", "dlib_frontal_face_hog.svm")
+
+
+def frontal_face_detector():
+    """dlib's frontal face detector, read from :data:`HOG_FILE`; dlib's own
+    ``get_frontal_face_detector()`` when that copy is missing or unreadable."""
+    import dlib
+
+    try:
+        return dlib.fhog_object_detector(HOG_FILE)
+    except RuntimeError:
+        return dlib.get_frontal_face_detector()
 
 
 def _rect(box) -> "dlib.rectangle":  # noqa: F821
@@ -81,9 +98,7 @@ class DlibHOGDetector(_DlibDetector):
     name = "dlib"
 
     def __init__(self, max_upsample: int = 1, min_side: int = 512):
-        import dlib
-
-        self._det = dlib.get_frontal_face_detector()
+        self._det = frontal_face_detector()
         self.max_upsample = max_upsample
         self.min_side = min_side
 
