@@ -42,7 +42,7 @@ from facecurate.constants import (
     STATUS_UNSUPPORTED,
     WORK_DIR,
 )
-from facecurate.files import write_bytes_atomic
+from facecurate.files import remove_stale_temps, write_bytes_atomic
 from facecurate.geometry import align_face, template
 from facecurate.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
@@ -395,6 +395,7 @@ class AlignWorker:
 
     def run(self, shard) -> dict:
         before = Timings(**vars(self.aligner.timings))
+        _remove_crop_temps(self.out, shard.items)
         rows: list[AlignRow] = []
         for inp in shard.items:
             rows.extend(_safe_align_file(self.aligner, self.raw, self.out, inp))
@@ -402,6 +403,18 @@ class AlignWorker:
         spent = {k: getattr(self.aligner.timings, k) - getattr(before, k) for k in vars(before)}
         return {"rows": len(rows), "status": _count_status(rows), "timings": spent,
                 "detector": self.aligner.main_label}
+
+
+def _remove_crop_temps(out: Path, items: Sequence[InputFile]) -> None:
+    """Crops that a killed try of this shard left under temporary names (one look at
+    each folder the shard writes to that exists already; never another shard's)."""
+    stems: dict[Path, set] = {}
+    for inp in items:
+        if inp.identity:
+            p = out / inp.crop_stem
+            stems.setdefault(p.parent, set()).add(p.name)
+    for folder, names in stems.items():
+        remove_stale_temps(folder, lambda target: target.rpartition("_")[0] in names)
 
 
 def _count(values) -> dict:
@@ -503,7 +516,8 @@ def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile],
                                  show_progress=show_progress, on_shard=on_shard)
     if stats.failed:
         raise RunError(fail_message("align", stats))
-    rows = merge_if_due(out, SHARD_DIR, work, plan, part, lambda: merge_manifest(out, shards)) if complete else None
+    rows = merge_if_due(out, SHARD_DIR, work, plan, part, lambda: merge_manifest(out, shards),
+                        outputs=(ALIGN_MANIFEST, ALIGN_META)) if complete else None
     if rows is None:  # a part whose siblings are still running: count its own shards
         rows = _read_shards(out, [s for s in shards if in_part(s.index, part)])
     totals = Timings()

@@ -189,6 +189,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     out, manual_kept, manual_lost = _carry_manual(ws, out) if keep_manual else (out, 0, 0)
     ident_rows = _identity_rows(images_by_id, f, res)
     merge_rows = [MergeRow(a=f.names[a], b=f.names[b], similarity=float(s)) for a, b, s in res.merges]
+    ws.remove_stale_temps(C.CLEAN_OUTPUTS)
     ws.write_clean(out)
     ws.write_identities(ident_rows)
     ws.write_merges(merge_rows)

@@ -225,6 +225,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     res = clean_core(emb, identity, photo, quality, p, excluded=ex_ids, exclude_vecs=ex_vecs,
                      pixel_sim=RecCropSimilarity(rec_path, offsets.tolist()), show_progress=show_progress,
                      **{k: v for k, v in core_kw.items() if v is not None})
+    Workspace(dest).remove_stale_temps(C.CLEAN_OUTPUTS)
     rows, counts, reasons, manual = _write_clean_csv(dest, faces, have, res, label_names, keep_manual)
     ident_rows = _identity_rows(faces, have, identity, ulabs, names, res, label_names)
     merge_rows = [MergeRow(a=names[a], b=names[b], similarity=float(s)) for a, b, s in res.merges]

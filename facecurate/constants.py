@@ -53,6 +53,8 @@ REVIEW_HTML = "review.html"
 REPORT_HTML = "report.html"
 #: clean's thresholds and summary (beside clean.csv).
 CLEAN_META = "clean.json"
+#: Every file clean (re)writes in OUT.
+CLEAN_OUTPUTS = (CLEAN_CSV, IDENTITIES_CSV, MERGES_CSV, CLEAN_META)
 #: Per-shard working files live here so that a killed run can resume.
 WORK_DIR = ".facecurate"
 #: A stage's run lock: OUT/.facecurate/<stage>.lock (kernel lock; the file holds the pid).

@@ -443,7 +443,8 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     summary = None
     if complete:
         summary = merge_if_due(store, EMBED_DIR, work, plan, part, lambda: _merge(
-            store, items, work, shards, info, sig, cfg, kind))
+            store, items, work, shards, info, sig, cfg, kind),
+            outputs=(EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META))
     summary = summary or {"store": str(store), "input": kind, "model": info["name"], "dim": int(info["dim"]),
                           "faces": sum(len(s.items) for s in shards)}
     summary = _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)

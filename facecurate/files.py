@@ -35,7 +35,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as e:  # name the file meant, not the temporary name
         raise OSError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
     try:
@@ -45,11 +45,43 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, 
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # again the file meant, not the temporary name
+            raise OSError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def temp_target(name: str) -> str | None:
+    """The file that a temporary named ``name`` (``.NAME.XXXXXXXX.tmp``, as
+    :func:`atomic_write` makes them) was to become; None for any other name."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    return name[1:-len(TMP_SUFFIX)].rpartition(".")[0] or None
+
+
+def remove_stale_temps(directory: str | os.PathLike, wanted) -> int:
+    """Remove from ``directory`` the temporaries that a killed writer left for the
+    files about to be written again (``wanted(target_name)`` is true). Only those:
+    other writers may be busy in the same folder. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        target = temp_target(e.name)
+        if target and wanted(target):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+                removed += 1
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:

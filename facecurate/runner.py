@@ -292,6 +292,7 @@ def run_shards(engine, spec: WorkerSpec, shards: Sequence[Shard], *, part=None, 
                    disable=None if show_progress else True)
     try:
         if todo:
+            _remove_shard_temps(work, todo)
             stats.workers = engine.lanes(spec, len(todo))
             for o in engine.run(spec, todo):
                 stats.add(o)
@@ -302,6 +303,15 @@ def run_shards(engine, spec: WorkerSpec, shards: Sequence[Shard], *, part=None, 
         bar.close()
     complete = len(finished(work, shards)) == len(shards)
     return stats, complete
+
+
+def _remove_shard_temps(work: Path, todo: Sequence[Shard]) -> None:
+    """What a killed run left half-written for the shards about to run (their data
+    and records, under temporary names); never another part's."""
+    from facecurate.files import remove_stale_temps
+
+    stems = {SHARD_STEM.format(index=s.index) for s in todo}
+    remove_stale_temps(work, lambda target: target.partition(".")[0] in stems)
 
 
 def fail_message(stage: str, stats: RunStats) -> str:
@@ -325,21 +335,29 @@ def mark_merged(work: Path, plan_digest: str) -> None:
     write_text_atomic(work / MERGED_FILE, json.dumps({"plan": plan_digest}) + "\n")
 
 
-def merge_if_due(out: Path, stage: str, work: Path, plan_digest: str, part, merge: Callable[[], Any]):
+def merge_if_due(out: Path, stage: str, work: Path, plan_digest: str, part, merge: Callable[[], Any],
+                 outputs: Sequence[str] = ()):
     """Run ``merge()`` once every shard is finished: always in a whole run; in a part
     only when no other run holds the stage's lock and the merge is not made yet for
-    this plan (so two parts never write the merged outputs). None when skipped."""
+    this plan (so two parts never write the merged outputs). None when skipped.
+    ``outputs`` (file names in ``out``): what a merge killed midway left under
+    temporary names is removed first."""
+    from facecurate.files import remove_stale_temps
     from facecurate.procs import LockedError, run_lock
 
+    def merge_clean():
+        remove_stale_temps(out, lambda target: target in outputs)
+        return merge()
+
     if part is None:
-        result = merge()
+        result = merge_clean()
         mark_merged(work, plan_digest)
         return result
     try:
         with run_lock(out, stage):
             if not should_merge(work, plan_digest, part):
                 return None
-            result = merge()
+            result = merge_clean()
             mark_merged(work, plan_digest)
             return result
     except LockedError:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from facecurate import constants as C
-from facecurate.files import atomic_write, csv_cell, write_bytes_atomic, write_text_atomic
+from facecurate.files import atomic_write, csv_cell, remove_stale_temps, write_bytes_atomic, write_text_atomic
 from facecurate.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
                                   RowError, clean_columns)
 
@@ -114,6 +114,12 @@ class Workspace:
     # ------------------------------------------------------------------ generic
     def path(self, name: str) -> Path:
         return self.out / name
+
+    def remove_stale_temps(self, names: Sequence[str]) -> int:
+        """Remove what a killed earlier run left half-written of the files ``names``
+        (under temporary names); call once before rewriting them."""
+        wanted = set(names)
+        return remove_stale_temps(self.out, lambda target: target in wanted)
 
     def has(self, name: str) -> bool:
         return (self.out / name).exists()

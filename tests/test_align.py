@@ -294,13 +294,15 @@ def test_kill_and_rerun_resumes_and_is_byte_identical(lfw_dir, lfw_dev_ids, tmp_
     done_before = len(list(shard_dir.glob("shard_*.csv")))
     assert 3 <= done_before
     assert not (out / "align.csv").exists()
-    assert not [p for p in out.rglob("*.tmp")] or True  # temp files may remain; never as final names
+    # What the kill left under temporary names: hidden, never a final name.
+    assert all(p.name.startswith(".") for p in out.rglob("*.tmp"))
 
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["resumed"] >= 2 * done_before
     assert summary["processed_now"] + summary["resumed"] == summary["files"]
     assert _tree_bytes(out) == _tree_bytes(ref)  # crops and manifest identical, workers 1 vs 2
+    assert not list(out.rglob("*.tmp"))  # the rerun removed the killed run's temporaries
     # A second rerun redoes nothing.
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert json.loads(res.stdout.strip().splitlines()[-1])["processed_now"] == 0

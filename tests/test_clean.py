@@ -190,8 +190,14 @@ def test_run_clean_outputs_merges_exclude_and_determinism(tmp_path):
     assert ids["Bob"]["images"] == "7" and ids["Bob"]["faces"] == "6"
     assert "merge_candidate" in ids["Alice"]["flags"]
     first = {n: (out / n).read_bytes() for n in (C.CLEAN_CSV, C.IDENTITIES_CSV, C.MERGES_CSV)}
+    # a killed clean's half-written files (temporary names) go with the next run; others stay
+    left = [out / f".{n}.k1ll3d_.tmp" for n in C.CLEAN_OUTPUTS]
+    other = out / ".align.csv.k1ll3d_.tmp"
+    for p in left + [other]:
+        p.write_text("half")
     assert CliRunner().invoke(main, ["clean", str(out)]).exit_code == 0
     assert first == {n: (out / n).read_bytes() for n in first}
+    assert not [p for p in left if p.exists()] and other.exists()
     # --calibrate: thresholds from the data, recorded in clean.json
     r = CliRunner().invoke(main, ["clean", str(out), "--calibrate", "0.01", "--json"])
     assert r.exit_code == 0, r.output

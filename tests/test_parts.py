@@ -3,6 +3,7 @@ keeps failing, and the one machinery under align and embed (real models, real ph
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -123,6 +124,39 @@ def test_a_shard_that_keeps_failing_is_named_and_a_rerun_completes_it(ref, tmp_p
     assert p.returncode == 0, se
     assert json.loads(so.strip().splitlines()[-1])["processed_now"] == 2  # only the failed shard
     assert tree_bytes(out) == tree_bytes(refout)
+
+
+def test_a_killed_runs_temporaries_go_when_their_shard_reruns(ref, tmp_path):
+    """What a killed run leaves under temporary names (crops, a shard's data and
+    record, a merged output) is removed when that shard runs again; temporaries of
+    finished shards, which no run will write again, are left to the user."""
+    raw, refout = ref
+    out = tmp_path / "out"
+    shutil.copytree(refout, out)
+    work, ework = out / ".facecurate" / "align", out / ".facecurate" / "embed"
+    with open(work / "shard_000003.csv", newline="") as f:
+        crops = [r["aligned"] for r in csv.DictReader(f)]
+    assert len(crops) == 2 and all(c.endswith("_0.jpg") for c in crops)
+    (work / "shard_000003.json").unlink()  # shard 3 of align and shard 1 of embed were killed
+    (ework / "shard_000001.json").unlink()
+    planted = [out / Path(c).parent / f".{Path(c).name}.k1ll3d_.tmp" for c in crops] + [
+        work / ".shard_000003.csv.ab12cd34.tmp", work / ".shard_000003.json.4242.tmp",
+        out / ".align.csv.zz9x8y7w.tmp", ework / ".shard_000001.npz.q1w2e3r4.tmp",
+        out / ".embeddings.npy.a1b2c3d4.tmp"]
+    kept = [work / ".shard_000005.json.ab12cd34.tmp", out / ".notes.txt.ab12cd34.tmp"]
+    for p in planted + kept:
+        p.write_bytes(b"half")
+    s = run_align(raw, out, AlignConfig(), workers=1, show_progress=False)
+    e = run_embed(out, workers=1, show_progress=False)
+    assert s["processed_now"] == 2 and e["embedded_now"] == 4
+    assert [p for p in planted if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    for p in kept:
+        p.unlink()
+    assert tree_bytes(out) == tree_bytes(refout)
+    for name in STORE:
+        assert (out / name).read_bytes() == (refout / name).read_bytes(), name
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_align_then_embed_in_one_process_never_forks(ref, tmp_path, monkeypatch):

@@ -123,6 +123,29 @@ def test_node_removed_mid_run_costs_only_its_shards(cluster, ref, tmp_path):
     assert len(records) == 12 and not list(out.rglob("*.tmp"))
 
 
+def test_a_shard_that_keeps_failing_on_ray_is_named_and_a_rerun_completes_it(cluster, ref, tmp_path):
+    """A shard whose manifest can never be written fails on every worker it is tried
+    on; the run names it, merges nothing and raises; the same call then redoes only it."""
+    from facecurate.align import AlignError
+    from facecurate.runner import MAX_SHARD_RETRIES
+
+    raw, refout = ref
+    out = tmp_path / "out"
+    blocker = out / ".facecurate" / "align" / "shard_000004.csv"
+    blocker.mkdir(parents=True)
+    with pytest.raises(AlignError, match=r"1 shard\(s\) kept failing .*shard_000004 \(2 items\)") as e:
+        run_align(raw, out, AlignConfig(), engine="ray", shard_size=2, show_progress=False)
+    assert f"cannot write: Is a directory: '{blocker}'" in str(e.value)
+    assert not list(out.rglob("*.tmp"))
+    assert not (out / "align.csv").exists()  # no merge of an incomplete run
+    records = list((out / ".facecurate" / "align").glob("shard_*.json"))
+    assert len(records) == 17  # every other shard finished, each once
+    blocker.rmdir()
+    s = run_align(raw, out, AlignConfig(), engine="ray", show_progress=False)
+    assert s["processed_now"] == 2 and s["resumed"] == 34 and MAX_SHARD_RETRIES >= 1
+    assert tree_bytes(out) == tree_bytes(refout)
+
+
 def test_cli_driver_killed_then_rerun_continues(cluster, ref, tmp_path):
     """The real CLI on the cluster: kill the driver (SIGKILL) once shards are done;
     no half-written file remains, Ray ends its workers, and the rerun (local engine)
