@@ -25,10 +25,13 @@ import numpy as np
 
 from facecurate import __version__
 from facecurate.constants import (
+    ALIGN_FACES,
     ALIGN_MANIFEST,
     ALIGN_META,
+    CROP_FORMATS,
     DETECT_MAX_SIDE,
     DETECT_MIN_SIDE,
+    FALLBACK_DETECTORS,
     JPEG_QUALITY,
     LANDMARK_COLUMNS,
     MAX_IMAGE_PIXELS,
@@ -85,15 +88,16 @@ class AlignConfig:
     def validate(self) -> None:
         if self.detector not in DETECTORS:
             raise AlignError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
-        if self.fallback not in ("none",) + DETECTORS[:2]:
-            raise AlignError(f"unknown fallback detector {self.fallback!r}; choose dlib, dlib-cnn or none")
+        if self.fallback not in FALLBACK_DETECTORS:
+            raise AlignError(f"unknown fallback detector {self.fallback!r}; "
+                             f"choose one of {', '.join(FALLBACK_DETECTORS)}")
         if self.detector == "scrfd" and not self.model_dir:
             raise AlignError("--detector scrfd needs --model-dir (a model pack directory or an .onnx file)")
         template(self.size)  # raises on a bad size
-        if self.faces not in ("all", "primary"):
-            raise AlignError("--faces is 'all' or 'primary'")
-        if self.fmt not in ("jpg", "png"):
-            raise AlignError("--format is 'jpg' or 'png'")
+        if self.faces not in ALIGN_FACES:
+            raise AlignError(f"--faces is one of {', '.join(ALIGN_FACES)}")
+        if self.fmt not in CROP_FORMATS:
+            raise AlignError(f"--format is one of {', '.join(CROP_FORMATS)}")
 
     def settings(self) -> dict:
         """What must not change between a run and its resumption."""

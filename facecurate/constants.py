@@ -69,6 +69,10 @@ SHARD_CSV = SHARD_STEM + ".csv"
 SHARD_NPZ = SHARD_STEM + ".npz"
 #: embed's record of the settings of a run in progress (beside its shards)
 EMBED_SIGNATURE = "signature.json"
+#: align's choices: which faces get a crop, the crop format, the fallback detector.
+ALIGN_FACES = ("all", "primary")
+CROP_FORMATS = ("jpg", "png")
+FALLBACK_DETECTORS = ("dlib-cnn", "dlib", "none")
 #: The layout align expects, for messages.
 RAW_LAYOUT = "RAW/<identity>/<photo>"
 #: Exit status after Ctrl-C (128 + SIGINT), the shell's convention.

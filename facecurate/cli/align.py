@@ -7,7 +7,9 @@ import os
 import click
 
 from facecurate.cli.engine_options import engine_options
-from facecurate.constants import ARCFACE_BASE_SIZE, DETECT_MAX_SIDE, JPEG_QUALITY, MAX_IMAGE_PIXELS
+from facecurate.constants import (ALIGN_FACES, ARCFACE_BASE_SIZE, CROP_FORMATS, DETECT_MAX_SIDE, FALLBACK_DETECTORS,
+                                  JPEG_QUALITY, MAX_IMAGE_PIXELS)
+from facecurate.models.zoo import DETECTORS, DEVICES
 
 
 def _crop_size(_ctx, _param, value: int) -> int:
@@ -20,25 +22,25 @@ def _crop_size(_ctx, _param, value: int) -> int:
 @click.command("align")
 @click.argument("raw", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--detector", type=click.Choice(["dlib", "dlib-cnn", "scrfd"]), default="dlib", show_default=True,
+@click.option("--detector", type=click.Choice(DETECTORS), default="dlib", show_default=True,
               help="dlib: HOG (fast, offline, upsamples only when nothing is found); dlib-cnn: dlib's MMOD CNN "
                    "(more robust, slower on a CPU); scrfd: an insightface SCRFD ONNX model from --model-dir.")
 @click.option("--model-dir", type=click.Path(exists=True),
               help="For --detector scrfd: an insightface model pack (e.g. ~/.insightface/models/buffalo_l) or an "
                    ".onnx file. The detector is found by inspecting the graphs.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="ONNX Runtime device for scrfd; auto uses CUDA only when a session really gets it.")
 @click.option("--size", type=int, default=112, show_default=True, callback=_crop_size,
               help="Crop size in pixels; a positive multiple of 112 (the template is scaled).")
 @click.option("--min-face", type=int, default=40, show_default=True,
               help="Faces smaller than this (sqrt of box area, source pixels) are recorded as too_small, no crop.")
-@click.option("--faces", type=click.Choice(["all", "primary"]), default="all", show_default=True,
+@click.option("--faces", type=click.Choice(ALIGN_FACES), default="all", show_default=True,
               help="Write a crop for every face, or only for the likely subject (the others are still recorded).")
-@click.option("--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(CROP_FORMATS), default="jpg", show_default=True,
               help="Crop file format: jpg (quality --quality; pack stores such crops byte-for-byte) or png "
                    "(lossless, larger; pack re-encodes it as JPEG).")
 @click.option("--quality", type=click.IntRange(1, 100), default=JPEG_QUALITY, show_default=True, help="JPEG quality.")
-@click.option("--fallback", type=click.Choice(["dlib-cnn", "dlib", "none"]), default="dlib-cnn", show_default=True,
+@click.option("--fallback", type=click.Choice(FALLBACK_DETECTORS), default="dlib-cnn", show_default=True,
               help="Detector tried on images where the main one finds no face.")
 @click.option("--max-upsample", type=click.IntRange(0, 3), default=1, show_default=True,
               help="dlib detectors: upsample up to this many times, only when nothing is found.")

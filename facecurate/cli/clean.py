@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from facecurate.models.zoo import RUNTIMES
+
 
 def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
     """Eager: print every model family's default thresholds (and the shared settings)
@@ -53,7 +55,7 @@ def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--discard-manual", is_flag=True,
               help="Recompute every decision. By default a face decided in a review (`review apply`, "
                    "reason manual) keeps that decision; what clean decides now goes to previous_decision.")
-@click.option("--runtime", type=click.Choice(["auto", "dlib", "onnx"]), default="auto", show_default=True,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
               help="What runs dlib's model when clean embeds (OUT without a store, or a .bin given to "
                    "--exclude): onnx (ONNX Runtime), dlib, or auto (onnx when installed). An existing "
                    "store is continued on its own runtime.")

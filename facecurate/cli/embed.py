@@ -7,6 +7,9 @@ import sys
 import click
 
 from facecurate.cli.engine_options import engine_options
+from facecurate.constants import FALLBACK_DETECTORS
+from facecurate.engines import ENGINES
+from facecurate.models.zoo import DETECTORS, DEVICES, RUNTIMES
 from facecurate.files import emit_summary
 
 _MODEL_HELP = ("dlib (default, offline: dlib's 128-D ResNet descriptor), arcface (an insightface "
@@ -27,7 +30,7 @@ def _common(f):
     f = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")(f)
     f = click.option("--dlib-feed", type=click.Choice(["five", "68", "crop"]), default="five",
                      show_default=True, help=_FEED_HELP)(f)
-    f = click.option("--runtime", type=click.Choice(["auto", "dlib", "onnx"]), default="auto", show_default=True,
+    f = click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
                      help=_RUNTIME_HELP)(f)
     f = click.option("--fp16", is_flag=True, help="ONNX on CUDA: run the model in float16.")(f)
     f = click.option("--workers", type=click.IntRange(1), default=None,
@@ -35,7 +38,7 @@ def _common(f):
                           "preprocessing ahead of the model.")(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=None,
                      help="Faces per model call (default: 32 for dlib, by device for ONNX).")(f)
-    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="ONNX Runtime device; auto uses CUDA only when a session really gets it, "
                           "else the CPU (and says so).")(f)
     f = click.option("--model-dir", type=click.Path(exists=True), default=None,
@@ -98,7 +101,7 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
 @click.argument("pairs", type=click.Path(exists=True, dir_okay=False))
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @_common
-@click.option("--detector", type=click.Choice(["dlib", "dlib-cnn", "scrfd"]), default="dlib", show_default=True,
+@click.option("--detector", type=click.Choice(DETECTORS), default="dlib", show_default=True,
               help="align's detector (scrfd takes its model from --model-dir).")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="Add the mirrored crop's embedding (insightface's evaluation does).")
@@ -109,12 +112,12 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
 @click.option("--pick", type=click.Choice(["centre", "primary"]), default="centre", show_default=True,
               help="Which face stands for an image: the one nearest the image centre (pairs images "
                    "are centred on their subject) or align's primary guess.")
-@click.option("--retry-detector", type=click.Choice(["dlib-cnn", "dlib", "none"]), default="dlib-cnn",
+@click.option("--retry-detector", type=click.Choice(FALLBACK_DETECTORS), default="dlib-cnn",
               show_default=True,
               help="With --pick centre: images with no face near the centre are searched again "
                    "with this detector.")
 @click.option("--roc", type=click.Path(dir_okay=False), default=None, help="Write a ROC curve (PNG) here.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="Engine of the align and embed runs (see `facecurate align --help`).")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
               help="--engine ray: the cluster (default: RAY_ADDRESS, else a local Ray instance).")

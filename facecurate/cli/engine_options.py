@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from facecurate.engines import ENGINES
+
 
 def _part(_ctx, _param, value):
     if value is None:
@@ -25,7 +27,7 @@ def engine_options(f):
     f = click.option("--ray-address", default=None, metavar="HOST:PORT",
                      help="--engine ray: the cluster to connect to (default: RAY_ADDRESS, else a "
                           "Ray instance started on this machine for the run).")(f)
-    f = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    f = click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
                      help="local: worker processes on this machine; ray: Ray actors on a cluster "
                           "(pip install 'facecurate[ray]'). RAW and OUT must be at the same path on "
                           "every node. Outputs are identical either way.")(f)

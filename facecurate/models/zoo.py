@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from .base import Detector, Embedder, Landmarker, ModelError
+from .onnx_session import DEVICES
 
 DETECTORS = ("dlib", "dlib-cnn", "scrfd")
 MODELS = ("dlib", "arcface")
@@ -125,4 +126,4 @@ def resolve_onnx(model: str, model_dir: Optional[str]) -> Path:
 
 
 __all__ = ["make_detector", "make_landmarker", "make_embedder", "resolve_runtime", "resolve_onnx",
-           "DETECTORS", "MODELS", "RUNTIMES", "ModelError"]
+           "DETECTORS", "DEVICES", "MODELS", "RUNTIMES", "ModelError"]
