@@ -98,6 +98,10 @@ class AlignConfig:
             raise AlignError(f"--faces is one of {', '.join(ALIGN_FACES)}")
         if self.fmt not in CROP_FORMATS:
             raise AlignError(f"--format is one of {', '.join(CROP_FORMATS)}")
+        for name, value, low in (("--min-face", self.min_face, 0), ("--detect-max-side", self.detect_max_side, 1),
+                                 ("--max-pixels", self.max_pixels, 1)):
+            if value < low:
+                raise AlignError(f"{name} must be at least {low} (got {value})")
 
     def settings(self) -> dict:
         """What must not change between a run and its resumption."""
@@ -466,6 +470,10 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     index is K-1 modulo N. A second run on the same OUT (and part) at the same time
     is refused (:class:`facecurate.procs.LockedError`). Returns a summary dict."""
     cfg.validate()
+    if cfg.detector == "scrfd":  # a wrong --model-dir fails before OUT records the run's settings
+        from facecurate.models.onnx_inspect import find_model
+
+        find_model(cfg.model_dir, "detector")
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         raise AlignError(f"RAW folder not found: {raw}")

@@ -72,7 +72,11 @@ def parse_pairs(path: os.PathLike | str) -> PairsFile:
     header: Optional[tuple[int, int]] = None
     lines: list[PairLine] = []
     seen_first = False
-    for n, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PairsError(f"{path}: not a pairs file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    for n, text in enumerate(content.splitlines(), 1):
         t = text.split()
         if not t:
             continue

@@ -129,7 +129,14 @@ def check_meta(path: Path, meta: dict, same: Callable[[dict, dict], Optional[str
     a part only creates it, so parts never write the same file."""
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     if path.exists():
-        msg = same(json.loads(path.read_text()), meta)
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:  # also a file that is not UTF-8
+            old = e
+        if not isinstance(old, dict):
+            raise RunError(f"{path} is not a readable record of an earlier run (corrupt or truncated); "
+                           "rerun with --overwrite to start again, or pick another OUT")
+        msg = same(old, meta)
         if msg:
             raise RunError(msg)
         if part is not None or path.read_text() == text:

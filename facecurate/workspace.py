@@ -157,12 +157,16 @@ class Workspace:
         if lack:
             raise ManifestError(f"{p} lacks column(s) {', '.join(lack)}: not a facecurate {name}")
         parse = row_type.reader(header)
+        width = len(header)
 
         def rows() -> Iterator:
             with self._csv(p) as reader:
                 next(reader, None)
                 for cells in reader:
                     if cells:
+                        if len(cells) < width:  # every writer writes every cell: a cut-off file
+                            raise ManifestError(f"{p} line {reader.line_num}: {len(cells)} cells, {width} columns "
+                                                f"(truncated or corrupt file)")
                         try:
                             yield parse(cells)
                         except RowError as e:

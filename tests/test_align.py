@@ -385,3 +385,48 @@ def test_face_zero_is_the_primary_even_beside_a_centred_small_face(photos_dir):
     assert len(res) == 2
     assert res[0].primary and res[0].status == "ok" and res[0].det.box[0] < 300
     assert res[1].status == "too_small" and not res[1].primary
+
+
+def _one_line_error(res, code: int = 1, match: str = "") -> str:
+    """The CLI's answer to a mistake: exit ``code``, no traceback, one 'Error:' line."""
+    assert isinstance(res.exception, SystemExit) and res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error:") and match in last, res.output
+    if code == 1:
+        assert len(res.output.strip().splitlines()) == 1, res.output
+    return last
+
+
+def test_user_mistakes_get_one_line_and_no_traceback(photos_dir, tmp_path):
+    """A --model-dir without a detector, a corrupt OUT/align.json and option values
+    that would turn every file into an error each get one clear line, never a
+    traceback or a run that "succeeds" with nothing aligned."""
+    raw = tmp_path / "raw" / "someone"
+    raw.mkdir(parents=True)
+    (raw / "a.jpg").write_bytes((photos_dir / "id00" / "img10.jpg").read_bytes())
+    (tmp_path / "models").mkdir()
+    res = CliRunner().invoke(main, ["align", str(raw.parent), str(tmp_path / "o1"), "--detector", "scrfd",
+                                    "--model-dir", str(tmp_path / "models")])
+    _one_line_error(res, match="no detector model")
+    (tmp_path / "bad.onnx").write_text("not a graph")
+    res = CliRunner().invoke(main, ["align", str(raw.parent), str(tmp_path / "o1"), "--detector", "scrfd",
+                                    "--model-dir", str(tmp_path / "bad.onnx")])
+    _one_line_error(res, match="cannot read ONNX model")
+    assert not (tmp_path / "o1").exists()  # a corrected --model-dir then starts cleanly
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for text in ("{", "", "[1]"):
+        (out / "align.json").write_text(text)
+        res = CliRunner().invoke(main, ["align", str(raw.parent), str(out), "--workers", "1"])
+        _one_line_error(res, match="align.json is not a readable record of an earlier run")
+    assert not (out / "align.csv").exists()
+
+    for opt, value in (("--detect-max-side", "0"), ("--max-pixels", "0"), ("--min-face", "-1")):
+        res = CliRunner().invoke(main, ["align", str(raw.parent), str(tmp_path / "o2"), opt, value])
+        _one_line_error(res, code=2, match=opt)
+        name = opt[2:].replace("-", "_")
+        with pytest.raises(AlignError, match=opt):
+            AlignConfig(**{name: int(value)}).validate()
+    assert not (tmp_path / "o2").exists()

@@ -70,3 +70,19 @@ def _state(pid: int) -> str:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_engine_ray_without_ray_is_one_line(photos_dir, tmp_path, monkeypatch):
+    """--engine ray where Ray is not installed (sys.modules['ray'] = None makes
+    the import fail as it does then): one line saying how to install it."""
+    from click.testing import CliRunner
+
+    from facecurate.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    raw = tmp_path / "raw" / "someone"
+    raw.mkdir(parents=True)
+    (raw / "a.jpg").write_bytes((photos_dir / "id00" / "img10.jpg").read_bytes())
+    res = CliRunner().invoke(main, ["align", str(raw.parent), str(tmp_path / "out"), "--engine", "ray"])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 1, res.output
+    assert res.output.strip() == "Error: --engine ray needs Ray: pip install 'facecurate[ray]' (Python 3.10+)"

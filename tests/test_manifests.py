@@ -287,3 +287,14 @@ def test_the_streaming_store_writer_equals_the_whole_store_and_is_atomic(tmp_pat
         with bad.store_writer(5, 4) as w:
             w.add(vecs[:3], rows[:3])
     assert sorted(p.name for p in bad.out.iterdir()) == []
+
+
+def test_a_cut_off_csv_is_refused_naming_the_line(tmp_path):
+    """A row with fewer cells than the header (a file cut off by a full disk or an
+    interrupted copy) is a ManifestError naming the file and line, not a row whose
+    missing cells silently read as empty."""
+    full = ["a/1.jpg", "a", "0", "ok", "1", "a/1_0.jpg", *["1.25"] * 17, "640", "480", "dlib", ""]
+    text = csv_text(list(C.ALIGN_COLUMNS), [full, full[:7]])
+    (tmp_path / C.ALIGN_MANIFEST).write_text(text.rstrip("\n"))
+    with pytest.raises(ManifestError, match=r"align.csv line 3: 7 cells, \d+ columns \(truncated or corrupt"):
+        Workspace(tmp_path).align_rows()

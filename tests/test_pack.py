@@ -590,3 +590,13 @@ def test_cli_pack_summary_and_help(crops_dir, tmp_path):
         assert r.exit_code == 0 and json.loads(r.output)["written"] == 22, r.output
     r = CliRunner().invoke(cli, ["unpack", str(tmp_path / "nothing" / "train"), str(tmp_path / "u9")])
     assert r.exit_code == 1 and "train.rec does not exist" in r.output and not (tmp_path / "u9").exists()
+
+
+def test_pack_pairs_of_a_binary_file_is_one_line(crops_dir, tmp_path):
+    """A PAIRS file that is not text (a .bin given by mistake) is one line, no traceback."""
+    (tmp_path / "pairs.txt").write_bytes(b"\x80\x04\x95binary pickle\xff")
+    res = CliRunner().invoke(cli, ["pack-pairs", str(tmp_path / "pairs.txt"), str(crops_dir),
+                                   str(tmp_path / "my.bin")])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "not a pairs file (not UTF-8 text" in res.output
+    assert not (tmp_path / "my.bin").exists()

@@ -199,3 +199,27 @@ def test_onnx_embed_runs_on_the_gpu_node(cluster, ref, tmp_path):
     assert s["embedded"] == local["embedded"] > 0
     for name in STORE:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_an_address_where_no_cluster_answers_fails_at_once(photos_dir, tmp_path):
+    """--ray-address (or RAY_ADDRESS) where nothing listens: one line within seconds
+    (Ray alone retries such an address for minutes). A fresh process: this module's
+    driver is already connected. Needs no cluster."""
+    import socket
+    import subprocess
+    import sys
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # a port nothing listens on
+    raw = tmp_path / "raw" / "someone"
+    raw.mkdir(parents=True)
+    (raw / "a.jpg").write_bytes((photos_dir / "id00" / "img10.jpg").read_bytes())
+    cmd = [sys.executable, "-m", "facecurate", "align", str(raw.parent), str(tmp_path / "out"), "--engine", "ray"]
+    for extra, env in ((["--ray-address", f"127.0.0.1:{port}"], {}), ([], {"RAY_ADDRESS": f"127.0.0.1:{port}"})):
+        p = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=60, env=dict(os.environ, **env))
+        assert p.returncode == 1, p.stderr
+        assert p.stderr.strip() == (f"Error: cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers "
+                                    "there (Connection refused); start it first (ray start --head) or fix "
+                                    "--ray-address / RAY_ADDRESS"), p.stderr

@@ -34,10 +34,12 @@ def os_error_message(e: OSError) -> str:
 class _Main(click.Group):
     """The command group; every command's errors pass through here: an OSError (a
     read-only or full disk, a missing permission) becomes one line naming the path
-    (exit 1), another run holding OUT's lock one line naming its pid (exit 1), and
+    (exit 1), another run holding OUT's lock one line naming its pid (exit 1), a
+    model problem (a --model-dir without the model, an unreadable .onnx) its message, and
     Ctrl-C the same message in every stage (exit 130), never a traceback."""
 
     def invoke(self, ctx: click.Context):
+        from facecurate.models.base import ModelError
         from facecurate.procs import LockedError
         from facecurate.workspace import ManifestError
 
@@ -47,7 +49,7 @@ class _Main(click.Group):
             raise  # click handles a closed stdout itself
         except OSError as e:
             raise click.ClickException(os_error_message(e)) from None
-        except (LockedError, ManifestError) as e:
+        except (LockedError, ManifestError, ModelError) as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise Interrupted(INTERRUPTED) from None

@@ -32,7 +32,7 @@ def _crop_size(_ctx, _param, value: int) -> int:
               help="ONNX Runtime device for scrfd; auto uses CUDA only when a session really gets it.")
 @click.option("--size", type=int, default=112, show_default=True, callback=_crop_size,
               help="Crop size in pixels; a positive multiple of 112 (the template is scaled).")
-@click.option("--min-face", type=int, default=40, show_default=True,
+@click.option("--min-face", type=click.IntRange(min=0), default=40, show_default=True,
               help="Faces smaller than this (sqrt of box area, source pixels) are recorded as too_small, no crop.")
 @click.option("--faces", type=click.Choice(ALIGN_FACES), default="all", show_default=True,
               help="Write a crop for every face, or only for the likely subject (the others are still recorded).")
@@ -44,9 +44,9 @@ def _crop_size(_ctx, _param, value: int) -> int:
               help="Detector tried on images where the main one finds no face.")
 @click.option("--max-upsample", type=click.IntRange(0, 3), default=1, show_default=True,
               help="dlib detectors: upsample up to this many times, only when nothing is found.")
-@click.option("--detect-max-side", type=int, default=DETECT_MAX_SIDE, show_default=True,
+@click.option("--detect-max-side", type=click.IntRange(min=1), default=DETECT_MAX_SIDE, show_default=True,
               help="Detect on a copy of large images whose longer side is this; crops are warped from full size.")
-@click.option("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_IMAGE_PIXELS, show_default=True,
               help="Refuse larger images (decompression-bomb guard) as too_large.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,

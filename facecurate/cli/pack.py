@@ -223,11 +223,11 @@ def pack_pairs(pairs, root, dest, strict, as_json):
     """
     from facecurate.files import emit_summary
     from facecurate.pack import PackError
-    from facecurate.pairs import pack_pairs as run
+    from facecurate.pairs import PairsError, pack_pairs as run
 
     try:
         res = run(pairs, root, dest, strict=strict)
-    except PackError as e:
+    except (PackError, PairsError) as e:
         _fail(str(e))
     s = res.summary()
     if not as_json:

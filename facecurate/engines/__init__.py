@@ -24,7 +24,14 @@ def get_engine(name: str = "local", *, workers: Optional[int] = None, address: O
 
         return LocalEngine(workers)
     if name == "ray":
+        import importlib.util
+
         from facecurate.engines.ray_engine import RayEngine
+
+        if importlib.util.find_spec("ray") is None:
+            from facecurate.runner import RunError
+
+            raise RunError("--engine ray needs Ray: pip install 'facecurate[ray]' (Python 3.10+)")
 
         return RayEngine(address=address, workers=workers)
     from facecurate.runner import RunError

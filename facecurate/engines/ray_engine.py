@@ -76,6 +76,27 @@ def _ip() -> str:
         return "?"
 
 
+#: How long a cluster's address may take to accept a connection (seconds); Ray itself
+#: retries an address where nothing answers for minutes.
+PROBE_TIMEOUT = 10.0
+
+
+def _probe(address: str) -> None:
+    """RunError at once when nothing accepts a connection at a ``HOST:PORT`` address
+    (or ``ray://HOST:PORT``); other forms (``auto``, ``local``) are left to Ray."""
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT).close()
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise RunError(f"cannot connect to the Ray cluster at {address}: nothing answers there ({why}); "
+                       "start it first (ray start --head) or fix --ray-address / RAY_ADDRESS") from None
+
+
 def connect(address: Optional[str]) -> bool:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a Ray instance for this
     run. Returns True when this call started or connected Ray (and should shut it down)."""
@@ -86,6 +107,8 @@ def connect(address: Optional[str]) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _probe(address)
     kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         if address:
@@ -115,9 +138,9 @@ class RayEngine:
         return {"num_cpus": spec.num_cpus, "num_gpus": 0}
 
     def lanes(self, spec: WorkerSpec, n_shards: int) -> int:
+        self._owns = connect(self.address) or getattr(self, "_owns", False)
         import ray
 
-        self._owns = connect(self.address) or getattr(self, "_owns", False)
         self.resources = self._request(spec)
         res = ray.cluster_resources()
         if self.resources["num_gpus"]:
