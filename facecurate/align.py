@@ -471,9 +471,9 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     is refused (:class:`facecurate.procs.LockedError`). Returns a summary dict."""
     cfg.validate()
     if cfg.detector == "scrfd":  # a wrong --model-dir fails before OUT records the run's settings
-        from facecurate.models.onnx_inspect import find_model
+        from facecurate.models.zoo import resolve_detector
 
-        find_model(cfg.model_dir, "detector")
+        resolve_detector(cfg.model_dir)
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         raise AlignError(f"RAW folder not found: {raw}")

@@ -46,9 +46,19 @@ def make_detector(name: str, *, model_dir: Optional[str] = None, device: str = "
         return DlibCNNDetector(max_upsample=max_upsample, min_side=min_side)
     if name != "scrfd":
         raise ModelError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
-    from .onnx_models import SCRFD, find_model
+    from .onnx_models import SCRFD
 
-    return SCRFD(find_model(model_dir, "detector"), device=device)
+    return SCRFD(resolve_detector(model_dir), device=device)
+
+
+def resolve_detector(model_dir: Optional[str]) -> Path:
+    """The SCRFD detector .onnx of ``--model-dir`` (a pack directory or an .onnx file);
+    ModelError naming what was found instead when there is none."""
+    from .onnx_models import find_model
+
+    if not model_dir:
+        raise ModelError("--detector scrfd needs --model-dir (a model pack directory or an .onnx file)")
+    return Path(find_model(model_dir, "detector"))
 
 
 def make_landmarker() -> Landmarker:
@@ -126,4 +136,5 @@ def resolve_onnx(model: str, model_dir: Optional[str]) -> Path:
 
 
 __all__ = ["make_detector", "make_landmarker", "make_embedder", "resolve_runtime", "resolve_onnx",
+           "resolve_detector",
            "DETECTORS", "DEVICES", "MODELS", "RUNTIMES", "ModelError"]
