@@ -74,7 +74,23 @@ def model_family(name: str) -> str:
 def default_params(model: str, **overrides) -> CleanParams:
     d = dict(MODEL_DEFAULTS[model_family(model)])
     d.update({k: v for k, v in overrides.items() if v is not None})
+    check_thresholds(d)
     return CleanParams(model=model, **d)
+
+
+#: the thresholds that are cosine similarities (options --keep, --drop, --cw, --dup, --merge)
+COSINE_THRESHOLDS = ("keep", "drop", "cw", "join", "dup", "merge", "exclude")
+
+
+def check_thresholds(d: dict) -> None:
+    """ValueError for a cosine threshold outside [-1, 1] or a keep threshold below the
+    drop threshold (with either, a run would succeed and keep nothing or review nothing)."""
+    for k in COSINE_THRESHOLDS:
+        if k in d and not -1.0 <= d[k] <= 1.0:
+            raise ValueError(f"--{k} {d[k]}: a cosine similarity lies between -1 and 1")
+    if d["keep"] < d["drop"]:
+        raise ValueError(f"the keep threshold ({d['keep']}) is below the drop threshold ({d['drop']}); "
+                         "faces between the two go to review, so --keep must be at least --drop")
 
 
 # decisions and reasons as small codes while computing (strings only in the results)

@@ -719,3 +719,20 @@ def test_clean_core_at_100k_faces_keeps_its_bits_for_1_and_2_workers():
     digests = {w: _core_digest(core.clean_core(x, ident, photo, quality, p, workers=w)) for w in (1, 2)}
     assert digests[1] == digests[2]
     assert digests[1] == CORE_100K_DIGEST
+
+
+def test_thresholds_that_cannot_work_are_one_line(tmp_path):
+    """--keep 2 (no cosine reaches it) or --keep below --drop (given or the model's
+    default) would "succeed" keeping or reviewing nothing: one line, exit 1, and
+    clean.csv is not written."""
+    with pytest.raises(ValueError, match="between -1 and 1"):
+        cparams.default_params("dlib", keep=2.0)
+    out = _fake_out(tmp_path, np.random.default_rng(9))
+    for args, msg in ((["--keep", "2"], "--keep 2.0: a cosine similarity lies between -1 and 1"),
+                      (["--dup", "-1.5"], "--dup -1.5: a cosine similarity lies between -1 and 1"),
+                      (["--keep", "0.1", "--drop", "0.5"], "the keep threshold (0.1) is below the drop threshold (0.5)"),
+                      (["--keep", "0.5"], "the keep threshold (0.5) is below the drop threshold (0.92)")):
+        r = CliRunner().invoke(main, ["clean", str(out), *args])
+        assert isinstance(r.exception, SystemExit) and r.exit_code == 1, r.output
+        assert r.output.startswith(f"Error: {msg}") and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (out / C.CLEAN_CSV).exists()
