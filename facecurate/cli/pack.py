@@ -209,7 +209,7 @@ def unpack(rec, dest, no_names, as_json):
 @click.option("--strict", is_flag=True, help="Fail when any pair cannot be resolved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def pack_pairs(pairs, root, dest, strict, as_json):
-    """Write a verification set DEST.bin like insightface's lfw.bin: a pickle of
+    """Write a verification set DEST (e.g. my_pairs.bin) like insightface's lfw.bin: a pickle of
     (bins, issame_list), bins = 2*P encoded images (pair members alternate).
 
     \b
