@@ -26,6 +26,7 @@ import numpy as np
 from facecurate import __version__
 from facecurate.constants import (
     ALIGN_FACES,
+    ALIGN_SHARD_SIZE,
     ALIGN_MANIFEST,
     ALIGN_META,
     CROP_FORMATS,
@@ -60,9 +61,6 @@ from facecurate.workspace import Workspace
 #: The fallback detector sees a copy whose longer side is at most this many pixels.
 FALLBACK_SIDE = 512
 SHARD_DIR = "align"
-#: Input files per shard (``--shard-size``): the unit of work and of resumption. The
-#: shard plan depends only on the sorted input list and this number.
-SHARD_SIZE = 64
 
 
 class AlignError(RuntimeError):
@@ -519,7 +517,7 @@ def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile],
     if overwrite:
         clear(work, [out / ALIGN_MANIFEST, out / ALIGN_META])
     check_meta(out / ALIGN_META, meta, _same_settings(out), part=part)
-    shard_size = int(shard_size or recorded_size(work, SHARD_SIZE))
+    shard_size = int(shard_size or recorded_size(work, ALIGN_SHARD_SIZE))
     shards = plan_shards(inputs, lambda f: f.source, shard_size)
     plan = check_plan(work, shards, shard_size, part)
     spec = WorkerSpec(AlignWorker, (cfg, str(raw), str(out)), str(work), must_see=(str(raw), str(out)),

@@ -64,6 +64,13 @@ LOCK_SUFFIX = ".lock"
 PLAN_FILE = "plan.json"
 MERGED_FILE = "merged.json"
 SHARD_STEM = "shard_{index:06d}"
+#: align's input files per shard (``--shard-size``): the unit of work and of
+#: resumption. The shard plan depends only on the sorted input list and this number.
+ALIGN_SHARD_SIZE = 64
+#: embed's faces per shard: 64 with dlib itself (one process per core), at least 256
+#: (or the batch size) on ONNX Runtime.
+EMBED_SHARD_SIZE_DLIB = 64
+EMBED_SHARD_SIZE_ONNX = 256
 SHARD_RECORD = SHARD_STEM + ".json"
 SHARD_CSV = SHARD_STEM + ".csv"
 SHARD_NPZ = SHARD_STEM + ".npz"

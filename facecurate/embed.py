@@ -52,6 +52,8 @@ from facecurate.constants import (
     EMBEDDINGS_CSV,
     EMBEDDINGS_META,
     EMBEDDINGS_NPY,
+    EMBED_SHARD_SIZE_DLIB,
+    EMBED_SHARD_SIZE_ONNX,
     EMBED_SIGNATURE,
     REC_NAME,
     SHARD_NPZ,
@@ -430,7 +432,8 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     batch_size = max(1, int(embedder.batch_size if batch_size is None else batch_size))
     # Fixed shards of the full list, whatever the workers, engine or part: a rerun redoes
     # whole shards of the same composition, so its vectors equal an uninterrupted run's.
-    size = int(chunk_size or recorded_size(work, DLIB_SHARD_SIZE if per_core else max(256, batch_size)))
+    size = int(chunk_size or recorded_size(
+        work, EMBED_SHARD_SIZE_DLIB if per_core else max(EMBED_SHARD_SIZE_ONNX, batch_size)))
     shards = _plan(items, kind, size)
     plan = check_plan(work, shards, size, part)
     eng, threads = _engine(engine, embedder, workers, ray_address)
@@ -451,8 +454,6 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     summary["runtime"] = info.get("runtime") or embedder.runtime
     return summary
 
-
-DLIB_SHARD_SIZE = 64
 
 
 def _plan(items, kind: str, size: int):

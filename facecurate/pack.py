@@ -57,6 +57,7 @@ from facecurate.pack_inputs import (
     _SizeCheck,
     _target_size,
     _work,
+    strict_problems,
 )
 from facecurate.recordio import RecordWriter, frame, pack_header
 
@@ -525,15 +526,16 @@ def _cleanup(dest: Path, sink, done: bool, created: bool) -> None:
 def _final_errors(out: Path, dest: Path, source: str, size: int, errors: list[InputError], tally: _Tally,
                   strict: bool) -> list[InputError]:
     """Every input problem, sorted, with the identities left without a usable crop;
-    PackError when that means nothing is written (``strict``, or nothing usable)."""
+    PackError when that means nothing is written (``strict`` with a problem, or nothing usable)."""
     had_no_files = {e.identity for e in errors if e.reason == PACK_EMPTY_IDENTITY}
     for ident in sorted(tally.listed - tally.with_crops - had_no_files):
         errors.append(InputError(ident, ident + "/", PACK_EMPTY_IDENTITY,
                                  "no usable crop: every crop listed for it failed (see its rows)"))
     errors.sort(key=lambda e: (e.identity, e.path, e.reason))
-    if strict and errors:
-        raise PackError(f"{len(errors)} input problem(s) and --strict: nothing written "
-                        f"(first: {errors[0].path}: {errors[0].reason}: {errors[0].message})",
+    problems = strict_problems(errors)
+    if strict and problems:
+        raise PackError(f"{len(problems)} input problem(s) and --strict: nothing written "
+                        f"(first: {problems[0].path}: {problems[0].reason}: {problems[0].message})",
                         errors, _failure_summary(dest, source, size, errors, None))
     if not tally.counts:
         errors_file = _write_errors(dest, errors) if errors else None

@@ -19,6 +19,7 @@ from facecurate.constants import (
     DECISION_KEEP,
     IMAGE_EXTENSIONS,
     PACK_BAD_ROW,
+    PACK_BELOW_MIN,
     PACK_DUPLICATE,
     PACK_EMPTY_IDENTITY,
     PACK_MISSING,
@@ -48,6 +49,12 @@ class InputError:
     path: str
     reason: str
     message: str
+
+
+def strict_problems(errors: list[InputError]) -> list[InputError]:
+    """What ``--strict`` fails on: every input problem, not the identities that
+    ``--min-images`` leaves out on purpose (they are still listed in pack_errors.csv)."""
+    return [e for e in errors if e.reason != PACK_BELOW_MIN]
 
 
 class _SizeCheck:

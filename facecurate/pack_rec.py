@@ -37,7 +37,7 @@ from facecurate.constants import (
     REC_LABELS_COLUMNS,
 )
 from facecurate.files import csv_text
-from facecurate.pack_inputs import InputError, PackError, _Good
+from facecurate.pack_inputs import InputError, PackError, _Good, strict_problems
 from facecurate.recdata import image_label, read_layout, read_property, rec_paths
 from facecurate.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
 from facecurate.workspace import Workspace
@@ -311,7 +311,7 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
             sink.close()  # again without them: they may change which identities remain
             exclude |= bad
         errors = sorted(left_out + plan_errors + bad_records, key=lambda e: (e.identity, e.path, e.reason))
-        problems = [e for e in errors if e.reason != PACK_NOT_KEPT]
+        problems = [e for e in strict_problems(errors) if e.reason != PACK_NOT_KEPT]
         if strict and problems:
             raise PackError(f"{len(problems)} input problem(s) and --strict: nothing written (first: "
                             f"{problems[0].path}: {problems[0].reason}: {problems[0].message})", problems)

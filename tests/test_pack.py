@@ -502,6 +502,26 @@ def test_shuffled_pack_predicts_identities_again_when_crops_fail(crops_dir, tmp_
     assert sorted(_mxfacedataset(tmp_path / "s" / "train")) == sorted(_mxfacedataset(tmp_path / "o" / "train"))
 
 
+def test_strict_with_min_images_drops_small_identities_without_failing(crops_dir, tmp_path):
+    """--min-images is a choice, not an input problem: with --strict the identities below
+    it are left out and listed in pack_errors.csv, and the pack succeeds."""
+    small = [d.name for d in crops_dir.iterdir() if len(list(d.iterdir())) == 2]
+    for shuffle in (False, True):
+        res = pack(crops_dir, tmp_path / f"d{shuffle}", shuffle=shuffle, min_images=3, strict=True)
+        assert (res.classes, res.images, res.dropped_identities) == (5, 20, 1)
+        assert [(e.identity, e.reason) for e in res.errors] == [(small[0], PACK_BELOW_MIN)]
+        assert [r["reason"] for r in read_csv(tmp_path / f"d{shuffle}" / "pack_errors.csv")] == [PACK_BELOW_MIN]
+    r = CliRunner().invoke(cli, ["pack", str(crops_dir), str(tmp_path / "c"), "--min-images", "3", "--strict",
+                                 "--no-shuffle", "--json"])
+    assert r.exit_code == 0, r.output
+    # a real problem still fails under --strict, with --min-images too
+    bad = tmp_path / "bad"
+    shutil.copytree(crops_dir, bad)
+    (bad / small[0] / "junk.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(PackError, match="strict"):
+        pack(bad, tmp_path / "e", min_images=3, strict=True)
+
+
 def test_failed_pack_into_a_new_dest_leaves_nothing(crops_dir, tmp_path):
     def stop(n):
         if n == 5:

@@ -61,7 +61,7 @@ def _common(f):
               help="Write the store here instead of into OUT (needed for a read-only folder of "
                    "crops; default for a .rec: its folder).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
-              help="Faces per shard (default: 64 for dlib, 256 for ONNX): the unit of work and of "
+              help="Faces per shard (default: 64 with --runtime dlib, 256 on ONNX Runtime): the unit of work and of "
                    "resumption. Recorded: reruns and parts without it keep the recorded value.")
 @engine_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing store and start again.")

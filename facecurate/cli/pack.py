@@ -28,7 +28,8 @@ def _fail(msg: str) -> None:
               help="Crop size in pixels [default: OUT/align.json's size, else 112].")
 @click.option("--resize", is_flag=True, help="Resize crops of the wrong size instead of reporting them.")
 @click.option("--strict", is_flag=True,
-              help="Fail (and leave DEST untouched) on any input problem instead of skipping and reporting it.")
+              help="Fail (and leave DEST untouched) on any input problem instead of skipping and reporting it "
+                   "(identities below --min-images are still only reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads reading crops ahead (can help on slow or network storage; with the files "
                    "in the page cache one is fastest).")
@@ -36,8 +37,8 @@ def _fail(msg: str) -> None:
               help="Flush the files to disk before renaming them into place (--no-fsync is faster; an "
                    "interrupted process still leaves DEST intact, only an OS crash could lose the new files).")
 @click.option("--merge-identities", "merges", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="(OUT holding a .rec) a merges.csv of confirmed pairs (columns a, b; rows whose "
-                   "decision/confirmed column says no are skipped): each pair is packed as one identity.")
+              help="(OUT holding a .rec) a merges.csv of confirmed pairs (columns a, b; with a decision "
+                   "or confirmed column, only rows saying merge/yes are used): each pair is packed as one identity.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, fsync, merges, as_json):
     """Pack the crops of OUT into DEST/train.rec, train.idx, train.lst and property
@@ -208,7 +209,7 @@ def unpack(rec, dest, no_names, as_json):
 @click.option("--strict", is_flag=True, help="Fail when any pair cannot be resolved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def pack_pairs(pairs, root, dest, strict, as_json):
-    """Write a verification set DEST.bin like insightface's lfw.bin: a pickle of
+    """Write a verification set DEST (e.g. my_pairs.bin) like insightface's lfw.bin: a pickle of
     (bins, issame_list), bins = 2*P encoded images (pair members alternate).
 
     \b
