@@ -369,7 +369,11 @@ def _resolve_input(target: Path, out: Optional[Path]) -> tuple[object, str, Path
     if (target / ALIGN_MANIFEST).exists():
         items, meta = items_from_align(target)
         return items, "align", (out or target), meta
-    return items_from_folder(target), "folder", (out or target), {}
+    items = items_from_folder(target)
+    if not items:  # most often the wrong folder: say what embed looks for
+        raise EmbedError(f"nothing to embed in {target}: no {ALIGN_MANIFEST} (run `facecurate align RAW "
+                         f"{target}` first), no image files, no {REC_NAME}")
+    return items, "folder", (out or target), {}
 
 
 def default_workers(embedder) -> int:

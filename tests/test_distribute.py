@@ -86,3 +86,16 @@ def test_engine_ray_without_ray_is_one_line(photos_dir, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["align", str(raw.parent), str(tmp_path / "out"), "--engine", "ray"])
     assert isinstance(res.exception, SystemExit) and res.exit_code == 1, res.output
     assert res.output.strip() == "Error: --engine ray needs Ray: pip install 'facecurate[ray]' (Python 3.10+)"
+
+
+def test_ray_address_without_engine_ray_is_one_line(tmp_path):
+    """--ray-address with the local engine would be silently ignored: it is refused."""
+    from click.testing import CliRunner
+
+    from facecurate.cli import main
+
+    (tmp_path / "raw" / "someone").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["align", str(tmp_path / "raw"), str(tmp_path / "out"),
+                                    "--ray-address", "127.0.0.1:6379"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip() == "Error: --ray-address is for --engine ray (this run's engine is local)"

@@ -255,6 +255,16 @@ def test_plain_folder_of_crops_with_a_broken_file(aligned, store, recognizer, tm
     assert min(cos) > 0.9, cos
 
 
+def test_a_folder_with_nothing_to_embed_is_one_line(tmp_path):
+    """The wrong folder (no align.csv, no images, no .rec): one line naming what
+    embed looks for, exit 1, and no store written."""
+    (tmp_path / "notes.txt").write_text("not a crop")
+    r = CliRunner().invoke(main, ["embed", str(tmp_path)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().startswith(f"Error: nothing to embed in {tmp_path}: no align.csv")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in ("notes.txt", "embed.lock")]
+
+
 def test_rec_input(aligned, recognizer, tmp_path):
     from facecurate.recordio import IndexedRecordWriter, pack_record
 

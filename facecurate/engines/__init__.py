@@ -13,30 +13,28 @@ its record.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 ENGINES = ("local", "ray")
 
 
 def get_engine(name: str = "local", *, workers: Optional[int] = None, address: Optional[str] = None):
+    from facecurate.runner import RunError
+
+    if name not in ENGINES:
+        raise RunError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if address and name != "ray":
+        raise RunError(f"--ray-address is for --engine ray (this run's engine is {name})")
     if name == "local":
         from facecurate.engines.local import LocalEngine
 
         return LocalEngine(workers)
-    if name == "ray":
-        import importlib.util
+    if importlib.util.find_spec("ray") is None:
+        raise RunError("--engine ray needs Ray: pip install 'facecurate[ray]' (Python 3.10+)")
+    from facecurate.engines.ray_engine import RayEngine
 
-        from facecurate.engines.ray_engine import RayEngine
-
-        if importlib.util.find_spec("ray") is None:
-            from facecurate.runner import RunError
-
-            raise RunError("--engine ray needs Ray: pip install 'facecurate[ray]' (Python 3.10+)")
-
-        return RayEngine(address=address, workers=workers)
-    from facecurate.runner import RunError
-
-    raise RunError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    return RayEngine(address=address, workers=workers)
 
 
 __all__ = ["ENGINES", "get_engine"]
