@@ -1,8 +1,8 @@
 """Benchmark: the Ray engine against itself on more nodes, and against the local engine.
 
-On this host, two real Ray clusters (``ray.cluster_utils.Cluster``, nodes of 1 CPU
-each, small object stores, no dashboard), one of one node and one of two, run
-``align`` and then ``embed`` (dlib's model) on the same LFW *dev* photos:
+On this host, real Ray clusters (``ray.cluster_utils.Cluster``, nodes of 1 CPU each,
+small object stores, no dashboard), of one node and of two, run ``align`` and then
+``embed`` (dlib's model) on the same LFW *dev* photos:
 
 * scaling: a cluster of two 1-CPU nodes against one 1-CPU node (target >= 1.7x);
 * overhead: Ray on 2 CPUs (the two nodes) against the local engine with 2 workers
@@ -11,7 +11,9 @@ each, small object stores, no dashboard), one of one node and one of two, run
     python benchmarks/distributed.py [--n 300] [--repeat 3] [--shard-size 10] [--runtime dlib] [--stages align]
 
 Each round runs the three setups back to back (1 node, 2 nodes, local; reversed
-every other round), so that the shared machine's drifting speed hits them alike.
+every other round), so that the shared machine's drifting speed hits them alike; a
+cluster is started for its setup and stopped after it, so no idle cluster runs beside
+a timed run.
 Times are medians over ``--repeat`` rounds; each ratio is the median of the rounds'
 own ratios. A time is the wall time of the whole ``run_align`` / ``run_embed`` call,
 model loading and Ray worker start included, with Ray itself already running and
@@ -68,7 +70,7 @@ def start_cluster(nodes: int):
 
 
 def use(cluster) -> None:
-    """Connect this driver to ``cluster`` (a new Ray job)."""
+    """Connect this driver to ``cluster``."""
     import ray
 
     ray.shutdown()
@@ -153,32 +155,29 @@ def main() -> int:
         shutil.rmtree(store)
         return t
 
-    # Two real clusters on this host, both kept up: one 1-CPU node, and two 1-CPU nodes.
-    # The driver connects to each in turn (a new Ray job each time), so that every
-    # round times the three setups back to back and a drift of the shared machine's
-    # speed hits all three alike.
-    clusters = {"ray_1node": start_cluster(1), "ray_2nodes": start_cluster(2)}
+    # Every round times the three setups back to back (reversed every other round), so
+    # that a drift of the shared machine's speed hits all three alike. Only one cluster
+    # is up at a time: an idle cluster's daemons would take CPU from the run being timed.
+    timers = [(stage, fn) for stage, fn in (("align", align), ("embed", embed)) if stage in stages]
     try:
-        for c in clusters.values():
-            use(c)
-            drain_prestarted()
         for r in range(args.repeat):
-            for stage, fn in (("align", align), ("embed", embed)):
-                if stage not in stages:
-                    continue
-                order = ["ray_1node", "ray_2nodes", "local_2"]
-                for setup in (order if r % 2 == 0 else order[::-1]):
-                    if setup == "local_2":
+            order = ["ray_1node", "ray_2nodes", "local_2"]
+            for setup in (order if r % 2 == 0 else order[::-1]):
+                cluster = None if setup == "local_2" else start_cluster(1 if setup == "ray_1node" else 2)
+                try:
+                    if cluster:
+                        use(cluster)
+                        drain_prestarted()
+                    for stage, fn in timers:
+                        t = fn("ray") if cluster else fn("local", 2)
+                        runs.setdefault(stage, {}).setdefault(setup, []).append(t)
+                finally:
+                    if cluster:
                         ray.shutdown()
-                        t = fn("local", 2)
-                    else:
-                        use(clusters[setup])
-                        t = fn("ray")
-                    runs.setdefault(stage, {}).setdefault(setup, []).append(t)
+                        cluster.shutdown()
+                        time.sleep(2)  # let its processes exit before the next timed run
     finally:
         ray.shutdown()
-        for c in clusters.values():
-            c.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
     report = {"photos": n, "repeat": args.repeat, "shard_size": ss, "seconds": runs, "figures": {}}
