@@ -28,7 +28,7 @@ from facecurate import constants as C
 from facecurate.clean_cohort import calibrate
 from facecurate.clean_core import CoreResult, clean_core
 from facecurate.clean_inputs import embed_images, exclusions, failed_keys, model_name, read_exclude, store_runtime
-from facecurate.clean_params import R_MANUAL, R_NO_EMBEDDING, CleanParams, default_params
+from facecurate.clean_params import COSINE_THRESHOLDS, R_MANUAL, R_NO_EMBEDDING, CleanParams, default_params
 from facecurate.manifests import AlignRow, CleanRow, IdentityRow, MergeRow
 from facecurate.similar import similar_pairs
 from facecurate.vectors import normalize
@@ -121,7 +121,7 @@ def _carry_manual(ws: Workspace, out: list[CleanRow]) -> tuple[list[CleanRow], i
     for r in out:
         d = manual.get((r.aligned, r.identity))
         if d in (C.DECISION_KEEP, C.DECISION_DROP):
-            r = r.replace(previous_decision=r.decision, previous_reason=r.reason, decision=d, reason=R_MANUAL)
+            r = r.manual(d)
             kept += 1
         rows.append(r)
     return rows, kept, len(manual) - kept
@@ -250,24 +250,41 @@ def _face_rows(f: _Faces, res: CoreResult) -> list[CleanRow]:
 
 def _identity_rows(images_by_id: dict, f: _Faces, res: CoreResult) -> list[IdentityRow]:
     """identities.csv's rows: every identity of align.csv, with or without faces."""
-    ident_rows = []
+    medians = kept_medians(f.identity, res, len(f.names))
+    rows = []
     for nm in sorted(images_by_id):
         g = f.gid.get(nm)
-        inf = res.identities[g] if g is not None else dict(faces=0, kept=0, dropped=0, review=0, duplicates=0,
-                                                           not_subject=0, clusters=0, dominant_share=0.0,
-                                                           flags=[C.FLAG_NO_FACES])
-        sc = res.score[f.identity == g] if g is not None else np.zeros(0)
-        kept_mask = np.array([res.decision[i] == C.DECISION_KEEP for i in np.nonzero(f.identity == g)[0]], bool) \
-            if g is not None else np.zeros(0, bool)
-        images = len(images_by_id[nm])
-        noise = 1.0 - (inf["kept"] + inf["review"]) / images if images else 0.0
-        ident_rows.append(IdentityRow(
-            identity=nm, images=images, faces=inf["faces"], kept=inf["kept"], dropped=inf["dropped"],
-            review=inf["review"], duplicates=inf["duplicates"], not_subject=inf["not_subject"],
-            clusters=inf["clusters"], dominant_share=float(inf["dominant_share"]), noise=max(0.0, noise),
-            median_score=float(np.median(sc[kept_mask])) if kept_mask.any() else float("nan"),
-            flags=";".join(inf["flags"])))
-    return ident_rows
+        rows.append(identity_row(nm, len(images_by_id[nm]), res.identities[g] if g is not None else None,
+                                 medians[g] if g is not None else float("nan")))
+    return rows
+
+
+def kept_medians(identity: np.ndarray, res: CoreResult, n_ids: int) -> list[float]:
+    """Per identity number, the median score of its kept faces (nan when none); one
+    sort of the faces, not a pass over all of them per identity."""
+    kept = np.asarray(res.decision, dtype=object) == C.DECISION_KEEP if len(identity) else np.zeros(0, bool)
+    order = np.argsort(identity, kind="stable")
+    bounds = np.searchsorted(identity[order], np.arange(n_ids + 1))
+    out = []
+    for g in range(n_ids):
+        idx = order[bounds[g]:bounds[g + 1]]
+        sc = res.score[idx][kept[idx]]
+        out.append(float(np.median(sc)) if sc.size else float("nan"))
+    return out
+
+
+def identity_row(name: str, images: int, inf: dict | None, median: float) -> IdentityRow:
+    """One identities.csv row from clean_core's counts of the identity (None: it has
+    no face) and the median score of its kept faces."""
+    if inf is None:
+        inf = dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
+                   dominant_share=0.0, flags=[C.FLAG_NO_FACES])
+    noise = 1.0 - (inf["kept"] + inf["review"]) / images if images else 0.0
+    return IdentityRow(
+        identity=name, images=images, faces=inf["faces"], kept=inf["kept"], dropped=inf["dropped"],
+        review=inf["review"], duplicates=inf["duplicates"], not_subject=inf["not_subject"],
+        clusters=inf["clusters"], dominant_share=float(inf["dominant_share"]), noise=max(0.0, noise),
+        median_score=median, flags=";".join(inf["flags"]))
 
 
 def _summary(out: list[CleanRow], ident_rows: list[IdentityRow], merge_rows: list[MergeRow], res: CoreResult,
@@ -287,7 +304,6 @@ def _summary(out: list[CleanRow], ident_rows: list[IdentityRow], merge_rows: lis
         ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
         excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
         merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved,
-        model=model, thresholds={k: round(getattr(p, k), 4) for k in ("keep", "drop", "cw", "join", "dup",
-                                                                       "merge", "exclude")},
+        model=model, thresholds={k: round(getattr(p, k), 4) for k in COSINE_THRESHOLDS},
         calibrated=bool(p.calibrated),
     )

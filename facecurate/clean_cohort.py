@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from facecurate.clean_identity import clean_identity
+from facecurate.clean_identity import analyse_identity
 from facecurate.clean_params import CleanParams
 from facecurate.engines.local import LocalPool, SharedArray
 from facecurate.similar import similar_pairs
@@ -247,8 +247,7 @@ def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: Clean
     cents = []
     for g in keys:
         rows = groups[g]
-        r = clean_identity(emb[rows], photo[rows], np.zeros(len(rows)), p)
-        cents.append(r.centre)
+        cents.append(analyse_identity(emb[rows], photo[rows], p).centre)  # the centre only: no decisions
     cents = np.stack(cents).astype(np.float32)
     rng = np.random.default_rng(seed)
     m = min(len(emb), 20000)

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from facecurate import constants as C
 from facecurate.clean_batch import analyse_rows, decide_rows
 from facecurate.clean_cohort import score_offsets
 from facecurate.clean_identity import Analysis, decide_identity
@@ -77,7 +78,7 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                                       blk["ambiguous"].tolist()):
                 info[g].update(clusters=nc, dominant_share=ds)
                 if amb:
-                    info[g]["flags"].append("ambiguous")
+                    info[g]["flags"].append(C.FLAG_AMBIGUOUS)
         offset = None
         if n and (p.cohort or p.cohort_centre or p.spread or sharpness is not None):
             offset = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres, np.asarray(keys), med,
@@ -197,13 +198,13 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
         dec[m], rea[m] = DROP, RC[R_EXCLUDED]
         for g in excluded:
             if g < k:
-                info[g]["flags"].append("excluded")
+                info[g]["flags"].append(C.FLAG_EXCLUDED)
     # too few photos
     kept_by_id = np.bincount(identity[dec != DROP], minlength=k)
     m = (dec != DROP) & (kept_by_id[identity] < p.min_images)
     dec[m], rea[m] = DROP, RC[R_TOO_FEW]
     for g in np.nonzero((kept_by_id > 0) & (kept_by_id < p.min_images))[0].tolist():
-        info[g]["flags"].append("too_few")
+        info[g]["flags"].append(C.FLAG_TOO_FEW)
     resolved = limit_review(dec, rea, score, p, n)
     # centres of what is kept, for merges
     alive = dec == KEEP
@@ -217,8 +218,8 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
     merges = [(int(live[a]), int(live[b]), s) for a, b, s in similar_pairs(fin[live], p.merge, pool=pool)]
     for a, b, _ in merges:
         for g in (a, b):
-            if "merge_candidate" not in info[g]["flags"]:
-                info[g]["flags"].append("merge_candidate")
+            if C.FLAG_MERGE_CANDIDATE not in info[g]["flags"]:
+                info[g]["flags"].append(C.FLAG_MERGE_CANDIDATE)
     counts = dict(faces=np.ones(n, bool), kept=dec == KEEP, review=dec == REVIEW, dropped=dec == DROP,
                   duplicates=rea == RC[R_DUPLICATE], not_subject=rea == RC[R_NOT_SUBJECT])
     for name, m in counts.items():

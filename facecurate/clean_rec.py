@@ -27,11 +27,11 @@ from typing import Sequence
 import numpy as np
 
 from facecurate import constants as C
-from facecurate.clean import CropSimilarity
+from facecurate.clean import CropSimilarity, identity_row, kept_medians
 from facecurate.clean_cohort import calibrate
 from facecurate.clean_core import clean_core
 from facecurate.clean_inputs import exclusions, model_name, store_runtime
-from facecurate.clean_params import default_params
+from facecurate.clean_params import COSINE_THRESHOLDS, default_params
 from facecurate.files import format_float
 from facecurate.manifests import IdentityRow, MergeRow
 from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
@@ -186,7 +186,7 @@ def _previous_manual(ws: Workspace) -> dict[str, str]:
     """aligned -> keep/drop of the rows a review decided in the previous clean.csv."""
     if not ws.has(C.CLEAN_CSV):
         return {}
-    return {r.aligned: r.decision for r in ws.clean_rows()
+    return {r.aligned: r.decision for r in ws.stream_clean()()
             if r.reason == C.REASON_MANUAL and r.decision in (C.DECISION_KEEP, C.DECISION_DROP)}
 
 
@@ -227,7 +227,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
                      **{k: v for k, v in core_kw.items() if v is not None})
     Workspace(dest).remove_stale_temps(C.CLEAN_OUTPUTS)
     rows, counts, reasons, manual = _write_clean_csv(dest, faces, have, res, label_names, keep_manual)
-    ident_rows = _identity_rows(faces, have, identity, ulabs, names, res, label_names)
+    ident_rows = _identity_rows(faces, identity, ulabs, names, res, label_names)
     merge_rows = [MergeRow(a=names[a], b=names[b], similarity=float(s)) for a, b, s in res.merges]
     ws = Workspace(dest)
     ws.write_identities(ident_rows)
@@ -240,7 +240,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
         ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
         excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
         merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved, model=model,
-        thresholds={k: round(getattr(p, k), 4) for k in ("keep", "drop", "cw", "join", "dup", "merge", "exclude")},
+        thresholds={k: round(getattr(p, k), 4) for k in COSINE_THRESHOLDS},
         calibrated=bool(p.calibrated),
     )
     ws.write_clean_meta(dict(summary=summary, params=p.as_dict()))
@@ -295,31 +295,15 @@ def _write_clean_csv(dest: Path, faces: RecFaces, have: np.ndarray, res, label_n
     return n, counts, reasons, (kept_manual, len(manual) - kept_manual)
 
 
-def _identity_rows(faces: RecFaces, have: np.ndarray, identity: np.ndarray, ulabs: np.ndarray, names: list,
+def _identity_rows(faces: RecFaces, identity: np.ndarray, ulabs: np.ndarray, names: list,
                    res, label_names: dict) -> list[IdentityRow]:
     """identities.csv rows: every label of the .rec's image records (records = images)."""
     labs_all, images = np.unique(faces.labels[faces.labels >= 0], return_counts=True)
     g_of = {int(lab): g for g, lab in enumerate(ulabs.tolist())}
-    kept = np.asarray(res.decision, dtype=object) == C.DECISION_KEEP if have.size else np.zeros(0, bool)
-    order = np.argsort(identity, kind="stable")
-    bounds = np.searchsorted(identity[order], np.arange(len(names) + 1))
+    medians = kept_medians(identity, res, len(names))
     out = []
     for lab, n_img in zip(labs_all.tolist(), images.tolist()):
         g = g_of.get(lab)
-        if g is None:
-            inf = dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
-                       dominant_share=0.0, flags=[C.FLAG_NO_FACES])
-            med = float("nan")
-        else:
-            inf = res.identities[g]
-            idx = order[bounds[g]:bounds[g + 1]]
-            sc = res.score[idx][kept[idx]]
-            med = float(np.median(sc)) if sc.size else float("nan")
-        noise = 1.0 - (inf["kept"] + inf["review"]) / n_img if n_img else 0.0
-        out.append(IdentityRow(
-            identity=label_names.get(lab, str(lab)), images=n_img, faces=inf["faces"], kept=inf["kept"],
-            dropped=inf["dropped"], review=inf["review"], duplicates=inf["duplicates"],
-            not_subject=inf["not_subject"], clusters=inf["clusters"],
-            dominant_share=float(inf["dominant_share"]), noise=max(0.0, noise),
-            median_score=med, flags=";".join(inf["flags"])))
+        out.append(identity_row(label_names.get(lab, str(lab)), n_img, res.identities[g] if g is not None else None,
+                                medians[g] if g is not None else float("nan")))
     return out

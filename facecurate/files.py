@@ -26,6 +26,10 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+#: The end of every temporary name :func:`atomic_write` makes (``.NAME.XXXXXXXX.tmp``).
+TMP_SUFFIX = ".tmp"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, **kw) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success (fsync and) rename it over
@@ -53,9 +57,6 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-TMP_SUFFIX = ".tmp"
 
 
 def temp_target(name: str) -> str | None:

@@ -130,7 +130,8 @@ def check_meta(path: Path, meta: dict, same: Callable[[dict, dict], Optional[str
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     if path.exists():
         try:
-            old = json.loads(path.read_text())
+            recorded = path.read_text()
+            old = json.loads(recorded)
         except ValueError as e:  # also a file that is not UTF-8
             old = e
         if not isinstance(old, dict):
@@ -139,7 +140,7 @@ def check_meta(path: Path, meta: dict, same: Callable[[dict, dict], Optional[str
         msg = same(old, meta)
         if msg:
             raise RunError(msg)
-        if part is not None or path.read_text() == text:
+        if part is not None or recorded == text:
             return
     if part is None:
         write_text_atomic(path, text)
@@ -317,7 +318,7 @@ def _remove_shard_temps(work: Path, todo: Sequence[Shard]) -> None:
     and records, under temporary names); never another part's."""
     from facecurate.files import remove_stale_temps
 
-    stems = {SHARD_STEM.format(index=s.index) for s in todo}
+    stems = {s.name for s in todo}
     remove_stale_temps(work, lambda target: target.partition(".")[0] in stems)
 
 
@@ -349,11 +350,11 @@ def merge_if_due(out: Path, stage: str, work: Path, plan_digest: str, part, merg
     this plan (so two parts never write the merged outputs). None when skipped.
     ``outputs`` (file names in ``out``): what a merge killed midway left under
     temporary names is removed first."""
-    from facecurate.files import remove_stale_temps
     from facecurate.procs import LockedError, run_lock
+    from facecurate.workspace import Workspace
 
     def merge_clean():
-        remove_stale_temps(out, lambda target: target in outputs)
+        Workspace(out).remove_stale_temps(outputs)
         return merge()
 
     if part is None:
