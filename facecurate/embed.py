@@ -48,7 +48,6 @@ import numpy as np
 from facecurate import __version__
 from facecurate.constants import (
     ALIGN_MANIFEST,
-    EMBEDDINGS_COLUMNS,
     EMBEDDINGS_CSV,
     EMBEDDINGS_META,
     EMBEDDINGS_NPY,
@@ -70,7 +69,6 @@ from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, cle
                                merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 
 EMBED_DIR = "embed"
-STORE_COLUMNS = EMBEDDINGS_COLUMNS
 
 
 class EmbedError(RuntimeError):

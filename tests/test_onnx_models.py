@@ -324,9 +324,11 @@ def test_arcface_normalisation_read_from_graph(tmp_path, rec_path, crops):
     # the graph normalises inside, we feed 0..255: same vectors as the plain graph
     np.testing.assert_allclose(m.embed(crops), ArcFaceONNX(rec_path).embed(crops), rtol=1e-4, atol=1e-4)
     # the minimal protobuf reader agrees with the onnx package
+    from facecurate.models.onnx_inspect import _first_nodes_protobuf
+
     for p in (selfnorm, rec_path):
-        assert om._first_nodes_protobuf(p, 8) == om.first_nodes(p, 8)
-    assert om._first_nodes_protobuf(selfnorm, 2) == [("_minusscalar0", "Sub"), ("_mulscalar0", "Mul")]
+        assert _first_nodes_protobuf(p, 8) == om.first_nodes(p, 8)
+    assert _first_nodes_protobuf(selfnorm, 2) == [("_minusscalar0", "Sub"), ("_mulscalar0", "Mul")]
 
 
 def test_arcface_resizes_other_crop_sizes(rec_path, crops):

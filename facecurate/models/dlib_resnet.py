@@ -82,11 +82,9 @@ def fit_dlib_chip_template(align_out, limit: int = 1500, seed: int = 0) -> np.nd
 
     from facecurate.embed import Loader, items_from_align
     from facecurate.models.dlib_models import SHAPE68, model_file
-    from facecurate.workspace import Workspace
 
-    items, _ = items_from_align(Path(align_out))
-    prim = {r.aligned for r in Workspace(align_out).align_rows() if r.primary}
-    items = [it for it in items if it.aligned in prim and it.pts5 is not None and it.box is not None]
+    items, _ = items_from_align(Path(align_out), primary_only=True)
+    items = [it for it in items if it.pts5 is not None and it.box is not None]
     random.Random(seed).shuffle(items)
     sp = dlib.shape_predictor(model_file(SHAPE68))
     loader = Loader()

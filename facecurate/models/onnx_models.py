@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from .arcface import ArcFaceONNX
-from .onnx_inspect import (SCRFD_LAYOUTS, _classify, _dim, _first_nodes_protobuf, _io_signature, _signature,
-                           find_model, first_nodes, input_normalisation, inspect_onnx)
-from .onnx_session import (CPU_PROVIDER, CUDA_PROVIDER, DEFAULT_BATCH, DEVICES, GPU_HINT, INSTALL_HINT,
-                           OnnxModelError, select_session)
+from .onnx_inspect import find_model, first_nodes, input_normalisation, inspect_onnx
+from .onnx_session import CPU_PROVIDER, CUDA_PROVIDER, DEFAULT_BATCH, OnnxModelError, select_session
 from .scrfd import SCRFD, anchor_centers, distance2bbox, distance2kps, letterbox, nms
 
 
@@ -51,6 +49,5 @@ __all__ = [
     "OnnxModelError", "select_session", "inspect_onnx", "find_model", "first_nodes",
     "input_normalisation", "letterbox", "anchor_centers", "distance2bbox", "distance2kps",
     "nms", "SCRFD", "ArcFaceONNX", "load_model", "CPU_PROVIDER", "CUDA_PROVIDER",
-    "DEFAULT_BATCH", "DEVICES", "GPU_HINT", "INSTALL_HINT", "SCRFD_LAYOUTS",
-    "_classify", "_dim", "_first_nodes_protobuf", "_io_signature", "_signature",
+    "DEFAULT_BATCH",
 ]

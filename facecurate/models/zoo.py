@@ -83,24 +83,24 @@ def make_embedder(model: str = "dlib", *, model_dir: Optional[str] = None, feed:
         DlibEmbedder(feed)  # an unknown feed is refused before the graph is converted
         return DlibOnnxEmbedder(_dlib_graph(onnx_kw), feed)
     if model == "arcface" or str(model).endswith(".onnx"):
-        from .arcface import OnnxEmbedder
-        from .onnx_models import load_model
+        from .arcface import ArcFaceONNX, OnnxEmbedder
 
-        return OnnxEmbedder(load_model(resolve_onnx(model, model_dir), kind="recognizer", **onnx_kw))
-    raise ModelError(f"unknown model {model!r}: use dlib, arcface (with --model-dir) or a path to an .onnx")
+        # resolve_onnx has found a recogniser; ArcFaceONNX checks its graph once more as it opens it
+        return OnnxEmbedder(ArcFaceONNX(resolve_onnx(model, model_dir), **onnx_kw))
+    raise ModelError(f"unknown model {model!r}: use {', '.join(MODELS)} (with --model-dir) or a path to an .onnx")
 
 
 def _dlib_graph(onnx_kw: dict):
     """dlib's ResNet converted to ONNX (cached), loaded as an ArcFaceONNX."""
+    from .arcface import ArcFaceONNX
     from .dlib_onnx import DlibOnnxError, dlib_resnet_onnx
     from .dlib_resnet import dlib_sha
-    from .onnx_models import load_model
 
     try:
         path = dlib_resnet_onnx(sha256=dlib_sha())
     except DlibOnnxError as e:
         raise ModelError(f"{e} (or use --runtime dlib)") from None
-    return load_model(path, kind="recognizer", **onnx_kw)
+    return ArcFaceONNX(path, **onnx_kw)  # opened and checked to be a recogniser once
 
 
 def resolve_runtime(runtime: str = "auto") -> str:
