@@ -30,6 +30,22 @@ _FILE_MODE = 0o666 & ~_umask()
 TMP_SUFFIX = ".tmp"
 
 
+def temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file beside ``path`` (``.NAME.XXXXXXXX.tmp``),
+    with the usual permissions; an OSError names ``path``, not the temporary name."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, **kw) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success (fsync and) rename it over
@@ -38,12 +54,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, 
     this safe against a killed process; ``fsync`` adds safety against power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_beside(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    except OSError as e:  # name the file meant, not the temporary name
-        raise OSError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, mode, **kw) as f:
             yield f
             f.flush()

@@ -9,14 +9,13 @@ embedded as ``data:`` URIs. No timestamps: the same OUT gives the same bytes.
 from __future__ import annotations
 
 import html
-import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
 from facecurate import constants as C
 from facecurate.files import format_float, write_text_atomic
-from facecurate.manifests import AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, Row
+from facecurate.manifests import AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, Row, NAN, finite_or
 from facecurate.workspace import ManifestError, Workspace
 from facecurate.review import image_data_uri
 
@@ -33,11 +32,6 @@ def _read(ws: Workspace, name: str, row_type: type[Row]) -> tuple[list, str | No
         return ws.read_table(name, row_type)[1], None
     except (OSError, ManifestError) as e:
         return [], f"{name} unreadable: {e}"
-
-
-def _fin(v: float) -> float:
-    """``v``, NaN when it is not finite (a missing or unusable number)."""
-    return v if math.isfinite(v) else float("nan")
 
 
 def _int(v, default: int = 0) -> int:
@@ -99,7 +93,7 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
         reasons = Counter((r.decision, r.reason) for r in clean)
         scores: dict[str, list[float]] = defaultdict(list)
         for r in clean:
-            s = _fin(r.score)
+            s = finite_or(r.score, NAN)
             if s == s:
                 scores[r.decision].append(s)
         manual = [r for r in clean if r.reason == C.REASON_MANUAL]
@@ -127,7 +121,7 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
 
 
 def _merge_key(r: MergeRow) -> tuple:
-    s = _fin(r.similarity)
+    s = finite_or(r.similarity, NAN)
     return (-s if s == s else 9.0, r.a, r.b)
 
 
@@ -144,7 +138,7 @@ def noisiest(clean: Sequence[CleanRow], idents: Sequence[IdentityRow], top: int)
         c = Counter(r.decision for r in fs)
         i = info.get(ident) or IdentityRow(identity=ident)
         n = len(fs)
-        noise = _fin(i.noise)
+        noise = finite_or(i.noise, NAN)
         if noise != noise:
             noise = (n - c[C.DECISION_KEEP] - c[C.DECISION_REVIEW]) / n if n else 0.0
         rows.append(dict(identity=ident, images=_int(i.images, len({r.source for r in fs})),
@@ -256,7 +250,7 @@ def svg_histograms(scores: dict[str, list[float]], thresholds: dict, bins: int =
 # ----------------------------------------------------------------------------- page
 def _thumbs(out: Path, faces: Sequence[CleanRow], n_keep: int = 4, n_bad: int = 8) -> str:
     def key(r):
-        s = _fin(r.score)
+        s = finite_or(r.score, NAN)
         return s if s == s else -9.0
     kept = sorted((r for r in faces if r.decision == C.DECISION_KEEP), key=key, reverse=True)[:n_keep]
     bad = sorted((r for r in faces if r.decision != C.DECISION_KEEP), key=key)[:n_bad]

@@ -248,11 +248,6 @@ def _esc(s) -> str:
     return html.escape(str(s), quote=True)
 
 
-def raw_dir(out_dir: Path) -> Path | None:
-    """RAW as align recorded it in OUT/align.json, when it is still there."""
-    return Workspace(out_dir).raw_dir()
-
-
 def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int | None = None,
           raw: Path | None = None, records=None) -> str:
     aligned = r.aligned

@@ -56,7 +56,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
     rng = np.random.default_rng(seed)
     cent = x[np.sort(rng.choice(len(x), size=k, replace=False))].copy()
     for _ in range(iters):
-        a = _assign(x, cent, 1)[:, 0]
+        a = _nearest(x, cent)
         sums = np.zeros_like(cent)
         add_at_rows(sums, a, x)
         cnt = np.bincount(a, minlength=k)
@@ -66,22 +66,17 @@ def _kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
     return cent
 
 
-def _assign(x: np.ndarray, cent: np.ndarray, nprobe: int, block: int = 65536) -> np.ndarray:
-    out = np.empty((len(x), nprobe), np.int64)
+def _nearest(x: np.ndarray, cent: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Each row's most similar centre, a block of rows at a time."""
+    out = np.empty(len(x), np.int64)
     for b0 in range(0, len(x), block):
-        s = x[b0:b0 + block] @ cent.T
-        if nprobe == 1:
-            out[b0:b0 + block, 0] = s.argmax(1)
-        else:
-            part = np.argpartition(-s, nprobe - 1, axis=1)[:, :nprobe]
-            out[b0:b0 + block] = np.take_along_axis(part, np.argsort(
-                -np.take_along_axis(s, part, 1), axis=1, kind="stable"), 1)
+        out[b0:b0 + block] = (x[b0:b0 + block] @ cent.T).argmax(1)
     return out
 
 
 def _home_and_probes(t: dict) -> tuple:
-    """Worker: ``_assign(x, cent, 1)`` and ``_assign(x, cent, nprobe)`` of one block
-    of rows, from one product."""
+    """Worker: for one block of rows, each row's most similar centre and its
+    ``nprobe`` most similar in decreasing order, from one product."""
     x = t["x"].get() if isinstance(t["x"], SharedArray) else t["x"]
     s = x[t["a"]:t["b"]] @ t["cent"].T
     part = np.argpartition(-s, t["nprobe"] - 1, axis=1)[:, :t["nprobe"]]
@@ -102,7 +97,7 @@ def _pairs_ivf_numpy(vecs, thr, seed, pool: LocalPool | None = None):
     cent = _kmeans(train, nlist, seed)
     shared = pool is not None and pool.workers > 1
     V = pool.share(vecs) if shared else vecs
-    block = 65536  # as _assign
+    block = 65536  # as _nearest
     tasks = [dict(x=V, a=a, b=min(n, a + block), cent=cent, nprobe=nprobe) for a in range(0, n, block)]
     hp = list(pool.map(_home_and_probes, tasks) if shared else map(_home_and_probes, tasks))
     home, probes = np.concatenate([h for h, _ in hp]), np.concatenate([q for _, q in hp])

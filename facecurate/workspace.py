@@ -15,13 +15,13 @@ import csv
 import gc
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from facecurate import constants as C
-from facecurate.files import atomic_write, csv_cell, remove_stale_temps, write_bytes_atomic, write_text_atomic
+from facecurate.files import (atomic_write, csv_cell, remove_stale_temps, temp_beside, write_bytes_atomic,
+                              write_text_atomic)
 from facecurate.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
                                   RowError, clean_columns)
 
@@ -344,7 +344,7 @@ class Workspace:
         npy_tmp = None
         try:
             with atomic_write(self.out / C.EMBEDDINGS_CSV, "w", encoding="utf-8", newline="") as f:
-                fd, tmp = tempfile.mkstemp(prefix=f".{C.EMBEDDINGS_NPY}.", suffix=".tmp", dir=self.out)
+                fd, tmp = temp_beside(self.out / C.EMBEDDINGS_NPY)
                 os.close(fd)
                 npy_tmp = Path(tmp)
                 w = StoreWriter(f, npy_tmp, rows, dim)

@@ -121,6 +121,7 @@ def test_rec_store_writer_is_bounded_and_equals_the_in_memory_store(tmp_path):
     assert (mem / "embeddings.csv").read_text().count("\n") == 8001
     for name in ("embeddings.npy", "embeddings.csv"):
         assert (d / name).read_bytes() == (mem / name).read_bytes(), name
+        assert (d / name).stat().st_mode == (mem / name).stat().st_mode, name  # not mkstemp's 0600
 
 
 def test_rec_range_is_small(tmp_path):

@@ -203,7 +203,7 @@ class _State:
     def kill_all(self) -> None:
         import ray
 
-        for a in {v[1] for v in self.refs.values()} | set(self.held):
+        for a in list(self.held):  # every actor with a call in flight is in held too
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
