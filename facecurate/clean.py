@@ -28,7 +28,8 @@ from facecurate import constants as C
 from facecurate.clean_cohort import calibrate
 from facecurate.clean_core import CoreResult, clean_core
 from facecurate.clean_inputs import embed_images, exclusions, failed_keys, model_name, read_exclude, store_runtime
-from facecurate.clean_params import COSINE_THRESHOLDS, R_MANUAL, R_NO_EMBEDDING, CleanParams, default_params
+from facecurate.clean_params import (COSINE_THRESHOLDS, R_MANUAL, R_NO_EMBEDDING, CleanParams, check_cosines,
+                                     default_params)
 from facecurate.manifests import AlignRow, CleanRow, IdentityRow, MergeRow
 from facecurate.similar import similar_pairs
 from facecurate.vectors import normalize
@@ -158,6 +159,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     processes for the per-identity work (default: all cores); the outputs depend
     neither on it nor on ``shard_faces`` (see ``clean_core``)."""
     out_dir = Path(out_dir)
+    check_cosines(model_overrides or {})  # before anything is embedded
     from facecurate.recdata import is_rec_dataset
 
     if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean_rec)

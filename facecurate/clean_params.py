@@ -82,12 +82,18 @@ def default_params(model: str, **overrides) -> CleanParams:
 COSINE_THRESHOLDS = ("keep", "drop", "cw", "join", "dup", "merge", "exclude")
 
 
+def check_cosines(d: dict) -> None:
+    """ValueError for a cosine threshold of ``d`` outside [-1, 1] (None: not given).
+    Needs no model, so clean checks the options with it before it embeds anything."""
+    for k in COSINE_THRESHOLDS:
+        if d.get(k) is not None and not -1.0 <= d[k] <= 1.0:
+            raise ValueError(f"--{k} {d[k]}: a cosine similarity lies between -1 and 1")
+
+
 def check_thresholds(d: dict) -> None:
     """ValueError for a cosine threshold outside [-1, 1] or a keep threshold below the
     drop threshold (with either, a run would succeed and keep nothing or review nothing)."""
-    for k in COSINE_THRESHOLDS:
-        if k in d and not -1.0 <= d[k] <= 1.0:
-            raise ValueError(f"--{k} {d[k]}: a cosine similarity lies between -1 and 1")
+    check_cosines(d)
     if d["keep"] < d["drop"]:
         raise ValueError(f"the keep threshold ({d['keep']}) is below the drop threshold ({d['drop']}); "
                          "faces between the two go to review, so --keep must be at least --drop")

@@ -736,3 +736,11 @@ def test_thresholds_that_cannot_work_are_one_line(tmp_path):
         assert isinstance(r.exception, SystemExit) and r.exit_code == 1, r.output
         assert r.output.startswith(f"Error: {msg}") and len(r.output.strip().splitlines()) == 1, r.output
     assert not (out / C.CLEAN_CSV).exists()
+    # an OUT without a store: an impossible threshold is refused before anything is embedded
+    (tmp_path / "bare").mkdir()
+    bare = _fake_out(tmp_path / "bare", np.random.default_rng(9))
+    for name in (C.EMBEDDINGS_NPY, C.EMBEDDINGS_CSV, C.EMBEDDINGS_META):
+        (bare / name).unlink()
+    r = CliRunner().invoke(main, ["clean", str(bare), "--keep", "2"])
+    assert r.exit_code == 1 and r.output.startswith("Error: --keep 2.0: a cosine similarity"), r.output
+    assert sorted(p.name for p in bare.iterdir() if not p.name.startswith(".")) == [C.ALIGN_MANIFEST]
