@@ -80,6 +80,11 @@ EMBED_SIGNATURE = "signature.json"
 ALIGN_FACES = ("all", "primary")
 CROP_FORMATS = ("jpg", "png")
 FALLBACK_DETECTORS = ("dlib-cnn", "dlib", "none")
+#: What dlib's ResNet is fed (embed --dlib-feed): chips from the photo's five points or
+#: its 68 landmarks, or the aligned crop itself.
+DLIB_FEEDS = ("five", "68", "crop")
+#: Which face stands for an image in eval-pairs (--pick).
+EVAL_PICKS = ("centre", "primary")
 #: The layout align expects, for messages.
 RAW_LAYOUT = "RAW/<identity>/<photo>"
 #: Exit status after Ctrl-C (128 + SIGINT), the shell's convention.

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from facecurate.constants import EVAL_PICKS
 from facecurate.manifests import AlignRow
 from facecurate.models.zoo import resolve_runtime
 from facecurate.pairs import PairsError, image_stem, parse_pairs
@@ -186,7 +187,14 @@ def roc_png(path, scores, same, valid, title: str = "") -> None:
 #: side) from the image centre is not taken for a pairs image's subject when
 #: ``pick="centre"``: the image is searched again with the retry detector.
 CENTRE_TOLERANCE = 0.15
-PICKS = ("centre", "primary")
+
+
+def _align_cfg(detector: str, model_dir, device: str, **kw):
+    """align's settings for eval-pairs: the model folder only for the detector that reads one
+    (align records its settings, so the same run keeps the same align.json)."""
+    from facecurate.align import AlignConfig
+
+    return AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None, device=device, **kw)
 
 
 def _by_source(manifest: Sequence[AlignRow]) -> dict[str, list[AlignRow]]:
@@ -301,7 +309,7 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
 
 def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, device, batch_size, workers, dlib_feed,
                 roc, show_progress, pick, retry_detector, runtime, fp16, engine, ray_address) -> dict:
-    from facecurate.align import AlignConfig, read_manifest, run_align
+    from facecurate.align import read_manifest, run_align
     from facecurate.embed import load_store, run_embed
 
     def store_of(align_out: Path) -> Path:
@@ -312,8 +320,8 @@ def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, dev
     embed_kw = dict(model=model, model_dir=model_dir, batch_size=batch_size, flip=flip, device=device,
                     dlib_feed=dlib_feed, runtime=runtime, fp16=fp16, **run_kw)
 
-    if pick not in PICKS:
-        raise PairsError(f"pick must be one of {', '.join(PICKS)}")
+    if pick not in EVAL_PICKS:
+        raise PairsError(f"pick must be one of {', '.join(EVAL_PICKS)}")
     on_onnx = model == "dlib" and resolve_runtime(runtime) == "onnx"
     pairs = read_pairs(pairs_path)
     root = Path(root)
@@ -325,8 +333,7 @@ def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, dev
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
     failures: dict[str, str] = link_images(root, images, raw)
 
-    align_cfg = AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None, device=device)
-    align_summary = run_align(raw, out, align_cfg, **run_kw)
+    align_summary = run_align(raw, out, _align_cfg(detector, model_dir, device), **run_kw)
     embed_summary = run_embed(out, store_dir=store_of(out), **embed_kw)
     vecs, rows, meta = load_store(store_of(out))
     stores = {"": (vecs, {r.aligned: i for i, r in enumerate(rows)})}
@@ -379,14 +386,13 @@ def _retry(work: Path, root: Path, retry: list, by_source: dict, stores: dict, c
     """Recover what the detector missed near the centre with a second detector
     (dlib's CNN by default) on just those images. Updates ``stores``, ``chosen`` and
     ``failures``; returns (images recovered near the centre, the retry's summary)."""
-    from facecurate.align import AlignConfig, read_manifest, run_align
+    from facecurate.align import read_manifest, run_align
     from facecurate.embed import load_store, run_embed
 
     model_dir, device = embed_kw["model_dir"], embed_kw["device"]
     rraw, rout = work / f"retry-{retry_detector}" / "raw", work / f"retry-{retry_detector}" / "out"
     link_images(root, retry, rraw)
-    a2 = run_align(rraw, rout, AlignConfig(detector=retry_detector, fallback="none", device=device,
-                                          model_dir=model_dir if retry_detector == "scrfd" else None), **run_kw)
+    a2 = run_align(rraw, rout, _align_cfg(retry_detector, model_dir, device, fallback="none"), **run_kw)
     e2 = run_embed(rout, store_dir=store_of(rout), **embed_kw)
     v2, rows2, _ = load_store(store_of(rout))
     stores["retry"] = (v2, {r.aligned: i for i, r in enumerate(rows2)})

@@ -7,7 +7,7 @@ import sys
 import click
 
 from facecurate.cli.engine_options import engine_options
-from facecurate.constants import FALLBACK_DETECTORS
+from facecurate.constants import DLIB_FEEDS, EVAL_PICKS, FALLBACK_DETECTORS
 from facecurate.engines import ENGINES
 from facecurate.models.zoo import DETECTORS, DEVICES, RUNTIMES
 from facecurate.files import emit_summary
@@ -28,7 +28,7 @@ _RUNTIME_HELP = ("What runs dlib's model. onnx: the network converted from dlib'
 def _common(f):
     # applied bottom-up: the first option listed here is applied last, so it shows first
     f = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")(f)
-    f = click.option("--dlib-feed", type=click.Choice(["five", "68", "crop"]), default="five",
+    f = click.option("--dlib-feed", type=click.Choice(DLIB_FEEDS), default="five",
                      show_default=True, help=_FEED_HELP)(f)
     f = click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
                      help=_RUNTIME_HELP)(f)
@@ -109,7 +109,7 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
               help="Working folder (links to the images, crops, embeddings); reused, so a rerun "
                    "only evaluates. Default: a folder under ~/.cache/facecurate keyed by PAIRS, "
                    "ROOT and the detector.")
-@click.option("--pick", type=click.Choice(["centre", "primary"]), default="centre", show_default=True,
+@click.option("--pick", type=click.Choice(EVAL_PICKS), default="centre", show_default=True,
               help="Which face stands for an image: the one nearest the image centre (pairs images "
                    "are centred on their subject) or align's primary guess.")
 @click.option("--retry-detector", type=click.Choice(FALLBACK_DETECTORS), default="dlib-cnn",

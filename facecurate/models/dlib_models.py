@@ -79,6 +79,10 @@ class _DlibDetector:
     provider = None
     has_landmarks = False
 
+    def __init__(self, max_upsample: int, min_side: int):
+        self.max_upsample = max_upsample
+        self.min_side = min_side
+
     def info(self) -> dict:
         return {"name": self.name, "max_upsample": self.max_upsample, "min_side": self.min_side,
                 "provider": self.provider}
@@ -98,9 +102,8 @@ class DlibHOGDetector(_DlibDetector):
     name = "dlib"
 
     def __init__(self, max_upsample: int = 1, min_side: int = 512):
+        super().__init__(max_upsample, min_side)
         self._det = frontal_face_detector()
-        self.max_upsample = max_upsample
-        self.min_side = min_side
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         import cv2
@@ -125,9 +128,8 @@ class DlibCNNDetector(_DlibDetector):
     def __init__(self, max_upsample: int = 1, min_side: int = 512):
         import dlib
 
+        super().__init__(max_upsample, min_side)
         self._det = dlib.cnn_face_detection_model_v1(model_file(MMOD))
-        self.max_upsample = max_upsample
-        self.min_side = min_side
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         first = _first_upsample(rgb, self.min_side)

@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from facecurate.constants import DLIB_FEEDS
+
 from .arcface import ArcFaceONNX, OnnxEmbedder
 from .base import ONNX_RUNTIME_TAG, ModelError, l2_rows
 
@@ -44,7 +46,6 @@ DLIB_CHIP_TEMPLATE_150 = np.array(
 #: recorded 5 points, the default), ``68`` (dlib's 68 landmarks re-run on the recorded
 #: box, then ``dlib.get_face_chip``: dlib's exact chain), ``crop`` (chip warped from the
 #: aligned crop; loses what lies outside it).
-DLIB_FEEDS = ("five", "68", "crop")
 
 
 def dlib_chip(rgb: np.ndarray, pts5, size: int = DLIB_CHIP_SIZE) -> np.ndarray:
@@ -215,12 +216,13 @@ class DlibOnnxEmbedder(OnnxEmbedder):
     (cached on first use), loaded through the same door as insightface recognisers,
     fed exactly the chips :class:`DlibEmbedder` feeds dlib (RGB). ``model``: the
     converted graph (:func:`facecurate.models.dlib_onnx.dlib_resnet_onnx`) loaded as
-    an :class:`ArcFaceONNX`."""
+    an :class:`ArcFaceONNX`; ``chips``: the DlibEmbedder whose chip geometry it uses
+    (dlib's model is never loaded)."""
 
-    def __init__(self, model: ArcFaceONNX, feed: str = "five"):
-        self._chips = DlibEmbedder(feed)  # chip geometry only; dlib's model is never loaded
+    def __init__(self, model: ArcFaceONNX, chips: DlibEmbedder):
+        self._chips = chips
         super().__init__(model)
-        self.name, self.feed = DlibEmbedder.name, feed
+        self.name, self.feed = DlibEmbedder.name, chips.feed
 
     def info(self) -> dict:
         d = self.model.info()

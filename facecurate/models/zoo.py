@@ -80,8 +80,8 @@ def make_embedder(model: str = "dlib", *, model_dir: Optional[str] = None, feed:
 
         if resolve_runtime(runtime) == "dlib":
             return DlibEmbedder(feed)
-        DlibEmbedder(feed)  # an unknown feed is refused before the graph is converted
-        return DlibOnnxEmbedder(_dlib_graph(onnx_kw), feed)
+        chips = DlibEmbedder(feed)  # an unknown feed is refused before the graph is converted
+        return DlibOnnxEmbedder(_dlib_graph(onnx_kw), chips)
     if model == "arcface" or str(model).endswith(".onnx"):
         from .arcface import ArcFaceONNX, OnnxEmbedder
 
