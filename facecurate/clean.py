@@ -17,10 +17,10 @@ the manual decisions carried over from a previous clean.csv, and the outputs.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -195,7 +195,8 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     ws.write_clean(out)
     ws.write_identities(ident_rows)
     ws.write_merges(merge_rows)
-    summary = _summary(out, ident_rows, merge_rows, res, p, model, manual_kept, manual_lost)
+    summary = clean_summary(len(out), Counter(r.decision for r in out), Counter(r.reason for r in out), ident_rows,
+                            merge_rows, res, p, model, manual_kept, manual_lost)
     ws.write_clean_meta(dict(summary=summary, params=p.as_dict()))
     return summary
 
@@ -289,18 +290,16 @@ def identity_row(name: str, images: int, inf: dict | None, median: float) -> Ide
         median_score=median, flags=";".join(inf["flags"]))
 
 
-def _summary(out: list[CleanRow], ident_rows: list[IdentityRow], merge_rows: list[MergeRow], res: CoreResult,
-             p: CleanParams, model: str, manual_kept: int, manual_lost: int) -> dict:
-    """clean.json's summary (and run_clean's return value)."""
-    counts = defaultdict(int)
-    reasons = defaultdict(int)
-    for r in out:
-        counts[r.decision] += 1
-        reasons[r.reason] += 1
+def clean_summary(faces: int, counts: Mapping[str, int], reasons: Mapping[str, int], ident_rows: list[IdentityRow],
+                  merge_rows: list[MergeRow], res: CoreResult, p: CleanParams, model: str, manual_kept: int,
+                  manual_lost: int) -> dict:
+    """clean.json's summary (and run_clean's return value), for a folder or a .rec:
+    ``faces`` rows of clean.csv, ``counts`` of them by decision, ``reasons`` by reason."""
     return dict(
-        faces=len(out), identities=len(ident_rows),
-        keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
-        review_share=round(counts[C.DECISION_REVIEW] / len(out), 4) if out else 0.0,
+        faces=faces, identities=len(ident_rows),
+        keep=counts.get(C.DECISION_KEEP, 0), drop=counts.get(C.DECISION_DROP, 0),
+        review=counts.get(C.DECISION_REVIEW, 0),
+        review_share=round(counts.get(C.DECISION_REVIEW, 0) / faces, 4) if faces else 0.0,
         manual_kept=manual_kept, manual_lost=manual_lost,
         reasons=dict(sorted(reasons.items())),
         ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),

@@ -13,7 +13,7 @@ from facecurate.clean_identity import analyse_identity
 from facecurate.clean_params import CleanParams
 from facecurate.engines.local import LocalPool, SharedArray
 from facecurate.similar import similar_pairs
-from facecurate.vectors import group_by_label
+from facecurate.vectors import BLAS_SMALL_PRODUCT, group_by_label
 
 
 def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, *,
@@ -109,7 +109,7 @@ def _sub_blocks(rows: int, m: int, d: int, sub: int = 512) -> list:
     the same bits in any matrix of at least two rows that is too large for its
     small-matrix kernel (a single row goes through another routine), so every part has
     at least two rows and 4M multiply-adds, and a shorter tail joins the part before."""
-    least = max(2, -(-4_000_001 // max(1, m * d)), sub)
+    least = max(2, -(-(BLAS_SMALL_PRODUCT + 1) // max(1, m * d)), sub)
     if rows < 2 * least:
         return [(0, rows)]
     cuts = list(range(0, rows - least + 1, least))

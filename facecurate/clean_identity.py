@@ -32,7 +32,7 @@ from facecurate.clean_params import (
     DECISIONS, DROP, KEEP, R_AMBIGUOUS, R_BAND, R_CENTRE, R_DUPLICATE, R_FAR, R_LOW_QUALITY, R_MINORITY,
     R_NOT_SUBJECT, RC, REASONS, REVIEW, CleanParams,
 )
-from facecurate.vectors import normalize
+from facecurate.vectors import BLAS_SMALL_PRODUCT, normalize
 
 
 def _mean0(x: np.ndarray) -> np.ndarray:
@@ -301,7 +301,7 @@ def _mark_duplicates(emb, alive, quality, s, p: CleanParams, decision, reason, d
         rows = e[b0:b0 + block]
         # only the columns from b0 on hold pairs i < j; BLAS gives them the same bits
         # as the full product when neither shape is small enough for its small-matrix kernel
-        c0 = b0 if min(len(rows) * (len(e) - b0), len(rows) * len(e)) * e.shape[1] > 4_000_000 else 0
+        c0 = b0 if min(len(rows) * (len(e) - b0), len(rows) * len(e)) * e.shape[1] > BLAS_SMALL_PRODUCT else 0
         sims = rows @ e[c0:].T
         rr, cc = np.divmod(np.flatnonzero(sims >= thr), sims.shape[1])  # np.nonzero's pairs, in its order
         cc += c0

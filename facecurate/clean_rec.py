@@ -27,11 +27,11 @@ from typing import Sequence
 import numpy as np
 
 from facecurate import constants as C
-from facecurate.clean import CropSimilarity, identity_row, kept_medians
+from facecurate.clean import CropSimilarity, clean_summary, identity_row, kept_medians
 from facecurate.clean_cohort import calibrate
 from facecurate.clean_core import clean_core
 from facecurate.clean_inputs import exclusions, model_name, store_runtime
-from facecurate.clean_params import COSINE_THRESHOLDS, default_params
+from facecurate.clean_params import default_params
 from facecurate.files import format_float
 from facecurate.manifests import IdentityRow, MergeRow
 from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
@@ -232,17 +232,8 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     ws = Workspace(dest)
     ws.write_identities(ident_rows)
     ws.write_merges(merge_rows)
-    summary = dict(
-        input="rec", faces=rows, identities=len(ident_rows),
-        keep=counts[C.DECISION_KEEP], drop=counts[C.DECISION_DROP], review=counts[C.DECISION_REVIEW],
-        review_share=round(counts[C.DECISION_REVIEW] / rows, 4) if rows else 0.0,
-        manual_kept=manual[0], manual_lost=manual[1], reasons=dict(sorted(reasons.items())),
-        ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
-        excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
-        merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved, model=model,
-        thresholds={k: round(getattr(p, k), 4) for k in COSINE_THRESHOLDS},
-        calibrated=bool(p.calibrated),
-    )
+    summary = dict(input="rec", **clean_summary(rows, counts, reasons, ident_rows, merge_rows, res, p, model,
+                                                *manual))
     ws.write_clean_meta(dict(summary=summary, params=p.as_dict()))
     return summary
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+#: A matrix product of more multiply-adds than this goes through the BLAS kernel for
+#: large matrices, which gives every row the same bits however the product is split
+#: (two rows at least); up to this, the small-matrix kernel may give other bits.
+BLAS_SMALL_PRODUCT = 4_000_000
+
 
 def normalize(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float32)
