@@ -197,7 +197,6 @@ class EmbedConfig:
     runtime: str = "auto"  # dlib's model: auto | dlib | onnx
 
 
-
 def signature(info: dict, flip: bool, source_kind: str) -> dict:
     """What must be the same for every vector of one store."""
     sig = {"name": info["name"], "sha256": info["sha256"], "dim": info["dim"],
@@ -455,7 +454,6 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     summary = _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)
     summary["runtime"] = info.get("runtime") or embedder.runtime
     return summary
-
 
 
 def _plan(items, kind: str, size: int):

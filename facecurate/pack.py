@@ -109,7 +109,6 @@ class PackResult:
         }
 
 
-
 # ----------------------------------------------------------------------------- pack
 #: While writing train.rec, ask the kernel to start writing it to disk every this many
 #: bytes, so that the closing fsync finds (almost) nothing left to do.

@@ -78,7 +78,6 @@ class _SizeCheck:
         return True
 
 
-
 class _Cand(NamedTuple):
     identity: str
     rel: str  # as written to the .lst (relative to OUT, POSIX)

@@ -323,13 +323,11 @@ class Workspace:
             raise ManifestError(f"{self.out}: {C.EMBEDDINGS_CSV} has {rows} rows but {C.EMBEDDINGS_NPY} "
                                 f"{vectors} vectors (rerun: facecurate embed {self.out})")
 
-    def write_store(self, npy: bytes, rows: Iterable[EmbeddingRow], meta: Optional[dict] = None) -> None:
-        """The store's three files (each atomic; the .json, written last, marks it whole;
-        ``meta`` None: the caller writes it with :meth:`write_store_meta`)."""
+    def write_store(self, npy: bytes, rows: Iterable[EmbeddingRow]) -> None:
+        """The store's vectors and rows (each atomic); the caller then writes the .json
+        with :meth:`write_store_meta`, last, which marks the store whole."""
         write_bytes_atomic(self.out / C.EMBEDDINGS_NPY, npy)
         self.write_table(C.EMBEDDINGS_CSV, C.EMBEDDINGS_COLUMNS, rows)
-        if meta is not None:
-            self.write_store_meta(meta)
 
     def write_store_meta(self, meta: dict) -> Path:
         return self.write_json(C.EMBEDDINGS_META, meta)
@@ -378,9 +376,6 @@ class Workspace:
 
     def write_identities(self, rows: Iterable[IdentityRow]) -> Path:
         return self.write_table(C.IDENTITIES_CSV, C.IDENTITY_COLUMNS, rows)
-
-    def merges(self) -> list[MergeRow]:
-        return self.read_table(C.MERGES_CSV, MergeRow, ("a", "b"))[1]
 
     def write_merges(self, rows: Iterable[MergeRow]) -> Path:
         return self.write_table(C.MERGES_CSV, C.MERGE_COLUMNS, rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_session import CPU_PROVIDER, OnnxModelError, _ort
+from .onnx_session import CPU_PROVIDER, OnnxModelError, _ort, select_session
 
 
 def _dim(d):
@@ -32,8 +32,6 @@ def _signature(session):
 def open_checked(path: Path, kind: str, what: str, device: str, threads):
     """(session, provider, inputs, outputs) of the ONNX model at ``path``, refused with
     an OnnxModelError ("PATH is not WHAT: ...") unless its graph is a ``kind``."""
-    from .onnx_session import select_session
-
     session, provider = select_session(path, device, threads)
     ins, outs = _signature(session)
     found, desc = _classify(ins, outs)
