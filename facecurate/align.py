@@ -44,6 +44,7 @@ from facecurate.constants import (
     STATUS_OK,
     STATUS_TOO_SMALL,
     STATUS_UNSUPPORTED,
+    VERSIONS_KEY,
     WORK_DIR,
 )
 from facecurate.files import remove_stale_temps, write_bytes_atomic
@@ -52,8 +53,9 @@ from facecurate.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
 from facecurate.models.zoo import DETECTORS, make_detector, make_landmarker
 from facecurate.procs import run_lock
-from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, clear, fail_message, finished, in_part,
-                               merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
+from facecurate.provenance import library_versions
+from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
+                               finished, in_part, merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 from facecurate.manifests import AlignRow
 from facecurate.records import Detection
 from facecurate.workspace import Workspace
@@ -513,9 +515,11 @@ def _same_settings(out: Path):
 def _run_locked(raw: Path, out: Path, cfg: AlignConfig, inputs: list[InputFile], engine, shard_size: Optional[int],
                 overwrite: bool, part, show_progress: bool, on_shard: Optional[Callable[[dict], None]]) -> dict:
     work = out / WORK_DIR / SHARD_DIR
-    meta = {"raw": str(raw.resolve()), "settings": cfg.settings(), "version": __version__}
+    versions = library_versions(["onnxruntime"] if cfg.detector == "scrfd" else [])
+    meta = {"raw": str(raw.resolve()), "settings": cfg.settings(), "version": __version__, VERSIONS_KEY: versions}
     if overwrite:
         clear(work, [out / ALIGN_MANIFEST, out / ALIGN_META])
+    check_versions(work, versions, part)  # first: the settings check rewrites align.json
     check_meta(out / ALIGN_META, meta, _same_settings(out), part=part)
     shard_size = int(shard_size or recorded_size(work, ALIGN_SHARD_SIZE))
     shards = plan_shards(inputs, lambda f: f.source, shard_size)

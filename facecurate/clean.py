@@ -31,9 +31,17 @@ from facecurate.clean_inputs import embed_images, exclusions, failed_keys, model
 from facecurate.clean_params import (COSINE_THRESHOLDS, R_MANUAL, R_NO_EMBEDDING, CleanParams, check_cosines,
                                      default_params)
 from facecurate.manifests import AlignRow, CleanRow, IdentityRow, MergeRow
+from facecurate.provenance import library_versions
 from facecurate.similar import similar_pairs
 from facecurate.vectors import normalize
 from facecurate.workspace import Workspace
+
+
+def clean_versions() -> dict:
+    """The library versions clean.json records: numpy decides the scores, OpenCV the
+    crops' pixel check, faiss (when installed) the cross-identity search above
+    ``similar_pairs``'s exact size."""
+    return library_versions(["faiss"])
 
 __all__ = ["CleanParams", "CoreResult", "CropSimilarity", "clean_core", "default_params", "embed_images",
            "read_exclude", "run_clean", "similar_pairs", "store_index"]
@@ -197,7 +205,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     ws.write_merges(merge_rows)
     summary = clean_summary(len(out), Counter(r.decision for r in out), Counter(r.reason for r in out), ident_rows,
                             merge_rows, res, p, model, manual_kept, manual_lost)
-    ws.write_clean_meta(dict(summary=summary, params=p.as_dict()))
+    ws.write_clean_meta(dict(summary=summary, params=p.as_dict(), versions=clean_versions()))
     return summary
 
 

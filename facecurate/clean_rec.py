@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from facecurate import constants as C
-from facecurate.clean import CropSimilarity, clean_summary, identity_row, kept_medians
+from facecurate.clean import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
 from facecurate.clean_cohort import calibrate
 from facecurate.clean_core import clean_core
 from facecurate.clean_inputs import exclusions, model_name, store_runtime
@@ -234,7 +234,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     ws.write_merges(merge_rows)
     summary = dict(input="rec", **clean_summary(rows, counts, reasons, ident_rows, merge_rows, res, p, model,
                                                 *manual))
-    ws.write_clean_meta(dict(summary=summary, params=p.as_dict()))
+    ws.write_clean_meta(dict(summary=summary, params=p.as_dict(), versions=clean_versions()))
     return summary
 
 

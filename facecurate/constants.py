@@ -63,6 +63,12 @@ LOCK_SUFFIX = ".lock"
 #: record, and per shard its record (.json) and data (align .csv, embed .npz).
 PLAN_FILE = "plan.json"
 MERGED_FILE = "merged.json"
+#: ... and the library versions its shards were made under (a resume under other
+#: versions is refused: see provenance.py).
+VERSIONS_FILE = "versions.json"
+#: The key of align.json, embeddings.json, clean.json and pack.json that records the
+#: library versions that decided their bytes.
+VERSIONS_KEY = "versions"
 SHARD_STEM = "shard_{index:06d}"
 #: align's input files per shard (``--shard-size``): the unit of work and of
 #: resumption. The shard plan depends only on the sorted input list and this number.

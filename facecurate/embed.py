@@ -56,17 +56,19 @@ from facecurate.constants import (
     EMBED_SIGNATURE,
     REC_NAME,
     SHARD_NPZ,
+    VERSIONS_KEY,
     WORK_DIR,
 )
 from facecurate.files import write_bytes_atomic
 from facecurate.manifests import EmbeddingRow, _fmt_int
 from facecurate.workspace import ManifestError, MissingFile, Workspace
 from facecurate.engines import get_engine
-from facecurate.models.base import ModelError
+from facecurate.models.base import ONNX_RUNTIME_TAG, ModelError
 from facecurate.models.zoo import make_embedder
 from facecurate.procs import run_lock
-from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, clear, fail_message, in_part,
-                               merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
+from facecurate.provenance import library_versions
+from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
+                               in_part, merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 
 EMBED_DIR = "embed"
 
@@ -427,6 +429,10 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
         clear(work, [store / n for n in (EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META)])
     _check_signature(store, work, sig)
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        check_versions(work, embed_versions(info), part)
+    except RunError as e:
+        raise EmbedError(str(e)) from None
     check_meta(work / EMBED_SIGNATURE, sig, lambda old, new: None, part=part)
 
     per_core = embedder.per_core
@@ -522,6 +528,14 @@ def _summary(summary: dict, stats, shards, part, complete: bool, batch_size: int
     return summary
 
 
+def embed_versions(info: dict) -> dict:
+    """The library versions that decide the store's bytes: ONNX Runtime's when the
+    model ran on it (dlib's network converted to ONNX records that runtime; an
+    insightface model is an .onnx file)."""
+    onnx = info.get("runtime") == ONNX_RUNTIME_TAG or str(info.get("file") or "").endswith(".onnx")
+    return library_versions(["onnxruntime"] if onnx else [])
+
+
 def _check_signature(store: Path, work: Path, sig: dict) -> None:
     old = None
     try:
@@ -567,7 +581,7 @@ def _write_meta(store: Path, info: dict, sig: dict, cfg: "EmbedConfig", kind: st
         "model_file": info.get("file"), "sha256": info["sha256"], "dim": dim,
         "input_size": info["input_size"], "normalisation": "l2", "flip": cfg.flip,
         "feed": info.get("feed"), "input": kind, "count": count, "failed": fails,
-        "signature": sig, "version": __version__,
+        "signature": sig, "version": __version__, VERSIONS_KEY: embed_versions(info),
     }
     Workspace(store).write_store_meta(meta)  # written last: it marks the store whole
     return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "flip": cfg.flip,

@@ -43,9 +43,11 @@ from facecurate.constants import (
     PROPERTY_NAME,
     REC_NAME,
     SUMS_NAME,
+    VERSIONS_KEY,
 )
 from facecurate.checksums import SumsWriter
 from facecurate.files import csv_text, write_text_atomic
+from facecurate.provenance import library_versions
 from facecurate.pack_inputs import (
     InputError,
     PackError,
@@ -582,6 +584,7 @@ def dest_texts(result: PackResult, classes: int, labels_csv: str, lst_paths: str
     meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
     meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
     meta["lst_format"] = f"im2rec: index<TAB>label<TAB>path ({lst_paths})"
+    meta[VERSIONS_KEY] = library_versions()
     texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     return texts
 

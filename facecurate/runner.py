@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from facecurate.constants import BLAS_THREAD_VARS, MERGED_FILE, PLAN_FILE, SHARD_RECORD, SHARD_STEM
+from facecurate.constants import BLAS_THREAD_VARS, MERGED_FILE, PLAN_FILE, SHARD_RECORD, SHARD_STEM, VERSIONS_FILE
 from facecurate.files import write_text_atomic
+from facecurate.provenance import resume_message
 
 #: A shard that fails this many more times after its first try is given up on.
 MAX_SHARD_RETRIES = 2
@@ -146,6 +147,18 @@ def check_meta(path: Path, meta: dict, same: Callable[[dict, dict], Optional[str
         write_text_atomic(path, text)
     elif not write_once(path, text):
         check_meta(path, meta, same, part=part)
+
+
+def check_versions(work: Path, versions: dict, part) -> None:
+    """Record the library versions this stage's shards are made under; a run that
+    finds shards made under other versions (or under a facecurate that recorded none)
+    is refused, since a resume would mix two versions' outputs in one dataset
+    (``--overwrite`` clears the work folder, and this record with it)."""
+    work = Path(work)
+    path = work / VERSIONS_FILE
+    if not path.exists() and any(work.glob(SHARD_STEM.split("{")[0] + "*.json")):
+        raise RunError(resume_message(str(work), None, versions))
+    check_meta(path, versions, lambda old, new: resume_message(str(work), old, new), part=part)
 
 
 def recorded_size(work: Path, default: int) -> int:

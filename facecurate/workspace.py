@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from facecurate import constants as C
 from facecurate.files import (atomic_write, csv_cell, remove_stale_temps, temp_beside, write_bytes_atomic,
                               write_text_atomic)
+from facecurate.provenance import warn_if_other
 from facecurate.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
                                   RowError, clean_columns)
 
@@ -263,8 +264,16 @@ class Workspace:
         return self.write_table(name, C.ALIGN_COLUMNS, rows)
 
     def align_meta(self) -> dict:
-        """align.json ({} when missing or unreadable): raw, settings, version."""
-        return self.read_json(C.ALIGN_META)
+        """align.json ({} when missing or unreadable): raw, settings, versions. A
+        :class:`~facecurate.provenance.VersionsWarning` when other versions made it."""
+        return self._made_by(C.ALIGN_META)
+
+    def _made_by(self, name: str) -> dict:
+        """A stage's JSON; warns once when it records other library versions than
+        those installed now (a later stage reading an OUT made under them)."""
+        meta = self.read_json(name)
+        warn_if_other(self.out / name, meta)
+        return meta
 
     def raw_dir(self) -> Optional[Path]:
         """RAW as align recorded it, when it is still there."""
@@ -288,7 +297,7 @@ class Workspace:
         return self.has(C.EMBEDDINGS_NPY) and self.has(C.EMBEDDINGS_CSV)
 
     def store_meta(self) -> dict:
-        return self.read_json(C.EMBEDDINGS_META)
+        return self._made_by(C.EMBEDDINGS_META)
 
     def store(self, *, mmap: bool = False) -> Store:
         """The embedding store; MissingFile when there is none, ManifestError when its
@@ -381,8 +390,8 @@ class Workspace:
         return self.write_table(C.MERGES_CSV, C.MERGE_COLUMNS, rows)
 
     def clean_meta(self) -> dict:
-        """clean.json ({} when missing or unreadable): summary and params."""
-        return self.read_json(C.CLEAN_META)
+        """clean.json ({} when missing or unreadable): summary, params, versions."""
+        return self._made_by(C.CLEAN_META)
 
     def write_clean_meta(self, obj: dict) -> Path:
         return self.write_json(C.CLEAN_META, obj)

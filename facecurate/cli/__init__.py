@@ -5,6 +5,7 @@ under ``facecurate/cli/`` and are thin wrappers over the importable API; heavy i
 from __future__ import annotations
 
 import os
+import warnings
 
 import click
 
@@ -31,6 +32,12 @@ def os_error_message(e: OSError) -> str:
     return f"{path}: {what}"
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (an OUT made under other library versions) as one line on
+    stderr, ``warning: ...``, without Python's file and line."""
+    click.echo(f"warning: {message}", err=True)
+
+
 class _Main(click.Group):
     """The command group; every command's errors pass through here: an OSError (a
     read-only or full disk, a missing permission) becomes one line naming the path
@@ -43,6 +50,7 @@ class _Main(click.Group):
         from facecurate.procs import LockedError
         from facecurate.workspace import ManifestError
 
+        warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
