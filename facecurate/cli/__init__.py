@@ -82,7 +82,8 @@ def main() -> None:
 
     Every stage records what it did in OUT/, can be interrupted and rerun (it
     continues where it stopped), and gives byte-identical output for the same
-    inputs and flags.
+    inputs, flags and library versions (each stage's .json records the versions;
+    a resume under other versions is refused).
     """
 
 
