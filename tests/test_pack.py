@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from facecurate.verification_bin import read_verification_bin
 from facecurate.cli import main as cli
 from facecurate.constants import (
     ALIGN_COLUMNS,
@@ -566,6 +567,8 @@ def test_pack_pairs(crops_dir, tmp_path):
     assert (tmp_path / "my.bin.unresolved.txt").read_text().splitlines() == res.unresolved
     bins, issame = pickle.loads((tmp_path / "my.bin").read_bytes())
     assert issame == [True, False, True] and len(bins) == 6
+    # clean --exclude's reader (no code run) reads what pack-pairs wrote, exactly
+    assert read_verification_bin(tmp_path / "my.bin") == (bins, issame)
     f = lambda i, n: (crops_dir / i / f"{i}_{n:04d}.jpg").read_bytes()  # noqa: E731
     assert bins[0] == f(a, num[a][0]) and bins[1] == f(a, num[a][1])
     assert bins[2] == f(a, num[a][2]) and bins[3] == f(b, num[b][0])
