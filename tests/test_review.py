@@ -32,13 +32,13 @@ IDENTITIES = ("id00", "id01", "id02", "id03")
 
 
 def align_subset(photos_dir: Path, root: Path, identities=IDENTITIES) -> Path:
-    """Real crops of a few identity folders (RAW holds symlinks to the shared photos)."""
+    """Real crops of a few identity folders (RAW holds copies of the shared photos)."""
     from facecurate.align import AlignConfig, run_align
 
     raw = root / "raw"
     raw.mkdir(parents=True)
     for ident in identities:
-        os.symlink(photos_dir / ident, raw / ident)
+        shutil.copytree(photos_dir / ident, raw / ident)
     out = root / "out"
     run_align(raw, out, AlignConfig(fallback="none"), workers=1, show_progress=False)
     return out
