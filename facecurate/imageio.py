@@ -4,7 +4,9 @@
 ``ImageError`` whose ``status`` is one of the align.csv statuses and whose message
 says what is wrong. Grey, alpha (composited on white), CMYK and 16-bit images are
 converted; the pixel count is checked from the file header *before* decoding, so a
-decompression bomb is refused without allocating it.
+decompression bomb is refused without allocating it. Files are read through
+:func:`facecurate.filetree.read_regular`: regular files only (a FIFO or device is
+``unsupported``, never opened), at most ``max_bytes`` (``too_large``).
 """
 
 from __future__ import annotations
