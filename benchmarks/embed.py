@@ -68,7 +68,7 @@ def main() -> int:
                 dst.symlink_to(f)
             n += 1
     print(f"aligning {n} LFW dev photos into {out} (not timed) ...", file=sys.stderr)
-    run_align(raw, out, AlignConfig(), show_progress=False)
+    run_align(raw, out, AlignConfig(follow_external_links=True), show_progress=False)  # RAW links to LFW
     items, _ = items_from_align(out)
     faces = len(items)
     if args.runtimes:

@@ -36,6 +36,7 @@ from facecurate.constants import (
     JPEG_QUALITY,
     LANDMARK_COLUMNS,
     MAX_IMAGE_PIXELS,
+    MAX_INPUT_BYTES,
     RAW_LAYOUT,
     SHARD_CSV,
     STATUS_ERROR,
@@ -48,6 +49,7 @@ from facecurate.constants import (
     WORK_DIR,
 )
 from facecurate.files import remove_stale_temps, write_bytes_atomic
+from facecurate.filetree import walk_tree
 from facecurate.geometry import align_face, template
 from facecurate.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
@@ -83,6 +85,8 @@ class AlignConfig:
     detect_max_side: int = DETECT_MAX_SIDE
     detect_min_side: int = DETECT_MIN_SIDE
     max_pixels: int = MAX_IMAGE_PIXELS
+    max_bytes: int = MAX_INPUT_BYTES  # a larger file is recorded too_large, unread
+    follow_external_links: bool = False  # follow symlinks whose real path leaves RAW
     device: str = "auto"
 
     def validate(self) -> None:
@@ -99,7 +103,7 @@ class AlignConfig:
         if self.fmt not in CROP_FORMATS:
             raise AlignError(f"--format is one of {', '.join(CROP_FORMATS)}")
         for name, value, low in (("--min-face", self.min_face, 0), ("--detect-max-side", self.detect_max_side, 1),
-                                 ("--max-pixels", self.max_pixels, 1)):
+                                 ("--max-pixels", self.max_pixels, 1), ("--max-bytes", self.max_bytes, 1)):
             if value < low:
                 raise AlignError(f"{name} must be at least {low} (got {value})")
 
@@ -115,38 +119,24 @@ class InputFile:
     source: str  # POSIX path relative to RAW
     identity: str  # top-level folder, "" for files directly in RAW
     crop_stem: str  # crop path relative to OUT without "_<face>.<ext>"
+    status: str = ""  # found unusable while listing (a link leading out of RAW): its row's status
+    message: str = ""
 
 
 # --------------------------------------------------------------------------- reader
-def list_inputs(raw: str | os.PathLike, exclude: Optional[str | os.PathLike] = None) -> tuple[list[InputFile], list[str]]:
+def list_inputs(raw: str | os.PathLike, exclude: Optional[str | os.PathLike] = None,
+                follow_external_links: bool = False) -> tuple[list[InputFile], list[str]]:
     """Every non-hidden file under RAW, sorted, with its identity (top-level folder).
-    Follows directory symlinks but never twice into the same real directory (loops).
+    Follows symlinks while they stay inside RAW (``follow_external_links``: wherever
+    they lead), never twice into the same real directory (loops); a link leading out
+    is listed with status ``unsupported`` (:func:`facecurate.filetree.walk_tree`).
     Returns the files and a list of warnings (loops, unreadable directories)."""
-    raw = Path(raw)
-    excl = os.path.realpath(exclude) if exclude else None
-    warnings: list[str] = []
-    seen_dirs: set[str] = set()
-    rels: list[str] = []
-
-    def onerror(e: OSError) -> None:
-        warnings.append(f"cannot list {e.filename}: {e.strerror}")
-
-    for dirpath, dirnames, filenames in os.walk(raw, followlinks=True, onerror=onerror):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs or (excl and (real == excl or real.startswith(excl + os.sep))):
-            if real in seen_dirs:
-                warnings.append(f"skipped a symlink loop or repeated directory at {dirpath}")
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, raw)
-        for fn in filenames:
-            if fn.startswith("."):
-                continue
-            rel = fn if rel_dir == "." else os.path.join(rel_dir, fn)
-            rels.append(PurePosixPath(Path(rel)).as_posix())
-    rels.sort()
+    entries, warnings = walk_tree(raw, what="RAW", follow_external=follow_external_links, exclude=exclude)
+    refused = sum(1 for e in entries if e.status)
+    if refused:
+        warnings.append(f"{refused} link(s) lead out of RAW and were not followed (recorded as unsupported; "
+                        "--follow-external-links follows them)")
+    rels = [e.rel for e in entries]
 
     # Crop names: <identity>/<sub/dirs>/<stem>_<face>.<ext>; keep the source extension
     # in the name only where two sources in one folder share a stem.
@@ -156,12 +146,12 @@ def list_inputs(raw: str | os.PathLike, exclude: Optional[str | os.PathLike] = N
         key = str(p.parent / p.stem)
         stems[key] = stems.get(key, 0) + 1
     out = []
-    for r in rels:
-        p = PurePosixPath(r)
-        identity = p.parts[0] if len(p.parts) > 1 else ""
+    for e in entries:
+        p = PurePosixPath(e.rel)
+        identity = p.parts[0] if len(p.parts) > 1 or e.folder else ""
         key = str(p.parent / p.stem)
         stem = key if stems[key] == 1 else str(p.parent / p.name.replace(".", "_"))
-        out.append(InputFile(r, identity, stem))
+        out.append(InputFile(e.rel, identity, stem, e.status, e.message))
     return out, warnings
 
 
@@ -344,6 +334,8 @@ def _encode(crop_rgb: np.ndarray, cfg: AlignConfig) -> bytes:
 def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[AlignRow]:
     """All manifest rows for one input file; writes its crops (atomically)."""
     cfg = aligner.cfg
+    if inp.status:
+        return [_row(inp, -1, inp.status, message=inp.message)]
     if not inp.identity:
         return [_row(inp, -1, STATUS_UNSUPPORTED, message="file directly under RAW: put it in an identity folder")]
     if not is_image_name(inp.source):
@@ -351,7 +343,7 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[A
                      message=f"not an image file type ({PurePosixPath(inp.source).suffix or 'no extension'})")]
     t0 = time.perf_counter()
     try:
-        rgb = read_image(raw / inp.source, max_pixels=cfg.max_pixels)
+        rgb = read_image(raw / inp.source, max_pixels=cfg.max_pixels, max_bytes=cfg.max_bytes)
     except ImageError as e:
         return [_row(inp, -1, e.status, message=e.message)]
     aligner.timings.read += time.perf_counter() - t0
@@ -487,7 +479,7 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     except RunError as e:
         raise AlignError(str(e)) from None
     t_start = time.perf_counter()
-    inputs, warnings = list_inputs(raw, exclude=out)
+    inputs, warnings = list_inputs(raw, exclude=out, follow_external_links=cfg.follow_external_links)
     warnings += _layout_warnings(raw, inputs)
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out, SHARD_DIR, part):

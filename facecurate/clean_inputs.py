@@ -7,14 +7,16 @@ embedded with the store's model)."""
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from facecurate.clean_params import model_family
+from facecurate.constants import MAX_INPUT_BYTES
+from facecurate.filetree import FileProblem, read_regular
 from facecurate.vectors import normalize
+from facecurate.verification_bin import read_verification_bin
 
 __all__ = ["model_name", "store_runtime", "failed_keys", "read_exclude", "embed_images", "exclusions"]
 
@@ -41,35 +43,33 @@ def failed_keys(meta: dict) -> set:
 
 
 def read_exclude(path: Path) -> tuple[set[str], list]:
-    """Names (folder of identities) or encoded images (verification .bin)."""
+    """Names (folder of identities, or a text file of names) or encoded images (a
+    verification .bin, read with no code run: :mod:`facecurate.verification_bin`).
+    Only regular files are read (ValueError for a FIFO or device, or a .bin refused)."""
     path = Path(path)
     if path.is_dir():
         names = {e.name for e in path.iterdir() if not e.name.startswith(".")}
         names |= {Path(n).stem for n in names}
         return names, []
     if path.suffix == ".bin":
-        with open(path, "rb") as f:
-            try:
-                bins, _issame = pickle.load(f, encoding="bytes")
-            except Exception as e:
-                raise ValueError(f"{path}: not a verification .bin (pickle of (bins, issame_list)): {e}")
-        return set(), [bytes(b) for b in bins]
-    if path.is_file():  # a text file of names
-        return {s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()}, []
-    raise FileNotFoundError(f"--exclude {path}: no such file or folder")
+        return set(), read_verification_bin(path)[0]
+    try:  # a text file of names
+        text = read_regular(path, MAX_INPUT_BYTES).decode("utf-8")
+    except FileProblem as e:
+        raise ValueError(f"--exclude {path}: {e.message}") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--exclude {path}: no such file or folder") from None
+    return {s.strip() for s in text.splitlines() if s.strip()}, []
 
 
 def embed_images(images: list[bytes], meta: dict, runtime: str = "auto") -> np.ndarray:
     """Embeddings of encoded aligned crops (a verification .bin) with the store's model
-    (dlib: the embed stage's chip from the crop's five template points) on ``runtime``."""
-    import cv2
+    (dlib: the embed stage's chip from the crop's five template points) on ``runtime``.
+    Images that do not decode (or whose header claims more than ``MAX_IMAGE_PIXELS``)
+    are skipped; 64 are decoded at a time."""
+    from facecurate.imageio import ImageError, decode_image
 
-    crops = []
-    for b in images:
-        img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
-        if img is not None:
-            crops.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    if not crops:
+    if not images:
         return np.zeros((0, int(meta.get("dim", 128))), np.float32)
     if model_family(model_name(meta)) != "dlib":
         raise RuntimeError("--exclude with a .bin needs the dlib store; for other models pass a folder of "
@@ -78,9 +78,17 @@ def embed_images(images: list[bytes], meta: dict, runtime: str = "auto") -> np.n
 
     emb = make_embedder("dlib", feed="crop", runtime=runtime)
     out = []
-    for b0 in range(0, len(crops), 64):
-        chips = [emb.from_crop(c) for c in crops[b0:b0 + 64]]
-        out.append(emb.run(chips, bool(meta.get("flip", False))))
+    for b0 in range(0, len(images), 64):
+        chips = []
+        for b in images[b0:b0 + 64]:
+            try:
+                chips.append(emb.from_crop(decode_image(b)))
+            except ImageError:
+                continue
+        if chips:
+            out.append(emb.run(chips, bool(meta.get("flip", False))))
+    if not out:
+        return np.zeros((0, int(meta.get("dim", 128))), np.float32)
     return normalize(np.concatenate(out))
 
 

@@ -37,6 +37,16 @@ DETECT_MAX_SIDE = 1024
 DETECT_MIN_SIDE = 512
 JPEG_QUALITY = 95
 
+# --- Untrusted input (facecurate/filetree.py, facecurate/pairs.py) -------------------
+#: ``--max-bytes``: a photo or crop larger than this is recorded ``too_large`` unread
+#: (align's RAW, the crop folders given to embed and pack).
+MAX_INPUT_BYTES = 100 * 1024 * 1024
+#: A verification .bin larger than this is refused before it is read (insightface's
+#: lfw.bin is about 65 MB, its cfp_fp.bin and agedb_30.bin under 100 MB).
+MAX_VERIFICATION_BIN_BYTES = 1024 * 1024 * 1024
+#: The message of an input that is a FIFO, socket or device (never opened).
+NOT_REGULAR = "not a regular file"
+
 # --- Output file names (inside OUT/) -------------------------------------------------
 ALIGN_MANIFEST = "align.csv"
 ALIGN_META = "align.json"
@@ -180,6 +190,8 @@ PACK_EMPTY_IDENTITY = "empty_identity"  # identity with no usable crop
 PACK_BELOW_MIN = "below_min_images"  # identity dropped by --min-images
 PACK_DUPLICATE = "duplicate"  # same crop listed twice
 PACK_BAD_ROW = "bad_row"  # manifest row that cannot be used (no path, tab in name, ...)
+PACK_UNSUPPORTED = "unsupported"  # a FIFO, socket or device, or a link leading out of the folder
+PACK_TOO_LARGE = "too_large"  # larger than --max-bytes (read no further)
 
 # --- clean.csv / review.csv (interface between clean, review and pack) ---------------
 CLEAN_COLUMNS = (

@@ -54,6 +54,7 @@ from facecurate.constants import (
     EMBED_SHARD_SIZE_DLIB,
     EMBED_SHARD_SIZE_ONNX,
     EMBED_SIGNATURE,
+    MAX_INPUT_BYTES,
     REC_NAME,
     SHARD_NPZ,
     VERSIONS_KEY,
@@ -92,6 +93,7 @@ class Item:
     box: Optional[tuple] = None  # x1, y1, x2, y2 in source pixels
     rec_offset: int = -1  # byte offset of the record in a .rec
     data: Optional[bytes] = None  # the record's image bytes (.rec input: read with its label)
+    problem: str = ""  # why it is not read, found while listing a crop folder (a link leading out)
 
 
 def items_from_align(out: Path, primary_only: bool = False) -> tuple[list[Item], dict]:
@@ -114,22 +116,24 @@ def items_from_align(out: Path, primary_only: bool = False) -> tuple[list[Item],
     return items, meta
 
 
-def items_from_folder(folder: Path) -> list[Item]:
-    """Every image in a plain folder of crops ``<identity>/...``, sorted."""
+def items_from_folder(folder: Path, follow_external_links: bool = False) -> list[Item]:
+    """Every image in a plain folder of crops ``<identity>/...``, sorted. Symlinks are
+    followed while they stay inside ``folder`` (:func:`facecurate.filetree.walk_tree`);
+    a link leading out (an image name, or a folder) is an item with its ``problem``,
+    recorded as failed and never read, unless ``follow_external_links``."""
+    from facecurate.filetree import walk_tree
     from facecurate.imageio import is_image_name
 
+    entries, _warnings = walk_tree(folder, what="the crop folder", follow_external=follow_external_links,
+                                   skip_dirs=(WORK_DIR,))
     items = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != WORK_DIR)
-        for f in filenames:
-            if f.startswith(".") or not is_image_name(f):
-                continue
-            p = Path(dirpath) / f
-            rel = p.relative_to(folder).as_posix()
-            parts = PurePosixPath(rel).parts
-            items.append(Item(aligned=rel, source=rel, identity=parts[0] if len(parts) > 1 else "",
-                              face="0", crop=str(p)))
-    items.sort(key=lambda it: it.aligned)
+    for e in entries:
+        if not (e.folder or is_image_name(e.rel)):
+            continue
+        parts = PurePosixPath(e.rel).parts
+        items.append(Item(aligned=e.rel, source=e.rel, identity=parts[0] if len(parts) > 1 or e.folder else "",
+                          face="0", crop=os.path.join(folder, e.rel),
+                          problem=f"{e.status}: {e.message}" if e.status else ""))
     return items
 
 
@@ -147,9 +151,10 @@ class Loader:
     """Reads crops / sources / .rec records; keeps the last decoded source (rows of one
     photo are consecutive) so several faces of a photo decode it once."""
 
-    def __init__(self):
+    def __init__(self, max_bytes: int = MAX_INPUT_BYTES):
         self._last: tuple[str, Optional[np.ndarray]] = ("", None)
         self._rec: dict[str, object] = {}
+        self.max_bytes = max_bytes  # a larger crop or photo is not read (too_large)
 
     def source(self, path: str) -> Optional[np.ndarray]:
         if self._last[0] == path:
@@ -157,7 +162,7 @@ class Loader:
         from facecurate.imageio import ImageError, read_image
 
         try:
-            img = read_image(path)
+            img = read_image(path, max_bytes=self.max_bytes)
         except (ImageError, OSError):
             img = None
         self._last = (path, img)
@@ -174,8 +179,9 @@ class Loader:
                 f = self._rec[item.crop] = open(item.crop, "rb")
             _hdr, data = unpack_record(read_record(f, item.rec_offset).payload)
             return data
-        with open(item.crop, "rb") as f:
-            return f.read()
+        from facecurate.imageio import read_bytes
+
+        return read_bytes(item.crop, self.max_bytes)  # regular files only (ImageError: unsupported, too_large)
 
     def crop_rgb(self, item: Item) -> np.ndarray:
         from facecurate.imageio import decode_image
@@ -197,6 +203,7 @@ class EmbedConfig:
     batch_size: Optional[int] = None
     fp16: bool = False
     runtime: str = "auto"  # dlib's model: auto | dlib | onnx
+    max_bytes: int = MAX_INPUT_BYTES  # crops (and source photos) larger than this are not read
 
 
 def signature(info: dict, flip: bool, source_kind: str) -> dict:
@@ -231,6 +238,9 @@ def cached_embedder(cfg: "EmbedConfig"):
 def _prepare_chunk(embedder, loader: Loader, items: Sequence[Item]):
     inputs, keep, failed, feeds = [], [], [], {}
     for it in items:
+        if it.problem:
+            failed.append((it.aligned, it.problem))
+            continue
         try:
             x, how = embedder.prepare(it, loader)
         except Exception as e:  # noqa: BLE001 - record every failure with its reason
@@ -261,7 +271,7 @@ class EmbedWorker:
     def __init__(self, cfg: "EmbedConfig", batch_size: int, work: str, threads: int = 0):
         self.embedder = cached_embedder(cfg)
         self.cfg, self.batch_size, self.work = cfg, batch_size, Path(work)
-        self.loader = Loader()
+        self.loader = Loader(cfg.max_bytes)
         self.threads = threads
         self._pool = self._lead = None
         if threads:
@@ -281,7 +291,7 @@ class EmbedWorker:
 
         def one(it):
             if not hasattr(self._local, "loader"):
-                self._local.loader = Loader()
+                self._local.loader = Loader(self.cfg.max_bytes)
             return _prepare_chunk(self.embedder, self._local.loader, [it])
 
         inputs, keep, failed, feeds = [], [], list(unread), {}
@@ -354,7 +364,8 @@ def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, s
 
 
 # ----------------------------------------------------------------------------- run
-def _resolve_input(target: Path, out: Optional[Path]) -> tuple[object, str, Path, dict]:
+def _resolve_input(target: Path, out: Optional[Path], follow_external_links: bool = False,
+                   ) -> tuple[object, str, Path, dict]:
     """(items, or the .rec path for a .rec, input kind, store folder, align meta)."""
     from facecurate.embed_rec import check_rec
     from facecurate.recdata import is_rec_dataset
@@ -368,7 +379,7 @@ def _resolve_input(target: Path, out: Optional[Path]) -> tuple[object, str, Path
     if (target / ALIGN_MANIFEST).exists():
         items, meta = items_from_align(target)
         return items, "align", (out or target), meta
-    items = items_from_folder(target)
+    items = items_from_folder(target, follow_external_links)
     if not items:  # most often the wrong folder: say what embed looks for
         raise EmbedError(f"nothing to embed in {target}: no {ALIGN_MANIFEST} (run `facecurate align RAW "
                          f"{target}` first), no image files, no {REC_NAME}")
@@ -409,16 +420,20 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
               show_progress: bool = True, *, fp16: bool = False, dlib_feed: str = "five",
               store_dir=None, overwrite: bool = False, chunk_size: Optional[int] = None,
               on_chunk: Optional[Callable[[dict], None]] = None, runtime: str = "auto", engine="local",
-              ray_address: Optional[str] = None, part=None) -> dict:
+              ray_address: Optional[str] = None, part=None, max_bytes: int = MAX_INPUT_BYTES,
+              follow_external_links: bool = False) -> dict:
     """Embed every crop of ``out_dir`` (an align OUT, a folder of crops, or a .rec) into
     the store in ``store_dir`` (default: ``out_dir``, or the .rec's folder). Resumes;
     refuses to mix models. ``engine``/``part`` as in :func:`facecurate.align.run_align`;
-    ``chunk_size``: faces per shard. Returns a summary dict."""
+    ``chunk_size``: faces per shard. A crop folder's files are read only when regular
+    and at most ``max_bytes``, and its symlinks followed only while they stay inside
+    it (``follow_external_links``: wherever they lead). Returns a summary dict."""
     t_start = time.perf_counter()
     cfg = EmbedConfig(model=str(model), model_dir=model_dir, flip=bool(flip), dlib_feed=dlib_feed,
-                      device=device, batch_size=batch_size, fp16=fp16, runtime=runtime)
+                      device=device, batch_size=batch_size, fp16=fp16, runtime=runtime, max_bytes=max_bytes)
     target = Path(out_dir)
-    items, kind, store, _align_meta = _resolve_input(target, Path(store_dir) if store_dir else None)
+    items, kind, store, _align_meta = _resolve_input(target, Path(store_dir) if store_dir else None,
+                                                     follow_external_links)
     store.mkdir(parents=True, exist_ok=True)
     work = store / WORK_DIR / EMBED_DIR
     embedder = cached_embedder(cfg)  # tells the signature (and runs the in-process lane)

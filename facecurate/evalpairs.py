@@ -191,10 +191,12 @@ CENTRE_TOLERANCE = 0.15
 
 def _align_cfg(detector: str, model_dir, device: str, **kw):
     """align's settings for eval-pairs: the model folder only for the detector that reads one
-    (align records its settings, so the same run keeps the same align.json)."""
+    (align records its settings, so the same run keeps the same align.json). WORK/raw holds
+    links to the images under ROOT, which the user named: they are followed."""
     from facecurate.align import AlignConfig
 
-    return AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None, device=device, **kw)
+    return AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None, device=device,
+                       follow_external_links=True, **kw)
 
 
 def _by_source(manifest: Sequence[AlignRow]) -> dict[str, list[AlignRow]]:

@@ -4,7 +4,9 @@
 ``ImageError`` whose ``status`` is one of the align.csv statuses and whose message
 says what is wrong. Grey, alpha (composited on white), CMYK and 16-bit images are
 converted; the pixel count is checked from the file header *before* decoding, so a
-decompression bomb is refused without allocating it.
+decompression bomb is refused without allocating it. Files are read through
+:func:`facecurate.filetree.read_regular`: regular files only (a FIFO or device is
+``unsupported``, never opened), at most ``max_bytes`` (``too_large``).
 """
 
 from __future__ import annotations
@@ -19,25 +21,22 @@ import numpy as np
 from facecurate.constants import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
+    MAX_INPUT_BYTES,
     STATUS_DECODE_ERROR,
     STATUS_TOO_LARGE,
     STATUS_UNREADABLE,
     STATUS_UNSUPPORTED,
 )
+from facecurate.filetree import FileProblem, read_regular
 
-#: Refuse files larger than this before reading them (bytes).
-MAX_FILE_BYTES = 512 * 1024 * 1024
 #: JPEG start-of-image and end-of-image markers; the PNG file signature.
 JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class ImageError(Exception):
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class ImageError(FileProblem):
+    """An image that cannot be used: ``status`` (an align.csv status) and ``message``."""
 
 
 def is_image_name(name: str) -> bool:
@@ -217,19 +216,21 @@ def _may_have_alpha(data: bytes) -> bool:
     return data[:4] in (b"II*\x00", b"MM\x00*")
 
 
-def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def read_bytes(path: str | os.PathLike, max_bytes: int = MAX_INPUT_BYTES) -> bytes:
+    """A regular file of at most ``max_bytes`` (:func:`facecurate.filetree.read_regular`);
+    raise ImageError (unsupported, too_large, unreadable) with the reason."""
+    try:
+        return read_regular(path, max_bytes)
+    except FileProblem as e:
+        raise ImageError(e.status, e.message) from None
+    except OSError as e:
+        raise ImageError(STATUS_UNREADABLE, f"cannot read: {e.strerror or e}") from None
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_bytes: int = MAX_INPUT_BYTES) -> np.ndarray:
     """Read a photo from disk as 8-bit RGB; raise ImageError with a status and reason."""
     name = os.fspath(path)
     if not is_image_name(name):
         raise ImageError(STATUS_UNSUPPORTED, f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})")
-    try:
-        st = os.stat(name)
-        if st.st_size > MAX_FILE_BYTES:
-            raise ImageError(STATUS_TOO_LARGE, f"file is {st.st_size} bytes, more than {MAX_FILE_BYTES}")
-        with open(name, "rb") as f:
-            data = f.read()
-    except ImageError:
-        raise
-    except OSError as e:
-        raise ImageError(STATUS_UNREADABLE, f"cannot read: {e.strerror or e}") from None
-    return decode_image(data, name, max_pixels)
+    return decode_image(read_bytes(name, max_bytes), name, max_pixels)

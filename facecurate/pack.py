@@ -33,6 +33,7 @@ from facecurate.constants import (
     LAYOUT_PLAIN,
     LST_NAME,
     MAX_FLOAT_KEY,
+    MAX_INPUT_BYTES,
     PACK_BELOW_MIN,
     PACK_EMPTY_IDENTITY,
     PACK_ERROR_COLUMNS,
@@ -56,6 +57,7 @@ from facecurate.pack_inputs import (
     _Good,
     _list_identity,
     _ordered_map,
+    ReadRule,
     _SizeCheck,
     _target_size,
     _work,
@@ -307,7 +309,7 @@ class _Listing:
     path, and 4 + 8 bytes of indices): about 0.1 KB per crop. ``idents[i]``'s crops
     are ``rels[first[i]:first[i + 1]]``, identity-major and sorted."""
 
-    def __init__(self, units: list, out: str):
+    def __init__(self, units: list, out: str, rule: ReadRule):
         self.rels: list[str] = []  # every listed crop
         self.owner = array("i")  # rels[k] belongs to idents[owner[k]]
         self.idents: list[str] = []  # identities with at least one listed crop
@@ -318,7 +320,7 @@ class _Listing:
         for unit in units:
             if isinstance(unit, tuple):  # identity folder names
                 for ident in unit:
-                    c, e = _list_identity(out, ident, None)
+                    c, e = _list_identity(out, ident, None, rule)
                     self.errors += e
                     self.listed.add(ident)
                     if c:
@@ -377,7 +379,7 @@ def _shuffled_order(ls: _Listing, predicted: list[int], layout: str, seed: int) 
 
 
 def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSink], out: str, layout: str,
-                   seed: int, min_images: int, threads: int) -> tuple[_Tally, _RecSink]:
+                   seed: int, min_images: int, threads: int, rule: ReadRule) -> tuple[_Tally, _RecSink]:
     """Records in shuffled order, written as they are read. Every crop is listed
     first; the packed identities (hence the labels) are predicted from the listing,
     the listed crops of those identities are shuffled, then read, checked and written
@@ -385,7 +387,7 @@ def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSi
     too, for their problems). When a failed crop changes which identities are packed,
     the prediction is made again from what was read and the file rewritten (at most
     twice more; only unreadable inputs cost this)."""
-    ls = _Listing(units, out)
+    ls = _Listing(units, out, rule)
     idents = ls.idents
 
     def read(indices: Sequence[int]) -> Iterable:
@@ -431,7 +433,8 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
          shuffle: Optional[bool] = None, seed: int = 0, min_images: int = 1, size: Optional[int] = None,
          resize: bool = False, strict: bool = False, quality: int = JPEG_QUALITY, threads: int = 1,
          fsync: bool = True, show_progress: bool = False, on_record: Optional[Callable[[int], None]] = None,
-         merges: Optional[os.PathLike | str] = None) -> PackResult:
+         merges: Optional[os.PathLike | str] = None, max_bytes: int = MAX_INPUT_BYTES,
+         follow_external_links: bool = False) -> PackResult:
     """Pack the crops of ``out`` into ``dest`` (train.rec, train.idx, train.lst,
     property, labels.csv, pack_errors.csv, pack.json).
 
@@ -447,6 +450,11 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     complete; with ``shuffle`` in an order drawn from the listing (see
     ``_pack_shuffled``). While train.rec grows the disk's writeback is started, so
     reading, writing and the final fsync overlap.
+
+    A crop larger than ``max_bytes`` is not read (``too_large``); in a folder of crops,
+    FIFOs, sockets and devices are never opened and symlinks are followed only while
+    they stay inside ``out`` (``follow_external_links``: wherever they lead); each is
+    reported (``unsupported``).
 
     When ``out`` is a packed dataset (train.rec + .idx, no align.csv), the records its
     clean.csv keeps are packed by :func:`facecurate.pack_rec.pack_rec` (``shuffle``
@@ -470,8 +478,9 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
         raise PackError("--merge-identities applies to a packed dataset (DEST holding train.rec and clean.csv)")
     shuffle = True if shuffle is None else shuffle
     size = _target_size(out, size)
-    source, units, errors, notes = _collect(out, dest)
-    work = partial(_work, out=str(out), size=size, resize=resize, quality=quality, check=_SizeCheck(size))
+    rule = ReadRule(max_bytes, follow_external_links, os.path.realpath(out))
+    source, units, errors, notes = _collect(out, dest, rule)
+    work = partial(_work, out=str(out), size=size, resize=resize, quality=quality, check=_SizeCheck(size), rule=rule)
 
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
@@ -489,7 +498,7 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
             return sink
 
         if shuffle:
-            tally, sink = _pack_shuffled(units, work, new_sink, str(out), layout, seed, min_images, threads)
+            tally, sink = _pack_shuffled(units, work, new_sink, str(out), layout, seed, min_images, threads, rule)
         else:
             tally = _pack_in_order(units, work, new_sink(), min_images, threads)
         bar.close()

@@ -1,8 +1,11 @@
 """pack's input side: what to read (clean.csv, align.csv or a folder of crops), and
-reading and checking each crop (exists, readable, an image, the target size). A
-complete JPEG of the target size is taken as it is, byte for byte; anything else is
-decoded and encoded once. Problems become :class:`InputError` rows of
-pack_errors.csv, never exceptions; :mod:`facecurate.pack` writes what passes."""
+reading and checking each crop (exists, readable, a regular file of at most
+``--max-bytes``, an image, the target size). A complete JPEG of the target size is
+taken as it is, byte for byte; anything else is decoded and encoded once. In a folder
+of crops, FIFOs, sockets and devices are never opened, and symlinks are followed only
+while they stay inside the folder (:mod:`facecurate.filetree`'s rules; ``ReadRule``).
+Problems become :class:`InputError` rows of pack_errors.csv, never exceptions;
+:mod:`facecurate.pack` writes what passes."""
 
 from __future__ import annotations
 
@@ -18,15 +21,21 @@ from facecurate.constants import (
     CLEAN_CSV,
     DECISION_KEEP,
     IMAGE_EXTENSIONS,
+    MAX_INPUT_BYTES,
+    NOT_REGULAR,
     PACK_BAD_ROW,
     PACK_BELOW_MIN,
     PACK_DUPLICATE,
     PACK_EMPTY_IDENTITY,
     PACK_MISSING,
     PACK_NOT_IMAGE,
+    PACK_TOO_LARGE,
     PACK_UNREADABLE,
+    PACK_UNSUPPORTED,
     PACK_WRONG_SIZE,
+    STATUS_TOO_LARGE,
 )
+from facecurate.filetree import FileProblem, link_problem, read_regular, special_kind
 from facecurate.manifests import AlignRow, CleanRow
 from facecurate.workspace import Workspace
 from facecurate.imageio import JPEG_EOI, JPEG_SOI, jpeg_complete, jpeg_sof, jpeg_size
@@ -78,6 +87,18 @@ class _SizeCheck:
         return True
 
 
+class ReadRule(NamedTuple):
+    """What pack reads: files of at most ``max_bytes``; in a crop folder, symlinks whose
+    real path stays under ``boundary`` (the folder's real path), or any with
+    ``follow_external`` (``--follow-external-links``)."""
+    max_bytes: int = MAX_INPUT_BYTES
+    follow_external: bool = False
+    boundary: str = ""
+
+    def link_problem(self, path: str) -> Optional[str]:
+        return None if self.follow_external else link_problem(path, self.boundary, "the crop folder")
+
+
 class _Cand(NamedTuple):
     identity: str
     rel: str  # as written to the .lst (relative to OUT, POSIX)
@@ -92,42 +113,19 @@ class _Good(NamedTuple):
     as_is: bool
 
 
-#: Crops larger than this are refused (a 112x112 JPEG is ~5 KB).
-MAX_CROP_BYTES = 64 << 20
-_O_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-
-
-def _read_file(path: str) -> bytes:
-    """The whole file, with as few system calls as possible (no fstat, one read for a
-    file under 64 KiB)."""
-    fd = os.open(path, _O_RDONLY)
-    try:
-        data = os.read(fd, 65536)
-        if len(data) == 65536:
-            parts = [data]
-            total = len(data)
-            while True:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                total += len(chunk)
-                if total > MAX_CROP_BYTES:
-                    raise OSError(f"larger than {MAX_CROP_BYTES} bytes, not a face crop")
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
+_O_RDONLY = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO cannot block the open
 
 
 def _load(identity: str, rel: str, path: str, size: int, resize: bool,
-          quality: int) -> tuple[Optional[bytes], bool, Optional[InputError]]:
+          quality: int, max_bytes: int = MAX_INPUT_BYTES) -> tuple[Optional[bytes], bool, Optional[InputError]]:
     """Read one crop and return (bytes to store, stored-as-is?, error)."""
     def err(reason, msg):
         return None, False, InputError(identity, rel, reason, msg)
 
     try:
-        data = _read_file(path)
+        data = read_regular(path, max_bytes)
+    except FileProblem as e:
+        return err(PACK_TOO_LARGE if e.status == STATUS_TOO_LARGE else PACK_UNSUPPORTED, e.message)
     except FileNotFoundError:
         return err(PACK_MISSING, "file does not exist")
     except IsADirectoryError:
@@ -172,7 +170,7 @@ def _bad_name(s: str) -> bool:
     return "\t" in s or "\n" in s or "\r" in s
 
 
-def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
+def _collect(out: Path, dest: Path, rule: ReadRule = ReadRule()) -> tuple[str, list, list[InputError], dict]:
     """What to read: (source, work units, problems found while listing, notes). A unit
     is a list of _Cand (manifest sources) or a tuple of identity folder names (folder
     source, listed by the worker that reads them)."""
@@ -185,7 +183,7 @@ def _collect(out: Path, dest: Path) -> tuple[str, list, list[InputError], dict]:
         source = ALIGN_MANIFEST
         rows = [r for r in ws.align_rows() if r.is_primary_ok]
     else:
-        return "folder", _folder_units(out, dest, errors, notes), errors, notes
+        return "folder", _folder_units(out, dest, errors, notes, rule), errors, notes
     return source, _manifest_units(out, source, rows, errors), errors, notes
 
 
@@ -202,9 +200,10 @@ def _kept_rows(ws: Workspace, notes: dict) -> list[CleanRow]:
     return rows
 
 
-def _folder_units(out: Path, dest: Path, errors: list, notes: dict) -> list[tuple]:
+def _folder_units(out: Path, dest: Path, errors: list, notes: dict, rule: ReadRule) -> list[tuple]:
     """OUT/<identity>/ folders, a few per unit (fewer, larger work items); DEST itself
-    is skipped when it lies in OUT."""
+    is skipped when it lies in OUT, and a folder linked from outside OUT is a problem
+    (unless ``rule.follow_external``)."""
     if not out.is_dir():
         raise PackError(f"{out} is not a directory")
     ignored, units = 0, []
@@ -215,7 +214,10 @@ def _folder_units(out: Path, dest: Path, errors: list, notes: dict) -> list[tupl
     for e in entries:
         if e.name.startswith("."):
             continue
-        if not e.is_dir():
+        why = rule.link_problem(e.path) if e.is_symlink() else None
+        if why:
+            errors.append(InputError(e.name, e.name + "/", PACK_UNSUPPORTED, why))
+        elif not e.is_dir():
             ignored += 1
         elif e.name == skip:
             notes["skipped_dest_folder"] = e.name
@@ -259,20 +261,43 @@ def _manifest_units(out: Path, source: str, rows: Sequence[AlignRow | CleanRow],
 _DIR_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and hasattr(os, "O_DIRECTORY")
 
 
-def _list_identity(out: str, ident: str, dfd: Optional[int]) -> tuple[list[_Cand], list[InputError]]:
+def _unusable(path: str, entry: os.DirEntry, rule: ReadRule) -> Optional[tuple[str, str]]:
+    """(reason, message) for a link leading out of the folder or a FIFO, socket or
+    device, found from the listing (no extra system call for a plain file); None
+    when the entry may be read."""
+    if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
+        return None
+    if entry.is_symlink():
+        why = rule.link_problem(path)
+        if why:
+            return PACK_UNSUPPORTED, why
+    try:
+        kind = special_kind(os.stat(path).st_mode)
+    except OSError:
+        return None  # a broken link: reading it says why
+    return (PACK_UNSUPPORTED, f"{NOT_REGULAR} ({kind})") if kind else None
+
+
+def _list_identity(out: str, ident: str, dfd: Optional[int],
+                   rule: ReadRule = ReadRule()) -> tuple[list[_Cand], list[InputError]]:
     """The image files of OUT/<ident> (``dfd``: that folder's descriptor, or None)."""
     cands, errors = [], []
     d = out + os.sep + ident  # os.path.join's checks cost more than the listing here
     try:
-        names = sorted(os.listdir(d if dfd is None else dfd))
+        with os.scandir(d if dfd is None else dfd) as it:
+            entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
         return [], [InputError(ident, ident + "/", PACK_UNREADABLE, f"cannot list: {e.strerror or e}")]
     prefix = d + os.sep
-    for name in names:
+    for entry in entries:
+        name = entry.name
         if name[0] == ".":
             continue
         rel = f"{ident}/{name}"
-        if not name.lower().endswith(IMAGE_EXTENSIONS):
+        bad = _unusable(prefix + name, entry, rule)
+        if bad:
+            errors.append(InputError(ident, rel, *bad))
+        elif not name.lower().endswith(IMAGE_EXTENSIONS):
             if os.path.isdir(prefix + name):
                 errors.append(InputError(ident, rel, PACK_UNREADABLE, "sub-folder inside an identity folder"))
             else:
@@ -288,7 +313,7 @@ def _list_identity(out: str, ident: str, dfd: Optional[int]) -> tuple[list[_Cand
 
 
 def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors: list, size: int,
-                  resize: bool, quality: int, check: _SizeCheck) -> None:
+                  resize: bool, quality: int, check: _SizeCheck, max_bytes: int = MAX_INPUT_BYTES) -> None:
     """Read every candidate: a complete JPEG of the target size goes to ``good`` as it
     is (the fast path, inlined); anything else is classified by ``_load``."""
     for c in cands:
@@ -301,23 +326,23 @@ def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors
         except OSError:
             data = b""
         # jpeg_complete's common case (no padding after the marker), inlined: the hot loop
-        if len(data) < 65536 and data.endswith(JPEG_EOI) and check(data):
+        if len(data) < 65536 and data.endswith(JPEG_EOI) and len(data) <= max_bytes and check(data):
             good.append(_Good(c.identity, c.rel, data, True))
             continue
-        data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality)
+        data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality, max_bytes)
         if err is None:
             good.append(_Good(c.identity, c.rel, data, as_is))
         else:
             errors.append(err)
 
 
-def _work(unit, out: str, size: int, resize: bool, quality: int,
-          check: _SizeCheck) -> tuple[list, list[InputError], list[str]]:
+def _work(unit, out: str, size: int, resize: bool, quality: int, check: _SizeCheck,
+          rule: ReadRule = ReadRule()) -> tuple[list, list[InputError], list[str]]:
     """Read and check one unit: (good crops as _Good, problems, identities listed)."""
     good: list[_Good] = []
     errors: list[InputError] = []
     if not isinstance(unit, tuple):  # manifest rows
-        _read_checked(unit, None, good, errors, size, resize, quality, check)
+        _read_checked(unit, None, good, errors, size, resize, quality, check, rule.max_bytes)
         return good, errors, sorted({c.identity for c in unit})
     files = 0
     for i, ident in enumerate(unit):  # identity folder names
@@ -331,10 +356,10 @@ def _work(unit, out: str, size: int, resize: bool, quality: int,
             except OSError:
                 pass  # listing by path reports why
         try:
-            cands, errs = _list_identity(out, ident, dfd)
+            cands, errs = _list_identity(out, ident, dfd, rule)
             files += len(cands)
             errors += errs
-            _read_checked(cands, dfd, good, errors, size, resize, quality, check)
+            _read_checked(cands, dfd, good, errors, size, resize, quality, check, rule.max_bytes)
         finally:
             if dfd is not None:
                 os.close(dfd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -139,7 +140,7 @@ def test_group_photos_every_face_found_and_primary(dlib_faces_dir, tmp_path):
     raw = tmp_path / "raw" / "group"
     raw.mkdir(parents=True)
     for f in dlib_faces_dir.glob("*.jpg"):
-        (raw / f.name).symlink_to(f)
+        shutil.copyfile(f, raw / f.name)
     out = tmp_path / "out"
     run_align(raw.parent, out, AlignConfig(), workers=2, show_progress=False)
     rows = read_csv(out / "align.csv")
@@ -211,7 +212,7 @@ def bad_raw(photos_dir, dlib_faces_dir, tmp_path_factory):
     (raw / "stray.jpg").write_bytes(jpeg)  # no identity folder
     nf = raw / "no faces here"
     nf.mkdir()
-    (nf / "dogs.jpg").symlink_to(dlib_faces_dir / "dogs.jpg")
+    shutil.copyfile(dlib_faces_dir / "dogs.jpg", nf / "dogs.jpg")
     return raw
 
 
@@ -267,7 +268,7 @@ def _lfw_raw(lfw_dir, lfw_dev_ids, root: Path, n_ids=12):
     raw.mkdir(parents=True)
     picked = [i for i in lfw_dev_ids if len(list((lfw_dir / i).glob("*.jpg"))) >= 3][:n_ids]
     for i in picked:
-        (raw / i).symlink_to(lfw_dir / i)
+        shutil.copytree(lfw_dir / i, raw / i)
     return raw
 
 
@@ -311,7 +312,7 @@ def test_kill_and_rerun_resumes_and_is_byte_identical(lfw_dir, lfw_dev_ids, tmp_
 def test_other_settings_refused_then_overwrite(photos_dir, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "id01").symlink_to(photos_dir / "id01")
+    shutil.copytree(photos_dir / "id01", raw / "id01")
     out = tmp_path / "out"
     run_align(raw, out, AlignConfig(), workers=1, show_progress=False)
     with pytest.raises(AlignError, match="other settings"):
@@ -324,6 +325,75 @@ def test_other_settings_refused_then_overwrite(photos_dir, tmp_path):
         if r["status"] == "ok":
             assert r["primary"] == "1" and r["aligned"].endswith(".png")
             assert cv2.imread(str(out / r["aligned"])).shape == (224, 224, 3)
+
+
+def _hostile_raw(photos_dir: Path, root: Path) -> Path:
+    """issue 23's reproductions: a FIFO, a link to /dev/zero, a link to /etc and a link to /
+    under RAW, beside a real photo, a link to it inside RAW and a folder linked inside RAW."""
+    raw = root / "raw"
+    (raw / "x").mkdir(parents=True)
+    shutil.copyfile(sorted((photos_dir / "id00").glob("*.jpg"))[0], raw / "x" / "ok.jpg")
+    os.mkfifo(raw / "x" / "fifo.jpg")
+    (raw / "x" / "zero.jpg").symlink_to("/dev/zero")
+    (raw / "x" / "etcdir").symlink_to("/etc")
+    (raw / "root").symlink_to("/")
+    (raw / "x" / "same.jpg").symlink_to(raw / "x" / "ok.jpg")  # inside RAW: followed
+    (raw / ".store" / "pics").mkdir(parents=True)  # hidden: listed only through the link
+    shutil.copyfile(raw / "x" / "ok.jpg", raw / ".store" / "pics" / "ok.jpg")
+    (raw / "y").symlink_to(raw / ".store" / "pics")  # a folder inside RAW: followed
+    return raw
+
+
+def _align_cli(raw: Path, out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """align in a subprocess with a timeout: a hang fails the test instead of blocking it."""
+    proc = subprocess.run([sys.executable, "-m", "facecurate", "align", str(raw), str(out), "--workers", "1",
+                           "--fallback", "none", "--json", *flags], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc, {r["source"]: r for r in read_csv(out / "align.csv") if r["face"] in ("-1", "0")}
+
+
+def test_special_files_and_links_out_of_raw_finish_with_their_rows(photos_dir, tmp_path):
+    """issue 23: `mkfifo RAW/x/fifo.jpg` blocked align forever, `ln -s /dev/zero` read until
+    memory ran out, `ln -s /etc` listed and opened /etc/passwd, a link to / walked the whole
+    file system. Each is now one row with its reason, in seconds, and nothing is read."""
+    raw = _hostile_raw(photos_dir, tmp_path)
+    t0 = time.monotonic()
+    proc, rows = _align_cli(raw, tmp_path / "out")
+    assert time.monotonic() - t0 < 60
+    assert set(rows) == {"x/ok.jpg", "x/fifo.jpg", "x/zero.jpg", "x/etcdir", "root", "x/same.jpg", "y/ok.jpg"}
+    assert (rows["x/fifo.jpg"]["status"], rows["x/fifo.jpg"]["message"]) == ("unsupported", "not a regular file (FIFO)")
+    for src, target in (("x/zero.jpg", "/dev/zero"), ("x/etcdir", "/etc"), ("root", "/")):
+        assert rows[src]["status"] == "unsupported"
+        assert f"to {target}:" in rows[src]["message"] and "--follow-external-links" in rows[src]["message"]
+    assert {rows[s]["status"] for s in ("x/ok.jpg", "x/same.jpg", "y/ok.jpg")} == {"ok"}
+    assert rows["root"]["identity"] == "root" and rows["x/etcdir"]["identity"] == "x"
+    assert "passwd" not in (tmp_path / "out" / "align.csv").read_text()
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any("3 link(s) lead out of RAW" in w for w in summary["warnings"])
+
+
+def test_follow_external_links_still_reads_only_regular_files_up_to_max_bytes(photos_dir, tmp_path):
+    """--follow-external-links follows /dev/zero and /etc but still opens no device or FIFO,
+    and --max-bytes records a larger photo as too_large with both sizes, unread."""
+    raw = _hostile_raw(photos_dir, tmp_path)
+    (raw / "root").unlink()  # the whole file system is more than a test should walk
+    (raw / "x" / "etcdir").unlink()
+    etc = tmp_path / "etc-like"  # a small folder outside RAW stands for /etc
+    (etc / "deep").mkdir(parents=True)
+    shutil.copyfile(raw / "x" / "ok.jpg", etc / "deep" / "outside.jpg")
+    (etc / "deep" / "back").symlink_to(etc)  # a loop outside RAW is still detected
+    (raw / "x" / "etcdir").symlink_to(etc)
+    size = (raw / "x" / "ok.jpg").stat().st_size
+    proc, rows = _align_cli(raw, tmp_path / "out", "--follow-external-links")
+    assert rows["x/zero.jpg"]["status"] == "unsupported"
+    assert rows["x/zero.jpg"]["message"] == "not a regular file (character device)"
+    assert rows["x/etcdir/deep/outside.jpg"]["status"] == "ok"
+    assert "loop" in proc.stdout
+    _, rows = _align_cli(raw, tmp_path / "small", "--max-bytes", str(size - 1))
+    assert rows["x/ok.jpg"]["status"] == "too_large"
+    assert rows["x/ok.jpg"]["message"] == f"file is {size} bytes, more than --max-bytes {size - 1}"
+    settings = json.loads((tmp_path / "small" / "align.json").read_text())["settings"]
+    assert settings["max_bytes"] == size - 1 and settings["follow_external_links"] is False
 
 
 def test_cli_help_and_version():

@@ -744,3 +744,91 @@ def test_thresholds_that_cannot_work_are_one_line(tmp_path):
     r = CliRunner().invoke(main, ["clean", str(bare), "--keep", "2"])
     assert r.exit_code == 1 and r.output.startswith("Error: --keep 2.0: a cosine similarity"), r.output
     assert sorted(p.name for p in bare.iterdir() if not p.name.startswith(".")) == [C.ALIGN_MANIFEST]
+
+
+# ----------------------------------------------------------------------------- hostile .bin
+def _insightface_bins(tmp: Path) -> tuple[list[bytes], list]:
+    """Two real JPEG crops (a photo of the shared data, warped as a crop would be)."""
+    from facecurate.imageio import read_image
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    img = read_image(next(iter(sorted((data / "photos" / "id00").glob("*.jpg")))))
+    crop = cv2.resize(np.ascontiguousarray(img[:, :, ::-1]), (112, 112))
+    jpg = cv2.imencode(".jpg", crop)[1].tobytes()
+    return [jpg, cv2.imencode(".jpg", crop[:, ::-1])[1].tobytes()], [True]
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+@pytest.mark.parametrize("flags", ["list", "ndarray", "numpy_scalars"])
+def test_verification_bin_is_read_as_insightface_and_numpy_write_it(tmp_path, protocol, flags):
+    """Every shape of (bins, issame) that insightface's tools and numpy write is read back
+    exactly, with no code run (the reader refuses any global but numpy's array pieces)."""
+    from facecurate.verification_bin import read_verification_bin
+
+    bins, same = _insightface_bins(tmp_path)
+    issame = {"list": same, "ndarray": np.array(same), "numpy_scalars": [np.bool_(v) for v in same]}[flags]
+    p = tmp_path / "v.bin"
+    p.write_bytes(pickle.dumps((bins, issame), protocol=protocol))
+    assert read_verification_bin(p) == (bins, [True])
+    p.write_bytes(pickle.dumps(([np.frombuffer(b, np.uint8) for b in bins], issame), protocol=protocol))
+    assert read_verification_bin(p) == (bins, [True])
+    names, images = fc.read_exclude(p)
+    assert names == set() and images == bins
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_malicious_verification_bin_runs_nothing(tmp_path, protocol):
+    """issue 23: `clean --exclude X.bin` unpickled the file; a .bin reducing to os.system
+    ran the command. Now: refused with one line naming the global, exit 1, no marker."""
+    import subprocess
+    import sys
+
+    out = _fake_out(tmp_path, np.random.default_rng(6))
+    marker = tmp_path / "marker"
+    p = tmp_path / "evil.bin"
+    p.write_bytes(pickle.dumps(([_RunsCode(marker), b"\xff\xd8"], [True]), protocol=protocol))
+    proc = subprocess.run([sys.executable, "-m", "facecurate", "clean", str(out), "--exclude", str(p)],
+                          capture_output=True, text=True, timeout=60)
+    assert not marker.exists()
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "posix.system" in lines[0] and "evil.bin" in lines[0], proc.stderr
+    assert not (out / C.CLEAN_CSV).exists()
+
+
+def test_verification_bin_counts_checked_before_anything_is_made(tmp_path):
+    """A crafted .bin cannot make numpy allocate what its counts claim, and a FIFO named
+    .bin is refused without being opened (it would block)."""
+    import os
+
+    from facecurate.verification_bin import BinError, read_verification_bin
+
+    bins, _ = _insightface_bins(tmp_path)
+    p = tmp_path / "v.bin"
+    arr = np.zeros(4, bool)
+    data = pickle.dumps((bins, arr), protocol=2)
+    assert data.count(b"K\x04\x85") == 1  # BININT1 4, TUPLE1: the shape
+    # the array's shape (4,) -> (2000000000,): its 4 bytes do not match
+    p.write_bytes(data.replace(b"K\x04\x85", b"J\x00\x94\x35\x77\x85"))
+    with pytest.raises(BinError, match="does not match"):
+        read_verification_bin(p)
+    p.write_bytes(pickle.dumps(([bins[0]] * 1000, [True] * 500), protocol=4))  # one image, 1000 references
+    with pytest.raises(BinError, match="more bytes than the file"):
+        read_verification_bin(p)
+    p.write_bytes(pickle.dumps((bins, [True, False]), protocol=4))
+    with pytest.raises(BinError, match="2 images for 2 pairs"):
+        read_verification_bin(p)
+    fifo = tmp_path / "fifo.bin"
+    os.mkfifo(fifo)
+    with pytest.raises(BinError, match="not a regular file"):
+        read_verification_bin(fifo)

@@ -4,6 +4,8 @@ input, all on real photos with dlib's real models."""
 
 from __future__ import annotations
 
+import shutil
+
 import json
 import subprocess
 import sys
@@ -26,7 +28,7 @@ PHOTOS_PER_ID = 4
 
 @pytest.fixture(scope="session")
 def aligned(photos_dir, tmp_path_factory) -> Path:
-    """RAW of symlinks to 5 identities x 4 real photos, aligned by the real align stage."""
+    """RAW of copies of 5 identities x 4 real photos, aligned by the real align stage."""
     root = tmp_path_factory.mktemp("embed")
     raw = root / "raw"
     ids = sorted(p.name for p in photos_dir.iterdir() if p.is_dir())[:IDS_PER_RUN]
@@ -34,7 +36,7 @@ def aligned(photos_dir, tmp_path_factory) -> Path:
         (raw / ident).mkdir(parents=True)
         files = sorted(f for f in (photos_dir / ident).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
         for f in files[:PHOTOS_PER_ID]:
-            (raw / ident / f.name).symlink_to(f)
+            shutil.copyfile(f, raw / ident / f.name)
     out = root / "out"
     run_align(raw, out, AlignConfig(), workers=2, show_progress=False)
     return out
@@ -239,7 +241,7 @@ def test_plain_folder_of_crops_with_a_broken_file(aligned, store, recognizer, tm
     for r in ok:
         dst = folder / r["identity"] / Path(r["aligned"]).name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(aligned / r["aligned"])
+        shutil.copyfile(aligned / r["aligned"], dst)
     (folder / ok[0]["identity"] / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
     s = run_embed(folder, workers=1, show_progress=False, store_dir=tmp_path / "s")
     assert s["input"] == "folder" and s["embedded"] == 6 and s["failed"] == 1
@@ -253,6 +255,51 @@ def test_plain_folder_of_crops_with_a_broken_file(aligned, store, recognizer, tm
     idx = {r.aligned: i for i, r in enumerate(ref_rows)}
     cos = [float(vecs[i] @ ref[idx[r["aligned"]]]) for i, r in enumerate(ok)]
     assert min(cos) > 0.9, cos
+
+
+def test_crop_folder_reads_only_regular_files_inside_it(aligned, tmp_path):
+    """issue 23: a FIFO in a crop folder hung `embed DIR --out S`, and a link to /dev/zero
+    read until memory ran out. Now each is a failure with its reason, in seconds; a link
+    leading out of the folder is not read unless --follow-external-links."""
+    import os
+    import time
+
+    folder = tmp_path / "crops"
+    ok = _ok_rows(aligned)[:2]
+    a = folder / ok[0]["identity"]
+    a.mkdir(parents=True)
+    for r in ok:
+        shutil.copyfile(aligned / r["aligned"], a / Path(r["aligned"]).name)
+    os.mkfifo(a / "fifo.jpg")
+    (a / "zero.jpg").symlink_to("/dev/zero")
+    (a / "outside.jpg").symlink_to(aligned / ok[0]["aligned"])  # a real crop, outside the folder
+    (folder / "elsewhere").symlink_to(aligned / ok[1]["identity"])  # a folder outside
+    (a / "inside.jpg").symlink_to(a / Path(ok[0]["aligned"]).name)  # inside: followed
+
+    def run(store, *flags):
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "facecurate", "embed", str(folder), "--out", str(store),
+                               "--runtime", "dlib", "--workers", "1", "--json", *flags],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert time.monotonic() - t0 < 60
+        meta = json.loads((store / "embeddings.json").read_text())
+        return meta["count"], {f["aligned"].rsplit("/", 1)[-1]: f["reason"] for f in meta["failed"]}
+
+    count, failed = run(tmp_path / "s")
+    assert count == 3  # the two crops and the link inside the folder
+    assert failed["fifo.jpg"] == "unsupported: not a regular file (FIFO)"
+    for name, target in (("zero.jpg", "/dev/zero"), ("outside.jpg", str((aligned / ok[0]["aligned"]).resolve())),
+                         ("elsewhere", str((aligned / ok[1]["identity"]).resolve()))):
+        assert failed[name].startswith(f"unsupported: a link leading out of the crop folder, to {target}:"), failed
+    count, failed = run(tmp_path / "s2", "--follow-external-links", "--max-bytes", "100000")
+    assert failed["zero.jpg"] == "unsupported: not a regular file (character device)"
+    assert failed["fifo.jpg"] == "unsupported: not a regular file (FIFO)"
+    assert "outside.jpg" not in failed and count >= 4
+    big = a / "big.jpg"
+    big.write_bytes((aligned / ok[0]["aligned"]).read_bytes() + b"\0" * 100_000)
+    count, failed = run(tmp_path / "s3", "--max-bytes", "100000")
+    assert failed["big.jpg"] == f"too_large: file is {big.stat().st_size} bytes, more than --max-bytes 100000"
 
 
 def test_a_folder_with_nothing_to_embed_is_one_line(tmp_path):

@@ -41,7 +41,7 @@ def pipeline(photos_dir, tmp_path_factory) -> Path:
     for ident in ("id00", "id01", "id02"):
         (raw / ident).mkdir(parents=True)
         for f in _photos(photos_dir, ident, 4):
-            (raw / ident / f.name).symlink_to(f)
+            shutil.copyfile(f, raw / ident / f.name)
     shutil.copy(_photos(photos_dir, "id03", 1)[0], raw / "loose.jpg")
     out = root / "out"
     s = run_align(raw, out, AlignConfig(fallback="none"), workers=2, show_progress=False)
@@ -66,7 +66,7 @@ def test_pack_uses_align_size_and_explains_a_failure(photos_dir, tmp_path):
     raw = tmp_path / "raw"
     (raw / "id00").mkdir(parents=True)
     for f in _photos(photos_dir, "id00", 3):
-        (raw / "id00" / f.name).symlink_to(f)
+        shutil.copyfile(f, raw / "id00" / f.name)
     out = tmp_path / "out"
     run_align(raw, out, AlignConfig(size=224, fallback="none"), workers=1, show_progress=False)
     runner = CliRunner()
@@ -94,8 +94,8 @@ def test_detector_column_names_the_detector_of_this_image(lfw_dir, photos_dir, t
     (raw / "a").mkdir(parents=True)
     (raw / "b").mkdir()
     ident, name = FALLBACK_PHOTO
-    (raw / "a" / name).symlink_to(lfw_dir / ident / name)  # found only by the fallback
-    (raw / "b" / "hog.jpg").symlink_to(_photos(photos_dir, "id00", 1)[0])  # found by HOG, processed next
+    shutil.copyfile(lfw_dir / ident / name, raw / "a" / name)  # found only by the fallback
+    shutil.copyfile(_photos(photos_dir, "id00", 1)[0], raw / "b" / "hog.jpg")  # found by HOG, processed next
     s = run_align(raw, tmp_path / "out", AlignConfig(), workers=1, show_progress=False)
     by_src = {r["source"]: r["detector"] for r in read_csv(tmp_path / "out" / "align.csv") if r["face"] == "0"}
     assert by_src == {f"a/{name}": "dlib-cnn", "b/hog.jpg": "dlib"}
@@ -107,7 +107,7 @@ def test_detector_column_names_the_detector_of_this_image(lfw_dir, photos_dir, t
 def one_photo_raw(photos_dir, tmp_path) -> Path:
     raw = tmp_path / "raw"
     (raw / "id00").mkdir(parents=True)
-    (raw / "id00" / "a.jpg").symlink_to(_photos(photos_dir, "id00", 1)[0])
+    shutil.copyfile(_photos(photos_dir, "id00", 1)[0], raw / "id00" / "a.jpg")
     return raw
 
 

@@ -38,7 +38,7 @@ def run(photos_dir, tmp_path_factory) -> Path:
     raw = root / "raw"
     raw.mkdir()
     for ident in IDENTITIES:
-        os.symlink(photos_dir / ident, raw / ident)
+        shutil.copytree(photos_dir / ident, raw / ident)
     (raw / "zz_notes").mkdir()
     (raw / "zz_notes" / "notes.txt").write_text("not an image\n")
     out = root / "out"

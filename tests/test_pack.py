@@ -13,6 +13,7 @@ import pickle
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,7 @@ from facecurate.constants import (
     PACK_BELOW_MIN,
     PACK_DUPLICATE,
     PACK_EMPTY_IDENTITY,
+    PACK_ERRORS_CSV,
     PACK_MISSING,
     PACK_NOT_IMAGE,
     PACK_WRONG_SIZE,
@@ -36,6 +38,7 @@ from facecurate.inspect_rec import inspect
 from facecurate.pack import PackError, pack
 from facecurate.pairs import pack_pairs
 from facecurate.unpack import unpack
+from facecurate.verification_bin import read_verification_bin
 from test_recordio import _shared, oracle_python
 
 from facecurate.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
@@ -552,6 +555,56 @@ def test_align_csv_source(crops_dir, tmp_path):
     assert res.source == "align.csv" and res.images == 22 - 6 and res.classes == 6 and not res.errors
 
 
+# ----------------------------------------------------------------------------- hostile crop folders
+def _pack_cli(src: Path, dest: Path, *flags: str, shuffle: bool) -> dict:
+    """pack in a subprocess with a timeout (a hang fails the test); pack_errors.csv by path."""
+    proc = subprocess.run([sys.executable, "-m", "facecurate", "pack", str(src), str(dest), "--json",
+                           "--shuffle" if shuffle else "--no-shuffle", *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return {r["path"]: r for r in read_csv(dest / PACK_ERRORS_CSV)}
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_crop_folder_special_files_links_and_sizes(crops_dir, tmp_path, shuffle):
+    """issue 23: a FIFO in a crop folder hung `pack DIR DEST`. Now a FIFO, a link to
+    /dev/zero, and links leading out of the folder are reported as unsupported (the
+    links with their targets) and a crop over --max-bytes as too_large, in seconds;
+    --follow-external-links packs the crops outside but still opens no device."""
+    src = tmp_path / "crops"
+    shutil.copytree(crops_dir, src)
+    ids = sorted(p.name for p in src.iterdir())
+    a, b = src / ids[0], ids[1]
+    os.mkfifo(a / "fifo.jpg")
+    (a / "zero.jpg").symlink_to("/dev/zero")
+    outside = sorted((crops_dir / ids[0]).iterdir())[0]
+    (a / "outside.jpg").symlink_to(outside)
+    shutil.rmtree(src / b)
+    (src / b).symlink_to(crops_dir / b)  # an identity folder outside
+    (a / "inside.jpg").symlink_to(sorted(a.glob("*.jpg"))[0])  # inside: packed
+    big = a / "big.jpg"
+    big.write_bytes(outside.read_bytes() + b"\0" * 20_000)
+    errors = _pack_cli(src, tmp_path / "d", "--max-bytes", "20000", shuffle=shuffle)
+    rel = lambda n: f"{ids[0]}/{n}"  # noqa: E731
+    assert (errors[rel("fifo.jpg")]["reason"], errors[rel("fifo.jpg")]["message"]) == \
+        ("unsupported", "not a regular file (FIFO)")
+    for path, target in ((rel("zero.jpg"), "/dev/zero"), (rel("outside.jpg"), str(outside.resolve())),
+                         (f"{b}/", str((crops_dir / b).resolve()))):
+        assert errors[path]["reason"] == "unsupported"
+        assert errors[path]["message"].startswith(f"a link leading out of the crop folder, to {target}:")
+    assert (errors[rel("big.jpg")]["reason"], errors[rel("big.jpg")]["message"]) == \
+        ("too_large", f"file is {big.stat().st_size} bytes, more than --max-bytes 20000")
+    assert rel("inside.jpg") not in errors
+    labels = {r["identity"]: int(r["images"]) for r in read_csv(tmp_path / "d" / "labels.csv")}
+    assert b not in labels and labels[ids[0]] == len(list((crops_dir / ids[0]).iterdir())) + 1
+    errors = _pack_cli(src, tmp_path / "d2", "--follow-external-links", shuffle=shuffle)
+    assert errors[rel("zero.jpg")]["message"] == "not a regular file (character device)"
+    assert errors[rel("fifo.jpg")]["message"] == "not a regular file (FIFO)"
+    assert rel("outside.jpg") not in errors and f"{b}/" not in errors
+    labels = {r["identity"]: int(r["images"]) for r in read_csv(tmp_path / "d2" / "labels.csv")}
+    assert labels[b] == len(list((crops_dir / b).iterdir()))
+
+
 # ----------------------------------------------------------------------------- pack-pairs
 def test_pack_pairs(crops_dir, tmp_path):
     ids = sorted(p.name for p in crops_dir.iterdir())
@@ -566,6 +619,8 @@ def test_pack_pairs(crops_dir, tmp_path):
     assert (tmp_path / "my.bin.unresolved.txt").read_text().splitlines() == res.unresolved
     bins, issame = pickle.loads((tmp_path / "my.bin").read_bytes())
     assert issame == [True, False, True] and len(bins) == 6
+    # clean --exclude's reader (no code run) reads what pack-pairs wrote, exactly
+    assert read_verification_bin(tmp_path / "my.bin") == (bins, issame)
     f = lambda i, n: (crops_dir / i / f"{i}_{n:04d}.jpg").read_bytes()  # noqa: E731
     assert bins[0] == f(a, num[a][0]) and bins[1] == f(a, num[a][1])
     assert bins[2] == f(a, num[a][2]) and bins[3] == f(b, num[b][0])

@@ -6,6 +6,7 @@ are real (SIGKILL, SIGTERM, SIGINT to the process group as a terminal sends it).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def _cli(*args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lfw_raw(lfw_dir, lfw_dev_ids, tmp_path_factory) -> Path:
-    """RAW of symlinks to the first PHOTOS LFW-dev photos (up to 3 per identity)."""
+    """RAW of copies of the first PHOTOS LFW-dev photos (up to 3 per identity)."""
     raw = tmp_path_factory.mktemp("procs") / "raw"
     n = 0
     for ident in lfw_dev_ids:
@@ -34,7 +35,7 @@ def lfw_raw(lfw_dir, lfw_dev_ids, tmp_path_factory) -> Path:
             continue
         (raw / ident).mkdir(parents=True)
         for f in files:
-            (raw / ident / f.name).symlink_to(f)
+            shutil.copyfile(f, raw / ident / f.name)
             n += 1
         if n >= PHOTOS:
             break

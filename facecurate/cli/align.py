@@ -7,6 +7,7 @@ import os
 import click
 
 from facecurate.cli.engine_options import engine_options
+from facecurate.cli.input_options import input_options
 from facecurate.constants import (ALIGN_FACES, ARCFACE_BASE_SIZE, CROP_FORMATS, DETECT_MAX_SIDE, FALLBACK_DETECTORS,
                                   JPEG_QUALITY, MAX_IMAGE_PIXELS)
 from facecurate.models.zoo import DETECTORS, DEVICES
@@ -48,6 +49,7 @@ def _crop_size(_ctx, _param, value: int) -> int:
               help="Detect on a copy of large images whose longer side is this; crops are warped from full size.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_IMAGE_PIXELS, show_default=True,
               help="Refuse larger images (decompression-bomb guard) as too_large.")
+@input_options("RAW")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Files per shard (default 64): the unit of work a worker takes and of resumption. "
@@ -56,7 +58,8 @@ def _crop_size(_ctx, _param, value: int) -> int:
 @click.option("--overwrite", is_flag=True, help="Start again instead of resuming what OUT already holds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, quality, fallback, max_upsample,
-          detect_max_side, max_pixels, workers, shard_size, engine, ray_address, part, overwrite, as_json):
+          detect_max_side, max_pixels, max_bytes, follow_external_links, workers, shard_size, engine, ray_address,
+          part, overwrite, as_json):
     """Detect every face in RAW/<identity>/* and write aligned crops to OUT.
 
     Each face with its 5 landmarks is warped onto the ArcFace template (similarity
@@ -65,6 +68,8 @@ def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, qua
     every input file: one row per face, and one row with a reason (no_face,
     decode_error, unsupported, too_large, unreadable, ...) for each file without a
     crop. Subfolders belong to their top-level identity; hidden files are ignored.
+    Only regular files are read (a FIFO or device is recorded as unsupported), and
+    symlinks only while they stay inside RAW (see --follow-external-links).
 
     An interrupted run continues where it stopped when rerun with the same flags.
     """
@@ -78,7 +83,8 @@ def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, qua
 
     cfg = AlignConfig(detector=detector, model_dir=os.path.abspath(model_dir) if model_dir else None, size=size,
                       min_face=min_face, faces=faces, fmt=fmt, quality=quality, fallback=fallback, max_upsample=max_upsample,
-                      detect_max_side=detect_max_side, max_pixels=max_pixels, device=device)
+                      detect_max_side=detect_max_side, max_pixels=max_pixels, max_bytes=max_bytes,
+                      follow_external_links=follow_external_links, device=device)
     try:
         summary = run_align(raw, out, cfg, workers=workers, shard_size=shard_size, overwrite=overwrite,
                             engine=engine, ray_address=ray_address, part=part)

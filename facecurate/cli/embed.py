@@ -7,6 +7,7 @@ import sys
 import click
 
 from facecurate.cli.engine_options import engine_options
+from facecurate.cli.input_options import input_options
 from facecurate.constants import DLIB_FEEDS, EVAL_PICKS, FALLBACK_DETECTORS
 from facecurate.engines import ENGINES
 from facecurate.models.zoo import DETECTORS, DEVICES, RUNTIMES
@@ -63,10 +64,11 @@ def _common(f):
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Faces per shard (default: 64 with --runtime dlib, 256 on ONNX Runtime): the unit of work and of "
                    "resumption. Recorded: reruns and parts without it keep the recorded value.")
+@input_options("the crop folder")
 @engine_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing store and start again.")
 def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dlib_feed, as_json, flip, store,
-          shard_size, engine, ray_address, part, overwrite):
+          shard_size, max_bytes, follow_external_links, engine, ray_address, part, overwrite):
     """L2-normalised embeddings of every face crop in OUT.
 
     OUT is a folder made by `facecurate align` (every ok crop of OUT/align.csv,
@@ -81,7 +83,9 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
 
     A rerun embeds only the crops not embedded yet (an interrupted run loses at
     most the chunks in flight). A store made with another model or other
-    settings is refused (use --overwrite or --out).
+    settings is refused (use --overwrite or --out). In a folder of crops only
+    regular files are read, and symlinks only while they stay inside it
+    (--follow-external-links); the others are recorded as failed, with the reason.
     """
     from facecurate.embed import EmbedError, run_embed
 
@@ -89,7 +93,8 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
         summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
                             flip=flip, device=device, fp16=fp16, dlib_feed=dlib_feed, store_dir=store,
                             overwrite=overwrite, runtime=runtime, chunk_size=shard_size, engine=engine,
-                            ray_address=ray_address, part=part)
+                            ray_address=ray_address, part=part, max_bytes=max_bytes,
+                            follow_external_links=follow_external_links)
     except EmbedError as e:
         raise click.ClickException(str(e)) from None
     if summary.get("provider") and "CUDA" not in str(summary["provider"]) and model != "dlib" and device != "cpu":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from facecurate.cli.input_options import input_options
 
 def _fail(msg: str) -> None:
     raise click.ClickException(msg)
@@ -39,8 +40,10 @@ def _fail(msg: str) -> None:
 @click.option("--merge-identities", "merges", type=click.Path(exists=True, dir_okay=False), default=None,
               help="(OUT holding a .rec) a merges.csv of confirmed pairs (columns a, b; with a decision "
                    "or confirmed column, only rows saying merge/yes are used): each pair is packed as one identity.")
+@input_options("OUT (a folder of crops)")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, fsync, merges, as_json):
+def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, threads, fsync, merges, max_bytes,
+         follow_external_links, as_json):
     """Pack the crops of OUT into DEST/train.rec, train.idx, train.lst and property
     for insightface arcface_torch, without MXNet.
 
@@ -83,7 +86,8 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
 
     try:
         res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
-                  resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True, merges=merges)
+                  resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True, merges=merges,
+                  max_bytes=max_bytes, follow_external_links=follow_external_links)
     except PackError as e:
         _explain_failure(e, as_json)
         _fail(str(e))
