@@ -43,14 +43,19 @@ class _Main(click.Group):
         from facecurate.procs import LockedError
         from facecurate.workspace import ManifestError
 
+        from facecurate.files import shown
+
         try:
             return super().invoke(ctx)
+        except click.ClickException as e:  # names in a message are shown escaped (files.shown)
+            e.message = shown(e.message, keep_newlines=True)
+            raise
         except BrokenPipeError:
             raise  # click handles a closed stdout itself
         except OSError as e:
-            raise click.ClickException(os_error_message(e)) from None
+            raise click.ClickException(shown(os_error_message(e), keep_newlines=True)) from None
         except (LockedError, ManifestError, ModelError) as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(shown(str(e), keep_newlines=True)) from None
         except KeyboardInterrupt:
             raise Interrupted(INTERRUPTED) from None
 
