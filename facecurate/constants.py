@@ -252,6 +252,11 @@ FLAG_MERGE_CANDIDATE = "merge_candidate"  # in merges.csv
 MERGE_COLUMNS = ("a", "b", "similarity")
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).
 REVIEW_COLUMNS = ("aligned", "identity", "source", "face", "score", "reason", "decision")
+#: The text columns of the CSVs meant for spreadsheets (review.csv, identities.csv):
+#: written with a quote before a leading = + - @ tab or CR (files.sheet_cell), read back
+#: exactly (files.unsheet_cell). clean.csv, align.csv and the other CSVs are written as
+#: they are, for programs.
+SHEET_COLUMNS = ("aligned", "identity", "source")
 #: Environment variables that size the BLAS/OpenMP thread pools; workers (one per core)
 #: set them to 1.
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -1,11 +1,13 @@
 """Small file helpers every stage shares: atomic writes, CSV in and out, hashing,
-progress bars and run summaries."""
+progress bars and run summaries, and names made safe to show (a terminal, an HTML
+page, a spreadsheet)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import hashlib
+import html
 import io
 import json
 import os
@@ -56,11 +58,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, mode, **kw) as f:
+                yield f
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+        except OSError as e:  # a full disk, a quota, a file size limit: name the file meant
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
         try:
             os.replace(tmp, path)
         except OSError as e:  # again the file meant, not the temporary name
@@ -69,6 +76,53 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True, 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+#: Characters a name may hold that a terminal or a page must not act on: C0 and C1
+#: controls (escape sequences, carriage return, newline, tab), the line and paragraph
+#: separators, and the bidirectional controls (U+202A-U+202E, U+2066-U+2069,
+#: U+200E/U+200F) that make a name display reversed.
+UNSAFE_CHARS = frozenset([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+                          *range(0x2066, 0x206A), 0x200E, 0x200F])
+_SHOWN = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in UNSAFE_CHARS}
+_SHOWN_LINES = {c: v for c, v in _SHOWN.items() if c != 0x0A}
+
+
+def shown(name, keep_newlines: bool = False) -> str:
+    """``name`` as text safe to print on a terminal or show on a page: every
+    character of :data:`UNSAFE_CHARS` written as a visible escape (``\\x1b``,
+    ``\\x0a`` for a newline, ``\\u202e``); a backslash stays as it is. With
+    ``keep_newlines``, newlines are kept (for a message of several lines)."""
+    return str(name).translate(_SHOWN_LINES if keep_newlines else _SHOWN)
+
+
+def shown_html(name) -> str:
+    """``name`` as text of an HTML page: :func:`shown`, then HTML-escaped (quotes
+    too, so it also fits an attribute a person reads, such as ``title``)."""
+    return html.escape(shown(name), quote=True)
+
+
+#: The first characters that make a spreadsheet read a cell as a formula (OWASP's
+#: CSV injection list).
+SHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+_QUOTED = (*SHEET_TRIGGERS, "'")
+
+
+def sheet_cell(text: str) -> str:
+    """A text cell of a CSV meant for spreadsheets: prefixed with a single quote
+    when it begins with one of :data:`SHEET_TRIGGERS` (``=SUM(A1)`` becomes
+    ``'=SUM(A1)``), so that no spreadsheet runs it. A text that already begins with
+    a quote followed by one of them (or by another quote) gets one more quote, so
+    that :func:`unsheet_cell` gives back every text exactly; ``'t Hooft`` stays."""
+    if text.startswith(SHEET_TRIGGERS) or (text.startswith("'") and text[1:].startswith(_QUOTED)):
+        return "'" + text
+    return text
+
+
+def unsheet_cell(text: str) -> str:
+    """The exact text of a cell written by :func:`sheet_cell` (the one quote it
+    added removed); a text it leaves as it is comes back as it is."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_QUOTED) else text
 
 
 def temp_target(name: str) -> str | None:
@@ -166,13 +220,22 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", dis
                 file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
 
 
+def say(line: str, err: bool = False) -> None:
+    """Print one line that may hold names taken from the input (folder and file
+    names, identities): its control and bidirectional characters are shown escaped
+    (:func:`shown`), so a name cannot move the cursor, recolour the terminal or
+    split the line."""
+    click.echo(shown(line), err=err)
+
+
 def emit_summary(title: str, summary: Mapping, as_json: bool) -> None:
-    """Print a run summary: one JSON object on stdout with ``--json``, else a short
-    human table on stdout."""
+    """Print a run summary: one JSON object on stdout with ``--json`` (JSON escapes
+    control characters itself), else a short human table on stdout, each line
+    through :func:`say`."""
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True, default=str))
         return
-    click.echo(title)
+    say(title)
     _echo_mapping(summary, indent=2)
 
 
@@ -180,7 +243,7 @@ def _echo_mapping(m: Mapping, indent: int) -> None:
     pad = " " * indent
     for k, v in m.items():
         if isinstance(v, Mapping):
-            click.echo(f"{pad}{k}:")
+            say(f"{pad}{k}:")
             _echo_mapping(v, indent + 2)
         else:
-            click.echo(f"{pad}{k}: {v}")
+            say(f"{pad}{k}: {v}")

@@ -8,13 +8,12 @@ embedded as ``data:`` URIs. No timestamps: the same OUT gives the same bytes.
 
 from __future__ import annotations
 
-import html
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
 from facecurate import constants as C
-from facecurate.files import format_float, write_text_atomic
+from facecurate.files import format_float, shown_html, write_text_atomic
 from facecurate.manifests import AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, Row, NAN, finite_or
 from facecurate.workspace import ManifestError, Workspace
 from facecurate.review import image_data_uri
@@ -24,12 +23,13 @@ NEUTRAL = "#546e7a"
 
 
 # ----------------------------------------------------------------------------- reading
-def _read(ws: Workspace, name: str, row_type: type[Row]) -> tuple[list, str | None]:
-    """Typed rows of a CSV of OUT, or ([], note) when it is missing or unreadable."""
+def _read(ws: Workspace, name: str, row_type: type[Row], sheet: Sequence[str] = ()) -> tuple[list, str | None]:
+    """Typed rows of a CSV of OUT, or ([], note) when it is missing or unreadable
+    (``sheet``: see Workspace.read_table)."""
     if not ws.has(name):
         return [], f"{name} not found"
     try:
-        return ws.read_table(name, row_type)[1], None
+        return ws.read_table(name, row_type, sheet=sheet)[1], None
     except (OSError, ManifestError) as e:
         return [], f"{name} unreadable: {e}"
 
@@ -71,7 +71,7 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
     ws = Workspace(out)
     align, align_note = _read(ws, C.ALIGN_MANIFEST, AlignRow)
     clean, clean_note = _read(ws, C.CLEAN_CSV, CleanRow)
-    idents, _ = _read(ws, C.IDENTITIES_CSV, IdentityRow)
+    idents, _ = _read(ws, C.IDENTITIES_CSV, IdentityRow, C.SHEET_COLUMNS)
     merges, _ = _read(ws, C.MERGES_CSV, MergeRow)
     if align_note and clean_note:
         raise FileNotFoundError(f"{out}: neither {C.ALIGN_MANIFEST} nor {C.CLEAN_CSV} found: nothing to report")
@@ -79,7 +79,7 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
     # align
     status = Counter(r.status or "?" for r in align)
     d["align"] = dict(
-        files=len({r.source for r in align}), rows=len(align),
+        files=len({r.source for r in align}), rows=len(align), faces=sum(1 for r in align if r.has_face),
         identities=len({r.identity for r in align if r.identity}),
         without_identity=len({r.source for r in align if not r.identity}),
         crops=sum(1 for r in align if r.aligned),
@@ -127,7 +127,9 @@ def _merge_key(r: MergeRow) -> tuple:
 
 def noisiest(clean: Sequence[CleanRow], idents: Sequence[IdentityRow], top: int) -> list[dict]:
     """The ``top`` identities with the largest share of faces not kept (dropped or in
-    review), with their faces; ties by identities.csv's ``noise`` estimate."""
+    review), with their faces; ties by identities.csv's ``noise`` estimate. An
+    identity with every face kept (nothing dropped, nothing to review) is not noisy
+    and is left out."""
     faces: dict[str, list[CleanRow]] = defaultdict(list)
     for r in clean:
         faces[r.identity].append(r)
@@ -148,13 +150,15 @@ def noisiest(clean: Sequence[CleanRow], idents: Sequence[IdentityRow], top: int)
                          noise=noise, flags=i.flags.replace(";", " "), faces_rows=fs))
         r = rows[-1]
         r["not_kept"] = (r["faces"] - r["kept"]) / r["faces"] if r["faces"] else 0.0
+    rows = [r for r in rows if r["dropped"] or r["review"]]
     rows.sort(key=lambda r: (-r["not_kept"], -r["noise"], -r["dropped"], r["identity"]))
     return rows[:max(0, top)]
 
 
 # ----------------------------------------------------------------------------- SVG
-def _e(s) -> str:
-    return html.escape(str(s), quote=True)
+#: Every text of the page is for a person: HTML-escaped, control and bidirectional
+#: characters shown as escapes (files.shown), so no name displays reversed.
+_e = shown_html
 
 
 def _n(v: float) -> str:
@@ -304,15 +308,16 @@ def render_report(out: Path, d: dict) -> str:
     funnel = []
     if a:
         funnel.append(("align: files", a["files"], NEUTRAL))
-        funnel.append(("align: face rows", a["rows"], NEUTRAL))
+        funnel.append(("align: faces found", a["faces"], NEUTRAL))
         funnel.append(("align: crops", a["crops"], NEUTRAL))
+        funnel.append(("align.csv: rows", a["rows"], NEUTRAL))
     if emb.get("count") is not None:
         funnel.append(("embed: vectors", emb["count"], NEUTRAL))
     if cl:
         funnel.append(("clean: faces", cl["faces"], NEUTRAL))
         for k in (C.DECISION_KEEP, C.DECISION_REVIEW, C.DECISION_DROP):
             funnel.append((f"clean: {k}", cl["decisions"][k], COLORS[k]))
-    stage_html = [f'<div><h3>Per stage</h3>{svg_hbars(funnel)}</div>']
+    stage_html = [f'<div><h3>Per stage</h3>{svg_hbars(funnel)}{_FUNNEL_NOTE if a else ""}</div>']
     if a:
         st = [(s, n, COLORS[C.DECISION_KEEP] if s == C.STATUS_OK else COLORS[C.DECISION_DROP])
               for s, n in a["status"].items()]
@@ -378,6 +383,11 @@ def write_report(out_dir: str | Path, *, top: int = 25, output: str | Path | Non
         merge_candidates=len(d["merges"]), notes=d["notes"],
     )
 
+
+#: What the align bars count (align's own summary says "faces" for the first).
+_FUNNEL_NOTE = ('<p class="sub">faces found: faces the detector found (align\'s "faces"); crops: faces '
+                'cropped (status ok); align.csv rows: one per face found plus one per file without a face '
+                'or crop (no face, unreadable, ...)</p>')
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1400px;padding:10px 18px;color:#222;background:#fafafa}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from facecurate import constants as C
-from facecurate.files import format_float, write_text_atomic
+from facecurate.files import UNSAFE_CHARS, format_float, shown, shown_html, unsheet_cell, write_text_atomic
 from facecurate.manifests import CleanRow, ReviewRow
 from facecurate.workspace import Workspace
 
@@ -244,8 +244,20 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
     )
 
 
+#: Characters an attribute holds as character references: a carriage return (HTML
+#: turns a raw one into a newline) and the separators and bidirectional controls
+#: (so that the page's source shows none raw either).
+_ATTR_REFS = {c: f"&#x{c:x};" for c in (0x0D, *(c for c in UNSAFE_CHARS if c > 0xFF))}
+
+
 def _esc(s) -> str:
-    return html.escape(str(s), quote=True)
+    """``s`` for an attribute the page's script reads back exactly."""
+    return html.escape(str(s), quote=True).translate(_ATTR_REFS)
+
+
+#: ``s`` as text a person reads: escaped for HTML, and control and bidirectional
+#: characters shown as escapes, so no name displays reversed or split.
+_show = shown_html
 
 
 def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int | None = None,
@@ -257,20 +269,20 @@ def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int 
     title = f"{r.source} face {'' if r.face is None else r.face}"
     if uri is None:
         missing.append(aligned)
-        img = f'<div class="noimg" title="{_esc(aligned)}">missing crop</div>'
+        img = f'<div class="noimg" title="{_show(aligned)}">missing crop</div>'
     else:
-        img = f'<img alt="{_esc(aligned)}" data-src="{uri}" width="112" height="112">'
+        img = f'<img alt="{_show(aligned)}" data-src="{uri}" width="112" height="112">'
     c = _cluster(r)
-    clus = f' <span class="cl" title="cluster within the identity">c{c}</span>' if 0 < c < (1 << 30) else ""
+    clus = (f' <span class="cl" title="{CLUSTER_HELP}">cluster {c}</span>' if 0 < c < (1 << 30) else "")
     link = ""
     if raw is not None and r.source:
         link = (f' <a class="src" href="{_esc((raw / r.source).as_uri())}" target="_blank" rel="noopener" '
                 f'tabindex="-1" title="open the source photo">photo</a>')
     if kind == "ref":
-        return (f'<figure class="ref" title="{_esc(title)}">{img}'
+        return (f'<figure class="ref" title="{_show(title)}">{img}'
                 f'<figcaption>{score_txt}</figcaption></figure>')
     return (f'<figure class="card" tabindex="0" data-i="{index}" data-aligned="{_esc(aligned)}" '
-            f'data-identity="{_esc(r.identity)}" title="{_esc(title)}">{img}'
+            f'data-identity="{_esc(r.identity)}" title="{_show(title)}">{img}'
             f'<figcaption><span class="score">{score_txt}</span> '
             f'<span class="reason">{_esc(r.reason)}</span>{clus}{link}</figcaption>'
             f'<div class="btns"><button type="button" class="keep" data-d="keep">keep</button>'
@@ -291,7 +303,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
     nav = []
     for si, s in enumerate(sections):
         sid = f"s{si}"
-        nav.append(f'<a href="#{sid}">{_esc(s.identity)} <b>{len(s.review)}</b></a>')
+        nav.append(f'<a href="#{sid}">{_show(s.identity)} <b>{len(s.review)}</b></a>')
         refs = "".join(_card(out_dir, r, "ref", missing, records=records) for r in s.references) or \
             '<p class="none">no kept faces yet</p>'
         cards = []
@@ -300,7 +312,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
             idx += 1
         parts.append(
             f'<section id="{sid}" data-identity="{_esc(s.identity)}">'
-            f'<h2>{_esc(s.identity)} <small>{len(s.review)} to review &middot; {s.kept} kept &middot; '
+            f'<h2>{_show(s.identity)} <small>{len(s.review)} to review &middot; {s.kept} kept &middot; '
             f'{s.dropped} dropped</small>'
             f'<span class="bulk"><button type="button" data-all="keep">keep all</button>'
             f'<button type="button" data-all="drop">drop all</button>'
@@ -321,6 +333,11 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
     return _PAGE.format(css=_CSS, js=_JS if parts else "", meta=meta, total=total, identities=len(sections),
                         nav="".join(nav), body=body, controls=controls)
 
+
+#: What a card's "cluster N" means (its tooltip and the page's help line).
+CLUSTER_HELP = ("clean groups an identity's faces by similarity (Chinese whispers); cluster 0, the largest, "
+                "is the identity itself and is not marked; cluster 1, 2, ... are smaller groups: "
+                "often another person")
 
 _CSS = """
 *{box-sizing:border-box}
@@ -391,12 +408,15 @@ function decide(card, d, toggle){
   if (d) state[a] = d; else delete state[a];
   show(card); count(); save();
 }
-function csvCell(s){ s = String(s); return /[",\r\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
+/* every field quoted; a name that a spreadsheet would run as a formula gets a leading
+   quote, as in review.csv (facecurate.files.sheet_cell); review apply takes it off */
+function sheetCell(s){ s = String(s); return /^[=+\-@\t\r]/.test(s) || /^'[=+\-@\t\r']/.test(s) ? "'" + s : s; }
+function csvCell(s){ return '"' + String(s).replace(/"/g, '""') + '"'; }
 function decisionsCSV(){
   var lines = ['aligned,identity,decision'];
   cards.forEach(function(c){
     var d = state[c.dataset.aligned];
-    if (d) lines.push([c.dataset.aligned, c.dataset.identity, d].map(csvCell).join(','));
+    if (d) lines.push([sheetCell(c.dataset.aligned), sheetCell(c.dataset.identity), d].map(csvCell).join(','));
   });
   return lines.join('\n') + '\n';
 }
@@ -456,7 +476,8 @@ _CONTROLS = """<span id="progress"></span>
 <label><input type="checkbox" id="hide"> hide decided</label>
 {pager}
 <span class="help">click keep/drop (again to undo) &middot; keyboard on a focused card: k keep, d drop,
-x clear, &larr;/&rarr; move &middot; then <code>facecurate review apply OUT {download}</code></span>"""
+x clear, &larr;/&rarr; move &middot; "cluster N" on a card: a smaller group of similar faces than the
+identity's own (often another person) &middot; then <code>facecurate review apply OUT {download}</code></span>"""
 
 #: The page when clean left no face to review: a centred notice, no export.
 _EMPTY = ('<section class="empty"><h2>Nothing to review</h2>'
@@ -499,31 +520,54 @@ class Problem:
         where = f"line {self.line}" if self.line else "file"
         if self.file:
             where = f"{self.file} {where}"
-        return f"{where}: {self.aligned or '-'}: {self.message}" if self.aligned else f"{where}: {self.message}"
+        a = shown(self.aligned)
+        return f"{where}: {a}: {self.message}" if a else f"{where}: {self.message}"
 
 
-def read_decisions(path: str | Path) -> list[tuple[int, dict]]:
+def read_decisions(path: str | Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """Rows of a decisions CSV (the page's export or a filled-in review.csv) with
-    their line numbers. Needs columns ``aligned`` and ``decision``; ``identity``
-    is checked when present."""
+    the line each starts on, and the lines that are not valid CSV (a quote opened
+    and never closed, a quote in the middle of an unquoted cell, more cells than
+    the header) with why. Read with the csv module over the file, so a cell may
+    hold newlines, U+2028, tabs, quotes and commas; names are taken exactly (never
+    stripped; a spreadsheet-safety quote, files.sheet_cell, is taken off). Needs
+    columns ``aligned`` and ``decision``; ``identity`` is checked when present."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    rows: list[tuple[int, dict]] = []
+    bad: list[tuple[int, str]] = []
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            header = next(reader, None) or []
+            cols = [c.strip().lower() for c in header]
+            if "aligned" not in cols or "decision" not in cols:
+                raise ValueError(f"{path}: needs a header with columns 'aligned' and 'decision' "
+                                 f"(found: {', '.join(header) or 'nothing'})")
+            while True:
+                start = reader.line_num + 1
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    bad.append((start, f"not a valid CSV row ({e}): an unclosed or stray quote?"))
+                    continue
+                if not cells:
+                    continue
+                if len(cells) > len(cols):
+                    bad.append((start, f"{len(cells)} cells, the header has {len(cols)} (an unquoted comma?)"))
+                    continue
+                e = dict(zip(cols, cells))
+                for k in ("aligned", "identity"):
+                    if k in e:
+                        e[k] = unsheet_cell(e[k])
+                e["decision"] = e.get("decision", "").strip()
+                rows.append((start, e))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    reader = csv.DictReader(text.splitlines())
-    cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-    if "aligned" not in cols or "decision" not in cols:
-        raise ValueError(f"{path}: needs a header with columns 'aligned' and 'decision' "
-                         f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
-    reader.fieldnames = cols
-    out = []
-    for r in reader:
-        line = reader.line_num
-        out.append((line, {k: (v or "").strip() for k, v in r.items() if k is not None}))
-    return out
+    return rows, bad
 
 
 def apply_decisions(out_dir: str | Path, decisions_csv: str | Path | Sequence[str | Path], *,
@@ -543,10 +587,12 @@ def apply_decisions(out_dir: str | Path, decisions_csv: str | Path | Sequence[st
     index = {r.aligned: i for i, r in enumerate(rows) if r.aligned}
     files = [decisions_csv] if isinstance(decisions_csv, (str, Path)) else list(decisions_csv)
     entries = []
+    problems: list[Problem] = []
     for f in files:
         tag = Path(f).name if len(files) > 1 else ""
-        entries += [(tag, line, e) for line, e in read_decisions(f)]
-    problems: list[Problem] = []
+        got, bad = read_decisions(f)
+        entries += [(tag, line, e) for line, e in got]
+        problems += [Problem(line, "", why, tag) for line, why in bad]
     chosen: dict[str, tuple[str, str]] = {}
     undecided = 0
     bad: set[str] = set()
@@ -559,19 +605,19 @@ def apply_decisions(out_dir: str | Path, decisions_csv: str | Path | Sequence[st
         if not a:
             problems.append(Problem(line, "", "empty 'aligned'", tag))
             continue
+        i = index.get(a)
+        if i is None:  # reported even when undecided: a name the file mangled must not pass unseen
+            problems.append(Problem(line, a, f"not in {C.CLEAN_CSV} (a crop of another run?)", tag))
+            continue
         if not d:
             undecided += 1
             continue
         if d not in HUMAN_DECISIONS:
             problems.append(Problem(line, a, f"invalid decision {e.get('decision')!r} (use keep or drop)", tag))
             continue
-        i = index.get(a)
-        if i is None:
-            problems.append(Problem(line, a, f"not in {C.CLEAN_CSV} (a crop of another run?)", tag))
-            continue
         ident = e.get("identity", "")
         if ident and ident != rows[i].identity:
-            problems.append(Problem(line, a, f"identity {ident!r} does not match {rows[i].identity!r} "
+            problems.append(Problem(line, a, f"identity '{shown(ident)}' does not match '{shown(rows[i].identity)}' "
                                              f"in {C.CLEAN_CSV}", tag))
             continue
         if a in chosen and chosen[a][1] != d:

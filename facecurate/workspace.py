@@ -23,6 +23,8 @@ from facecurate import constants as C
 from facecurate.files import (atomic_write, csv_cell, remove_stale_temps, temp_beside, write_bytes_atomic,
                               write_text_atomic)
 from facecurate.provenance import warn_if_other
+from facecurate.files import (atomic_write, csv_cell, remove_stale_temps, sheet_cell, temp_beside, unsheet_cell,
+                              write_bytes_atomic, write_text_atomic)
 from facecurate.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
                                   RowError, clean_columns)
 
@@ -133,10 +135,13 @@ class Workspace:
             raise MissingFile(f"{p} not found: run `{how}` first" if how else f"{p} not found")
         return p
 
-    def read_table(self, name: str, row_type: type[Row], need: Sequence[str] = ()) -> tuple[list[str], list]:
+    def read_table(self, name: str, row_type: type[Row], need: Sequence[str] = (),
+                   sheet: Sequence[str] = ()) -> tuple[list[str], list]:
         """(header, typed rows) of CSV file ``name``; MissingFile when it is not there,
-        ManifestError when it lacks a column of ``need`` or a cell cannot be parsed."""
-        header, rows = self.stream_table(name, row_type, need)
+        ManifestError when it lacks a column of ``need`` or a cell cannot be parsed.
+        The cells of columns ``sheet`` are read back as :meth:`write_table` took them
+        (files.unsheet_cell)."""
+        header, rows = self.stream_table(name, row_type, need, sheet)
         was = gc.isenabled()
         gc.disable()  # rows hold no cycles: a collection every 700 rows would only rescan them
         try:
@@ -145,7 +150,7 @@ class Workspace:
             if was:
                 gc.enable()
 
-    def stream_table(self, name: str, row_type: type[Row], need: Sequence[str] = ()
+    def stream_table(self, name: str, row_type: type[Row], need: Sequence[str] = (), sheet: Sequence[str] = ()
                      ) -> tuple[list[str], Callable[[], Iterator]]:
         """(header, a function that streams the typed rows of CSV file ``name``; each
         call reads the file again from the start): the errors of :meth:`read_table`,
@@ -159,6 +164,7 @@ class Workspace:
             raise ManifestError(f"{p} lacks column(s) {', '.join(lack)}: not a facecurate {name}")
         parse = row_type.reader(header)
         width = len(header)
+        unsheet = [i for i, c in enumerate(header) if c in sheet]
 
         def rows() -> Iterator:
             with self._csv(p) as reader:
@@ -168,6 +174,8 @@ class Workspace:
                         if len(cells) < width:  # every writer writes every cell: a cut-off file
                             raise ManifestError(f"{p} line {reader.line_num}: {len(cells)} cells, {width} columns "
                                                 f"(truncated or corrupt file)")
+                        for i in unsheet:
+                            cells[i] = unsheet_cell(cells[i])
                         try:
                             yield parse(cells)
                         except RowError as e:
@@ -213,19 +221,28 @@ class Workspace:
         except (UnicodeDecodeError, csv.Error) as e:
             raise ManifestError(f"{p}: not a readable CSV file ({e})") from None
 
-    def write_table(self, name: str, columns: Sequence[str], rows: Iterable[Row | Sequence]) -> Path:
+    def write_table(self, name: str, columns: Sequence[str], rows: Iterable[Row | Sequence],
+                    sheet: Sequence[str] = ()) -> Path:
         """Write CSV file ``name`` atomically, streaming: typed rows (in ``columns``) or
-        rows of values in ``columns`` order (floats with four decimals, None empty)."""
+        rows of values in ``columns`` order (floats with four decimals, None empty).
+        The cells of columns ``sheet`` are made safe for spreadsheets (files.sheet_cell)."""
         cols = tuple(columns)
         writers: dict = {}
+        to_sheet = [i for i, c in enumerate(cols) if c in sheet]
 
         def cells(r):
             if isinstance(r, Row):
                 w = writers.get(type(r))
                 if w is None:
                     w = writers[type(r)] = type(r).writer(cols)
-                return w(r)
-            return [csv_cell(v) for v in r]
+                out = w(r)
+            else:
+                out = [csv_cell(v) for v in r]
+            if to_sheet:
+                out = list(out)
+                for i in to_sheet:
+                    out[i] = sheet_cell(out[i])
+            return out
         p = self.out / name
         with atomic_write(p, "w", encoding="utf-8", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
@@ -381,10 +398,11 @@ class Workspace:
         return self.write_table(C.CLEAN_CSV, columns, rows)
 
     def identities(self) -> list[IdentityRow]:
-        return self.read_table(C.IDENTITIES_CSV, IdentityRow, ("identity",))[1]
+        """identities.csv's rows, names exact (the file is written for spreadsheets)."""
+        return self.read_table(C.IDENTITIES_CSV, IdentityRow, ("identity",), C.SHEET_COLUMNS)[1]
 
     def write_identities(self, rows: Iterable[IdentityRow]) -> Path:
-        return self.write_table(C.IDENTITIES_CSV, C.IDENTITY_COLUMNS, rows)
+        return self.write_table(C.IDENTITIES_CSV, C.IDENTITY_COLUMNS, rows, C.SHEET_COLUMNS)
 
     def write_merges(self, rows: Iterable[MergeRow]) -> Path:
         return self.write_table(C.MERGES_CSV, C.MERGE_COLUMNS, rows)
@@ -398,7 +416,7 @@ class Workspace:
 
     # ------------------------------------------------------------------ review
     def write_review_table(self, rows: Iterable[ReviewRow], name: str = C.REVIEW_CSV) -> Path:
-        return self.write_table(name, C.REVIEW_COLUMNS, rows)
+        return self.write_table(name, C.REVIEW_COLUMNS, rows, C.SHEET_COLUMNS)
 
 
 __all__ = ["Workspace", "Store", "StoreWriter", "MissingFile", "ManifestError", "MAKERS"]

@@ -259,3 +259,42 @@ def test_review_page_without_review_faces_shows_a_proper_empty_state(pipeline, t
     assert '<section class="empty"><h2>Nothing to review</h2>' in html
     assert "section.empty{" in html and "margin:48px auto" in html  # a centred block, not flush left
     assert 'id="export"' not in html  # nothing to export
+
+
+def _quickstart(tmp_path: Path, args: list, data: Path | None) -> subprocess.CompletedProcess:
+    """examples/quickstart.sh run from a copy of the checkout outside this workspace
+    (no shared/data beside it), with `facecurate` on PATH replaced by a recorder of
+    its arguments: what is under test is the script's choice of RAW, not the stages."""
+    repo = Path(__file__).resolve().parent.parent
+    checkout = tmp_path / "elsewhere" / "facecurate"
+    (checkout / "examples").mkdir(parents=True, exist_ok=True)
+    shutil.copy(repo / "examples" / "quickstart.sh", checkout / "examples")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    rec = bin_dir / "facecurate"
+    rec.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls.txt"}\n')
+    rec.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "FACECURATE_DATA"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    if data is not None:
+        env["FACECURATE_DATA"] = str(data)
+    return subprocess.run(["bash", "examples/quickstart.sh", *args], cwd=checkout, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_quickstart_without_the_shared_photos_says_where_they_come_from(tmp_path, photos_dir):
+    p = _quickstart(tmp_path, [], None)
+    assert p.returncode == 2 and not (tmp_path / "calls.txt").exists()
+    assert "no photo folder at" in p.stderr and "not part of the repository" in p.stderr
+    assert "RAW/<identity>/*.jpg" in p.stderr and "FACECURATE_DATA" in p.stderr
+    p = _quickstart(tmp_path, [str(tmp_path / "nowhere"), "out"], None)
+    assert p.returncode == 2 and f"no photo folder at {tmp_path / 'nowhere'}" in p.stderr
+    # without RAW, FACECURATE_DATA/photos is used; with RAW, RAW is
+    p = _quickstart(tmp_path, [], photos_dir.parent)
+    assert p.returncode == 0, p.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls[0] == f"align {photos_dir.parent}/photos out" and len(calls) == 7
+    (tmp_path / "calls.txt").unlink()
+    p = _quickstart(tmp_path, [str(photos_dir / "id00"), "o2"], tmp_path / "nowhere")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "calls.txt").read_text().splitlines()[0] == f"align {photos_dir / 'id00'} o2"

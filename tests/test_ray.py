@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +224,70 @@ def test_an_address_where_no_cluster_answers_fails_at_once(photos_dir, tmp_path)
         assert p.stderr.strip() == (f"Error: cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers "
                                     "there (Connection refused); start it first (ray start --head) or fix "
                                     "--ray-address / RAY_ADDRESS"), p.stderr
+
+
+def test_a_worker_setup_error_is_named_in_one_line(cluster, tmp_path):
+    """A worker whose setup raises (here the stage's factory: int('x')) fails the
+    shard with that error's own line, not a Ray traceback nor only "no Ray worker
+    left"."""
+    from facecurate.runner import WorkerSpec, plan_shards
+
+    spec = WorkerSpec(int, ("x",), str(tmp_path))
+    t0 = time.monotonic()
+    out = list(RayEngine(max_retries=0).run(spec, plan_shards(["a"], str, 1)))
+    assert time.monotonic() - t0 < 120
+    assert len(out) == 1 and out[0].record is None and "\n" not in out[0].error
+    assert "worker setup failed: ValueError: invalid literal for int() with base 10: 'x'" in out[0].error
+
+
+def _align_on_a_new_ray(photos_dir, tmp_path, cwd: Path, stale_cluster_file: bool):
+    """`facecurate align --engine ray` in a fresh process that starts its own Ray, in
+    a private Ray temp folder (short: Ray's socket paths), from ``cwd``."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    raw = tmp_path / "raw" / "someone"
+    raw.mkdir(parents=True)
+    for name in ("img10.jpg", "img11.jpg"):
+        (raw / name).write_bytes((photos_dir / "id00" / name).read_bytes())
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fcray", dir="/tmp"))
+    try:
+        if stale_cluster_file:  # what a cluster that is gone leaves behind
+            (ray_tmp / "ray").mkdir()
+            (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6999\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = str(ray_tmp)
+        cli = Path(sys.executable).parent / "facecurate"  # the console script, as a user runs it
+        return subprocess.run([str(cli), "align", str(raw.parent), str(tmp_path / "out"), "--engine", "ray",
+                               "--json"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_stale_cluster_file_still_starts_a_new_local_instance(photos_dir, tmp_path):
+    """No address and no Ray running, but Ray's temp folder names an old cluster: the
+    run starts its own instance (it used to fail: "When connecting to an existing
+    cluster, object_store_memory must not be provided"). Needs no cluster."""
+    import json
+
+    p = _align_on_a_new_ray(photos_dir, tmp_path, tmp_path, stale_cluster_file=True)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["engine"]["name"] == "ray" and s["crops"] == 2
+
+
+def test_ray_workers_import_facecurate_from_any_working_folder(photos_dir, tmp_path):
+    """Run from the folder that holds a checkout named `facecurate`: Ray puts the
+    driver's working folder on the workers' path, where that folder used to shadow
+    the package ("cannot import name '__version__' from 'facecurate'")."""
+    import json
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "facecurate").symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+    assert not (home / "facecurate" / "__init__.py").exists()  # a namespace package there
+    p = _align_on_a_new_ray(photos_dir, tmp_path, home, stale_cluster_file=False)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["crops"] == 2

@@ -18,7 +18,9 @@ from facecurate.manifests import CleanRow
 from facecurate.files import read_csv, write_csv_atomic
 from facecurate.report import histogram, noisiest, svg_histograms, write_report
 from facecurate.review import apply_decisions
-from test_review import align_subset, write_clean_by_hand
+from facecurate.manifests import IdentityRow
+from facecurate.workspace import Workspace
+from test_review import _rename_identity, align_subset, write_clean_by_hand
 
 IDS = ("id00", "id02", "id05")
 
@@ -123,7 +125,7 @@ def test_noisiest_falls_back_to_clean_counts_and_histogram_svg_is_well_formed():
              dict(identity="a", decision="drop", score="0.1", aligned="", source="2"),
              dict(identity="b", decision="keep", score="0.8", aligned="", source="3")]
     rows = noisiest([CleanRow.from_csv(r) for r in clean], [], 5)
-    assert [(r["identity"], r["noise"]) for r in rows] == [("a", 0.5), ("b", 0.0)]
+    assert [(r["identity"], r["noise"]) for r in rows] == [("a", 0.5)]  # b: every face kept, not noisy
     import xml.etree.ElementTree as ET
 
     svg = svg_histograms({"keep": [0.9, 0.8], "drop": [0.1]}, {"keep": 0.7, "drop": 0.3})
@@ -151,3 +153,33 @@ def test_review_and_report_on_a_real_clean_run(aligned, tmp_path):
     page = (out / C.REPORT_HTML).read_text()
     thr = json.loads((out / "clean.json").read_text())["summary"]["thresholds"]
     assert f"keep {thr['keep']:.3f}" in page and f"drop {thr['drop']:.3f}" in page
+
+
+HOSTILE = "=cmd|' -C calc'!A0\u202egnp.exe\x1b[2J"
+
+
+def test_report_names_align_counts_and_shows_hostile_names_escaped(run_dir):
+    """align's two counts are labelled apart; a name with a formula start, a
+    right-to-left override and a terminal escape is shown escaped, and
+    identities.csv (written spreadsheet-safe) is read back exactly."""
+    _rename_identity(run_dir, "id02", HOSTILE)
+    Workspace(run_dir).write_identities([IdentityRow(identity=HOSTILE, flags="ambiguous"),
+                                         IdentityRow(identity="id00"), IdentityRow(identity="id05")])
+    raw = (run_dir / C.IDENTITIES_CSV).read_text(encoding="utf-8")
+    assert "\n'=cmd|" in raw and "\n=cmd" not in raw  # no cell a spreadsheet would run
+    assert Workspace(run_dir).identities()[0].identity == HOSTILE  # read back exactly
+    s = write_report(run_dir)
+    assert s["noisiest"][0] == HOSTILE
+    page = (run_dir / C.REPORT_HTML).read_text(encoding="utf-8")
+    assert "\u202e" not in page and "\x1b" not in page
+    assert "=cmd|&#x27; -C calc&#x27;!A0\\u202egnp.exe\\x1b[2J" in page
+    row = page[page.index('<table class="noisy">'):]
+    row = row[row.index("<tr><td>=cmd"):]
+    assert "<td>ambiguous</td>" in row[:row.index("</tr>")]  # its identities.csv row was matched
+    align = read_csv(run_dir / C.ALIGN_MANIFEST)
+    faces = len(align)
+    align.append(dict(align[0], source="id00/blank.jpg", face="", status=C.STATUS_NO_FACE, aligned=""))
+    write_csv_atomic(run_dir / C.ALIGN_MANIFEST, C.ALIGN_COLUMNS, align)  # a file without a face: one more row
+    page = (Path(write_report(run_dir)["html"])).read_text(encoding="utf-8")
+    assert f"<title>align: faces found: {faces}</title>" in page
+    assert f"<title>align.csv: rows: {len(align)}</title>" in page and "face rows" not in page

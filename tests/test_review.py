@@ -303,6 +303,81 @@ def test_apply_refuses_a_file_without_the_needed_columns(run_dir):
     assert (run_dir / C.CLEAN_CSV).read_bytes() == pristine
 
 
+#: One identity name per folder of the run, each holding what a CSV or an HTML page
+#: could lose: CR LF, quotes and a comma; U+2028 and a tab; edge spaces; a formula
+#: start with a right-to-left override.
+WEIRD = ('new\r\nline, "quoted"', "sep\u2028arator\ttab", " lead and trail ", '=HYPERLINK("x")\u202eevil')
+
+
+@pytest.fixture
+def weird_run(run_dir) -> Path:
+    for old, new in zip(IDENTITIES, WEIRD):
+        _rename_identity(run_dir, old, new)
+    return run_dir
+
+
+def test_apply_takes_back_every_name_exactly(weird_run):
+    write_review(weird_run)
+    text = (weird_run / C.REVIEW_CSV).read_text(encoding="utf-8")
+    assert '\n"\'=HYPERLINK(""x"")' in text and '\n"=HYPERLINK' not in text  # no formula for a spreadsheet
+    filled = _fill(weird_run, lambda i, r: ("keep", "drop")[i % 2])  # saved back as a spreadsheet would
+    table = read_csv(weird_run / C.REVIEW_CSV)
+    assert {r["identity"].lstrip("'") for r in table} == set(WEIRD)
+    s = apply_decisions(weird_run, filled)
+    assert s["problems"] == [] and s["accepted"] == s["changed"] == len(table) >= 8
+    after = {r["aligned"]: r for r in read_csv(weird_run / C.CLEAN_CSV)}
+    for i, r in enumerate(table):
+        a = r["aligned"][1:] if r["aligned"].startswith("'") else r["aligned"]
+        assert (after[a]["decision"], after[a]["reason"]) == (("keep", "drop")[i % 2], "manual")
+
+
+def test_apply_names_a_bad_line_and_reports_unknown_undecided_rows(run_dir):
+    rev = _review_rows(run_dir)
+    path = run_dir / "bad.csv"
+    path.write_text(f"aligned,decision\n{rev[0]['aligned']},keep\n"
+                    f"ghost/x_0.jpg,\n"  # line 3: unknown and undecided: still reported
+                    f'"{rev[1]["aligned"]},drop\n{rev[2]["aligned"]},keep\n')  # line 4: a quote never closed
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(path)])
+    assert res.exit_code == 1
+    assert "line 3: ghost/x_0.jpg: not in clean.csv" in res.stderr
+    assert "line 4: not a valid CSV row" in res.stderr
+    after = {r["aligned"]: r["decision"] for r in read_csv(run_dir / C.CLEAN_CSV)}
+    assert [after[r["aligned"]] for r in rev[:3]] == ["keep", "review", "review"]
+
+
+def test_apply_dry_run_says_would_change(run_dir):
+    rev = _review_rows(run_dir)
+    path = run_dir / "d.csv"
+    path.write_text(f"aligned,decision\n{rev[0]['aligned']},keep\n")
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(path), "--dry-run"])
+    assert res.exit_code == 0
+    assert res.stdout.splitlines()[0].startswith("review apply: 1 decision(s) would change (--dry-run")
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(path)])
+    assert res.stdout.splitlines()[0].startswith("review apply: 1 decision(s) changed in ")
+
+
+def test_names_on_the_terminal_are_shown_escaped(run_dir):
+    path = run_dir / "d.csv"
+    path.write_text("aligned,decision\n\x1b]0;owned\x07gh\u202eost/x_0.jpg,keep\n", encoding="utf-8")
+    res = CliRunner().invoke(review_cli, ["apply", str(run_dir), str(path)])
+    assert res.exit_code == 1
+    assert "\x1b" not in res.stderr and "\x07" not in res.stderr and "\u202e" not in res.stderr
+    assert "line 2: \\x1b]0;owned\\x07gh\\u202eost/x_0.jpg: not in clean.csv" in res.stderr
+
+
+def test_review_page_shows_names_escaped_and_keeps_them_exact_for_export(weird_run):
+    rows = read_csv(weird_run / C.CLEAN_CSV)
+    next(r for r in rows if r["decision"] == "review")["cluster"] = 2  # a face of a smaller group
+    write_csv_atomic(weird_run / C.CLEAN_CSV, C.CLEAN_COLUMNS, rows)
+    write_review(weird_run)
+    page = (weird_run / C.REVIEW_HTML).read_text(encoding="utf-8")
+    assert page.count(">cluster 2</span>") == 1 and 'title="clean groups an identity' in page
+    assert "\u202e" not in page and "\u2028" not in page and "\r" not in page
+    assert "<h2>=HYPERLINK(&quot;x&quot;)\\u202eevil <small>" in page  # shown, not obeyed
+    assert 'data-identity="new&#xd;\nline, &quot;quoted&quot;"' in page  # exact for the export
+    assert ">cluster 0<" not in page and ">c2<" not in page
+
+
 # ----------------------------------------------------------------------------- browser
 def _chromium():
     """(chromium, chromedriver) or skip/fail: CI must run the browser test."""
@@ -461,3 +536,36 @@ def test_review_page_in_headless_chromium(browser, run_dir, tmp_path):
     for a, d in expected.items():
         assert (after[a]["decision"], after[a]["reason"], after[a]["previous_decision"]) == (d, "manual", "review")
     assert sum(1 for r in after.values() if r["decision"] == "review") == n - len(expected)
+
+
+@pytest.mark.browser
+def test_weird_names_round_trip_through_the_page_in_chromium(browser, weird_run, tmp_path):
+    """review -> the page's export in a real browser -> apply: every name comes back
+    exactly (CR LF, U+2028, tab, quotes, comma, edge spaces, a formula start)."""
+    from selenium.webdriver.common.by import By
+
+    write_review(weird_run)
+    want = [r["aligned"] for r in read_csv(weird_run / C.CLEAN_CSV) if r["decision"] == "review"]
+    browser.get((weird_run / C.REVIEW_HTML).resolve().as_uri())
+    cards = browser.find_elements(By.CSS_SELECTOR, "figure.card")
+    assert sorted(c.get_attribute("data-aligned") for c in cards) == sorted(want)
+    heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "section h2")]
+    assert any(h.startswith('=HYPERLINK("x")\\u202eevil') for h in heads)  # shown escaped, not reversed
+    for i, c in enumerate(cards):
+        b = c.find_element(By.CSS_SELECTOR, "button." + ("keep", "drop")[i % 2])
+        browser.execute_script("arguments[0].click()", b)
+    text = browser.execute_script("return window.facecurateDecisionsCSV()")
+    head, body = text.split("\n", 1)
+    rows = list(csv.reader(io.StringIO(body, newline="")))
+    again = io.StringIO()
+    csv.writer(again, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+    assert head == "aligned,identity,decision" and again.getvalue() == body  # every field quoted
+    assert '"\'=HYPERLINK(""x"")' in text  # the formula start neutralised, as in review.csv
+    path = tmp_path / "review-decisions.csv"
+    path.write_bytes(text.encode("utf-8"))
+    s = apply_decisions(weird_run, path)
+    assert s["problems"] == [] and s["accepted"] == s["changed"] == len(want)
+    after = {r["aligned"]: r for r in read_csv(weird_run / C.CLEAN_CSV)}
+    for i, c in enumerate(cards):
+        a = c.get_attribute("data-aligned")
+        assert (after[a]["decision"], after[a]["reason"]) == (("keep", "drop")[i % 2], "manual")

@@ -35,7 +35,9 @@ def os_error_message(e: OSError) -> str:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A library warning (an OUT made under other library versions) as one line on
     stderr, ``warning: ...``, without Python's file and line."""
-    click.echo(f"warning: {message}", err=True)
+    from facecurate.files import shown
+
+    click.echo(f"warning: {shown(str(message))}", err=True)
 
 
 class _Main(click.Group):
@@ -49,16 +51,20 @@ class _Main(click.Group):
         from facecurate.models.base import ModelError
         from facecurate.procs import LockedError
         from facecurate.workspace import ManifestError
+        from facecurate.files import shown
 
         warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
+        except click.ClickException as e:  # names in a message are shown escaped (files.shown)
+            e.message = shown(e.message, keep_newlines=True)
+            raise
         except BrokenPipeError:
             raise  # click handles a closed stdout itself
         except OSError as e:
-            raise click.ClickException(os_error_message(e)) from None
+            raise click.ClickException(shown(os_error_message(e), keep_newlines=True)) from None
         except (LockedError, ManifestError, ModelError) as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(shown(str(e), keep_newlines=True)) from None
         except KeyboardInterrupt:
             raise Interrupted(INTERRUPTED) from None
 

@@ -8,6 +8,7 @@ import click
 
 from facecurate.cli.engine_options import engine_options
 from facecurate.cli.input_options import input_options
+from facecurate.files import say
 from facecurate.constants import (ALIGN_FACES, ARCFACE_BASE_SIZE, CROP_FORMATS, DETECT_MAX_SIDE, FALLBACK_DETECTORS,
                                   JPEG_QUALITY, MAX_IMAGE_PIXELS)
 from facecurate.models.zoo import DETECTORS, DEVICES
@@ -91,7 +92,7 @@ def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, qua
     except AlignError as e:
         raise click.ClickException(str(e)) from None
     for w in summary["warnings"]:
-        click.echo(f"warning: {w}", err=True)
+        say(f"warning: {w}", err=True)
     emit_summary(f"align: {summary['files']} files, {summary['crops']} crops in {summary['out']}", summary, as_json)
 
 

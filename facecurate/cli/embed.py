@@ -11,7 +11,7 @@ from facecurate.cli.input_options import input_options
 from facecurate.constants import DLIB_FEEDS, EVAL_PICKS, FALLBACK_DETECTORS
 from facecurate.engines import ENGINES
 from facecurate.models.zoo import DETECTORS, DEVICES, RUNTIMES
-from facecurate.files import emit_summary
+from facecurate.files import emit_summary, say
 
 _MODEL_HELP = ("dlib (default, offline: dlib's 128-D ResNet descriptor), arcface (an insightface "
                "recogniser found in --model-dir), or a path to an ArcFace-style .onnx.")
@@ -170,7 +170,7 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
                    f"({s['retry']['detector']}): {s['recovered']} recovered")
     click.echo(f"  failed images {s['failed_images']} ({s['failed_pairs']} pairs counted as errors)")
     for f in s["failures"]:
-        click.echo(f"    {f['image']}: {f['reason']}")
+        say(f"    {f['image']}: {f['reason']}")
     click.echo(f"  work folder   {s['work']}")
     if s["roc"]:
         click.echo(f"  ROC           {s['roc']}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import click
 
 from facecurate.cli.input_options import input_options
+from facecurate.files import say
+
 
 def _fail(msg: str) -> None:
     raise click.ClickException(msg)
@@ -110,7 +112,7 @@ def _explain_failure(e, as_json: bool) -> None:
 
     shown = sorted(e.errors, key=lambda x: x.path.endswith("/"))  # crops first, then identities (stable)
     for err in shown[:_SHOWN_ERRORS]:
-        click.echo(f"  {err.path}: {err.reason}: {err.message}", err=True)
+        say(f"  {err.path}: {err.reason}: {err.message}", err=True)
     if len(e.errors) > _SHOWN_ERRORS:
         where = (e.summary or {}).get("errors_file") or "the list above"
         click.echo(f"  ... and {len(e.errors) - _SHOWN_ERRORS} more ({where})", err=True)
@@ -158,9 +160,9 @@ def inspect(rec, full, sample, verify, as_json):
         msgs, warns = s.pop("error_messages"), s.pop("warnings")
         emit_summary("facecurate inspect", s, False)
         for w in warns:
-            click.echo(f"warning: {w}", err=True)
+            say(f"warning: {w}", err=True)
         for m in msgs:
-            click.echo(f"error: {m}", err=True)
+            say(f"error: {m}", err=True)
     if not res.ok:
         raise SystemExit(1)
 
@@ -201,7 +203,7 @@ def unpack(rec, dest, no_names, as_json):
     emit_summary("facecurate unpack", s, as_json)
     if not as_json:
         for m in res.errors[:20]:
-            click.echo(f"error: {m}", err=True)
+            say(f"error: {m}", err=True)
     if res.errors:
         raise SystemExit(1)
 
@@ -240,7 +242,7 @@ def pack_pairs(pairs, root, dest, strict, as_json):
     emit_summary("facecurate pack-pairs", s, as_json)
     if not as_json:
         for u in res.unresolved[:10]:
-            click.echo(f"unresolved: {u}", err=True)
+            say(f"unresolved: {u}", err=True)
         if len(res.unresolved) > 10:
             click.echo(f"... {len(res.unresolved) - 10} more in {s['unresolved_file']}", err=True)
 

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from facecurate.files import say
+
 _SHEET = "sheet"
 
 
@@ -83,8 +85,8 @@ def sheet(out, references, page_size, as_json):
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if summary["missing_crops"]:
-        click.echo(f"warning: {summary['missing_crops']} crop file(s) missing, shown as placeholders "
-                   f"(e.g. {', '.join(summary['missing_examples'])})", err=True)
+        say(f"warning: {summary['missing_crops']} crop file(s) missing, shown as placeholders "
+            f"(e.g. {', '.join(summary['missing_examples'])})", err=True)
     emit_summary(f"review: {summary['review_faces']} faces to review in {summary['identities']} identities",
                  summary, as_json)
 
@@ -118,12 +120,13 @@ def apply(out, decisions, strict, dry_run, as_json):
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for p in summary["problems"]:
-        click.echo(f"rejected: {p}", err=True)
+        say(f"rejected: {p}", err=True)
     if not as_json:
         summary = dict(summary)
         n = len(summary.pop("problems"))
         summary["problems"] = n
-    emit_summary(f"review apply: {summary['changed']} decision(s) changed in {summary['clean_csv']}",
+    verb = "would change (--dry-run: nothing written)" if dry_run else "changed"
+    emit_summary(f"review apply: {summary['changed']} decision(s) {verb} in {summary['clean_csv']}",
                  summary, as_json)
     if summary["rejected"]:
         if strict:

@@ -27,6 +27,7 @@ travel back to the driver.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from typing import Iterator, Optional
@@ -97,6 +98,21 @@ def _probe(address: str) -> None:
                        "start it first (ray start --head) or fix --ray-address / RAY_ADDRESS") from None
 
 
+def worker_pythonpath() -> str:
+    """PYTHONPATH for the workers: the folder this facecurate package was imported
+    from first, then the driver's own PYTHONPATH. Ray puts the driver's working
+    folder on the workers' path; run from the folder that holds a checkout named
+    ``facecurate``, that folder would be imported as an empty namespace package and
+    every worker would fail. A regular package anywhere on the path wins over a
+    namespace one, so this makes the workers import what the driver imported,
+    wherever the driver runs (nodes see the same paths, as for RAW and OUT)."""
+    import facecurate
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(facecurate.__file__)))
+    rest = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join(p for p in (home, rest) if p)
+
+
 def connect(address: Optional[str]) -> bool:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a Ray instance for this
     run. Returns True when this call started or connected Ray (and should shut it down)."""
@@ -109,15 +125,31 @@ def connect(address: Optional[str]) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _probe(address)
-    kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
+              runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
     try:
         if address:
             ray.init(address=address, **kw)
-        else:
-            ray.init(object_store_memory=LOCAL_OBJECT_STORE, **kw)
+        else:  # "local": a new instance, whatever an old cluster file in Ray's temp folder says
+            ray.init(address="local", object_store_memory=LOCAL_OBJECT_STORE, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise RunError(f"cannot connect to the Ray cluster at {address or 'a new local instance'}: {e}") from None
     return True
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit)): .*$", re.M)
+
+
+def error_line(err) -> str:
+    """The line of a Ray error that says what went wrong in the worker: the last
+    ``SomeError: message`` line of its traceback (e.g. ``ImportError: cannot import
+    name ...``), else its first line; never a traceback."""
+    text = _ANSI.sub("", str(err))
+    found = list(_EXCEPTION_LINE.finditer(text))
+    if found:
+        return found[-1].group(0).strip()
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
 
 
 class RayEngine:
@@ -180,6 +212,7 @@ class _State:
         self.share = -(-len(pending) // max(1, lanes))  # a fair share of the run's shards
         self.tries: dict = {}
         self.deaths = 0
+        self.last_error = ""  # why the last worker died (named when none is left)
         self.started = self.last_progress = time.monotonic()
 
     def new_actor(self, first: bool = False) -> None:
@@ -280,6 +313,7 @@ class _State:
 
     def _actor_died(self, actor, err: str) -> list[Outcome]:
         """Requeue every shard the dead actor held (a try each) and ask for a replacement."""
+        self.last_error = err
         out = []
         for shard in self._forget(actor):
             o = self._retry(shard, err)
@@ -298,7 +332,8 @@ class _State:
             if not self.refs:  # every worker died and no replacement is allowed
                 while self.pending:
                     s = self.pending.popleft()
-                    yield Outcome(s, None, "no Ray worker left", retries=self.tries.get(s.index, 0))
+                    why = f" (the last one: {self.last_error})" if self.last_error else ""
+                    yield Outcome(s, None, "no Ray worker left" + why, retries=self.tries.get(s.index, 0))
                 return
             done, _ = ray.wait(list(self.refs), num_returns=1, timeout=POLL)
             if not done:
@@ -318,7 +353,7 @@ class _State:
             value = ray.get(ref)
         except RayTaskError as e:  # the code raised: retry the shard anywhere
             if kind == "setup":
-                yield from self._actor_died(actor, f"worker setup failed: {e}")
+                yield from self._actor_died(actor, f"worker setup failed: {error_line(e)}")
                 return
             self.held[actor] = max(0, self.held.get(actor, 1) - 1)
             o = self._retry(shard, str(getattr(e, "cause", None) or e).splitlines()[0])
@@ -328,7 +363,7 @@ class _State:
         except (RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as e:
             if kind == "run":
                 self.refs[ref] = (kind, actor, shard)  # so that _actor_died requeues it too
-            yield from self._actor_died(actor, f"worker died: {type(e).__name__}")
+            yield from self._actor_died(actor, f"worker died: {type(e).__name__}: {error_line(e)}")
             return
         if kind == "setup":
             if value.get("error"):
