@@ -136,6 +136,17 @@ IRHEADER_SIZE = 24
 #: float32 holds integers exactly only up to 2**24 (the insightface layout stores keys
 #: as float labels).
 MAX_FLOAT_KEY = 1 << 24
+#: The smallest record an image, header or identity record can be: the 8-byte framing
+#: head and the 24-byte IRHeader. A file of S bytes holds at most S // this many of them,
+#: the bound a count read from a crafted file is checked against before anything is
+#: allocated.
+MIN_IMAGE_RECORD = 8 + IRHEADER_SIZE
+#: Labels (and header / identity-record ranges) must be integers below this (insightface
+#: and arcface_torch hold them as int32).
+LABEL_LIMIT = 1 << 31
+#: A record length above this is checked against the file's size before it is read (a
+#: crafted length would otherwise allocate up to 512 MiB for a few bytes of file).
+RECORDIO_CHECKED_READ = 1 << 20
 
 # --- pack: files inside DEST --------------------------------------------------------------
 REC_NAME = "train.rec"

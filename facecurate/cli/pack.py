@@ -91,8 +91,13 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     if not as_json:
         click.echo("\narcface_torch config (configs/<yours>.py):")
         click.echo("  " + res.config_snippet().replace("\n", "\n  "))
-        if res.errors:
-            click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / PACK_ERRORS_CSV}", err=True)
+        not_kept = res.notes.get("not_kept", 0)
+        if not_kept:
+            click.echo(f"\n{not_kept} record(s) clean did not keep were left out (not_kept: a decision, no "
+                       f"problem): listed in {res.dest / PACK_ERRORS_CSV}", err=True)
+        if res.problems:
+            click.echo(f"\n{len(res.problems)} input problem(s) not packed: see {res.dest / PACK_ERRORS_CSV}",
+                       err=True)
 
 
 #: How many input problems a failed pack lists on stderr (all are in pack_errors.csv).
@@ -140,9 +145,11 @@ def inspect(rec, full, sample, verify, as_json):
     """
     from facecurate.files import emit_summary
     from facecurate.inspect_rec import inspect as run
-    from facecurate.recdata import rec_paths
+    from facecurate.recdata import not_a_rec, rec_paths
 
     rec_file = rec_paths(rec)[0]
+    if not_a_rec(rec):
+        _fail(not_a_rec(rec))
     if not rec_file.is_file():  # an error, not a description: stderr only, stdout stays empty
         _fail(f"{rec_file} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)"
               if not rec_file.exists() else f"{rec_file} is not a file")
