@@ -165,6 +165,16 @@ PACK_TMP_SUFFIX = ".pack-tmp"
 PACK_FILES = (REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META)
 LABELS_COLUMNS = ("identity", "label", "images")
 PACK_ERROR_COLUMNS = ("identity", "path", "reason", "message")
+#: unpack records in DEST which .rec it unpacks (size and hashes, docs in README): a
+#: non-empty DEST without it, or with another .rec's, is refused.
+UNPACK_META = "unpack.json"
+#: bytes hashed at each end of the .rec for unpack.json's fingerprint
+UNPACK_FINGERPRINT_BYTES = 1 << 20
+#: unpack: labels.csv names shared by several labels get folders NAME + this + label
+UNPACK_SAME_NAME_SEP = "__"
+#: unpack: a folder name longer than this many bytes (UTF-8) is cut and given a hash
+#: suffix (most file systems allow 255 bytes per name)
+UNPACK_MAX_NAME_BYTES = 200
 #: pack-pairs lists the pairs it left out in DEST + this suffix.
 UNRESOLVED_SUFFIX = ".unresolved.txt"
 

@@ -10,7 +10,8 @@ with memory bounded independently of the number of records.
 * **Shards** (worker processes): a worker reads its shard's lines from the .idx and
   each of its records once, in .idx order (records written in order are a sequential
   read of the .rec), getting the label and the image bytes from the same read. A
-  record that cannot be read is recorded as failed with the reason. The shard's file
+  record that cannot be read, or whose label is not an integer in [0, 2^31), is
+  recorded as failed with the reason. The shard's file
   carries each embedded record's identity (its label).
 * **Store**: written shard after shard in plan order through
   :meth:`facecurate.workspace.Workspace.store_writer` (``embeddings.npy`` through a

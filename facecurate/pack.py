@@ -58,6 +58,7 @@ from facecurate.pack_inputs import (
     _SizeCheck,
     _target_size,
     _work,
+    check_dest,
     strict_problems,
 )
 from facecurate.recordio import RecordWriter, frame, pack_header
@@ -465,6 +466,7 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     if layout not in (LAYOUT_PLAIN, LAYOUT_INSIGHTFACE):
         raise ValueError(f"layout must be {LAYOUT_PLAIN!r} or {LAYOUT_INSIGHTFACE!r}")
     out, dest = Path(out), Path(dest)
+    check_dest(out, dest)
     if is_rec_dataset(out):
         from facecurate.pack_rec import pack_rec
 

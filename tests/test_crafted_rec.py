@@ -155,7 +155,7 @@ def test_inspect_of_a_file_that_is_not_a_rec(tmp_path, photos):  # noqa: F811
     """`inspect some.jpg` said `some.jpg.rec does not exist`."""
     jpg = tmp_path / "some.jpg"
     jpg.write_bytes(photos[0])
-    for cmd in (["inspect", str(jpg)],):
+    for cmd in (["inspect", str(jpg)], ["unpack", str(jpg), str(tmp_path / "u")]):
         r = CliRunner().invoke(cli, cmd)
         assert r.exit_code == 1
         assert r.output.strip() == f"Error: {jpg} is not a RecordIO file (it does not start with the RecordIO " \

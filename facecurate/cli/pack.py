@@ -183,26 +183,37 @@ def unpack(rec, dest, no_names, as_json):
     re-encoding), so `facecurate pack --no-shuffle` of the result gives the same
     train.rec again. Streams the .rec once; rerunning continues an interrupted
     unpack (files already present are kept; each file appears only when complete).
+
+    DEST must be new, empty, or hold an earlier unpack of the same .rec (DEST/unpack.json
+    records which): unpack never writes among other files. Labels sharing a name in
+    labels.csv get folders NAME__<label>; names over 200 bytes are cut and end in a hash.
     """
     from facecurate.files import emit_summary
-    from facecurate.recdata import rec_paths
-    from facecurate.unpack import unpack as run
+    from facecurate.recdata import not_a_rec, rec_paths
+    from facecurate.unpack import UnpackError, unpack as run
     from facecurate.recordio import RecordIOError
 
+    if not_a_rec(rec):
+        _fail(not_a_rec(rec))
     rec_file, idx_file = rec_paths(rec)
     for f in (rec_file, idx_file):
         if not f.is_file():
             _fail(f"{f} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)")
     try:
         res = run(rec, dest, names=not no_names, show_progress=True)
+    except UnpackError as e:
+        _fail(str(e))
     except RecordIOError as e:
         _fail(f"corrupt .rec, stopped at {e} (files written so far are complete; run "
               "`facecurate inspect` for details)")
     s = res.summary()
     if not as_json:
         s.pop("error_messages")
+        s.pop("notes")
     emit_summary("facecurate unpack", s, as_json)
     if not as_json:
+        for m in res.notes:
+            click.echo(f"note: {m}", err=True)
         for m in res.errors[:20]:
             click.echo(f"error: {m}", err=True)
     if res.errors:
