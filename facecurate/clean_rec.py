@@ -34,7 +34,7 @@ from facecurate.clean_inputs import exclusions, model_name, store_runtime
 from facecurate.clean_params import default_params
 from facecurate.files import format_float
 from facecurate.manifests import IdentityRow, MergeRow
-from facecurate.recdata import image_label, rec_key, rec_paths, read_label_names
+from facecurate.recdata import LABEL_RULE, image_label, int_label, rec_key, rec_paths, read_label_names
 from facecurate.vectors import normalize
 from facecurate.workspace import Workspace
 
@@ -57,17 +57,14 @@ def _store_keys(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
         if k is None:
             raise ValueError(f"{ws.path(C.EMBEDDINGS_CSV)}: row {aligned!r} is not a record of a .rec (this store "
                              "was made from folders; run `facecurate embed DEST/train.rec`)")
+        lab = int_label(ident)
+        if lab < 0:  # embed fails such a record: a store that has one was made otherwise
+            raise ValueError(f"{ws.path(C.EMBEDDINGS_CSV)}: row {aligned!r} has label {ident[:40]!r}, not "
+                             f"{LABEL_RULE} (a crafted .rec or an old store; run `facecurate embed "
+                             "DEST/train.rec --overwrite`)")
         keys.append(k)
-        labels.append(_int_label(ident))
+        labels.append(lab)
     return np.asarray(keys, np.int64), np.asarray(labels, np.int64)
-
-
-def _int_label(s: str) -> int:
-    try:
-        v = float(s)
-    except ValueError:
-        return -1
-    return int(v) if v == v and v >= 0 and v == int(v) else -1
 
 
 def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
@@ -86,7 +83,7 @@ def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
                 lab = image_label(unpack_record(p)[0]) if p is not None else float("nan")
             except RecordIOError:
                 lab = float("nan")
-            out.append(int(lab) if lab == lab and lab >= 0 and lab == int(lab) else -1)
+            out.append(int_label(lab))
     finally:
         kr.close()
     return out
@@ -126,12 +123,15 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
 def _image_records(rec_path: Path) -> int:
     """How many image records the .idx names (the layout rule of recdata)."""
     from facecurate.recdata import read_layout
-    from facecurate.recordio import read_idx_arrays
+    from facecurate.recordio import RecordIOError, read_idx_arrays
 
     keys, offs = read_idx_arrays(rec_paths(rec_path)[1])
     k0 = np.flatnonzero(keys == 0)
-    with open(rec_path, "rb") as f:
-        layout = read_layout(f, int(offs[k0[0]]) if k0.size else None)
+    try:
+        with open(rec_path, "rb") as f:
+            layout = read_layout(f, int(offs[k0[0]]) if k0.size else None, int(keys.size))
+    except RecordIOError as e:
+        raise ValueError(f"{rec_path}: corrupt .rec at {e} (run `facecurate inspect` for details)") from None
     if not layout.has_header:
         return int(keys.size)
     return int(np.count_nonzero((keys >= 1) & (keys < layout.first)))

@@ -152,6 +152,17 @@ IRHEADER_SIZE = 24
 #: float32 holds integers exactly only up to 2**24 (the insightface layout stores keys
 #: as float labels).
 MAX_FLOAT_KEY = 1 << 24
+#: The smallest record an image, header or identity record can be: the 8-byte framing
+#: head and the 24-byte IRHeader. A file of S bytes holds at most S // this many of them,
+#: the bound a count read from a crafted file is checked against before anything is
+#: allocated.
+MIN_IMAGE_RECORD = 8 + IRHEADER_SIZE
+#: Labels (and header / identity-record ranges) must be integers below this (insightface
+#: and arcface_torch hold them as int32).
+LABEL_LIMIT = 1 << 31
+#: A record length above this is checked against the file's size before it is read (a
+#: crafted length would otherwise allocate up to 512 MiB for a few bytes of file).
+RECORDIO_CHECKED_READ = 1 << 20
 
 # --- pack: files inside DEST --------------------------------------------------------------
 REC_NAME = "train.rec"
@@ -170,6 +181,16 @@ PACK_TMP_SUFFIX = ".pack-tmp"
 PACK_FILES = (REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV, PACK_META)
 LABELS_COLUMNS = ("identity", "label", "images")
 PACK_ERROR_COLUMNS = ("identity", "path", "reason", "message")
+#: unpack records in DEST which .rec it unpacks (size and hashes, docs in README): a
+#: non-empty DEST without it, or with another .rec's, is refused.
+UNPACK_META = "unpack.json"
+#: bytes hashed at each end of the .rec for unpack.json's fingerprint
+UNPACK_FINGERPRINT_BYTES = 1 << 20
+#: unpack: labels.csv names shared by several labels get folders NAME + this + label
+UNPACK_SAME_NAME_SEP = "__"
+#: unpack: a folder name longer than this many bytes (UTF-8) is cut and given a hash
+#: suffix (most file systems allow 255 bytes per name)
+UNPACK_MAX_NAME_BYTES = 200
 #: pack-pairs lists the pairs it left out in DEST + this suffix.
 UNRESOLVED_SUFFIX = ".unresolved.txt"
 

@@ -10,7 +10,8 @@ with memory bounded independently of the number of records.
 * **Shards** (worker processes): a worker reads its shard's lines from the .idx and
   each of its records once, in .idx order (records written in order are a sequential
   read of the .rec), getting the label and the image bytes from the same read. A
-  record that cannot be read is recorded as failed with the reason. The shard's file
+  record that cannot be read, or whose label is not an integer in [0, 2^31), is
+  recorded as failed with the reason. The shard's file
   carries each embedded record's identity (its label).
 * **Store**: written shard after shard in plan order through
   :meth:`facecurate.workspace.Workspace.store_writer` (``embeddings.npy`` through a
@@ -30,7 +31,7 @@ import numpy as np
 
 from facecurate.constants import REC_KEY_PREFIX
 from facecurate.embed import EmbedError, Item, shard_npz
-from facecurate.recdata import PLAIN, RecLayout, image_label, read_layout
+from facecurate.recdata import LABEL_RULE, PLAIN, RecLayout, image_label, label_ok, read_layout
 from facecurate.recordio import RecordIOError, read_record, unpack_record
 from facecurate.runner import Shard
 from facecurate.workspace import Workspace
@@ -73,13 +74,13 @@ class RecRange:
                 except RecordIOError as e:
                     failed.append((aligned, f"corrupt record: {e}"))
                     continue
-                items.append(Item(aligned=aligned, source=f"{name}:{key}", identity=_identity(image_label(header)),
+                label = image_label(header)
+                if not label_ok(label):  # never an identity: clean and pack would take it for one
+                    failed.append((aligned, f"bad image record: label {label!r} is not {LABEL_RULE}"))
+                    continue
+                items.append(Item(aligned=aligned, source=f"{name}:{key}", identity=str(int(label)),
                                   face="0", crop=self.rec, rec_offset=off, data=data))
         return items, failed
-
-
-def _identity(label: float) -> str:
-    return str(int(label)) if float(label).is_integer() else str(label)
 
 
 def _parse(line: bytes, idx: str, lineno: Optional[int]) -> Optional[tuple[int, int]]:
@@ -97,8 +98,9 @@ def _parse(line: bytes, idx: str, lineno: Optional[int]) -> Optional[tuple[int, 
 
 
 def check_rec(rec: Path) -> Path:
-    """``rec``, once its .idx is known to exist (EmbedError otherwise)."""
-    _idx_of(rec)
+    """``rec``, once its .idx is known to exist and its layout is valid (EmbedError
+    otherwise: a crafted header is refused before any model is loaded)."""
+    _layout(rec, _idx_of(rec))
     return rec
 
 
@@ -134,12 +136,13 @@ def plan_rec_shards(rec: os.PathLike | str, size: int) -> list[Shard]:
     layout = _layout(rec, idx)
     size = max(1, int(size))
     shards: list[Shard] = []
-    h, n, start, pos = hashlib.sha256(), 0, 0, 0
+    h, n, start, pos, entries = hashlib.sha256(), 0, 0, 0, 0
     prefix = REC_KEY_PREFIX.encode()
     with open(idx, "rb") as f:
         for lineno, line in enumerate(f, 1):
             pos += len(line)
             p = _parse(line, str(idx), lineno)
+            entries += p is not None
             if p is not None and layout.is_image(p[0]):
                 h.update(b"%s%s%d" % (b"\n" if n else b"", prefix, p[0]))
                 n += 1
@@ -149,6 +152,9 @@ def plan_rec_shards(rec: os.PathLike | str, size: int) -> list[Shard]:
                 h, n, start = hashlib.sha256(), 0, pos
     if n:
         shards.append(Shard(len(shards), RecRange(str(rec), str(idx), start, pos, n, layout), h.hexdigest()[:32]))
+    if layout.end > entries:
+        raise EmbedError(f"{rec}: corrupt .rec at key 0: header label [{layout.first}, {layout.end}] names more "
+                         f"records than the {entries} of {idx.name} (run `facecurate inspect` for details)")
     return shards
 
 

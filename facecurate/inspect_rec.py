@@ -21,9 +21,9 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from facecurate.constants import LAYOUT_HEADER, LAYOUT_PLAIN
+from facecurate.constants import LABEL_LIMIT, LAYOUT_HEADER, LAYOUT_PLAIN
 from facecurate.imageio import image_kind, jpeg_complete
-from facecurate.recdata import is_header_record, layout_of, read_property, rec_paths
+from facecurate.recdata import LABEL_RULE, is_header_record, layout_of, read_property, rec_paths
 from facecurate.recordio import RecordIOError, iter_records, read_idx_arrays, read_record, unpack_record
 
 
@@ -339,7 +339,7 @@ def _image_records(scan: _Scan, keys: np.ndarray, pos: np.ndarray, res: InspectR
     flag0, len0 = int(scan.flags[p0]), int(scan.imglen[p0])
     res.layout = LAYOUT_HEADER if is_header_record(flag0, len0) else LAYOUT_PLAIN
     try:
-        layout = layout_of(flag0, scan.lab0[p0], scan.lab1[p0], len0)
+        layout = layout_of(flag0, scan.lab0[p0], scan.lab1[p0], len0, int(scan.offs.size))
     except RecordIOError as e:
         res.errors.append(str(e))
         return None
@@ -370,11 +370,13 @@ def _check_labels(scan: _Scan, imgs: _Images, res: InspectResult) -> np.ndarray:
         res.errors.append(f"{empty.size} image record(s) have no image bytes (first: key {int(imgs.keys[empty[0]])})")
     if not labs.size:
         return labs
-    bad = np.flatnonzero(~np.isfinite(labs) | (labs != np.round(labs)) | (labs < 0))
+    with np.errstate(invalid="ignore"):
+        good = np.isfinite(labs) & (labs == np.round(labs)) & (labs >= 0) & (labs < LABEL_LIMIT)
+    bad = np.flatnonzero(~good)
     if bad.size:
-        res.errors.append(f"{bad.size} image label(s) are not integers >= 0 (first: key "
+        res.errors.append(f"{bad.size} image label(s) are not {LABEL_RULE} (first: key "
                           f"{int(imgs.keys[bad[0]])}, label {labs[bad[0]]})")
-    il = labs[np.isfinite(labs)].astype(np.int64)
+    il = labs[good].astype(np.int64)
     res.classes = int(np.unique(il).size)
     if il.size:
         res.label_min, res.label_max = int(il.min()), int(il.max())

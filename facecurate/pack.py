@@ -40,6 +40,7 @@ from facecurate.constants import (
     PACK_ERRORS_CSV,
     PACK_FILES,
     PACK_META,
+    PACK_NOT_KEPT,
     PACK_TMP_SUFFIX,
     PROPERTY_NAME,
     REC_NAME,
@@ -61,6 +62,7 @@ from facecurate.pack_inputs import (
     _SizeCheck,
     _target_size,
     _work,
+    check_dest,
     strict_problems,
 )
 from facecurate.recordio import RecordWriter, frame, pack_header
@@ -89,9 +91,15 @@ class PackResult:
     errors: list[InputError] = field(default_factory=list)
     notes: dict = field(default_factory=dict)
 
+    @property
+    def problems(self) -> list[InputError]:
+        """The input problems: every row of pack_errors.csv but the records clean did
+        not keep (``not_kept``, a pack of a .rec), which are a decision, not a problem."""
+        return [e for e in self.errors if e.reason != PACK_NOT_KEPT]
+
     def error_counts(self) -> dict:
         out: dict = {}
-        for e in self.errors:
+        for e in self.problems:
             out[e.reason] = out.get(e.reason, 0) + 1
         return dict(sorted(out.items()))
 
@@ -107,7 +115,7 @@ class PackResult:
             "stored_as_is": self.stored_as_is, "reencoded": self.reencoded, "rec_bytes": self.rec_bytes,
             "shuffle": self.shuffle, "seed": self.seed, "min_images": self.min_images,
             "dropped_identities": self.dropped_identities, "dropped_images": self.dropped_images,
-            "input_errors": len(self.errors), "input_errors_by_reason": self.error_counts(),
+            "input_errors": len(self.problems), "input_errors_by_reason": self.error_counts(),
             "errors_file": str(self.dest / PACK_ERRORS_CSV), **self.notes,
             "arcface_torch": {"num_classes": self.classes, "num_image": self.images},
         }
@@ -468,6 +476,7 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     if layout not in (LAYOUT_PLAIN, LAYOUT_INSIGHTFACE):
         raise ValueError(f"layout must be {LAYOUT_PLAIN!r} or {LAYOUT_INSIGHTFACE!r}")
     out, dest = Path(out), Path(dest)
+    check_dest(out, dest)
     if is_rec_dataset(out):
         from facecurate.pack_rec import pack_rec
 

@@ -170,6 +170,36 @@ def _bad_name(s: str) -> bool:
     return "\t" in s or "\n" in s or "\r" in s
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Is real path ``path`` ``folder`` itself or inside it?"""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_dest(out: Path, dest: Path) -> None:
+    """Refuse a DEST pack would write over its inputs with (PackError): OUT itself,
+    a folder inside one of OUT's identity folders (or an identity folder itself),
+    RAW (as align.json records it) or a folder inside it, or a folder holding RAW."""
+    out_r, dest_r = os.path.realpath(out), os.path.realpath(dest)
+    if dest_r == out_r:
+        raise PackError(f"DEST is OUT itself ({dest}): choose a DEST folder outside OUT's identity folders")
+    if _inside(dest_r, out_r):
+        rel = os.path.relpath(dest_r, out_r).split(os.sep)
+        holds_crops = os.path.isdir(dest_r) and any(
+            e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(dest_r))
+        if len(rel) > 1 or holds_crops:
+            raise PackError(f"DEST ({dest}) is {'inside ' if len(rel) > 1 else ''}OUT's identity folder {rel[0]!r}: "
+                            "choose a DEST folder outside OUT's identity folders")
+    raw = Workspace(out).align_meta().get("raw")
+    if isinstance(raw, str) and os.path.isabs(raw):
+        raw_r = os.path.realpath(raw)
+        if dest_r == raw_r:
+            raise PackError(f"DEST is RAW itself ({dest}, align's input): choose a DEST folder outside RAW")
+        if _inside(dest_r, raw_r):
+            raise PackError(f"DEST ({dest}) is inside RAW ({raw}, align's input): choose a DEST folder outside RAW")
+        if _inside(raw_r, dest_r):
+            raise PackError(f"DEST ({dest}) holds RAW ({raw}, align's input): choose a DEST folder outside RAW")
+
+
 def _collect(out: Path, dest: Path, rule: ReadRule = ReadRule()) -> tuple[str, list, list[InputError], dict]:
     """What to read: (source, work units, problems found while listing, notes). A unit
     is a list of _Cand (manifest sources) or a tuple of identity folder names (folder

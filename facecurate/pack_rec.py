@@ -26,6 +26,7 @@ import numpy as np
 from facecurate.constants import (
     CLEAN_CSV,
     DECISION_KEEP,
+    LABEL_LIMIT,
     LAYOUT_PLAIN,
     PACK_BAD_RECORD,
     PACK_BELOW_MIN,
@@ -38,7 +39,7 @@ from facecurate.constants import (
 )
 from facecurate.files import csv_text
 from facecurate.pack_inputs import InputError, PackError, _Good, strict_problems
-from facecurate.recdata import image_label, read_layout, read_property, rec_paths
+from facecurate.recdata import LABEL_RULE, image_label, read_layout, read_property, rec_paths
 from facecurate.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
 from facecurate.workspace import Workspace
 
@@ -65,6 +66,8 @@ class RecTable:
                 k, lab = int(key), int(label)
             except ValueError:
                 raise PackError(f"{path} line {n}: key and label must be integers") from None
+            if not -1 <= lab < LABEL_LIMIT:  # -1: a record without a usable label
+                raise PackError(f"{path} line {n}: label {lab} is not {LABEL_RULE} (nor -1)")
             keys.append(k)
             labels.append(lab)
             if lab >= 0:
@@ -148,10 +151,11 @@ def _plan(table: RecTable, idx_keys: np.ndarray, idx_offs: np.ndarray, roots: di
     if exclude:
         use &= ~np.isin(table.keys, np.fromiter(exclude, np.int64))
     sel = np.flatnonzero(use)
+    # label -> root by a search in the sorted labels: memory by the number of labels,
+    # never by their size (a dense table of a label 2e9 would take 16 GB)
     labs = np.fromiter(roots, np.int64, len(roots))
-    root_of = np.zeros(int(labs.max()) + 1 if labs.size else 0, np.int64)
-    root_of[labs] = np.fromiter(roots.values(), np.int64, len(roots))
-    root = root_of[table.labels[sel]]
+    root = np.fromiter(roots.values(), np.int64, len(roots))[np.searchsorted(labs, table.labels[sel])] \
+        if sel.size else np.zeros(0, np.int64)
     uroot, counts = np.unique(root, return_counts=True)
     members: dict[int, list[int]] = {}
     for lab, r in sorted(roots.items()):
@@ -165,10 +169,9 @@ def _plan(table: RecTable, idx_keys: np.ndarray, idx_offs: np.ndarray, roots: di
                                      f"{n} kept record(s) < --min-images {min_images}; identity not packed"))
         else:
             classes.append(r)
-    new_of = np.full(root_of.size, -1, np.int64)
-    new_of[np.asarray(classes, np.int64)] = np.arange(len(classes))
-    new = new_of[root]
-    ok = new >= 0
+    cls = np.asarray(classes, np.int64)  # sorted, as uroot
+    new = np.minimum(np.searchsorted(cls, root), max(cls.size - 1, 0))
+    ok = cls[new] == root if cls.size else np.zeros(root.size, bool)
     sel, new = sel[ok], new[ok]
     keys = table.keys[sel]
     offs = idx_offs[pos[sel]]
@@ -286,7 +289,7 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
         idx_keys, idx_offs = read_idx_arrays(idx_path)
         with open(rec_path, "rb") as f:
             k0 = np.flatnonzero(idx_keys == 0)
-            src_layout = read_layout(f, int(idx_offs[k0[0]]) if k0.size else None)
+            src_layout = read_layout(f, int(idx_offs[k0[0]]) if k0.size else None, int(idx_keys.size))
     except RecordIOError as e:
         raise PackError(f"{rec_path}: corrupt .rec or .idx: {e} (run `facecurate inspect`)") from None
     order = np.argsort(idx_keys, kind="stable")

@@ -15,9 +15,14 @@ The rule (docs/formats.md, "Which records are images"):
 * **The label of an image record** is its scalar label, or the first value of a
   vector label (what arcface_torch's ``MXFaceDataset`` uses). A vector label never
   makes an image record a header or an identity record.
-* An image record without image bytes, or whose label is not an integer >= 0, is a
-  *bad image record*: inspect and unpack report it, embed records it as failed; it
-  is never silently taken for another kind of record.
+* An image record without image bytes, or whose label is not an integer in
+  [0, 2^31), is a *bad image record*: inspect and unpack report it, embed records it
+  as failed; it is never silently taken for another kind of record.
+* **Counts are checked before anything is allocated.** A header range must fit in the
+  file: keys 0..end-1 are all records, so ``end`` may not exceed the number of records
+  (the .idx entries when known, else the file's size / 32 bytes, the smallest record
+  with an IRHeader). A crafted header claiming 3e9 identities is an error naming key 0,
+  not a 22 GiB ``arange``.
 
 ``MXFaceDataset`` calls key 0 a header as soon as its ``flag`` is > 0; requiring two
 values and no image is the same decision for every file it can read, and keeps a
@@ -31,8 +36,16 @@ import os
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Optional
 
-from facecurate.constants import LABELS_CSV, LAYOUT_HEADER, LAYOUT_PLAIN, PROPERTY_NAME, REC_NAME
-from facecurate.recordio import IRHeader, RecordIOError, read_record, unpack_record
+from facecurate.constants import (
+    LABEL_LIMIT,
+    LABELS_CSV,
+    LAYOUT_HEADER,
+    LAYOUT_PLAIN,
+    MIN_IMAGE_RECORD,
+    PROPERTY_NAME,
+    REC_NAME,
+)
+from facecurate.recordio import MAGIC_BYTES, IRHeader, RecordIOError, file_size, read_record, unpack_record
 
 
 class RecLayout(NamedTuple):
@@ -58,33 +71,45 @@ def is_header_record(flag: int, image_bytes: int) -> bool:
     return flag >= 2 and image_bytes == 0
 
 
-def layout_of(flag: int, label0: float, label1: float, image_bytes: int) -> RecLayout:
+def layout_of(flag: int, label0: float, label1: float, image_bytes: int, records: int) -> RecLayout:
     """The layout from key 0's IRHeader ``flag``, the first two label values and the
-    length of its image bytes. Raises RecordIOError (key 0) for a header whose range
-    is not valid."""
+    length of its image bytes; ``records``: how many records the file holds (or at most
+    can hold). Raises RecordIOError (key 0) for a header whose range is not valid or
+    claims more records than there are."""
     if not is_header_record(flag, image_bytes):
         return PLAIN
     first, end = label0, label1
-    if not (math.isfinite(first) and math.isfinite(end)) or first != int(first) or end != int(end) \
-            or not 1 <= first <= end:
+    if not (label_ok(first) and label_ok(end)) or not 1 <= first <= end:
         raise RecordIOError(f"header label [{first}, {end}] is not a valid [first_identity_key, end]", key=0)
+    if end > records:
+        raise RecordIOError(f"header label [{first:.0f}, {end:.0f}] claims {end - first:.0f} identities after "
+                            f"{first - 1:.0f} images, but the file holds {records} records at most "
+                            "(crafted or corrupt header)", key=0)
     return RecLayout(LAYOUT_HEADER, int(first), int(end))
 
 
-def layout_from_record(header: IRHeader, image: bytes) -> RecLayout:
+def layout_from_record(header: IRHeader, image: bytes, records: int) -> RecLayout:
     """:func:`layout_of` for key 0's unpacked record."""
     values = header.label if isinstance(header.label, tuple) else (header.label,)
     nan = float("nan")
-    return layout_of(header.flag, values[0] if values else nan, values[1] if len(values) > 1 else nan, len(image))
+    return layout_of(header.flag, values[0] if values else nan, values[1] if len(values) > 1 else nan, len(image),
+                     records)
 
 
-def read_layout(f: BinaryIO, offset0: Optional[int]) -> RecLayout:
+def max_records(size: int) -> int:
+    """How many image, header or identity records a file of ``size`` bytes can hold."""
+    return size // MIN_IMAGE_RECORD
+
+
+def read_layout(f: BinaryIO, offset0: Optional[int], records: Optional[int] = None) -> RecLayout:
     """The layout of an open .rec whose key 0 starts at ``offset0`` (None: there is no
-    key 0, so the layout is plain)."""
+    key 0, so the layout is plain). ``records``: the number of records (the .idx's
+    entries); by default the most the file's size allows."""
     if offset0 is None:
         return PLAIN
     header, image = unpack_record(read_record(f, offset0, key=0).payload)
-    return layout_from_record(header, image)
+    bound = max_records(file_size(f))
+    return layout_from_record(header, image, bound if records is None else min(records, bound))
 
 
 def image_label(header: IRHeader) -> float:
@@ -93,8 +118,39 @@ def image_label(header: IRHeader) -> float:
 
 
 def label_ok(label: float) -> bool:
-    """An image record's label must be an integer >= 0."""
-    return math.isfinite(label) and label >= 0 and label == int(label)
+    """An image record's label must be an integer in [0, 2^31) (int32, as insightface
+    reads it)."""
+    return math.isfinite(label) and 0 <= label < LABEL_LIMIT and label == int(label)
+
+
+def int_label(value) -> int:
+    """A label (a number, or its text in a CSV) as an int; -1 when it is not an integer
+    in [0, 2^31) (NaN, inf, negative, fractional, too large, not a number)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return -1
+    return int(v) if label_ok(v) else -1
+
+
+LABEL_RULE = "an integer in [0, 2^31)"
+
+
+def not_a_rec(path: os.PathLike | str) -> Optional[str]:
+    """Why a file given as REC is not a RecordIO file (its first four bytes are not the
+    RecordIO magic), or None when it is one, is a folder, or does not exist (the
+    callers say that themselves)."""
+    p = Path(path)
+    if p.suffix in (".rec", ".idx") or not p.is_file():
+        return None
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"{p}: cannot read: {e.strerror or e}"
+    if head == MAGIC_BYTES:
+        return f"{p} is a RecordIO file but not named .rec: rename it NAME.rec, with its NAME.idx beside it"
+    return f"{p} is not a RecordIO file (it does not start with the RecordIO magic 0xced7230a)"
 
 
 # ----------------------------------------------------------------------------- files

@@ -28,6 +28,7 @@ from typing import BinaryIO, Iterator, NamedTuple, Optional, Sequence, Union
 from facecurate.constants import (
     IRHEADER_FORMAT,
     IRHEADER_SIZE,
+    RECORDIO_CHECKED_READ,
     RECORDIO_LEN_BITS,
     RECORDIO_MAGIC,
     RECORDIO_MAX_PART,
@@ -307,6 +308,17 @@ class Record(NamedTuple):
     bad_padding: bool  # a padding byte was not zero (MXNet writes zeros)
 
 
+def file_size(f: BinaryIO) -> int:
+    """The size of an open file (of a file object without a descriptor too)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        at = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(at)
+        return end
+
+
 def read_record(f: BinaryIO, offset: int, record: Optional[int] = None, key: Optional[int] = None,
                 size: Optional[int] = None) -> Record:
     """Read one record starting at ``offset`` (joining split parts); raises
@@ -342,6 +354,12 @@ def _next(f: BinaryIO, offset: int, record: Optional[int], key: Optional[int],
             raise RecordIOError(f"part {parts + 1} of a split record has flag {cflag} (expected 2 or 3)",
                                 pos, record, key)
         padded = (length + 3) & ~3
+        if padded > RECORDIO_CHECKED_READ:  # a crafted length must not allocate what the file lacks
+            size = file_size(f) if size is None else size
+            if pos + 8 + padded > size:
+                raise RecordIOError(f"record announces {length} bytes but the file ends after "
+                                    f"{max(size - pos - 8, 0)} of a {size}-byte file (truncated .rec or corrupt "
+                                    "length)", pos, record, key)
         body = f.read(padded)
         if len(body) < padded:
             total = f" of a {size}-byte file" if size is not None else ""

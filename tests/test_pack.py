@@ -228,7 +228,9 @@ def test_pack_unpack_pack_is_byte_identical(crops_dir, tmp_path, layout):
     pack(crops_dir, tmp_path / "a", layout=layout, shuffle=False)
     u = unpack(tmp_path / "a" / "train", tmp_path / "u")
     assert (u.written, u.existing, u.classes, u.names, u.errors) == (22, 0, 6, "labels.csv", [])
-    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == sorted(p.name for p in crops_dir.iterdir())
+    folders = sorted(p.name for p in (tmp_path / "u").iterdir() if p.is_dir())
+    assert folders == sorted(p.name for p in crops_dir.iterdir())
+    assert (tmp_path / "u" / "unpack.json").is_file()  # which .rec this folder unpacks
     pack(tmp_path / "u", tmp_path / "b", layout=layout, shuffle=False)
     for f in ("train.rec", "train.idx", "property", "labels.csv"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
@@ -239,7 +241,7 @@ def test_unpack_without_names_and_resume(crops_dir, tmp_path):
     (tmp_path / "a" / "labels.csv").unlink()
     u = unpack(tmp_path / "a" / "train.rec", tmp_path / "u")
     assert u.written == 22 and u.names == "label"
-    folders = sorted(p.name for p in (tmp_path / "u").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "u").iterdir() if p.is_dir())
     assert folders == [f"{i:06d}" for i in range(6)]
     files = sorted((tmp_path / "u").rglob("*.jpg"))
     before = {p: p.read_bytes() for p in files}

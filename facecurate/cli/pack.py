@@ -97,8 +97,13 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     if not as_json:
         click.echo("\narcface_torch config (configs/<yours>.py):")
         click.echo("  " + res.config_snippet().replace("\n", "\n  "))
-        if res.errors:
-            click.echo(f"\n{len(res.errors)} input problem(s) not packed: see {res.dest / PACK_ERRORS_CSV}", err=True)
+        not_kept = res.notes.get("not_kept", 0)
+        if not_kept:
+            click.echo(f"\n{not_kept} record(s) clean did not keep were left out (not_kept: a decision, no "
+                       f"problem): listed in {res.dest / PACK_ERRORS_CSV}", err=True)
+        if res.problems:
+            click.echo(f"\n{len(res.problems)} input problem(s) not packed: see {res.dest / PACK_ERRORS_CSV}",
+                       err=True)
 
 
 #: How many input problems a failed pack lists on stderr (all are in pack_errors.csv).
@@ -146,9 +151,11 @@ def inspect(rec, full, sample, verify, as_json):
     """
     from facecurate.files import emit_summary
     from facecurate.inspect_rec import inspect as run
-    from facecurate.recdata import rec_paths
+    from facecurate.recdata import not_a_rec, rec_paths
 
     rec_file = rec_paths(rec)[0]
+    if not_a_rec(rec):
+        _fail(not_a_rec(rec))
     if not rec_file.is_file():  # an error, not a description: stderr only, stdout stays empty
         _fail(f"{rec_file} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)"
               if not rec_file.exists() else f"{rec_file} is not a file")
@@ -182,26 +189,37 @@ def unpack(rec, dest, no_names, as_json):
     re-encoding), so `facecurate pack --no-shuffle` of the result gives the same
     train.rec again. Streams the .rec once; rerunning continues an interrupted
     unpack (files already present are kept; each file appears only when complete).
+
+    DEST must be new, empty, or hold an earlier unpack of the same .rec (DEST/unpack.json
+    records which): unpack never writes among other files. Labels sharing a name in
+    labels.csv get folders NAME__<label>; names over 200 bytes are cut and end in a hash.
     """
     from facecurate.files import emit_summary
-    from facecurate.recdata import rec_paths
-    from facecurate.unpack import unpack as run
+    from facecurate.recdata import not_a_rec, rec_paths
+    from facecurate.unpack import UnpackError, unpack as run
     from facecurate.recordio import RecordIOError
 
+    if not_a_rec(rec):
+        _fail(not_a_rec(rec))
     rec_file, idx_file = rec_paths(rec)
     for f in (rec_file, idx_file):
         if not f.is_file():
             _fail(f"{f} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)")
     try:
         res = run(rec, dest, names=not no_names, show_progress=True)
+    except UnpackError as e:
+        _fail(str(e))
     except RecordIOError as e:
         _fail(f"corrupt .rec, stopped at {e} (files written so far are complete; run "
               "`facecurate inspect` for details)")
     s = res.summary()
     if not as_json:
         s.pop("error_messages")
+        s.pop("notes")
     emit_summary("facecurate unpack", s, as_json)
     if not as_json:
+        for m in res.notes:
+            click.echo(f"note: {m}", err=True)
         for m in res.errors[:20]:
             say(f"error: {m}", err=True)
     if res.errors:
