@@ -322,8 +322,12 @@ def test_inspect_catches_corruption(crops_dir, tmp_path):
         assert any(needle in e for e in r.errors), (name, r.errors)
         res = CliRunner().invoke(cli, ["inspect", str(d / "train")])
         assert res.exit_code == 1 and needle in res.output, (name, res.output)
-    # A flipped byte inside image data is found by decoding (--full) or the JPEG end check.
-    d = _corrupt(tmp_path / "ok", tmp_path / "tail", flip(off6 - 4))
+    # A flipped byte inside image data is found by decoding (--full) or the JPEG end check:
+    # the last byte of record 5's JPEG (its end marker), wherever the record's padding
+    # puts it (the crop's length, and so the padding, depends on the OpenCV version).
+    head = (tmp_path / "ok" / "train.rec").read_bytes()[off5:off5 + 8]
+    payload_end = off5 + 8 + (int.from_bytes(head[4:], "little") & ((1 << 29) - 1))
+    d = _corrupt(tmp_path / "ok", tmp_path / "tail", flip(payload_end - 1))
     assert not inspect(d).ok
     assert CliRunner().invoke(cli, ["inspect", str(tmp_path / "ok")]).exit_code == 0
 
