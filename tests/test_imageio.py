@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from facecurate.constants import STATUS_TOO_LARGE
-from facecurate.imageio import ImageError, decode_image, header_size, jpeg_size, jpeg_sof
-from facecurate.pack_inputs import _SizeCheck
+from facecurate.common.constants import STATUS_TOO_LARGE
+from facecurate.common.imageio import ImageError, decode_image, header_size, jpeg_size, jpeg_sof
+from facecurate.pack.pack_inputs import _SizeCheck
 
 
 def _jpeg(w: int, h: int, seed: int = 0) -> bytes:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from facecurate.constants import VERSIONS_FILE
-from facecurate.provenance import (describe, differences, library_version, library_versions, resume_message,
+from facecurate.common.constants import VERSIONS_FILE
+from facecurate.common.provenance import (describe, differences, library_version, library_versions, resume_message,
                                    warn_if_other, VersionsWarning)
 from test_parts import lfw_raw
 

@@ -3,7 +3,7 @@ to an ArcFace crop in ``OUT/<identity>/``, mark the likely subject, and record e
 input file's fate in ``OUT/align.csv``.
 
 Structure (after img2dataset): a *reader* lists the inputs, the run machinery
-(:mod:`facecurate.runner`) cuts the sorted list into fixed shards and hands them to
+(:mod:`facecurate.engines.runner`) cuts the sorted list into fixed shards and hands them to
 an engine (:mod:`facecurate.engines`: local processes or Ray actors), each *worker*
 (:class:`AlignWorker`) loads its models once and turns a shard into its manifest and
 crop files, and the *writer* merges the per-shard manifests into ``align.csv``. A
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from facecurate import __version__
-from facecurate.constants import (
+from facecurate.common.constants import (
     ALIGN_FACES,
     ALIGN_SHARD_SIZE,
     ALIGN_MANIFEST,
@@ -48,19 +48,19 @@ from facecurate.constants import (
     VERSIONS_KEY,
     WORK_DIR,
 )
-from facecurate.files import remove_stale_temps, write_bytes_atomic
-from facecurate.filetree import walk_tree
-from facecurate.geometry import align_face, template
-from facecurate.imageio import ImageError, is_image_name, read_image
+from facecurate.common.files import remove_stale_temps, write_bytes_atomic
+from facecurate.common.filetree import walk_tree
+from facecurate.common.geometry import align_face, template
+from facecurate.common.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
 from facecurate.models.zoo import DETECTORS, make_detector, make_landmarker
-from facecurate.procs import run_lock
-from facecurate.provenance import library_versions
-from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
+from facecurate.common.procs import run_lock
+from facecurate.common.provenance import library_versions
+from facecurate.engines.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
                                finished, in_part, merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
-from facecurate.manifests import AlignRow
-from facecurate.records import Detection
-from facecurate.workspace import Workspace
+from facecurate.common.manifests import AlignRow
+from facecurate.common.records import Detection
+from facecurate.common.workspace import Workspace
 
 #: The fallback detector sees a copy whose longer side is at most this many pixels.
 FALLBACK_SIDE = 512
@@ -129,7 +129,7 @@ def list_inputs(raw: str | os.PathLike, exclude: Optional[str | os.PathLike] = N
     """Every non-hidden file under RAW, sorted, with its identity (top-level folder).
     Follows symlinks while they stay inside RAW (``follow_external_links``: wherever
     they lead), never twice into the same real directory (loops); a link leading out
-    is listed with status ``unsupported`` (:func:`facecurate.filetree.walk_tree`).
+    is listed with status ``unsupported`` (:func:`facecurate.common.filetree.walk_tree`).
     Returns the files and a list of warnings (loops, unreadable directories)."""
     entries, warnings = walk_tree(raw, what="RAW", follow_external=follow_external_links, exclude=exclude)
     refused = sum(1 for e in entries if e.status)
@@ -292,7 +292,7 @@ def centre_face_jpeg(rgb: np.ndarray, detector, landmarks, size: int = 112,
     warped to a ``size`` ArcFace crop and encoded as JPEG; None when no face is found.
     ``detector``/``landmarks``: e.g. DlibHOGDetector and DlibLandmarks68. For building
     evaluation and benchmark sets of one crop per photo, outside the align pipeline."""
-    from facecurate.records import nearest_to_centre
+    from facecurate.common.records import nearest_to_centre
 
     d = nearest_to_centre(detector.detect(rgb), rgb.shape[1], rgb.shape[0])
     if d is None:
@@ -387,7 +387,7 @@ def shard_csv(index: int) -> str:
 class AlignWorker:
     """One per worker process (models loaded once): turns a shard of input files into
     its manifest ``shard_NNNNNN.csv`` and crop files. Its record is written by the
-    run machinery (:mod:`facecurate.runner`) after it returns."""
+    run machinery (:mod:`facecurate.engines.runner`) after it returns."""
 
     def __init__(self, cfg: AlignConfig, raw: str, out: str):
         self.aligner = Aligner(cfg)
@@ -460,7 +460,7 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     settings; ``overwrite`` starts again. ``engine``: "local", "ray" or an engine
     object (:mod:`facecurate.engines`); ``part`` "K/N" or (K, N): only shards whose
     index is K-1 modulo N. A second run on the same OUT (and part) at the same time
-    is refused (:class:`facecurate.procs.LockedError`). Returns a summary dict."""
+    is refused (:class:`facecurate.common.procs.LockedError`). Returns a summary dict."""
     cfg.validate()
     if cfg.detector == "scrfd":  # a wrong --model-dir fails before OUT records the run's settings
         from facecurate.models.zoo import resolve_detector

@@ -1,14 +1,14 @@
 """The clean stage on a folder OUT: read align.csv and the embedding store, decide
 keep / drop / review for every aligned face, write clean.csv, identities.csv,
 merges.csv and clean.json (:func:`run_clean`; a packed DEST goes to
-:mod:`facecurate.clean_rec`).
+:mod:`facecurate.clean.clean_rec`).
 
-The algorithm lives in its own modules: :mod:`facecurate.clean_params` (thresholds,
-model-aware defaults), :mod:`facecurate.clean_identity` (per identity: clusters,
+The algorithm lives in its own modules: :mod:`facecurate.clean.clean_params` (thresholds,
+model-aware defaults), :mod:`facecurate.clean.clean_identity` (per identity: clusters,
 robust centre, subject per photo, thresholds, near-duplicates),
-:mod:`facecurate.clean_cohort` (score offsets measured on the dataset, calibration),
-:mod:`facecurate.similar` (pairs above a threshold: merge candidates) and
-:mod:`facecurate.clean_core` (all of it on arrays over a process pool, then
+:mod:`facecurate.clean.clean_cohort` (score offsets measured on the dataset, calibration),
+:mod:`facecurate.clean.similar` (pairs above a threshold: merge candidates) and
+:mod:`facecurate.clean.clean_core` (all of it on arrays over a process pool, then
 exclusion, too few photos, the review budget and merges). This module holds the
 file side: the store, ``--exclude``, the crops' pixel check (:class:`CropSimilarity`),
 the manual decisions carried over from a previous clean.csv, and the outputs.
@@ -24,17 +24,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from facecurate import constants as C
-from facecurate.clean_cohort import calibrate
-from facecurate.clean_core import CoreResult, clean_core
-from facecurate.clean_inputs import embed_images, exclusions, failed_keys, model_name, read_exclude, store_runtime
-from facecurate.clean_params import (COSINE_THRESHOLDS, R_MANUAL, R_NO_EMBEDDING, CleanParams, check_cosines,
+from facecurate.common import constants as C
+from facecurate.clean.clean_cohort import calibrate
+from facecurate.clean.clean_core import CoreResult, clean_core
+from facecurate.clean.clean_inputs import embed_images, exclusions, failed_keys, model_name, read_exclude, store_runtime
+from facecurate.clean.clean_params import (COSINE_THRESHOLDS, R_MANUAL, R_NO_EMBEDDING, CleanParams, check_cosines,
                                      default_params)
-from facecurate.manifests import AlignRow, CleanRow, IdentityRow, MergeRow
-from facecurate.provenance import library_versions
-from facecurate.similar import similar_pairs
-from facecurate.vectors import normalize
-from facecurate.workspace import Workspace
+from facecurate.common.manifests import AlignRow, CleanRow, IdentityRow, MergeRow
+from facecurate.common.provenance import library_versions
+from facecurate.clean.similar import similar_pairs
+from facecurate.clean.vectors import normalize
+from facecurate.common.workspace import Workspace
 
 
 def clean_versions() -> dict:
@@ -49,8 +49,8 @@ __all__ = ["CleanParams", "CoreResult", "CropSimilarity", "clean_core", "default
 
 def store_index(out_dir: Path):
     """(vectors, memory-mapped; {aligned: row}; meta) of OUT's embedding store, read by
-    :func:`facecurate.embed.load_store`; None when OUT has no store."""
-    from facecurate.embed import load_store
+    :func:`facecurate.embed.embed.load_store`; None when OUT has no store."""
+    from facecurate.embed.embed import load_store
 
     store = load_store(out_dir, mmap=True, missing_ok=True)
     if store is None:
@@ -67,7 +67,7 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[AlignRow], runtime: str = "a
     need = {r.aligned for r in rows}
     if store is None or not need.issubset(set(store[1]) | failed_keys(store[2])):
         try:
-            from facecurate.embed import run_embed
+            from facecurate.embed.embed import run_embed
         except ImportError as e:  # pragma: no cover - embed stage missing
             raise RuntimeError(f"{out_dir}: embeddings missing and the embed stage is unavailable ({e})")
         # continue an existing (default-model) store with its own settings
@@ -168,10 +168,10 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     neither on it nor on ``shard_faces`` (see ``clean_core``)."""
     out_dir = Path(out_dir)
     check_cosines(model_overrides or {})  # before anything is embedded
-    from facecurate.recdata import is_rec_dataset
+    from facecurate.common.recdata import is_rec_dataset
 
-    if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean_rec)
-        from facecurate.clean_rec import run_clean_rec
+    if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean.clean_rec)
+        from facecurate.clean.clean_rec import run_clean_rec
 
         return run_clean_rec(out_dir, model_overrides=model_overrides, calibrate_far=calibrate_far,
                              exclude=exclude, max_review=max_review, min_images=min_images, min_face=min_face,

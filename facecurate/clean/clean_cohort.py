@@ -9,11 +9,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from facecurate.clean_identity import analyse_identity
-from facecurate.clean_params import CleanParams
+from facecurate.clean.clean_identity import analyse_identity
+from facecurate.clean.clean_params import CleanParams
 from facecurate.engines.local import LocalPool, SharedArray
-from facecurate.similar import similar_pairs
-from facecurate.vectors import BLAS_SMALL_PRODUCT, group_by_label
+from facecurate.clean.similar import similar_pairs
+from facecurate.clean.vectors import BLAS_SMALL_PRODUCT, group_by_label
 
 
 def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, *,

@@ -1,5 +1,5 @@
 """What clean reads besides the faces, the same for a folder OUT
-(:mod:`facecurate.clean`) and a packed dataset (:mod:`facecurate.clean_rec`): the
+(:mod:`facecurate.clean.clean`) and a packed dataset (:mod:`facecurate.clean.clean_rec`): the
 embedding store's model and runtime (from embeddings.json), and ``--exclude`` (a
 folder or text file of identity names, or a verification .bin whose images are
 embedded with the store's model)."""
@@ -12,11 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
-from facecurate.clean_params import model_family
-from facecurate.constants import MAX_INPUT_BYTES
-from facecurate.filetree import FileProblem, read_regular
-from facecurate.vectors import normalize
-from facecurate.verification_bin import read_verification_bin
+from facecurate.clean.clean_params import model_family
+from facecurate.common.constants import MAX_INPUT_BYTES
+from facecurate.common.filetree import FileProblem, read_regular
+from facecurate.clean.vectors import normalize
+from facecurate.clean.verification_bin import read_verification_bin
 
 __all__ = ["model_name", "store_runtime", "failed_keys", "read_exclude", "embed_images", "exclusions"]
 
@@ -44,7 +44,7 @@ def failed_keys(meta: dict) -> set:
 
 def read_exclude(path: Path) -> tuple[set[str], list]:
     """Names (folder of identities, or a text file of names) or encoded images (a
-    verification .bin, read with no code run: :mod:`facecurate.verification_bin`).
+    verification .bin, read with no code run: :mod:`facecurate.clean.verification_bin`).
     Only regular files are read (ValueError for a FIFO or device, or a .bin refused)."""
     path = Path(path)
     if path.is_dir():
@@ -67,7 +67,7 @@ def embed_images(images: list[bytes], meta: dict, runtime: str = "auto") -> np.n
     (dlib: the embed stage's chip from the crop's five template points) on ``runtime``.
     Images that do not decode (or whose header claims more than ``MAX_IMAGE_PIXELS``)
     are skipped; 64 are decoded at a time."""
-    from facecurate.imageio import ImageError, decode_image
+    from facecurate.common.imageio import ImageError, decode_image
 
     if not images:
         return np.zeros((0, int(meta.get("dim", 128))), np.float32)

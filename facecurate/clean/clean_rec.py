@@ -1,7 +1,7 @@
 """``facecurate clean DEST`` where DEST holds a packed dataset (``train.rec`` + ``.idx``)
 and the embedding store ``facecurate embed DEST/train.rec`` wrote beside it.
 
-The same core as for folders (:func:`facecurate.clean_core.clean_core`: robust centre,
+The same core as for folders (:func:`facecurate.clean.clean_core.clean_core`: robust centre,
 Chinese whispers, cohort corrections, duplicates, merge candidates, ``--exclude``,
 ``--calibrate``), fed differently at the edges:
 
@@ -26,17 +26,17 @@ from typing import Sequence
 
 import numpy as np
 
-from facecurate import constants as C
-from facecurate.clean import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
-from facecurate.clean_cohort import calibrate
-from facecurate.clean_core import clean_core
-from facecurate.clean_inputs import exclusions, model_name, store_runtime
-from facecurate.clean_params import default_params
-from facecurate.files import format_float
-from facecurate.manifests import IdentityRow, MergeRow
-from facecurate.recdata import LABEL_RULE, image_label, int_label, rec_key, rec_paths, read_label_names
-from facecurate.vectors import normalize
-from facecurate.workspace import Workspace
+from facecurate.common import constants as C
+from facecurate.clean.clean import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
+from facecurate.clean.clean_cohort import calibrate
+from facecurate.clean.clean_core import clean_core
+from facecurate.clean.clean_inputs import exclusions, model_name, store_runtime
+from facecurate.clean.clean_params import default_params
+from facecurate.common.files import format_float
+from facecurate.common.manifests import IdentityRow, MergeRow
+from facecurate.common.recdata import LABEL_RULE, image_label, int_label, rec_key, rec_paths, read_label_names
+from facecurate.clean.vectors import normalize
+from facecurate.common.workspace import Workspace
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -69,8 +69,8 @@ def _store_keys(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
 
 def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
     """Labels of a few records read from the .rec (the store's failed records)."""
-    from facecurate.recdata import KeyedRecords
-    from facecurate.recordio import RecordIOError, unpack_record
+    from facecurate.common.recdata import KeyedRecords
+    from facecurate.common.recordio import RecordIOError, unpack_record
 
     if not keys:
         return []
@@ -93,7 +93,7 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
     """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
     model, on ``runtime``) when the store is missing; a store that lacks records is
     continued with its own settings and runtime."""
-    from facecurate.embed import run_embed
+    from facecurate.embed.embed import run_embed
 
     ws = Workspace(dest)
     if not ws.has(C.EMBEDDINGS_NPY):
@@ -122,8 +122,8 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
 
 def _image_records(rec_path: Path) -> int:
     """How many image records the .idx names (the layout rule of recdata)."""
-    from facecurate.recdata import read_layout
-    from facecurate.recordio import RecordIOError, read_idx_arrays
+    from facecurate.common.recdata import read_layout
+    from facecurate.common.recordio import RecordIOError, read_idx_arrays
 
     keys, offs = read_idx_arrays(rec_paths(rec_path)[1])
     k0 = np.flatnonzero(keys == 0)
@@ -138,7 +138,7 @@ def _image_records(rec_path: Path) -> int:
 
 
 class RecCropSimilarity(CropSimilarity):
-    """:class:`facecurate.clean.CropSimilarity` on record bytes: face i is the record at
+    """:class:`facecurate.clean.clean.CropSimilarity` on record bytes: face i is the record at
     ``offsets[i]`` of the .rec (read on first use, 32x32 grey, mean removed)."""
 
     def __init__(self, rec_path: os.PathLike | str, offsets: Sequence[int]):
@@ -159,7 +159,7 @@ class RecCropSimilarity(CropSimilarity):
     def grey(self, i: int):
         import cv2
 
-        from facecurate.recordio import RecordIOError, read_record, unpack_record
+        from facecurate.common.recordio import RecordIOError, read_record, unpack_record
 
         try:
             if self._f is None:
@@ -198,7 +198,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     """Clean the image records of ``dest/train.rec`` (see the module); returns the summary.
     ``runtime``: dlib's model on dlib or ONNX Runtime, for a store made here and for the
     faces of an ``--exclude`` .bin; ``core_kw``: clean_core's options (workers, shard_faces)."""
-    from facecurate.recdata import KeyedRecords
+    from facecurate.common.recdata import KeyedRecords
 
     dest = Path(dest)
     rec_path, _idx = rec_paths(dest)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from facecurate.engines.local import LocalPool, SharedArray
-from facecurate.vectors import add_at_rows, group_by_label, normalize
+from facecurate.clean.vectors import add_at_rows, group_by_label, normalize
 
 
 def similar_pairs(vecs: np.ndarray, threshold: float, *, exact_below: int = 20000, seed: int = 0,

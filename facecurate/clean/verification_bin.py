@@ -32,8 +32,8 @@ import pickle
 
 import numpy as np
 
-from facecurate.constants import MAX_VERIFICATION_BIN_BYTES
-from facecurate.filetree import FileProblem, read_regular
+from facecurate.common.constants import MAX_VERIFICATION_BIN_BYTES
+from facecurate.common.filetree import FileProblem, read_regular
 
 __all__ = ["BinError", "read_verification_bin", "ALLOWED_GLOBALS"]
 

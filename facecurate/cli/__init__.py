@@ -10,7 +10,7 @@ import warnings
 import click
 
 from facecurate import __version__
-from facecurate.constants import EXIT_INTERRUPTED
+from facecurate.common.constants import EXIT_INTERRUPTED
 
 #: What every stage says after Ctrl-C (each writes its files atomically and resumes).
 INTERRUPTED = "interrupted: nothing is left half-written; rerun the same command to continue where it stopped"
@@ -35,7 +35,7 @@ def os_error_message(e: OSError) -> str:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A library warning (an OUT made under other library versions) as one line on
     stderr, ``warning: ...``, without Python's file and line."""
-    from facecurate.files import shown
+    from facecurate.common.files import shown
 
     click.echo(f"warning: {shown(str(message))}", err=True)
 
@@ -49,9 +49,9 @@ class _Main(click.Group):
 
     def invoke(self, ctx: click.Context):
         from facecurate.models.base import ModelError
-        from facecurate.procs import LockedError
-        from facecurate.workspace import ManifestError
-        from facecurate.files import shown
+        from facecurate.common.procs import LockedError
+        from facecurate.common.workspace import ManifestError
+        from facecurate.common.files import shown
 
         warnings.showwarning = _one_line_warning
         try:

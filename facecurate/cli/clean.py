@@ -14,7 +14,7 @@ def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
         return
     import json
 
-    from facecurate.clean import default_params
+    from facecurate.clean.clean import default_params
 
     out = {}
     for family, example in (("dlib", "dlib_face_recognition_resnet_model_v1"), ("arcface", "w600k_r50")):
@@ -81,9 +81,9 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
            OUT/merges.csv     identity pairs that look like one person
            OUT/clean.json     the thresholds used and the summary
     """
-    from facecurate.clean import run_clean
-    from facecurate.files import emit_summary
-    from facecurate.procs import run_lock
+    from facecurate.clean.clean import run_clean
+    from facecurate.common.files import emit_summary
+    from facecurate.common.procs import run_lock
 
     if far is not None and not 0 < far < 1:
         raise click.BadParameter("FAR must be between 0 and 1", param_hint="--calibrate")

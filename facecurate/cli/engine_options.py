@@ -10,7 +10,7 @@ from facecurate.engines import ENGINES
 def _part(_ctx, _param, value):
     if value is None:
         return None
-    from facecurate.runner import RunError, parse_part
+    from facecurate.engines.runner import RunError, parse_part
 
     try:
         return parse_part(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from facecurate.files import emit_summary
+from facecurate.common.files import emit_summary
 
 
 @click.group("models")

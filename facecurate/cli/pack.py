@@ -1,13 +1,13 @@
 """CLI for the pack stage: ``pack``, ``inspect``, ``unpack``, ``pack-pairs`` (thin
-wrappers over :mod:`facecurate.pack`, :mod:`facecurate.inspect_rec`,
-:mod:`facecurate.unpack` and :mod:`facecurate.pairs`)."""
+wrappers over :mod:`facecurate.pack.packer`, :mod:`facecurate.pack.inspect_rec`,
+:mod:`facecurate.pack.unpack` and :mod:`facecurate.pack.pairs`)."""
 
 from __future__ import annotations
 
 import click
 
 from facecurate.cli.input_options import input_options
-from facecurate.files import say
+from facecurate.common.files import say
 
 
 def _fail(msg: str) -> None:
@@ -81,10 +81,10 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     at the end: an interrupted pack leaves DEST as it was. Same inputs, options and
     seed give byte-identical files.
     """
-    from facecurate.constants import PACK_ERRORS_CSV
-    from facecurate.files import emit_summary
-    from facecurate.pack import PackError
-    from facecurate.pack import pack as run
+    from facecurate.common.constants import PACK_ERRORS_CSV
+    from facecurate.common.files import emit_summary
+    from facecurate.pack.packer import PackError
+    from facecurate.pack.packer import pack as run
 
     try:
         res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
@@ -149,9 +149,9 @@ def inspect(rec, full, sample, verify, as_json):
 
     Exits 1 naming the offending record on any problem.
     """
-    from facecurate.files import emit_summary
-    from facecurate.inspect_rec import inspect as run
-    from facecurate.recdata import not_a_rec, rec_paths
+    from facecurate.common.files import emit_summary
+    from facecurate.pack.inspect_rec import inspect as run
+    from facecurate.common.recdata import not_a_rec, rec_paths
 
     rec_file = rec_paths(rec)[0]
     if not_a_rec(rec):
@@ -194,10 +194,10 @@ def unpack(rec, dest, no_names, as_json):
     records which): unpack never writes among other files. Labels sharing a name in
     labels.csv get folders NAME__<label>; names over 200 bytes are cut and end in a hash.
     """
-    from facecurate.files import emit_summary
-    from facecurate.recdata import not_a_rec, rec_paths
-    from facecurate.unpack import UnpackError, unpack as run
-    from facecurate.recordio import RecordIOError
+    from facecurate.common.files import emit_summary
+    from facecurate.common.recdata import not_a_rec, rec_paths
+    from facecurate.pack.unpack import UnpackError, unpack as run
+    from facecurate.common.recordio import RecordIOError
 
     if not_a_rec(rec):
         _fail(not_a_rec(rec))
@@ -246,9 +246,9 @@ def pack_pairs(pairs, root, dest, strict, as_json):
     Pairs whose images cannot be found or decoded are left out and listed (all of
     them in DEST.unresolved.txt).
     """
-    from facecurate.files import emit_summary
-    from facecurate.pack import PackError
-    from facecurate.pairs import PairsError, pack_pairs as run
+    from facecurate.common.files import emit_summary
+    from facecurate.pack.packer import PackError
+    from facecurate.pack.pairs import PairsError, pack_pairs as run
 
     try:
         res = run(pairs, root, dest, strict=strict)
@@ -277,8 +277,8 @@ def checksum(rec, as_json):
     beside it names the keys. Writes train.sums beside the .rec (one line per record:
     key, offset, payload length, sha256 of the payload) in one pass, atomically.
     """
-    from facecurate.checksums import SumsError, write_sums
-    from facecurate.files import emit_summary
+    from facecurate.pack.checksums import SumsError, write_sums
+    from facecurate.common.files import emit_summary
 
     try:
         res = write_sums(rec, show_progress=True)

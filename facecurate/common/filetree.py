@@ -24,7 +24,7 @@ import stat
 from dataclasses import dataclass
 from typing import Optional
 
-from facecurate.constants import NOT_REGULAR, STATUS_TOO_LARGE, STATUS_UNSUPPORTED
+from facecurate.common.constants import NOT_REGULAR, STATUS_TOO_LARGE, STATUS_UNSUPPORTED
 
 __all__ = ["FileProblem", "TreeEntry", "special_kind", "read_regular", "inside", "link_problem", "walk_tree",
            "too_large"]

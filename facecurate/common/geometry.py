@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from facecurate.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112
+from facecurate.common.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112
 
 
 def template(size: int = ARCFACE_BASE_SIZE) -> np.ndarray:

@@ -5,7 +5,7 @@
 says what is wrong. Grey, alpha (composited on white), CMYK and 16-bit images are
 converted; the pixel count is checked from the file header *before* decoding, so a
 decompression bomb is refused without allocating it. Files are read through
-:func:`facecurate.filetree.read_regular`: regular files only (a FIFO or device is
+:func:`facecurate.common.filetree.read_regular`: regular files only (a FIFO or device is
 ``unsupported``, never opened), at most ``max_bytes`` (``too_large``).
 """
 
@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
     MAX_INPUT_BYTES,
@@ -27,7 +27,7 @@ from facecurate.constants import (
     STATUS_UNREADABLE,
     STATUS_UNSUPPORTED,
 )
-from facecurate.filetree import FileProblem, read_regular
+from facecurate.common.filetree import FileProblem, read_regular
 
 #: JPEG start-of-image and end-of-image markers; the PNG file signature.
 JPEG_SOI = b"\xff\xd8"
@@ -217,7 +217,7 @@ def _may_have_alpha(data: bytes) -> bool:
 
 
 def read_bytes(path: str | os.PathLike, max_bytes: int = MAX_INPUT_BYTES) -> bytes:
-    """A regular file of at most ``max_bytes`` (:func:`facecurate.filetree.read_regular`);
+    """A regular file of at most ``max_bytes`` (:func:`facecurate.common.filetree.read_regular`);
     raise ImageError (unsupported, too_large, unreadable) with the reason."""
     try:
         return read_regular(path, max_bytes)

@@ -5,9 +5,9 @@ Each row is a frozen dataclass whose fields are the file's columns, in the file'
 order. ``Row.from_csv(mapping)`` parses one ``csv.DictReader`` row (a missing
 column reads as empty); ``row.to_csv()`` gives the cells as text in column order,
 formatted exactly as the stages have always written them: floats with four decimals
-(:func:`facecurate.files.format_float`), NaN and None as an empty cell, flags as
+(:func:`facecurate.common.files.format_float`), NaN and None as an empty cell, flags as
 ``0``/``1``. A cell that cannot be parsed raises :class:`RowError` naming the column
-and the text. :mod:`facecurate.workspace` reads and writes the files themselves.
+and the text. :mod:`facecurate.common.workspace` reads and writes the files themselves.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Callable, ClassVar, Mapping, Optional, Sequence
 
-from facecurate import constants as C
-from facecurate.files import format_float
+from facecurate.common import constants as C
+from facecurate.common.files import format_float
 
 NAN = float("nan")
 
@@ -199,7 +199,7 @@ def _slow_reader(cls, header: tuple[str, ...]) -> Callable:
 
 def _compile_writer(cls, columns: tuple[str, ...]) -> Callable:
     """The row's float cells are formatted in one ``%`` operation (NaN -> empty,
-    ``-0.0000`` -> ``0.0000``: :func:`facecurate.files.format_float` on each)."""
+    ``-0.0000`` -> ``0.0000``: :func:`facecurate.common.files.format_float` on each)."""
     codecs = cls._codecs()
     floats = [name for name in columns if codecs[name] == "float"]
     cells, pre = [], ""

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from facecurate.constants import LOCK_SUFFIX, WORK_DIR
+from facecurate.common.constants import LOCK_SUFFIX, WORK_DIR
 
 PR_SET_PDEATHSIG = 1
 #: How often the watcher thread checks that the parent is still there (seconds).

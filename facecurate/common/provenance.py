@@ -16,7 +16,7 @@ from importlib import metadata
 from typing import Iterable, Mapping, Optional
 
 from facecurate import __version__
-from facecurate.constants import VERSIONS_KEY
+from facecurate.common.constants import VERSIONS_KEY
 
 #: The libraries whose versions decide output bytes, by the key recorded in the JSON
 #: files, with the distributions that may provide each (the first one installed wins).

@@ -1,5 +1,5 @@
 """A RecordIO *dataset* as facecurate reads it, above the framing of
-:mod:`facecurate.recordio`: where its files are, its ``property`` and ``labels.csv``,
+:mod:`facecurate.common.recordio`: where its files are, its ``property`` and ``labels.csv``,
 and the one rule for which records are images, shared by ``embed`` (a .rec as
 input), ``inspect`` and ``unpack``.
 
@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Optional
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     LABEL_LIMIT,
     LABELS_CSV,
     LAYOUT_HEADER,
@@ -45,7 +45,7 @@ from facecurate.constants import (
     PROPERTY_NAME,
     REC_NAME,
 )
-from facecurate.recordio import MAGIC_BYTES, IRHeader, RecordIOError, file_size, read_record, unpack_record
+from facecurate.common.recordio import MAGIC_BYTES, IRHeader, RecordIOError, file_size, read_record, unpack_record
 
 
 class RecLayout(NamedTuple):
@@ -182,7 +182,7 @@ def read_property(rec_path: Path) -> Optional[tuple[int, ...]]:
 def read_label_names(rec_path: Path) -> Optional[dict[int, str]]:
     """label -> identity from the ``labels.csv`` beside a .rec; None when absent or
     not readable as such."""
-    from facecurate.files import read_csv
+    from facecurate.common.files import read_csv
 
     p = rec_path.parent / LABELS_CSV
     if not p.exists():
@@ -208,7 +208,7 @@ class KeyedRecords:
         and only their offsets kept: memory bounded by them, not by the rec)."""
         import numpy as np
 
-        from facecurate.recordio import read_idx_arrays, read_idx_keys
+        from facecurate.common.recordio import read_idx_arrays, read_idx_keys
 
         self.rec_path, self.idx_path = rec_paths(rec)
         keys, offs = read_idx_arrays(self.idx_path) if keys is None else read_idx_keys(self.idx_path, keys)
@@ -248,7 +248,7 @@ class KeyedRecords:
 
 def rec_key(aligned: str) -> Optional[int]:
     """The record key of a store / clean.csv key ``rec:<key>``; None for other keys."""
-    from facecurate.constants import REC_KEY_PREFIX
+    from facecurate.common.constants import REC_KEY_PREFIX
 
     if aligned.startswith(REC_KEY_PREFIX):
         try:
@@ -261,7 +261,7 @@ def rec_key(aligned: str) -> Optional[int]:
 def is_rec_dataset(folder: os.PathLike | str) -> bool:
     """A folder holding ``train.rec`` + ``train.idx`` and no align.csv: the
     ``clean``/``review``/``report``/``pack`` stages read it as a packed dataset."""
-    from facecurate.constants import ALIGN_MANIFEST, IDX_NAME
+    from facecurate.common.constants import ALIGN_MANIFEST, IDX_NAME
 
     d = Path(folder)
     return d.is_dir() and (d / REC_NAME).is_file() and (d / IDX_NAME).is_file() and not (d / ALIGN_MANIFEST).exists()

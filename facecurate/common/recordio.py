@@ -25,7 +25,7 @@ import os
 import struct
 from typing import BinaryIO, Iterator, NamedTuple, Optional, Sequence, Union
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     IRHEADER_FORMAT,
     IRHEADER_SIZE,
     RECORDIO_CHECKED_READ,

@@ -1,7 +1,7 @@
 """OUT as one object: the only code that reads or writes the files the stages leave in
 OUT (align.csv and align.json, the embedding store, clean.csv, identities.csv,
 merges.csv, clean.json, review.csv). Rows come and go as the typed rows of
-:mod:`facecurate.manifests`; every write is atomic (temporary name + rename).
+:mod:`facecurate.common.manifests`; every write is atomic (temporary name + rename).
 
 One error style: a file a stage needs and OUT lacks is a :class:`MissingFile`
 (a FileNotFoundError) naming the path and the command that makes it; a file that
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-from facecurate import constants as C
-from facecurate.files import (atomic_write, csv_cell, remove_stale_temps, temp_beside, write_bytes_atomic,
+from facecurate.common import constants as C
+from facecurate.common.files import (atomic_write, csv_cell, remove_stale_temps, temp_beside, write_bytes_atomic,
                               write_text_atomic)
-from facecurate.provenance import warn_if_other
-from facecurate.files import (atomic_write, csv_cell, remove_stale_temps, sheet_cell, temp_beside, unsheet_cell,
+from facecurate.common.provenance import warn_if_other
+from facecurate.common.files import (atomic_write, csv_cell, remove_stale_temps, sheet_cell, temp_beside, unsheet_cell,
                               write_bytes_atomic, write_text_atomic)
-from facecurate.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
+from facecurate.common.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
                                   RowError, clean_columns)
 
 #: the command that makes each file ({out}: the OUT folder), for "run ... first"
@@ -282,7 +282,7 @@ class Workspace:
 
     def align_meta(self) -> dict:
         """align.json ({} when missing or unreadable): raw, settings, versions. A
-        :class:`~facecurate.provenance.VersionsWarning` when other versions made it."""
+        :class:`~facecurate.common.provenance.VersionsWarning` when other versions made it."""
         return self._made_by(C.ALIGN_META)
 
     def _made_by(self, name: str) -> dict:

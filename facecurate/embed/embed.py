@@ -11,7 +11,7 @@ writes the store:
   normalisation, flip, how crops were fed) and the run's counts.
 
 Work is split in fixed shards of the row list by the run machinery
-(:mod:`facecurate.runner`, any engine of :mod:`facecurate.engines`); each finished
+(:mod:`facecurate.engines.runner`, any engine of :mod:`facecurate.engines`); each finished
 shard is written atomically to ``OUT/.facecurate/embed/shard_NNNNNN.npz`` and then
 recorded, so a killed run loses at most the shards in flight and a rerun embeds only
 what is missing. The store files are merged from the shards at the end (atomic
@@ -46,7 +46,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from facecurate import __version__
-from facecurate.constants import (
+from facecurate.common.constants import (
     ALIGN_MANIFEST,
     EMBEDDINGS_CSV,
     EMBEDDINGS_META,
@@ -60,15 +60,15 @@ from facecurate.constants import (
     VERSIONS_KEY,
     WORK_DIR,
 )
-from facecurate.files import write_bytes_atomic
-from facecurate.manifests import EmbeddingRow, _fmt_int
-from facecurate.workspace import ManifestError, MissingFile, Workspace
+from facecurate.common.files import write_bytes_atomic
+from facecurate.common.manifests import EmbeddingRow, _fmt_int
+from facecurate.common.workspace import ManifestError, MissingFile, Workspace
 from facecurate.engines import get_engine
 from facecurate.models.base import ONNX_RUNTIME_TAG, ModelError
 from facecurate.models.zoo import make_embedder
-from facecurate.procs import run_lock
-from facecurate.provenance import library_versions
-from facecurate.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
+from facecurate.common.procs import run_lock
+from facecurate.common.provenance import library_versions
+from facecurate.engines.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
                                in_part, merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
 
 EMBED_DIR = "embed"
@@ -118,11 +118,11 @@ def items_from_align(out: Path, primary_only: bool = False) -> tuple[list[Item],
 
 def items_from_folder(folder: Path, follow_external_links: bool = False) -> list[Item]:
     """Every image in a plain folder of crops ``<identity>/...``, sorted. Symlinks are
-    followed while they stay inside ``folder`` (:func:`facecurate.filetree.walk_tree`);
+    followed while they stay inside ``folder`` (:func:`facecurate.common.filetree.walk_tree`);
     a link leading out (an image name, or a folder) is an item with its ``problem``,
     recorded as failed and never read, unless ``follow_external_links``."""
-    from facecurate.filetree import walk_tree
-    from facecurate.imageio import is_image_name
+    from facecurate.common.filetree import walk_tree
+    from facecurate.common.imageio import is_image_name
 
     entries, _warnings = walk_tree(folder, what="the crop folder", follow_external=follow_external_links,
                                    skip_dirs=(WORK_DIR,))
@@ -139,9 +139,9 @@ def items_from_folder(folder: Path, follow_external_links: bool = False) -> list
 
 def items_from_rec(rec: Path) -> list[Item]:
     """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``, in
-    .idx order (:func:`facecurate.embed_rec.items_from_rec`; embed itself streams the
+    .idx order (:func:`facecurate.embed.embed_rec.items_from_rec`; embed itself streams the
     file shard by shard)."""
-    from facecurate.embed_rec import items_from_rec as read_all
+    from facecurate.embed.embed_rec import items_from_rec as read_all
 
     return read_all(rec)
 
@@ -159,7 +159,7 @@ class Loader:
     def source(self, path: str) -> Optional[np.ndarray]:
         if self._last[0] == path:
             return self._last[1]
-        from facecurate.imageio import ImageError, read_image
+        from facecurate.common.imageio import ImageError, read_image
 
         try:
             img = read_image(path, max_bytes=self.max_bytes)
@@ -172,19 +172,19 @@ class Loader:
         if item.data is not None:
             return item.data
         if item.rec_offset >= 0:
-            from facecurate.recordio import read_record, unpack_record
+            from facecurate.common.recordio import read_record, unpack_record
 
             f = self._rec.get(item.crop)
             if f is None:
                 f = self._rec[item.crop] = open(item.crop, "rb")
             _hdr, data = unpack_record(read_record(f, item.rec_offset).payload)
             return data
-        from facecurate.imageio import read_bytes
+        from facecurate.common.imageio import read_bytes
 
         return read_bytes(item.crop, self.max_bytes)  # regular files only (ImageError: unsupported, too_large)
 
     def crop_rgb(self, item: Item) -> np.ndarray:
-        from facecurate.imageio import decode_image
+        from facecurate.common.imageio import decode_image
 
         return decode_image(self._bytes(item), item.crop)
 
@@ -350,7 +350,7 @@ def _part_bytes(res: dict, dim: int) -> bytes:
 
 def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Vectors and failures of the plan's finished shards."""
-    from facecurate.runner import finished
+    from facecurate.engines.runner import finished
 
     vecs: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
@@ -367,8 +367,8 @@ def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, s
 def _resolve_input(target: Path, out: Optional[Path], follow_external_links: bool = False,
                    ) -> tuple[object, str, Path, dict]:
     """(items, or the .rec path for a .rec, input kind, store folder, align meta)."""
-    from facecurate.embed_rec import check_rec
-    from facecurate.recdata import is_rec_dataset
+    from facecurate.embed.embed_rec import check_rec
+    from facecurate.common.recdata import is_rec_dataset
 
     if target.is_file() and target.suffix == ".rec":
         return check_rec(target), "rec", (out or target.parent), {}
@@ -396,7 +396,7 @@ def default_workers(embedder) -> int:
 
 def _hold_store_lock(fn):
     """Run ``fn`` holding the store's embed lock: a second run writing the same store
-    at the same time is refused (:class:`facecurate.procs.LockedError`)."""
+    at the same time is refused (:class:`facecurate.common.procs.LockedError`)."""
     @functools.wraps(fn)
     def locked(out_dir, *args, **kw):
         target = Path(out_dir)
@@ -424,7 +424,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
               follow_external_links: bool = False) -> dict:
     """Embed every crop of ``out_dir`` (an align OUT, a folder of crops, or a .rec) into
     the store in ``store_dir`` (default: ``out_dir``, or the .rec's folder). Resumes;
-    refuses to mix models. ``engine``/``part`` as in :func:`facecurate.align.run_align`;
+    refuses to mix models. ``engine``/``part`` as in :func:`facecurate.align.align.run_align`;
     ``chunk_size``: faces per shard. A crop folder's files are read only when regular
     and at most ``max_bytes``, and its symlinks followed only while they stay inside
     it (``follow_external_links``: wherever they lead). Returns a summary dict."""
@@ -479,9 +479,9 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
 
 def _plan(items, kind: str, size: int):
     """Fixed shards of ``size`` faces: of the item list, or of a .rec's image records
-    (:func:`facecurate.embed_rec.plan_rec_shards`, one pass over its .idx)."""
+    (:func:`facecurate.embed.embed_rec.plan_rec_shards`, one pass over its .idx)."""
     if kind == "rec":
-        from facecurate.embed_rec import plan_rec_shards
+        from facecurate.embed.embed_rec import plan_rec_shards
 
         return plan_rec_shards(items, size)
     return plan_shards(items, lambda it: it.aligned, size)
@@ -489,7 +489,7 @@ def _plan(items, kind: str, size: int):
 
 def _merge(store: Path, items, work: Path, shards, info: dict, sig: dict, cfg: "EmbedConfig", kind: str) -> dict:
     if kind == "rec":  # streamed: vectors and rows shard after shard, never all in memory
-        from facecurate.embed_rec import write_rec_store
+        from facecurate.embed.embed_rec import write_rec_store
 
         count, fails = write_rec_store(store, Path(items), work, shards, int(info["dim"]))
         faces = sum(len(s.items) for s in shards)
@@ -606,7 +606,7 @@ def _write_meta(store: Path, info: dict, sig: dict, cfg: "EmbedConfig", kind: st
 
 def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
     """(vectors float32 (N, D), rows [EmbeddingRow], meta) of the embedding store in
-    ``out_dir`` (read by :meth:`facecurate.workspace.Workspace.store`), for embed,
+    ``out_dir`` (read by :meth:`facecurate.common.workspace.Workspace.store`), for embed,
     clean and eval-pairs. ``mmap``: map the vectors read-only instead of reading them
     (clean's large stores). A missing store is an EmbedError, or None with
     ``missing_ok``; a store whose .csv and .npy disagree is always an EmbedError."""

@@ -2,7 +2,7 @@
 with memory bounded independently of the number of records.
 
 * **Plan** (the run's own process): the .idx is streamed once and cut into shards of
-  ``size`` consecutive image records (:mod:`facecurate.recdata`'s rule says which
+  ``size`` consecutive image records (:mod:`facecurate.common.recdata`'s rule says which
   records are images). A shard is a :class:`RecRange`: the byte range of its lines in
   the .idx and how many image records they name; the process never holds a record,
   a label or an item per record. A shard's digest is the runner's digest of its keys
@@ -14,7 +14,7 @@ with memory bounded independently of the number of records.
   recorded as failed with the reason. The shard's file
   carries each embedded record's identity (its label).
 * **Store**: written shard after shard in plan order through
-  :meth:`facecurate.workspace.Workspace.store_writer` (``embeddings.npy`` through a
+  :meth:`facecurate.common.workspace.Workspace.store_writer` (``embeddings.npy`` through a
   memory map, ``embeddings.csv`` streamed, both under temporary names renamed at the
   end); the bytes equal those of the in-memory writer.
 """
@@ -29,12 +29,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from facecurate.constants import REC_KEY_PREFIX
-from facecurate.embed import EmbedError, Item, shard_npz
-from facecurate.recdata import LABEL_RULE, PLAIN, RecLayout, image_label, label_ok, read_layout
-from facecurate.recordio import RecordIOError, read_record, unpack_record
-from facecurate.runner import Shard
-from facecurate.workspace import Workspace
+from facecurate.common.constants import REC_KEY_PREFIX
+from facecurate.embed.embed import EmbedError, Item, shard_npz
+from facecurate.common.recdata import LABEL_RULE, PLAIN, RecLayout, image_label, label_ok, read_layout
+from facecurate.common.recordio import RecordIOError, read_record, unpack_record
+from facecurate.engines.runner import Shard
+from facecurate.common.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _layout(rec: Path, idx: Path) -> RecLayout:
 def plan_rec_shards(rec: os.PathLike | str, size: int) -> list[Shard]:
     """Shards of ``size`` consecutive image records of ``rec`` (in .idx order), each a
     :class:`RecRange`, by one streaming pass over the .idx. The digests equal
-    :func:`facecurate.runner.plan_shards`' on the keys ``rec:<key>``."""
+    :func:`facecurate.engines.runner.plan_shards`' on the keys ``rec:<key>``."""
     rec = Path(rec)
     idx = _idx_of(rec)
     layout = _layout(rec, idx)
@@ -159,7 +159,7 @@ def plan_rec_shards(rec: os.PathLike | str, size: int) -> list[Shard]:
 
 
 def items_from_rec(rec: os.PathLike | str) -> list[Item]:
-    """Every image record of a .rec as an :class:`~facecurate.embed.Item` (with its
+    """Every image record of a .rec as an :class:`~facecurate.embed.embed.Item` (with its
     bytes), in .idx order: a list of the whole file, for tests and small files (embed
     itself reads shard by shard). A record that cannot be read is an EmbedError."""
     items: list[Item] = []

@@ -1,9 +1,9 @@
 """Engines run a stage's shards; the stages never know which one does.
 
 An engine has ``name``, ``lanes(spec, n_shards)`` (how many workers it will use)
-and ``run(spec, shards)``, which yields one :class:`facecurate.runner.Outcome` per
-shard, in any order, after at most :data:`facecurate.runner.MAX_SHARD_RETRIES`
-retries. Its workers are :class:`facecurate.runner.ShardRunner` objects: built once
+and ``run(spec, shards)``, which yields one :class:`facecurate.engines.runner.Outcome` per
+shard, in any order, after at most :data:`facecurate.engines.runner.MAX_SHARD_RETRIES`
+retries. Its workers are :class:`facecurate.engines.runner.ShardRunner` objects: built once
 per worker process (models loaded once), each writes its shard's data and then
 its record.
 
@@ -20,7 +20,7 @@ ENGINES = ("local", "ray")
 
 
 def get_engine(name: str = "local", *, workers: Optional[int] = None, address: Optional[str] = None):
-    from facecurate.runner import RunError
+    from facecurate.engines.runner import RunError
 
     if name not in ENGINES:
         raise RunError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

@@ -2,8 +2,8 @@
 (detector + alignment + model) on an LFW-style pairs file.
 
 The images the pairs name are linked (symlinks) into ``WORK/raw/<name>/`` and run
-through the real stages: :func:`facecurate.align.run_align` into ``WORK/out`` and
-:func:`facecurate.embed.run_embed` on it. Both resume, so a rerun with the same work
+through the real stages: :func:`facecurate.align.align.run_align` into ``WORK/out`` and
+:func:`facecurate.embed.embed.run_embed` on it. Both resume, so a rerun with the same work
 folder costs only the evaluation. Each image is represented by the face nearest its
 centre (pairs images such as LFW's are centred on their subject; ``pick="primary"``
 takes align's guess instead). When no face lies near the centre, the image is
@@ -29,10 +29,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from facecurate.constants import EVAL_PICKS
-from facecurate.manifests import AlignRow
+from facecurate.common.constants import EVAL_PICKS
+from facecurate.common.manifests import AlignRow
 from facecurate.models.zoo import resolve_runtime
-from facecurate.pairs import PairsError, image_stem, parse_pairs
+from facecurate.pack.pairs import PairsError, image_stem, parse_pairs
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Pair:
 
 
 def read_pairs(path) -> list[Pair]:
-    """The pairs of an LFW-style pairs file (:func:`facecurate.pairs.parse_pairs`), with
+    """The pairs of an LFW-style pairs file (:func:`facecurate.pack.pairs.parse_pairs`), with
     their folds: a header ``folds n`` (or just ``n``: one fold) means ``folds`` blocks
     of ``n`` same-person then ``n`` different-person lines; without a header the pairs
     are split into 10 equal folds (one when there are fewer than 20). Any malformed
@@ -148,7 +148,7 @@ def roc_png(path, scores, same, valid, title: str = "") -> None:
     """ROC curve (TAR against FAR, log FAR axis) drawn with OpenCV."""
     import cv2
 
-    from facecurate.files import write_bytes_atomic
+    from facecurate.common.files import write_bytes_atomic
 
     W, H, m = 640, 480, 60
     img = np.full((H, W, 3), 255, np.uint8)
@@ -193,7 +193,7 @@ def _align_cfg(detector: str, model_dir, device: str, **kw):
     """align's settings for eval-pairs: the model folder only for the detector that reads one
     (align records its settings, so the same run keeps the same align.json). WORK/raw holds
     links to the images under ROOT, which the user named: they are followed."""
-    from facecurate.align import AlignConfig
+    from facecurate.align.align import AlignConfig
 
     return AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None, device=device,
                        follow_external_links=True, **kw)
@@ -311,8 +311,8 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
 
 def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, device, batch_size, workers, dlib_feed,
                 roc, show_progress, pick, retry_detector, runtime, fp16, engine, ray_address) -> dict:
-    from facecurate.align import read_manifest, run_align
-    from facecurate.embed import load_store, run_embed
+    from facecurate.align.align import read_manifest, run_align
+    from facecurate.embed.embed import load_store, run_embed
 
     def store_of(align_out: Path) -> Path:
         # dlib's model on ONNX Runtime keeps its own store beside align's (never mixed)
@@ -388,8 +388,8 @@ def _retry(work: Path, root: Path, retry: list, by_source: dict, stores: dict, c
     """Recover what the detector missed near the centre with a second detector
     (dlib's CNN by default) on just those images. Updates ``stores``, ``chosen`` and
     ``failures``; returns (images recovered near the centre, the retry's summary)."""
-    from facecurate.align import read_manifest, run_align
-    from facecurate.embed import load_store, run_embed
+    from facecurate.align.align import read_manifest, run_align
+    from facecurate.embed.embed import load_store, run_embed
 
     model_dir, device = embed_kw["model_dir"], embed_kw["device"]
     rraw, rout = work / f"retry-{retry_detector}" / "raw", work / f"retry-{retry_detector}" / "out"

@@ -78,7 +78,7 @@ class ArcFaceONNX:
 
     @cached_property
     def sha256(self) -> str:
-        from ..files import sha256_file
+        from facecurate.common.files import sha256_file
 
         return sha256_file(self.path)
 

@@ -278,7 +278,7 @@ def verify_against_dlib(model_bytes: bytes, chips: Optional[list] = None) -> flo
 
 def convert(dat=None, *, sha256: Optional[str] = None) -> bytes:
     """Serialized, verified ONNX graph of the ``.dat`` (default: the installed one)."""
-    from facecurate.files import sha256_file
+    from facecurate.common.files import sha256_file
 
     dat = Path(dat) if dat else dat_path()
     try:
@@ -318,7 +318,7 @@ def _origin(dat: Path) -> str:
 def dlib_resnet_onnx(dat=None, sha256: Optional[str] = None) -> Path:
     """Path of the cached ONNX graph of dlib's ResNet, converting (and verifying) it
     first when it is not cached yet."""
-    from facecurate.files import sha256_file, write_bytes_atomic
+    from facecurate.common.files import sha256_file, write_bytes_atomic
 
     dat = Path(dat) if dat else dat_path()
     sha256 = sha256 or sha256_file(dat)
@@ -336,7 +336,7 @@ def dlib_resnet_onnx(dat=None, sha256: Optional[str] = None) -> Path:
 
 def export(dest, name: str = "dlib-resnet") -> dict:
     """Write the converted graph to ``dest`` (atomically). Returns what was written."""
-    from facecurate.files import sha256_file, write_bytes_atomic
+    from facecurate.common.files import sha256_file, write_bytes_atomic
 
     if name not in EXPORT_NAMES:
         raise DlibOnnxError(f"unknown model {name!r}: facecurate can export {', '.join(EXPORT_NAMES)}")
@@ -351,7 +351,7 @@ def inventory() -> dict:
     import importlib.util
     from importlib.metadata import PackageNotFoundError, version
 
-    from facecurate.files import sha256_file
+    from facecurate.common.files import sha256_file
     from facecurate.models import dlib_models as dm
 
     weights = []

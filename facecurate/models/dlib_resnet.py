@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from facecurate.constants import DLIB_FEEDS
+from facecurate.common.constants import DLIB_FEEDS
 
 from .arcface import ArcFaceONNX, OnnxEmbedder
 from .base import ONNX_RUNTIME_TAG, ModelError, l2_rows
@@ -54,7 +54,7 @@ def dlib_chip(rgb: np.ndarray, pts5, size: int = DLIB_CHIP_SIZE) -> np.ndarray:
     dlib's own chip extraction does with its image pyramid."""
     import cv2
 
-    from facecurate.geometry import similarity_transform
+    from facecurate.common.geometry import similarity_transform
 
     pts = np.asarray(pts5, np.float64).reshape(5, 2)
     tpl = DLIB_CHIP_TEMPLATE_150 * (size / DLIB_CHIP_SIZE)
@@ -81,7 +81,7 @@ def fit_dlib_chip_template(align_out, limit: int = 1500, seed: int = 0) -> np.nd
     import cv2
     import dlib
 
-    from facecurate.embed import Loader, items_from_align
+    from facecurate.embed.embed import Loader, items_from_align
     from facecurate.models.dlib_models import SHAPE68, model_file
 
     items, _ = items_from_align(Path(align_out), primary_only=True)
@@ -110,7 +110,7 @@ def fit_dlib_chip_template(align_out, limit: int = 1500, seed: int = 0) -> np.nd
 
 def crop_points(crop: np.ndarray) -> np.ndarray:
     """Where the five points lie in an ArcFace-aligned crop of any size."""
-    from facecurate.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112
+    from facecurate.common.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112
 
     h, w = crop.shape[:2]
     return ARCFACE_TEMPLATE_112 * np.array([w / ARCFACE_BASE_SIZE, h / ARCFACE_BASE_SIZE])
@@ -204,7 +204,7 @@ def dlib_sha() -> str:
     """sha256 of the installed ``dlib_face_recognition_resnet_model_v1.dat`` (once)."""
     global _DLIB_SHA
     if _DLIB_SHA is None:
-        from facecurate.files import sha256_file
+        from facecurate.common.files import sha256_file
         from facecurate.models.dlib_models import DESCRIPTOR, model_file
 
         _DLIB_SHA = sha256_file(model_file(DESCRIPTOR))

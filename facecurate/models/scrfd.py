@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..records import Detection
+from facecurate.common.records import Detection
 from .onnx_inspect import SCRFD_LAYOUTS, _dim, open_checked
 from .onnx_session import OnnxModelError
 
@@ -163,7 +163,7 @@ class SCRFD:
 
     @cached_property
     def sha256(self) -> str:
-        from ..files import sha256_file
+        from facecurate.common.files import sha256_file
 
         return sha256_file(self.path)
 

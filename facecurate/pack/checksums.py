@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, TextIO
 
-from facecurate.constants import IRHEADER_FORMAT, IRHEADER_SIZE, SUMS_COLUMNS, SUMS_SUFFIX
+from facecurate.common.constants import IRHEADER_FORMAT, IRHEADER_SIZE, SUMS_COLUMNS, SUMS_SUFFIX
 
 _IRH = struct.Struct(IRHEADER_FORMAT)
 HEADER_LINE = "\t".join(SUMS_COLUMNS) + "\n"
@@ -127,7 +127,7 @@ class SumsWriter:
 class _Hasher:
     """The child process of :class:`SumsWriter`: receives ``(first key, offsets)`` per
     batch, reads those records from the .rec and appends their lines to the sums
-    file, in order. It dies with its parent (:func:`facecurate.procs.die_with_parent`)."""
+    file, in order. It dies with its parent (:func:`facecurate.common.procs.die_with_parent`)."""
 
     def __init__(self, rec: os.PathLike | str, sums: str):
         import multiprocessing
@@ -154,15 +154,15 @@ class _Hasher:
             raise SumsError(f"checksums not written: {err}")
 
     def stop(self) -> None:
-        from facecurate.procs import stop_processes
+        from facecurate.common.procs import stop_processes
 
         self._conn.close()
         stop_processes([self.proc])
 
 
 def _hash_records(conn, rec: str, sums: str, parent: int) -> None:
-    from facecurate.procs import die_with_parent
-    from facecurate.recordio import read_record
+    from facecurate.common.procs import die_with_parent
+    from facecurate.common.recordio import read_record
 
     die_with_parent(parent)
     err, msg = "", ()
@@ -288,9 +288,9 @@ def write_sums(rec: os.PathLike | str, *, show_progress: bool = False) -> dict:
     left out and counted). Atomic (temporary name, then rename). Returns a summary."""
     import numpy as np
 
-    from facecurate.files import progress
-    from facecurate.recdata import rec_paths
-    from facecurate.recordio import RecordIOError, iter_records, read_idx_arrays
+    from facecurate.common.files import progress
+    from facecurate.common.recdata import rec_paths
+    from facecurate.common.recordio import RecordIOError, iter_records, read_idx_arrays
 
     rec_path, idx_path = rec_paths(rec)
     if not rec_path.is_file():

@@ -4,7 +4,7 @@ record and describe it.
 The checks run as named steps over one pass of the file: the framing of every record
 (:func:`_scan`), the .idx against the record starts (:func:`_match_index`), the layout
 and which records are images (:func:`_image_records`, the rule of
-:mod:`facecurate.recdata`), the labels (:func:`_check_labels`), the identity records of
+:mod:`facecurate.common.recdata`), the labels (:func:`_check_labels`), the identity records of
 the insightface layout (:func:`_check_identity_records`), a decoded sample
 (:func:`_decode_sample`) and the ``property`` file (:func:`_check_property`). Memory
 stays a few dozen bytes per record (numpy arrays), so public datasets of millions of
@@ -21,10 +21,10 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from facecurate.constants import LABEL_LIMIT, LAYOUT_HEADER, LAYOUT_PLAIN
-from facecurate.imageio import image_kind, jpeg_complete
-from facecurate.recdata import LABEL_RULE, is_header_record, layout_of, read_property, rec_paths
-from facecurate.recordio import RecordIOError, iter_records, read_idx_arrays, read_record, unpack_record
+from facecurate.common.constants import LABEL_LIMIT, LAYOUT_HEADER, LAYOUT_PLAIN
+from facecurate.common.imageio import image_kind, jpeg_complete
+from facecurate.common.recdata import LABEL_RULE, is_header_record, layout_of, read_property, rec_paths
+from facecurate.common.recordio import RecordIOError, iter_records, read_idx_arrays, read_record, unpack_record
 
 
 @dataclass
@@ -134,7 +134,7 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64, ve
 def _sums_cursor(rec_path: Path, verify: bool, res: InspectResult):
     """The checksum file to verify against (``verify``), or None; ``res.checksums``
     says what is possible."""
-    from facecurate.checksums import SumsCursor, SumsError, sums_path
+    from facecurate.pack.checksums import SumsCursor, SumsError, sums_path
 
     sp = sums_path(rec_path)
     if not sp.exists():
@@ -159,7 +159,7 @@ def _sums_cursor(rec_path: Path, verify: bool, res: InspectResult):
 def _finish_verify(cursor, res: InspectResult, complete: bool) -> None:
     """Lines of the checksum file that name no record (only meaningful when the whole
     file was read)."""
-    from facecurate.checksums import SumsError
+    from facecurate.pack.checksums import SumsError
 
     try:
         cursor.finish()
@@ -223,9 +223,9 @@ def _scan(rec_path: Path, size: int, key_at: Callable, res: InspectResult, full:
           show_progress: bool, cursor=None) -> _Scan:
     """One pass over the file: framing, IRHeaders, JPEG completeness (and decoding with
     ``full``), payload checksums (``cursor``)."""
-    from facecurate.checksums import SumsError
+    from facecurate.pack.checksums import SumsError
 
-    from facecurate.files import progress
+    from facecurate.common.files import progress
 
     offsets, flags = array("q"), array("q")
     lab0, lab1, imglen = array("d"), array("d"), array("q")
@@ -320,7 +320,7 @@ def _match_index(scan: _Scan, idx_keys: Optional[np.ndarray], idx_offs: Optional
 
 
 def _image_records(scan: _Scan, keys: np.ndarray, pos: np.ndarray, res: InspectResult) -> Optional[_Images]:
-    """The layout (key 0 decides it, :mod:`facecurate.recdata`) and which keys are
+    """The layout (key 0 decides it, :mod:`facecurate.common.recdata`) and which keys are
     image and identity records; None when that cannot be told (error recorded)."""
     order = np.argsort(keys, kind="stable")
     skeys, spos = keys[order], pos[order]

@@ -3,9 +3,9 @@ reading and checking each crop (exists, readable, a regular file of at most
 ``--max-bytes``, an image, the target size). A complete JPEG of the target size is
 taken as it is, byte for byte; anything else is decoded and encoded once. In a folder
 of crops, FIFOs, sockets and devices are never opened, and symlinks are followed only
-while they stay inside the folder (:mod:`facecurate.filetree`'s rules; ``ReadRule``).
+while they stay inside the folder (:mod:`facecurate.common.filetree`'s rules; ``ReadRule``).
 Problems become :class:`InputError` rows of pack_errors.csv, never exceptions;
-:mod:`facecurate.pack` writes what passes."""
+:mod:`facecurate.pack.packer` writes what passes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     ALIGN_MANIFEST,
     ARCFACE_BASE_SIZE,
     CLEAN_CSV,
@@ -35,10 +35,10 @@ from facecurate.constants import (
     PACK_WRONG_SIZE,
     STATUS_TOO_LARGE,
 )
-from facecurate.filetree import FileProblem, link_problem, read_regular, special_kind
-from facecurate.manifests import AlignRow, CleanRow
-from facecurate.workspace import Workspace
-from facecurate.imageio import JPEG_EOI, JPEG_SOI, jpeg_complete, jpeg_sof, jpeg_size
+from facecurate.common.filetree import FileProblem, link_problem, read_regular, special_kind
+from facecurate.common.manifests import AlignRow, CleanRow
+from facecurate.common.workspace import Workspace
+from facecurate.common.imageio import JPEG_EOI, JPEG_SOI, jpeg_complete, jpeg_sof, jpeg_size
 
 class PackError(Exception):
     """pack could not produce DEST (nothing usable, --strict with input errors, ...);

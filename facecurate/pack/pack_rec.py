@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     CLEAN_CSV,
     DECISION_KEEP,
     LABEL_LIMIT,
@@ -37,11 +37,11 @@ from facecurate.constants import (
     REC_KEY_PREFIX,
     REC_LABELS_COLUMNS,
 )
-from facecurate.files import csv_text
-from facecurate.pack_inputs import InputError, PackError, _Good, strict_problems
-from facecurate.recdata import LABEL_RULE, image_label, read_layout, read_property, rec_paths
-from facecurate.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
-from facecurate.workspace import Workspace
+from facecurate.common.files import csv_text
+from facecurate.pack.pack_inputs import InputError, PackError, _Good, strict_problems
+from facecurate.common.recdata import LABEL_RULE, image_label, read_layout, read_property, rec_paths
+from facecurate.common.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
+from facecurate.common.workspace import Workspace
 
 #: records written per batch (and per progress update)
 _BATCH = 512
@@ -269,11 +269,11 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
              merges: Optional[os.PathLike | str] = None, fsync: bool = True, show_progress: bool = False,
              on_record: Optional[Callable[[int], None]] = None):
     """Pack the records ``src/clean.csv`` keeps from ``src/train.rec`` into ``dest``
-    (same files as :func:`facecurate.pack.pack`, plus old labels in labels.csv).
+    (same files as :func:`facecurate.pack.packer.pack`, plus old labels in labels.csv).
     ``shuffle``: a new order (plain) or a new order within each class (insightface);
     without it the records keep the source's order (grouped by class for insightface)."""
-    from facecurate.files import progress
-    from facecurate.pack import PackResult, _cleanup, _commit, _RecSink, _tmp
+    from facecurate.common.files import progress
+    from facecurate.pack.packer import PackResult, _cleanup, _commit, _RecSink, _tmp
 
     src, dest = Path(src), Path(dest)
     rec_path, idx_path = rec_paths(src)
@@ -343,7 +343,7 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
 
 def _texts(result, plan: _Plan, table: RecTable, sink) -> dict[str, str]:
     """property, labels.csv (new label -> old labels and names), pack_errors.csv, pack.json."""
-    from facecurate.pack import dest_texts
+    from facecurate.pack.packer import dest_texts
 
     rows = []
     for new, (r, (name, n)) in enumerate(zip(plan.classes, sink.classes)):

@@ -1,6 +1,6 @@
 """The pack stage: crops -> DEST/train.rec/.idx/.lst, property, labels.csv,
 pack_errors.csv and pack.json for insightface arcface_torch, written without MXNet.
-What is read and how each crop is checked lives in :mod:`facecurate.pack_inputs`;
+What is read and how each crop is checked lives in :mod:`facecurate.pack.pack_inputs`;
 this module orders the crops, writes the records and commits DEST.
 
 Layouts (docs/formats.md):
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     IDX_NAME,
     JPEG_QUALITY,
     LABELS_COLUMNS,
@@ -47,10 +47,10 @@ from facecurate.constants import (
     SUMS_NAME,
     VERSIONS_KEY,
 )
-from facecurate.checksums import SumsWriter
-from facecurate.files import csv_text, write_text_atomic
-from facecurate.provenance import library_versions
-from facecurate.pack_inputs import (
+from facecurate.pack.checksums import SumsWriter
+from facecurate.common.files import csv_text, write_text_atomic
+from facecurate.common.provenance import library_versions
+from facecurate.pack.pack_inputs import (
     InputError,
     PackError,
     _Cand,
@@ -65,7 +65,7 @@ from facecurate.pack_inputs import (
     check_dest,
     strict_problems,
 )
-from facecurate.recordio import RecordWriter, frame, pack_header
+from facecurate.common.recordio import RecordWriter, frame, pack_header
 
 
 def _tmp(dest: Path, name: str) -> Path:
@@ -465,20 +465,20 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     reported (``unsupported``).
 
     When ``out`` is a packed dataset (train.rec + .idx, no align.csv), the records its
-    clean.csv keeps are packed by :func:`facecurate.pack_rec.pack_rec` (``shuffle``
+    clean.csv keeps are packed by :func:`facecurate.pack.pack_rec.pack_rec` (``shuffle``
     None, the default, means: shuffle crops, keep the order of a .rec; ``merges``: a
     merges.csv of confirmed pairs)."""
     from functools import partial
 
-    from facecurate.files import progress
-    from facecurate.recdata import is_rec_dataset
+    from facecurate.common.files import progress
+    from facecurate.common.recdata import is_rec_dataset
 
     if layout not in (LAYOUT_PLAIN, LAYOUT_INSIGHTFACE):
         raise ValueError(f"layout must be {LAYOUT_PLAIN!r} or {LAYOUT_INSIGHTFACE!r}")
     out, dest = Path(out), Path(dest)
     check_dest(out, dest)
     if is_rec_dataset(out):
-        from facecurate.pack_rec import pack_rec
+        from facecurate.pack.pack_rec import pack_rec
 
         return pack_rec(out, dest, layout=layout, shuffle=bool(shuffle), seed=seed, min_images=min_images,
                         strict=strict, merges=merges, fsync=fsync, show_progress=show_progress,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from facecurate.constants import ALIGN_MANIFEST, IMAGE_EXTENSIONS, UNRESOLVED_SUFFIX
+from facecurate.common.constants import ALIGN_MANIFEST, IMAGE_EXTENSIONS, UNRESOLVED_SUFFIX
 
 
 class PairsError(ValueError):
@@ -117,7 +117,7 @@ class _Resolver:
     align.csv maps each photo to its primary crop. Results are cached."""
 
     def __init__(self, root: Path):
-        from facecurate.workspace import Workspace
+        from facecurate.common.workspace import Workspace
 
         self.root = root
         self.crop_of: Optional[dict[str, str]] = None
@@ -166,8 +166,8 @@ def pack_pairs(pairs: os.PathLike | str, root: os.PathLike | str, dest: os.PathL
     resolved are left out and reported (``strict``: raise instead)."""
     import pickle
 
-    from facecurate.files import write_bytes_atomic
-    from facecurate.pack import PackError
+    from facecurate.common.files import write_bytes_atomic
+    from facecurate.pack.packer import PackError
 
     pairs, root, dest = Path(pairs), Path(root), Path(dest)
     res = PairsResult(dest=dest)

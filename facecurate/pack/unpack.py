@@ -1,6 +1,6 @@
 """``facecurate unpack``: a .rec (either layout, vector labels included) back to
 ``DEST/<identity or label>/<key>.jpg``, streamed and resumable. Which records are
-images is decided by :mod:`facecurate.recdata`.
+images is decided by :mod:`facecurate.common.recdata`.
 
 DEST is claimed before anything is written: it must be empty (or new), or hold the
 ``unpack.json`` of an earlier unpack of the same .rec (a rerun continues it), so an
@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     LABELS_CSV,
     UNPACK_FINGERPRINT_BYTES,
     UNPACK_MAX_NAME_BYTES,
     UNPACK_META,
     UNPACK_SAME_NAME_SEP,
 )
-from facecurate.imageio import image_kind
-from facecurate.recdata import (
+from facecurate.common.imageio import image_kind
+from facecurate.common.recdata import (
     LABEL_RULE,
     RecLayout,
     image_label,
@@ -33,7 +33,7 @@ from facecurate.recdata import (
     read_property,
     rec_paths,
 )
-from facecurate.recordio import RecordIOError, iter_records, read_idx_arrays, unpack_record
+from facecurate.common.recordio import RecordIOError, iter_records, read_idx_arrays, unpack_record
 
 
 class UnpackError(ValueError):
@@ -92,7 +92,7 @@ def folder_names(label_names: dict[int, str]) -> tuple[dict[int, str], int, int]
 def rec_fingerprint(rec_path: Path, idx_path: Path) -> dict:
     """What identifies a .rec for unpack.json, cheaply for any size: its size, the
     sha256 of its .idx, and of its first and last ``UNPACK_FINGERPRINT_BYTES`` bytes."""
-    from facecurate.files import sha256_file
+    from facecurate.common.files import sha256_file
 
     size = rec_path.stat().st_size
     n = UNPACK_FINGERPRINT_BYTES
@@ -107,7 +107,7 @@ def rec_fingerprint(rec_path: Path, idx_path: Path) -> dict:
 def claim_dest(dest: Path, rec_path: Path, idx_path: Path) -> None:
     """Make sure unpack may write into ``dest`` (UnpackError otherwise) and record the
     .rec there: ``dest`` is new or empty, or holds the unpack.json of the same .rec."""
-    from facecurate.files import write_text_atomic
+    from facecurate.common.files import write_text_atomic
 
     fp = rec_fingerprint(rec_path, idx_path)
     meta = dest / UNPACK_META
@@ -241,7 +241,7 @@ def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = Tru
     zero-padded to at least 8 digits, so name order is key order. Streams the .rec
     once; files are written under a temporary name and renamed, and files already
     present are kept, so an interrupted unpack continues where it stopped."""
-    from facecurate.files import progress
+    from facecurate.common.files import progress
 
     rec_path, idx_path = rec_paths(rec)
     dest = Path(dest)

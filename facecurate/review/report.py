@@ -12,11 +12,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from facecurate import constants as C
-from facecurate.files import format_float, shown_html, write_text_atomic
-from facecurate.manifests import AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, Row, NAN, finite_or
-from facecurate.workspace import ManifestError, Workspace
-from facecurate.review import image_data_uri
+from facecurate.common import constants as C
+from facecurate.common.files import format_float, shown_html, write_text_atomic
+from facecurate.common.manifests import AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, Row, NAN, finite_or
+from facecurate.common.workspace import ManifestError, Workspace
+from facecurate.review.review import image_data_uri
 
 COLORS = {C.DECISION_KEEP: "#2e7d32", C.DECISION_REVIEW: "#f9a825", C.DECISION_DROP: "#c62828"}
 NEUTRAL = "#546e7a"

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from facecurate import constants as C
-from facecurate.files import UNSAFE_CHARS, format_float, shown, shown_html, unsheet_cell, write_text_atomic
-from facecurate.manifests import CleanRow, ReviewRow
-from facecurate.workspace import Workspace
+from facecurate.common import constants as C
+from facecurate.common.files import UNSAFE_CHARS, format_float, shown, shown_html, unsheet_cell, write_text_atomic
+from facecurate.common.manifests import CleanRow, ReviewRow
+from facecurate.common.workspace import Workspace
 
 #: reason written by ``apply_decisions``
 REASON_MANUAL = C.REASON_MANUAL
@@ -72,14 +72,14 @@ def _cluster(r: CleanRow) -> int:
 def image_data_uri(path: Path, records=None) -> str | None:
     """``data:`` URI of an image file, or None when it cannot be read. ``OUT/rec:<key>``
     (a record of the packed dataset in OUT) is read from OUT/train.rec, through
-    ``records`` (a :class:`facecurate.recdata.KeyedRecords` of the keys a page shows)
+    ``records`` (a :class:`facecurate.common.recdata.KeyedRecords` of the keys a page shows)
     when given, else through the whole .idx."""
-    from facecurate.constants import IDX_NAME
-    from facecurate.recdata import rec_key
+    from facecurate.common.constants import IDX_NAME
+    from facecurate.common.recdata import rec_key
 
     key = rec_key(path.name)
     if key is not None:
-        from facecurate.imageio import image_kind
+        from facecurate.common.imageio import image_kind
 
         if records is None:
             try:
@@ -103,8 +103,8 @@ def _sheet_records(out_dir: Path, sections: Sequence[Section]):
     """For clean.csv of a packed dataset: the records the sheet shows, their offsets
     read in one streamed pass over OUT/train.idx (memory bounded by the sheet, not by
     the rec); None for crops in folders."""
-    from facecurate.constants import IDX_NAME
-    from facecurate.recdata import KeyedRecords, rec_key
+    from facecurate.common.constants import IDX_NAME
+    from facecurate.common.recdata import KeyedRecords, rec_key
 
     keys = [k for s in sections for r in (*s.review, *s.references)
             if (k := rec_key(r.aligned)) is not None]
@@ -116,7 +116,7 @@ def _sheet_records(out_dir: Path, sections: Sequence[Section]):
 @functools.lru_cache(maxsize=2)
 def _records(folder: str, _stamp: int):
     """The records of ``folder``/train.rec by key (its .idx read once while unchanged)."""
-    from facecurate.recdata import KeyedRecords
+    from facecurate.common.recdata import KeyedRecords
 
     return KeyedRecords(folder)
 
@@ -409,7 +409,7 @@ function decide(card, d, toggle){
   show(card); count(); save();
 }
 /* every field quoted; a name that a spreadsheet would run as a formula gets a leading
-   quote, as in review.csv (facecurate.files.sheet_cell); review apply takes it off */
+   quote, as in review.csv (facecurate.common.files.sheet_cell); review apply takes it off */
 function sheetCell(s){ s = String(s); return /^[=+\-@\t\r]/.test(s) || /^'[=+\-@\t\r']/.test(s) ? "'" + s : s; }
 function csvCell(s){ return '"' + String(s).replace(/"/g, '""') + '"'; }
 function decisionsCSV(){
