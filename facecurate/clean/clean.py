@@ -20,28 +20,24 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from facecurate.common import constants as C
 from facecurate.clean.clean_cohort import calibrate
+from facecurate.clean.clean_common import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
 from facecurate.clean.clean_core import CoreResult, clean_core
 from facecurate.clean.clean_inputs import embed_images, exclusions, failed_keys, model_name, read_exclude, store_runtime
-from facecurate.clean.clean_params import (COSINE_THRESHOLDS, R_MANUAL, R_NO_EMBEDDING, CleanParams, check_cosines,
-                                     default_params)
+from facecurate.clean.clean_params import R_MANUAL, R_NO_EMBEDDING, CleanParams, check_cosines, default_params
+from facecurate.clean.clean_rec import run_clean_rec
 from facecurate.common.manifests import AlignRow, CleanRow, IdentityRow, MergeRow
-from facecurate.common.provenance import library_versions
+from facecurate.common.recdata import is_rec_dataset
 from facecurate.clean.similar import similar_pairs
 from facecurate.clean.vectors import normalize
 from facecurate.common.workspace import Workspace
+from facecurate.embed.embed import load_store, run_embed
 
-
-def clean_versions() -> dict:
-    """The library versions clean.json records: numpy decides the scores, OpenCV the
-    crops' pixel check, faiss (when installed) the cross-identity search above
-    ``similar_pairs``'s exact size."""
-    return library_versions(["faiss"])
 
 __all__ = ["CleanParams", "CoreResult", "CropSimilarity", "clean_core", "default_params", "embed_images",
            "read_exclude", "run_clean", "similar_pairs", "store_index"]
@@ -50,8 +46,6 @@ __all__ = ["CleanParams", "CoreResult", "CropSimilarity", "clean_core", "default
 def store_index(out_dir: Path):
     """(vectors, memory-mapped; {aligned: row}; meta) of OUT's embedding store, read by
     :func:`facecurate.embed.embed.load_store`; None when OUT has no store."""
-    from facecurate.embed.embed import load_store
-
     store = load_store(out_dir, mmap=True, missing_ok=True)
     if store is None:
         return None
@@ -66,10 +60,6 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[AlignRow], runtime: str = "a
     store = store_index(out_dir)
     need = {r.aligned for r in rows}
     if store is None or not need.issubset(set(store[1]) | failed_keys(store[2])):
-        try:
-            from facecurate.embed.embed import run_embed
-        except ImportError as e:  # pragma: no cover - embed stage missing
-            raise RuntimeError(f"{out_dir}: embeddings missing and the embed stage is unavailable ({e})")
         # continue an existing (default-model) store with its own settings
         if store is not None:
             runtime = store_runtime(store[2])
@@ -78,45 +68,6 @@ def ensure_embeddings(out_dir: Path, rows: Sequence[AlignRow], runtime: str = "a
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
     return store
-
-
-class CropSimilarity:
-    """Correlation of two aligned crops, 32x32 grey, mean removed (1.0: same pixels up to
-    brightness and contrast). Thumbnails are read on first use and cached; a crop that
-    cannot be read compares as 0 (never a duplicate by pixels)."""
-
-    SIDE = 32
-
-    def __init__(self, paths: Sequence[str | os.PathLike]):
-        self.paths = list(paths)
-        self._cache: dict[int, np.ndarray | None] = {}
-
-    def subset(self, rows: Sequence[int]) -> "CropSimilarity":
-        """The same comparison on the crops ``rows`` (renumbered 0..), e.g. for a worker."""
-        return CropSimilarity([self.paths[int(i)] for i in rows])
-
-    def grey(self, i: int) -> np.ndarray | None:
-        """Crop ``i`` as a grey image, or None when it cannot be read."""
-        import cv2
-
-        return cv2.imread(str(self.paths[i]), cv2.IMREAD_GRAYSCALE)
-
-    def thumb(self, i: int) -> np.ndarray | None:
-        if i not in self._cache:
-            import cv2
-
-            im = self.grey(i)
-            t = None
-            if im is not None and im.size:
-                t = cv2.resize(im, (self.SIDE, self.SIDE), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
-                t -= t.mean()
-                t /= float(np.linalg.norm(t)) + 1e-6
-            self._cache[i] = t
-        return self._cache[i]
-
-    def __call__(self, i: int, j: int) -> float:
-        a, b = self.thumb(i), self.thumb(j)
-        return 0.0 if a is None or b is None else float(a @ b)
 
 
 def _carry_manual(ws: Workspace, out: list[CleanRow]) -> tuple[list[CleanRow], int, int]:
@@ -168,11 +119,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     neither on it nor on ``shard_faces`` (see ``clean_core``)."""
     out_dir = Path(out_dir)
     check_cosines(model_overrides or {})  # before anything is embedded
-    from facecurate.common.recdata import is_rec_dataset
-
     if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean.clean_rec)
-        from facecurate.clean.clean_rec import run_clean_rec
-
         return run_clean_rec(out_dir, model_overrides=model_overrides, calibrate_far=calibrate_far,
                              exclude=exclude, max_review=max_review, min_images=min_images, min_face=min_face,
                              ambiguous=ambiguous, keep_manual=keep_manual, show_progress=show_progress,
@@ -268,51 +215,3 @@ def _identity_rows(images_by_id: dict, f: _Faces, res: CoreResult) -> list[Ident
         rows.append(identity_row(nm, len(images_by_id[nm]), res.identities[g] if g is not None else None,
                                  medians[g] if g is not None else float("nan")))
     return rows
-
-
-def kept_medians(identity: np.ndarray, res: CoreResult, n_ids: int) -> list[float]:
-    """Per identity number, the median score of its kept faces (nan when none); one
-    sort of the faces, not a pass over all of them per identity."""
-    kept = np.asarray(res.decision, dtype=object) == C.DECISION_KEEP if len(identity) else np.zeros(0, bool)
-    order = np.argsort(identity, kind="stable")
-    bounds = np.searchsorted(identity[order], np.arange(n_ids + 1))
-    out = []
-    for g in range(n_ids):
-        idx = order[bounds[g]:bounds[g + 1]]
-        sc = res.score[idx][kept[idx]]
-        out.append(float(np.median(sc)) if sc.size else float("nan"))
-    return out
-
-
-def identity_row(name: str, images: int, inf: dict | None, median: float) -> IdentityRow:
-    """One identities.csv row from clean_core's counts of the identity (None: it has
-    no face) and the median score of its kept faces."""
-    if inf is None:
-        inf = dict(faces=0, kept=0, dropped=0, review=0, duplicates=0, not_subject=0, clusters=0,
-                   dominant_share=0.0, flags=[C.FLAG_NO_FACES])
-    noise = 1.0 - (inf["kept"] + inf["review"]) / images if images else 0.0
-    return IdentityRow(
-        identity=name, images=images, faces=inf["faces"], kept=inf["kept"], dropped=inf["dropped"],
-        review=inf["review"], duplicates=inf["duplicates"], not_subject=inf["not_subject"],
-        clusters=inf["clusters"], dominant_share=float(inf["dominant_share"]), noise=max(0.0, noise),
-        median_score=median, flags=";".join(inf["flags"]))
-
-
-def clean_summary(faces: int, counts: Mapping[str, int], reasons: Mapping[str, int], ident_rows: list[IdentityRow],
-                  merge_rows: list[MergeRow], res: CoreResult, p: CleanParams, model: str, manual_kept: int,
-                  manual_lost: int) -> dict:
-    """clean.json's summary (and run_clean's return value), for a folder or a .rec:
-    ``faces`` rows of clean.csv, ``counts`` of them by decision, ``reasons`` by reason."""
-    return dict(
-        faces=faces, identities=len(ident_rows),
-        keep=counts.get(C.DECISION_KEEP, 0), drop=counts.get(C.DECISION_DROP, 0),
-        review=counts.get(C.DECISION_REVIEW, 0),
-        review_share=round(counts.get(C.DECISION_REVIEW, 0) / faces, 4) if faces else 0.0,
-        manual_kept=manual_kept, manual_lost=manual_lost,
-        reasons=dict(sorted(reasons.items())),
-        ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
-        excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
-        merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved,
-        model=model, thresholds={k: round(getattr(p, k), 4) for k in COSINE_THRESHOLDS},
-        calibrated=bool(p.calibrated),
-    )

@@ -15,8 +15,10 @@ import numpy as np
 from facecurate.clean.clean_params import model_family
 from facecurate.common.constants import MAX_INPUT_BYTES
 from facecurate.common.filetree import FileProblem, read_regular
+from facecurate.common.imageio import ImageError, decode_image
 from facecurate.clean.vectors import normalize
 from facecurate.clean.verification_bin import read_verification_bin
+from facecurate.models.zoo import make_embedder
 
 __all__ = ["model_name", "store_runtime", "failed_keys", "read_exclude", "embed_images", "exclusions"]
 
@@ -67,15 +69,11 @@ def embed_images(images: list[bytes], meta: dict, runtime: str = "auto") -> np.n
     (dlib: the embed stage's chip from the crop's five template points) on ``runtime``.
     Images that do not decode (or whose header claims more than ``MAX_IMAGE_PIXELS``)
     are skipped; 64 are decoded at a time."""
-    from facecurate.common.imageio import ImageError, decode_image
-
     if not images:
         return np.zeros((0, int(meta.get("dim", 128))), np.float32)
     if model_family(model_name(meta)) != "dlib":
         raise RuntimeError("--exclude with a .bin needs the dlib store; for other models pass a folder of "
                            "identity names")
-    from facecurate.models.zoo import make_embedder
-
     emb = make_embedder("dlib", feed="crop", runtime=runtime)
     out = []
     for b0 in range(0, len(images), 64):

@@ -27,16 +27,19 @@ from typing import Sequence
 import numpy as np
 
 from facecurate.common import constants as C
-from facecurate.clean.clean import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
+from facecurate.clean.clean_common import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
 from facecurate.clean.clean_cohort import calibrate
 from facecurate.clean.clean_core import clean_core
 from facecurate.clean.clean_inputs import exclusions, model_name, store_runtime
 from facecurate.clean.clean_params import default_params
 from facecurate.common.files import format_float
 from facecurate.common.manifests import IdentityRow, MergeRow
-from facecurate.common.recdata import LABEL_RULE, image_label, int_label, rec_key, rec_paths, read_label_names
+from facecurate.common.recdata import (LABEL_RULE, KeyedRecords, image_label, int_label, read_label_names,
+                                      read_layout, rec_key, rec_paths)
+from facecurate.common.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
 from facecurate.clean.vectors import normalize
 from facecurate.common.workspace import Workspace
+from facecurate.embed.embed import run_embed
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -69,9 +72,6 @@ def _store_keys(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
 
 def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
     """Labels of a few records read from the .rec (the store's failed records)."""
-    from facecurate.common.recdata import KeyedRecords
-    from facecurate.common.recordio import RecordIOError, unpack_record
-
     if not keys:
         return []
     kr = KeyedRecords(rec_path)
@@ -93,8 +93,6 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
     """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
     model, on ``runtime``) when the store is missing; a store that lacks records is
     continued with its own settings and runtime."""
-    from facecurate.embed.embed import run_embed
-
     ws = Workspace(dest)
     if not ws.has(C.EMBEDDINGS_NPY):
         run_embed(rec_path, runtime=runtime)
@@ -122,9 +120,6 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
 
 def _image_records(rec_path: Path) -> int:
     """How many image records the .idx names (the layout rule of recdata)."""
-    from facecurate.common.recdata import read_layout
-    from facecurate.common.recordio import RecordIOError, read_idx_arrays
-
     keys, offs = read_idx_arrays(rec_paths(rec_path)[1])
     k0 = np.flatnonzero(keys == 0)
     try:
@@ -158,8 +153,6 @@ class RecCropSimilarity(CropSimilarity):
 
     def grey(self, i: int):
         import cv2
-
-        from facecurate.common.recordio import RecordIOError, read_record, unpack_record
 
         try:
             if self._f is None:
@@ -198,8 +191,6 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     """Clean the image records of ``dest/train.rec`` (see the module); returns the summary.
     ``runtime``: dlib's model on dlib or ONNX Runtime, for a store made here and for the
     faces of an ``--exclude`` .bin; ``core_kw``: clean_core's options (workers, shard_faces)."""
-    from facecurate.common.recdata import KeyedRecords
-
     dest = Path(dest)
     rec_path, _idx = rec_paths(dest)
     vecs, meta, faces = ensure_store(dest, rec_path, runtime)
