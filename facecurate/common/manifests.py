@@ -79,7 +79,7 @@ def _fmt_float(v: float) -> str:
     return format_float(v)
 
 
-def _fmt_int(v: Optional[int]) -> str:
+def fmt_int(v: Optional[int]) -> str:
     return "" if v is None else str(int(v))
 
 
@@ -91,7 +91,7 @@ def _fmt_flag(v: Optional[bool]) -> str:
 _CODECS = {
     "str": (lambda t, c: "" if t is None else str(t), lambda v: v),
     "float": (parse_float, _fmt_float),
-    "int": (parse_int, _fmt_int),
+    "int": (parse_int, fmt_int),
     "flag": (parse_flag, _fmt_flag),
 }
 _KINDS = {"str": "str", "float": "float", "Optional[int]": "int", "int": "int", "Optional[bool]": "flag"}

@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -56,140 +55,26 @@ from facecurate.common.constants import (
     EMBED_SIGNATURE,
     MAX_INPUT_BYTES,
     REC_NAME,
-    SHARD_NPZ,
     VERSIONS_KEY,
     WORK_DIR,
 )
 from facecurate.common.files import write_bytes_atomic
-from facecurate.common.manifests import EmbeddingRow, _fmt_int
+from facecurate.common.manifests import EmbeddingRow
+from facecurate.common.recdata import is_rec_dataset
 from facecurate.common.workspace import ManifestError, MissingFile, Workspace
+from facecurate.embed.embed_inputs import EmbedError, Item, Loader, items_from_align, items_from_folder, shard_npz
+from facecurate.embed.embed_rec import check_rec, items_from_rec, plan_rec_shards, write_rec_store
 from facecurate.engines import get_engine
+from facecurate.engines.local import default_workers as cores
 from facecurate.models.base import ONNX_RUNTIME_TAG, ModelError
 from facecurate.models.zoo import make_embedder
 from facecurate.common.procs import run_lock
 from facecurate.common.provenance import library_versions
 from facecurate.engines.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
-                               in_part, merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
+                                       finished, in_part, merge_if_due, parse_part, plan_shards, recorded_size,
+                                       run_shards)
 
 EMBED_DIR = "embed"
-
-
-class EmbedError(RuntimeError):
-    """A problem with the run as a whole (missing input, incompatible store)."""
-
-
-# ----------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class Item:
-    """One face to embed. ``aligned`` is the store key."""
-
-    aligned: str
-    source: str
-    identity: str
-    face: str
-    crop: str = ""  # absolute path of the crop image ("" for .rec records)
-    raw: str = ""  # absolute path of the source photo ("" when unknown)
-    pts5: Optional[tuple] = None  # 10 floats, the 5 points in source pixels
-    box: Optional[tuple] = None  # x1, y1, x2, y2 in source pixels
-    rec_offset: int = -1  # byte offset of the record in a .rec
-    data: Optional[bytes] = None  # the record's image bytes (.rec input: read with its label)
-    problem: str = ""  # why it is not read, found while listing a crop folder (a link leading out)
-
-
-def items_from_align(out: Path, primary_only: bool = False) -> tuple[list[Item], dict]:
-    """The ``ok`` rows of OUT/align.csv (``primary_only``: of the photos' subjects),
-    in the manifest's order, and align.json."""
-    ws = Workspace(out)
-    rows = ws.align_rows()
-    meta = ws.align_meta()
-    raw = meta.get("raw") or ""
-    items = []
-    for r in rows:
-        if not r.is_ok or not r.aligned or (primary_only and not r.primary):
-            continue
-        items.append(Item(
-            aligned=r.aligned, source=r.source, identity=r.identity, face=_fmt_int(r.face),
-            crop=str(out / r.aligned),
-            raw=str(Path(raw) / r.source) if raw else "",
-            pts5=r.points, box=r.box,
-        ))
-    return items, meta
-
-
-def items_from_folder(folder: Path, follow_external_links: bool = False) -> list[Item]:
-    """Every image in a plain folder of crops ``<identity>/...``, sorted. Symlinks are
-    followed while they stay inside ``folder`` (:func:`facecurate.common.filetree.walk_tree`);
-    a link leading out (an image name, or a folder) is an item with its ``problem``,
-    recorded as failed and never read, unless ``follow_external_links``."""
-    from facecurate.common.filetree import walk_tree
-    from facecurate.common.imageio import is_image_name
-
-    entries, _warnings = walk_tree(folder, what="the crop folder", follow_external=follow_external_links,
-                                   skip_dirs=(WORK_DIR,))
-    items = []
-    for e in entries:
-        if not (e.folder or is_image_name(e.rel)):
-            continue
-        parts = PurePosixPath(e.rel).parts
-        items.append(Item(aligned=e.rel, source=e.rel, identity=parts[0] if len(parts) > 1 or e.folder else "",
-                          face="0", crop=os.path.join(folder, e.rel),
-                          problem=f"{e.status}: {e.message}" if e.status else ""))
-    return items
-
-
-def items_from_rec(rec: Path) -> list[Item]:
-    """Every image record of a ``.rec`` (through its ``.idx``), keyed ``rec:<key>``, in
-    .idx order (:func:`facecurate.embed.embed_rec.items_from_rec`; embed itself streams the
-    file shard by shard)."""
-    from facecurate.embed.embed_rec import items_from_rec as read_all
-
-    return read_all(rec)
-
-
-# ----------------------------------------------------------------------------- loading
-class Loader:
-    """Reads crops / sources / .rec records; keeps the last decoded source (rows of one
-    photo are consecutive) so several faces of a photo decode it once."""
-
-    def __init__(self, max_bytes: int = MAX_INPUT_BYTES):
-        self._last: tuple[str, Optional[np.ndarray]] = ("", None)
-        self._rec: dict[str, object] = {}
-        self.max_bytes = max_bytes  # a larger crop or photo is not read (too_large)
-
-    def source(self, path: str) -> Optional[np.ndarray]:
-        if self._last[0] == path:
-            return self._last[1]
-        from facecurate.common.imageio import ImageError, read_image
-
-        try:
-            img = read_image(path, max_bytes=self.max_bytes)
-        except (ImageError, OSError):
-            img = None
-        self._last = (path, img)
-        return img
-
-    def _bytes(self, item: Item) -> bytes:
-        if item.data is not None:
-            return item.data
-        if item.rec_offset >= 0:
-            from facecurate.common.recordio import read_record, unpack_record
-
-            f = self._rec.get(item.crop)
-            if f is None:
-                f = self._rec[item.crop] = open(item.crop, "rb")
-            _hdr, data = unpack_record(read_record(f, item.rec_offset).payload)
-            return data
-        from facecurate.common.imageio import read_bytes
-
-        return read_bytes(item.crop, self.max_bytes)  # regular files only (ImageError: unsupported, too_large)
-
-    def crop_rgb(self, item: Item) -> np.ndarray:
-        from facecurate.common.imageio import decode_image
-
-        return decode_image(self._bytes(item), item.crop)
-
-    def crop_bgr(self, item: Item) -> np.ndarray:
-        return np.ascontiguousarray(self.crop_rgb(item)[:, :, ::-1])
 
 
 # ----------------------------------------------------------------------------- config
@@ -256,10 +141,6 @@ def _prepare_chunk(embedder, loader: Loader, items: Sequence[Item]):
 def _embed_in_batches(embedder, inputs, flip: bool, batch_size: int) -> np.ndarray:
     out = [embedder.run(inputs[i:i + batch_size], flip) for i in range(0, len(inputs), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
-
-
-def shard_npz(work: Path, index: int) -> Path:
-    return Path(work) / SHARD_NPZ.format(index=index)
 
 
 class EmbedWorker:
@@ -350,8 +231,6 @@ def _part_bytes(res: dict, dim: int) -> bytes:
 
 def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Vectors and failures of the plan's finished shards."""
-    from facecurate.engines.runner import finished
-
     vecs: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
     for idx in sorted(finished(work, shards)):
@@ -367,9 +246,6 @@ def _load_shards(work: Path, shards) -> tuple[dict[str, np.ndarray], dict[str, s
 def _resolve_input(target: Path, out: Optional[Path], follow_external_links: bool = False,
                    ) -> tuple[object, str, Path, dict]:
     """(items, or the .rec path for a .rec, input kind, store folder, align meta)."""
-    from facecurate.embed.embed_rec import check_rec
-    from facecurate.common.recdata import is_rec_dataset
-
     if target.is_file() and target.suffix == ".rec":
         return check_rec(target), "rec", (out or target.parent), {}
     if is_rec_dataset(target):  # a folder holding train.rec (+ .idx) and no align.csv
@@ -389,8 +265,6 @@ def _resolve_input(target: Path, out: Optional[Path], follow_external_links: boo
 def default_workers(embedder) -> int:
     """dlib's descriptor is single-threaded: one process per usable core (as align); an
     ONNX session is one worker whose threads use the cores."""
-    from facecurate.engines.local import default_workers as cores
-
     return cores() if embedder.per_core else 1
 
 
@@ -481,16 +355,12 @@ def _plan(items, kind: str, size: int):
     """Fixed shards of ``size`` faces: of the item list, or of a .rec's image records
     (:func:`facecurate.embed.embed_rec.plan_rec_shards`, one pass over its .idx)."""
     if kind == "rec":
-        from facecurate.embed.embed_rec import plan_rec_shards
-
         return plan_rec_shards(items, size)
     return plan_shards(items, lambda it: it.aligned, size)
 
 
 def _merge(store: Path, items, work: Path, shards, info: dict, sig: dict, cfg: "EmbedConfig", kind: str) -> dict:
     if kind == "rec":  # streamed: vectors and rows shard after shard, never all in memory
-        from facecurate.embed.embed_rec import write_rec_store
-
         count, fails = write_rec_store(store, Path(items), work, shards, int(info["dim"]))
         faces = sum(len(s.items) for s in shards)
         return _write_meta(store, info, sig, cfg, kind, count, fails, faces)

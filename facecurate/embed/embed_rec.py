@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from facecurate.common.constants import REC_KEY_PREFIX
-from facecurate.embed.embed import EmbedError, Item, shard_npz
+from facecurate.embed.embed_inputs import EmbedError, Item, shard_npz
 from facecurate.common.recdata import LABEL_RULE, PLAIN, RecLayout, image_label, label_ok, read_layout
 from facecurate.common.recordio import RecordIOError, read_record, unpack_record
 from facecurate.engines.runner import Shard
