@@ -66,7 +66,7 @@ def strict_problems(errors: list[InputError]) -> list[InputError]:
     return [e for e in errors if e.reason != PACK_BELOW_MIN]
 
 
-class _SizeCheck:
+class SizeCheck:
     """Is this a JPEG of the target size? Crops from one encoder share their header
     bytes up to the SOF segment, and the parse depends only on those bytes: once a
     header prefix has given the target size, a crop that starts with the same bytes
@@ -99,14 +99,14 @@ class ReadRule(NamedTuple):
         return None if self.follow_external else link_problem(path, self.boundary, "the crop folder")
 
 
-class _Cand(NamedTuple):
+class Cand(NamedTuple):
     identity: str
     rel: str  # as written to the .lst (relative to OUT, POSIX)
     path: str
     name: str  # what to open: relative to the identity folder's descriptor when there is one, else = path
 
 
-class _Good(NamedTuple):
+class Good(NamedTuple):
     identity: str
     rel: str
     data: bytes
@@ -160,7 +160,7 @@ def _load(identity: str, rel: str, path: str, size: int, resize: bool,
 
 
 # ----------------------------------------------------------------------------- inputs
-def _target_size(out: Path, size: Optional[int]) -> int:
+def target_size(out: Path, size: Optional[int]) -> int:
     if size:
         return int(size)
     return Workspace(out).crop_size() or ARCFACE_BASE_SIZE
@@ -200,9 +200,9 @@ def check_dest(out: Path, dest: Path) -> None:
             raise PackError(f"DEST ({dest}) holds RAW ({raw}, align's input): choose a DEST folder outside RAW")
 
 
-def _collect(out: Path, dest: Path, rule: ReadRule = ReadRule()) -> tuple[str, list, list[InputError], dict]:
+def collect_units(out: Path, dest: Path, rule: ReadRule = ReadRule()) -> tuple[str, list, list[InputError], dict]:
     """What to read: (source, work units, problems found while listing, notes). A unit
-    is a list of _Cand (manifest sources) or a tuple of identity folder names (folder
+    is a list of Cand (manifest sources) or a tuple of identity folder names (folder
     source, listed by the worker that reads them)."""
     errors: list[InputError] = []
     notes: dict = {}
@@ -259,10 +259,10 @@ def _folder_units(out: Path, dest: Path, errors: list, notes: dict, rule: ReadRu
     return [tuple(units[i:i + 16]) for i in range(0, len(units), 16)]
 
 
-def _manifest_units(out: Path, source: str, rows: Sequence[AlignRow | CleanRow], errors: list) -> list[list[_Cand]]:
+def _manifest_units(out: Path, source: str, rows: Sequence[AlignRow | CleanRow], errors: list) -> list[list[Cand]]:
     """The crops a manifest lists, in one order whatever the rows' order (identity,
     then path), duplicates once; 256 per unit."""
-    cands: list[_Cand] = []
+    cands: list[Cand] = []
     base = str(out)
     for r in rows:
         ident, rel = r.identity, r.aligned.strip()
@@ -274,7 +274,7 @@ def _manifest_units(out: Path, source: str, rows: Sequence[AlignRow | CleanRow],
             errors.append(InputError(ident, rel, PACK_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
         else:
             path = os.path.join(base, rel)
-            cands.append(_Cand(ident, rel, path, path))
+            cands.append(Cand(ident, rel, path, path))
     cands.sort(key=lambda c: (c.identity, c.rel))
     seen: set = set()
     uniq = []
@@ -308,8 +308,8 @@ def _unusable(path: str, entry: os.DirEntry, rule: ReadRule) -> Optional[tuple[s
     return (PACK_UNSUPPORTED, f"{NOT_REGULAR} ({kind})") if kind else None
 
 
-def _list_identity(out: str, ident: str, dfd: Optional[int],
-                   rule: ReadRule = ReadRule()) -> tuple[list[_Cand], list[InputError]]:
+def list_identity(out: str, ident: str, dfd: Optional[int],
+                   rule: ReadRule = ReadRule()) -> tuple[list[Cand], list[InputError]]:
     """The image files of OUT/<ident> (``dfd``: that folder's descriptor, or None)."""
     cands, errors = [], []
     d = out + os.sep + ident  # os.path.join's checks cost more than the listing here
@@ -336,14 +336,14 @@ def _list_identity(out: str, ident: str, dfd: Optional[int],
         elif _bad_name(name):
             errors.append(InputError(ident, rel, PACK_BAD_ROW, "tab or newline in the name (breaks the .lst)"))
         else:  # a folder named *.jpg fails when read
-            cands.append(_Cand(ident, rel, prefix + name, prefix + name if dfd is None else name))
+            cands.append(Cand(ident, rel, prefix + name, prefix + name if dfd is None else name))
     if not cands:
         errors.append(InputError(ident, ident + "/", PACK_EMPTY_IDENTITY, "identity folder has no image files"))
     return cands, errors
 
 
-def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors: list, size: int,
-                  resize: bool, quality: int, check: _SizeCheck, max_bytes: int = MAX_INPUT_BYTES) -> None:
+def _read_checked(cands: Sequence[Cand], dfd: Optional[int], good: list, errors: list, size: int,
+                  resize: bool, quality: int, check: SizeCheck, max_bytes: int = MAX_INPUT_BYTES) -> None:
     """Read every candidate: a complete JPEG of the target size goes to ``good`` as it
     is (the fast path, inlined); anything else is classified by ``_load``."""
     for c in cands:
@@ -357,19 +357,19 @@ def _read_checked(cands: Sequence[_Cand], dfd: Optional[int], good: list, errors
             data = b""
         # jpeg_complete's common case (no padding after the marker), inlined: the hot loop
         if len(data) < 65536 and data.endswith(JPEG_EOI) and len(data) <= max_bytes and check(data):
-            good.append(_Good(c.identity, c.rel, data, True))
+            good.append(Good(c.identity, c.rel, data, True))
             continue
         data, as_is, err = _load(c.identity, c.rel, c.path, size, resize, quality, max_bytes)
         if err is None:
-            good.append(_Good(c.identity, c.rel, data, as_is))
+            good.append(Good(c.identity, c.rel, data, as_is))
         else:
             errors.append(err)
 
 
-def _work(unit, out: str, size: int, resize: bool, quality: int, check: _SizeCheck,
+def read_unit(unit, out: str, size: int, resize: bool, quality: int, check: SizeCheck,
           rule: ReadRule = ReadRule()) -> tuple[list, list[InputError], list[str]]:
-    """Read and check one unit: (good crops as _Good, problems, identities listed)."""
-    good: list[_Good] = []
+    """Read and check one unit: (good crops as Good, problems, identities listed)."""
+    good: list[Good] = []
     errors: list[InputError] = []
     if not isinstance(unit, tuple):  # manifest rows
         _read_checked(unit, None, good, errors, size, resize, quality, check, rule.max_bytes)
@@ -386,7 +386,7 @@ def _work(unit, out: str, size: int, resize: bool, quality: int, check: _SizeChe
             except OSError:
                 pass  # listing by path reports why
         try:
-            cands, errs = _list_identity(out, ident, dfd, rule)
+            cands, errs = list_identity(out, ident, dfd, rule)
             files += len(cands)
             errors += errs
             _read_checked(cands, dfd, good, errors, size, resize, quality, check, rule.max_bytes)
@@ -396,7 +396,7 @@ def _work(unit, out: str, size: int, resize: bool, quality: int, check: _SizeChe
     return good, errors, list(unit)
 
 
-def _ordered_map(fn, units: Iterable, threads: int) -> Iterable:
+def ordered_map(fn, units: Iterable, threads: int) -> Iterable:
     """fn over units in order; with threads > 1 a bounded window of units is read
     ahead in worker threads (file reads release the GIL)."""
     if threads <= 1:

@@ -37,11 +37,12 @@ from facecurate.common.constants import (
     REC_KEY_PREFIX,
     REC_LABELS_COLUMNS,
 )
-from facecurate.common.files import csv_text
-from facecurate.pack.pack_inputs import InputError, PackError, _Good, strict_problems
+from facecurate.common.files import csv_text, progress
+from facecurate.pack.pack_inputs import InputError, PackError, Good, strict_problems
 from facecurate.common.recdata import LABEL_RULE, image_label, read_layout, read_property, rec_paths
 from facecurate.common.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
 from facecurate.common.workspace import Workspace
+from facecurate.pack.dest import PackResult, RecSink, cleanup_dest, commit_dest, dest_texts, temp_name
 
 #: records written per batch (and per progress update)
 _BATCH = 512
@@ -225,7 +226,7 @@ def _write(plan: _Plan, rec_path: Path, table: RecTable, sink, bar) -> tuple[lis
                     errors.append(InputError(name, rel, PACK_BAD_RECORD, why))
                     bad.add(k)
                     continue
-                items.append((float(lab), _Good(name, rel, img, True)))
+                items.append((float(lab), Good(name, rel, img, True)))
             sink.images(items)
     return errors, bad
 
@@ -272,9 +273,6 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
     (same files as :func:`facecurate.pack.packer.pack`, plus old labels in labels.csv).
     ``shuffle``: a new order (plain) or a new order within each class (insightface);
     without it the records keep the source's order (grouped by class for insightface)."""
-    from facecurate.common.files import progress
-    from facecurate.pack.packer import PackResult, _cleanup, _commit, _RecSink, _tmp
-
     src, dest = Path(src), Path(dest)
     rec_path, idx_path = rec_paths(src)
     if not (src / CLEAN_CSV).exists():
@@ -304,9 +302,9 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
             plan_errors: list[InputError] = []
             plan = _plan(table, idx_keys, idx_offs, roots, exclude, layout, shuffle, seed, min_images, plan_errors)
             for name in PACK_FILES:
-                _tmp(dest, name).unlink(missing_ok=True)
+                temp_name(dest, name).unlink(missing_ok=True)
             bar.reset(total=int(plan.keys.size))
-            sink = _RecSink(dest, layout, on_record, bar)
+            sink = RecSink(dest, layout, on_record, bar)
             write_errors, bad = _write(plan, rec_path, table, sink, bar)
             bad_records += write_errors
             if not bad:
@@ -333,18 +331,16 @@ def pack_rec(src: os.PathLike | str, dest: os.PathLike | str, *, layout: str = L
                             notes={"from_rec": str(rec_path), "source_layout": src_layout.kind,
                                    "not_kept": sum(e.reason == PACK_NOT_KEPT for e in errors),
                                    "merged_pairs": len(pairs)})
-        _commit(dest, sink, _texts(result, plan, table, sink), fsync)
+        commit_dest(dest, sink, _texts(result, plan, table, sink), fsync)
         done = True
     finally:
         bar.close()
-        _cleanup(dest, sink, done, created)
+        cleanup_dest(dest, sink, done, created)
     return result
 
 
 def _texts(result, plan: _Plan, table: RecTable, sink) -> dict[str, str]:
     """property, labels.csv (new label -> old labels and names), pack_errors.csv, pack.json."""
-    from facecurate.pack.packer import dest_texts
-
     rows = []
     for new, (r, (name, n)) in enumerate(zip(plan.classes, sink.classes)):
         olds = plan.members.get(r, [r])

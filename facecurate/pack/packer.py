@@ -1,7 +1,8 @@
 """The pack stage: crops -> DEST/train.rec/.idx/.lst, property, labels.csv,
 pack_errors.csv and pack.json for insightface arcface_torch, written without MXNet.
 What is read and how each crop is checked lives in :mod:`facecurate.pack.pack_inputs`;
-this module orders the crops, writes the records and commits DEST.
+this module orders the crops and writes them through :mod:`facecurate.pack.dest`
+(the records, the small files, the commit of DEST).
 
 Layouts (docs/formats.md):
 
@@ -14,245 +15,48 @@ Layouts (docs/formats.md):
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import random
-import sys
 from array import array
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from facecurate.common.constants import (
-    IDX_NAME,
     JPEG_QUALITY,
     LABELS_COLUMNS,
-    LABELS_CSV,
     LAYOUT_INSIGHTFACE,
     LAYOUT_PLAIN,
-    LST_NAME,
-    MAX_FLOAT_KEY,
     MAX_INPUT_BYTES,
     PACK_BELOW_MIN,
     PACK_EMPTY_IDENTITY,
     PACK_ERROR_COLUMNS,
     PACK_ERRORS_CSV,
     PACK_FILES,
-    PACK_META,
-    PACK_NOT_KEPT,
-    PACK_TMP_SUFFIX,
-    PROPERTY_NAME,
-    REC_NAME,
-    SUMS_NAME,
-    VERSIONS_KEY,
 )
-from facecurate.pack.checksums import SumsWriter
-from facecurate.common.files import csv_text, write_text_atomic
-from facecurate.common.provenance import library_versions
+from facecurate.common.files import csv_text, progress, write_text_atomic
+from facecurate.common.recdata import is_rec_dataset
+from facecurate.pack.dest import PackResult, RecSink, cleanup_dest, commit_dest, dest_texts, temp_name
 from facecurate.pack.pack_inputs import (
+    Cand,
+    Good,
     InputError,
     PackError,
-    _Cand,
-    _collect,
-    _Good,
-    _list_identity,
-    _ordered_map,
     ReadRule,
-    _SizeCheck,
-    _target_size,
-    _work,
+    SizeCheck,
     check_dest,
+    collect_units,
+    list_identity,
+    ordered_map,
+    read_unit,
     strict_problems,
+    target_size,
 )
-from facecurate.common.recordio import RecordWriter, frame, pack_header
-
-
-def _tmp(dest: Path, name: str) -> Path:
-    return dest / f".{name}{PACK_TMP_SUFFIX}"
-
-
-@dataclass
-class PackResult:
-    dest: Path
-    source: str  # clean.csv | align.csv | folder
-    layout: str
-    size: int
-    images: int
-    classes: int
-    stored_as_is: int  # JPEGs copied byte-for-byte
-    reencoded: int  # encoded once (q95) because not a JPEG of the target size
-    rec_bytes: int
-    shuffle: bool
-    seed: int
-    min_images: int
-    dropped_identities: int
-    dropped_images: int
-    errors: list[InputError] = field(default_factory=list)
-    notes: dict = field(default_factory=dict)
-
-    @property
-    def problems(self) -> list[InputError]:
-        """The input problems: every row of pack_errors.csv but the records clean did
-        not keep (``not_kept``, a pack of a .rec), which are a decision, not a problem."""
-        return [e for e in self.errors if e.reason != PACK_NOT_KEPT]
-
-    def error_counts(self) -> dict:
-        out: dict = {}
-        for e in self.problems:
-            out[e.reason] = out.get(e.reason, 0) + 1
-        return dict(sorted(out.items()))
-
-    def config_snippet(self) -> str:
-        return (f'config.rec = "{self.dest.resolve()}"\n'
-                f"config.num_classes = {self.classes}\n"
-                f"config.num_image = {self.images}")
-
-    def summary(self) -> dict:
-        return {
-            "dest": str(self.dest), "source": self.source, "layout": self.layout,
-            "images": self.images, "classes": self.classes, "size": f"{self.size}x{self.size}",
-            "stored_as_is": self.stored_as_is, "reencoded": self.reencoded, "rec_bytes": self.rec_bytes,
-            "shuffle": self.shuffle, "seed": self.seed, "min_images": self.min_images,
-            "dropped_identities": self.dropped_identities, "dropped_images": self.dropped_images,
-            "input_errors": len(self.problems), "input_errors_by_reason": self.error_counts(),
-            "errors_file": str(self.dest / PACK_ERRORS_CSV), **self.notes,
-            "arcface_torch": {"num_classes": self.classes, "num_image": self.images},
-        }
+from facecurate.pack.pack_rec import pack_rec
 
 
 # ----------------------------------------------------------------------------- pack
-#: While writing train.rec, ask the kernel to start writing it to disk every this many
-#: bytes, so that the closing fsync finds (almost) nothing left to do.
-WRITEBACK_STEP = 4 << 20
-
-
-@functools.lru_cache(maxsize=None)
-def _writeback_starter() -> Optional[Callable[[int, int, int], int]]:
-    """``start(fd, offset, nbytes)``: begin writing a range of a file to disk without
-    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); None elsewhere. It only
-    moves work earlier: durability still comes from the fsync at the end."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
-
-
-class _RecSink:
-    """Writes records in their final order into DEST's temporary train.rec, and the
-    matching lines into the temporary train.idx and train.lst (nothing accumulates in
-    memory). Images get keys first_key, first_key+1, ...; in the insightface layout
-    key 0 is the header (its label is known only at the end, so a fixed-size
-    placeholder is written first and overwritten in place) and the identity records
-    follow the images."""
-
-    def __init__(self, dest: Path, layout: str, on_record: Optional[Callable[[int], None]], bar) -> None:
-        self.layout = layout
-        self.f = open(_tmp(dest, REC_NAME), "wb", buffering=0)
-        self.w = RecordWriter(self.f)
-        self.idx = open(_tmp(dest, IDX_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
-        self.lst = open(_tmp(dest, LST_NAME), "w", encoding="utf-8", newline="\n", buffering=1 << 20)
-        self.sums_f = open(_tmp(dest, SUMS_NAME), "w", encoding="ascii", newline="\n", buffering=1 << 20)
-        self.sums = SumsWriter(self.sums_f, _tmp(dest, REC_NAME))
-        self.classes: list[tuple[str, int]] = []  # (identity, images) in label order
-        self.stored_as_is = 0
-        self._lab_text: dict[float, str] = {}  # label -> its .lst text
-        self._on_record, self._bar = on_record, bar
-        self._start_writeback = _writeback_starter()
-        self._started = 0  # bytes of the file already handed to the kernel's writeback
-        self.first_key = self.key = 0
-        if layout == LAYOUT_INSIGHTFACE:
-            self._header_len = len(frame(pack_header([1.0, 1.0])))
-            self.w.write(pack_header([1.0, 1.0]))  # placeholder, rewritten by finish()
-            self.idx.write("0\t0\n")
-            self.sums.placeholder(0, 0, len(pack_header([1.0, 1.0])))
-            self.first_key = self.key = 1
-
-    def images(self, items: Sequence[tuple[float, _Good]]) -> None:
-        """Write ``(label, crop)`` records with the next keys."""
-        if not items:
-            return
-        if self.key + len(items) >= MAX_FLOAT_KEY and self.layout == LAYOUT_INSIGHTFACE:
-            raise PackError("more than 2**24 records: the insightface layout stores keys as float32 labels, "
-                            "exact only below 2**24; use --layout plain")
-        k0 = self.key
-        batch = []
-        lines = []
-        lab_text = self._lab_text
-        for lab, g in items:
-            batch.append((lab, g.data, self.key))
-            t = lab_text.get(lab)
-            if t is None:
-                t = lab_text[lab] = f"{lab:f}"
-            lines.append(f"{self.key}\t{t}\t{g.rel}\n")
-            self.stored_as_is += g.as_is
-            self.key += 1
-        offs = self.w.write_images(batch)
-        self.sums.images(k0, offs, [b[0] for b in batch], [b[1] for b in batch])
-        self.lst.write("".join(lines))
-        self.idx.write("".join([f"{k0 + i}\t{o}\n" for i, o in enumerate(offs)]))
-        self._writeback()
-        if self._on_record is not None:
-            for k in range(k0, self.key):
-                self._on_record(k + 1 - self.first_key)
-        self._bar.update(len(items))
-
-    def _writeback(self, last: bool = False) -> None:
-        if self._start_writeback is not None and (last or self.w.offset - self._started >= WRITEBACK_STEP):
-            self._start_writeback(self.f.fileno(), self._started, self.w.offset - self._started)
-            self._started = self.w.offset
-
-    def finish(self) -> int:
-        """Identity records (insightface) and the real header; everything handed to
-        the kernel (and its writeback started). Returns the file's size."""
-        n_img = self.key - self.first_key
-        if self.layout == LAYOUT_INSIGHTFACE:
-            if self.key + len(self.classes) >= MAX_FLOAT_KEY:
-                raise PackError(f"{n_img} images + {len(self.classes)} classes: the insightface layout stores "
-                                "keys as float32 labels, exact only below 2**24; use --layout plain")
-            start = 1
-            for _, n in self.classes:
-                payload = pack_header([float(start), float(start + n)], self.key, 0)
-                off = self.w.write(payload)
-                self.idx.write(f"{self.key}\t{off}\n")
-                self.sums.record(self.key, off, payload)
-                self.key += 1
-                start += n
-            self.w.flush()
-            payload = pack_header([float(n_img + 1), float(self.key)])
-            header = frame(payload)
-            if len(header) != self._header_len:  # cannot happen for positive counts
-                raise PackError("internal error: header record changed size")
-            os.pwrite(self.f.fileno(), header, 0)
-            self.sums.fill(0, 0, payload)
-        self.sums.wait()
-        self.w.flush()
-        self._writeback(last=True)
-        for f in (self.idx, self.lst, self.sums_f):
-            f.flush()
-            if self._start_writeback is not None:
-                self._start_writeback(f.fileno(), 0, 0)  # 0 bytes: to the end of the file
-        return self.w.offset
-
-    def fsync(self) -> None:
-        for f in (self.f, self.idx, self.lst, self.sums_f):
-            os.fsync(f.fileno())
-
-    def close(self) -> None:
-        try:
-            self.sums.close()
-        finally:
-            for f in (self.f, self.idx, self.lst, self.sums_f):
-                f.close()
-
-
 @dataclass
 class _Tally:
     """What pass 1 found: packed identities (label order) -> images, and the rest."""
@@ -270,12 +74,12 @@ class _Tally:
         self.dropped_imgs += n
 
 
-def _pack_in_order(units: list, work: Callable, sink: _RecSink, min_images: int, threads: int) -> _Tally:
+def _pack_in_order(units: list, work: Callable, sink: RecSink, min_images: int, threads: int) -> _Tally:
     """Records in reading order (identities sorted, then files): each identity is
     written as soon as all of it has been read and checked."""
     t = _Tally()
-    by_id: dict[str, list[_Good]] = {}  # checked crops of identities still open
-    pending: list[tuple[float, _Good]] = []
+    by_id: dict[str, list[Good]] = {}  # checked crops of identities still open
+    pending: list[tuple[float, Good]] = []
 
     def close_identity(ident: str) -> None:
         goods = by_id.pop(ident)
@@ -287,7 +91,7 @@ def _pack_in_order(units: list, work: Callable, sink: _RecSink, min_images: int,
         sink.classes.append((ident, len(goods)))
         pending.extend([(lab, g) for g in goods])
 
-    for unit, (good, errs, ids) in zip(units, _ordered_map(work, units, threads)):
+    for unit, (good, errs, ids) in zip(units, ordered_map(work, units, threads)):
         t.errors.extend(errs)
         t.listed.update(ids)
         for g in good:
@@ -328,7 +132,7 @@ class _Listing:
         for unit in units:
             if isinstance(unit, tuple):  # identity folder names
                 for ident in unit:
-                    c, e = _list_identity(out, ident, None, rule)
+                    c, e = list_identity(out, ident, None, rule)
                     self.errors += e
                     self.listed.add(ident)
                     if c:
@@ -344,7 +148,7 @@ class _Listing:
         self.plain_join = all(not os.path.isabs(r) for r in self.rels) \
             if units and not isinstance(units[0], tuple) else True
 
-    def _add(self, ident: str, cands: Sequence[_Cand]) -> None:
+    def _add(self, ident: str, cands: Sequence[Cand]) -> None:
         if not self.idents or self.idents[-1] != ident:
             self.idents.append(ident)
             self.first.append(len(self.rels))
@@ -355,12 +159,12 @@ class _Listing:
         """Indices (into ``rels``) of identity ``i``'s crops."""
         return range(self.first[i], self.first[i + 1])
 
-    def cands(self, indices: Sequence[int]) -> list[_Cand]:
+    def cands(self, indices: Sequence[int]) -> list[Cand]:
         out = []
         for k in indices:
             rel = self.rels[k]
             path = self.prefix + rel if self.plain_join else os.path.join(self.out, rel)
-            out.append(_Cand(self.idents[self.owner[k]], rel, path, path))
+            out.append(Cand(self.idents[self.owner[k]], rel, path, path))
         return out
 
 
@@ -386,8 +190,8 @@ def _shuffled_order(ls: _Listing, predicted: list[int], layout: str, seed: int) 
     return order, others
 
 
-def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSink], out: str, layout: str,
-                   seed: int, min_images: int, threads: int, rule: ReadRule) -> tuple[_Tally, _RecSink]:
+def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], RecSink], out: str, layout: str,
+                   seed: int, min_images: int, threads: int, rule: ReadRule) -> tuple[_Tally, RecSink]:
     """Records in shuffled order, written as they are read. Every crop is listed
     first; the packed identities (hence the labels) are predicted from the listing,
     the listed crops of those identities are shuffled, then read, checked and written
@@ -401,7 +205,7 @@ def _pack_shuffled(units: list, work: Callable, new_sink: Callable[[int], _RecSi
     def read(indices: Sequence[int]) -> Iterable:
         """(good, errors) per chunk of 256 crops, in the order given."""
         chunks = (ls.cands(indices[lo:lo + 256]) for lo in range(0, len(indices), 256))  # made as they are read
-        for good, errs, _ in _ordered_map(work, chunks, threads):
+        for good, errs, _ in ordered_map(work, chunks, threads):
             yield good, errs
 
     predicted = [i for i in range(len(idents)) if len(ls.crops(i)) >= min_images]
@@ -468,42 +272,35 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
     clean.csv keeps are packed by :func:`facecurate.pack.pack_rec.pack_rec` (``shuffle``
     None, the default, means: shuffle crops, keep the order of a .rec; ``merges``: a
     merges.csv of confirmed pairs)."""
-    from functools import partial
-
-    from facecurate.common.files import progress
-    from facecurate.common.recdata import is_rec_dataset
-
     if layout not in (LAYOUT_PLAIN, LAYOUT_INSIGHTFACE):
         raise ValueError(f"layout must be {LAYOUT_PLAIN!r} or {LAYOUT_INSIGHTFACE!r}")
     out, dest = Path(out), Path(dest)
     check_dest(out, dest)
     if is_rec_dataset(out):
-        from facecurate.pack.pack_rec import pack_rec
-
         return pack_rec(out, dest, layout=layout, shuffle=bool(shuffle), seed=seed, min_images=min_images,
                         strict=strict, merges=merges, fsync=fsync, show_progress=show_progress,
                         on_record=on_record)
     if merges:
         raise PackError("--merge-identities applies to a packed dataset (DEST holding train.rec and clean.csv)")
     shuffle = True if shuffle is None else shuffle
-    size = _target_size(out, size)
+    size = target_size(out, size)
     rule = ReadRule(max_bytes, follow_external_links, os.path.realpath(out))
-    source, units, errors, notes = _collect(out, dest, rule)
-    work = partial(_work, out=str(out), size=size, resize=resize, quality=quality, check=_SizeCheck(size), rule=rule)
+    source, units, errors, notes = collect_units(out, dest, rule)
+    work = partial(read_unit, out=str(out), size=size, resize=resize, quality=quality, check=SizeCheck(size), rule=rule)
 
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     for name in PACK_FILES:  # left by a killed run
-        _tmp(dest, name).unlink(missing_ok=True)
-    sink: Optional[_RecSink] = None
+        temp_name(dest, name).unlink(missing_ok=True)
+    sink: Optional[RecSink] = None
     done = False
     bar = progress(total=None, desc="pack", unit="img", disable=None if show_progress else True)
     try:
-        def new_sink(total: Optional[int] = None) -> _RecSink:
+        def new_sink(total: Optional[int] = None) -> RecSink:
             nonlocal sink
             if total is not None:
                 bar.reset(total=total)
-            sink = _RecSink(dest, layout, on_record, bar)
+            sink = RecSink(dest, layout, on_record, bar)
             return sink
 
         if shuffle:
@@ -520,26 +317,12 @@ def pack(out: os.PathLike | str, dest: os.PathLike | str, *, layout: str = LAYOU
                             min_images=min_images, dropped_identities=tally.dropped_ids,
                             dropped_images=tally.dropped_imgs,
                             errors=errors, notes=notes)
-        _commit(dest, sink, _small_files(result, tally.counts), fsync)
+        commit_dest(dest, sink, _small_files(result, tally.counts), fsync)
         done = True
     finally:
         bar.close()
-        _cleanup(dest, sink, done, created)
+        cleanup_dest(dest, sink, done, created)
     return result
-
-
-def _cleanup(dest: Path, sink, done: bool, created: bool) -> None:
-    """After a pack, finished or not: close the writer, remove every temporary file, and
-    remove a DEST that this failed run made, so that it leaves no empty folder behind."""
-    if sink is not None:
-        sink.close()
-    for name in PACK_FILES:
-        _tmp(dest, name).unlink(missing_ok=True)
-    if not done and created:
-        try:
-            dest.rmdir()
-        except OSError:
-            pass
 
 
 def _final_errors(out: Path, dest: Path, source: str, size: int, errors: list[InputError], tally: _Tally,
@@ -588,59 +371,3 @@ def _small_files(result: PackResult, counts: dict) -> dict[str, str]:
     identities = list(counts)
     labels = csv_text(LABELS_COLUMNS, [(ident, i, counts[ident]) for i, ident in enumerate(identities)])
     return dest_texts(result, len(identities), labels, "path relative to OUT")
-
-
-def dest_texts(result: PackResult, classes: int, labels_csv: str, lst_paths: str) -> dict[str, str]:
-    """property, labels.csv (given), pack_errors.csv and pack.json of a finished pack;
-    ``lst_paths`` says what the .lst's path column holds."""
-    texts = {
-        PROPERTY_NAME: f"{classes},{result.size},{result.size}\n",
-        LABELS_CSV: labels_csv,
-        PACK_ERRORS_CSV: csv_text(PACK_ERROR_COLUMNS,
-                                  [(e.identity, e.path, e.reason, e.message) for e in result.errors]),
-    }
-    meta = {k: v for k, v in result.summary().items() if k not in ("dest", "errors_file")}
-    meta["files"] = [REC_NAME, IDX_NAME, LST_NAME, SUMS_NAME, PROPERTY_NAME, LABELS_CSV, PACK_ERRORS_CSV]
-    meta["lst_format"] = f"im2rec: index<TAB>label<TAB>path ({lst_paths})"
-    meta[VERSIONS_KEY] = library_versions()
-    texts[PACK_META] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    return texts
-
-
-def _commit(dest: Path, sink: _RecSink, texts: dict[str, str], fsync: bool) -> None:
-    """Write the small files under their temporary names, flush everything to disk
-    (``fsync``), then rename every file into place (pack.json last)."""
-    start_writeback = _writeback_starter() if fsync else None
-    small = []
-    try:
-        for name, text in texts.items():
-            f = open(_tmp(dest, name), "w", encoding="utf-8", newline="\n")
-            small.append(f)
-            f.write(text)
-            f.flush()
-            if start_writeback is not None:
-                start_writeback(f.fileno(), 0, 0)  # 0 bytes: to the end of the file
-        if fsync:  # after all writes, so that the disk works on them together
-            sink.fsync()
-            for f in small:
-                os.fsync(f.fileno())
-    finally:
-        for f in small:
-            f.close()
-    for name in PACK_FILES:
-        os.replace(_tmp(dest, name), dest / name)
-    if fsync:
-        _fsync_dir(dest)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
