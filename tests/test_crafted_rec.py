@@ -35,7 +35,8 @@ from test_recdata import photos  # noqa: F401  (fixture: six real LFW JPEGs)
 _CHILD = """
 import os, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-import facecurate.clean.clean, facecurate.embed.embed, facecurate.pack.inspect_rec, facecurate.pack.packer, facecurate.pack.pack_rec
+import facecurate.clean.clean, facecurate.embed.embed, facecurate.pack.inspect_rec  # noqa: E401
+import facecurate.pack.pack_rec, facecurate.pack.packer  # noqa: E401
 from facecurate.cli import main
 t = time.perf_counter()
 try:

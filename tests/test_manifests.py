@@ -19,7 +19,7 @@ from facecurate.common import constants as C
 from facecurate.cli import main as cli
 from facecurate.common.files import csv_text
 from facecurate.common.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, RowError,
-                                  parse_float)
+                                         parse_float)
 from facecurate.common.workspace import ManifestError, MissingFile, Workspace
 
 IDENTITIES = ("id00", "id01", "id02")

@@ -53,13 +53,14 @@ from facecurate.common.filetree import walk_tree
 from facecurate.common.geometry import align_face, template
 from facecurate.common.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
-from facecurate.models.zoo import DETECTORS, make_detector, make_landmarker
+from facecurate.models.zoo import DETECTORS, make_detector, make_landmarker, resolve_detector
 from facecurate.common.procs import run_lock
 from facecurate.common.provenance import library_versions
 from facecurate.engines.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
-                               finished, in_part, merge_if_due, parse_part, plan_shards, recorded_size, run_shards)
+                                       finished, in_part, merge_if_due, parse_part, plan_shards, recorded_size,
+                                       run_shards)
 from facecurate.common.manifests import AlignRow
-from facecurate.common.records import Detection
+from facecurate.common.records import Detection, nearest_to_centre
 from facecurate.common.workspace import Workspace
 
 #: The fallback detector sees a copy whose longer side is at most this many pixels.
@@ -292,8 +293,6 @@ def centre_face_jpeg(rgb: np.ndarray, detector, landmarks, size: int = 112,
     warped to a ``size`` ArcFace crop and encoded as JPEG; None when no face is found.
     ``detector``/``landmarks``: e.g. DlibHOGDetector and DlibLandmarks68. For building
     evaluation and benchmark sets of one crop per photo, outside the align pipeline."""
-    from facecurate.common.records import nearest_to_centre
-
     d = nearest_to_centre(detector.detect(rgb), rgb.shape[1], rgb.shape[0])
     if d is None:
         return None
@@ -463,7 +462,6 @@ def run_align(raw: str | os.PathLike, out: str | os.PathLike, cfg: AlignConfig =
     is refused (:class:`facecurate.common.procs.LockedError`). Returns a summary dict."""
     cfg.validate()
     if cfg.detector == "scrfd":  # a wrong --model-dir fails before OUT records the run's settings
-        from facecurate.models.zoo import resolve_detector
 
         resolve_detector(cfg.model_dir)
     raw, out = Path(raw), Path(out)

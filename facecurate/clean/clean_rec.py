@@ -35,7 +35,7 @@ from facecurate.clean.clean_params import default_params
 from facecurate.common.files import format_float
 from facecurate.common.manifests import IdentityRow, MergeRow
 from facecurate.common.recdata import (LABEL_RULE, KeyedRecords, image_label, int_label, read_label_names,
-                                      read_layout, rec_key, rec_paths)
+                                       read_layout, rec_key, rec_paths)
 from facecurate.common.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
 from facecurate.clean.vectors import normalize
 from facecurate.common.workspace import Workspace

@@ -37,15 +37,20 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple, Optional
 
 from facecurate.common.constants import (
-    LABEL_LIMIT,
+    ALIGN_MANIFEST,
+    IDX_NAME,
     LABELS_CSV,
+    LABEL_LIMIT,
     LAYOUT_HEADER,
     LAYOUT_PLAIN,
     MIN_IMAGE_RECORD,
     PROPERTY_NAME,
+    REC_KEY_PREFIX,
     REC_NAME,
 )
-from facecurate.common.recordio import MAGIC_BYTES, IRHeader, RecordIOError, file_size, read_record, unpack_record
+from facecurate.common.recordio import (MAGIC_BYTES, IRHeader, RecordIOError, file_size, read_idx_arrays,
+                                        read_idx_keys, read_record, unpack_record)
+from facecurate.common.files import read_csv
 
 
 class RecLayout(NamedTuple):
@@ -182,8 +187,6 @@ def read_property(rec_path: Path) -> Optional[tuple[int, ...]]:
 def read_label_names(rec_path: Path) -> Optional[dict[int, str]]:
     """label -> identity from the ``labels.csv`` beside a .rec; None when absent or
     not readable as such."""
-    from facecurate.common.files import read_csv
-
     p = rec_path.parent / LABELS_CSV
     if not p.exists():
         return None
@@ -207,8 +210,6 @@ class KeyedRecords:
         """``keys``: only these records will be asked for (the .idx is then streamed
         and only their offsets kept: memory bounded by them, not by the rec)."""
         import numpy as np
-
-        from facecurate.common.recordio import read_idx_arrays, read_idx_keys
 
         self.rec_path, self.idx_path = rec_paths(rec)
         keys, offs = read_idx_arrays(self.idx_path) if keys is None else read_idx_keys(self.idx_path, keys)
@@ -248,8 +249,6 @@ class KeyedRecords:
 
 def rec_key(aligned: str) -> Optional[int]:
     """The record key of a store / clean.csv key ``rec:<key>``; None for other keys."""
-    from facecurate.common.constants import REC_KEY_PREFIX
-
     if aligned.startswith(REC_KEY_PREFIX):
         try:
             return int(aligned[len(REC_KEY_PREFIX):])
@@ -261,7 +260,5 @@ def rec_key(aligned: str) -> Optional[int]:
 def is_rec_dataset(folder: os.PathLike | str) -> bool:
     """A folder holding ``train.rec`` + ``train.idx`` and no align.csv: the
     ``clean``/``review``/``report``/``pack`` stages read it as a packed dataset."""
-    from facecurate.common.constants import ALIGN_MANIFEST, IDX_NAME
-
     d = Path(folder)
     return d.is_dir() and (d / REC_NAME).is_file() and (d / IDX_NAME).is_file() and not (d / ALIGN_MANIFEST).exists()

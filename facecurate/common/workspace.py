@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from facecurate.common import constants as C
-from facecurate.common.files import (atomic_write, csv_cell, remove_stale_temps, temp_beside, write_bytes_atomic,
-                              write_text_atomic)
+from facecurate.common.files import (atomic_write, csv_cell, remove_stale_temps, sheet_cell, temp_beside,
+                                     unsheet_cell, write_bytes_atomic, write_text_atomic)
 from facecurate.common.provenance import warn_if_other
-from facecurate.common.files import (atomic_write, csv_cell, remove_stale_temps, sheet_cell, temp_beside, unsheet_cell,
-                              write_bytes_atomic, write_text_atomic)
 from facecurate.common.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, Row,
-                                  RowError, clean_columns)
+                                         RowError, clean_columns)
 
 #: the command that makes each file ({out}: the OUT folder), for "run ... first"
 MAKERS = {

@@ -70,9 +70,9 @@ from facecurate.models.base import ONNX_RUNTIME_TAG, ModelError
 from facecurate.models.zoo import make_embedder
 from facecurate.common.procs import run_lock
 from facecurate.common.provenance import library_versions
-from facecurate.engines.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
-                                       finished, in_part, merge_if_due, parse_part, plan_shards, recorded_size,
-                                       run_shards)
+from facecurate.engines.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear,
+                                       fail_message, finished, in_part, merge_if_due, parse_part, plan_shards,
+                                       recorded_size, run_shards)
 
 EMBED_DIR = "embed"
 

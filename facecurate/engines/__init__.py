@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import importlib.util
 from typing import Optional
+from facecurate.engines.local import LocalEngine
+from facecurate.engines.ray_engine import RayEngine
+from facecurate.engines.runner import RunError
 
 ENGINES = ("local", "ray")
 
 
 def get_engine(name: str = "local", *, workers: Optional[int] = None, address: Optional[str] = None):
-    from facecurate.engines.runner import RunError
-
     if name not in ENGINES:
         raise RunError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
     if address and name != "ray":
         raise RunError(f"--ray-address is for --engine ray (this run's engine is {name})")
     if name == "local":
-        from facecurate.engines.local import LocalEngine
-
         return LocalEngine(workers)
     if importlib.util.find_spec("ray") is None:
         raise RunError("--engine ray needs Ray: pip install 'facecurate[ray]' (Python 3.10+)")
-    from facecurate.engines.ray_engine import RayEngine
 
     return RayEngine(address=address, workers=workers)
 

@@ -33,6 +33,7 @@ from collections import deque
 from typing import Iterator, Optional
 
 from facecurate.engines.runner import MAX_SHARD_RETRIES, Outcome, RunError, ShardRunner, WorkerSpec, WorkerSetupError
+import facecurate
 
 #: Object store of a Ray instance this engine starts itself (bytes): only shards'
 #: item lists and stats pass through it.
@@ -106,8 +107,6 @@ def worker_pythonpath() -> str:
     every worker would fail. A regular package anywhere on the path wins over a
     namespace one, so this makes the workers import what the driver imported,
     wherever the driver runs (nodes see the same paths, as for RAW and OUT)."""
-    import facecurate
-
     home = os.path.dirname(os.path.dirname(os.path.abspath(facecurate.__file__)))
     rest = os.environ.get("PYTHONPATH", "")
     return os.pathsep.join(p for p in (home, rest) if p)

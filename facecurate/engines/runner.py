@@ -32,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from facecurate.common.constants import BLAS_THREAD_VARS, MERGED_FILE, PLAN_FILE, SHARD_RECORD, SHARD_STEM, VERSIONS_FILE
-from facecurate.common.files import write_text_atomic
+from facecurate.common.constants import (BLAS_THREAD_VARS, MERGED_FILE, PLAN_FILE, SHARD_RECORD, SHARD_STEM,
+                                         VERSIONS_FILE)
+from facecurate.common.files import progress, remove_stale_temps, write_text_atomic
 from facecurate.common.provenance import resume_message
+from facecurate.common.procs import LockedError, run_lock
+from facecurate.common.workspace import Workspace
 
 #: A shard that fails this many more times after its first try is given up on.
 MAX_SHARD_RETRIES = 2
@@ -301,8 +304,6 @@ def run_shards(engine, spec: WorkerSpec, shards: Sequence[Shard], *, part=None, 
     """Run the shards of ``part`` (all when None) that are not finished yet on
     ``engine``, with one progress bar. Returns the stats and whether every shard of
     the whole plan is finished now."""
-    from facecurate.common.files import progress
-
     work = Path(spec.work)
     done = finished(work, shards)
     mine = [s for s in shards if in_part(s.index, part)]
@@ -329,8 +330,6 @@ def run_shards(engine, spec: WorkerSpec, shards: Sequence[Shard], *, part=None, 
 def _remove_shard_temps(work: Path, todo: Sequence[Shard]) -> None:
     """What a killed run left half-written for the shards about to run (their data
     and records, under temporary names); never another part's."""
-    from facecurate.common.files import remove_stale_temps
-
     stems = {s.name for s in todo}
     remove_stale_temps(work, lambda target: target.partition(".")[0] in stems)
 
@@ -363,9 +362,6 @@ def merge_if_due(out: Path, stage: str, work: Path, plan_digest: str, part, merg
     this plan (so two parts never write the merged outputs). None when skipped.
     ``outputs`` (file names in ``out``): what a merge killed midway left under
     temporary names is removed first."""
-    from facecurate.common.procs import LockedError, run_lock
-    from facecurate.common.workspace import Workspace
-
     def merge_clean():
         Workspace(out).remove_stale_temps(outputs)
         return merge()

@@ -33,6 +33,10 @@ from facecurate.common.constants import EVAL_PICKS
 from facecurate.common.manifests import AlignRow
 from facecurate.models.zoo import resolve_runtime
 from facecurate.pack.pairs import PairsError, image_stem, parse_pairs
+from facecurate.align.align import AlignConfig, read_manifest, run_align
+from facecurate.common.files import write_bytes_atomic
+from facecurate.embed.embed import load_store, run_embed
+from facecurate.engines.ray_engine import connect
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,6 @@ def roc_png(path, scores, same, valid, title: str = "") -> None:
     """ROC curve (TAR against FAR, log FAR axis) drawn with OpenCV."""
     import cv2
 
-    from facecurate.common.files import write_bytes_atomic
-
     W, H, m = 640, 480, 60
     img = np.full((H, W, 3), 255, np.uint8)
     x0, y0, x1, y1 = m, H - m, W - 20, 30
@@ -193,8 +195,6 @@ def _align_cfg(detector: str, model_dir, device: str, **kw):
     """align's settings for eval-pairs: the model folder only for the detector that reads one
     (align records its settings, so the same run keeps the same align.json). WORK/raw holds
     links to the images under ROOT, which the user named: they are followed."""
-    from facecurate.align.align import AlignConfig
-
     return AlignConfig(detector=detector, model_dir=model_dir if detector == "scrfd" else None, device=device,
                        follow_external_links=True, **kw)
 
@@ -299,8 +299,6 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
         return _eval_pairs(pairs_path, root, **kw)
     import ray
 
-    from facecurate.engines.ray_engine import connect
-
     owns = connect(ray_address)  # one Ray connection for all four runs
     try:
         return _eval_pairs(pairs_path, root, **kw)
@@ -311,9 +309,6 @@ def run_eval_pairs(pairs_path, root, *, work=None, detector: str = "dlib", model
 
 def _eval_pairs(pairs_path, root, *, work, detector, model, model_dir, flip, device, batch_size, workers, dlib_feed,
                 roc, show_progress, pick, retry_detector, runtime, fp16, engine, ray_address) -> dict:
-    from facecurate.align.align import read_manifest, run_align
-    from facecurate.embed.embed import load_store, run_embed
-
     def store_of(align_out: Path) -> Path:
         # dlib's model on ONNX Runtime keeps its own store beside align's (never mixed)
         return align_out.parent / f"{align_out.name}-onnx" if on_onnx else align_out
@@ -388,9 +383,6 @@ def _retry(work: Path, root: Path, retry: list, by_source: dict, stores: dict, c
     """Recover what the detector missed near the centre with a second detector
     (dlib's CNN by default) on just those images. Updates ``stores``, ``chosen`` and
     ``failures``; returns (images recovered near the centre, the retry's summary)."""
-    from facecurate.align.align import read_manifest, run_align
-    from facecurate.embed.embed import load_store, run_embed
-
     model_dir, device = embed_kw["model_dir"], embed_kw["device"]
     rraw, rout = work / f"retry-{retry_detector}" / "raw", work / f"retry-{retry_detector}" / "out"
     link_images(root, retry, rraw)

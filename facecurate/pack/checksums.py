@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, TextIO
 
 from facecurate.common.constants import IRHEADER_FORMAT, IRHEADER_SIZE, SUMS_COLUMNS, SUMS_SUFFIX
+from facecurate.common.files import progress
+from facecurate.common.procs import die_with_parent, stop_processes
+from facecurate.common.recdata import rec_paths
+from facecurate.common.recordio import RecordIOError, iter_records, read_idx_arrays, read_record
 
 _IRH = struct.Struct(IRHEADER_FORMAT)
 HEADER_LINE = "\t".join(SUMS_COLUMNS) + "\n"
@@ -154,16 +158,11 @@ class _Hasher:
             raise SumsError(f"checksums not written: {err}")
 
     def stop(self) -> None:
-        from facecurate.common.procs import stop_processes
-
         self._conn.close()
         stop_processes([self.proc])
 
 
 def _hash_records(conn, rec: str, sums: str, parent: int) -> None:
-    from facecurate.common.procs import die_with_parent
-    from facecurate.common.recordio import read_record
-
     die_with_parent(parent)
     err, msg = "", ()
     try:
@@ -287,10 +286,6 @@ def write_sums(rec: os.PathLike | str, *, show_progress: bool = False) -> dict:
     (records in file order; the keys come from the .idx, records it does not name are
     left out and counted). Atomic (temporary name, then rename). Returns a summary."""
     import numpy as np
-
-    from facecurate.common.files import progress
-    from facecurate.common.recdata import rec_paths
-    from facecurate.common.recordio import RecordIOError, iter_records, read_idx_arrays
 
     rec_path, idx_path = rec_paths(rec)
     if not rec_path.is_file():

@@ -25,6 +25,8 @@ from facecurate.common.constants import LABEL_LIMIT, LAYOUT_HEADER, LAYOUT_PLAIN
 from facecurate.common.imageio import image_kind, jpeg_complete
 from facecurate.common.recdata import LABEL_RULE, is_header_record, layout_of, read_property, rec_paths
 from facecurate.common.recordio import RecordIOError, iter_records, read_idx_arrays, read_record, unpack_record
+from facecurate.common.files import progress
+from facecurate.pack.checksums import SumsCursor, SumsError, sums_path
 
 
 @dataclass
@@ -134,8 +136,6 @@ def inspect(path: os.PathLike | str, *, full: bool = False, sample: int = 64, ve
 def _sums_cursor(rec_path: Path, verify: bool, res: InspectResult):
     """The checksum file to verify against (``verify``), or None; ``res.checksums``
     says what is possible."""
-    from facecurate.pack.checksums import SumsCursor, SumsError, sums_path
-
     sp = sums_path(rec_path)
     if not sp.exists():
         res.checksums = "none"
@@ -159,8 +159,6 @@ def _sums_cursor(rec_path: Path, verify: bool, res: InspectResult):
 def _finish_verify(cursor, res: InspectResult, complete: bool) -> None:
     """Lines of the checksum file that name no record (only meaningful when the whole
     file was read)."""
-    from facecurate.pack.checksums import SumsError
-
     try:
         cursor.finish()
     except SumsError as e:
@@ -223,10 +221,6 @@ def _scan(rec_path: Path, size: int, key_at: Callable, res: InspectResult, full:
           show_progress: bool, cursor=None) -> _Scan:
     """One pass over the file: framing, IRHeaders, JPEG completeness (and decoding with
     ``full``), payload checksums (``cursor``)."""
-    from facecurate.pack.checksums import SumsError
-
-    from facecurate.common.files import progress
-
     offsets, flags = array("q"), array("q")
     lab0, lab1, imglen = array("d"), array("d"), array("q")
     nan = float("nan")

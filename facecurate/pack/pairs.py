@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from facecurate.common.constants import ALIGN_MANIFEST, IMAGE_EXTENSIONS, UNRESOLVED_SUFFIX
+from facecurate.common.files import write_bytes_atomic
+from facecurate.common.workspace import Workspace
+from facecurate.pack.pack_inputs import PackError
 
 
 class PairsError(ValueError):
@@ -117,8 +120,6 @@ class _Resolver:
     align.csv maps each photo to its primary crop. Results are cached."""
 
     def __init__(self, root: Path):
-        from facecurate.common.workspace import Workspace
-
         self.root = root
         self.crop_of: Optional[dict[str, str]] = None
         ws = Workspace(root)
@@ -165,9 +166,6 @@ def pack_pairs(pairs: os.PathLike | str, root: os.PathLike | str, dest: os.PathL
     photo ``<Name>/<Name>_NNNN.jpg`` maps to its primary crop. Pairs that cannot be
     resolved are left out and reported (``strict``: raise instead)."""
     import pickle
-
-    from facecurate.common.files import write_bytes_atomic
-    from facecurate.pack.packer import PackError
 
     pairs, root, dest = Path(pairs), Path(root), Path(dest)
     res = PairsResult(dest=dest)

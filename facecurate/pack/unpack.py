@@ -34,6 +34,7 @@ from facecurate.common.recdata import (
     rec_paths,
 )
 from facecurate.common.recordio import RecordIOError, iter_records, read_idx_arrays, unpack_record
+from facecurate.common.files import progress, sha256_file, write_text_atomic
 
 
 class UnpackError(ValueError):
@@ -92,8 +93,6 @@ def folder_names(label_names: dict[int, str]) -> tuple[dict[int, str], int, int]
 def rec_fingerprint(rec_path: Path, idx_path: Path) -> dict:
     """What identifies a .rec for unpack.json, cheaply for any size: its size, the
     sha256 of its .idx, and of its first and last ``UNPACK_FINGERPRINT_BYTES`` bytes."""
-    from facecurate.common.files import sha256_file
-
     size = rec_path.stat().st_size
     n = UNPACK_FINGERPRINT_BYTES
     with open(rec_path, "rb") as f:
@@ -107,8 +106,6 @@ def rec_fingerprint(rec_path: Path, idx_path: Path) -> dict:
 def claim_dest(dest: Path, rec_path: Path, idx_path: Path) -> None:
     """Make sure unpack may write into ``dest`` (UnpackError otherwise) and record the
     .rec there: ``dest`` is new or empty, or holds the unpack.json of the same .rec."""
-    from facecurate.common.files import write_text_atomic
-
     fp = rec_fingerprint(rec_path, idx_path)
     meta = dest / UNPACK_META
     if dest.exists() and not dest.is_dir():
@@ -241,8 +238,6 @@ def unpack(rec: os.PathLike | str, dest: os.PathLike | str, *, names: bool = Tru
     zero-padded to at least 8 digits, so name order is key order. Streams the .rec
     once; files are written under a temporary name and renamed, and files already
     present are kept, so an interrupted unpack continues where it stopped."""
-    from facecurate.common.files import progress
-
     rec_path, idx_path = rec_paths(rec)
     dest = Path(dest)
     res = UnpackResult(dest=dest)

@@ -26,6 +26,9 @@ from facecurate.common import constants as C
 from facecurate.common.files import UNSAFE_CHARS, format_float, shown, shown_html, unsheet_cell, write_text_atomic
 from facecurate.common.manifests import CleanRow, ReviewRow
 from facecurate.common.workspace import Workspace
+from facecurate.common.constants import IDX_NAME
+from facecurate.common.imageio import image_kind
+from facecurate.common.recdata import KeyedRecords, rec_key
 
 #: reason written by ``apply_decisions``
 REASON_MANUAL = C.REASON_MANUAL
@@ -74,13 +77,8 @@ def image_data_uri(path: Path, records=None) -> str | None:
     (a record of the packed dataset in OUT) is read from OUT/train.rec, through
     ``records`` (a :class:`facecurate.common.recdata.KeyedRecords` of the keys a page shows)
     when given, else through the whole .idx."""
-    from facecurate.common.constants import IDX_NAME
-    from facecurate.common.recdata import rec_key
-
     key = rec_key(path.name)
     if key is not None:
-        from facecurate.common.imageio import image_kind
-
         if records is None:
             try:
                 records = _records(str(path.parent), (path.parent / IDX_NAME).stat().st_mtime_ns)
@@ -103,9 +101,6 @@ def _sheet_records(out_dir: Path, sections: Sequence[Section]):
     """For clean.csv of a packed dataset: the records the sheet shows, their offsets
     read in one streamed pass over OUT/train.idx (memory bounded by the sheet, not by
     the rec); None for crops in folders."""
-    from facecurate.common.constants import IDX_NAME
-    from facecurate.common.recdata import KeyedRecords, rec_key
-
     keys = [k for s in sections for r in (*s.review, *s.references)
             if (k := rec_key(r.aligned)) is not None]
     if not keys or not (out_dir / IDX_NAME).exists():
@@ -116,8 +111,6 @@ def _sheet_records(out_dir: Path, sections: Sequence[Section]):
 @functools.lru_cache(maxsize=2)
 def _records(folder: str, _stamp: int):
     """The records of ``folder``/train.rec by key (its .idx read once while unchanged)."""
-    from facecurate.common.recdata import KeyedRecords
-
     return KeyedRecords(folder)
 
 
