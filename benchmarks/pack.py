@@ -188,7 +188,7 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
         pack(crops, work / "fc", shuffle=False, threads=threads, **kw)
 
     def without_sums(fn) -> None:
-        import facecurate.pack.packer as fp
+        import facecurate.pack.dest as fp  # RecSink hashes through dest.SumsWriter
 
         real = fp.SumsWriter
 

@@ -402,7 +402,7 @@ function decide(card, d, toggle){
   show(card); count(); save();
 }
 /* every field quoted; a name that a spreadsheet would run as a formula gets a leading
-   quote, as in review.csv (facecurate.common.files.sheet_cell); review apply takes it off */
+   quote, as in review.csv (facecurate.files.sheet_cell); review apply takes it off */
 function sheetCell(s){ s = String(s); return /^[=+\-@\t\r]/.test(s) || /^'[=+\-@\t\r']/.test(s) ? "'" + s : s; }
 function csvCell(s){ return '"' + String(s).replace(/"/g, '""') + '"'; }
 function decisionsCSV(){
