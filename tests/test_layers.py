@@ -179,3 +179,26 @@ def test_the_walk_sees_real_edges():
     assert "facecurate.models.zoo" in g["facecurate.embed.embed"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert layer("facecurate.cli.pack") == "top" and layer("facecurate.pack.packer") == "stage"
+
+
+def test_public_api_keeps_its_documented_names():
+    """The names the README documents still import from where it says (issue 22)."""
+    import subprocess
+    import sys
+
+    from facecurate import recordio
+    from facecurate.align import run_align
+    from facecurate.clean import run_clean
+    from facecurate.common.recordio import IndexedRecordReader, RecordWriter, iter_records
+    from facecurate.embed import load_store, run_embed
+    from facecurate.pack import pack
+    from facecurate.review import write_report, write_review
+
+    assert (run_align.__module__, run_embed.__module__, load_store.__module__, run_clean.__module__) == (
+        "facecurate.align.align", "facecurate.embed.embed", "facecurate.embed.embed", "facecurate.clean.clean")
+    assert pack.__module__ == "facecurate.pack.packer" and callable(write_review) and callable(write_report)
+    assert (recordio.RecordWriter, recordio.IndexedRecordReader, recordio.iter_records) == (
+        RecordWriter, IndexedRecordReader, iter_records)
+    assert set(recordio.__all__) <= set(dir(recordio))
+    run = subprocess.run([sys.executable, "-m", "facecurate", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "facecurate align RAW OUT" in run.stdout, run.stderr
