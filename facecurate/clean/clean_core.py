@@ -44,7 +44,7 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                show_progress: bool = False, workers: int | None = 1, shard_faces: int | None = None) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
     photo across the whole set), ``quality`` (n,) floats; ``pixel_sim(i, j)`` compares
-    two faces' crops (confirms near-duplicates; see ``facecurate.clean.clean.CropSimilarity``). Deterministic:
+    two faces' crops (confirms near-duplicates; see ``facecurate.clean.CropSimilarity``). Deterministic:
     the same result for any number of ``workers`` (processes for the per-identity work
     and the cohort statistics; None: all cores); ``shard_faces``: faces per shard of
     identities (default: about 16 shards per worker, at least 256 faces)."""
@@ -144,7 +144,7 @@ def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | 
 
 def _analyse_shard(t: dict) -> dict:
     """Worker: analyse_identity for each identity of a shard, packed into arrays (small
-    identities stacked by size: facecurate.clean.clean_batch, same bits)."""
+    identities stacked by size: facecurate.clean_batch, same bits)."""
     return analyse_rows(t["E"].get(), t["rows"], t["photo"], t["bounds"], t["p"])
 
 
@@ -160,7 +160,7 @@ def _unpack(blk: dict, b: np.ndarray, which: list) -> dict:
 def _decide_shard(t: dict) -> dict:
     """Worker: decide_identity for each identity of a shard (the thresholds of all its
     faces at once, then decide_identity where duplicates or ambiguity can change them:
-    facecurate.clean.clean_batch.decide_rows, same result)."""
+    facecurate.clean_batch.decide_rows, same result)."""
     emb, rows, b, p = t["E"].get(), t["rows"], t["bounds"], t["p"]
     n = len(rows)
     pix, fs, off = t["pixel"], t["face_size"], t["offset"]
@@ -235,7 +235,7 @@ def limit_review(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanPa
     (the ones a person is most likely to rescue), the rest of it is dropped (reason
     far_from_centre). Faces at or above ``keep`` are never touched, so the kept set
     does not depend on the budget. ``dec``/``rea``: decision and reason codes
-    (:mod:`facecurate.clean.clean_params`), changed in place. Returns how many reviews
+    (:mod:`facecurate.clean_params`), changed in place. Returns how many reviews
     were resolved."""
     budget = int(np.floor(p.max_review * total))
     review = dec == REVIEW

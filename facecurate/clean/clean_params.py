@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from facecurate.common import constants as C  # Reasons written to clean.csv (defined in constants.py).
+from facecurate.common import constants as C
+
+# Reasons written to clean.csv (defined in constants.py).
 R_CENTRE = C.REASON_CENTRE
 R_BAND = C.REASON_UNCERTAIN
 R_FAR = C.REASON_FAR

@@ -1,7 +1,7 @@
 """``facecurate clean DEST`` where DEST holds a packed dataset (``train.rec`` + ``.idx``)
 and the embedding store ``facecurate embed DEST/train.rec`` wrote beside it.
 
-The same core as for folders (:func:`facecurate.clean.clean_core.clean_core`: robust centre,
+The same core as for folders (:func:`facecurate.clean_core.clean_core`: robust centre,
 Chinese whispers, cohort corrections, duplicates, merge candidates, ``--exclude``,
 ``--calibrate``), fed differently at the edges:
 
@@ -133,7 +133,7 @@ def _image_records(rec_path: Path) -> int:
 
 
 class RecCropSimilarity(CropSimilarity):
-    """:class:`facecurate.clean.clean.CropSimilarity` on record bytes: face i is the record at
+    """:class:`facecurate.clean.CropSimilarity` on record bytes: face i is the record at
     ``offsets[i]`` of the .rec (read on first use, 32x32 grey, mean removed)."""
 
     def __init__(self, rec_path: os.PathLike | str, offsets: Sequence[int]):
