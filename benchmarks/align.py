@@ -45,7 +45,7 @@ def pick_raw(n_images: int, root: Path) -> Path:
 def naive_loop(raw: Path, out: Path) -> int:
     import dlib
 
-    from facecurate.geometry import align_face
+    from facecurate.common.geometry import align_face
     from facecurate.models.dlib_models import SHAPE68, DlibLandmarks68, model_file
 
     detector = dlib.get_frontal_face_detector()
@@ -73,7 +73,7 @@ def main() -> None:
     if not (DATA / "lfw").is_dir():
         sys.exit(f"LFW not found under {DATA} (set FACECURATE_DATA)")
 
-    from facecurate.align import AlignConfig, run_align
+    from facecurate.align.align import AlignConfig, run_align
 
     naive_times, fc_times = [], []
     with tempfile.TemporaryDirectory() as tmp:

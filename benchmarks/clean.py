@@ -79,9 +79,9 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
-    from facecurate.clean_core import clean_core
-    from facecurate.clean_params import default_params
-    from facecurate.similar import _have_faiss, _pairs_exact, similar_pairs
+    from facecurate.clean.clean_core import clean_core
+    from facecurate.clean.clean_params import default_params
+    from facecurate.clean.similar import _have_faiss, _pairs_exact, similar_pairs
     from facecurate.engines.local import default_workers
 
     workers = a.workers or default_workers()

@@ -38,7 +38,7 @@ def lfw_embed(cache: Path) -> Path:
     import dlib
 
     from facecurate.models.dlib_models import SHAPE68, DlibHOGDetector, dlib_descriptors, model_file
-    from facecurate.records import nearest_to_centre
+    from facecurate.common.records import nearest_to_centre
 
     out = cache / "lfw_dev_dlib.npz"
     if out.exists():
@@ -133,7 +133,7 @@ def build(cache: Path, seed: int = 4) -> Path:
     """Write RAW/<identity>/*.jpg and gt.csv. Deterministic for a seed."""
     import cv2
 
-    from facecurate.files import write_csv_atomic
+    from facecurate.common.files import write_csv_atomic
 
     root = cache / "bench"
     if (root / "gt.csv").exists():
@@ -264,7 +264,7 @@ def build(cache: Path, seed: int = 4) -> Path:
 # ----------------------------------------------------------------------------- pipeline
 def pipeline(cache: Path, workers: int = 1) -> Path:
     """The real stages on the built folders: align then embed (both resume)."""
-    from facecurate.align import AlignConfig, run_align
+    from facecurate.align.align import AlignConfig, run_align
 
     root = build(cache)
     out = root / "OUT"
@@ -273,7 +273,7 @@ def pipeline(cache: Path, workers: int = 1) -> Path:
     print(f"align: {s.get('crops')} crops, {time.time() - t0:.0f}s", file=sys.stderr)
     t0 = time.time()
     try:
-        from facecurate.embed import run_embed
+        from facecurate.embed.embed import run_embed
     except ImportError:  # the embed stage has not landed: dlib's own chip, same store format
         embed_surrogate(root / "RAW", out)
     else:
@@ -288,7 +288,7 @@ def embed_surrogate(raw: Path, out: Path) -> None:
     import cv2
     import dlib
 
-    from facecurate.files import read_csv, write_csv_atomic, write_text_atomic
+    from facecurate.common.files import read_csv, write_csv_atomic, write_text_atomic
     from facecurate.models.dlib_models import SHAPE68, dlib_descriptors, model_file
 
     if (out / "embeddings.npy").exists():
@@ -335,7 +335,7 @@ DEFINITIONS = {
 
 def label_faces(root: Path, rows: list[dict]) -> tuple[list, list, dict]:
     """Per align row: (genuine: bool, photo key or None); and the genuine photo list."""
-    from facecurate.files import read_csv
+    from facecurate.common.files import read_csv
 
     gt = {r["source"]: r for r in read_csv(root / "gt.csv")}
     by_src = {}
@@ -427,8 +427,8 @@ def variant_out(root: Path, lookalike_share: float, seed: int = 0) -> Path:
     probability ``lookalike_share`` (seeded). Every other item is unchanged."""
     import shutil
 
-    from facecurate import constants as C
-    from facecurate.files import read_csv, write_csv_atomic
+    from facecurate.common import constants as C
+    from facecurate.common.files import read_csv, write_csv_atomic
 
     src = root / "OUT"
     dst = root / f"OUT_lookalikes_{lookalike_share:g}"
@@ -447,9 +447,9 @@ def variant_out(root: Path, lookalike_share: float, seed: int = 0) -> Path:
 
 def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True,
              lookalike_share: float = 1.0) -> dict:
-    from facecurate import clean as fc
-    from facecurate.vectors import normalize
-    from facecurate.files import read_csv
+    from facecurate.clean import clean as fc
+    from facecurate.clean.vectors import normalize
+    from facecurate.common.files import read_csv
 
     root = cache / "bench"
     out = root / "OUT" if lookalike_share >= 1.0 else variant_out(root, lookalike_share)

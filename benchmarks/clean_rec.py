@@ -51,10 +51,10 @@ def _align_only(out: Path, view: Path) -> Path:
 
 
 def make_rec(root: Path, workers: int) -> Path:
-    from facecurate.clean import run_clean
-    from facecurate.clean_inputs import store_runtime
-    from facecurate.embed import run_embed
-    from facecurate.pack import pack
+    from facecurate.clean.clean import run_clean
+    from facecurate.clean.clean_inputs import store_runtime
+    from facecurate.embed.embed import run_embed
+    from facecurate.pack.packer import pack
 
     rec = root / "REC"
     if not (rec / "train.rec").exists():
@@ -72,9 +72,9 @@ def make_rec(root: Path, workers: int) -> Path:
 
 
 def evaluate(cache: Path, workers: int) -> dict:
-    from facecurate import clean as fc
-    from facecurate.vectors import normalize
-    from facecurate.files import read_csv
+    from facecurate.clean import clean as fc
+    from facecurate.clean.vectors import normalize
+    from facecurate.common.files import read_csv
 
     root = cache / "bench"
     rec, info = make_rec(root, workers)

@@ -62,9 +62,9 @@ def build(dest: Path, records: int, identities: int, pool: int) -> dict:
     from clean import synth
 
     from facecurate import __version__
-    from facecurate.constants import IDX_NAME, REC_NAME
-    from facecurate.files import csv_text
-    from facecurate.recordio import RecordWriter
+    from facecurate.common.constants import IDX_NAME, REC_NAME
+    from facecurate.common.files import csv_text
+    from facecurate.common.recordio import RecordWriter
 
     if (dest / "built.json").exists():
         return json.loads((dest / "built.json").read_text())
@@ -113,7 +113,7 @@ def _peak_mb() -> float:
 def _child(step: str, dest: Path, new: Path) -> dict:
     t0 = time.perf_counter()
     if step == "read":
-        from facecurate.recordio import iter_records
+        from facecurate.common.recordio import iter_records
 
         n = 0
         with open(dest / "train.rec", "rb", buffering=1 << 20) as f:
@@ -121,19 +121,19 @@ def _child(step: str, dest: Path, new: Path) -> dict:
                 n += 1
         out = {"records": n}
     elif step == "clean":
-        from facecurate.clean import run_clean
+        from facecurate.clean.clean import run_clean
 
         s = run_clean(dest, show_progress=False)
         out = {"records": s["faces"], "keep": s["keep"], "review": s["review"], "drop": s["drop"],
                "merge_candidates": s["merge_candidates"]}
     elif step == "pack":
-        from facecurate.pack import pack
+        from facecurate.pack.packer import pack
 
         shutil.rmtree(new, ignore_errors=True)
         r = pack(dest, new)
         out = {"records": r.images, "classes": r.classes, "rec_bytes": r.rec_bytes}
     else:
-        from facecurate.inspect_rec import inspect
+        from facecurate.pack.inspect_rec import inspect
 
         r = inspect(new, verify=True)
         out = {"records": r.records, "ok": r.ok, "verified": r.verified, "errors": r.errors[:3]}

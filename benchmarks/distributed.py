@@ -119,8 +119,8 @@ def main() -> int:
 
     import ray
 
-    from facecurate.align import AlignConfig, run_align
-    from facecurate.embed import run_embed
+    from facecurate.align.align import AlignConfig, run_align
+    from facecurate.embed.embed import run_embed
 
     tmp = Path(tempfile.mkdtemp(prefix="fc-dist-"))
     raw = tmp / "raw"

@@ -49,8 +49,8 @@ def main() -> int:
     ap.add_argument("--runtimes", action="store_true", help="dlib runtime vs ONNX runtime (see above)")
     args = ap.parse_args()
 
-    from facecurate.align import AlignConfig, run_align
-    from facecurate.embed import Loader, items_from_align, load_store, run_embed
+    from facecurate.align.align import AlignConfig, run_align
+    from facecurate.embed.embed import Loader, items_from_align, load_store, run_embed
     from facecurate.models.dlib_resnet import DlibEmbedder
 
     data = Path(args.data)
@@ -180,7 +180,7 @@ def timed_cli(cmd: list[str]) -> tuple[float, float, dict]:
 
 
 def compare_runtimes(args, out: Path, tmp: Path, faces: int) -> int:
-    from facecurate.embed import load_store
+    from facecurate.embed.embed import load_store
     from facecurate.models.dlib_onnx import dlib_resnet_onnx
 
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ import numpy as np
 def chips_from_photos(folder: Path, n: int) -> list:
     import dlib
 
-    from facecurate.imageio import read_image
+    from facecurate.common.imageio import read_image
     from facecurate.models.dlib_models import SHAPE68, model_file
 
     det, sp = dlib.get_frontal_face_detector(), dlib.shape_predictor(model_file(SHAPE68))

@@ -1,5 +1,5 @@
 """Cost of typed manifest rows: reading and writing align.csv and clean.csv through
-the Workspace (typed rows, :mod:`facecurate.manifests`) against plain ``csv``
+the Workspace (typed rows, :mod:`facecurate.common.manifests`) against plain ``csv``
 (``csv.DictReader`` rows of text; ``csv.writer`` of lists of text) in the same run.
 
     python benchmarks/manifests.py [--rows 200000] [--repeat 3]
@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facecurate import constants as C  # noqa: E402
-from facecurate.manifests import AlignRow, CleanRow  # noqa: E402
-from facecurate.workspace import Workspace  # noqa: E402
+from facecurate.common import constants as C  # noqa: E402
+from facecurate.common.manifests import AlignRow, CleanRow  # noqa: E402
+from facecurate.common.workspace import Workspace  # noqa: E402
 
 
 def align_rows(n: int) -> list[AlignRow]:

@@ -61,7 +61,7 @@ def make_crops(n: int, per_identity: int = 30, min_photos: int = 1) -> Path:
     others = [d for d in CACHE.glob("crops_lfw_dev_*") if (d / "DONE").exists()]
     import cv2
 
-    from facecurate.align import centre_face_jpeg
+    from facecurate.align.align import centre_face_jpeg
     from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
 
     det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
@@ -143,7 +143,7 @@ def plain_copy(paths: list[Path], dst: Path, sync: bool = True) -> None:
 def run_time(crops: Path, repeat: int, threads: int) -> dict:
     """Best (and median) of ``repeat`` rounds; each round runs every contender once,
     interleaved, so that load from other processes on the machine hits them alike."""
-    from facecurate.pack import pack
+    from facecurate.pack.packer import pack
 
     idents = sorted(d.name for d in crops.iterdir() if d.is_dir())
     items = [(lab, crops / i / f) for lab, i in enumerate(idents) for f in sorted(os.listdir(crops / i))]
@@ -188,7 +188,7 @@ def run_time(crops: Path, repeat: int, threads: int) -> dict:
         pack(crops, work / "fc", shuffle=False, threads=threads, **kw)
 
     def without_sums(fn) -> None:
-        import facecurate.pack as fp
+        import facecurate.pack.dest as fp  # RecSink hashes through dest.SumsWriter
 
         real = fp.SumsWriter
 

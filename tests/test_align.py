@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from facecurate.align import AlignConfig, AlignError, run_align
+from facecurate.align.align import AlignConfig, AlignError, run_align
 from facecurate.cli import main
-from facecurate.constants import ALIGN_COLUMNS, ARCFACE_TEMPLATE_112
-from facecurate.files import read_csv
-from facecurate.geometry import template
+from facecurate.common.constants import ALIGN_COLUMNS, ARCFACE_TEMPLATE_112
+from facecurate.common.files import read_csv
+from facecurate.common.geometry import template
 from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
 
 
@@ -443,7 +443,7 @@ def test_align_with_an_scrfd_graph(photos_dir, tmp_path):
 def test_face_zero_is_the_primary_even_beside_a_centred_small_face(photos_dir):
     """A small face in the centre scores high on centrality but is below --min-face:
     the usable face in the corner is the primary and comes first."""
-    from facecurate.align import Aligner
+    from facecurate.align.align import Aligner
 
     face = cv2.cvtColor(cv2.imread(str(photos_dir / "id00" / "img10.jpg")), cv2.COLOR_BGR2RGB)  # 408x594
     canvas = np.full((1400, 1400, 3), 128, np.uint8)

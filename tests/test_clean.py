@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from facecurate import clean as fc
-from facecurate import clean_cohort as co
-from facecurate import clean_core as core
-from facecurate import clean_identity as ci
-from facecurate import clean_params as cparams
-from facecurate import similar as sp
-from facecurate import constants as C
+from facecurate.clean import clean as fc
+from facecurate.clean import clean_cohort as co
+from facecurate.clean import clean_core as core
+from facecurate.clean import clean_identity as ci
+from facecurate.clean import clean_params as cparams
+from facecurate.clean import similar as sp
+from facecurate.common import constants as C
 from facecurate.cli import main
-from facecurate.files import read_csv, write_csv_atomic
-from facecurate.vectors import add_at_rows
+from facecurate.common.files import read_csv, write_csv_atomic
+from facecurate.clean.vectors import add_at_rows
 
 DIM = 128
 
@@ -215,7 +215,7 @@ def test_run_clean_outputs_merges_exclude_and_determinism(tmp_path):
 
 
 def test_rerunning_clean_keeps_the_decisions_of_a_review(tmp_path):
-    from facecurate.review import apply_decisions
+    from facecurate.review.review import apply_decisions
 
     out = _fake_out(tmp_path, np.random.default_rng(8))
     assert CliRunner().invoke(main, ["clean", str(out)]).exit_code == 0
@@ -285,7 +285,7 @@ def real_run(tmp_path_factory, photos_dir, dlib_faces_dir):
     """RAW/id00: 7 photos of one person, a photo of someone else, a group photo (the
     subject beside another person), a re-hosted copy (resized, re-encoded) and a dog;
     RAW/id01: 4 photos of a second person. Then the real align and clean (which embeds)."""
-    pytest.importorskip("facecurate.embed")
+    pytest.importorskip("facecurate.embed.embed")
     tmp = tmp_path_factory.mktemp("clean_real")
     raw, out = tmp / "RAW", tmp / "OUT"
     (raw / "id00").mkdir(parents=True)
@@ -634,7 +634,7 @@ def _tiny_identities(seed: int, count: int = 400):
 def test_stacked_analysis_has_the_bits_of_analyse_identity(seed):
     """The stacked path (identities of equal size at once) gives every field
     analyse_identity gives, bit for bit, and takes most tiny identities."""
-    from facecurate.clean_batch import analyse_rows, analyse_stack
+    from facecurate.clean.clean_batch import analyse_rows, analyse_stack
 
     emb, photo, ident = _tiny_identities(seed)
     p = fc.default_params("dlib", min_face=20.0)
@@ -749,7 +749,7 @@ def test_thresholds_that_cannot_work_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------- hostile .bin
 def _insightface_bins(tmp: Path) -> tuple[list[bytes], list]:
     """Two real JPEG crops (a photo of the shared data, warped as a crop would be)."""
-    from facecurate.imageio import read_image
+    from facecurate.common.imageio import read_image
 
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     img = read_image(next(iter(sorted((data / "photos" / "id00").glob("*.jpg")))))
@@ -763,7 +763,7 @@ def _insightface_bins(tmp: Path) -> tuple[list[bytes], list]:
 def test_verification_bin_is_read_as_insightface_and_numpy_write_it(tmp_path, protocol, flags):
     """Every shape of (bins, issame) that insightface's tools and numpy write is read back
     exactly, with no code run (the reader refuses any global but numpy's array pieces)."""
-    from facecurate.verification_bin import read_verification_bin
+    from facecurate.clean.verification_bin import read_verification_bin
 
     bins, same = _insightface_bins(tmp_path)
     issame = {"list": same, "ndarray": np.array(same), "numpy_scalars": [np.bool_(v) for v in same]}[flags]
@@ -811,7 +811,7 @@ def test_verification_bin_counts_checked_before_anything_is_made(tmp_path):
     .bin is refused without being opened (it would block)."""
     import os
 
-    from facecurate.verification_bin import BinError, read_verification_bin
+    from facecurate.clean.verification_bin import BinError, read_verification_bin
 
     bins, _ = _insightface_bins(tmp_path)
     p = tmp_path / "v.bin"

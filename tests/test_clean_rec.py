@@ -19,13 +19,13 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-from facecurate.checksums import write_sums
+from facecurate.pack.checksums import write_sums
 from facecurate.cli import main as cli
-from facecurate.constants import DECISION_DROP, DECISION_KEEP, REASON_DUPLICATE
-from facecurate.files import read_csv
-from facecurate.inspect_rec import inspect
-from facecurate.pack import pack
-from facecurate.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
+from facecurate.common.constants import DECISION_DROP, DECISION_KEEP, REASON_DUPLICATE
+from facecurate.common.files import read_csv
+from facecurate.pack.inspect_rec import inspect
+from facecurate.pack.packer import pack
+from facecurate.common.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
 from test_recordio import _shared, oracle_python
 
 INTRUDER_KEY_TAG = "intruder"
@@ -36,7 +36,7 @@ INTRUDER_KEY_TAG = "intruder"
 def face_crops(lfw_dir, lfw_dev_ids) -> dict[str, list[bytes]]:
     """identity -> 4 real 112x112 crops (five dev identities with >= 5 photos); a 5th
     crop of the last identity is kept aside as the intruder (key ``intruder``)."""
-    from facecurate.align import centre_face_jpeg
+    from facecurate.align.align import centre_face_jpeg
     from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
 
     det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
@@ -113,7 +113,7 @@ def write_rec(dest: Path, crops: dict, layout: str, vector: bool) -> list[tuple[
 def embedded_recs(tmp_path_factory, face_crops) -> dict:
     """Both layouts (plain: scalar labels; insightface: vector labels), each embedded
     with the real dlib model (no flip: half the time, same code path)."""
-    from facecurate.embed import run_embed
+    from facecurate.embed.embed import run_embed
 
     out = {}
     for layout, vector in (("plain", False), ("insightface", True)):
@@ -359,7 +359,7 @@ def test_pack_reports_a_record_that_changed_since_clean(embedded_recs, tmp_path)
 def test_clean_of_a_rec_does_not_depend_on_workers(embedded_recs, tmp_path):
     """The per-identity pool gets the pixel check as a picklable subset of record
     offsets; the outputs are byte-identical whatever the number of workers."""
-    from facecurate.clean import run_clean
+    from facecurate.clean.clean import run_clean
 
     src, _ = embedded_recs["insightface"]
     outs = []

@@ -22,10 +22,10 @@ import pytest
 from click.testing import CliRunner
 
 from facecurate.cli import main as cli
-from facecurate.constants import RECORDIO_MAGIC
-from facecurate.embed import EmbedError, items_from_rec
-from facecurate.embed_rec import plan_rec_shards
-from facecurate.recordio import IndexedRecordWriter, RecordIOError, frame, pack_header, pack_record, read_record
+from facecurate.common.constants import RECORDIO_MAGIC
+from facecurate.embed.embed import EmbedError, items_from_rec
+from facecurate.embed.embed_rec import plan_rec_shards
+from facecurate.common.recordio import IndexedRecordWriter, RecordIOError, frame, pack_header, pack_record, read_record
 from test_recdata import photos  # noqa: F401  (fixture: six real LFW JPEGs)
 
 #: The child limits its address space to 2 GiB (a crafted count must not even reserve
@@ -35,7 +35,8 @@ from test_recdata import photos  # noqa: F401  (fixture: six real LFW JPEGs)
 _CHILD = """
 import os, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-import facecurate.clean, facecurate.embed, facecurate.inspect_rec, facecurate.pack, facecurate.pack_rec
+import facecurate.clean.clean, facecurate.embed.embed, facecurate.pack.inspect_rec  # noqa: E401
+import facecurate.pack.pack_rec, facecurate.pack.packer  # noqa: E401
 from facecurate.cli import main
 t = time.perf_counter()
 try:
@@ -166,8 +167,8 @@ def test_inspect_of_a_file_that_is_not_a_rec(tmp_path, photos):  # noqa: F811
 # ----------------------------------------------------------------------------- clean and pack
 def _embed_and_clean(d: Path, records) -> dict:
     """Write ``d/train.rec``, embed it (real dlib model) and clean it; embed's summary."""
-    from facecurate.clean import run_clean
-    from facecurate.embed import run_embed
+    from facecurate.clean.clean import run_clean
+    from facecurate.embed.embed import run_embed
 
     _write(d / "train.rec", records)
     s = run_embed(d / "train.rec", flip=False, workers=1, runtime="dlib", show_progress=False)

@@ -18,8 +18,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from facecurate.cli import main  # noqa: E402
-from facecurate.embed import EmbedError, Loader, items_from_align, load_store, run_embed  # noqa: E402
-from facecurate.files import sha256_file  # noqa: E402
+from facecurate.embed.embed import EmbedError, Loader, items_from_align, load_store, run_embed  # noqa: E402
+from facecurate.common.files import sha256_file  # noqa: E402
 from facecurate.models import dlib_onnx  # noqa: E402
 from facecurate.models.dlib_models import dlib_descriptors  # noqa: E402
 from facecurate.models.dlib_onnx import DlibOnnxError, dlib_resnet_onnx, synthetic_chip  # noqa: E402
@@ -158,7 +158,7 @@ N_CHIPS = 500
 def lfw_chips(lfw_dir, lfw_dev_ids, tmp_path_factory) -> list:
     """The 150x150 chips `embed` feeds dlib (default feed: dlib's chip geometry from
     align's five points, cut from the source photo), for >= 500 faces of LFW dev photos."""
-    from facecurate.align import AlignConfig, run_align
+    from facecurate.align.align import AlignConfig, run_align
 
     root = tmp_path_factory.mktemp("lfwchips")
     raw = root / "raw"
@@ -230,7 +230,7 @@ def test_provider_choice_on_the_real_network(graph):
 # ----------------------------------------------------------------------------- embed --runtime
 @pytest.fixture(scope="module")
 def aligned(photos_dir, tmp_path_factory) -> Path:
-    from facecurate.align import AlignConfig, run_align
+    from facecurate.align.align import AlignConfig, run_align
 
     root = tmp_path_factory.mktemp("rt")
     raw = root / "raw"
@@ -304,8 +304,8 @@ def test_models_cli_export_and_list(tmp_path, graph, dat):
 def test_clean_continues_a_store_on_its_own_runtime(photos_dir, tmp_path):
     """A store made on ONNX Runtime, then new photos: clean --runtime dlib embeds the new
     crops on the store's runtime (never a mixed store) instead of failing or mixing."""
-    from facecurate.align import AlignConfig, run_align
-    from facecurate.clean import run_clean
+    from facecurate.align.align import AlignConfig, run_align
+    from facecurate.clean.clean import run_clean
 
     raw, out = tmp_path / "raw", tmp_path / "out"
     idents = sorted(p.name for p in photos_dir.iterdir() if p.is_dir())[:3]

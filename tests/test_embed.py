@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from facecurate.align import AlignConfig, run_align
+from facecurate.align.align import AlignConfig, run_align
 from facecurate.cli import main
-from facecurate.embed import EmbedError, Loader, items_from_align, load_store, run_embed
-from facecurate.files import read_csv, sha256_file
+from facecurate.embed.embed import EmbedError, Loader, items_from_align, load_store, run_embed
+from facecurate.common.files import read_csv, sha256_file
 from facecurate.models.dlib_resnet import DLIB_CHIP_TEMPLATE_150, DlibEmbedder, dlib_chip
 
 IDS_PER_RUN = 5
@@ -120,7 +120,7 @@ def test_batch_and_single_agree(aligned, store, tmp_path):
 
 KILLER = """
 import os, signal, sys
-from facecurate.embed import run_embed
+from facecurate.embed.embed import run_embed
 def kill(res):
     os.kill(os.getpid(), signal.SIGKILL)
 run_embed(sys.argv[1], workers=1, chunk_size=3, show_progress=False, store_dir=sys.argv[2], on_chunk=kill)
@@ -313,7 +313,7 @@ def test_a_folder_with_nothing_to_embed_is_one_line(tmp_path):
 
 
 def test_rec_input(aligned, recognizer, tmp_path):
-    from facecurate.recordio import IndexedRecordWriter, pack_record
+    from facecurate.common.recordio import IndexedRecordWriter, pack_record
 
     ok = _ok_rows(aligned)[:5]
     rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
@@ -332,7 +332,7 @@ def test_rec_input(aligned, recognizer, tmp_path):
 def test_dlib_chip_downscales_large_images_without_aliasing():
     """A face 8x larger than the chip: a 1-pixel checkerboard must come out as flat
     grey (area averaging), not as the moire a plain bilinear warp samples."""
-    from facecurate.geometry import similarity_transform
+    from facecurate.common.geometry import similarity_transform
 
     yy, xx = np.mgrid[0:1200, 0:1200]
     board = np.where((xx + yy) % 2 == 0, 255, 0).astype(np.uint8)

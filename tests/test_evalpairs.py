@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from facecurate.cli import main
-from facecurate.evalpairs import PairsError, read_pairs, tar_at_far, ten_fold
+from facecurate.evalpairs.evalpairs import PairsError, read_pairs, tar_at_far, ten_fold
 
 
 def test_read_pairs_lfw_format(tmp_path):
@@ -120,7 +120,7 @@ def pairs_setup(lfw_dir, lfw_dev_ids, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(pairs_setup):
-    from facecurate.evalpairs import run_eval_pairs
+    from facecurate.evalpairs.evalpairs import run_eval_pairs
 
     pairs, root, work = pairs_setup
     return run_eval_pairs(pairs, root, work=work, show_progress=False, workers=2)

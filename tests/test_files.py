@@ -10,8 +10,8 @@ import signal
 import subprocess
 import sys
 
-from facecurate import constants as C
-from facecurate.files import SHEET_TRIGGERS, sheet_cell, shown, unsheet_cell, write_csv_atomic
+from facecurate.common import constants as C
+from facecurate.common.files import SHEET_TRIGGERS, sheet_cell, shown, unsheet_cell, write_csv_atomic
 
 
 def test_sheet_cells_run_no_formula_and_come_back_exactly():

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from facecurate import constants as C
-from facecurate.align import AlignConfig, run_align
+from facecurate.common import constants as C
+from facecurate.align.align import AlignConfig, run_align
 from facecurate.cli import main as cli
-from facecurate.files import format_float, read_csv, write_csv_atomic
+from facecurate.common.files import format_float, read_csv, write_csv_atomic
 
 #: An LFW-dev photo where dlib's HOG finds no face and the MMOD fallback finds one.
 FALLBACK_PHOTO = ("Abdoulaye_Wade", "Abdoulaye_Wade_0003.jpg")
@@ -33,8 +33,8 @@ def _photos(photos_dir: Path, ident: str, n: int) -> list[Path]:
 def pipeline(photos_dir, tmp_path_factory) -> Path:
     """align -> embed -> clean on 3 identity folders of real photos plus one photo
     directly under RAW (which belongs to no identity)."""
-    from facecurate.clean import run_clean
-    from facecurate.embed import run_embed
+    from facecurate.clean.clean import run_clean
+    from facecurate.embed.embed import run_embed
 
     root = tmp_path_factory.mktemp("pipeline")
     raw = root / "raw"
@@ -194,7 +194,7 @@ def test_read_only_out_gives_one_line(readonly_out, pipeline, stage):
 
 # --------------------------------------------------------------------------- 5. loose files
 def test_files_directly_under_raw_belong_to_no_identity(pipeline):
-    from facecurate.report import collect
+    from facecurate.review.report import collect
 
     rows = read_csv(pipeline / "align.csv")
     assert [r["status"] for r in rows if r["source"] == "loose.jpg"] == ["unsupported"]  # recorded as before
@@ -208,7 +208,7 @@ def test_files_directly_under_raw_belong_to_no_identity(pipeline):
 
 # --------------------------------------------------------------------------- 6. smaller things
 def test_report_noisiest_sorted_by_share_of_faces_not_kept(tmp_path):
-    from facecurate.report import collect
+    from facecurate.review.report import collect
 
     clean, idents = [], []
     # A: half its faces not kept, low noise estimate; B: 2 of 10 not kept, high estimate
@@ -226,7 +226,7 @@ def test_report_noisiest_sorted_by_share_of_faces_not_kept(tmp_path):
 
 
 def test_report_histogram_axis_says_corrected_score():
-    from facecurate.report import svg_histograms
+    from facecurate.review.report import svg_histograms
 
     svg = svg_histograms({"keep": [0.95, 1.0033], "drop": [0.5]}, {"keep": 0.945, "drop": 0.92})
     label = svg.rsplit("<text", 1)[1]
@@ -244,7 +244,7 @@ def test_help_lists_every_stage_and_format():
 
 
 def test_review_page_without_review_faces_shows_a_proper_empty_state(pipeline, tmp_path):
-    from facecurate.review import write_review
+    from facecurate.review.review import write_review
 
     out = tmp_path / "out"
     shutil.copytree(pipeline, out, symlinks=True)

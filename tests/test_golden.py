@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from facecurate.provenance import describe, differences
+from facecurate.common.provenance import describe, differences
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "pipeline.json"
 GOLDEN_VERSIONS = GOLDEN.with_name("versions.json")

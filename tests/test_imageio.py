@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from facecurate.constants import STATUS_TOO_LARGE
-from facecurate.imageio import ImageError, decode_image, header_size, jpeg_size, jpeg_sof
-from facecurate.pack_inputs import _SizeCheck
+from facecurate.common.constants import STATUS_TOO_LARGE
+from facecurate.common.imageio import ImageError, decode_image, header_size, jpeg_size, jpeg_sof
+from facecurate.pack.pack_inputs import SizeCheck
 
 
 def _jpeg(w: int, h: int, seed: int = 0) -> bytes:
@@ -52,7 +52,7 @@ def test_bomb_guard_refuses_a_jpeg_declaring_too_many_pixels():
 
 
 def test_size_check_reuses_a_header_prefix_only_when_it_fits():
-    check = _SizeCheck(112)
+    check = SizeCheck(112)
     a, b = _jpeg(112, 112, 1), _jpeg(112, 112, 2)
     assert check.prefix is None and check(a)
     assert check.prefix is not None and b.startswith(check.prefix) and check(b)  # the shortcut

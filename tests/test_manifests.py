@@ -1,4 +1,4 @@
-"""Typed manifests (facecurate.manifests) and the workspace (facecurate.workspace) on
+"""Typed manifests (facecurate.common.manifests) and the workspace (facecurate.common.workspace) on
 the real outputs of align -> embed -> clean -> review, and of clean on a packed
 dataset: every CSV a stage writes goes through its row type and back to the same
 bytes; a malformed file gives one clear message naming the file, line and column."""
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from facecurate import constants as C
+from facecurate.common import constants as C
 from facecurate.cli import main as cli
-from facecurate.files import csv_text
-from facecurate.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, RowError,
-                                  parse_float)
-from facecurate.workspace import ManifestError, MissingFile, Workspace
+from facecurate.common.files import csv_text
+from facecurate.common.manifests import (AlignRow, CleanRow, EmbeddingRow, IdentityRow, MergeRow, ReviewRow, RowError,
+                                         parse_float)
+from facecurate.common.workspace import ManifestError, MissingFile, Workspace
 
 IDENTITIES = ("id00", "id01", "id02")
 
@@ -29,10 +29,10 @@ IDENTITIES = ("id00", "id01", "id02")
 def run(photos_dir, tmp_path_factory) -> Path:
     """A real OUT: align (with a file align cannot read), embed (dlib), clean with a
     review band, review; then clean on the packed dataset (DEST/clean.csv by key)."""
-    from facecurate.align import AlignConfig, run_align
-    from facecurate.clean import run_clean
-    from facecurate.embed import run_embed
-    from facecurate.review import write_review
+    from facecurate.align.align import AlignConfig, run_align
+    from facecurate.clean.clean import run_clean
+    from facecurate.embed.embed import run_embed
+    from facecurate.review.review import write_review
 
     root = tmp_path_factory.mktemp("manifests")
     raw = root / "raw"
@@ -51,8 +51,8 @@ def run(photos_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rec_run(run, tmp_path_factory) -> Path:
-    from facecurate.clean import run_clean
-    from facecurate.pack import pack
+    from facecurate.clean.clean import run_clean
+    from facecurate.pack.packer import pack
 
     dest = tmp_path_factory.mktemp("manifests-rec") / "pack"
     pack(run, dest)
@@ -204,7 +204,7 @@ def test_store_whose_csv_and_npy_disagree_is_refused(run, tmp_path):
 
 # ----------------------------------------------------------------------------- compiled converters
 def _reference_cells(row, columns) -> list[str]:
-    from facecurate.manifests import _CODECS
+    from facecurate.common.manifests import _CODECS
 
     return [_CODECS[type(row)._codecs()[c]][1](getattr(row, c)) for c in columns]
 
@@ -245,7 +245,7 @@ def test_the_compiled_reader_raises_the_same_row_errors():
 def test_the_compiled_writer_formats_as_format_float():
     """One % operation per row gives each float cell format_float's text (NaN empty,
     -0.0000 without its sign), ints and flags as the reference codecs."""
-    from facecurate.files import format_float
+    from facecurate.common.files import format_float
 
     vals = [math.nan, -0.0, 0.0, -0.00004, -0.00005, -0.00006, 0.00005, -1.23456, 123.99995, 1e20, math.inf,
             -math.inf, -0.5, 2.0000499]

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from facecurate.cli import main as cli
-from facecurate.constants import UNPACK_MAX_NAME_BYTES
-from facecurate.pack import PackError, pack
-from facecurate.recordio import IndexedRecordWriter, pack_record
-from facecurate.unpack import UnpackError, unpack
+from facecurate.common.constants import UNPACK_MAX_NAME_BYTES
+from facecurate.pack.packer import PackError, pack
+from facecurate.common.recordio import IndexedRecordWriter, pack_record
+from facecurate.pack.unpack import UnpackError, unpack
 from test_recdata import photos  # noqa: F401  (fixture: six real LFW JPEGs)
 
 
@@ -105,7 +105,7 @@ def test_unpack_refuses_a_folder_it_did_not_make(photos, tmp_path, lfw_dir, lfw_
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory, lfw_dir, lfw_dev_ids) -> tuple[Path, Path]:
     """(RAW, OUT): two dev identities with two photos each, aligned for real."""
-    from facecurate.align import AlignConfig, run_align
+    from facecurate.align.align import AlignConfig, run_align
 
     root = tmp_path_factory.mktemp("aligned")
     raw = root / "raw"

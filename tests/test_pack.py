@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from facecurate.cli import main as cli
-from facecurate.constants import (
+from facecurate.common.constants import (
     ALIGN_COLUMNS,
     CLEAN_COLUMNS,
     PACK_BELOW_MIN,
@@ -33,15 +33,15 @@ from facecurate.constants import (
     PACK_NOT_IMAGE,
     PACK_WRONG_SIZE,
 )
-from facecurate.files import read_csv, write_csv_atomic
-from facecurate.inspect_rec import inspect
-from facecurate.pack import PackError, pack
-from facecurate.pairs import pack_pairs
-from facecurate.unpack import unpack
-from facecurate.verification_bin import read_verification_bin
+from facecurate.common.files import read_csv, write_csv_atomic
+from facecurate.pack.inspect_rec import inspect
+from facecurate.pack.packer import PackError, pack
+from facecurate.pack.pairs import pack_pairs
+from facecurate.pack.unpack import unpack
+from facecurate.clean.verification_bin import read_verification_bin
 from test_recordio import _shared, oracle_python
 
-from facecurate.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
+from facecurate.common.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, pack_record, unpack_record
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("train.rec", "train.idx", "train.lst", "train.sums", "property", "labels.csv", "pack_errors.csv", "pack.json")
@@ -52,7 +52,7 @@ FILES = ("train.rec", "train.idx", "train.lst", "train.sums", "property", "label
 def crops_dir(tmp_path_factory, lfw_dir, lfw_dev_ids) -> Path:
     """OUT-like folder <identity>/<Name>_NNNN.jpg of real 112x112 q95 crops: five dev
     identities with 4 photos each and one with 2."""
-    from facecurate.align import centre_face_jpeg
+    from facecurate.align.align import centre_face_jpeg
     from facecurate.models.dlib_models import DlibHOGDetector, DlibLandmarks68
 
     det, lm = DlibHOGDetector(max_upsample=1), DlibLandmarks68()
@@ -148,7 +148,7 @@ def test_crop_containing_the_magic_round_trips_through_mxnet(crops_dir, tmp_path
     """A real crop with the RecordIO magic at a 4-byte-aligned payload offset (inside a
     JPEG comment segment): pack splits the record; MXNet and our loader get the exact
     bytes back, and the image still decodes."""
-    from facecurate.recordio import MAGIC_BYTES
+    from facecurate.common.recordio import MAGIC_BYTES
 
     out = tmp_path / "out"
     shutil.copytree(crops_dir, out)

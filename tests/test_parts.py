@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from facecurate.align import AlignConfig, run_align
-from facecurate.embed import run_embed
-from facecurate.runner import parse_part, plan_shards, RunError
+from facecurate.align.align import AlignConfig, run_align
+from facecurate.embed.embed import run_embed
+from facecurate.engines.runner import parse_part, plan_shards, RunError
 
 STORE = ("embeddings.npy", "embeddings.csv", "embeddings.json")
 

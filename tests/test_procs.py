@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from facecurate.align import AlignConfig, run_align
+from facecurate.align.align import AlignConfig, run_align
 
 PHOTOS = 240  # enough work for a 2-worker run to be caught in the middle
 
@@ -182,7 +182,7 @@ def test_ctrl_c_same_message_and_status_in_every_stage(stage, lfw_raw, lfw_out, 
 
 
 def test_run_lock_is_per_part_and_released_by_the_kernel(tmp_path):
-    from facecurate.procs import LockedError, lock_path, run_lock
+    from facecurate.common.procs import LockedError, lock_path, run_lock
 
     with run_lock(tmp_path, "align"):
         with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
@@ -192,7 +192,7 @@ def test_run_lock_is_per_part_and_released_by_the_kernel(tmp_path):
             pass  # disjoint parts of one run lock separately
     assert lock_path(tmp_path, "align", (1, 4)).name == "align.part-1-of-4.lock"
     # a lock file left by a killed holder does not block
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom facecurate.procs import run_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom facecurate.common.procs import run_lock\n"
                                f"with run_lock({str(tmp_path)!r}, 'embed'):\n    print('held', flush=True)\n"
                                "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from facecurate.constants import VERSIONS_FILE
-from facecurate.provenance import (describe, differences, library_version, library_versions, resume_message,
-                                   warn_if_other, VersionsWarning)
+from facecurate.common.constants import VERSIONS_FILE
+from facecurate.common.provenance import (describe, differences, library_version, library_versions, resume_message,
+                                          warn_if_other, VersionsWarning)
 from test_parts import lfw_raw
 
 OTHER_OPENCV = "opencv-python-headless 3.4.18.65"  # never the installed one

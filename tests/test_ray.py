@@ -15,8 +15,8 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from facecurate.align import AlignConfig, run_align  # noqa: E402
-from facecurate.embed import run_embed  # noqa: E402
+from facecurate.align.align import AlignConfig, run_align  # noqa: E402
+from facecurate.embed.embed import run_embed  # noqa: E402
 from facecurate.engines.ray_engine import RayEngine  # noqa: E402
 
 from test_parts import STORE, lfw_raw, tree_bytes  # noqa: E402
@@ -75,7 +75,7 @@ def test_interrupted_locally_finished_on_ray_and_back(cluster, ref, tmp_path):
 
 
 def test_worker_that_cannot_see_raw_fails_clearly(cluster, tmp_path):
-    from facecurate.runner import WorkerSpec, WorkerSetupError, plan_shards
+    from facecurate.engines.runner import WorkerSpec, WorkerSetupError, plan_shards
 
     spec = WorkerSpec(dict, (), str(tmp_path), must_see=(str(tmp_path / "not-mounted"),))
     t0 = time.monotonic()
@@ -85,7 +85,7 @@ def test_worker_that_cannot_see_raw_fails_clearly(cluster, tmp_path):
 
 
 def test_gpu_workers_ask_for_a_gpu(cluster):
-    from facecurate.runner import WorkerSpec
+    from facecurate.engines.runner import WorkerSpec
 
     spec = WorkerSpec(dict, (), "/tmp", gpu=True)
     eng = RayEngine()
@@ -127,8 +127,8 @@ def test_node_removed_mid_run_costs_only_its_shards(cluster, ref, tmp_path):
 def test_a_shard_that_keeps_failing_on_ray_is_named_and_a_rerun_completes_it(cluster, ref, tmp_path):
     """A shard whose manifest can never be written fails on every worker it is tried
     on; the run names it, merges nothing and raises; the same call then redoes only it."""
-    from facecurate.align import AlignError
-    from facecurate.runner import MAX_SHARD_RETRIES
+    from facecurate.align.align import AlignError
+    from facecurate.engines.runner import MAX_SHARD_RETRIES
 
     raw, refout = ref
     out = tmp_path / "out"
@@ -230,7 +230,7 @@ def test_a_worker_setup_error_is_named_in_one_line(cluster, tmp_path):
     """A worker whose setup raises (here the stage's factory: int('x')) fails the
     shard with that error's own line, not a Ray traceback nor only "no Ray worker
     left"."""
-    from facecurate.runner import WorkerSpec, plan_shards
+    from facecurate.engines.runner import WorkerSpec, plan_shards
 
     spec = WorkerSpec(int, ("x",), str(tmp_path))
     t0 = time.monotonic()

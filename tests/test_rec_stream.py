@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facecurate.embed import _part_bytes, shard_npz
-from facecurate.embed_rec import RecRange, plan_rec_shards, write_rec_store
-from facecurate.recordio import IndexedRecordWriter, pack_header, pack_record
-from facecurate.runner import plan_shards, record_path
+from facecurate.embed.embed import _part_bytes, shard_npz
+from facecurate.embed.embed_rec import RecRange, plan_rec_shards, write_rec_store
+from facecurate.common.recordio import IndexedRecordWriter, pack_header, pack_record
+from facecurate.engines.runner import plan_shards, record_path
 
 
 def _rec(d: Path, n: int, header: bool = False) -> Path:
@@ -103,7 +103,7 @@ def test_rec_store_writer_is_bounded_and_equals_the_in_memory_store(tmp_path):
     """The store of 4x the records is written with about the same peak memory (one
     shard at a time, vectors through a memory map), and its files are byte for byte
     what the in-memory writer makes of the same shards."""
-    from facecurate.embed import EmbedConfig, _load_shards, _write_store, items_from_rec
+    from facecurate.embed.embed import EmbedConfig, _load_shards, _write_store, items_from_rec
 
     peaks = {}
     for n in (2000, 8000):
@@ -136,8 +136,8 @@ def test_rec_range_is_small(tmp_path):
 
 def _clean_csv(d: Path, n: int, review: int = 40) -> Path:
     """A rec clean.csv of ``n`` rows in 500 identities, the first ``review`` rows to review."""
-    from facecurate.constants import REC_CLEAN_COLUMNS
-    from facecurate.files import csv_text
+    from facecurate.common.constants import REC_CLEAN_COLUMNS
+    from facecurate.common.files import csv_text
 
     d.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -155,7 +155,7 @@ def test_review_of_a_large_clean_csv_holds_only_the_sheet(tmp_path):
     """review reads clean.csv as a stream: 4x the rows with the same review faces
     take about the same memory (it held every row as a dict), and the sheet is the
     one build_sections makes of the rows in memory (same references and counts)."""
-    from facecurate.review import build_sections, clean_rows, load_clean, stream_sections, write_review
+    from facecurate.review.review import build_sections, clean_rows, load_clean, stream_sections, write_review
 
     small, large = _clean_csv(tmp_path / "s", 20_000), _clean_csv(tmp_path / "l", 80_000)
     write_review(small)  # warm-up
@@ -185,12 +185,12 @@ def test_sums_hashed_by_the_child_equal_sums_hashed_in_line(tmp_path, fail, monk
     line, the rest by the child (the in-line share made small here)."""
     import struct
 
-    from facecurate import checksums
-    from facecurate.checksums import SumsWriter
+    from facecurate.pack import checksums
+    from facecurate.pack.checksums import SumsWriter
 
     monkeypatch.setattr(checksums, "INLINE_BYTES", 1000)
-    from facecurate.constants import RECORDIO_MAGIC
-    from facecurate.recordio import RecordWriter
+    from facecurate.common.constants import RECORDIO_MAGIC
+    from facecurate.common.recordio import RecordWriter
 
     magic = struct.pack("<I", RECORDIO_MAGIC)
     datas = [b"jpeg%05d" % k * (k % 50 + 1) for k in range(700)]
@@ -227,8 +227,8 @@ def test_review_reads_only_the_offsets_of_the_faces_it_shows(tmp_path):
     their bytes."""
     import numpy as np
 
-    from facecurate.recdata import KeyedRecords
-    from facecurate.recordio import RecordIOError, read_idx_arrays, read_idx_keys
+    from facecurate.common.recdata import KeyedRecords
+    from facecurate.common.recordio import RecordIOError, read_idx_arrays, read_idx_keys
 
     rec = _rec(tmp_path / "r", 5000, header=True)
     idx = rec.with_suffix(".idx")
@@ -251,7 +251,7 @@ def test_review_of_a_rec_shows_every_face_from_the_record_bytes(tmp_path):
     its record (none missing), through the sheet's own offsets."""
     import base64
 
-    from facecurate.review import write_review
+    from facecurate.review.review import write_review
 
     d = tmp_path / "r"
     _rec(d, 3000)

@@ -1,4 +1,4 @@
-"""One rule for which RecordIO records are images (facecurate.recdata), shared by
+"""One rule for which RecordIO records are images (facecurate.common.recdata), shared by
 embed's .rec input, inspect and unpack; and one pairs parser for pack-pairs and
 eval-pairs. The records hold real LFW photos."""
 
@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from facecurate.embed import EmbedError, items_from_rec
-from facecurate.evalpairs import PairsError, read_pairs
-from facecurate.inspect_rec import inspect
-from facecurate.pairs import parse_pairs
-from facecurate.recordio import IndexedRecordWriter, RecordIOError, pack_header, pack_record
-from facecurate.unpack import unpack
+from facecurate.embed.embed import EmbedError, items_from_rec
+from facecurate.evalpairs.evalpairs import PairsError, read_pairs
+from facecurate.pack.inspect_rec import inspect
+from facecurate.pack.pairs import parse_pairs
+from facecurate.common.recordio import IndexedRecordWriter, RecordIOError, pack_header, pack_record
+from facecurate.pack.unpack import unpack
 
 
 @pytest.fixture(scope="module")

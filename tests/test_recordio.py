@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from facecurate.constants import RECORDIO_MAGIC
-from facecurate.recordio import (
+from facecurate.common.constants import RECORDIO_MAGIC
+from facecurate.common.recordio import (
     MAGIC_BYTES,
     IndexedRecordReader,
     IndexedRecordWriter,

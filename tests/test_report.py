@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from facecurate import constants as C
+from facecurate.common import constants as C
 from facecurate.cli.review import report as report_cli
-from facecurate.manifests import CleanRow
-from facecurate.files import read_csv, write_csv_atomic
-from facecurate.report import histogram, noisiest, svg_histograms, write_report
-from facecurate.review import apply_decisions
-from facecurate.manifests import IdentityRow
-from facecurate.workspace import Workspace
+from facecurate.common.manifests import CleanRow
+from facecurate.common.files import read_csv, write_csv_atomic
+from facecurate.review.report import histogram, noisiest, svg_histograms, write_report
+from facecurate.review.review import apply_decisions
+from facecurate.common.manifests import IdentityRow
+from facecurate.common.workspace import Workspace
 from test_review import _rename_identity, align_subset, write_clean_by_hand
 
 IDS = ("id00", "id02", "id05")
@@ -136,8 +136,8 @@ def test_noisiest_falls_back_to_clean_counts_and_histogram_svg_is_well_formed():
 @pytest.mark.slow
 def test_review_and_report_on_a_real_clean_run(aligned, tmp_path):
     """The real pipeline: embed (dlib) + clean on the aligned crops, then review and report."""
-    from facecurate.clean import run_clean
-    from facecurate.review import write_review
+    from facecurate.clean.clean import run_clean
+    from facecurate.review.review import write_review
 
     out = tmp_path / "out"
     shutil.copytree(aligned, out, symlinks=True)

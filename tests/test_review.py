@@ -1,7 +1,7 @@
 """review: the HTML contact sheet and review.csv, `review apply`, and the page in a
 real headless Chromium (buttons, keyboard, CSV export, apply round trip).
 
-The crops are real: dlib HOG + 5 landmarks + ArcFace warp (facecurate.align) on a
+The crops are real: dlib HOG + 5 landmarks + ArcFace warp (facecurate.align.align) on a
 few identity folders of the shared photos. clean.csv is written here by hand so the
 tests do not depend on clean's thresholds: per identity the faces get falling
 scores, the top ones kept, the middle ones sent to review, the last ones dropped."""
@@ -22,18 +22,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from facecurate import constants as C
+from facecurate.common import constants as C
 from facecurate.cli.review import review as review_cli
-from facecurate.files import format_float, read_csv, write_csv_atomic
-from facecurate.manifests import CleanRow
-from facecurate.review import apply_decisions, build_sections, write_review
+from facecurate.common.files import format_float, read_csv, write_csv_atomic
+from facecurate.common.manifests import CleanRow
+from facecurate.review.review import apply_decisions, build_sections, write_review
 
 IDENTITIES = ("id00", "id01", "id02", "id03")
 
 
 def align_subset(photos_dir: Path, root: Path, identities=IDENTITIES) -> Path:
     """Real crops of a few identity folders (RAW holds copies of the shared photos)."""
-    from facecurate.align import AlignConfig, run_align
+    from facecurate.align.align import AlignConfig, run_align
 
     raw = root / "raw"
     raw.mkdir(parents=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import facecurate
-from facecurate.align import AlignConfig, Aligner
+from facecurate.align.align import AlignConfig, Aligner
 from facecurate.models.base import Detector, Embedder, Landmarker
 from facecurate.models.zoo import make_detector, make_embedder, make_landmarker
 
@@ -95,7 +95,7 @@ def test_scrfd_from_the_zoo_speaks_the_protocol(tmp_path, photo):
 @pytest.fixture(scope="module")
 def crops(photos_dir):
     """Aligned RGB crops of real faces (dlib HOG + 68 points), as JPEG bytes and arrays."""
-    from facecurate.align import centre_face_jpeg
+    from facecurate.align.align import centre_face_jpeg
 
     det, lm = make_detector("dlib"), make_landmarker()
     out = []
@@ -112,7 +112,7 @@ def crops(photos_dir):
 def test_dlib_embedders_from_the_zoo_and_clean_exclude_use_the_same_door(runtime, crops):
     """The zoo's embedder speaks the protocol on each runtime, and clean's --exclude
     embedding (clean.embed_images) gives exactly the zoo embedder's vectors."""
-    from facecurate.clean import embed_images
+    from facecurate.clean.clean import embed_images
 
     emb = make_embedder("dlib", feed="crop", runtime=runtime)
     assert isinstance(emb, Embedder) and emb.dim == 128 and emb.feed == "crop"

@@ -1,6 +1,7 @@
 """The ``facecurate`` command group. Each stage's commands live in their own module
-under ``facecurate/cli/`` and are thin wrappers over the importable API; heavy imports
-(dlib, onnxruntime) happen inside the commands, so ``--help`` stays fast."""
+under ``facecurate/cli/`` and are thin wrappers over the importable API; the heavy
+optional libraries (dlib, onnxruntime, onnx, ray, faiss) are imported only by the
+commands that use them, so ``--help`` stays fast."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import warnings
 import click
 
 from facecurate import __version__
-from facecurate.constants import EXIT_INTERRUPTED
+from facecurate.cli import align, clean, embed, models, pack, review
+from facecurate.common.constants import EXIT_INTERRUPTED
+from facecurate.common.files import shown
+from facecurate.common.procs import LockedError
+from facecurate.common.workspace import ManifestError
+from facecurate.models.base import ModelError
 
 #: What every stage says after Ctrl-C (each writes its files atomically and resumes).
 INTERRUPTED = "interrupted: nothing is left half-written; rerun the same command to continue where it stopped"
@@ -35,8 +41,6 @@ def os_error_message(e: OSError) -> str:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A library warning (an OUT made under other library versions) as one line on
     stderr, ``warning: ...``, without Python's file and line."""
-    from facecurate.files import shown
-
     click.echo(f"warning: {shown(str(message))}", err=True)
 
 
@@ -48,11 +52,6 @@ class _Main(click.Group):
     Ctrl-C the same message in every stage (exit 130), never a traceback."""
 
     def invoke(self, ctx: click.Context):
-        from facecurate.models.base import ModelError
-        from facecurate.procs import LockedError
-        from facecurate.workspace import ManifestError
-        from facecurate.files import shown
-
         warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
@@ -93,13 +92,6 @@ def main() -> None:
     """
 
 
-from facecurate.cli import align as _align  # noqa: E402
-from facecurate.cli import embed as _embed  # noqa: E402
-from facecurate.cli import clean as _clean  # noqa: E402
-from facecurate.cli import pack as _pack  # noqa: E402
-from facecurate.cli import models as _models  # noqa: E402
-from facecurate.cli import review as _review  # noqa: E402
-
-for _mod in (_align, _embed, _clean, _review, _pack, _models):
+for _mod in (align, embed, clean, review, pack, models):
     for _cmd in _mod.COMMANDS:
         main.add_command(_cmd)

@@ -8,10 +8,11 @@ import click
 
 from facecurate.cli.engine_options import engine_options
 from facecurate.cli.input_options import input_options
-from facecurate.files import say
-from facecurate.constants import (ALIGN_FACES, ARCFACE_BASE_SIZE, CROP_FORMATS, DETECT_MAX_SIDE, FALLBACK_DETECTORS,
-                                  JPEG_QUALITY, MAX_IMAGE_PIXELS)
+from facecurate.common.files import emit_summary, say
+from facecurate.common.constants import (ALIGN_FACES, ARCFACE_BASE_SIZE, CROP_FORMATS, DETECT_MAX_SIDE,
+                                         FALLBACK_DETECTORS, JPEG_QUALITY, MAX_IMAGE_PIXELS)
 from facecurate.models.zoo import DETECTORS, DEVICES
+from facecurate.align.align import AlignConfig, AlignError, check_paths, run_align
 
 
 def _crop_size(_ctx, _param, value: int) -> int:
@@ -74,9 +75,6 @@ def align(raw, out, detector, model_dir, device, size, min_face, faces, fmt, qua
 
     An interrupted run continues where it stopped when rerun with the same flags.
     """
-    from facecurate.align import AlignConfig, AlignError, check_paths, run_align
-    from facecurate.files import emit_summary
-
     try:
         check_paths(raw, out)
     except AlignError as e:

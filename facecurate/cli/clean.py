@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from facecurate.models.zoo import RUNTIMES
+from facecurate.clean.clean import default_params, run_clean
+from facecurate.common.files import emit_summary
+from facecurate.common.procs import run_lock
 
 
 def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
@@ -13,8 +16,6 @@ def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
     import json
-
-    from facecurate.clean import default_params
 
     out = {}
     for family, example in (("dlib", "dlib_face_recognition_resnet_model_v1"), ("arcface", "w600k_r50")):
@@ -81,10 +82,6 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
            OUT/merges.csv     identity pairs that look like one person
            OUT/clean.json     the thresholds used and the summary
     """
-    from facecurate.clean import run_clean
-    from facecurate.files import emit_summary
-    from facecurate.procs import run_lock
-
     if far is not None and not 0 < far < 1:
         raise click.BadParameter("FAR must be between 0 and 1", param_hint="--calibrate")
 

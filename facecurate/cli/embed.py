@@ -8,10 +8,13 @@ import click
 
 from facecurate.cli.engine_options import engine_options
 from facecurate.cli.input_options import input_options
-from facecurate.constants import DLIB_FEEDS, EVAL_PICKS, FALLBACK_DETECTORS
+from facecurate.common.constants import DLIB_FEEDS, EVAL_PICKS, FALLBACK_DETECTORS
 from facecurate.engines import ENGINES
 from facecurate.models.zoo import DETECTORS, DEVICES, RUNTIMES
-from facecurate.files import emit_summary, say
+from facecurate.common.files import emit_summary, say
+from facecurate.align.align import AlignError
+from facecurate.embed.embed import EmbedError, run_embed
+from facecurate.evalpairs.evalpairs import PairsError, run_eval_pairs
 
 _MODEL_HELP = ("dlib (default, offline: dlib's 128-D ResNet descriptor), arcface (an insightface "
                "recogniser found in --model-dir), or a path to an ArcFace-style .onnx.")
@@ -87,8 +90,6 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
     regular files are read, and symlinks only while they stay inside it
     (--follow-external-links); the others are recorded as failed, with the reason.
     """
-    from facecurate.embed import EmbedError, run_embed
-
     try:
         summary = run_embed(out, model=model, model_dir=model_dir, batch_size=batch_size, workers=workers,
                             flip=flip, device=device, fp16=fp16, dlib_feed=dlib_feed, store_dir=store,
@@ -141,10 +142,6 @@ def eval_pairs(pairs, root, model, model_dir, device, batch_size, workers, fp16,
     1e-3, and every image that failed to align: each pair holding one counts
     as an error.
     """
-    from facecurate.align import AlignError
-    from facecurate.embed import EmbedError
-    from facecurate.evalpairs import PairsError, run_eval_pairs
-
     try:
         s = run_eval_pairs(pairs, root, work=work, detector=detector, model=model, model_dir=model_dir,
                            flip=flip, device=device, batch_size=batch_size, workers=workers,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from facecurate.engines import ENGINES
+from facecurate.engines.runner import RunError, parse_part
 
 
 def _part(_ctx, _param, value):
     if value is None:
         return None
-    from facecurate.runner import RunError, parse_part
 
     try:
         return parse_part(value)

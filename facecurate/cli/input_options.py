@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from facecurate.constants import MAX_INPUT_BYTES
+from facecurate.common.constants import MAX_INPUT_BYTES
 
 
 def input_options(folder: str):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from facecurate.files import emit_summary
+from facecurate.common.files import emit_summary
+from facecurate.models.dlib_onnx import DlibOnnxError, export, inventory
 
 
 @click.group("models")
@@ -20,8 +21,6 @@ def list_models(as_json):
     providers, onnx) and the ONNX graphs converted from dlib's weights in the cache
     ($FACECURATE_CACHE/models, else $XDG_CACHE_HOME/facecurate/models, else
     ~/.cache/facecurate/models)."""
-    from facecurate.models.dlib_onnx import inventory
-
     inv = inventory()
     if as_json:
         emit_summary("models", inv, True)
@@ -55,8 +54,6 @@ def export_model(name, dest, as_json):
     the graph subtracts the means and scales itself), output N x 128, not
     normalised. The metadata records the source file's sha256 and origin.
     """
-    from facecurate.models.dlib_onnx import DlibOnnxError, export
-
     try:
         summary = export(dest, name)
     except (DlibOnnxError, OSError) as e:

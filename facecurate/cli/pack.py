@@ -1,13 +1,24 @@
 """CLI for the pack stage: ``pack``, ``inspect``, ``unpack``, ``pack-pairs`` (thin
-wrappers over :mod:`facecurate.pack`, :mod:`facecurate.inspect_rec`,
-:mod:`facecurate.unpack` and :mod:`facecurate.pairs`)."""
+wrappers over :mod:`facecurate.pack.packer`, :mod:`facecurate.pack.inspect_rec`,
+:mod:`facecurate.pack.unpack` and :mod:`facecurate.pack.pairs`)."""
 
 from __future__ import annotations
 
 import click
 
 from facecurate.cli.input_options import input_options
-from facecurate.files import say
+from facecurate.common.constants import PACK_ERRORS_CSV
+from facecurate.common.files import emit_summary, say
+from facecurate.common.recdata import not_a_rec, rec_paths
+from facecurate.common.recordio import RecordIOError
+from facecurate.pack.checksums import SumsError, write_sums
+from facecurate.pack.inspect_rec import inspect as run_inspect
+from facecurate.pack.pack_inputs import PackError
+from facecurate.pack.packer import pack as run_pack
+from facecurate.pack.pairs import PairsError
+from facecurate.pack.pairs import pack_pairs as run_pack_pairs
+from facecurate.pack.unpack import UnpackError
+from facecurate.pack.unpack import unpack as run_unpack
 
 
 def _fail(msg: str) -> None:
@@ -81,13 +92,8 @@ def pack(out, dest, layout, shuffle, seed, min_images, size, resize, strict, thr
     at the end: an interrupted pack leaves DEST as it was. Same inputs, options and
     seed give byte-identical files.
     """
-    from facecurate.constants import PACK_ERRORS_CSV
-    from facecurate.files import emit_summary
-    from facecurate.pack import PackError
-    from facecurate.pack import pack as run
-
     try:
-        res = run(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
+        res = run_pack(out, dest, layout=layout, shuffle=shuffle, seed=seed, min_images=min_images, size=size,
                   resize=resize, strict=strict, threads=threads, fsync=fsync, show_progress=True, merges=merges,
                   max_bytes=max_bytes, follow_external_links=follow_external_links)
     except PackError as e:
@@ -149,17 +155,13 @@ def inspect(rec, full, sample, verify, as_json):
 
     Exits 1 naming the offending record on any problem.
     """
-    from facecurate.files import emit_summary
-    from facecurate.inspect_rec import inspect as run
-    from facecurate.recdata import not_a_rec, rec_paths
-
     rec_file = rec_paths(rec)[0]
     if not_a_rec(rec):
         _fail(not_a_rec(rec))
     if not rec_file.is_file():  # an error, not a description: stderr only, stdout stays empty
         _fail(f"{rec_file} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)"
               if not rec_file.exists() else f"{rec_file} is not a file")
-    res = run(rec, full=full, sample=sample, verify=verify, show_progress=True)
+    res = run_inspect(rec, full=full, sample=sample, verify=verify, show_progress=True)
     s = res.summary()
     if as_json:
         emit_summary("", s, True)
@@ -194,11 +196,6 @@ def unpack(rec, dest, no_names, as_json):
     records which): unpack never writes among other files. Labels sharing a name in
     labels.csv get folders NAME__<label>; names over 200 bytes are cut and end in a hash.
     """
-    from facecurate.files import emit_summary
-    from facecurate.recdata import not_a_rec, rec_paths
-    from facecurate.unpack import UnpackError, unpack as run
-    from facecurate.recordio import RecordIOError
-
     if not_a_rec(rec):
         _fail(not_a_rec(rec))
     rec_file, idx_file = rec_paths(rec)
@@ -206,7 +203,7 @@ def unpack(rec, dest, no_names, as_json):
         if not f.is_file():
             _fail(f"{f} does not exist (REC is DEST/train, a folder holding train.rec, or a .rec path)")
     try:
-        res = run(rec, dest, names=not no_names, show_progress=True)
+        res = run_unpack(rec, dest, names=not no_names, show_progress=True)
     except UnpackError as e:
         _fail(str(e))
     except RecordIOError as e:
@@ -246,12 +243,8 @@ def pack_pairs(pairs, root, dest, strict, as_json):
     Pairs whose images cannot be found or decoded are left out and listed (all of
     them in DEST.unresolved.txt).
     """
-    from facecurate.files import emit_summary
-    from facecurate.pack import PackError
-    from facecurate.pairs import PairsError, pack_pairs as run
-
     try:
-        res = run(pairs, root, dest, strict=strict)
+        res = run_pack_pairs(pairs, root, dest, strict=strict)
     except (PackError, PairsError) as e:
         _fail(str(e))
     s = res.summary()
@@ -277,9 +270,6 @@ def checksum(rec, as_json):
     beside it names the keys. Writes train.sums beside the .rec (one line per record:
     key, offset, payload length, sha256 of the payload) in one pass, atomically.
     """
-    from facecurate.checksums import SumsError, write_sums
-    from facecurate.files import emit_summary
-
     try:
         res = write_sums(rec, show_progress=True)
     except SumsError as e:

@@ -7,7 +7,9 @@ import sys
 
 import click
 
-from facecurate.files import say
+from facecurate.common.files import emit_summary, say
+from facecurate.review.report import write_report
+from facecurate.review.review import apply_decisions, write_review
 
 _SHEET = "sheet"
 
@@ -77,9 +79,6 @@ def review():
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def sheet(out, references, page_size, as_json):
     """Write OUT/review.html and OUT/review.csv from OUT/clean.csv."""
-    from facecurate.files import emit_summary
-    from facecurate.review import write_review
-
     try:
         summary = write_review(out, references=references, page_size=page_size)
     except (FileNotFoundError, ValueError) as e:
@@ -112,9 +111,6 @@ def apply(out, decisions, strict, dry_run, as_json):
     an earlier row) are listed on stderr and the exit status is 1; the valid rows
     are still applied unless --strict.
     """
-    from facecurate.files import emit_summary
-    from facecurate.review import apply_decisions
-
     try:
         summary = apply_decisions(out, decisions, strict=strict, dry_run=dry_run)
     except (FileNotFoundError, ValueError) as e:
@@ -149,9 +145,6 @@ def report(out, top, output, as_json):
     faces with clean's thresholds, merge candidates, and the noisiest identities
     with thumbnails of what was kept and dropped. Reads whatever stages have run.
     """
-    from facecurate.files import emit_summary
-    from facecurate.report import write_report
-
     try:
         summary = write_report(out, top=top, output=output)
     except (FileNotFoundError, ValueError) as e:

@@ -4,9 +4,9 @@ With ``workers`` lanes, ``workers - 1`` processes are *spawned* (never forked: a
 forked child of a process whose OpenCV / ONNX Runtime thread pools already run can
 deadlock) and this process is the last lane: it runs shards itself while the
 children start and load their models, and keeps every child two shards ahead so
-that none waits. Children die with this process (:func:`facecurate.procs.die_with_parent`).
+that none waits. Children die with this process (:func:`facecurate.common.procs.die_with_parent`).
 A shard that raises is retried; a child that dies breaks the pool, which is rebuilt
-and the shards in flight retried, up to :data:`facecurate.runner.MAX_SHARD_RETRIES`.
+and the shards in flight retried, up to :data:`facecurate.engines.runner.MAX_SHARD_RETRIES`.
 
 The same module holds :class:`LocalPool`, the local engine's stateless form for work
 that has no per-shard record (clean's per-identity work): ``share`` an array with
@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from facecurate.constants import BLAS_THREAD_VARS
-from facecurate.procs import die_with_parent, stop_processes
-from facecurate.runner import MAX_SHARD_RETRIES, Outcome, ShardRunner, WorkerSpec, WorkerSetupError
+from facecurate.common.constants import BLAS_THREAD_VARS
+from facecurate.common.procs import die_with_parent, stop_processes
+from facecurate.engines.runner import MAX_SHARD_RETRIES, Outcome, ShardRunner, WorkerSpec, WorkerSetupError
 
 _RUNNER: dict = {}  # the ShardRunner of this worker process
 

@@ -1,6 +1,6 @@
 """The Ray engine: one stateful actor per worker slot of a Ray cluster.
 
-Each actor holds a :class:`facecurate.runner.ShardRunner` (models loaded once) and
+Each actor holds a :class:`facecurate.engines.runner.ShardRunner` (models loaded once) and
 runs shards one at a time. Every actor is created at once and handed its first shard
 with its setup call, so it starts on it the moment its models are loaded; from then
 on the driver keeps it two shards deep (one when fewer shards are left than workers,
@@ -15,7 +15,7 @@ our back):
 * an actor that dies (its process or its whole node) costs the shards it held:
   they go back to the queue and a replacement actor is requested, which Ray places
   wherever resources are left;
-* a shard retried :data:`facecurate.runner.MAX_SHARD_RETRIES` times is reported
+* a shard retried :data:`facecurate.engines.runner.MAX_SHARD_RETRIES` times is reported
   as failed; a worker that cannot see RAW or OUT fails the run at once.
 
 CPU workers ask for ``spec.num_cpus`` CPUs; GPU workers (``spec.gpu`` on a cluster
@@ -32,7 +32,8 @@ import time
 from collections import deque
 from typing import Iterator, Optional
 
-from facecurate.runner import MAX_SHARD_RETRIES, Outcome, RunError, ShardRunner, WorkerSpec, WorkerSetupError
+from facecurate.engines.runner import MAX_SHARD_RETRIES, Outcome, RunError, ShardRunner, WorkerSpec, WorkerSetupError
+import facecurate
 
 #: Object store of a Ray instance this engine starts itself (bytes): only shards'
 #: item lists and stats pass through it.
@@ -106,8 +107,6 @@ def worker_pythonpath() -> str:
     every worker would fail. A regular package anywhere on the path wins over a
     namespace one, so this makes the workers import what the driver imported,
     wherever the driver runs (nodes see the same paths, as for RAW and OUT)."""
-    import facecurate
-
     home = os.path.dirname(os.path.dirname(os.path.abspath(facecurate.__file__)))
     rest = os.environ.get("PYTHONPATH", "")
     return os.pathsep.join(p for p in (home, rest) if p)

@@ -12,8 +12,10 @@ from typing import Optional
 
 import numpy as np
 
+from facecurate.common.files import sha256_file
+
 from .base import ONNX_RUNTIME_TAG, l2_rows
-from .onnx_inspect import _dim, input_normalisation, open_checked
+from .onnx_inspect import input_normalisation, open_checked, static_dim
 from .onnx_session import CUDA_PROVIDER, DEFAULT_BATCH, OnnxModelError, select_session
 
 
@@ -38,10 +40,10 @@ class ArcFaceONNX:
         self.input_name = ins[0][0]
         self.output_name = outs[0][0]
         shape = ins[0][1]
-        self.input_size = (_dim(shape[2]), _dim(shape[3]))  # (H, W)
-        self.dim = _dim(outs[0][1][-1])
+        self.input_size = (static_dim(shape[2]), static_dim(shape[3]))  # (H, W)
+        self.dim = static_dim(outs[0][1][-1])
         self.input_mean, self.input_std = input_normalisation(self.path)
-        self.fixed_batch = _dim(shape[0])  # None: dynamic
+        self.fixed_batch = static_dim(shape[0])  # None: dynamic
         self.fp16 = False
         if fp16:
             if self.provider == CUDA_PROVIDER:
@@ -78,8 +80,6 @@ class ArcFaceONNX:
 
     @cached_property
     def sha256(self) -> str:
-        from ..files import sha256_file
-
         return sha256_file(self.path)
 
     def preprocess(self, images) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..records import Detection
+from facecurate.common.records import Detection
 
 #: the ``runtime`` an embedder on ONNX Runtime reports (and a dlib-on-ONNX store's signature records)
 ONNX_RUNTIME_TAG = "onnxruntime"
@@ -79,7 +79,7 @@ class Embedder(Protocol):
         must change whenever the vectors can."""
 
     def prepare(self, item: Any, loader: Any) -> tuple[np.ndarray, str]:
-        """(model input, how it was made) of one :class:`facecurate.embed.Item`."""
+        """(model input, how it was made) of one :class:`facecurate.embed.embed.Item`."""
 
     def from_crop(self, rgb: np.ndarray) -> np.ndarray:
         """The model input made from an aligned RGB crop alone."""

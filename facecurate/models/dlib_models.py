@@ -14,14 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
-from facecurate.constants import (
+from facecurate.common.constants import (
     DLIB68_LEFT_EYE,
     DLIB68_MOUTH_LEFT,
     DLIB68_MOUTH_RIGHT,
     DLIB68_NOSE_TIP,
     DLIB68_RIGHT_EYE,
 )
-from facecurate.records import Detection
+from facecurate.common.records import Detection
 
 from .base import ModelError
 

@@ -26,12 +26,19 @@ to the larger shape, then adds.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from facecurate import __version__
+from facecurate.common.files import sha256_file, write_bytes_atomic
+from facecurate.models import dlib_models as dm
+from facecurate.models.base import ModelError
+from facecurate.models.dlib_models import DESCRIPTOR, dlib_descriptors, model_file
+from facecurate.models.dlib_resnet import dlib_sha
 from facecurate.models.dlib_serial import DlibFormatError, DlibNet, read_dlib_net
 
 MODEL_NAME = "dlib_face_recognition_resnet_model_v1"
@@ -43,6 +50,11 @@ INPUT_NAME, OUTPUT_NAME = "input", "embedding"
 #: a converted graph must reproduce dlib within this (max abs difference)
 VERIFY_TOLERANCE = 1e-4
 CACHE_ENV = "FACECURATE_CACHE"
+#: What runs dlib's ResNet: ``onnx`` = the graph converted from dlib's weights
+#: (:mod:`facecurate.models.dlib_onnx`) on ONNX Runtime, batched, CUDA when a session
+#: gets it; ``dlib`` = dlib itself (CPU, one process per core); ``auto`` = onnx when
+#: ONNX Runtime is installed, else dlib.
+RUNTIMES = ("auto", "dlib", "onnx")
 
 
 class DlibOnnxError(RuntimeError):
@@ -69,8 +81,6 @@ def cached_path(sha256: str) -> Path:
 
 
 def dat_path() -> Path:
-    from facecurate.models.dlib_models import DESCRIPTOR, model_file
-
     return Path(model_file(DESCRIPTOR))
 
 
@@ -218,8 +228,6 @@ class _Graph:
     def model(self, net: DlibNet, dim: int, sha256: str, origin: str):
         from onnx import TensorProto, helper
 
-        from facecurate import __version__
-
         h, w = net.input_size
         graph = helper.make_graph(
             self.nodes, MODEL_NAME,
@@ -264,8 +272,6 @@ def verify_against_dlib(model_bytes: bytes, chips: Optional[list] = None) -> flo
     ``compute_face_descriptor`` on ``chips`` (default: two synthetic chips)."""
     import onnxruntime as ort
 
-    from facecurate.models.dlib_models import dlib_descriptors
-
     chips = chips if chips is not None else [synthetic_chip(), synthetic_chip(variant=1)]
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -278,8 +284,6 @@ def verify_against_dlib(model_bytes: bytes, chips: Optional[list] = None) -> flo
 
 def convert(dat=None, *, sha256: Optional[str] = None) -> bytes:
     """Serialized, verified ONNX graph of the ``.dat`` (default: the installed one)."""
-    from facecurate.files import sha256_file
-
     dat = Path(dat) if dat else dat_path()
     try:
         import onnx  # noqa: F401
@@ -318,8 +322,6 @@ def _origin(dat: Path) -> str:
 def dlib_resnet_onnx(dat=None, sha256: Optional[str] = None) -> Path:
     """Path of the cached ONNX graph of dlib's ResNet, converting (and verifying) it
     first when it is not cached yet."""
-    from facecurate.files import sha256_file, write_bytes_atomic
-
     dat = Path(dat) if dat else dat_path()
     sha256 = sha256 or sha256_file(dat)
     path = cached_path(sha256)
@@ -336,8 +338,6 @@ def dlib_resnet_onnx(dat=None, sha256: Optional[str] = None) -> Path:
 
 def export(dest, name: str = "dlib-resnet") -> dict:
     """Write the converted graph to ``dest`` (atomically). Returns what was written."""
-    from facecurate.files import sha256_file, write_bytes_atomic
-
     if name not in EXPORT_NAMES:
         raise DlibOnnxError(f"unknown model {name!r}: facecurate can export {', '.join(EXPORT_NAMES)}")
     src = dlib_resnet_onnx()
@@ -348,11 +348,7 @@ def export(dest, name: str = "dlib-resnet") -> dict:
 
 def inventory() -> dict:
     """What is installed and cached: dlib's weight files, the runtimes, converted graphs."""
-    import importlib.util
     from importlib.metadata import PackageNotFoundError, version
-
-    from facecurate.files import sha256_file
-    from facecurate.models import dlib_models as dm
 
     weights = []
     for name in (dm.DESCRIPTOR, dm.SHAPE68, dm.SHAPE5, dm.MMOD):
@@ -387,10 +383,21 @@ def inventory() -> dict:
             "dlib_runtime_auto": _auto_runtime()}
 
 
+def resolve_runtime(runtime: str = "auto") -> str:
+    """``dlib`` or ``onnx``: what ``runtime`` means on this installation."""
+    if runtime not in RUNTIMES:
+        raise ModelError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "dlib"
+    if importlib.util.find_spec("onnx") is None:  # cannot convert; a cached graph will do
+        return "onnx" if cached_path(dlib_sha()).is_file() else "dlib"
+    return "onnx"
+
+
 def _auto_runtime() -> str:
     try:
-        from facecurate.models.zoo import resolve_runtime
-
         return resolve_runtime("auto")
     except Exception as e:  # noqa: BLE001 - informative only
         return f"unknown ({e})"
@@ -405,4 +412,5 @@ def read_metadata(path) -> dict:
 
 
 __all__ = ["DlibResNetONNX", "DlibOnnxError", "dlib_resnet_onnx", "convert", "export", "cached_path",
-           "models_cache_dir", "cache_root", "synthetic_chip", "verify_against_dlib", "MODEL_NAME"]
+           "models_cache_dir", "cache_root", "synthetic_chip", "verify_against_dlib", "MODEL_NAME", "RUNTIMES",
+           "resolve_runtime"]

@@ -22,10 +22,15 @@ from typing import Optional
 
 import numpy as np
 
-from facecurate.constants import DLIB_FEEDS
+from facecurate.common.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112, DLIB_FEEDS
+from facecurate.common.files import sha256_file
+from facecurate.common.geometry import similarity_transform
+from facecurate.common.imageio import ImageError, read_image
+from facecurate.common.workspace import Workspace
 
 from .arcface import ArcFaceONNX, OnnxEmbedder
 from .base import ONNX_RUNTIME_TAG, ModelError, l2_rows
+from .dlib_models import DESCRIPTOR, SHAPE68, dlib_descriptor_model, model_file
 
 #: dlib's face chip (``get_face_chip(img, shape, 150, 0.25)``) expressed in the five
 #: ArcFace points (left eye, right eye, nose tip, left / right mouth corner) in chip
@@ -54,8 +59,6 @@ def dlib_chip(rgb: np.ndarray, pts5, size: int = DLIB_CHIP_SIZE) -> np.ndarray:
     dlib's own chip extraction does with its image pyramid."""
     import cv2
 
-    from facecurate.geometry import similarity_transform
-
     pts = np.asarray(pts5, np.float64).reshape(5, 2)
     tpl = DLIB_CHIP_TEMPLATE_150 * (size / DLIB_CHIP_SIZE)
     m = similarity_transform(pts, tpl)
@@ -81,20 +84,21 @@ def fit_dlib_chip_template(align_out, limit: int = 1500, seed: int = 0) -> np.nd
     import cv2
     import dlib
 
-    from facecurate.embed import Loader, items_from_align
-    from facecurate.models.dlib_models import SHAPE68, model_file
-
-    items, _ = items_from_align(Path(align_out), primary_only=True)
-    items = [it for it in items if it.pts5 is not None and it.box is not None]
-    random.Random(seed).shuffle(items)
+    ws = Workspace(Path(align_out))
+    raw = ws.align_meta().get("raw") or ""
+    faces = [row for row in ws.align_rows() if row.is_ok and row.aligned and row.primary
+             and row.points is not None and row.box is not None]
+    random.Random(seed).shuffle(faces)
     sp = dlib.shape_predictor(model_file(SHAPE68))
-    loader = Loader()
     pts = []
-    for it in items[:limit]:
-        img = loader.source(it.raw)
+    for row in faces[:limit]:
+        try:
+            img = read_image(Path(raw) / row.source) if raw else None
+        except (ImageError, OSError):
+            img = None
         if img is None:
             continue
-        x1, y1, x2, y2 = (int(round(v)) for v in it.box)
+        x1, y1, x2, y2 = (int(round(v)) for v in row.box)
         det = dlib.get_face_chip_details(sp(img, dlib.rectangle(x1, y1, x2, y2)), DLIB_CHIP_SIZE, 0.25)
         r, a = det.rect, det.angle
         c = np.array([(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2])
@@ -103,15 +107,13 @@ def fit_dlib_chip_template(align_out, limit: int = 1500, seed: int = 0) -> np.nd
         src = ((corners - c) @ rot.T + c).astype(np.float32)
         dst = np.float32([[0, 0], [det.cols - 1, 0], [det.cols - 1, det.rows - 1]])
         m = cv2.getAffineTransform(src, dst)  # dlib's get_mapping_to_chip
-        p5 = np.asarray(it.pts5, float).reshape(5, 2)
+        p5 = np.asarray(row.points, float).reshape(5, 2)
         pts.append(p5 @ m[:, :2].T + m[:, 2])
     return np.mean(pts, axis=0)
 
 
 def crop_points(crop: np.ndarray) -> np.ndarray:
     """Where the five points lie in an ArcFace-aligned crop of any size."""
-    from facecurate.constants import ARCFACE_BASE_SIZE, ARCFACE_TEMPLATE_112
-
     h, w = crop.shape[:2]
     return ARCFACE_TEMPLATE_112 * np.array([w / ARCFACE_BASE_SIZE, h / ARCFACE_BASE_SIZE])
 
@@ -137,14 +139,10 @@ class DlibEmbedder:
     @property
     def model(self):
         if self._model is None:
-            from facecurate.models.dlib_models import dlib_descriptor_model
-
             self._model = dlib_descriptor_model()
         return self._model
 
     def info(self) -> dict:
-        from facecurate.models.dlib_models import DESCRIPTOR, model_file
-
         return {"name": self.name, "file": Path(model_file(DESCRIPTOR)).name,
                 "sha256": dlib_sha(), "dim": self.dim, "input_size": list(self.input_size),
                 "color": "RGB", "feed": self.feed, "provider": self.provider}
@@ -166,8 +164,6 @@ class DlibEmbedder:
 
     def _chip68(self, rgb, box):
         import dlib
-
-        from facecurate.models.dlib_models import SHAPE68, model_file
 
         if self._sp is None:
             self._sp = dlib.shape_predictor(model_file(SHAPE68))
@@ -204,9 +200,6 @@ def dlib_sha() -> str:
     """sha256 of the installed ``dlib_face_recognition_resnet_model_v1.dat`` (once)."""
     global _DLIB_SHA
     if _DLIB_SHA is None:
-        from facecurate.files import sha256_file
-        from facecurate.models.dlib_models import DESCRIPTOR, model_file
-
         _DLIB_SHA = sha256_file(model_file(DESCRIPTOR))
     return _DLIB_SHA
 
@@ -228,8 +221,6 @@ class DlibOnnxEmbedder(OnnxEmbedder):
         d = self.model.info()
         d.update(name=self.name, onnx_file=Path(d["file"]).name, onnx_sha256=d["sha256"], sha256=dlib_sha(),
                  feed=self.feed, runtime=ONNX_RUNTIME_TAG + ("-fp16" if self.model.fp16 else ""))
-        from facecurate.models.dlib_models import DESCRIPTOR
-
         d["file"] = DESCRIPTOR
         return d
 

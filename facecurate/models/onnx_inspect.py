@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_session import CPU_PROVIDER, OnnxModelError, _ort, select_session
+from .onnx_session import CPU_PROVIDER, OnnxModelError, onnxruntime_module, select_session
 
 
-def _dim(d):
+def static_dim(d):
     """Static dimension as int, dynamic (str / None / <=0) as None."""
     if isinstance(d, (int, np.integer)) and d > 0:
         return int(d)
@@ -42,7 +42,7 @@ def open_checked(path: Path, kind: str, what: str, device: str, threads):
 
 def _io_signature(path):
     """(inputs, outputs) as lists of (name, shape, type) read with a light session."""
-    ort = _ort()
+    ort = onnxruntime_module()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = 1
@@ -68,22 +68,22 @@ def _classify(ins, outs):
     if len(ins) != 1:
         return None, f"{len(ins)} inputs"
     shape = ins[0][1]
-    if len(shape) != 4 or _dim(shape[1]) != 3:
+    if len(shape) != 4 or static_dim(shape[1]) != 3:
         return None, f"input shape {shape} (not N x 3 x H x W)"
-    h, w = _dim(shape[2]), _dim(shape[3])
+    h, w = static_dim(shape[2]), static_dim(shape[3])
     n_out = len(outs)
     if n_out in SCRFD_LAYOUTS:
         strides, _, kps = SCRFD_LAYOUTS[n_out]
         fmc = len(strides)
         want = [1] * fmc + [4] * fmc + ([10] * fmc if kps else [])
-        last = [_dim(o[1][-1]) if o[1] else None for o in outs]
+        last = [static_dim(o[1][-1]) if o[1] else None for o in outs]
         rank_ok = all(len(o[1]) in (2, 3) for o in outs)
         if rank_ok and all(d is None or d == k for d, k in zip(last, want)):
             return "detector", f"SCRFD detector, {n_out} outputs, input {shape}"
         return None, f"{n_out} outputs that do not follow SCRFD's score/bbox/kps layout"
     if n_out == 1:
         oshape = outs[0][1]
-        d = _dim(oshape[-1]) if oshape else None
+        d = static_dim(oshape[-1]) if oshape else None
         if len(oshape) == 2 and d is not None:
             if h is not None and h == w and 64 <= d <= 4096 and d % 32 == 0:
                 return "recognizer", f"recognition model, input {shape}, output {oshape}"

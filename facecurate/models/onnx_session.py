@@ -32,7 +32,8 @@ class OnnxModelError(ModelError):
     """A model file, pack or runtime problem, explained for the user."""
 
 
-def _ort():
+def onnxruntime_module():
+    """ONNX Runtime, imported on first use (an optional dependency); OnnxModelError when absent."""
     try:
         import onnxruntime
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -43,7 +44,7 @@ def _ort():
 
 
 def _session_options(threads: Optional[int], quiet: bool = False):
-    ort = _ort()
+    ort = onnxruntime_module()
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -84,7 +85,7 @@ def select_session(path, device: str = "auto", threads: Optional[int] = None):
     unless the session really obtained CUDA.  ``threads`` sets the intra-op thread
     count (None: ONNX Runtime's default, all physical cores).
     """
-    ort = _ort()
+    ort = onnxruntime_module()
     device = _check_device(device)
     path = str(path)
     if not os.path.isfile(path):

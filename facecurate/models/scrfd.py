@@ -9,8 +9,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..records import Detection
-from .onnx_inspect import SCRFD_LAYOUTS, _dim, open_checked
+from facecurate.common.files import sha256_file
+from facecurate.common.records import Detection
+
+from .onnx_inspect import SCRFD_LAYOUTS, open_checked, static_dim
 from .onnx_session import OnnxModelError
 
 
@@ -99,7 +101,7 @@ class SCRFD:
         self.strides, self.num_anchors, self.use_kps = SCRFD_LAYOUTS[len(outs)]
         self.has_landmarks = self.use_kps  # exports without keypoints leave them to a Landmarker
         shape = ins[0][1]
-        h, w = _dim(shape[2]), _dim(shape[3])
+        h, w = static_dim(shape[2]), static_dim(shape[3])
         if h is not None and w is not None:
             self.input_size = (w, h)  # fixed by the graph; det_size is ignored
         else:
@@ -163,8 +165,6 @@ class SCRFD:
 
     @cached_property
     def sha256(self) -> str:
-        from ..files import sha256_file
-
         return sha256_file(self.path)
 
     def info(self) -> dict:

@@ -17,20 +17,19 @@ embedder arcface   :class:`OnnxEmbedder` (an ``ArcFaceONNX``)  :mod:`.arcface`
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Optional
 
+from .arcface import ArcFaceONNX, OnnxEmbedder
 from .base import Detector, Embedder, Landmarker, ModelError
+from .dlib_models import DlibCNNDetector, DlibHOGDetector, DlibLandmarks68
+from .dlib_onnx import RUNTIMES, DlibOnnxError, dlib_resnet_onnx, resolve_runtime
+from .dlib_resnet import DlibEmbedder, DlibOnnxEmbedder, dlib_sha
+from .onnx_models import SCRFD, find_model
 from .onnx_session import DEVICES
 
 DETECTORS = ("dlib", "dlib-cnn", "scrfd")
 MODELS = ("dlib", "arcface")
-#: What runs dlib's ResNet: ``onnx`` = the graph converted from dlib's weights
-#: (:mod:`facecurate.models.dlib_onnx`) on ONNX Runtime, batched, CUDA when a session
-#: gets it; ``dlib`` = dlib itself (CPU, one process per core); ``auto`` = onnx when
-#: ONNX Runtime is installed, else dlib.
-RUNTIMES = ("auto", "dlib", "onnx")
 
 
 def make_detector(name: str, *, model_dir: Optional[str] = None, device: str = "auto", max_upsample: int = 1,
@@ -38,24 +37,18 @@ def make_detector(name: str, *, model_dir: Optional[str] = None, device: str = "
     """Detector ``name`` (one of :data:`DETECTORS`). dlib's: ``max_upsample`` /
     ``min_side`` (see :class:`DlibHOGDetector`); SCRFD: the detector of the pack or
     .onnx ``model_dir`` on ``device``."""
-    from .dlib_models import DlibCNNDetector, DlibHOGDetector
-
     if name == "dlib":
         return DlibHOGDetector(max_upsample=max_upsample, min_side=min_side)
     if name == "dlib-cnn":
         return DlibCNNDetector(max_upsample=max_upsample, min_side=min_side)
     if name != "scrfd":
         raise ModelError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
-    from .onnx_models import SCRFD
-
     return SCRFD(resolve_detector(model_dir), device=device)
 
 
 def resolve_detector(model_dir: Optional[str]) -> Path:
     """The SCRFD detector .onnx of ``--model-dir`` (a pack directory or an .onnx file);
     ModelError naming what was found instead when there is none."""
-    from .onnx_models import find_model
-
     if not model_dir:
         raise ModelError("--detector scrfd needs --model-dir (a model pack directory or an .onnx file)")
     return Path(find_model(model_dir, "detector"))
@@ -63,8 +56,6 @@ def resolve_detector(model_dir: Optional[str]) -> Path:
 
 def make_landmarker() -> Landmarker:
     """dlib's 68-point landmark model (fills in the five points dlib's detectors lack)."""
-    from .dlib_models import DlibLandmarks68
-
     return DlibLandmarks68()
 
 
@@ -76,15 +67,11 @@ def make_embedder(model: str = "dlib", *, model_dir: Optional[str] = None, feed:
     .onnx recogniser. ``device``, ``batch_size``, ``fp16``, ``threads``: ONNX Runtime's."""
     onnx_kw = {"device": device, "batch_size": batch_size, "fp16": fp16, "threads": threads}
     if model == "dlib":
-        from .dlib_resnet import DlibEmbedder, DlibOnnxEmbedder
-
         if resolve_runtime(runtime) == "dlib":
             return DlibEmbedder(feed)
         chips = DlibEmbedder(feed)  # an unknown feed is refused before the graph is converted
         return DlibOnnxEmbedder(_dlib_graph(onnx_kw), chips)
     if model == "arcface" or str(model).endswith(".onnx"):
-        from .arcface import ArcFaceONNX, OnnxEmbedder
-
         # resolve_onnx has found a recogniser; ArcFaceONNX checks its graph once more as it opens it
         return OnnxEmbedder(ArcFaceONNX(resolve_onnx(model, model_dir), **onnx_kw))
     raise ModelError(f"unknown model {model!r}: use {', '.join(MODELS)} (with --model-dir) or a path to an .onnx")
@@ -92,10 +79,6 @@ def make_embedder(model: str = "dlib", *, model_dir: Optional[str] = None, feed:
 
 def _dlib_graph(onnx_kw: dict):
     """dlib's ResNet converted to ONNX (cached), loaded as an ArcFaceONNX."""
-    from .arcface import ArcFaceONNX
-    from .dlib_onnx import DlibOnnxError, dlib_resnet_onnx
-    from .dlib_resnet import dlib_sha
-
     try:
         path = dlib_resnet_onnx(sha256=dlib_sha())
     except DlibOnnxError as e:
@@ -103,26 +86,8 @@ def _dlib_graph(onnx_kw: dict):
     return ArcFaceONNX(path, **onnx_kw)  # opened and checked to be a recogniser once
 
 
-def resolve_runtime(runtime: str = "auto") -> str:
-    """``dlib`` or ``onnx``: what ``runtime`` means on this installation."""
-    if runtime not in RUNTIMES:
-        raise ModelError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if runtime != "auto":
-        return runtime
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "dlib"
-    if importlib.util.find_spec("onnx") is None:  # cannot convert; a cached graph will do
-        from .dlib_onnx import cached_path
-        from .dlib_resnet import dlib_sha
-
-        return "onnx" if cached_path(dlib_sha()).is_file() else "dlib"
-    return "onnx"
-
-
 def resolve_onnx(model: str, model_dir: Optional[str]) -> Path:
     """The recogniser .onnx for ``--model arcface --model-dir DIR`` or ``--model X.onnx``."""
-    from .onnx_models import find_model
-
     target = model_dir if model == "arcface" else model
     if not target:
         raise ModelError("--model arcface needs --model-dir (a model pack directory or an .onnx file)")

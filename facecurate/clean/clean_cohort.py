@@ -1,0 +1,271 @@
+"""clean's dataset-wide statistics: the per-face score offsets (cohort, centre
+crowding, folder spread, sharpness) measured on the dataset itself, and the
+calibration of keep / drop from impostor scores (``--calibrate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+
+from facecurate.clean.clean_identity import analyse_identity
+from facecurate.clean.clean_params import CleanParams
+from facecurate.engines.local import LocalPool, SharedArray
+from facecurate.clean.similar import similar_pairs
+from facecurate.clean.vectors import BLAS_SMALL_PRODUCT, group_by_label
+
+
+def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, *,
+                  pool: LocalPool | None = None, shared: SharedArray | None = None) -> np.ndarray:
+    """Per-face corrections of the centre similarity, all measured on the dataset itself.
+    ``raw``: each face's similarity to its identity's centre (no offsets); ``inl``: the
+    subject faces at or above drop; ``cen`` (k, d): identity centres; ``keys``: the
+    identities that have faces; ``med`` (k,): median inlier similarity per identity.
+
+    * cohort: a face that resembles many other identities' centres (a generic face, a
+      look-alike) scores higher everywhere; subtract ``cohort`` x its mean similarity to
+      the 5 nearest other centres (relative to the median face);
+    * cohort_centre: the other side of the same test (as in symmetric score
+      normalisation): an identity whose centre has other people's faces close by (a
+      crowded region of face space, where look-alikes are likely) needs more evidence;
+      subtract ``cohort_centre`` x the centre's mean similarity to its 20 nearest faces
+      of other identities (relative to the median identity);
+    * spread: in a folder whose genuine faces are tight, the same similarity is weaker
+      evidence; subtract ``spread`` x (folder's median inlier similarity - the median
+      folder's);
+    * quality: blurred / low-resolution crops (sharpness below ``low_sharpness``) sit
+      lower for everyone; add the measured gap between sharp and blurred inliers'
+      median similarity (0..0.03).
+    ``pool``/``shared`` (``emb`` shared with the pool) spread the cohort searches over
+    the pool's workers, block by block as in one process.
+    """
+    n = len(emb)
+    karr = np.asarray(keys)
+    off = np.zeros(n, np.float64)
+    if (p.cohort or p.cohort_centre) and len(karr) > 5:
+        # identities that look like the same person (merge candidates) are not each other's cohort
+        partners = defaultdict(list)
+        for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
+            partners[int(karr[a])].append(int(karr[b]))
+            partners[int(karr[b])].append(int(karr[a]))
+        if p.cohort:
+            co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners, pool=pool, shared=shared)
+            ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
+            off += p.cohort * (co - ref)
+        if p.cohort_centre:
+            cc = centre_crowding(cen[karr], karr, emb, identity, 20, partners=partners, pool=pool)
+            per = np.zeros(len(cen), np.float64)
+            per[karr] = cc - float(np.median(cc))
+            off += p.cohort_centre * per[identity]
+    if p.spread and np.isfinite(med).any():
+        gm = float(np.nanmedian(med))
+        dev = np.where(np.isfinite(med), med - gm, 0.0)
+        off += p.spread * dev[identity]
+    if sharpness is not None:
+        sh = np.asarray(sharpness, np.float64)
+        low = np.isfinite(sh) & (sh > 0) & (sh < p.low_sharpness)
+        hi = np.isfinite(sh) & (sh >= p.low_sharpness)
+        if (inl & low).sum() >= 20 and (inl & hi).sum() >= 20:
+            delta = float(np.clip(np.median(raw[inl & hi]) - np.median(raw[inl & low]), 0.0, 0.03))
+            off -= delta * low
+    return off.astype(np.float32)
+
+
+def _chunks(n: int, block: int, pool: LocalPool | None) -> list:
+    """Row ranges of whole blocks, a few per worker."""
+    per = block * max(1, -(-n // (block * 4 * (pool.workers if pool else 1))))
+    return [(a, min(n, a + per)) for a in range(0, n, per)] if pool and pool.workers > 1 else [(0, n)]
+
+
+def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np.ndarray, k: int,
+                    block: int = 4096, cohort_max: int = 5000, seed: int = 0,
+                    partners: dict | None = None, pool: LocalPool | None = None,
+                    shared: SharedArray | None = None) -> np.ndarray:
+    """Mean similarity of each vector to its k nearest centres of other identities
+    (``ids`` names the rows of ``centres``): an exact search over a cohort of at most
+    ``cohort_max`` centres (a fixed random sample when there are more), so the cost is
+    linear in the number of faces. ``partners`` (identity -> identities) are left out too.
+    With a ``pool`` (``shared``: ``q`` shared with it) the blocks run on its workers."""
+    n, m = len(q), len(centres)
+    if m > cohort_max:
+        pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
+        centres, ids, m = centres[pick], ids[pick], cohort_max
+    pos = np.full(int(max(ids.max(), own.max())) + 1, -1, np.int64)
+    pos[ids] = np.arange(m)
+    kk = max(1, min(k, m - 1))
+    if pool is None or pool.workers == 1 or shared is None:
+        return _topk_rows(dict(q=q, a=0, b=n, own=own, centres=centres, pos=pos, kk=kk, block=block,
+                               partners=partners))
+    cs = pool.share(np.ascontiguousarray(centres))
+    tasks = [dict(q=shared, a=a, b=b, own=own[a:b], centres=cs, pos=pos, kk=kk, block=block, partners=partners)
+             for a, b in _chunks(n, block, pool)]
+    return np.concatenate(list(pool.map(_topk_rows, tasks)))
+
+
+def _sub_blocks(rows: int, m: int, d: int, sub: int = 512) -> list:
+    """Row ranges that split a product of ``rows`` x ``m`` (inner size ``d``) into parts
+    that stay in the cache, each with the bits of the whole product: BLAS gives a row
+    the same bits in any matrix of at least two rows that is too large for its
+    small-matrix kernel (a single row goes through another routine), so every part has
+    at least two rows and 4M multiply-adds, and a shorter tail joins the part before."""
+    least = max(2, -(-(BLAS_SMALL_PRODUCT + 1) // max(1, m * d)), sub)
+    if rows < 2 * least:
+        return [(0, rows)]
+    cuts = list(range(0, rows - least + 1, least))
+    return [(a, b) for a, b in zip(cuts, cuts[1:] + [rows])]
+
+
+def _topk_rows(t: dict) -> np.ndarray:
+    """topk_other_mean of rows a..b (a: a multiple of the block)."""
+    q = t["q"].get() if isinstance(t["q"], SharedArray) else t["q"]
+    centres = t["centres"].get() if isinstance(t["centres"], SharedArray) else t["centres"]
+    a, b, own, pos, kk, block, partners = t["a"], t["b"], t["own"], t["pos"], t["kk"], t["block"], t["partners"]
+    own_pos = pos[own]
+    out = np.zeros(b - a, np.float32)
+    for b0 in range(0, b - a, block):
+        b1 = min(b - a, b0 + block)
+        for u0, u1 in _sub_blocks(b1 - b0, len(centres), q.shape[1]):  # the block's product, part by part
+            lo, hi = b0 + u0, b0 + u1
+            s = q[a + lo:a + hi] @ centres.T  # below: -np.partition(-s, ...) without copies
+            op = own_pos[lo:hi]
+            ok = op >= 0
+            s[np.arange(len(s))[ok], op[ok]] = -np.inf
+            if partners:
+                rr, cc = [], []
+                for r_, g in enumerate(own[lo:hi].tolist()):
+                    for h in partners.get(g, ()):
+                        if 0 <= h < len(pos) and pos[h] >= 0:
+                            rr.append(r_)
+                            cc.append(pos[h])
+                if rr:
+                    s[rr, cc] = -np.inf
+            out[lo:hi] = _topk_desc(s, kk).mean(1)
+    return out
+
+
+def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
+    """The ``kk`` largest values of each row of ``s`` (changed), largest first: the
+    first ``kk`` columns of ``-np.partition(-s, kk - 1, axis=1)``, which numpy's
+    selection leaves sorted, so their mean has the same bits. Wide rows go through a
+    bound instead of a full selection: the kk-th largest of the rows' group maxima is
+    at most the kk-th largest value, so only the groups whose maximum reaches it hold
+    candidates (about kk of them); ties keep the column order."""
+    b, m = s.shape
+    ng = m // group  # whole groups; the last group also holds the (shorter) tail
+    if m < 4 * group or ng < kk or not b:
+        np.negative(s, out=s)  # -np.partition(-s, ...) without copies
+        s.partition(kk - 1, axis=1)
+        return -s[:, :kk]
+    gmax = np.maximum.reduceat(s, np.arange(0, ng * group, group), axis=1)
+    g = -gmax
+    g.partition(kk - 1, axis=1)
+    t = -g[:, kk - 1]
+    if not np.isfinite(t).all() or np.isnan(gmax).any():  # -inf / nan rows: the full selection
+        return _topk_desc(s, kk, group=m + 1)
+    hit = np.flatnonzero(gmax >= t[:, None])
+    row, grp = np.divmod(hit, ng)
+    # the candidate groups as whole rows of a (b, ng, group) view: one contiguous copy each
+    view = np.lib.stride_tricks.as_strided(s, (b, ng, group), (s.strides[0], group * s.strides[1], s.strides[1]))
+    vals = view[row, grp]
+    if ng * group < m:  # the tail belongs to the last group: its columns follow the last group's
+        tail = s[row, ng * group:]
+        tail[grp != ng - 1] = -np.inf
+        vals = np.hstack([vals, tail])
+    ok = vals >= t[row][:, None]
+    rr, vv = np.broadcast_to(row[:, None], ok.shape)[ok], vals[ok]  # by row, then column
+    order = np.lexsort((-vv, rr))  # stable: ties keep the column order
+    first = np.searchsorted(rr[order], np.arange(b))
+    return vv[order][first[:, None] + np.arange(kk)]
+
+
+def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, identity: np.ndarray, k: int,
+                    sample: int = 5000, seed: int = 0, block: int = 2048,
+                    partners: dict | None = None, pool: LocalPool | None = None) -> np.ndarray:
+    """Mean similarity of each identity centre to its ``k`` nearest faces of *other*
+    identities (and not of its merge ``partners``): how close another person's face
+    can come to this centre in this dataset. A centre in a crowded region of face
+    space (many look-alikes) needs more evidence. The faces searched are a fixed
+    random sample of at most ``sample`` (cost linear in the number of identities).
+    With a ``pool`` the blocks of centres run on its workers."""
+    n = len(emb)
+    pick = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    fe, fid = emb[pick], identity[pick]
+    kk = max(1, min(k, len(pick) - 1))
+    t = dict(fe=fe, fid=fid, kk=kk, block=block, partners=partners)
+    if pool is None or pool.workers == 1:
+        return _crowding_rows(dict(t, centres=centres, ids=ids))
+    parts = [dict(t, centres=np.ascontiguousarray(centres[a:b]), ids=ids[a:b])
+             for a, b in _chunks(len(centres), block, pool)]
+    return np.concatenate(list(pool.map(_crowding_rows, parts)))
+
+
+def _crowding_rows(t: dict) -> np.ndarray:
+    centres, ids, fe, fid, kk, block, partners = (t["centres"], t["ids"], t["fe"], t["fid"], t["kk"], t["block"],
+                                                  t["partners"])
+    out = np.zeros(len(centres), np.float32)
+    order = np.argsort(fid, kind="stable")
+    for b0 in range(0, len(centres), block):
+        bid = ids[b0:b0 + block]
+        tops = []
+        for u0, u1 in _sub_blocks(len(bid), len(fe), fe.shape[1]):  # the block's product, part by part
+            s = centres[b0 + u0:b0 + u1] @ fe.T
+            rows, who = np.arange(u1 - u0), bid[u0:u1]  # (row, identity) whose sampled faces are left out
+            if partners:
+                extra = [(r_, h) for r_, g in enumerate(who.tolist()) for h in partners.get(g, ())]
+                if extra:
+                    rows, who = np.r_[rows, [r_ for r_, _ in extra]], np.r_[who, [h for _, h in extra]]
+            rr, cc = _rows_of(fid, order, who)
+            s[rows[rr], cc] = -np.inf
+            tops.append(_topk_desc(s, kk))
+        top = np.concatenate(tops)
+        top[~np.isfinite(top)] = np.nan
+        out[b0:b0 + block] = np.nan_to_num(np.nanmean(top, 1), nan=0.0) if np.isnan(top).any() else top.mean(1)
+    return out
+
+
+def _rows_of(labels: np.ndarray, order: np.ndarray, want: np.ndarray) -> tuple:
+    """(i, j) for every j with labels[j] == want[i] (``order``: a stable argsort of
+    ``labels``)."""
+    srt = labels[order]
+    lo, hi = np.searchsorted(srt, want, "left"), np.searchsorted(srt, want, "right")
+    cnt = hi - lo
+    i = np.repeat(np.arange(len(want)), cnt)
+    return i, order[np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))]
+
+
+def calibrate(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, p: CleanParams, far: float,
+              seed: int = 0) -> CleanParams:
+    """Estimate keep/drop from the data: genuine = each subject face's similarity to
+    its own identity's robust centre (leave-in, default thresholds), impostor = a
+    face's similarity to other identities' centres. ``drop`` is the impostor score
+    at false-accept rate ``far``; ``keep`` the one at ``far / 10``; other thresholds
+    are shifted by the same amount as ``drop`` moved from its default."""
+    identity = np.asarray(identity, np.int64)
+    groups = group_by_label(identity)
+    keys = sorted(groups)
+    cents = []
+    for g in keys:
+        rows = groups[g]
+        cents.append(analyse_identity(emb[rows], photo[rows], p).centre)  # the centre only: no decisions
+    cents = np.stack(cents).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    m = min(len(emb), 20000)
+    pick = np.sort(rng.choice(len(emb), size=m, replace=False))
+    pos = {g: t for t, g in enumerate(keys)}
+    own = np.array([pos[int(g)] for g in identity[pick]])
+    sims = emb[pick] @ cents.T
+    sims[np.arange(m), own] = -np.inf
+    imp = sims[np.isfinite(sims)]
+    if len(imp) > 2_000_000:
+        imp = rng.choice(imp, 2_000_000, replace=False)
+    gen = (emb[pick] * cents[own]).sum(1)
+    drop = float(np.quantile(imp, 1 - far))
+    keep = float(np.quantile(imp, 1 - far / 10))
+    keep = max(keep, drop + 0.005)
+    shift = drop - p.drop
+    q = dataclasses.replace(p, keep=keep, drop=drop, cw=p.cw + shift, join=p.join + shift,
+                            merge=min(0.999, p.merge + shift), exclude=min(0.999, p.exclude + shift))
+    q.calibrated = dict(far=far, impostor_pairs=int(len(imp)), own_centre_median=float(np.median(gen)),
+                        faces_below_drop=float(np.mean(gen < drop)), shift=shift)
+    return q
