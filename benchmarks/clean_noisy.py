@@ -39,23 +39,18 @@ def dev_ids() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- lfw-embed
-def lfw_embed(cache: Path) -> Path:
-    """Embed every LFW dev photo with dlib (detector + 68 landmarks + dlib's own chip)."""
+def _lfw_embed_part(rels: list) -> list:
+    """(rel, unit descriptor) of the photos ``rels`` in which a face is found (worker)."""
     import cv2
     import dlib
 
     from facecurate.models.dlib_models import SHAPE68, DlibHOGDetector, dlib_descriptors, model_file
     from facecurate.records import nearest_to_centre
 
-    out = cache / "lfw_dev_dlib.npz"
-    if out.exists():
-        return out
     det = DlibHOGDetector(max_upsample=1)
     sp = dlib.shape_predictor(model_file(SHAPE68))
-    names, embs = [], []
-    paths = [f"{i}/{f}" for i in dev_ids() for f in sorted(os.listdir(DATA / "lfw" / i))]
-    t0 = time.time()
-    for k, rel in enumerate(paths):
+    out = []
+    for rel in rels:
         bgr = cv2.imread(str(DATA / "lfw" / rel))
         if bgr is None:
             continue
@@ -65,14 +60,30 @@ def lfw_embed(cache: Path) -> Path:
             continue
         x1, y1, x2, y2 = (int(round(v)) for v in d.box)
         shape = sp(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
-        chip = dlib.get_face_chip(rgb, shape, 150, 0.25)
-        v = dlib_descriptors([chip])[0]
-        names.append(rel)
-        embs.append(v / np.linalg.norm(v))
-        if k % 500 == 0:
-            print(f"lfw-embed {k}/{len(paths)} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        v = dlib_descriptors([dlib.get_face_chip(rgb, shape, 150, 0.25)])[0]
+        out.append((rel, v / np.linalg.norm(v)))
+    return out
+
+
+def lfw_embed(cache: Path, workers: int = 1) -> Path:
+    """Embed every LFW dev photo with dlib (detector + 68 landmarks + dlib's own chip),
+    on ``workers`` spawned processes (the same result in the same order for any number)."""
+    import multiprocessing as mp
+
+    out = cache / "lfw_dev_dlib.npz"
+    if out.exists():
+        return out
+    paths = [f"{i}/{f}" for i in dev_ids() for f in sorted(os.listdir(DATA / "lfw" / i))]
+    parts = [paths[a:a + 250] for a in range(0, len(paths), 250)]
+    t0 = time.time()
+    found = []
+    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
+        for k, part in enumerate(pool.imap(_lfw_embed_part, parts)):
+            found += part
+            print(f"lfw-embed {min(len(paths), (k + 1) * 250)}/{len(paths)} {time.time() - t0:.0f}s",
+                  file=sys.stderr, flush=True)
     tmp = cache / "lfw_dev_dlib.tmp.npz"
-    np.savez(tmp, names=np.array(names), emb=np.array(embs, np.float32))
+    np.savez(tmp, names=np.array([r for r, _ in found]), emb=np.array([v for _, v in found], np.float32))
     os.replace(tmp, out)
     return out
 
@@ -618,7 +629,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["lfw-embed", "build", "pipeline", "evaluate", "all"])
     ap.add_argument("--cache", type=Path, default=CACHE)
-    ap.add_argument("--workers", type=int, default=1, help="align/embed workers (pipeline stage)")
+    ap.add_argument("--workers", type=int, default=1, help="processes (lfw-embed and pipeline stages)")
     ap.add_argument("--no-baselines", action="store_true", help="evaluate clean only")
     ap.add_argument("--lookalike-share", type=float, default=1.0,
                     help="evaluate on a copy of OUT that keeps this share of the look-alike photos (1: all; "
@@ -629,7 +640,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.cache.mkdir(parents=True, exist_ok=True)
     if a.stage in ("lfw-embed", "all"):
-        print(lfw_embed(a.cache))
+        print(lfw_embed(a.cache, a.workers))
     if a.stage in ("build", "all"):
         print(build(a.cache))
     if a.stage in ("pipeline", "all"):
