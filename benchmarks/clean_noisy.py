@@ -376,7 +376,7 @@ DEFINITIONS = {
     "cases.impure_keeps": "kept faces that are not genuine, by the noise role of their photo (bystander: "
                           "another face of a photo of the subject or of a group photo with the subject)",
     "cases.nothing_kept": "folders with no kept face; of them, those with at least 3 genuine photos detected, "
-                          "and how many of those clean flagged in identities.csv (lost / weak_majority)",
+                          "and how many of those clean flagged in identities.csv (lost / weak_majority / ambiguous)",
     "cases.impure_folders": "folders whose kept faces are less than 0.9 genuine",
 }
 
@@ -488,7 +488,7 @@ def cases(root: Path, rows: list[dict], kept, review, genuine, key, photos, iden
     flags = {r["identity"]: r["flags"] for r in identities}
     empty = sorted(i for i in flags if per_id.get(i, [0])[0] == 0)
     big = [i for i in empty if n_gen.get(i, 0) >= 3]
-    flagged = [i for i in big if {"lost", "weak_majority"} & set(flags[i].split(";"))]
+    flagged = [i for i in big if {"lost", "weak_majority", "ambiguous"} & set(flags[i].split(";"))]
     return dict(degradation=dict(sorted(deg.items())), impure_keeps=dict(sorted(impure.items())),
                 nothing_kept=dict(folders=len(empty), with_3_genuine=len(big), flagged=len(flagged),
                                   unflagged=sorted(set(big) - set(flagged))),

@@ -81,8 +81,8 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                     info[g]["flags"].append(C.FLAG_AMBIGUOUS)
         offset = nearest = None
         if n and (p.cohort or p.cohort_centre or p.margin or p.spread or sharpness is not None):
-            offset, nearest = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres, np.asarray(keys), med,
-                                   p, sharpness, pool=pool, shared=E)
+            offset, nearest = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres,
+                                            np.asarray(keys), med, p, sharpness, pool=pool, shared=E)
         # 4-5 per identity: thresholds on the corrected scores, duplicates
         local = pixel_sim is not None and pool.workers > 1 and not hasattr(pixel_sim, "subset")
         tasks = [dict(E=E, rows=rows, bounds=b, block=blk, quality=quality[rows], p=p,
@@ -318,13 +318,14 @@ def flag_identities(identity: np.ndarray, photo: np.ndarray, dec: np.ndarray, re
 
 
 def review_occluded(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanParams, pixel_sim) -> None:
-    """Subject faces scored at most ``occlusion_range`` below drop whose crop has flat
-    patches over at least ``occlusion`` of the face (a covered face: the embedding
-    suffers, the person may be the right one) go to review, ahead of the band.
-    Needs the crops (``pixel_sim.flat_share``)."""
+    """Band faces and subject faces scored at most ``occlusion_range`` below drop whose
+    crop has flat patches over at least ``occlusion`` of the face (a covered face: the
+    embedding suffers, the person may be the right one) go to review as occluded, ahead
+    of the band. Needs the crops (``pixel_sim.flat_share``)."""
     if pixel_sim is None or not hasattr(pixel_sim, "flat_share") or p.occlusion <= 0:
         return
-    cand = np.flatnonzero((dec == DROP) & np.isin(rea, _BELOW_DROP) & (score >= p.drop - p.occlusion_range))
+    below = (dec == DROP) & np.isin(rea, _BELOW_DROP) & (score >= p.drop - p.occlusion_range)
+    cand = np.flatnonzero(below | ((dec == REVIEW) & (rea == RC[R_BAND])))
     hit = [i for i in cand.tolist() if pixel_sim.flat_share(i) >= p.occlusion]
     dec[hit], rea[hit] = REVIEW, RC[R_OCCLUDED]
 

@@ -855,3 +855,23 @@ def test_an_occluded_face_below_drop_goes_to_review_ahead_of_the_band(real_run, 
     assert p.drop - p.occlusion_range <= res.score[1] < p.drop
     assert (res.decision[1], res.reason[1]) == ("review", "occluded")
     assert res.decision[0] == "drop" and res.decision[-1] == "drop"  # plain face, band face
+
+
+def test_an_occluded_band_face_keeps_its_review_place_before_a_higher_band_face(real_run, tmp_path):
+    out, _, _ = real_run
+    kept = [r for r in read_csv(out / C.CLEAN_CSV) if r["decision"] == "keep"]
+    crop = cv2.imread(str(out / kept[0]["aligned"]))
+    plain, covered = tmp_path / "plain.jpg", tmp_path / "covered.jpg"
+    cv2.imwrite(str(plain), crop)
+    crop[30:100, 20:56] = 40  # one side of the face, eye to chin
+    cv2.imwrite(str(covered), crop)
+    rng = np.random.default_rng(15)
+    c = _centres(rng, 1)[0]
+    emb = np.concatenate([_person(rng, c, 30), _at(c, 0.85, rng)[None], _at(c, 0.83, rng)[None]])
+    n = len(emb)
+    p = cparams.default_params("dlib", keep=0.87, drop=0.81, max_review=1 / n)
+    res = core.clean_core(emb, np.zeros(n, int), np.arange(n), np.zeros(n), p,
+                          pixel_sim=fc.CropSimilarity([plain] * (n - 1) + [covered]))
+    assert res.score[n - 2] > res.score[n - 1] >= p.drop  # both in the band, the plain one higher
+    assert (res.decision[n - 1], res.reason[n - 1]) == ("review", "occluded")
+    assert (res.decision[n - 2], res.reason[n - 2]) == ("drop", "far_from_centre")
