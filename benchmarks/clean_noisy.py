@@ -1,12 +1,18 @@
 """Noisy LFW-dev benchmark for `facecurate clean` (issue 4, part 4).
 
-Stages (each cached under --cache, default /tmp/fc/cache/clean_noisy):
+Stages (each cached under --cache, default $FACECURATE_BENCH_CACHE or
+/tmp/fc/cache/clean_noisy; each folder is named by the settings that made it, so a
+cached stage is reused only for the same settings):
 
   lfw-embed   dlib descriptors of every LFW *dev* photo (face nearest the centre);
-              used only to pick look-alike intruders.
+              used only to pick look-alike intruders.       -> lfw_dev_dlib.npz
   build       noisy per-identity folders RAW/<identity>/... + ground truth gt.csv
-  pipeline    facecurate align + embed on RAW (the real stages)
-  evaluate    facecurate clean vs the seed methods on the same embeddings
+                                                             -> bench-seed<S>/
+  pipeline    facecurate align + embed on RAW (the real stages; aligned crops and the
+              embedding store)                               -> bench-seed<S>/OUT-<key>/
+              (<key>: a digest of align's and embed's settings and the facecurate version)
+  evaluate    facecurate clean vs the seed methods on the same embeddings: only clean
+              runs again (seconds), on the cached crops and store
 
 Only identities listed in splits/lfw-dev.txt are used.
 """
@@ -24,7 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FACECURATE_DATA", REPO.parent / "shared" / "data")).resolve()
-CACHE = Path("/tmp/fc/cache/clean_noisy")
+CACHE = Path(os.environ.get("FACECURATE_BENCH_CACHE", "/tmp/fc/cache/clean_noisy"))
+SEED = 4
 
 
 def dev_ids() -> list[str]:
@@ -32,23 +39,18 @@ def dev_ids() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- lfw-embed
-def lfw_embed(cache: Path) -> Path:
-    """Embed every LFW dev photo with dlib (detector + 68 landmarks + dlib's own chip)."""
+def _lfw_embed_part(rels: list) -> list:
+    """(rel, unit descriptor) of the photos ``rels`` in which a face is found (worker)."""
     import cv2
     import dlib
 
     from facecurate.models.dlib_models import SHAPE68, DlibHOGDetector, dlib_descriptors, model_file
     from facecurate.common.records import nearest_to_centre
 
-    out = cache / "lfw_dev_dlib.npz"
-    if out.exists():
-        return out
     det = DlibHOGDetector(max_upsample=1)
     sp = dlib.shape_predictor(model_file(SHAPE68))
-    names, embs = [], []
-    paths = [f"{i}/{f}" for i in dev_ids() for f in sorted(os.listdir(DATA / "lfw" / i))]
-    t0 = time.time()
-    for k, rel in enumerate(paths):
+    out = []
+    for rel in rels:
         bgr = cv2.imread(str(DATA / "lfw" / rel))
         if bgr is None:
             continue
@@ -58,14 +60,30 @@ def lfw_embed(cache: Path) -> Path:
             continue
         x1, y1, x2, y2 = (int(round(v)) for v in d.box)
         shape = sp(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
-        chip = dlib.get_face_chip(rgb, shape, 150, 0.25)
-        v = dlib_descriptors([chip])[0]
-        names.append(rel)
-        embs.append(v / np.linalg.norm(v))
-        if k % 500 == 0:
-            print(f"lfw-embed {k}/{len(paths)} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        v = dlib_descriptors([dlib.get_face_chip(rgb, shape, 150, 0.25)])[0]
+        out.append((rel, v / np.linalg.norm(v)))
+    return out
+
+
+def lfw_embed(cache: Path, workers: int = 1) -> Path:
+    """Embed every LFW dev photo with dlib (detector + 68 landmarks + dlib's own chip),
+    on ``workers`` spawned processes (the same result in the same order for any number)."""
+    import multiprocessing as mp
+
+    out = cache / "lfw_dev_dlib.npz"
+    if out.exists():
+        return out
+    paths = [f"{i}/{f}" for i in dev_ids() for f in sorted(os.listdir(DATA / "lfw" / i))]
+    parts = [paths[a:a + 250] for a in range(0, len(paths), 250)]
+    t0 = time.time()
+    found = []
+    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
+        for k, part in enumerate(pool.imap(_lfw_embed_part, parts)):
+            found += part
+            print(f"lfw-embed {min(len(paths), (k + 1) * 250)}/{len(paths)} {time.time() - t0:.0f}s",
+                  file=sys.stderr, flush=True)
     tmp = cache / "lfw_dev_dlib.tmp.npz"
-    np.savez(tmp, names=np.array(names), emb=np.array(embs, np.float32))
+    np.savez(tmp, names=np.array([r for r, _ in found]), emb=np.array([v for _, v in found], np.float32))
     os.replace(tmp, out)
     return out
 
@@ -129,13 +147,35 @@ def _nonface(rng, dogs):
     return rng.integers(0, 256, (250, 250, 3)).astype(np.uint8)
 
 
-def build(cache: Path, seed: int = 4) -> Path:
+def bench_root(cache: Path, seed: int = SEED) -> Path:
+    return cache / f"bench-seed{seed}"
+
+
+#: embed's settings for the benchmark (align's are AlignConfig's defaults)
+EMBED_SETTINGS = dict(model="dlib", flip=True, dlib_feed="five")
+
+
+def out_dir(cache: Path, seed: int = SEED) -> Path:
+    """The pipeline's OUT for these settings: align's config, embed's settings and the
+    facecurate version name it, so a change of any of them makes a new one."""
+    import dataclasses
+    import hashlib
+
+    import facecurate
+    from facecurate.align import AlignConfig
+
+    key = json.dumps(dict(align=dataclasses.asdict(AlignConfig()), embed=EMBED_SETTINGS,
+                          version=facecurate.__version__), sort_keys=True)
+    return bench_root(cache, seed) / f"OUT-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def build(cache: Path, seed: int = SEED) -> Path:
     """Write RAW/<identity>/*.jpg and gt.csv. Deterministic for a seed."""
     import cv2
 
     from facecurate.common.files import write_csv_atomic
 
-    root = cache / "bench"
+    root = bench_root(cache, seed)
     if (root / "gt.csv").exists():
         return root
     raw = root / "RAW"
@@ -267,7 +307,7 @@ def pipeline(cache: Path, workers: int = 1) -> Path:
     from facecurate.align.align import AlignConfig, run_align
 
     root = build(cache)
-    out = root / "OUT"
+    out = out_dir(cache)
     t0 = time.time()
     s = run_align(root / "RAW", out, AlignConfig(), workers=workers)
     print(f"align: {s.get('crops')} crops, {time.time() - t0:.0f}s", file=sys.stderr)
@@ -277,7 +317,7 @@ def pipeline(cache: Path, workers: int = 1) -> Path:
     except ImportError:  # the embed stage has not landed: dlib's own chip, same store format
         embed_surrogate(root / "RAW", out)
     else:
-        run_embed(out, workers=workers) if "workers" in run_embed.__code__.co_varnames else run_embed(out)
+        run_embed(out, workers=workers, show_progress=False, **EMBED_SETTINGS)
     print(f"embed: {time.time() - t0:.0f}s", file=sys.stderr)
     return out
 
@@ -330,6 +370,14 @@ DEFINITIONS = {
                           "taken from the ground truth); review impostors removed",
     "duplicates_caught": "surplus copies (beyond one per distinct genuine photo) not kept / surplus copies "
                          "detected",
+    "cases.degradation": "per degradation of the distinct genuine photos whose subject face align detected "
+                         "(group: the subject inside a group photo): photos, kept (a copy kept), "
+                         "kept_or_review (a copy kept or in review) and their shares",
+    "cases.impure_keeps": "kept faces that are not genuine, by the noise role of their photo (bystander: "
+                          "another face of a photo of the subject or of a group photo with the subject)",
+    "cases.nothing_kept": "folders with no kept face; of them, those with at least 3 genuine photos detected, "
+                          "and how many of those clean flagged in identities.csv (lost / weak_majority / ambiguous)",
+    "cases.impure_folders": "folders whose kept faces are less than 0.9 genuine",
 }
 
 
@@ -387,6 +435,66 @@ def metrics(kept, review, genuine, key, photos) -> dict:
     )
 
 
+def _roles(root: Path, rows: list[dict], genuine: list) -> tuple[list, dict]:
+    """Per align row: the noise role of a non-genuine face (None for genuine faces);
+    and per genuine photo key, its degradation ("group" for a subject in a group photo)."""
+    from facecurate.files import read_csv
+
+    gt = {r["source"]: r for r in read_csv(root / "gt.csv")}
+    degrade = {}
+    for g in gt.values():
+        for *_, photo, subj in json.loads(g["panels"]):
+            if subj and g["kind"] in ("genuine", "group"):
+                degrade[(g["identity"], photo)] = "group" if g["kind"] == "group" else (g["degrade"] or "none")
+    role = []
+    for r, gen in zip(rows, genuine):
+        kind = gt[r["source"]]["kind"]
+        role.append(None if gen else "bystander" if kind in ("genuine", "group", "duplicate", "exact_duplicate")
+                    else kind)
+    return role, degrade
+
+
+def cases(root: Path, rows: list[dict], kept, review, genuine, key, photos, identities: list[dict]) -> dict:
+    """The per-case figures (see DEFINITIONS["cases.*"])."""
+    role, degrade = _roles(root, rows, genuine)
+    kept_photo, seen_photo = set(), set()
+    for i, r in enumerate(rows):
+        if genuine[i] and kept[i]:
+            kept_photo.add(key[i])
+        if genuine[i] and (kept[i] or review[i]):
+            seen_photo.add(key[i])
+    deg: dict = {}
+    for k, found in sorted(photos.items()):
+        if found:
+            d = deg.setdefault(degrade.get(k, "none"), dict(photos=0, kept=0, kept_or_review=0))
+            d["photos"] += 1
+            d["kept"] += k in kept_photo
+            d["kept_or_review"] += k in seen_photo
+    for d in deg.values():
+        d["kept_share"] = round(d["kept"] / d["photos"], 4)
+        d["kept_or_review_share"] = round(d["kept_or_review"] / d["photos"], 4)
+    impure: dict = {}
+    for i in range(len(rows)):
+        if kept[i] and not genuine[i]:
+            impure[role[i]] = impure.get(role[i], 0) + 1
+    per_id: dict = {}
+    for i, r in enumerate(rows):
+        c = per_id.setdefault(r["identity"], [0, 0])
+        c[0] += kept[i]
+        c[1] += kept[i] and genuine[i]
+    n_gen: dict = {}
+    for (ident, _), found in photos.items():
+        n_gen[ident] = n_gen.get(ident, 0) + bool(found)
+    flags = {r["identity"]: r["flags"] for r in identities}
+    empty = sorted(i for i in flags if per_id.get(i, [0])[0] == 0)
+    big = [i for i in empty if n_gen.get(i, 0) >= 3]
+    flagged = [i for i in big if {"lost", "weak_majority", "ambiguous"} & set(flags[i].split(";"))]
+    return dict(degradation=dict(sorted(deg.items())), impure_keeps=dict(sorted(impure.items())),
+                nothing_kept=dict(folders=len(empty), with_3_genuine=len(big), flagged=len(flagged),
+                                  unflagged=sorted(set(big) - set(flagged))),
+                impure_folders=sorted(i for i, (k, g) in per_id.items() if k and g / k < 0.9))
+
+
 def seed_cw(emb, ident, dist):
     """Seed method 1: one Chinese-whispers pass (dlib) at a Euclidean distance,
     keep the largest cluster of every folder."""
@@ -421,7 +529,7 @@ def seed_centre(emb, ident, thr, iters):
     return keep
 
 
-def variant_out(root: Path, lookalike_share: float, seed: int = 0) -> Path:
+def variant_out(root: Path, src: Path, lookalike_share: float, seed: int = 0) -> Path:
     """OUT without a share of the look-alike photos: a copy of OUT (crops hard-linked,
     embedding store shared) whose align.csv keeps each look-alike source with
     probability ``lookalike_share`` (seeded). Every other item is unchanged."""
@@ -430,8 +538,7 @@ def variant_out(root: Path, lookalike_share: float, seed: int = 0) -> Path:
     from facecurate.common import constants as C
     from facecurate.common.files import read_csv, write_csv_atomic
 
-    src = root / "OUT"
-    dst = root / f"OUT_lookalikes_{lookalike_share:g}"
+    dst = src.parent / f"{src.name}_lookalikes_{lookalike_share:g}"
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, copy_function=os.link,
@@ -451,8 +558,8 @@ def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True
     from facecurate.clean.vectors import normalize
     from facecurate.common.files import read_csv
 
-    root = cache / "bench"
-    out = root / "OUT" if lookalike_share >= 1.0 else variant_out(root, lookalike_share)
+    root = bench_root(cache)
+    out = out_dir(cache) if lookalike_share >= 1.0 else variant_out(root, out_dir(cache), lookalike_share)
     t0 = time.time()
     summary = fc.run_clean(out, show_progress=False, **(clean_args or {}))
     t_clean = time.time() - t0
@@ -468,6 +575,7 @@ def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True
     # after a person has reviewed the review faces (decisions taken from the ground truth)
     res["clean_after_review"] = metrics([a or (b and g) for a, b, g in zip(kept, review, genuine)], review, genuine,
                                         key, photos)
+    res["cases"] = cases(root, rows, kept, review, genuine, key, photos, read_csv(out / "identities.csv"))
     if not baselines:
         return res
     vecs, where, _ = fc.store_index(out)
@@ -508,26 +616,38 @@ def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True
     return res
 
 
+def brief(res: dict) -> dict:
+    """The figures the issue asks for, without the baselines and definitions."""
+    c = res["clean"]
+    out = {k: c[k] for k in ("purity", "retention", "review_share", "kept", "kept_impure", "review", "seconds")}
+    out["after_review"] = {k: res["clean_after_review"][k] for k in ("purity", "retention")}
+    out.update(res["cases"])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["lfw-embed", "build", "pipeline", "evaluate", "all"])
     ap.add_argument("--cache", type=Path, default=CACHE)
-    ap.add_argument("--workers", type=int, default=1, help="align/embed workers (pipeline stage)")
+    ap.add_argument("--workers", type=int, default=1, help="processes (lfw-embed and pipeline stages)")
     ap.add_argument("--no-baselines", action="store_true", help="evaluate clean only")
     ap.add_argument("--lookalike-share", type=float, default=1.0,
                     help="evaluate on a copy of OUT that keeps this share of the look-alike photos (1: all; "
                          "1/3 gives a set whose seed baselines are closer to the issue's reference figures)")
+    ap.add_argument("--clean-args", type=json.loads, default=None,
+                    help='run_clean keyword arguments as JSON, e.g. \'{"model_overrides": {"keep": 0.95}}\'')
+    ap.add_argument("--brief", action="store_true", help="print the headline and per-case figures only")
     a = ap.parse_args(argv)
     a.cache.mkdir(parents=True, exist_ok=True)
     if a.stage in ("lfw-embed", "all"):
-        print(lfw_embed(a.cache))
+        print(lfw_embed(a.cache, a.workers))
     if a.stage in ("build", "all"):
         print(build(a.cache))
     if a.stage in ("pipeline", "all"):
         print(pipeline(a.cache, a.workers))
     if a.stage in ("evaluate", "all"):
-        res = evaluate(a.cache, baselines=not a.no_baselines, lookalike_share=a.lookalike_share)
-        text = json.dumps(res, indent=1, sort_keys=True)
+        res = evaluate(a.cache, a.clean_args, baselines=not a.no_baselines, lookalike_share=a.lookalike_share)
+        text = json.dumps(brief(res) if a.brief else res, indent=1, sort_keys=True)
         name = "evaluate.json" if a.lookalike_share >= 1.0 else f"evaluate_lookalikes_{a.lookalike_share:g}.json"
         (a.cache / name).write_text(text + "\n")
         print(text)

@@ -4,7 +4,7 @@ of benchmarks/clean_noisy.py, packed *without* clean, then embed -> clean on the
     python benchmarks/clean_noisy.py pipeline --workers 2     # once: build, align, embed (folders)
     python benchmarks/clean_rec.py [--cache /tmp/fc/cache/clean_noisy] [--workers 2]
 
-Steps (cached under CACHE/bench/REC):
+Steps (cached under clean_noisy's OUT for its settings, OUT-<key>/../REC-<key>):
   pack    `facecurate pack` of the aligned OUT without clean.csv: align.csv's ok +
           primary rows, i.e. each photo's primary face becomes one record (bystanders and
           other faces are gone; labels = sorted identity order, names in labels.csv)
@@ -56,9 +56,10 @@ def make_rec(root: Path, workers: int) -> Path:
     from facecurate.embed.embed import run_embed
     from facecurate.pack.packer import pack
 
-    rec = root / "REC"
+    out = cn.out_dir(root.parent)
+    rec = root / out.name.replace("OUT", "REC")
     if not (rec / "train.rec").exists():
-        view = _align_only(root / "OUT", root / "OUT_align_only")
+        view = _align_only(out, root / out.name.replace("OUT", "OUT_align_only"))
         pack(view, rec, shuffle=True)
     t0 = time.time()
     meta_p = rec / "embeddings.json"  # an existing store is continued on its own runtime
@@ -76,9 +77,9 @@ def evaluate(cache: Path, workers: int) -> dict:
     from facecurate.clean.vectors import normalize
     from facecurate.common.files import read_csv
 
-    root = cache / "bench"
+    root, out = cn.bench_root(cache), cn.out_dir(cache)
     rec, info = make_rec(root, workers)
-    align = [r for r in read_csv(root / "OUT" / "align.csv") if r["aligned"]]
+    align = [r for r in read_csv(out / "align.csv") if r["aligned"]]
     genuine_a, key_a, photos = cn.label_faces(root, align)
     by_aligned = {r["aligned"]: i for i, r in enumerate(align) if r["aligned"]}
     path_of = {}
@@ -105,8 +106,8 @@ def evaluate(cache: Path, workers: int) -> dict:
         held = {key[i] for i in np.flatnonzero(k) if genuine[i]}
         res[name]["retention_of_photos_in_rec"] = round(len(held) / max(1, len(in_rec)), 4)
     # the folder flow on the same photos (every face; the subject chosen per photo)
-    folder = fc.run_clean(root / "OUT", show_progress=False)
-    frows = read_csv(root / "OUT" / "clean.csv")
+    folder = fc.run_clean(out, show_progress=False)
+    frows = read_csv(out / "clean.csv")
     fg, fk, _ = cn.label_faces(root, frows)
     res["folder_flow"] = dict(cn.metrics([r["decision"] == "keep" for r in frows],
                                          [r["decision"] == "review" for r in frows], fg, fk, photos),
@@ -139,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--cache", type=Path, default=cn.CACHE)
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
-    if not (a.cache / "bench" / "OUT" / "embeddings.npy").exists():
+    if not (cn.out_dir(a.cache) / "embeddings.npy").exists():
         raise SystemExit(f"run `python benchmarks/clean_noisy.py pipeline --cache {a.cache}` first")
     res = evaluate(a.cache, a.workers)
     text = json.dumps(res, indent=1, sort_keys=True)

@@ -183,3 +183,16 @@ def test_report_names_align_counts_and_shows_hostile_names_escaped(run_dir):
     page = (Path(write_report(run_dir)["html"])).read_text(encoding="utf-8")
     assert f"<title>align: faces found: {faces}</title>" in page
     assert f"<title>align.csv: rows: {len(align)}</title>" in page and "face rows" not in page
+def test_report_lists_lost_and_weak_identities_first(run_dir):
+    """identities.csv's lost / weak_majority identities get their own table at the top
+    of the page, lost first; the others are not in it."""
+    write_csv_atomic(run_dir / C.IDENTITIES_CSV, ("identity", "images", "faces", "kept", "dropped", "review",
+                                                  "noise", "flags"),
+                     [dict(identity=i, images=3, faces=3, kept=0, dropped=3, review=0, noise="",
+                           flags={"id00": "weak_majority", "id05": "lost"}.get(i, "")) for i in IDS])
+    s = write_report(run_dir)
+    page = (run_dir / C.REPORT_HTML).read_text(encoding="utf-8")
+    assert s["at_risk"] == ["id05", "id00"]
+    top = page[page.index("Identities lost or kept thin"):page.index("<h2>Counts")]
+    assert re.findall(r"<tr><td>(id\d\d)</td>", top) == ["id05", "id00"]
+    assert "2 flagged lost" in top and top.count("data:image/jpeg;base64,") >= 2

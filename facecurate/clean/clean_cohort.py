@@ -17,8 +17,10 @@ from facecurate.clean.vectors import BLAS_SMALL_PRODUCT, group_by_label
 
 
 def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, *,
-                  pool: LocalPool | None = None, shared: SharedArray | None = None) -> np.ndarray:
-    """Per-face corrections of the centre similarity, all measured on the dataset itself.
+                  pool: LocalPool | None = None, shared: SharedArray | None = None) -> tuple:
+    """Per-face corrections of the centre similarity, all measured on the dataset itself,
+    and each face's similarity to the nearest centre of another identity (None when
+    neither the cohort nor the look-alike margin is asked for, or with 5 identities or fewer).
     ``raw``: each face's similarity to its identity's centre (no offsets); ``inl``: the
     subject faces at or above drop; ``cen`` (k, d): identity centres; ``keys``: the
     identities that have faces; ``med`` (k,): median inlier similarity per identity.
@@ -43,14 +45,17 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
     n = len(emb)
     karr = np.asarray(keys)
     off = np.zeros(n, np.float64)
-    if (p.cohort or p.cohort_centre) and len(karr) > 5:
+    near = None
+    if (p.cohort or p.cohort_centre or p.margin) and len(karr) > 5:
         # identities that look like the same person (merge candidates) are not each other's cohort
         partners = defaultdict(list)
         for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
             partners[int(karr[a])].append(int(karr[b]))
             partners[int(karr[b])].append(int(karr[a]))
+        if p.cohort or p.margin:
+            co, near = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners, pool=pool,
+                                       shared=shared, nearest=True)
         if p.cohort:
-            co = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners, pool=pool, shared=shared)
             ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
             off += p.cohort * (co - ref)
         if p.cohort_centre:
@@ -69,7 +74,7 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
         if (inl & low).sum() >= 20 and (inl & hi).sum() >= 20:
             delta = float(np.clip(np.median(raw[inl & hi]) - np.median(raw[inl & low]), 0.0, 0.03))
             off -= delta * low
-    return off.astype(np.float32)
+    return off.astype(np.float32), near
 
 
 def _chunks(n: int, block: int, pool: LocalPool | None) -> list:
@@ -81,12 +86,13 @@ def _chunks(n: int, block: int, pool: LocalPool | None) -> list:
 def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np.ndarray, k: int,
                     block: int = 4096, cohort_max: int = 5000, seed: int = 0,
                     partners: dict | None = None, pool: LocalPool | None = None,
-                    shared: SharedArray | None = None) -> np.ndarray:
+                    shared: SharedArray | None = None, nearest: bool = False):
     """Mean similarity of each vector to its k nearest centres of other identities
     (``ids`` names the rows of ``centres``): an exact search over a cohort of at most
     ``cohort_max`` centres (a fixed random sample when there are more), so the cost is
     linear in the number of faces. ``partners`` (identity -> identities) are left out too.
-    With a ``pool`` (``shared``: ``q`` shared with it) the blocks run on its workers."""
+    With a ``pool`` (``shared``: ``q`` shared with it) the blocks run on its workers.
+    ``nearest``: return (the means, the similarity to the nearest such centre)."""
     n, m = len(q), len(centres)
     if m > cohort_max:
         pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
@@ -95,12 +101,14 @@ def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np
     pos[ids] = np.arange(m)
     kk = max(1, min(k, m - 1))
     if pool is None or pool.workers == 1 or shared is None:
-        return _topk_rows(dict(q=q, a=0, b=n, own=own, centres=centres, pos=pos, kk=kk, block=block,
+        both = _topk_rows(dict(q=q, a=0, b=n, own=own, centres=centres, pos=pos, kk=kk, block=block,
                                partners=partners))
-    cs = pool.share(np.ascontiguousarray(centres))
-    tasks = [dict(q=shared, a=a, b=b, own=own[a:b], centres=cs, pos=pos, kk=kk, block=block, partners=partners)
-             for a, b in _chunks(n, block, pool)]
-    return np.concatenate(list(pool.map(_topk_rows, tasks)))
+    else:
+        cs = pool.share(np.ascontiguousarray(centres))
+        tasks = [dict(q=shared, a=a, b=b, own=own[a:b], centres=cs, pos=pos, kk=kk, block=block,
+                      partners=partners) for a, b in _chunks(n, block, pool)]
+        both = np.concatenate(list(pool.map(_topk_rows, tasks)))
+    return (both[:, 0].copy(), both[:, 1].copy()) if nearest else both[:, 0].copy()
 
 
 def _sub_blocks(rows: int, m: int, d: int, sub: int = 512) -> list:
@@ -117,12 +125,13 @@ def _sub_blocks(rows: int, m: int, d: int, sub: int = 512) -> list:
 
 
 def _topk_rows(t: dict) -> np.ndarray:
-    """topk_other_mean of rows a..b (a: a multiple of the block)."""
+    """topk_other_mean of rows a..b (a: a multiple of the block): (b - a, 2), the mean
+    and the largest of each row's top k."""
     q = t["q"].get() if isinstance(t["q"], SharedArray) else t["q"]
     centres = t["centres"].get() if isinstance(t["centres"], SharedArray) else t["centres"]
     a, b, own, pos, kk, block, partners = t["a"], t["b"], t["own"], t["pos"], t["kk"], t["block"], t["partners"]
     own_pos = pos[own]
-    out = np.zeros(b - a, np.float32)
+    out = np.zeros((b - a, 2), np.float32)
     for b0 in range(0, b - a, block):
         b1 = min(b - a, b0 + block)
         for u0, u1 in _sub_blocks(b1 - b0, len(centres), q.shape[1]):  # the block's product, part by part
@@ -140,7 +149,8 @@ def _topk_rows(t: dict) -> np.ndarray:
                             cc.append(pos[h])
                 if rr:
                     s[rr, cc] = -np.inf
-            out[lo:hi] = _topk_desc(s, kk).mean(1)
+            top = _topk_desc(s, kk)
+            out[lo:hi, 0], out[lo:hi, 1] = top.mean(1), top[:, 0]
     return out
 
 

@@ -62,6 +62,26 @@ class CropSimilarity:
         a, b = self.thumb(i), self.thumb(j)
         return 0.0 if a is None or b is None else float(a @ b)
 
+    def flat_share(self, i: int) -> float:
+        """Share of the face's cells of crop ``i`` that are flat (see
+        ``constants.OCCLUSION_*``): a covered part of the face; 0.0 when it cannot be read."""
+        return flat_share(self.grey(i))
+
+
+def flat_share(grey: np.ndarray | None) -> float:
+    """Share of the face cells of an aligned grey crop whose grey values are flat
+    (standard deviation below ``constants.OCCLUSION_FLAT_STD``); 0.0 for no image."""
+    import cv2
+
+    if grey is None or not grey.size:
+        return 0.0
+    side, g = C.OCCLUSION_SIDE, C.OCCLUSION_GRID
+    im = cv2.resize(grey, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    cell = side // g
+    std = im[:cell * g, :cell * g].reshape(g, cell, g, cell).std(axis=(1, 3))
+    face = std[C.OCCLUSION_ROWS[0]:C.OCCLUSION_ROWS[1], C.OCCLUSION_COLS[0]:C.OCCLUSION_COLS[1]]
+    return float((face < C.OCCLUSION_FLAT_STD).mean())
+
 
 def kept_medians(identity: np.ndarray, res: CoreResult, n_ids: int) -> list[float]:
     """Per identity number, the median score of its kept faces (nan when none); one
@@ -105,6 +125,8 @@ def clean_summary(faces: int, counts: Mapping[str, int], reasons: Mapping[str, i
         reasons=dict(sorted(reasons.items())),
         ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
         excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
+        lost=sum(1 for r in ident_rows if C.FLAG_LOST in r.flag_list),
+        weak_majority=sum(1 for r in ident_rows if C.FLAG_WEAK in r.flag_list),
         merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved,
         model=model, thresholds={k: round(getattr(p, k), 4) for k in COSINE_THRESHOLDS},
         calibrated=bool(p.calibrated),

@@ -15,8 +15,8 @@ from facecurate.clean.clean_batch import analyse_rows, decide_rows
 from facecurate.clean.clean_cohort import score_offsets
 from facecurate.clean.clean_identity import Analysis, decide_identity
 from facecurate.clean.clean_params import (
-    DECISIONS, DROP, KEEP, R_BAND, R_DUPLICATE, R_EXCLUDED, R_FAR, R_NOT_SUBJECT, R_TOO_FEW, RC, REASONS, REVIEW,
-    CleanParams,
+    DECISIONS, DROP, KEEP, R_BAND, R_CANDIDATE, R_DUPLICATE, R_EXCLUDED, R_FAR, R_MINORITY, R_NEAR_OTHER,
+    R_NOT_SUBJECT, R_OCCLUDED, R_TOO_FEW, RC, REASONS, REVIEW, CleanParams,
 )
 from facecurate.engines.local import LocalPool, default_workers
 from facecurate.common.files import progress
@@ -79,10 +79,10 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                 info[g].update(clusters=nc, dominant_share=ds)
                 if amb:
                     info[g]["flags"].append(C.FLAG_AMBIGUOUS)
-        offset = None
-        if n and (p.cohort or p.cohort_centre or p.spread or sharpness is not None):
-            offset = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres, np.asarray(keys), med,
-                                   p, sharpness, pool=pool, shared=E)
+        offset = nearest = None
+        if n and (p.cohort or p.cohort_centre or p.margin or p.spread or sharpness is not None):
+            offset, nearest = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres,
+                                            np.asarray(keys), med, p, sharpness, pool=pool, shared=E)
         # 4-5 per identity: thresholds on the corrected scores, duplicates
         local = pixel_sim is not None and pool.workers > 1 and not hasattr(pixel_sim, "subset")
         tasks = [dict(E=E, rows=rows, bounds=b, block=blk, quality=quality[rows], p=p,
@@ -99,8 +99,10 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
             dec[rows], rea[rows], score[rows] = out["decision"], out["reason"], out["score"]
             pos = out["dup_of"]
             dup_of[rows[pos >= 0]] = rows[pos[pos >= 0]]
-        return _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
-                            exclude_vecs, pool)
+        if nearest is not None and p.margin:
+            near_other(dec, rea, raw, nearest, p)
+        return _finish_core(emb, identity, photo, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
+                            exclude_vecs, pool, pixel_sim)
 
 
 def _largest_first(pool: LocalPool, fn, tasks: list):
@@ -182,9 +184,10 @@ def _decide_shard(t: dict) -> dict:
     return dict(decision=dec, reason=rea, score=score, dup_of=dup)
 
 
-def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
-                 exclude_vecs, pool: LocalPool | None = None) -> CoreResult:
-    """The cross-identity tail: exclusion, too few photos, the review budget, merges, counts."""
+def _finish_core(emb, identity, photo, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
+                 exclude_vecs, pool: LocalPool | None = None, pixel_sim=None) -> CoreResult:
+    """The cross-identity tail: exclusion, too few photos, identities lost, occluded faces,
+    the review budget, merges, counts."""
     n, (k, d) = len(emb), centres.shape
     # exclusion against an evaluation set's vectors
     if exclude_vecs is not None and len(exclude_vecs) and k:
@@ -205,7 +208,10 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
     dec[m], rea[m] = DROP, RC[R_TOO_FEW]
     for g in np.nonzero((kept_by_id > 0) & (kept_by_id < p.min_images))[0].tolist():
         info[g]["flags"].append(C.FLAG_TOO_FEW)
+    flag_identities(identity, photo, dec, rea, score, p, info, excluded)
+    review_occluded(dec, rea, score, p, pixel_sim)
     resolved = limit_review(dec, rea, score, p, n)
+    fill_review(dec, rea, score, p, n)
     # centres of what is kept, for merges
     alive = dec == KEEP
     sums = np.zeros((k, d), np.float64)
@@ -229,24 +235,99 @@ def _finish_core(emb, identity, p, dec, rea, score, cluster, dup_of, centres, in
                       dup_of, info, fin, merges, resolved)
 
 
+#: review reasons the budget may resolve, in the order they keep their place: the best
+#: faces of lost / weak identities, then occluded faces, then the rest by score
+_PRIORITY = {RC[R_CANDIDATE]: 0, RC[R_OCCLUDED]: 1, RC[R_NEAR_OTHER]: 2, RC[R_BAND]: 2}
+#: the reasons of subject faces below drop (what the review steps may pick from)
+_BELOW_DROP = (RC[R_FAR], RC[R_MINORITY])
+
+
 def limit_review(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanParams, total: int) -> int:
-    """Shrink the review band from below until at most ``max_review`` of ``total``
-    faces are in review: the band keeps the faces just short of the keep threshold
-    (the ones a person is most likely to rescue), the rest of it is dropped (reason
-    far_from_centre). Faces at or above ``keep`` are never touched, so the kept set
-    does not depend on the budget. ``dec``/``rea``: decision and reason codes
-    (:mod:`facecurate.clean_params`), changed in place. Returns how many reviews
-    were resolved."""
+    """Shrink the review band until at most ``max_review`` of ``total`` faces are in
+    review: identity candidates first, then occluded faces, then the faces just short of
+    the keep threshold (the ones a person is most likely to rescue) keep their place; the
+    rest is dropped (reason far_from_centre). Faces at or above ``keep`` are never
+    kept by it, so the kept set does not depend on the budget. ``dec``/``rea``: decision and
+    reason codes (:mod:`facecurate.clean_params`), changed in place. Returns how many
+    reviews were resolved."""
     budget = int(np.floor(p.max_review * total))
     review = dec == REVIEW
-    band = np.nonzero(review & (rea == RC[R_BAND]))[0]
+    band = np.nonzero(review & np.isin(rea, list(_PRIORITY)))[0]
     allowed = max(0, budget - (int(review.sum()) - len(band)))
     if len(band) <= allowed:
         return 0
-    order = sorted(band.tolist(), key=lambda i: (-float(score[i]), i))
+    order = sorted(band.tolist(), key=lambda i: (_PRIORITY[int(rea[i])], -float(score[i]), i))
     gone = np.asarray(order[allowed:], np.int64)
     dec[gone], rea[gone] = DROP, RC[R_FAR]
     return len(order) - allowed
+
+
+def fill_review(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanParams, total: int) -> int:
+    """While the review budget has room, subject faces at most ``near_drop`` below the
+    drop threshold go to review (reason uncertain), highest score first: the band does
+    not end abruptly at drop. Returns how many were added."""
+    room = int(np.floor(p.max_review * total)) - int((dec == REVIEW).sum())
+    if room <= 0 or p.near_drop <= 0:
+        return 0
+    cand = np.flatnonzero((dec == DROP) & np.isin(rea, _BELOW_DROP) & (score >= p.drop - p.near_drop))
+    pick = cand[np.lexsort((cand, -score[cand]))][:room]
+    dec[pick], rea[pick] = REVIEW, RC[R_BAND]
+    return len(pick)
+
+
+def near_other(dec: np.ndarray, rea: np.ndarray, raw: np.ndarray, nearest: np.ndarray, p: CleanParams) -> None:
+    """Kept faces whose similarity to their own centre (``raw``) exceeds that to the
+    nearest other identity's centre (``nearest``) by less than ``margin`` go to review:
+    a look-alike of the subject, or a person filed under two names."""
+    m = (dec == KEEP) & (raw - nearest < p.margin)
+    dec[m], rea[m] = REVIEW, RC[R_NEAR_OTHER]
+
+
+def photos_per_identity(identity: np.ndarray, photo: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """(k,) distinct photos of each identity among the faces of ``mask`` (photo numbers
+    are unique across identities)."""
+    _, first = np.unique(photo[mask], return_index=True)
+    return np.bincount(identity[mask][first], minlength=k)
+
+
+def flag_identities(identity: np.ndarray, photo: np.ndarray, dec: np.ndarray, rea: np.ndarray, score: np.ndarray,
+                    p: CleanParams, info: list, skip: set) -> None:
+    """No identity lost silently: one with at least ``lost_photos`` photos with a face
+    that keeps none is flagged lost, one that keeps fewer than ``weak_share`` of them
+    weak_majority (ambiguous and excluded ones are flagged already); the ``candidates``
+    best of their subject faces not kept go to review (identity_candidate), first in the budget."""
+    k = len(info)
+    photos = photos_per_identity(identity, photo, np.ones(len(identity), bool), k)
+    kept = photos_per_identity(identity, photo, dec == KEEP, k)
+    lost = (photos >= p.lost_photos) & (kept == 0)
+    weak = (photos >= p.lost_photos) & (kept > 0) & (kept < p.weak_share * photos)
+    flagged = []
+    for g in np.flatnonzero(lost | weak).tolist():
+        if g in skip or C.FLAG_AMBIGUOUS in info[g]["flags"]:
+            continue
+        info[g]["flags"].append(C.FLAG_LOST if lost[g] else C.FLAG_WEAK)
+        flagged.append(g)
+    if not flagged or p.candidates <= 0:
+        return
+    cand = np.flatnonzero(np.isin(identity, flagged) & (dec == DROP) & np.isin(rea, _BELOW_DROP + (RC[R_TOO_FEW],)))
+    cand = cand[np.lexsort((cand, -score[cand], identity[cand]))]
+    ids = identity[cand]
+    rank = np.arange(len(cand)) - np.searchsorted(ids, ids)  # position within its identity
+    pick = cand[rank < p.candidates]
+    dec[pick], rea[pick] = REVIEW, RC[R_CANDIDATE]
+
+
+def review_occluded(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanParams, pixel_sim) -> None:
+    """Band faces and subject faces scored at most ``occlusion_range`` below drop whose
+    crop has flat patches over at least ``occlusion`` of the face (a covered face: the
+    embedding suffers, the person may be the right one) go to review as occluded, ahead
+    of the band. Needs the crops (``pixel_sim.flat_share``)."""
+    if pixel_sim is None or not hasattr(pixel_sim, "flat_share") or p.occlusion <= 0:
+        return
+    below = (dec == DROP) & np.isin(rea, _BELOW_DROP) & (score >= p.drop - p.occlusion_range)
+    cand = np.flatnonzero(below | ((dec == REVIEW) & (rea == RC[R_BAND])))
+    hit = [i for i in cand.tolist() if pixel_sim.flat_share(i) >= p.occlusion]
+    dec[hit], rea[hit] = REVIEW, RC[R_OCCLUDED]
 
 
 def _match_counts(a: np.ndarray, b: np.ndarray, thr: float, block: int = 8192):

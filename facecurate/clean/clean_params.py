@@ -21,6 +21,9 @@ R_LOW_QUALITY = C.REASON_LOW_QUALITY
 R_EXCLUDED = C.REASON_EXCLUDED
 R_NO_EMBEDDING = C.REASON_NO_EMBEDDING
 R_MANUAL = C.REASON_MANUAL  # a review's decision, kept by later runs
+R_NEAR_OTHER = C.REASON_NEAR_OTHER
+R_CANDIDATE = C.REASON_CANDIDATE
+R_OCCLUDED = C.REASON_OCCLUDED
 
 
 @dataclass
@@ -46,6 +49,14 @@ class CleanParams:
     cohort_centre: float = 0.3  # score -= this * (centre's mean sim to its 20 nearest other-identity faces - median)
     spread: float = 0.5  # score -= spread * (folder's median inlier sim - median over folders)
     low_sharpness: float = 40.0  # crops below (variance of Laplacian) get the measured quality shift
+    margin: float = 0.0  # a keep whose own-centre similarity exceeds its nearest other identity centre's by
+    # less goes to review (near_other_identity); 0: off
+    near_drop: float = 0.01  # subject faces this far below drop go to review while the budget has room
+    occlusion: float = 0.1  # share of a face's cells that are flat (std < OCCLUSION_FLAT) from which it is occluded
+    occlusion_range: float = 0.06  # occluded subject faces down to drop - this go to review (ahead of the band)
+    lost_photos: int = 3  # identities with this many photos with a face that keep nothing are flagged lost
+    weak_share: float = 0.4  # ... that keep fewer photos than this share of them: weak_majority
+    candidates: int = 3  # faces of a lost / weak_majority identity sent to review first
     loo: bool = True  # score each face against the centre of the others
     sample: int = 1000  # all-pairs clustering on at most this many faces per identity
     model: str = ""
@@ -103,5 +114,5 @@ def check_thresholds(d: dict) -> None:
 KEEP, REVIEW, DROP = 0, 1, 2
 DECISIONS = (C.DECISION_KEEP, C.DECISION_REVIEW, C.DECISION_DROP)
 REASONS = (R_CENTRE, R_BAND, R_FAR, R_MINORITY, R_NOT_SUBJECT, R_DUPLICATE, R_AMBIGUOUS, R_TOO_FEW,
-           R_LOW_QUALITY, R_EXCLUDED, R_NO_EMBEDDING, R_MANUAL)
+           R_LOW_QUALITY, R_EXCLUDED, R_NO_EMBEDDING, R_MANUAL, R_NEAR_OTHER, R_CANDIDATE, R_OCCLUDED)
 RC = {r: i for i, r in enumerate(REASONS)}

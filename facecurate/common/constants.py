@@ -258,6 +258,23 @@ REASON_NO_EMBEDDING = "no_embedding"
 #: clean.csv reason of a decision a person made in a review (`review apply`); later
 #: clean runs keep it unless told to discard it.
 REASON_MANUAL = "manual"
+#: review: at or above keep, but its similarity to another identity's centre comes
+#: within the look-alike margin of its similarity to its own centre
+REASON_NEAR_OTHER = "near_other_identity"
+#: review: one of the best faces of an identity that kept nothing, or little (flags
+#: lost / weak_majority), sent to review first
+REASON_CANDIDATE = "identity_candidate"
+#: review: below drop, but part of the face is covered (flat patches); ahead of the band
+REASON_OCCLUDED = "occluded"
+#: clean's occlusion signal: an aligned crop (resized to OCCLUSION_SIDE) is cut into
+#: OCCLUSION_GRID x OCCLUSION_GRID cells; the cells of rows OCCLUSION_ROWS and columns
+#: OCCLUSION_COLS cover the face of the ArcFace template, and a cell whose grey values
+#: have a standard deviation below OCCLUSION_FLAT_STD is flat (a scarf, a hand, a block)
+OCCLUSION_SIDE = 112
+OCCLUSION_GRID = 8
+OCCLUSION_ROWS = (2, 8)
+OCCLUSION_COLS = (1, 7)
+OCCLUSION_FLAT_STD = 2.0
 #: clean's per-identity summary, identities.csv
 IDENTITY_COLUMNS = (
     "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
@@ -269,6 +286,8 @@ FLAG_EXCLUDED = "excluded"  # named by --exclude, or matching its evaluation fac
 FLAG_NO_FACES = "no_faces"  # align found no face in any of its photos
 FLAG_TOO_FEW = "too_few"  # fewer kept photos than --min-images
 FLAG_MERGE_CANDIDATE = "merge_candidate"  # in merges.csv
+FLAG_LOST = "lost"  # photos with a face (CleanParams.lost_photos or more), nothing kept
+FLAG_WEAK = "weak_majority"  # kept photos fewer than CleanParams.weak_share of its photos with a face
 #: clean's merge candidates, merges.csv: two identities that look like one person
 MERGE_COLUMNS = ("a", "b", "similarity")
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).

@@ -115,6 +115,7 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
     else:
         d["clean"] = None
     d["noisiest"] = noisiest(clean, idents, top)
+    d["at_risk"] = at_risk(clean, idents)
     d["merges"] = sorted(merges, key=_merge_key)
     d["flags"] = Counter(f for r in idents for f in r.flag_list)
     return d
@@ -130,6 +131,25 @@ def noisiest(clean: Sequence[CleanRow], idents: Sequence[IdentityRow], top: int)
     review), with their faces; ties by identities.csv's ``noise`` estimate. An
     identity with every face kept (nothing dropped, nothing to review) is not noisy
     and is left out."""
+    rows = [r for r in identity_summaries(clean, idents) if r["dropped"] or r["review"]]
+    rows.sort(key=lambda r: (-r["not_kept"], -r["noise"], -r["dropped"], r["identity"]))
+    return rows[:max(0, top)]
+
+
+#: identities.csv flags the report lists first: clean kept nothing, or little, of them
+AT_RISK_FLAGS = (C.FLAG_LOST, C.FLAG_WEAK)
+
+
+def at_risk(clean: Sequence[CleanRow], idents: Sequence[IdentityRow]) -> list[dict]:
+    """The identities flagged lost or weak_majority, lost first, then by name."""
+    flagged = {r.identity for r in idents if set(AT_RISK_FLAGS) & set(r.flag_list)}
+    rows = [r for r in identity_summaries([c for c in clean if c.identity in flagged],
+                                          [i for i in idents if i.identity in flagged])]
+    return sorted(rows, key=lambda r: (C.FLAG_LOST not in r["flags"].split(), r["identity"]))
+
+
+def identity_summaries(clean: Sequence[CleanRow], idents: Sequence[IdentityRow]) -> list[dict]:
+    """One dict per identity: counts, noise, flags and its faces."""
     faces: dict[str, list[CleanRow]] = defaultdict(list)
     for r in clean:
         faces[r.identity].append(r)
@@ -150,9 +170,15 @@ def noisiest(clean: Sequence[CleanRow], idents: Sequence[IdentityRow], top: int)
                          noise=noise, flags=i.flags.replace(";", " "), faces_rows=fs))
         r = rows[-1]
         r["not_kept"] = (r["faces"] - r["kept"]) / r["faces"] if r["faces"] else 0.0
-    rows = [r for r in rows if r["dropped"] or r["review"]]
-    rows.sort(key=lambda r: (-r["not_kept"], -r["noise"], -r["dropped"], r["identity"]))
-    return rows[:max(0, top)]
+    return rows
+
+
+def _identity_table(out: Path, idents: list[dict]) -> str:
+    rows = [[_e(r["identity"]), r["images"], r["faces"], r["kept"], r["review"], r["dropped"],
+             format_float(r["not_kept"], 2), format_float(r["noise"], 2), _e(r["flags"]), _thumbs(out, r["faces_rows"])]
+            for r in idents]
+    return _table(["identity", "images", "faces", "kept", "review", "dropped", "not kept", "noise", "flags", "faces"],
+                  rows, "noisy")
 
 
 # ----------------------------------------------------------------------------- SVG
@@ -304,6 +330,10 @@ def render_report(out: Path, d: dict) -> str:
         f'<div class="stat"><div class="v">{v}</div><div class="k">{_e(k)}</div></div>' for k, v in cards) + "</div>")
     if d["notes"]:
         parts.append('<p class="note">' + "; ".join(_e(n) for n in d["notes"]) + "</p>")
+    if d["at_risk"]:
+        parts.append(f'<h2>Identities lost or kept thin <small>{len(d["at_risk"])} flagged lost (nothing kept) or '
+                     f'weak_majority (few of their photos kept) in identities.csv; their best faces are first in '
+                     f'review</small></h2>' + _identity_table(out, d["at_risk"]))
     # stages
     funnel = []
     if a:
@@ -341,16 +371,10 @@ def render_report(out: Path, d: dict) -> str:
                        'the left; bystanders and duplicates can be dropped at any score (see reasons).</p>')
     # noisiest
     if d["noisiest"]:
-        rows = []
-        for r in d["noisiest"]:
-            rows.append([_e(r["identity"]), r["images"], r["faces"], r["kept"], r["review"], r["dropped"],
-                         format_float(r["not_kept"], 2), format_float(r["noise"], 2), _e(r["flags"]),
-                         _thumbs(out, r["faces_rows"])])
-        parts.append(f'<h2>Noisiest identities <small>top {len(rows)} by share of faces not kept (dropped or '
-                     f'in review); noise = share of photos with no face kept or in review; '
+        parts.append(f'<h2>Noisiest identities <small>top {len(d["noisiest"])} by share of faces not kept (dropped '
+                     f'or in review); noise = share of photos with no face kept or in review; '
                      f'thumbnails: most central kept, then lowest-scoring others (border = decision)</small></h2>'
-                     + _table(["identity", "images", "faces", "kept", "review", "dropped", "not kept", "noise",
-                               "flags", "faces"], rows, "noisy"))
+                     + _identity_table(out, d["noisiest"]))
     if d["flags"]:
         parts.append("<h2>Identity flags</h2>" + svg_hbars([(k, v, NEUTRAL) for k, v in sorted(
             d["flags"].items(), key=lambda kv: (-kv[1], kv[0]))]))
@@ -380,6 +404,7 @@ def write_report(out_dir: str | Path, *, top: int = 25, output: str | Path | Non
         decisions=cl["decisions"] if cl else None,
         manual=cl["manual"] if cl else 0,
         noisiest=[r["identity"] for r in d["noisiest"][:5]],
+        at_risk=[r["identity"] for r in d["at_risk"]],
         merge_candidates=len(d["merges"]), notes=d["notes"],
     )
 
