@@ -18,6 +18,7 @@ from facecurate.common.provenance import (describe, differences, library_version
 from test_parts import lfw_raw
 
 OTHER_OPENCV = "opencv-python-headless 3.4.18.65"  # never the installed one
+OTHER_DLIB = "dlib-bin 19.7.0"  # never the installed one
 
 
 def _cli(*args, cwd=None):
@@ -110,9 +111,9 @@ def test_a_resumed_embed_under_other_versions_is_refused(pipeline, tmp_path):
     assert _cli("align", str(raw), str(work), "--workers", "1", "--shard-size", "4").returncode == 0
     p = _cli("embed", str(work), "--workers", "1", "--runtime", "dlib")
     assert p.returncode == 0, p.stderr
-    _set_versions(work / ".facecurate" / "embed" / VERSIONS_FILE, "dlib", "dlib-bin 19.24.6")
+    _set_versions(work / ".facecurate" / "embed" / VERSIONS_FILE, "dlib", OTHER_DLIB)
     p = _cli("embed", str(work), "--workers", "1", "--runtime", "dlib")
-    assert p.returncode == 1 and "dlib-bin 19.24.6" in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert p.returncode == 1 and OTHER_DLIB in p.stderr and "--overwrite" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
 
 

@@ -23,6 +23,7 @@ import io
 import numbers
 import os
 import struct
+import warnings
 from typing import BinaryIO, Iterator, NamedTuple, Optional, Sequence, Union
 
 from facecurate.common.constants import (
@@ -424,9 +425,14 @@ def read_idx_arrays(path: Union[str, os.PathLike]):
     if data.startswith(b"\n"):
         lines -= 1
     try:
-        vals = np.fromstring(data.decode("ascii"), dtype=np.int64, sep=" ") if data.strip() else np.zeros(0, np.int64)
+        with warnings.catch_warnings():
+            # numpy < 2.3 only warns (DeprecationWarning) where text stops parsing, and
+            # returns what it read so far: an error here, as in newer numpy
+            warnings.simplefilter("error", DeprecationWarning)
+            vals = np.fromstring(data.decode("ascii"), dtype=np.int64, sep=" ") if data.strip() \
+                else np.zeros(0, np.int64)
         ok = vals.size == 2 * lines
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, DeprecationWarning):
         ok = False
     if not ok:  # the line-by-line parser says which line is wrong
         pairs = read_idx(path)
