@@ -1,14 +1,14 @@
 """The clean stage on a folder OUT: read align.csv and the embedding store, decide
 keep / drop / review for every aligned face, write clean.csv, identities.csv,
 merges.csv and clean.json (:func:`run_clean`; a packed DEST goes to
-:mod:`facecurate.clean_rec`).
+:mod:`facecurate.clean.clean_rec`).
 
-The algorithm lives in its own modules: :mod:`facecurate.clean_params` (thresholds,
-model-aware defaults), :mod:`facecurate.clean_identity` (per identity: clusters,
+The algorithm lives in its own modules: :mod:`facecurate.clean.clean_params` (thresholds,
+model-aware defaults), :mod:`facecurate.clean.clean_identity` (per identity: clusters,
 robust centre, subject per photo, thresholds, near-duplicates),
-:mod:`facecurate.clean_cohort` (score offsets measured on the dataset, calibration),
-:mod:`facecurate.similar` (pairs above a threshold: merge candidates) and
-:mod:`facecurate.clean_core` (all of it on arrays over a process pool, then
+:mod:`facecurate.clean.clean_cohort` (score offsets measured on the dataset, calibration),
+:mod:`facecurate.clean.similar` (pairs above a threshold: merge candidates) and
+:mod:`facecurate.clean.clean_core` (all of it on arrays over a process pool, then
 exclusion, too few photos, the review budget and merges). This module holds the
 file side: the store, ``--exclude``, the crops' pixel check (:class:`CropSimilarity`),
 the manual decisions carried over from a previous clean.csv, and the outputs.
@@ -119,7 +119,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     neither on it nor on ``shard_faces`` (see ``clean_core``)."""
     out_dir = Path(out_dir)
     check_cosines(model_overrides or {})  # before anything is embedded
-    if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean_rec)
+    if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean.clean_rec)
         return run_clean_rec(out_dir, model_overrides=model_overrides, calibrate_far=calibrate_far,
                              exclude=exclude, max_review=max_review, min_images=min_images, min_face=min_face,
                              ambiguous=ambiguous, keep_manual=keep_manual, show_progress=show_progress,

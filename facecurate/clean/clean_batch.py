@@ -35,7 +35,7 @@ def _masked_sums(E: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _masked_means(E: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``facecurate.clean_identity._mean0(E[b][mask[b]])`` for each b (float64 division, as there)."""
+    """``facecurate.clean.clean_identity._mean0(E[b][mask[b]])`` for each b (float64 division, as there)."""
     r = _masked_sums(E, mask)
     cnt = np.maximum(mask.sum(1), 1).astype(np.intp)
     return np.true_divide(r, cnt[:, None], out=r, casting="unsafe")
@@ -109,7 +109,7 @@ def _dominant(E: np.ndarray, lab: np.ndarray, sizes: np.ndarray, nclus: np.ndarr
 
 
 def _best_per_photo(s: np.ndarray, photo: np.ndarray) -> np.ndarray:
-    """``facecurate.clean_identity._best_per_photo`` of each row: no other face of the photo
+    """``facecurate.clean.clean_identity._best_per_photo`` of each row: no other face of the photo
     scores higher, or the same and comes first."""
     n = s.shape[1]
     earlier = np.arange(n)[None, :] < np.arange(n)[:, None]  # [i, j]: j before i
@@ -193,7 +193,7 @@ def analyse_stack(E: np.ndarray, photo: np.ndarray, p) -> dict:
 
 def analyse_rows(emb: np.ndarray, rows: np.ndarray, photo: np.ndarray, b: np.ndarray, p) -> dict:
     """``analyse_identity`` of the identities ``emb[rows[b[j]:b[j + 1]]]`` (``photo``:
-    of ``rows``) packed into arrays (as ``facecurate.clean_core._analyse_shard`` returns
+    of ``rows``) packed into arrays (as ``facecurate.clean.clean_core._analyse_shard`` returns
     them): stacks of equal size where ``analyse_stack`` applies, ``analyse_identity``
     for the others."""
     J, N, d = len(b) - 1, len(rows), emb.shape[1]

@@ -146,7 +146,7 @@ def _identity_shards(keys: list, groups: dict, workers: int, shard_faces: int | 
 
 def _analyse_shard(t: dict) -> dict:
     """Worker: analyse_identity for each identity of a shard, packed into arrays (small
-    identities stacked by size: facecurate.clean_batch, same bits)."""
+    identities stacked by size: facecurate.clean.clean_batch, same bits)."""
     return analyse_rows(t["E"].get(), t["rows"], t["photo"], t["bounds"], t["p"])
 
 
@@ -162,7 +162,7 @@ def _unpack(blk: dict, b: np.ndarray, which: list) -> dict:
 def _decide_shard(t: dict) -> dict:
     """Worker: decide_identity for each identity of a shard (the thresholds of all its
     faces at once, then decide_identity where duplicates or ambiguity can change them:
-    facecurate.clean_batch.decide_rows, same result)."""
+    facecurate.clean.clean_batch.decide_rows, same result)."""
     emb, rows, b, p = t["E"].get(), t["rows"], t["bounds"], t["p"]
     n = len(rows)
     pix, fs, off = t["pixel"], t["face_size"], t["offset"]
@@ -248,7 +248,7 @@ def limit_review(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanPa
     the keep threshold (the ones a person is most likely to rescue) keep their place; the
     rest is dropped (reason far_from_centre). Faces at or above ``keep`` are never
     kept by it, so the kept set does not depend on the budget. ``dec``/``rea``: decision and
-    reason codes (:mod:`facecurate.clean_params`), changed in place. Returns how many
+    reason codes (:mod:`facecurate.clean.clean_params`), changed in place. Returns how many
     reviews were resolved."""
     budget = int(np.floor(p.max_review * total))
     review = dec == REVIEW

@@ -224,7 +224,7 @@ def apply_thresholds(s: np.ndarray, subject: np.ndarray, cluster: np.ndarray, mi
     """Step 4 on code arrays (changed in place, from DROP / far_from_centre): keep and
     review bands of the subject faces, minority clusters, low quality, not the subject.
     ``cluster`` indexes ``minority`` (-1: in no cluster); shared by one identity and by
-    a shard of identities (:mod:`facecurate.clean_batch`)."""
+    a shard of identities (:mod:`facecurate.clean.clean_batch`)."""
     n = len(s)
     low = subject & (np.asarray(face_size) < p.min_face) if face_size is not None and p.min_face > 0 else \
         np.zeros(n, bool)

@@ -1,7 +1,7 @@
 """``facecurate clean DEST`` where DEST holds a packed dataset (``train.rec`` + ``.idx``)
 and the embedding store ``facecurate embed DEST/train.rec`` wrote beside it.
 
-The same core as for folders (:func:`facecurate.clean_core.clean_core`: robust centre,
+The same core as for folders (:func:`facecurate.clean.clean_core.clean_core`: robust centre,
 Chinese whispers, cohort corrections, duplicates, merge candidates, ``--exclude``,
 ``--calibrate``), fed differently at the edges:
 
