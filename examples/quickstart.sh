@@ -12,7 +12,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 if [ $# -ge 1 ]; then
     RAW=$1
 else
-    RAW=${FACECURATE_DATA:-$here/../../shared/data}/photos
+    shared=$(cd "$here/../.." && pwd)/shared/data  # the project's workspace: shared/ beside the checkout
+    RAW=${FACECURATE_DATA:-$shared}/photos
 fi
 OUT=${2:-out}
 if [ ! -d "$RAW" ]; then
