@@ -31,6 +31,7 @@ import numpy as np
 
 from facecurate.common.constants import EVAL_PICKS
 from facecurate.common.manifests import AlignRow
+from facecurate.common.provenance import library_versions
 from facecurate.models.zoo import resolve_runtime
 from facecurate.pack.pairs import PairsError, image_stem, parse_pairs
 from facecurate.align.align import AlignConfig, read_manifest, run_align
@@ -239,7 +240,10 @@ def _reason(rows: Sequence[AlignRow]) -> str:
 
 
 def default_work_dir(pairs_path, root, detector: str) -> Path:
-    key = f"{Path(pairs_path).resolve()}\0{Path(root).resolve()}\0{detector}"
+    """The cache of a pairs file, ROOT and detector under the installed library versions
+    (another OpenCV or dlib gets a new cache instead of a refused resume)."""
+    versions = "\0".join(f"{k}={v}" for k, v in sorted(library_versions(["onnxruntime"]).items()))
+    key = f"{Path(pairs_path).resolve()}\0{Path(root).resolve()}\0{detector}\0{versions}"
     h = hashlib.sha1(key.encode()).hexdigest()[:12]
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     try:
