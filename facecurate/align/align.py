@@ -49,7 +49,7 @@ from facecurate.common.constants import (
     WORK_DIR,
 )
 from facecurate.common.files import remove_stale_temps, write_bytes_atomic
-from facecurate.common.filetree import walk_tree
+from facecurate.common.filetree import inside, walk_tree
 from facecurate.common.geometry import align_face, template
 from facecurate.common.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
@@ -433,7 +433,7 @@ def check_paths(raw: str | os.PathLike, out: str | os.PathLike) -> None:
     raw_r, out_r = os.path.realpath(raw), os.path.realpath(out)
     if out_r == raw_r:
         raise AlignError(f"OUT is RAW itself ({out}): choose an OUT folder outside RAW")
-    if out_r.startswith(raw_r.rstrip(os.sep) + os.sep):
+    if inside(out_r, raw_r):
         raise AlignError(f"OUT ({out}) is inside RAW ({raw}): choose an OUT folder outside RAW")
 
 

@@ -26,10 +26,11 @@ from typing import Optional
 
 from facecurate.common.constants import NOT_REGULAR, STATUS_TOO_LARGE, STATUS_UNSUPPORTED
 
-__all__ = ["FileProblem", "TreeEntry", "special_kind", "read_regular", "inside", "link_problem", "walk_tree",
+__all__ = ["OPEN_FLAGS", "FileProblem", "TreeEntry", "special_kind", "read_regular", "inside", "link_problem", "walk_tree",
            "too_large"]
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+#: How an untrusted file is opened: never blocking on a FIFO, never becoming the terminal.
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 _KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
           (stat.S_ISBLK, "block device"))
 
@@ -69,7 +70,7 @@ def read_regular(path: str | os.PathLike, max_bytes: int, dir_fd: Optional[int] 
     to ``dir_fd`` when given). Raises :class:`FileProblem` for a special file or a
     larger one, OSError when it cannot be read (missing, permissions, a directory)."""
     _check(os.stat(path, dir_fd=dir_fd), max_bytes)  # a FIFO or device is never opened
-    fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)  # O_NONBLOCK: a FIFO swapped in now cannot block
+    fd = os.open(path, OPEN_FLAGS, dir_fd=dir_fd)  # O_NONBLOCK: a FIFO swapped in now cannot block
     try:
         st = os.fstat(fd)
         _check(st, max_bytes)

@@ -11,6 +11,7 @@ later stage warns when it reads an OUT made under other versions.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from importlib import metadata
 from typing import Iterable, Mapping, Optional
@@ -51,6 +52,7 @@ def _module_version(key: str) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)  # what is installed does not change under a running process
 def library_version(key: str) -> Optional[str]:
     """``"opencv-python-headless 5.1.0.95"``-style version of one library (the
     distribution's name and version), None when it is not installed."""

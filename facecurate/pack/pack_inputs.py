@@ -35,7 +35,7 @@ from facecurate.common.constants import (
     PACK_WRONG_SIZE,
     STATUS_TOO_LARGE,
 )
-from facecurate.common.filetree import FileProblem, link_problem, read_regular, special_kind
+from facecurate.common.filetree import OPEN_FLAGS, FileProblem, inside, link_problem, read_regular, special_kind
 from facecurate.common.manifests import AlignRow, CleanRow
 from facecurate.common.workspace import Workspace
 from facecurate.common.imageio import JPEG_EOI, JPEG_SOI, jpeg_complete, jpeg_sof, jpeg_size
@@ -113,9 +113,6 @@ class Good(NamedTuple):
     as_is: bool
 
 
-_O_RDONLY = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO cannot block the open
-
-
 def _load(identity: str, rel: str, path: str, size: int, resize: bool,
           quality: int, max_bytes: int = MAX_INPUT_BYTES) -> tuple[Optional[bytes], bool, Optional[InputError]]:
     """Read one crop and return (bytes to store, stored-as-is?, error)."""
@@ -170,11 +167,6 @@ def _bad_name(s: str) -> bool:
     return "\t" in s or "\n" in s or "\r" in s
 
 
-def _inside(path: str, folder: str) -> bool:
-    """Is real path ``path`` ``folder`` itself or inside it?"""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def check_dest(out: Path, dest: Path) -> None:
     """Refuse a DEST pack would write over its inputs with (PackError): OUT itself,
     a folder inside one of OUT's identity folders (or an identity folder itself),
@@ -182,7 +174,7 @@ def check_dest(out: Path, dest: Path) -> None:
     out_r, dest_r = os.path.realpath(out), os.path.realpath(dest)
     if dest_r == out_r:
         raise PackError(f"DEST is OUT itself ({dest}): choose a DEST folder outside OUT's identity folders")
-    if _inside(dest_r, out_r):
+    if inside(dest_r, out_r):
         rel = os.path.relpath(dest_r, out_r).split(os.sep)
         holds_crops = os.path.isdir(dest_r) and any(
             e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(dest_r))
@@ -194,9 +186,9 @@ def check_dest(out: Path, dest: Path) -> None:
         raw_r = os.path.realpath(raw)
         if dest_r == raw_r:
             raise PackError(f"DEST is RAW itself ({dest}, align's input): choose a DEST folder outside RAW")
-        if _inside(dest_r, raw_r):
+        if inside(dest_r, raw_r):
             raise PackError(f"DEST ({dest}) is inside RAW ({raw}, align's input): choose a DEST folder outside RAW")
-        if _inside(raw_r, dest_r):
+        if inside(raw_r, dest_r):
             raise PackError(f"DEST ({dest}) holds RAW ({raw}, align's input): choose a DEST folder outside RAW")
 
 
@@ -348,7 +340,7 @@ def _read_checked(cands: Sequence[Cand], dfd: Optional[int], good: list, errors:
     is (the fast path, inlined); anything else is classified by ``_load``."""
     for c in cands:
         try:
-            fd = os.open(c.name, _O_RDONLY, dir_fd=dfd)
+            fd = os.open(c.name, OPEN_FLAGS, dir_fd=dfd)
             try:
                 data = os.read(fd, 65536)
             finally:
@@ -382,7 +374,7 @@ def read_unit(unit, out: str, size: int, resize: bool, quality: int, check: Size
         # several crops (judged on this unit's folders so far), not for LFW's one or two.
         if _DIR_FD and files >= 4 * i:
             try:
-                dfd = os.open(out + os.sep + ident, _O_RDONLY | os.O_DIRECTORY)
+                dfd = os.open(out + os.sep + ident, OPEN_FLAGS | os.O_DIRECTORY)
             except OSError:
                 pass  # listing by path reports why
         try:
