@@ -134,7 +134,7 @@ def test_merge_candidates_exact_and_ivf_agree():
     assert [(a, b) for a, b, _ in exact] == [(7, 100), (1500, 2000)] or \
         sorted((a, b) for a, b, _ in exact) == [(7, 100), (1500, 2000)]
     assert sorted((a, b) for a, b, _ in ivf) == sorted((a, b) for a, b, _ in exact)
-    if sp._have_faiss():  # the faiss inverted file finds the same pairs
+    if sp.have_faiss():  # the faiss inverted file finds the same pairs
         ff = sp.similar_pairs(c, 0.9, exact_below=0, use_faiss=True)
         assert sorted((a, b) for a, b, _ in ff) == sorted((a, b) for a, b, _ in exact)
 
@@ -673,7 +673,7 @@ def test_array_thresholds_decide_as_decide_identity(seed):
     q, fs = rng.random(len(emb)), rng.uniform(10, 60, len(emb)).astype(np.float32)
     off = (0.01 * rng.standard_normal(len(emb))).astype(np.float32)
     for pixel in (None, lambda i, j: 1.0 if (i + j) % 2 else 0.5):
-        out = core._decide_shard(dict(E=type("E", (), {"get": lambda self: emb})(), rows=rows, bounds=b, block=blk,
+        out = core.decide_shard(dict(E=type("E", (), {"get": lambda self: emb})(), rows=rows, bounds=b, block=blk,
                                       quality=q, p=p, face_size=fs, offset=off, pixel=pixel, global_pixel=True))
         analyses = core._unpack(blk, b, list(range(len(b) - 1)))
         for j in range(len(b) - 1):

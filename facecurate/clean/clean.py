@@ -26,7 +26,8 @@ import numpy as np
 
 from facecurate.common import constants as C
 from facecurate.clean.clean_cohort import calibrate
-from facecurate.clean.clean_common import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
+from facecurate.clean.clean_common import (CropSimilarity, clean_summary, clean_versions, flag_counts, identity_row,
+                                          kept_medians)
 from facecurate.clean.clean_core import CoreResult, clean_core
 from facecurate.clean.clean_inputs import embed_images, exclusions, failed_keys, model_name, read_exclude, store_runtime
 from facecurate.clean.clean_params import R_MANUAL, R_NO_EMBEDDING, CleanParams, check_cosines, default_params
@@ -108,7 +109,8 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
               exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
               min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
               keep_manual: bool = True, show_progress: bool = True, runtime: str = "auto",
-              workers: int | None = None, shard_faces: int | None = None) -> dict:
+              workers: int | None = None, shard_faces: int | None = None, engine="local",
+              ray_address: str | None = None, part=None) -> dict:
     """Read OUT/align.csv and the embedding store; write clean.csv, identities.csv,
     merges.csv and clean.json. Returns the summary.
 
@@ -116,14 +118,20 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     the existing clean.csv) keeps it; the decision computed now is recorded in
     ``previous_decision``/``previous_reason``, as ``review apply`` does. ``workers``:
     processes for the per-identity work (default: all cores); the outputs depend
-    neither on it nor on ``shard_faces`` (see ``clean_core``)."""
+    neither on it nor on ``shard_faces`` (see ``clean_core``). ``engine`` (local or ray),
+    ``ray_address`` and ``part`` (K/N) run a packed dataset's clean sharded
+    (:mod:`facecurate.clean.staged`); a folder OUT is cleaned in this process."""
     out_dir = Path(out_dir)
     check_cosines(model_overrides or {})  # before anything is embedded
     if is_rec_dataset(out_dir):  # a packed dataset: identities are labels (facecurate.clean.clean_rec)
         return run_clean_rec(out_dir, model_overrides=model_overrides, calibrate_far=calibrate_far,
                              exclude=exclude, max_review=max_review, min_images=min_images, min_face=min_face,
                              ambiguous=ambiguous, keep_manual=keep_manual, show_progress=show_progress,
-                             workers=workers, shard_faces=shard_faces, runtime=runtime)
+                             workers=workers, shard_faces=shard_faces, runtime=runtime, engine=engine,
+                             ray_address=ray_address, part=part)
+    if part is not None or engine != "local":
+        raise ValueError(f"{out_dir}: --engine ray and --part are for a packed dataset (DEST with train.rec); "
+                         "a folder OUT is cleaned in one process (its --workers share the work)")
     ws = Workspace(out_dir)
     all_rows, rows = _read_align(ws)
     images_by_id = defaultdict(set)
@@ -150,8 +158,9 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     ws.write_clean(out)
     ws.write_identities(ident_rows)
     ws.write_merges(merge_rows)
-    summary = clean_summary(len(out), Counter(r.decision for r in out), Counter(r.reason for r in out), ident_rows,
-                            merge_rows, res, p, model, manual_kept, manual_lost)
+    summary = clean_summary(len(out), Counter(r.decision for r in out), Counter(r.reason for r in out),
+                            len(ident_rows), flag_counts(ident_rows), merge_rows, res.review_resolved, p, model,
+                            manual_kept, manual_lost)
     ws.write_clean_meta(dict(summary=summary, params=p.as_dict(), versions=clean_versions()))
     return summary
 

@@ -16,6 +16,70 @@ from facecurate.clean.similar import similar_pairs
 from facecurate.clean.vectors import BLAS_SMALL_PRODUCT, group_by_label
 
 
+@dataclasses.dataclass
+class CohortPlan:
+    """The dataset-wide part of the score offsets, from the identity centres alone (plus
+    a fixed sample of faces): what every block of faces needs to compute its own
+    offsets (:func:`face_offsets`), whether the faces are in this process or in shards
+    on other machines (facecurate.clean.staged)."""
+
+    partners: dict  # identity -> identities that look like the same person (not each other's cohort)
+    centres: np.ndarray | None  # the cohort: at most cohort_max centres (None: no face cohort)
+    pos: np.ndarray | None  # identity -> row of ``centres`` (-1: not in the cohort)
+    kk: int  # nearest centres averaged per face
+    per: np.ndarray | None  # (k,) float64: cohort_centre's correction per identity
+    dev: np.ndarray | None  # (k,) float64: spread's deviation per identity
+
+
+def plan_cohort(cen: np.ndarray, karr: np.ndarray, med: np.ndarray, p: CleanParams, n_faces: int,
+                sample_faces, *, pool: LocalPool | None = None) -> CohortPlan:
+    """The cohort's globals (see :func:`score_offsets`): merge partners, the cohort of
+    centres, the centres' crowding and the folders' spread. ``sample_faces(pick)``
+    returns (vectors, identities) of the faces ``pick`` (sorted indices into all
+    ``n_faces`` faces): the sample centre_crowding searches."""
+    partners: dict = defaultdict(list)
+    centres = pos = per = dev = None
+    kk = 0
+    if (p.cohort or p.cohort_centre or p.margin) and len(karr) > 5:
+        # identities that look like the same person (merge candidates) are not each other's cohort
+        for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
+            partners[int(karr[a])].append(int(karr[b]))
+            partners[int(karr[b])].append(int(karr[a]))
+        if p.cohort or p.margin:
+            centres, pos, kk = cohort_subset(cen[karr], karr, len(cen), 5)
+        if p.cohort_centre:
+            pick = crowding_sample(n_faces)
+            fe, fid = sample_faces(pick)
+            cc = crowding_of(cen[karr], karr, fe, fid, 20, partners=partners, pool=pool)
+            per = np.zeros(len(cen), np.float64)
+            per[karr] = cc - float(np.median(cc))
+    if p.spread and np.isfinite(med).any():
+        gm = float(np.nanmedian(med))
+        dev = np.where(np.isfinite(med), med - gm, 0.0)
+    return CohortPlan(partners, centres, pos, kk, per, dev)
+
+
+def face_offsets(identity: np.ndarray, co: np.ndarray | None, ref: float | None, plan: CohortPlan,
+                 p: CleanParams) -> np.ndarray:
+    """(n,) float64: the cohort, crowding and spread corrections of faces of
+    ``identity`` whose cohort means are ``co`` (``ref``: the median of the inliers'
+    means); element by element, so any block of faces gets the bits of the whole."""
+    off = np.zeros(len(identity), np.float64)
+    if p.cohort and co is not None:
+        off += p.cohort * (co - ref)
+    if plan.per is not None:
+        off += p.cohort_centre * plan.per[identity]
+    if plan.dev is not None:
+        off += p.spread * plan.dev[identity]
+    return off
+
+
+def cohort_median(co: np.ndarray, inl: np.ndarray) -> float:
+    """The cohort's reference: the median of the inliers' cohort means (all faces' when
+    there is no inlier)."""
+    return float(np.median(co[inl])) if inl.any() else float(np.median(co))
+
+
 def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, *,
                   pool: LocalPool | None = None, shared: SharedArray | None = None) -> tuple:
     """Per-face corrections of the centre similarity, all measured on the dataset itself,
@@ -44,29 +108,12 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
     """
     n = len(emb)
     karr = np.asarray(keys)
-    off = np.zeros(n, np.float64)
-    near = None
-    if (p.cohort or p.cohort_centre or p.margin) and len(karr) > 5:
-        # identities that look like the same person (merge candidates) are not each other's cohort
-        partners = defaultdict(list)
-        for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
-            partners[int(karr[a])].append(int(karr[b]))
-            partners[int(karr[b])].append(int(karr[a]))
-        if p.cohort or p.margin:
-            co, near = topk_other_mean(emb, identity, cen[karr], karr, 5, partners=partners, pool=pool,
-                                       shared=shared, nearest=True)
-        if p.cohort:
-            ref = float(np.median(co[inl])) if inl.any() else float(np.median(co))
-            off += p.cohort * (co - ref)
-        if p.cohort_centre:
-            cc = centre_crowding(cen[karr], karr, emb, identity, 20, partners=partners, pool=pool)
-            per = np.zeros(len(cen), np.float64)
-            per[karr] = cc - float(np.median(cc))
-            off += p.cohort_centre * per[identity]
-    if p.spread and np.isfinite(med).any():
-        gm = float(np.nanmedian(med))
-        dev = np.where(np.isfinite(med), med - gm, 0.0)
-        off += p.spread * dev[identity]
+    plan = plan_cohort(cen, karr, med, p, n, lambda pick: (emb[pick], identity[pick]), pool=pool)
+    co = near = ref = None
+    if plan.centres is not None:
+        co, near = cohort_means(emb, identity, plan, pool=pool, shared=shared)
+        ref = cohort_median(co, inl) if p.cohort else None
+    off = face_offsets(identity, co, ref, plan, p)
     if sharpness is not None:
         sh = np.asarray(sharpness, np.float64)
         low = np.isfinite(sh) & (sh > 0) & (sh < p.low_sharpness)
@@ -75,6 +122,35 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
             delta = float(np.clip(np.median(raw[inl & hi]) - np.median(raw[inl & low]), 0.0, 0.03))
             off -= delta * low
     return off.astype(np.float32), near
+
+
+def cohort_subset(centres: np.ndarray, ids: np.ndarray, size: int, k: int, cohort_max: int = 5000,
+                  seed: int = 0) -> tuple:
+    """(cohort centres, identity -> row of them or -1, k used): all ``centres`` (named
+    by ``ids``), or a fixed random sample of ``cohort_max`` of them. ``size``: one more
+    than the largest identity number."""
+    m = len(centres)
+    if m > cohort_max:
+        pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
+        centres, ids, m = centres[pick], ids[pick], cohort_max
+    pos = np.full(int(max(size, int(ids.max()) + 1)), -1, np.int64)
+    pos[ids] = np.arange(m)
+    return np.ascontiguousarray(centres), pos, max(1, min(k, m - 1))
+
+
+def cohort_means(q: np.ndarray, own: np.ndarray, plan: CohortPlan, block: int = 4096,
+                 pool: LocalPool | None = None, shared: SharedArray | None = None) -> tuple:
+    """(mean of the kk nearest cohort centres of other identities, the nearest one's
+    similarity) of each row of ``q`` (identities ``own``), in blocks of ``block`` rows."""
+    n = len(q)
+    t = dict(pos=plan.pos, kk=plan.kk, block=block, partners=plan.partners)
+    if pool is None or pool.workers == 1 or shared is None:
+        both = _topk_rows(dict(t, q=q, a=0, b=n, own=own, centres=plan.centres))
+    else:
+        cs = pool.share(plan.centres)
+        tasks = [dict(t, q=shared, a=a, b=b, own=own[a:b], centres=cs) for a, b in _chunks(n, block, pool)]
+        both = np.concatenate(list(pool.map(_topk_rows, tasks)))
+    return both[:, 0].copy(), both[:, 1].copy()
 
 
 def _chunks(n: int, block: int, pool: LocalPool | None) -> list:
@@ -93,22 +169,10 @@ def topk_other_mean(q: np.ndarray, own: np.ndarray, centres: np.ndarray, ids: np
     linear in the number of faces. ``partners`` (identity -> identities) are left out too.
     With a ``pool`` (``shared``: ``q`` shared with it) the blocks run on its workers.
     ``nearest``: return (the means, the similarity to the nearest such centre)."""
-    n, m = len(q), len(centres)
-    if m > cohort_max:
-        pick = np.sort(np.random.default_rng(seed).choice(m, size=cohort_max, replace=False))
-        centres, ids, m = centres[pick], ids[pick], cohort_max
-    pos = np.full(int(max(ids.max(), own.max())) + 1, -1, np.int64)
-    pos[ids] = np.arange(m)
-    kk = max(1, min(k, m - 1))
-    if pool is None or pool.workers == 1 or shared is None:
-        both = _topk_rows(dict(q=q, a=0, b=n, own=own, centres=centres, pos=pos, kk=kk, block=block,
-                               partners=partners))
-    else:
-        cs = pool.share(np.ascontiguousarray(centres))
-        tasks = [dict(q=shared, a=a, b=b, own=own[a:b], centres=cs, pos=pos, kk=kk, block=block,
-                      partners=partners) for a, b in _chunks(n, block, pool)]
-        both = np.concatenate(list(pool.map(_topk_rows, tasks)))
-    return (both[:, 0].copy(), both[:, 1].copy()) if nearest else both[:, 0].copy()
+    cs, pos, kk = cohort_subset(centres, ids, int(own.max()) + 1, k, cohort_max, seed)
+    plan = CohortPlan(partners or {}, cs, pos, kk, None, None)
+    co, near = cohort_means(q, own, plan, block, pool, shared)
+    return (co, near) if nearest else co
 
 
 def _sub_blocks(rows: int, m: int, d: int, sub: int = 512) -> list:
@@ -189,6 +253,11 @@ def _topk_desc(s: np.ndarray, kk: int, group: int = 100) -> np.ndarray:
     return vv[order][first[:, None] + np.arange(kk)]
 
 
+def crowding_sample(n: int, sample: int = 5000, seed: int = 0) -> np.ndarray:
+    """The faces centre_crowding searches: all ``n``, or a fixed random ``sample`` of them (sorted)."""
+    return np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+
+
 def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, identity: np.ndarray, k: int,
                     sample: int = 5000, seed: int = 0, block: int = 2048,
                     partners: dict | None = None, pool: LocalPool | None = None) -> np.ndarray:
@@ -198,10 +267,14 @@ def centre_crowding(centres: np.ndarray, ids: np.ndarray, emb: np.ndarray, ident
     space (many look-alikes) needs more evidence. The faces searched are a fixed
     random sample of at most ``sample`` (cost linear in the number of identities).
     With a ``pool`` the blocks of centres run on its workers."""
-    n = len(emb)
-    pick = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
-    fe, fid = emb[pick], identity[pick]
-    kk = max(1, min(k, len(pick) - 1))
+    pick = crowding_sample(len(emb), sample, seed)
+    return crowding_of(centres, ids, emb[pick], identity[pick], k, block, partners, pool)
+
+
+def crowding_of(centres: np.ndarray, ids: np.ndarray, fe: np.ndarray, fid: np.ndarray, k: int,
+                block: int = 2048, partners: dict | None = None, pool: LocalPool | None = None) -> np.ndarray:
+    """centre_crowding against the sampled faces ``fe`` (identities ``fid``)."""
+    kk = max(1, min(k, len(fe) - 1))
     t = dict(fe=fe, fid=fid, kk=kk, block=block, partners=partners)
     if pool is None or pool.workers == 1:
         return _crowding_rows(dict(t, centres=centres, ids=ids))

@@ -111,23 +111,32 @@ def identity_row(name: str, images: int, inf: dict | None, median: float) -> Ide
         median_score=median, flags=";".join(inf["flags"]))
 
 
-def clean_summary(faces: int, counts: Mapping[str, int], reasons: Mapping[str, int], ident_rows: list[IdentityRow],
-                  merge_rows: list[MergeRow], res: CoreResult, p: CleanParams, model: str, manual_kept: int,
-                  manual_lost: int) -> dict:
+def flag_counts(ident_rows: list[IdentityRow]) -> dict:
+    """How many identities.csv rows carry each flag clean.json counts."""
+    out = {f: 0 for f in (C.FLAG_AMBIGUOUS, C.FLAG_EXCLUDED, C.FLAG_LOST, C.FLAG_WEAK)}
+    for r in ident_rows:
+        for f in r.flag_list:
+            if f in out:
+                out[f] += 1
+    return out
+
+
+def clean_summary(faces: int, counts: Mapping[str, int], reasons: Mapping[str, int], identities: int,
+                  flags: Mapping[str, int], merge_rows: list[MergeRow], review_resolved: int, p: CleanParams,
+                  model: str, manual_kept: int, manual_lost: int) -> dict:
     """clean.json's summary (and run_clean's return value), for a folder or a .rec:
-    ``faces`` rows of clean.csv, ``counts`` of them by decision, ``reasons`` by reason."""
+    ``faces`` rows of clean.csv, ``counts`` of them by decision, ``reasons`` by reason,
+    ``identities`` rows of identities.csv and ``flags`` their counts (:func:`flag_counts`)."""
     return dict(
-        faces=faces, identities=len(ident_rows),
+        faces=faces, identities=identities,
         keep=counts.get(C.DECISION_KEEP, 0), drop=counts.get(C.DECISION_DROP, 0),
         review=counts.get(C.DECISION_REVIEW, 0),
         review_share=round(counts.get(C.DECISION_REVIEW, 0) / faces, 4) if faces else 0.0,
         manual_kept=manual_kept, manual_lost=manual_lost,
         reasons=dict(sorted(reasons.items())),
-        ambiguous=sum(1 for r in ident_rows if C.FLAG_AMBIGUOUS in r.flag_list),
-        excluded=sum(1 for r in ident_rows if C.FLAG_EXCLUDED in r.flag_list),
-        lost=sum(1 for r in ident_rows if C.FLAG_LOST in r.flag_list),
-        weak_majority=sum(1 for r in ident_rows if C.FLAG_WEAK in r.flag_list),
-        merge_candidates=len(merge_rows), review_resolved_by_budget=res.review_resolved,
+        ambiguous=flags.get(C.FLAG_AMBIGUOUS, 0), excluded=flags.get(C.FLAG_EXCLUDED, 0),
+        lost=flags.get(C.FLAG_LOST, 0), weak_majority=flags.get(C.FLAG_WEAK, 0),
+        merge_candidates=len(merge_rows), review_resolved_by_budget=review_resolved,
         model=model, thresholds={k: round(getattr(p, k), 4) for k in COSINE_THRESHOLDS},
         calibrated=bool(p.calibrated),
     )

@@ -92,7 +92,7 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                       pixel_sim.subset(rows), global_pixel=local or pool.workers == 1)
                  for (rows, b, _), blk in zip(shards, blocks)]
         # an arbitrary pixel_sim callable cannot travel to the workers: decide here then
-        decided = map(_decide_shard, tasks) if local else _largest_first(pool, _decide_shard, tasks)
+        decided = map(decide_shard, tasks) if local else _largest_first(pool, decide_shard, tasks)
         dec, rea = np.full(n, DROP, np.uint8), np.full(n, RC[R_FAR], np.uint8)
         score, dup_of = np.zeros(n, np.float32), np.full(n, -1, np.int64)
         for (rows, _, _), out in zip(shards, progress(decided, total=len(tasks), desc="clean", **bar)):
@@ -159,7 +159,7 @@ def _unpack(blk: dict, b: np.ndarray, which: list) -> dict:
                         float(blk["median"][j])) for j in which}
 
 
-def _decide_shard(t: dict) -> dict:
+def decide_shard(t: dict) -> dict:
     """Worker: decide_identity for each identity of a shard (the thresholds of all its
     faces at once, then decide_identity where duplicates or ambiguity can change them:
     facecurate.clean.clean_batch.decide_rows, same result)."""
@@ -189,27 +189,8 @@ def _finish_core(emb, identity, photo, p, dec, rea, score, cluster, dup_of, cent
     """The cross-identity tail: exclusion, too few photos, identities lost, occluded faces,
     the review budget, merges, counts."""
     n, (k, d) = len(emb), centres.shape
-    # exclusion against an evaluation set's vectors
-    if exclude_vecs is not None and len(exclude_vecs) and k:
-        # an identity overlaps the evaluation set when two of its faces match the centre,
-        # or one matches it clearly (one chance match among thousands of faces is likely)
-        best, hits = _match_counts(centres, normalize(exclude_vecs), p.exclude)
-        hit = (hits >= 2) | (best >= p.exclude + 0.015)
-        excluded |= set(np.nonzero(hit)[0].tolist())
-    if excluded:
-        m = np.isin(identity, sorted(excluded))
-        dec[m], rea[m] = DROP, RC[R_EXCLUDED]
-        for g in excluded:
-            if g < k:
-                info[g]["flags"].append(C.FLAG_EXCLUDED)
-    # too few photos
-    kept_by_id = np.bincount(identity[dec != DROP], minlength=k)
-    m = (dec != DROP) & (kept_by_id[identity] < p.min_images)
-    dec[m], rea[m] = DROP, RC[R_TOO_FEW]
-    for g in np.nonzero((kept_by_id > 0) & (kept_by_id < p.min_images))[0].tolist():
-        info[g]["flags"].append(C.FLAG_TOO_FEW)
-    flag_identities(identity, photo, dec, rea, score, p, info, excluded)
-    review_occluded(dec, rea, score, p, pixel_sim)
+    excluded |= excluded_by_vectors(centres, exclude_vecs, p)
+    finish_identities(identity, photo, dec, rea, score, p, info, excluded, pixel_sim)
     resolved = limit_review(dec, rea, score, p, n)
     fill_review(dec, rea, score, p, n)
     # centres of what is kept, for merges
@@ -235,11 +216,44 @@ def _finish_core(emb, identity, photo, p, dec, rea, score, cluster, dup_of, cent
                       dup_of, info, fin, merges, resolved)
 
 
+def excluded_by_vectors(centres: np.ndarray, exclude_vecs: np.ndarray | None, p: CleanParams) -> set:
+    """The identities an evaluation set's vectors exclude: two of its faces match the
+    centre, or one matches it clearly (one chance match among thousands of faces is likely)."""
+    if exclude_vecs is None or not len(exclude_vecs) or not len(centres):
+        return set()
+    best, hits = _match_counts(centres, normalize(exclude_vecs), p.exclude)
+    hit = (hits >= 2) | (best >= p.exclude + 0.015)
+    return set(np.nonzero(hit)[0].tolist())
+
+
+def finish_identities(identity: np.ndarray, photo: np.ndarray, dec: np.ndarray, rea: np.ndarray,
+                      score: np.ndarray, p: CleanParams, info: list, excluded: set, pixel_sim=None) -> None:
+    """The steps after the thresholds that look at one identity at a time (so a shard of
+    whole identities gets the result of the whole set): exclusion, too few photos,
+    identities lost, occluded faces. ``identity`` numbers index ``info``; ``dec``/``rea``
+    change in place."""
+    k = len(info)
+    if excluded:
+        m = np.isin(identity, sorted(excluded))
+        dec[m], rea[m] = DROP, RC[R_EXCLUDED]
+        for g in sorted(excluded):
+            if g < k:
+                info[g]["flags"].append(C.FLAG_EXCLUDED)
+    # too few photos
+    kept_by_id = np.bincount(identity[dec != DROP], minlength=k)
+    m = (dec != DROP) & (kept_by_id[identity] < p.min_images)
+    dec[m], rea[m] = DROP, RC[R_TOO_FEW]
+    for g in np.nonzero((kept_by_id > 0) & (kept_by_id < p.min_images))[0].tolist():
+        info[g]["flags"].append(C.FLAG_TOO_FEW)
+    flag_identities(identity, photo, dec, rea, score, p, info, excluded)
+    review_occluded(dec, rea, score, p, pixel_sim)
+
+
 #: review reasons the budget may resolve, in the order they keep their place: the best
 #: faces of lost / weak identities, then occluded faces, then the rest by score
 _PRIORITY = {RC[R_CANDIDATE]: 0, RC[R_OCCLUDED]: 1, RC[R_NEAR_OTHER]: 2, RC[R_BAND]: 2}
 #: the reasons of subject faces below drop (what the review steps may pick from)
-_BELOW_DROP = (RC[R_FAR], RC[R_MINORITY])
+BELOW_DROP = (RC[R_FAR], RC[R_MINORITY])
 
 
 def limit_review(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanParams, total: int) -> int:
@@ -269,7 +283,7 @@ def fill_review(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: CleanPar
     room = int(np.floor(p.max_review * total)) - int((dec == REVIEW).sum())
     if room <= 0 or p.near_drop <= 0:
         return 0
-    cand = np.flatnonzero((dec == DROP) & np.isin(rea, _BELOW_DROP) & (score >= p.drop - p.near_drop))
+    cand = np.flatnonzero((dec == DROP) & np.isin(rea, BELOW_DROP) & (score >= p.drop - p.near_drop))
     pick = cand[np.lexsort((cand, -score[cand]))][:room]
     dec[pick], rea[pick] = REVIEW, RC[R_BAND]
     return len(pick)
@@ -309,7 +323,7 @@ def flag_identities(identity: np.ndarray, photo: np.ndarray, dec: np.ndarray, re
         flagged.append(g)
     if not flagged or p.candidates <= 0:
         return
-    cand = np.flatnonzero(np.isin(identity, flagged) & (dec == DROP) & np.isin(rea, _BELOW_DROP + (RC[R_TOO_FEW],)))
+    cand = np.flatnonzero(np.isin(identity, flagged) & (dec == DROP) & np.isin(rea, BELOW_DROP + (RC[R_TOO_FEW],)))
     cand = cand[np.lexsort((cand, -score[cand], identity[cand]))]
     ids = identity[cand]
     rank = np.arange(len(cand)) - np.searchsorted(ids, ids)  # position within its identity
@@ -324,7 +338,7 @@ def review_occluded(dec: np.ndarray, rea: np.ndarray, score: np.ndarray, p: Clea
     of the band. Needs the crops (``pixel_sim.flat_share``)."""
     if pixel_sim is None or not hasattr(pixel_sim, "flat_share") or p.occlusion <= 0:
         return
-    below = (dec == DROP) & np.isin(rea, _BELOW_DROP) & (score >= p.drop - p.occlusion_range)
+    below = (dec == DROP) & np.isin(rea, BELOW_DROP) & (score >= p.drop - p.occlusion_range)
     cand = np.flatnonzero(below | ((dec == REVIEW) & (rea == RC[R_BAND])))
     hit = [i for i in cand.tolist() if pixel_sim.flat_share(i) >= p.occlusion]
     dec[hit], rea[hit] = REVIEW, RC[R_OCCLUDED]

@@ -27,18 +27,20 @@ from typing import Sequence
 import numpy as np
 
 from facecurate.common import constants as C
-from facecurate.clean.clean_common import CropSimilarity, clean_summary, clean_versions, identity_row, kept_medians
+from facecurate.clean.clean_common import clean_summary, clean_versions, flag_counts, identity_row, kept_medians
 from facecurate.clean.clean_cohort import calibrate
 from facecurate.clean.clean_core import clean_core
 from facecurate.clean.clean_inputs import exclusions, model_name, store_runtime
 from facecurate.clean.clean_params import default_params
 from facecurate.common.files import format_float
 from facecurate.common.manifests import IdentityRow, MergeRow
-from facecurate.common.recdata import (LABEL_RULE, KeyedRecords, image_label, int_label, read_label_names,
-                                       read_layout, rec_key, rec_paths)
-from facecurate.common.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
+from facecurate.common.recdata import LABEL_RULE, KeyedRecords, int_label, read_label_names, read_layout, rec_key, \
+    rec_paths
+from facecurate.common.recordio import RecordIOError, read_idx_arrays
 from facecurate.clean.vectors import normalize
 from facecurate.common.workspace import Workspace
+from facecurate.clean.rec_records import RecCropSimilarity, labels_of
+from facecurate.clean.staged import NotStageable, run_staged
 from facecurate.embed.embed import run_embed
 
 
@@ -70,29 +72,10 @@ def _store_keys(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(keys, np.int64), np.asarray(labels, np.int64)
 
 
-def _labels_of(rec_path: Path, keys: Sequence[int]) -> list[int]:
-    """Labels of a few records read from the .rec (the store's failed records)."""
-    if not keys:
-        return []
-    kr = KeyedRecords(rec_path)
-    out = []
-    try:
-        for k in keys:
-            try:
-                p = kr.payload(k)
-                lab = image_label(unpack_record(p)[0]) if p is not None else float("nan")
-            except RecordIOError:
-                lab = float("nan")
-            out.append(int_label(lab))
-    finally:
-        kr.close()
-    return out
-
-
-def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
-    """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
-    model, on ``runtime``) when the store is missing; a store that lacks records is
-    continued with its own settings and runtime."""
+def ensure_embedded(dest: Path, rec_path: Path, runtime: str = "auto") -> Workspace:
+    """DEST's workspace once its store holds every image record of the .rec: embedding
+    the .rec first (default model, on ``runtime``) when the store is missing; a store
+    that lacks records is continued with its own settings and runtime."""
     ws = Workspace(dest)
     if not ws.has(C.EMBEDDINGS_NPY):
         run_embed(rec_path, runtime=runtime)
@@ -101,18 +84,27 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
         if meta.get("input") == "rec" and int(meta.get("count", 0)) + len(meta.get("failed", [])) \
                 < _image_records(rec_path):  # the rec has records the store lacks: continue it
             run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=store_runtime(meta))
-    vecs = ws.store_vectors(mmap=True)
     meta = ws.store_meta()
     if meta.get("input") not in (None, "rec"):
         raise ValueError(f"{dest}: the embedding store was made from {meta.get('input')!r} input, not this .rec "
                          f"(run `facecurate embed {rec_path} --overwrite`)")
+    return ws
+
+
+def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
+    """(vectors memory-mapped, meta, RecFaces), embedding the .rec first (default
+    model, on ``runtime``) when the store is missing; a store that lacks records is
+    continued with its own settings and runtime."""
+    ws = ensure_embedded(dest, rec_path, runtime)
+    vecs = ws.store_vectors(mmap=True)
+    meta = ws.store_meta()
     keys, labels = _store_keys(ws)
     ws.check_store_rows(keys.size, len(vecs))
     failed = {rec_key(f.get("aligned", "")): f.get("reason", "") for f in meta.get("failed", [])
               if isinstance(f, dict) and rec_key(f.get("aligned", "")) is not None}
     fk = sorted(set(failed) - set(keys.tolist()))
     all_keys = np.concatenate([keys, np.asarray(fk, np.int64)])
-    all_labels = np.concatenate([labels, np.asarray(_labels_of(rec_path, fk), np.int64)])
+    all_labels = np.concatenate([labels, np.asarray(labels_of(rec_path, fk), np.int64)])
     rows = np.concatenate([np.arange(keys.size, dtype=np.int64), np.full(len(fk), -1, np.int64)])
     order = np.argsort(all_keys, kind="stable")
     return vecs, meta, RecFaces(all_keys[order], all_labels[order], rows[order], failed)
@@ -130,37 +122,6 @@ def _image_records(rec_path: Path) -> int:
     if not layout.has_header:
         return int(keys.size)
     return int(np.count_nonzero((keys >= 1) & (keys < layout.first)))
-
-
-class RecCropSimilarity(CropSimilarity):
-    """:class:`facecurate.clean.CropSimilarity` on record bytes: face i is the record at
-    ``offsets[i]`` of the .rec (read on first use, 32x32 grey, mean removed)."""
-
-    def __init__(self, rec_path: os.PathLike | str, offsets: Sequence[int]):
-        super().__init__([])
-        self.rec_path = str(rec_path)
-        self.offsets = [int(o) for o in offsets]
-        self._f = None
-
-    def __getstate__(self):  # for worker processes: no open file, no cache
-        return {"rec_path": self.rec_path, "offsets": self.offsets}
-
-    def __setstate__(self, st):
-        self.__init__(st["rec_path"], st["offsets"])
-
-    def subset(self, rows: Sequence[int]) -> "RecCropSimilarity":
-        return RecCropSimilarity(self.rec_path, [self.offsets[int(i)] for i in rows])
-
-    def grey(self, i: int):
-        import cv2
-
-        try:
-            if self._f is None:
-                self._f = open(self.rec_path, "rb")
-            img = unpack_record(read_record(self._f, self.offsets[i]).payload)[1]
-            return cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_GRAYSCALE) if img else None
-        except (RecordIOError, OSError):
-            return None
 
 
 # ----------------------------------------------------------------------------- run
@@ -187,17 +148,39 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
                   exclude: Sequence[str | os.PathLike] = (), max_review: float | None = None,
                   min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
                   keep_manual: bool = True, show_progress: bool = True, runtime: str = "auto",
+                  engine="local", ray_address: str | None = None, part=None, sharded: bool = True,
                   **core_kw) -> dict:
     """Clean the image records of ``dest/train.rec`` (see the module); returns the summary.
+    Without ``--calibrate`` it runs sharded (:mod:`facecurate.clean.staged`: bounded
+    memory, ``engine`` local or ray, ``part`` K/N) when the store's rows are in key order
+    with each label's records together (as embed writes them for a packed dataset);
+    ``sharded=False`` runs everything in this process (clean_core on all faces at once).
     ``runtime``: dlib's model on dlib or ONNX Runtime, for a store made here and for the
     faces of an ``--exclude`` .bin; ``core_kw``: clean_core's options (workers, shard_faces)."""
     dest = Path(dest)
     rec_path, _idx = rec_paths(dest)
-    vecs, meta, faces = ensure_store(dest, rec_path, runtime)
     label_names = read_label_names(rec_path) or {}
-    model = model_name(meta)
     ov = dict(model_overrides or {})
     ov.update(max_review=max_review, min_images=min_images, min_face=min_face, ambiguous=ambiguous)
+    if calibrate_far is None and sharded:  # the sharded run (facecurate.clean.staged), when the store's order allows it
+        ws = ensure_embedded(dest, rec_path, runtime)
+        meta = ws.store_meta()
+        model = model_name(meta)
+        try:
+            return run_staged(dest, rec_path, default_params(model, **ov), model, label_names,
+                              lambda names: exclusions(exclude, names, meta, runtime), engine=engine,
+                              workers=core_kw.get("workers"), ray_address=ray_address, part=part,
+                              shard_faces=core_kw.get("shard_faces"), show_progress=show_progress,
+                              previous_manual=_previous_manual(ws) if keep_manual else {})
+        except NotStageable:
+            if part is not None or engine != "local":
+                raise ValueError(f"{dest}: the store's rows are not in key order with each label's records "
+                                 "together, which the sharded clean (--engine ray, --part) needs; run "
+                                 "`facecurate embed DEST/train.rec --overwrite`, or clean it locally") from None
+    elif part is not None or engine != "local":
+        raise ValueError("--calibrate runs in one process: leave out --engine ray and --part")
+    vecs, meta, faces = ensure_store(dest, rec_path, runtime)
+    model = model_name(meta)
     p = default_params(model, **ov)
     have = np.flatnonzero((faces.rows >= 0) & (faces.labels >= 0))
     ulabs, identity = np.unique(faces.labels[have], return_inverse=True)
@@ -223,8 +206,8 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
     ws = Workspace(dest)
     ws.write_identities(ident_rows)
     ws.write_merges(merge_rows)
-    summary = dict(input="rec", **clean_summary(rows, counts, reasons, ident_rows, merge_rows, res, p, model,
-                                                *manual))
+    summary = dict(input="rec", **clean_summary(rows, counts, reasons, len(ident_rows), flag_counts(ident_rows),
+                                                merge_rows, res.review_resolved, p, model, *manual))
     ws.write_clean_meta(dict(summary=summary, params=p.as_dict(), versions=clean_versions()))
     return summary
 

@@ -24,14 +24,14 @@ def similar_pairs(vecs: np.ndarray, threshold: float, *, exact_below: int = 2000
         pairs = _pairs_exact(vecs, threshold)
     else:
         if use_faiss is None:
-            use_faiss = _have_faiss()
+            use_faiss = have_faiss()
         pairs = _pairs_ivf_faiss(vecs, threshold, seed) if use_faiss else \
             _pairs_ivf_numpy(vecs, threshold, seed, pool)
     pairs.sort(key=lambda t: (-round(t[2], 6), t[0], t[1]))
     return pairs
 
 
-def _have_faiss() -> bool:
+def have_faiss() -> bool:
     try:
         import faiss  # noqa: F401
     except ImportError:
@@ -154,3 +154,5 @@ def _pairs_ivf_faiss(vecs, thr, seed):
     a, b = np.minimum(q[ok], lab[ok]), np.maximum(q[ok], lab[ok])
     _, first = np.unique(a * n + b, return_index=True)
     return [(int(x), int(y), float(s)) for x, y, s in zip(a[first], b[first], dist[ok][first])]
+
+_have_faiss = have_faiss  # the name benchmarks/clean.py used

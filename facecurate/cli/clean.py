@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from facecurate.cli.engine_options import engine_options
 from facecurate.models.zoo import RUNTIMES
 from facecurate.clean.clean import default_params, run_clean
 from facecurate.common.files import emit_summary
@@ -62,9 +63,13 @@ def _show_defaults(ctx: click.Context, _param, value: bool) -> None:
                    "store is continued on its own runtime.")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Processes for the per-identity work (default: all cores); the outputs do not depend on it.")
+@click.option("--shard-faces", type=click.IntRange(1000), default=None, metavar="N",
+              help="A packed dataset's sharded clean: faces per shard of whole identities (default "
+                   "200000); the outputs do not depend on it.")
+@engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images, min_face, ambiguous,
-          discard_manual, runtime, workers, as_json):
+          discard_manual, runtime, workers, shard_faces, engine, ray_address, part, as_json):
     """Decide keep / drop / review for every face in OUT/align.csv, or for every
     image record when OUT holds a packed dataset (train.rec + .idx, no align.csv;
     identities = labels, named from labels.csv beside it; one face per record).
@@ -76,6 +81,12 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
     Thresholds default per embedding model (dlib 128-D, ArcFace 512-D) or come from
     --calibrate. Embeddings are computed with the default model when missing.
 
+    A packed dataset is cleaned in shards of whole identities, in bounded memory (a
+    WebFace42M-sized store on one machine), on local processes or a Ray cluster
+    (--engine ray), or as a job array (--part K/N: each part runs its shards of every
+    step it can; a run without --part finishes and writes the outputs). Interrupted
+    runs continue; the outputs are the same for any engine, workers, shard size or parts.
+
     \b
     Writes OUT/clean.csv      one row per crop: decision, reason, score, cluster
            OUT/identities.csv per identity: counts, estimated noise, flags
@@ -86,14 +97,19 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
         raise click.BadParameter("FAR must be between 0 and 1", param_hint="--calibrate")
 
     try:
-        with run_lock(out, "clean"):
+        with run_lock(out, "clean", part):
             summary = run_clean(out, model_overrides=dict(keep=keep, drop=drop, cw=cw, dup=dup, merge=merge),
                                 calibrate_far=far, exclude=exclude, max_review=max_review,
                                 min_images=min_images, min_face=min_face, ambiguous=ambiguous,
-                                keep_manual=not discard_manual, runtime=runtime, workers=workers)
+                                keep_manual=not discard_manual, runtime=runtime, workers=workers,
+                                shard_faces=shard_faces, engine=engine, ray_address=ray_address, part=part)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
-    emit_summary(f"clean: {summary['faces']} faces in {summary['identities']} identities", summary, as_json)
+    if summary.get("complete") is False:
+        head = f"clean part {part[0]}/{part[1]}: {summary['note']}" if part else f"clean: {summary['note']}"
+    else:
+        head = f"clean: {summary['faces']} faces in {summary['identities']} identities"
+    emit_summary(head, summary, as_json)
 
 
 COMMANDS = [clean]

@@ -442,15 +442,12 @@ def read_idx_arrays(path: Union[str, os.PathLike]):
     return vals[:, 0].copy(), vals[:, 1].copy()
 
 
-def read_idx_keys(path: Union[str, os.PathLike], wanted, chunk: int = 1 << 22):
-    """(keys, offsets) of the .idx lines whose key is in ``wanted`` (an int array),
-    in file order, reading the file ``chunk`` bytes at a time: memory bounded by the
-    chunk and the answer, whatever the size of the .idx. A chunk that does not parse
+def iter_idx(path: Union[str, os.PathLike], chunk: int = 1 << 22):
+    """(keys, offsets) of a .idx, ``chunk`` bytes of it at a time, in file order: memory
+    bounded by the chunk, whatever the size of the .idx. A chunk that does not parse
     goes through :func:`read_idx_arrays`'s checks (which name the bad line)."""
     import numpy as np
 
-    wanted = np.unique(np.asarray(wanted, np.int64))
-    keys, offs = [], []
     rest = b""
     with open(path, "rb") as f:
         while True:
@@ -465,15 +462,26 @@ def read_idx_keys(path: Union[str, os.PathLike], wanted, chunk: int = 1 << 22):
                 except ValueError:
                     vals = None
                 if vals is None or vals.size % 2:
-                    k, o = read_idx_arrays(path)  # raises RecordIOError naming the line
-                    m = np.isin(k, wanted)
-                    return k[m], o[m]
+                    read_idx_arrays(path)  # raises RecordIOError naming the line
+                    raise RecordIOError(f"{path}: a line that is not 'key offset'")
                 vals = vals.reshape(-1, 2)
-                m = np.isin(vals[:, 0], wanted)
-                keys.append(vals[m, 0])
-                offs.append(vals[m, 1])
+                yield vals[:, 0].copy(), vals[:, 1].copy()
             if not block:
                 break
+
+
+def read_idx_keys(path: Union[str, os.PathLike], wanted, chunk: int = 1 << 22):
+    """(keys, offsets) of the .idx lines whose key is in ``wanted`` (an int array),
+    in file order, reading the file ``chunk`` bytes at a time (:func:`iter_idx`):
+    memory bounded by the chunk and the answer, whatever the size of the .idx."""
+    import numpy as np
+
+    wanted = np.unique(np.asarray(wanted, np.int64))
+    keys, offs = [], []
+    for k, o in iter_idx(path, chunk):
+        m = np.isin(k, wanted)
+        keys.append(k[m])
+        offs.append(o[m])
     if not keys:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(keys), np.concatenate(offs)
