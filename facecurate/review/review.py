@@ -410,7 +410,8 @@ figure img,.noimg{width:112px;height:112px;display:block;background:#ddd}
 .card.drop{border-color:#c62828;background:#ffebee}
 .card.drop img{opacity:.45}
 .reason{color:#555}.reason.first{color:#bf360c;font-weight:600}
-.flag{font-size:11px;font-weight:600;color:#fff;background:#bf360c;border-radius:3px;padding:0 4px}.src{font-size:11px;color:#1565c0}.cl{font-size:11px;color:#6a1b9a}
+.flag{font-size:11px;font-weight:600;color:#fff;background:#bf360c;border-radius:3px;padding:0 4px}
+.src{font-size:11px;color:#1565c0}.cl{font-size:11px;color:#6a1b9a}
 .btns{display:flex;gap:3px;margin-top:3px}
 .btns button{flex:1;font:inherit;padding:2px 0;border:1px solid #999;border-radius:3px;background:#fff;cursor:pointer}
 .card.keep button.keep{background:#2e7d32;color:#fff;border-color:#2e7d32}
