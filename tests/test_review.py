@@ -25,7 +25,8 @@ from click.testing import CliRunner
 from facecurate.common import constants as C
 from facecurate.cli.review import review as review_cli
 from facecurate.common.files import format_float, read_csv, write_csv_atomic
-from facecurate.common.manifests import CleanRow
+from facecurate.common.manifests import CleanRow, IdentityRow
+from facecurate.common.workspace import Workspace
 from facecurate.review.review import apply_decisions, build_sections, write_review
 
 IDENTITIES = ("id00", "id01", "id02", "id03")
@@ -93,7 +94,8 @@ def test_sheet_holds_every_review_face_with_its_real_crop(run_dir, photos_dir):
     assert list(table[0]) == list(C.REVIEW_COLUMNS)
     assert sorted(r["aligned"] for r in table) == sorted(r["aligned"] for r in want)
     assert all(r["decision"] == "" for r in table)
-    assert [r["identity"] for r in table] == sorted(r["identity"] for r in table)  # grouped per identity
+    ids = [r["identity"] for r in table]
+    assert len({i for i, j in zip(ids, ids[1:]) if i != j}) == len(set(ids)) - 1  # grouped per identity
 
     page = (run_dir / C.REVIEW_HTML).read_text(encoding="utf-8")
     # self-contained: no external resources at all
@@ -124,13 +126,108 @@ def test_sheet_holds_every_review_face_with_its_real_crop(run_dir, photos_dir):
     assert ((run_dir / C.REVIEW_HTML).read_bytes(), (run_dir / C.REVIEW_CSV).read_bytes()) == first
 
 
-def test_review_faces_grouped_by_cluster_then_score():
-    rows = [dict(identity="a", aligned=f"a/{i}.jpg", decision="review", score=str(sc), cluster=str(cl))
-            for i, (sc, cl) in enumerate([(0.5, 1), (0.7, 0), (0.9, 1), (0.6, 0), (0.8, -1), (0.4, "")])]
-    rows.append(dict(identity="a", aligned="a/k.jpg", decision="keep", score="0.95", cluster="0"))
-    (sec,) = build_sections([CleanRow.from_csv(r) for r in rows], references=2)
-    assert [r.aligned for r in sec.review] == ["a/1.jpg", "a/3.jpg", "a/2.jpg", "a/0.jpg", "a/4.jpg", "a/5.jpg"]
-    assert [r.aligned for r in sec.references] == ["a/k.jpg"] and sec.kept == 1
+def test_review_faces_and_identities_in_the_budgets_priority():
+    """clean's budget order, not the cluster: identity candidates, occluded faces, then the
+    rest by score; identities flagged lost, then weak_majority, then by their first face."""
+    def face(ident, i, reason, score, cluster=0, decision="review"):
+        return dict(identity=ident, aligned=f"{ident}/{i}.jpg", decision=decision, reason=reason,
+                    score=str(score), cluster=str(cluster))
+    rows = [face("a", 0, "uncertain", 0.5, 1), face("a", 1, "uncertain", 0.7), face("a", 2, "occluded", 0.3, 1),
+            face("a", 3, "near_other_identity", 0.99), face("a", 4, "identity_candidate", 0.2, -1),
+            face("a", 5, "identity_candidate", 0.25, 2), face("a", 6, "uncertain", "nan"),
+            face("a", 7, "ambiguous_identity", 0.8), face("a", "k", "centre", 0.95, decision="keep")]
+    rows += [face("b", 0, "uncertain", 0.95), face("c", 0, "uncertain", 0.6), face("c", 1, "identity_candidate", 0.1),
+             face("d", 0, "occluded", 0.2), face("d", 1, "uncertain", 0.97), face("e", 0, "uncertain", 0.4),
+             face("f", 0, "uncertain", 0.9), face("g", 0, "uncertain", 0.9), face("h", 0, "identity_candidate", 0.3)]
+    flags = {"c": "weak_majority", "e": "lost", "g": "lost"}
+    secs = build_sections([CleanRow.from_csv(r) for r in rows], references=2, flags=flags)
+    a = next(s for s in secs if s.identity == "a")
+    assert [r.aligned.split("/")[1] for r in a.review] == ["5.jpg", "4.jpg", "2.jpg", "3.jpg", "7.jpg", "1.jpg",
+                                                         "0.jpg", "6.jpg"]
+    assert [r.aligned for r in a.references] == ["a/k.jpg"] and a.kept == 1
+    # lost (by first face), weak_majority, then the rest: candidates, occluded, the band by score
+    assert [s.identity for s in secs] == ["g", "e", "c", "h", "a", "d", "b", "f"]
+    assert [s.flag for s in secs] == ["lost", "lost", "weak_majority", "", "", "", "", ""]
+    assert [s.identity for s in build_sections([CleanRow.from_csv(r) for r in rows])] == \
+        ["h", "a", "c", "d", "b", "f", "g", "e"]  # without identities.csv: the faces' reasons alone
+
+
+def _assert_budget_order(table: list[dict], flags: dict[str, str]) -> None:
+    """review.csv rows in clean's budget order: identities whole, lost before weak_majority
+    before the rest, faces by reason rank then score (highest first)."""
+    rank = C.REVIEW_PRIORITY
+    key = [(rank.get(r["reason"], rank["uncertain"]), -float(r["score"])) for r in table]
+    ids = [r["identity"] for r in table]
+    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    assert len(starts) == len(set(ids))  # each identity in one block
+    tiers = [C.AT_RISK_FLAGS.index(flags[ids[i]]) if ids[i] in flags else 2 for i in starts]
+    assert tiers == sorted(tiers)
+    for t in set(tiers):  # within a tier: by the identity's first face
+        firsts = [key[i] for i, ti in zip(starts, tiers) if ti == t]
+        assert firsts == sorted(firsts)
+    for b, e in zip(starts, starts[1:] + [len(ids)]):
+        assert key[b:e] == sorted(key[b:e])
+
+
+def test_page_and_csv_follow_clean_budget_on_a_real_run(aligned, tmp_path):
+    """The real embed + clean on the real crops, with a band so high that identities keep
+    nothing or little (flagged lost / weak_majority, their best faces identity
+    candidates): review.csv and the page put those first, as clean's budget does."""
+    from facecurate.clean.clean import run_clean
+
+    out = tmp_path / "out"
+    shutil.copytree(aligned, out, symlinks=True)
+    run_clean(out, show_progress=False, workers=1, max_review=1.0, model_overrides=dict(keep=0.992, drop=0.98))
+    flags = {r.identity: f for r in Workspace(out).identities() for f in C.AT_RISK_FLAGS if f in r.flag_list}
+    clean = read_csv(out / C.CLEAN_CSV)
+    cand = [r for r in clean if r["reason"] == "identity_candidate"]
+    # the run is one the old order (by name, then cluster and score) got wrong
+    assert flags and cand and set(flags) != set(sorted({r["identity"] for r in _review_rows(out)})[:len(flags)])
+    assert any(float(r["score"]) > float(c["score"]) for c in cand for r in _review_rows(out)
+               if r["identity"] == c["identity"] and r["reason"] == "uncertain")
+    s = write_review(out)
+    table = read_csv(out / C.REVIEW_CSV)
+    assert sorted(r["aligned"] for r in table) == sorted(r["aligned"] for r in _review_rows(out))
+    _assert_budget_order(table, flags)
+    assert table[0]["identity"] in flags and table[0]["reason"] == "identity_candidate"
+    assert s["at_risk"] == len(flags) and s["identities_note"] == ""
+    page = (out / C.REVIEW_HTML).read_text(encoding="utf-8")
+    assert re.findall(r'<figure class="card"[^>]*data-aligned="([^"]+)"', page) == [r["aligned"] for r in table]
+    heads = re.findall(r'<section id="s\d+" data-identity="([^"]+)"><h2>[^<]*(<span class="flag"[^>]*>([^<]*))?',
+                       page)
+    assert [(i, f) for i, _, f in heads] == [(i, flags.get(i, "")) for i in dict.fromkeys(r["identity"] for r in table)]
+
+
+def test_page_marks_occluded_faces_and_flagged_identities(run_dir):
+    """Real crops, reasons and flags written by hand: a weak_majority and a lost identity
+    come first (lost first), an occluded face is marked and ahead of the band, whatever
+    its score; without identities.csv the page says so and orders by the faces alone."""
+    rows = read_csv(run_dir / C.CLEAN_CSV)
+    band = {i: [r for r in rows if r["identity"] == i and r["decision"] == "review"] for i in IDENTITIES}
+    band["id01"][-1]["reason"] = "occluded"  # its lowest-scoring review face
+    band["id02"][-1]["reason"] = "identity_candidate"
+    write_csv_atomic(run_dir / C.CLEAN_CSV, C.CLEAN_COLUMNS, rows)
+    res = CliRunner().invoke(review_cli, [str(run_dir), "--page-size", "1"])
+    assert res.exit_code == 0 and "warning: identities.csv not found" in res.stderr
+    order = [r["identity"] for r in read_csv(run_dir / C.REVIEW_CSV)]
+    assert list(dict.fromkeys(order)) == ["id02", "id01", "id00", "id03"]
+    Workspace(run_dir).write_identities([IdentityRow(identity="id03", flags="merge_candidate;weak_majority"),
+                                         IdentityRow(identity="id00", flags="lost"), IdentityRow(identity="id01")])
+    s = write_review(run_dir, page_size=1)
+    table = read_csv(run_dir / C.REVIEW_CSV)
+    assert list(dict.fromkeys(r["identity"] for r in table)) == ["id00", "id03", "id02", "id01"]
+    _assert_budget_order(table, {"id00": "lost", "id03": "weak_majority"})
+    id01 = [r for r in table if r["identity"] == "id01"]
+    assert id01[0]["aligned"] == band["id01"][-1]["aligned"] and float(id01[0]["score"]) < float(id01[1]["score"])
+    # page 1 holds the most valuable identity, marked as the report marks it
+    first = (run_dir / C.REVIEW_HTML).read_text(encoding="utf-8")
+    assert s["at_risk"] == 2 and s["identities_note"] == ""
+    assert re.search(r'data-identity="id00"><h2>id00 <span class="flag" title="[^"]+">lost</span>', first)
+    assert '<span class="flag"' in first.split("<nav>")[1].split("</nav>")[0]
+    pages = [(run_dir / f"review-{k}.html").read_text(encoding="utf-8") for k in range(2, s["pages"] + 1)]
+    page = next(p for p in pages if 'data-identity="id01"' in p)
+    assert page.count('<span class="reason first"') == 1 and "&#9650; occluded</span>" in page
+    assert '<span class="reason">uncertain</span>' in page
 
 
 def test_missing_crop_becomes_a_placeholder_not_a_crash(run_dir):

@@ -250,8 +250,9 @@ def finish_identities(identity: np.ndarray, photo: np.ndarray, dec: np.ndarray, 
 
 
 #: review reasons the budget may resolve, in the order they keep their place: the best
-#: faces of lost / weak identities, then occluded faces, then the rest by score
-_PRIORITY = {RC[R_CANDIDATE]: 0, RC[R_OCCLUDED]: 1, RC[R_NEAR_OTHER]: 2, RC[R_BAND]: 2}
+#: faces of lost / weak identities, then occluded faces, then the rest by score (the
+#: review page's order too: constants.REVIEW_PRIORITY)
+_PRIORITY = {RC[r]: rank for r, rank in C.REVIEW_PRIORITY.items()}
 #: the reasons of subject faces below drop (what the review steps may pick from)
 BELOW_DROP = (RC[R_FAR], RC[R_MINORITY])
 

@@ -86,6 +86,8 @@ def sheet(out, references, page_size, as_json):
     if summary["missing_crops"]:
         say(f"warning: {summary['missing_crops']} crop file(s) missing, shown as placeholders "
             f"(e.g. {', '.join(summary['missing_examples'])})", err=True)
+    if summary["identities_note"]:
+        say(f"warning: {summary['identities_note']}", err=True)
     emit_summary(f"review: {summary['review_faces']} faces to review in {summary['identities']} identities",
                  summary, as_json)
 

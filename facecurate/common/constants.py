@@ -266,6 +266,10 @@ REASON_NEAR_OTHER = "near_other_identity"
 REASON_CANDIDATE = "identity_candidate"
 #: review: below drop, but part of the face is covered (flat patches); ahead of the band
 REASON_OCCLUDED = "occluded"
+#: The order review work is done in, by reason (lower first): clean's review budget keeps
+#: its faces in this order (then by score, highest first) and the review page shows them
+#: in it. A review reason not named here ranks with the band (REASON_UNCERTAIN).
+REVIEW_PRIORITY = {REASON_CANDIDATE: 0, REASON_OCCLUDED: 1, REASON_NEAR_OTHER: 2, REASON_UNCERTAIN: 2}
 #: clean's occlusion signal: an aligned crop (resized to OCCLUSION_SIDE) is cut into
 #: OCCLUSION_GRID x OCCLUSION_GRID cells; the cells of rows OCCLUSION_ROWS and columns
 #: OCCLUSION_COLS cover the face of the ArcFace template, and a cell whose grey values
@@ -288,6 +292,9 @@ FLAG_TOO_FEW = "too_few"  # fewer kept photos than --min-images
 FLAG_MERGE_CANDIDATE = "merge_candidate"  # in merges.csv
 FLAG_LOST = "lost"  # photos with a face (CleanParams.lost_photos or more), nothing kept
 FLAG_WEAK = "weak_majority"  # kept photos fewer than CleanParams.weak_share of its photos with a face
+#: identities.csv flags of identities clean kept nothing, or little, of: the report lists
+#: them at the top and the review page shows them first, in this order
+AT_RISK_FLAGS = (FLAG_LOST, FLAG_WEAK)
 #: clean's merge candidates, merges.csv: two identities that look like one person
 MERGE_COLUMNS = ("a", "b", "similarity")
 #: review.csv and the HTML page's export: a person fills in `decision` (keep/drop).

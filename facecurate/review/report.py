@@ -137,7 +137,7 @@ def noisiest(clean: Sequence[CleanRow], idents: Sequence[IdentityRow], top: int)
 
 
 #: identities.csv flags the report lists first: clean kept nothing, or little, of them
-AT_RISK_FLAGS = (C.FLAG_LOST, C.FLAG_WEAK)
+AT_RISK_FLAGS = C.AT_RISK_FLAGS
 
 
 def at_risk(clean: Sequence[CleanRow], idents: Sequence[IdentityRow]) -> list[dict]:

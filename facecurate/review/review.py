@@ -20,12 +20,12 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from facecurate.common import constants as C
 from facecurate.common.files import UNSAFE_CHARS, format_float, shown, shown_html, unsheet_cell, write_text_atomic
-from facecurate.common.manifests import CleanRow, ReviewRow
-from facecurate.common.workspace import Workspace
+from facecurate.common.manifests import CleanRow, IdentityRow, ReviewRow
+from facecurate.common.workspace import ManifestError, MissingFile, Workspace
 from facecurate.common.constants import IDX_NAME
 from facecurate.common.imageio import image_kind
 from facecurate.common.recdata import KeyedRecords, rec_key
@@ -66,8 +66,28 @@ def _score_key(r: CleanRow) -> tuple:
     return (0 if s == s else 1, -s if s == s else 0.0, r.aligned)
 
 
+def review_key(r: CleanRow) -> tuple:
+    """Order of review faces, clean's budget's: identity candidates, then occluded faces,
+    then the rest (look-alikes, the band and reasons REVIEW_PRIORITY does not name), each
+    by score, highest first."""
+    return (C.REVIEW_PRIORITY.get(r.reason, C.REVIEW_PRIORITY[C.REASON_UNCERTAIN]), *_score_key(r))
+
+
+def at_risk_flags(out_dir: str | Path) -> tuple[dict[str, str], str]:
+    """{identity: its first flag of constants.AT_RISK_FLAGS} from OUT/identities.csv, and
+    a note ('' when read; none flagged when it is missing or unreadable)."""
+    try:
+        _, rows = Workspace(out_dir).stream_table(C.IDENTITIES_CSV, IdentityRow, ("identity",), C.SHEET_COLUMNS)
+        return {r.identity: f for r in rows()
+                if (f := next((x for x in C.AT_RISK_FLAGS if x in r.flag_list), ""))}, ""
+    except MissingFile:
+        return {}, f"{C.IDENTITIES_CSV} not found: no identity shown as lost or weak_majority"
+    except (OSError, ManifestError) as e:
+        return {}, f"{C.IDENTITIES_CSV} unreadable, no identity shown as lost or weak_majority: {e}"
+
+
 def _cluster(r: CleanRow) -> int:
-    """Chinese-whispers cluster for ordering: dominant (0) first, none (-1) last."""
+    """Chinese-whispers cluster for a card's mark: dominant (0), none (1 << 30)."""
     c = r.cluster
     return c if c is not None and c >= 0 else 1 << 30
 
@@ -122,17 +142,26 @@ class Section:
     review: list[CleanRow] = field(default_factory=list)
     kept: int = 0
     dropped: int = 0
+    flag: str = ""  # lost / weak_majority (identities.csv), else ""
+
+    def key(self) -> tuple:
+        """Page order: lost identities, then weak_majority ones, then the rest; in each,
+        by the section's first review face (:func:`review_key`), then by name."""
+        tier = C.AT_RISK_FLAGS.index(self.flag) if self.flag in C.AT_RISK_FLAGS else len(C.AT_RISK_FLAGS)
+        return (tier,
+                review_key(self.review[0]) if self.review else (), self.identity)
 
 
-def build_sections(rows: Sequence[CleanRow], references: int = DEFAULT_REFERENCES) -> list[Section]:
-    """One section per identity that has review faces, in identity order; review
-    faces by cluster (dominant first) then descending score, references the
-    ``references`` highest-scoring kept faces."""
-    return stream_sections(lambda: iter(rows), references)[0]
+def build_sections(rows: Sequence[CleanRow], references: int = DEFAULT_REFERENCES,
+                   flags: Mapping[str, str] | None = None) -> list[Section]:
+    """One section per identity that has review faces, in the order of clean's review
+    budget (:meth:`Section.key`; ``flags``: :func:`at_risk_flags`); review faces by
+    :func:`review_key`, references the ``references`` highest-scoring kept faces."""
+    return stream_sections(lambda: iter(rows), references, flags)[0]
 
 
-def stream_sections(rows: Callable[[], Iterable[CleanRow]], references: int = DEFAULT_REFERENCES
-                    ) -> tuple[list[Section], int]:
+def stream_sections(rows: Callable[[], Iterable[CleanRow]], references: int = DEFAULT_REFERENCES,
+                    flags: Mapping[str, str] | None = None) -> tuple[list[Section], int]:
     """:func:`build_sections` over rows read twice from ``rows()`` (e.g. streamed from
     clean.csv), holding only what the sheet shows: the review faces, and for their
     identities the counts and the ``references`` best kept faces. Returns (sections,
@@ -160,13 +189,11 @@ def stream_sections(rows: Callable[[], Iterable[CleanRow]], references: int = DE
                 del best[refs:]
         elif d == C.DECISION_DROP:
             s.dropped += 1
-    sections = []
-    for ident in sorted(by_id):
-        s = by_id[ident]
-        s.review.sort(key=lambda r: (_cluster(r), *_score_key(r)))  # one person's faces side by side
+    for ident, s in by_id.items():
+        s.review.sort(key=review_key)
         s.references = sorted(kept.get(ident, []), key=_score_key)[:refs]
-        sections.append(s)
-    return sections, n
+        s.flag = (flags or {}).get(ident, "")
+    return sorted(by_id.values(), key=Section.key), n
 
 
 def review_table(sections: Sequence[Section]) -> list[ReviewRow]:
@@ -206,7 +233,8 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
     ``review``. Returns a summary."""
     out_dir = Path(out_dir)
     ws = Workspace(out_dir)
-    sections, n_rows = stream_sections(clean_rows(out_dir), references)
+    flags, flags_note = at_risk_flags(out_dir)
+    sections, n_rows = stream_sections(clean_rows(out_dir), references, flags)
     table = review_table(sections)
     missing: list[str] = []
     pages = paginate(sections, page_size)
@@ -230,6 +258,7 @@ def write_review(out_dir: str | Path, *, references: int = DEFAULT_REFERENCES, p
         reasons[r.reason] += 1
     return dict(
         review_faces=len(table), identities=len(sections),
+        at_risk=sum(1 for s in sections if s.flag), identities_note=flags_note,
         faces=n_rows, reasons=dict(sorted(reasons.items())),
         missing_crops=len(missing), missing_examples=missing[:5],
         html=str(out_dir / names[0]), pages=len(pages), csv=str(out_dir / csv_name),
@@ -251,6 +280,24 @@ def _esc(s) -> str:
 #: ``s`` as text a person reads: escaped for HTML, and control and bidirectional
 #: characters shown as escapes, so no name displays reversed or split.
 _show = shown_html
+
+
+#: Why a card's reason is marked: the review reasons clean puts ahead of the band.
+REASON_HELP = {C.REASON_CANDIDATE: "one of the best faces of an identity clean kept nothing or little of: first",
+               C.REASON_OCCLUDED: "part of the face is covered (flat patches): ahead of the band"}
+#: What an identity's flag on the page means (identities.csv's flags; the report's first table).
+FLAG_HELP = {C.FLAG_LOST: "clean kept none of its photos", C.FLAG_WEAK: "clean kept few of its photos"}
+
+
+def _reason(reason: str) -> str:
+    """A card's reason; the ones ahead of the band (REASON_HELP) marked."""
+    why = REASON_HELP.get(reason)
+    return (f'<span class="reason first" title="{_esc(why)}">&#9650; {_esc(reason)}</span>' if why else
+            f'<span class="reason">{_esc(reason)}</span>')
+
+
+def _flag(flag: str) -> str:
+    return f' <span class="flag" title="{_esc(FLAG_HELP.get(flag, ""))}">{_esc(flag)}</span>' if flag else ""
 
 
 def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int | None = None,
@@ -277,7 +324,7 @@ def _card(out_dir: Path, r: CleanRow, kind: str, missing: list[str], index: int 
     return (f'<figure class="card" tabindex="0" data-i="{index}" data-aligned="{_esc(aligned)}" '
             f'data-identity="{_esc(r.identity)}" title="{_show(title)}">{img}'
             f'<figcaption><span class="score">{score_txt}</span> '
-            f'<span class="reason">{_esc(r.reason)}</span>{clus}{link}</figcaption>'
+            f'{_reason(r.reason)}{clus}{link}</figcaption>'
             f'<div class="btns"><button type="button" class="keep" data-d="keep">keep</button>'
             f'<button type="button" class="drop" data-d="drop">drop</button></div></figure>')
 
@@ -296,7 +343,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
     nav = []
     for si, s in enumerate(sections):
         sid = f"s{si}"
-        nav.append(f'<a href="#{sid}">{_show(s.identity)} <b>{len(s.review)}</b></a>')
+        nav.append(f'<a href="#{sid}">{_show(s.identity)} <b>{len(s.review)}</b>{_flag(s.flag)}</a>')
         refs = "".join(_card(out_dir, r, "ref", missing, records=records) for r in s.references) or \
             '<p class="none">no kept faces yet</p>'
         cards = []
@@ -305,7 +352,7 @@ def render_review_html(out_dir: Path, sections: Sequence[Section], missing: list
             idx += 1
         parts.append(
             f'<section id="{sid}" data-identity="{_esc(s.identity)}">'
-            f'<h2>{_show(s.identity)} <small>{len(s.review)} to review &middot; {s.kept} kept &middot; '
+            f'<h2>{_show(s.identity)}{_flag(s.flag)} <small>{len(s.review)} to review &middot; {s.kept} kept &middot; '
             f'{s.dropped} dropped</small>'
             f'<span class="bulk"><button type="button" data-all="keep">keep all</button>'
             f'<button type="button" data-all="drop">drop all</button>'
@@ -362,7 +409,9 @@ figure img,.noimg{width:112px;height:112px;display:block;background:#ddd}
 .card.keep{border-color:#2e7d32;background:#e8f5e9}
 .card.drop{border-color:#c62828;background:#ffebee}
 .card.drop img{opacity:.45}
-.reason{color:#555}.src{font-size:11px;color:#1565c0}.cl{font-size:11px;color:#6a1b9a}
+.reason{color:#555}.reason.first{color:#bf360c;font-weight:600}
+.flag{font-size:11px;font-weight:600;color:#fff;background:#bf360c;border-radius:3px;padding:0 4px}
+.src{font-size:11px;color:#1565c0}.cl{font-size:11px;color:#6a1b9a}
 .btns{display:flex;gap:3px;margin-top:3px}
 .btns button{flex:1;font:inherit;padding:2px 0;border:1px solid #999;border-radius:3px;background:#fff;cursor:pointer}
 .card.keep button.keep{background:#2e7d32;color:#fff;border-color:#2e7d32}
@@ -468,7 +517,9 @@ _CONTROLS = """<span id="progress"></span>
 <button type="button" id="export">Export decisions</button>
 <label><input type="checkbox" id="hide"> hide decided</label>
 {pager}
-<span class="help">click keep/drop (again to undo) &middot; keyboard on a focused card: k keep, d drop,
+<span class="help">order: identities flagged lost, then weak_majority (report.html's first table), then
+the rest; faces marked &#9650; (identity_candidate, then occluded) first, then by score, highest first
+&middot; click keep/drop (again to undo) &middot; keyboard on a focused card: k keep, d drop,
 x clear, &larr;/&rarr; move &middot; "cluster N" on a card: a smaller group of similar faces than the
 identity's own (often another person) &middot; then <code>facecurate review apply OUT {download}</code></span>"""
 
