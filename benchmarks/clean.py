@@ -258,7 +258,7 @@ def run(a) -> dict:
             t_clean = time.perf_counter() - t0
         t_core = next((float(s[k]) for k in CORE_SECONDS_KEYS if k in s), t_clean)
         return dict(
-            faces=plan.faces, identities=a.identities, dim=a.dim, dtype=dtype, engine=a.engine or "default",
+            faces=plan.faces, identities=a.identities, dim=a.dim, dtype=dtype, dtype_requested=a.dtype, engine=a.engine or "default",
             workers=a.workers or "default", write_s=round(t_write, 1), write_faces_per_s=round(plan.faces / t_write),
             rec_gb=round((dest / "train.rec").stat().st_size / 1e9, 3),
             store_gb=round((dest / "embeddings.npy").stat().st_size / 1e9, 3),
