@@ -185,7 +185,8 @@ def write_dataset(dest: Path, plan: Plan, dtype: str) -> str:
         for k in range(len(plan.bounds) - 1):
             labels, x, tmpl = plan.chunk(k)
             keys = range(key, key + labels.size)
-            offs = w.write_images([(float(lab), tpl[t], kk) for lab, t, kk in zip(labels.tolist(), tmpl.tolist(), keys)])
+            offs = w.write_images([(float(lab), tpl[t], kk)
+                                   for lab, t, kk in zip(labels.tolist(), tmpl.tolist(), keys)])
             idx.write("".join([f"{kk}\t{o}\n" for kk, o in zip(keys, offs)]))
             st.add(x, [(f"{REC_KEY_PREFIX}{kk}", f"{REC_NAME}:{kk}", str(lab), "0")
                        for kk, lab in zip(keys, labels.tolist())])
@@ -258,7 +259,8 @@ def run(a) -> dict:
             t_clean = time.perf_counter() - t0
         t_core = next((float(s[k]) for k in CORE_SECONDS_KEYS if k in s), t_clean)
         return dict(
-            faces=plan.faces, identities=a.identities, dim=a.dim, dtype=dtype, dtype_requested=a.dtype, engine=a.engine or "default",
+            faces=plan.faces, identities=a.identities, dim=a.dim, dtype=dtype, dtype_requested=a.dtype,
+            engine=a.engine or "default",
             workers=a.workers or "default", write_s=round(t_write, 1), write_faces_per_s=round(plan.faces / t_write),
             rec_gb=round((dest / "train.rec").stat().st_size / 1e9, 3),
             store_gb=round((dest / "embeddings.npy").stat().st_size / 1e9, 3),
