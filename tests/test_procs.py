@@ -203,3 +203,75 @@ def test_run_lock_is_per_part_and_released_by_the_kernel(tmp_path):
     holder.wait()
     with run_lock(tmp_path, "embed"):
         pass
+
+
+# ----------------------------------------------------------------------------- PSS
+MB = 1 << 20
+#: A python child that touches 200 MB (bytes multiplication writes every page), says
+#: so, and holds it until its stdin closes.
+HOLD_200MB = ("import sys\nbuf = b'\\x01' * (200 << 20)\nprint('ready', flush=True)\nsys.stdin.read()\n")
+#: ... the same, then forks a child that only reads the 200 MB (sha256 over all of
+#: it) and holds them too: the pages are shared copy-on-write, never copied.
+FORK_READER = ("import hashlib, os, sys\nbuf = b'\\x01' * (200 << 20)\npid = os.fork()\n"
+               "if pid == 0:\n    hashlib.sha256(buf).digest()\n    print('ready', flush=True)\n"
+               "    sys.stdin.read()\n    os._exit(0)\nsys.stdin.read()\nos.waitpid(pid, 0)\n")
+
+
+def _start(code: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _stop(p: subprocess.Popen) -> None:
+    p.stdin.close()
+    assert p.wait(30) == 0
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_tree_pss_counts_a_child_that_allocates():
+    from facecurate.common.procs import descendants, tree_pss
+
+    base = tree_pss(os.getpid())
+    child = _start(HOLD_200MB)
+    try:
+        assert child.pid in descendants(os.getpid())
+        assert tree_pss(os.getpid()) - base >= 150 * MB
+    finally:
+        _stop(child)
+    assert tree_pss(os.getpid()) - base < 100 * MB  # gone with the child
+    assert tree_pss(child.pid) == 0  # a process that no longer exists: nothing, no error
+
+
+def test_tree_pss_counts_pages_shared_by_a_fork_once():
+    """A parent with 200 MB touched forks a child that reads all of it: RSS summed over
+    the two counts the 200 MB twice, the tree's PSS once."""
+    from facecurate.common.procs import descendants, tree_pss
+
+    parent = _start(FORK_READER)
+    try:
+        kids = descendants(parent.pid)
+        assert len(kids) == 1
+        assert _rss(parent.pid) + _rss(kids[0]) > 380 * MB  # what summing RSS would report
+        assert 190 * MB < tree_pss(parent.pid) < 300 * MB
+    finally:
+        _stop(parent)
+
+
+def test_pss_sampler_keeps_the_peak_of_a_child_that_came_and_went():
+    from facecurate.common.procs import PssSampler, tree_pss
+
+    base = tree_pss(os.getpid())
+    with PssSampler(interval=0.05) as s:
+        subprocess.run([sys.executable, "-c", "import time\nbuf = b'\\x01' * (200 << 20)\ntime.sleep(1.0)\n"],
+                       check=True)
+    after = tree_pss(os.getpid())
+    assert s.peak - base >= 150 * MB
+    assert s.peak - after >= 150 * MB  # the peak is a sample taken while the child lived
+    assert s.samples >= 10

@@ -16,6 +16,13 @@ written in the file. The kernel drops the lock when the holder dies, however it
 dies, so a stale lock file never blocks a rerun. The file name can carry a part
 (``<stage>.part-K-of-N.lock``) so that disjoint slices of one run can each hold
 their own lock.
+
+**Memory of a process tree.** :func:`tree_pss` adds up the proportional set size
+(PSS, ``/proc/PID/smaps_rollup``) of a process and all its descendants: a page
+shared by k processes counts 1/k in each, so a memory map shared by a driver and
+its workers (the embedding store, a fork's copy-on-write pages) counts once, where
+summing RSS would count it once per process. :class:`PssSampler` samples it on a
+thread and keeps the peak (the benchmarks' ``peak_pss_gb``). Linux only.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional
+
+PROC = Path("/proc")
 
 from facecurate.common.constants import LOCK_SUFFIX, WORK_DIR
 
@@ -93,6 +102,97 @@ def stop_processes(processes) -> None:
             p.join(5)
 
 
+# --------------------------------------------------------------------------- memory
+def _pss_bytes(pid: int) -> int:
+    """Pss of one process (bytes); FileNotFoundError / ProcessLookupError when it is gone."""
+    with open(PROC / str(pid) / "smaps_rollup", "rb") as f:
+        for line in f:
+            if line.startswith(b"Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _parents() -> dict[int, list[int]]:
+    """ppid -> pids of every process now listed in /proc (from /proc/PID/stat: the
+    name in parentheses may hold spaces and parentheses, so fields are read after
+    the last ``)``)."""
+    out: dict[int, list[int]] = {}
+    for d in os.listdir(PROC):
+        if not d.isdigit():
+            continue
+        try:
+            with open(PROC / d / "stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone since the listing
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1:
+            out.setdefault(int(fields[1]), []).append(int(d))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every descendant of ``pid`` alive now (children, grandchildren, ...)."""
+    children = _parents()
+    out, todo = [], [int(pid)]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def tree_pss(pid: int) -> int:
+    """PSS in bytes of process ``pid`` and all its descendants together (shared pages
+    counted once overall, not once per process). Processes that end while they are
+    read are skipped; 0 when ``pid`` itself is gone."""
+    total = 0
+    for p in [int(pid), *descendants(pid)]:
+        try:
+            total += _pss_bytes(p)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+class PssSampler:
+    """``with PssSampler() as s: ...``: a daemon thread samples :func:`tree_pss` of
+    ``pid`` (default: this process) every ``interval`` seconds; ``s.peak`` is the
+    largest sample (bytes), taken also once at the start and once at the end."""
+
+    def __init__(self, pid: Optional[int] = None, interval: float = 0.2):
+        self.pid = os.getpid() if pid is None else int(pid)
+        self.interval = float(interval)
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def sample(self) -> int:
+        v = tree_pss(self.pid)
+        self.peak = max(self.peak, v)
+        self.samples += 1
+        return v
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "PssSampler":
+        self.sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="facecurate-pss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.sample()
+
+
 # --------------------------------------------------------------------------- locks
 def lock_path(out: str | os.PathLike, stage: str, part: Optional[tuple[int, int]] = None) -> Path:
     """``OUT/.facecurate/<stage>.lock``, or ``<stage>.part-K-of-N.lock`` for part K of N."""
@@ -134,4 +234,5 @@ def run_lock(out: str | os.PathLike, stage: str, part: Optional[tuple[int, int]]
         os.close(fd)  # releases the lock
 
 
-__all__ = ["LockedError", "die_with_parent", "watch_parent", "stop_processes", "run_lock", "lock_path"]
+__all__ = ["LockedError", "die_with_parent", "watch_parent", "stop_processes", "run_lock", "lock_path",
+           "descendants", "tree_pss", "PssSampler"]
