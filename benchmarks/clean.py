@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import shutil
 import sys
@@ -45,17 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-#: Faces generated and written per chunk (the writer's memory: about this many
-#: vectors of --dim float32, plus one chunk of records and rows).
-CHUNK_FACES = 1_000_000
-#: Distinct tiny JPEG images the records reuse.
-TEMPLATES = 300
-TEMPLATE_SIDE = 16
-#: The synthetic model: noise scale (cosine to the centre ~0.98), other people,
-#: near-duplicates (their noise scale), planted pairs (one per this many identities).
-NOISE, OTHER_SHARE, DUP_SHARE, DUP_NOISE, PLANTED_EVERY = 0.2, 0.10, 0.02, 0.02, 200
-#: The store's model name: a dlib family name, so clean uses its dlib thresholds.
-MODEL = "synthetic_dlib_like"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_rec import MODEL, Plan, write_dataset  # noqa: E402
+
 #: clean.json summary keys that may hold the core's own time (finer than run_clean's wall).
 CORE_SECONDS_KEYS = ("clean_core_s", "core_seconds", "seconds_core")
 
@@ -93,115 +84,6 @@ def synth(n_faces: int, n_ids: int, dim: int, seed: int = 0):
     return x, ident, photo, quality, planted
 
 
-# ----------------------------------------------------------------------------- the dataset
-class Plan:
-    """What the whole dataset is, from the arguments alone: faces per identity
-    (Zipf-like, as :func:`synth`), the planted pairs, and the chunks (identity ranges
-    of about CHUNK_FACES faces)."""
-
-    def __init__(self, n_faces: int, n_ids: int, dim: int, seed: int = 0):
-        rng = np.random.default_rng([seed, 0])
-        w = rng.permutation(1.0 / np.arange(1, n_ids + 1) ** 0.6)
-        counts = np.maximum(1, np.floor(w / w.sum() * n_faces)).astype(np.int64)
-        counts[np.argmax(counts)] += n_faces - counts.sum()
-        self.counts, self.dim, self.seed = counts, dim, seed
-        self.starts = np.concatenate([[0], np.cumsum(counts)])  # first key of each identity
-        self.faces = int(self.starts[-1])
-        self.planted = np.sort(rng.choice(n_ids, size=(max(1, n_ids // PLANTED_EVERY), 2), replace=False), axis=1)
-        self.pair_of = {int(b): int(a) for a, b in self.planted} | {int(a): int(a) for a, _ in self.planted}
-        cuts = np.searchsorted(self.starts, np.arange(CHUNK_FACES, self.faces, CHUNK_FACES), side="right") - 1
-        self.bounds = np.unique(np.concatenate([[0], cuts, [n_ids]]))  # identity ranges
-
-    def centres(self, rng, i0: int, i1: int) -> np.ndarray:
-        """Unit centres of identities i0..i1-1; both labels of a planted pair get the
-        centre drawn from the pair's own seed (the two may lie in different chunks)."""
-        c = rng.standard_normal((i1 - i0, self.dim), dtype=np.float32)
-        for i in range(i0, i1):
-            a = self.pair_of.get(i)
-            if a is not None:
-                c[i - i0] = np.random.default_rng([self.seed, 1, a]).standard_normal(self.dim, dtype=np.float32)
-        return c / np.linalg.norm(c, axis=1, keepdims=True)
-
-    def chunk(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, unit vectors float32, template numbers) of chunk ``k``'s faces."""
-        i0, i1 = int(self.bounds[k]), int(self.bounds[k + 1])
-        rng = np.random.default_rng([self.seed, 2, k])
-        cen = self.centres(rng, i0, i1)
-        local = np.repeat(np.arange(i1 - i0), self.counts[i0:i1])
-        n = local.size
-        x = rng.standard_normal((n, self.dim), dtype=np.float32)
-        x *= NOISE / np.sqrt(self.dim)
-        x += cen[local]
-        wrong = rng.random(n) < OTHER_SHARE
-        x[wrong] = rng.standard_normal((int(wrong.sum()), self.dim), dtype=np.float32)
-        tmpl = rng.integers(0, TEMPLATES, n)
-        dup = np.flatnonzero(rng.random(n) < DUP_SHARE)
-        dup = dup[dup > 0]
-        dup = dup[local[dup] == local[dup - 1]]
-        x[dup] = x[dup - 1] + DUP_NOISE / np.sqrt(self.dim) * rng.standard_normal((dup.size, self.dim),
-                                                                                    dtype=np.float32)
-        tmpl[dup] = tmpl[dup - 1]
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        return local + i0, x, tmpl
-
-
-def templates(seed: int) -> list[bytes]:
-    """TEMPLATES tiny grey JPEGs of noise (no flat patch, so clean's occlusion check
-    finds none; pairwise correlation low, so only a duplicate's copy matches)."""
-    import cv2
-
-    rng = np.random.default_rng([seed, 3])
-    opts = [cv2.IMWRITE_JPEG_QUALITY, 75, cv2.IMWRITE_JPEG_OPTIMIZE, 1]
-    return [cv2.imencode(".jpg", rng.integers(0, 256, (TEMPLATE_SIDE, TEMPLATE_SIDE), dtype=np.uint8),
-                         opts)[1].tobytes() for _ in range(TEMPLATES)]
-
-
-def _store_writer(ws, rows: int, dim: int, dtype: str):
-    """(Workspace.store_writer for ``dtype``, the dtype really written): float16 only
-    where the store writer takes a dtype."""
-    if dtype != "float32" and "dtype" in inspect.signature(ws.store_writer).parameters:
-        return ws.store_writer(rows, dim, dtype=np.dtype(dtype)), dtype
-    return ws.store_writer(rows, dim), "float32"
-
-
-def write_dataset(dest: Path, plan: Plan, dtype: str) -> str:
-    """train.rec/.idx, property and the embedding store in ``dest`` (see the module),
-    chunk by chunk; returns the store's dtype as written."""
-    from facecurate import __version__
-    from facecurate.common.constants import IDX_NAME, PROPERTY_NAME, REC_KEY_PREFIX, REC_NAME, VERSIONS_KEY
-    from facecurate.common.files import atomic_write
-    from facecurate.common.provenance import library_versions
-    from facecurate.common.recordio import RecordWriter
-    from facecurate.common.workspace import Workspace
-
-    dest.mkdir(parents=True)
-    tpl = templates(plan.seed)
-    ws = Workspace(dest)
-    writer, written = _store_writer(ws, plan.faces, plan.dim, dtype)
-    with atomic_write(dest / REC_NAME, "wb", fsync=False) as rec, \
-            atomic_write(dest / IDX_NAME, "w", fsync=False, encoding="ascii", newline="\n") as idx, writer as st:
-        w = RecordWriter(rec)
-        key = 0
-        for k in range(len(plan.bounds) - 1):
-            labels, x, tmpl = plan.chunk(k)
-            keys = range(key, key + labels.size)
-            offs = w.write_images([(float(lab), tpl[t], kk)
-                                   for lab, t, kk in zip(labels.tolist(), tmpl.tolist(), keys)])
-            idx.write("".join([f"{kk}\t{o}\n" for kk, o in zip(keys, offs)]))
-            st.add(x, [(f"{REC_KEY_PREFIX}{kk}", f"{REC_NAME}:{kk}", str(lab), "0")
-                       for kk, lab in zip(keys, labels.tolist())])
-            key += labels.size
-        w.flush()
-    (dest / PROPERTY_NAME).write_text(f"{len(plan.counts)},{TEMPLATE_SIDE},{TEMPLATE_SIDE}\n")
-    info = {"name": MODEL, "dim": plan.dim, "feed": "crop", "runtime": "synthetic"}
-    ws.write_store_meta({
-        "model": MODEL, "model_info": info, "model_file": None, "sha256": "synthetic", "dim": plan.dim,
-        "input_size": TEMPLATE_SIDE, "normalisation": "l2", "flip": True, "feed": "crop", "input": "rec",
-        "count": plan.faces, "failed": [], "signature": info, "dtype": written, "version": __version__,
-        VERSIONS_KEY: library_versions(), "note": "synthetic vectors (benchmarks/clean.py)"})
-    return written
-
-
 # ----------------------------------------------------------------------------- measures
 def seed_method(dest: Path, plan: Plan, drop: float, sample: int) -> tuple[float, int, bool]:
     """(seconds of the seed method on ``sample`` identities read from the store,
@@ -222,12 +104,19 @@ def seed_method(dest: Path, plan: Plan, drop: float, sample: int) -> tuple[float
     return time.perf_counter() - t0, sum(len(e) for e in folders), ids.size < n_ids
 
 
-def merge_recall(dest: Path, plan: Plan) -> float:
-    """Share of the planted label pairs that merges.csv names (its names are the labels)."""
+def merge_recall(dest: Path, plan: Plan) -> tuple[float, float, int]:
+    """(recall of the planted label pairs whose two identities both keep a face, recall
+    of all planted pairs, how many pairs have an identity that keeps nothing). merges.csv
+    names the labels. clean compares only identities that keep faces (an identity that
+    keeps none, e.g. too_few_images, has no kept centre to merge), so the first figure is
+    the merge search's recall and the second what a user finds."""
     with open(dest / "merges.csv", newline="", encoding="utf-8") as f:
         found = {tuple(sorted((int(r["a"]), int(r["b"])))) for r in csv.DictReader(f)}
+    with open(dest / "identities.csv", newline="", encoding="utf-8") as f:
+        keeps = {int(r["identity"]) for r in csv.DictReader(f) if int(r["kept"]) > 0}
     planted = {(int(a), int(b)) for a, b in plan.planted}
-    return len(planted & found) / len(planted)
+    live = {pr for pr in planted if pr[0] in keeps and pr[1] in keeps}
+    return (len(live & found) / max(1, len(live)), len(planted & found) / len(planted), len(planted - live))
 
 
 def _store_state(dest: Path) -> tuple:
@@ -258,6 +147,7 @@ def run(a) -> dict:
             s = run_clean(dest, workers=a.workers, show_progress=False, **kw)
             t_clean = time.perf_counter() - t0
         t_core = next((float(s[k]) for k in CORE_SECONDS_KEYS if k in s), t_clean)
+        recall, recall_all, not_kept = merge_recall(dest, plan)
         return dict(
             faces=plan.faces, identities=a.identities, dim=a.dim, dtype=dtype, dtype_requested=a.dtype,
             engine=a.engine or "default",
@@ -265,8 +155,9 @@ def run(a) -> dict:
             rec_gb=round((dest / "train.rec").stat().st_size / 1e9, 3),
             store_gb=round((dest / "embeddings.npy").stat().st_size / 1e9, 3),
             clean_s=round(t_clean, 1), clean_core_s=round(t_core, 1), faces_per_s=round(plan.faces / t_clean),
-            peak_pss_gb=round(pss.peak / 1e9, 3), merge_recall=round(merge_recall(dest, plan), 4),
-            planted_pairs=len(plan.planted), merge_search=s.get("merge_search", "unknown"),
+            peak_pss_gb=round(pss.peak / 1e9, 3), merge_recall=round(recall, 4), merge_recall_all=round(recall_all, 4),
+            planted_pairs=len(plan.planted), planted_pairs_not_kept=not_kept,
+            merge_search=s.get("merge_search", "unknown"), merge_search_s=s.get("merge_search_s", "unknown"),
             seed_s=round(t_seed_all, 2), seed_extrapolated=sampled, seed_sample_faces=seed_faces,
             clean_vs_seed_ratio=round(t_core / max(t_seed_all, 1e-9), 2),
             keep=s["keep"], drop=s["drop"], review=s["review"], merge_candidates=s["merge_candidates"],

@@ -291,3 +291,34 @@ def test_ray_workers_import_facecurate_from_any_working_folder(photos_dir, tmp_p
     p = _align_on_a_new_ray(photos_dir, tmp_path, home, stale_cluster_file=False)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["crops"] == 2
+
+
+def test_clean_of_a_packed_dataset_on_two_nodes_identical_to_local(cluster, tmp_path):
+    """clean's four steps on the cluster's two nodes; then again with a third, slow node
+    removed once it has finished a shard (its shards in flight are retried elsewhere)."""
+    from facecurate.clean.clean_rec import run_clean_rec
+    from test_clean_staged import fresh, outputs, synthetic
+
+    src = synthetic(tmp_path, 12_000, 1_200)
+    ref = fresh(src, tmp_path / "ref")
+    run_clean_rec(ref, shard_faces=1_500, workers=2, show_progress=False)
+    dest = fresh(src, tmp_path / "ray")
+    s = run_clean_rec(dest, engine="ray", shard_faces=1_500, show_progress=False)
+    assert s["engine"]["name"] == "ray"
+    assert len(s["engine"]["steps"]["analyse"]["nodes"]) == 2  # both nodes did shards
+    assert outputs(dest) == outputs(ref)
+
+    node = cluster.add_node(**NODE, env_vars={"FACECURATE_SHARD_DELAY": "2"})
+    cluster.wait_for_nodes()
+    removed = []
+
+    def remove_once(step, rec):
+        if not removed and step == "decide" and rec["node"].endswith(node.node_id[:8]):
+            removed.append(rec)
+            cluster.remove_node(node, allow_graceful=False)
+
+    dest = fresh(src, tmp_path / "ray-removed")
+    s = run_clean_rec(dest, engine="ray", shard_faces=1_500, show_progress=False, on_shard=remove_once)
+    assert removed, s["engine"]
+    assert s["engine"]["steps"]["decide"]["retries"] >= 1
+    assert outputs(dest) == outputs(ref)

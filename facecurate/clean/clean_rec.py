@@ -149,7 +149,7 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
                   min_images: int | None = None, min_face: float | None = None, ambiguous: str | None = None,
                   keep_manual: bool = True, show_progress: bool = True, runtime: str = "auto",
                   engine="local", ray_address: str | None = None, part=None, sharded: bool = True,
-                  **core_kw) -> dict:
+                  on_shard=None, **core_kw) -> dict:
     """Clean the image records of ``dest/train.rec`` (see the module); returns the summary.
     Without ``--calibrate`` it runs sharded (:mod:`facecurate.clean.staged`: bounded
     memory, ``engine`` local or ray, ``part`` K/N) when the store's rows are in key order
@@ -171,7 +171,8 @@ def run_clean_rec(dest, *, model_overrides: dict | None = None, calibrate_far: f
                               lambda names: exclusions(exclude, names, meta, runtime), engine=engine,
                               workers=core_kw.get("workers"), ray_address=ray_address, part=part,
                               shard_faces=core_kw.get("shard_faces"), show_progress=show_progress,
-                              previous_manual=_previous_manual(ws) if keep_manual else {})
+                              previous_manual=_previous_manual(ws) if keep_manual else {},
+                              on_shard=on_shard)
         except NotStageable:
             if part is not None or engine != "local":
                 raise ValueError(f"{dest}: the store's rows are not in key order with each label's records "

@@ -390,8 +390,9 @@ def _join_csv(path: Path, parts: Path, shards: Sequence[Shard]) -> None:
 # ----------------------------------------------------------------------------- run
 def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_names: dict, exclusions, *,
                engine="local", workers=None, ray_address=None, part=None, shard_faces: int | None = None,
-               show_progress: bool = True, previous_manual=None) -> dict:
-    """The sharded clean of ``dest`` (see the module). ``exclusions(names)`` gives
+               show_progress: bool = True, previous_manual=None, on_shard=None) -> dict:
+    """The sharded clean of ``dest`` (see the module). ``on_shard(step, record)`` is
+    called after each shard finished now. ``exclusions(names)`` gives
     (identity numbers, vectors) to exclude for the identities' names. Returns the
     summary; with ``part``, the summary of what this part did when the outputs are not
     due yet. Raises NotStageable when the store's order does not allow it."""
@@ -428,7 +429,8 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
         spec = WorkerSpec(CleanShardWorker, (lay, step), str(work / step), must_see=(str(dest),))
         (work / step).mkdir(exist_ok=True)
         stats, complete = run_shards(eng, spec, shards, part=part, desc=f"clean {i + 1}/4 {step}", unit="face",
-                                     show_progress=show_progress)
+                                     show_progress=show_progress,
+                                     on_shard=None if on_shard is None else lambda rec, st=step: on_shard(st, rec))
         if stats.failed:
             raise RunError(fail_message("clean", stats))
         steps[step] = dict(seconds=round(time.perf_counter() - t0, 2), **stats.summary())
@@ -444,7 +446,7 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
                 shutil.rmtree(work / "analyse", ignore_errors=True)
                 return run_staged(dest, rec_path, p, model, label_names, exclusions, engine=eng, workers=workers,
                                   part=part, shard_faces=shard_faces, show_progress=show_progress,
-                                  previous_manual=previous_manual)
+                                  previous_manual=previous_manual, on_shard=on_shard)
             if not lay.global_file("global1").exists():
                 t0 = time.perf_counter()
                 _global1(lay, per_id, ex_ids, ex_vecs, workers)
