@@ -39,7 +39,7 @@ from facecurate.common.recdata import (LABEL_RULE, KeyedRecords, image_label, in
 from facecurate.common.recordio import RecordIOError, read_idx_arrays, read_record, unpack_record
 from facecurate.clean.vectors import normalize
 from facecurate.common.workspace import Workspace
-from facecurate.embed.embed import run_embed
+from facecurate.embed.embed import run_embed, store_dtype
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -100,7 +100,8 @@ def ensure_store(dest: Path, rec_path: Path, runtime: str = "auto"):
         meta = ws.store_meta()
         if meta.get("input") == "rec" and int(meta.get("count", 0)) + len(meta.get("failed", [])) \
                 < _image_records(rec_path):  # the rec has records the store lacks: continue it
-            run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=store_runtime(meta))
+            run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=store_runtime(meta),
+                      dtype=store_dtype(meta))
     vecs = ws.store_vectors(mmap=True)
     meta = ws.store_meta()
     if meta.get("input") not in (None, "rec"):
@@ -165,13 +166,14 @@ class RecCropSimilarity(CropSimilarity):
 
 # ----------------------------------------------------------------------------- run
 def _unit_rows(vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The vectors of ``rows``: the memory-mapped store itself when the rows are all of
-    it in order and of unit length (the common case: no copy), else a normalised copy."""
+    """The vectors of ``rows``, float32: the memory-mapped store itself when the rows are
+    all of it in order and of unit length (the common case: no copy; a float16 store
+    cast whole), else a normalised copy."""
     if rows.size == len(vecs) and np.array_equal(rows, np.arange(rows.size)):
         ok = all(np.allclose(np.linalg.norm(np.asarray(vecs[lo:lo + 65536], np.float64), axis=1), 1.0, atol=1e-4)
                  for lo in range(0, len(vecs), 65536))
         if ok:
-            return vecs
+            return np.asarray(vecs, np.float32)
     return normalize(np.asarray(vecs[rows], np.float32))
 
 
