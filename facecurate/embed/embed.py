@@ -499,8 +499,9 @@ def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
     """(vectors float32 (N, D), rows [EmbeddingRow], meta) of the embedding store in
     ``out_dir`` (read by :meth:`facecurate.common.workspace.Workspace.store`), for embed,
     clean and eval-pairs. ``mmap``: map the vectors read-only instead of reading them
-    (clean's large stores), as stored: float32 or float16 (the caller casts). A missing store is an EmbedError, or None with
-    ``missing_ok``; a store whose .csv and .npy disagree is always an EmbedError."""
+    (clean's large stores), as stored: float32 or float16 (the caller casts). A missing
+    store is an EmbedError, or None with ``missing_ok``; a store whose .csv and .npy
+    disagree is always an EmbedError."""
     ws = Workspace(out_dir)
     if missing_ok and not ws.has_store():
         return None
