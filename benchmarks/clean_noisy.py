@@ -12,7 +12,8 @@ cached stage is reused only for the same settings):
               embedding store)                               -> bench-seed<S>/OUT-<key>/
               (<key>: a digest of align's and embed's settings and the facecurate version)
   evaluate    facecurate clean vs the seed methods on the same embeddings: only clean
-              runs again (seconds), on the cached crops and store
+              runs again (seconds), on the cached crops and store (or on --out OUT)
+              (benchmarks/clean_float16.py: the same with the store in float16)
 
 Only identities listed in splits/lfw-dev.txt are used.
 """
@@ -438,7 +439,7 @@ def metrics(kept, review, genuine, key, photos) -> dict:
 def _roles(root: Path, rows: list[dict], genuine: list) -> tuple[list, dict]:
     """Per align row: the noise role of a non-genuine face (None for genuine faces);
     and per genuine photo key, its degradation ("group" for a subject in a group photo)."""
-    from facecurate.files import read_csv
+    from facecurate.common.files import read_csv
 
     gt = {r["source"]: r for r in read_csv(root / "gt.csv")}
     degrade = {}
@@ -529,20 +530,27 @@ def seed_centre(emb, ident, thr, iters):
     return keep
 
 
-def variant_out(root: Path, src: Path, lookalike_share: float, seed: int = 0) -> Path:
-    """OUT without a share of the look-alike photos: a copy of OUT (crops hard-linked,
-    embedding store shared) whose align.csv keeps each look-alike source with
-    probability ``lookalike_share`` (seeded). Every other item is unchanged."""
+def linked_copy(src: Path, dst: Path) -> Path:
+    """A copy of OUT's inputs to clean (crops, align.csv, the store) as hard links, without
+    its work folder and clean's outputs; a file replaced in it (atomic rename) leaves
+    OUT's own untouched."""
     import shutil
 
-    from facecurate.common import constants as C
-    from facecurate.common.files import read_csv, write_csv_atomic
-
-    dst = src.parent / f"{src.name}_lookalikes_{lookalike_share:g}"
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, copy_function=os.link,
                     ignore=shutil.ignore_patterns(".facecurate", "clean.*", "identities.csv", "merges.csv"))
+    return dst
+
+
+def variant_out(root: Path, src: Path, lookalike_share: float, seed: int = 0) -> Path:
+    """OUT without a share of the look-alike photos: a copy of OUT (crops hard-linked,
+    embedding store shared) whose align.csv keeps each look-alike source with
+    probability ``lookalike_share`` (seeded). Every other item is unchanged."""
+    from facecurate.common import constants as C
+    from facecurate.common.files import read_csv, write_csv_atomic
+
+    dst = linked_copy(src, src.parent / f"{src.name}_lookalikes_{lookalike_share:g}")
     rng = np.random.default_rng(seed)
     look = sorted(r["source"] for r in read_csv(root / "gt.csv") if r["kind"] == "lookalike")
     gone = {s for s in look if rng.random() >= lookalike_share}
@@ -553,13 +561,16 @@ def variant_out(root: Path, src: Path, lookalike_share: float, seed: int = 0) ->
 
 
 def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True,
-             lookalike_share: float = 1.0) -> dict:
+             lookalike_share: float = 1.0, out: Path | None = None) -> dict:
+    """clean (and the seed methods) on ``out`` (default: the pipeline's OUT under
+    ``cache``), scored with the ground truth of ``cache``'s benchmark."""
     from facecurate.clean import clean as fc
     from facecurate.clean.vectors import normalize
     from facecurate.common.files import read_csv
 
     root = bench_root(cache)
-    out = out_dir(cache) if lookalike_share >= 1.0 else variant_out(root, out_dir(cache), lookalike_share)
+    out = out or out_dir(cache)
+    out = out if lookalike_share >= 1.0 else variant_out(root, out, lookalike_share)
     t0 = time.time()
     summary = fc.run_clean(out, show_progress=False, **(clean_args or {}))
     t_clean = time.time() - t0
@@ -567,7 +578,7 @@ def evaluate(cache: Path, clean_args: dict | None = None, baselines: bool = True
     genuine, key, photos = label_faces(root, rows)
     kept = [r["decision"] == "keep" for r in rows]
     review = [r["decision"] == "review" for r in rows]
-    res = {"definitions": DEFINITIONS, "lookalike_share": lookalike_share, "faces": len(rows),
+    res = {"definitions": DEFINITIONS, "out": str(out), "lookalike_share": lookalike_share, "faces": len(rows),
            "identities": summary["identities"],
            "genuine_photos": len(photos), "genuine_photos_detected": sum(photos.values()),
            "clean": dict(metrics(kept, review, genuine, key, photos), seconds=round(t_clean, 1),
@@ -637,6 +648,9 @@ def main(argv=None):
     ap.add_argument("--clean-args", type=json.loads, default=None,
                     help='run_clean keyword arguments as JSON, e.g. \'{"model_overrides": {"keep": 0.95}}\'')
     ap.add_argument("--brief", action="store_true", help="print the headline and per-case figures only")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="evaluate this OUT (a copy of a pipeline OUT: clean writes into it) instead of the "
+                         "pipeline's OUT under --cache; the result is printed, not written to --cache")
     a = ap.parse_args(argv)
     a.cache.mkdir(parents=True, exist_ok=True)
     if a.stage in ("lfw-embed", "all"):
@@ -646,10 +660,12 @@ def main(argv=None):
     if a.stage in ("pipeline", "all"):
         print(pipeline(a.cache, a.workers))
     if a.stage in ("evaluate", "all"):
-        res = evaluate(a.cache, a.clean_args, baselines=not a.no_baselines, lookalike_share=a.lookalike_share)
+        res = evaluate(a.cache, a.clean_args, baselines=not a.no_baselines, lookalike_share=a.lookalike_share,
+                       out=a.out)
         text = json.dumps(brief(res) if a.brief else res, indent=1, sort_keys=True)
         name = "evaluate.json" if a.lookalike_share >= 1.0 else f"evaluate_lookalikes_{a.lookalike_share:g}.json"
-        (a.cache / name).write_text(text + "\n")
+        if a.out is None:
+            (a.cache / name).write_text(text + "\n")
         print(text)
 
 

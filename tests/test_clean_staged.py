@@ -224,3 +224,17 @@ def test_exact_median_of_parts():
         parts = [v[i:i + 97] for i in range(0, n, 97)]
         assert exact_median(lambda: iter(parts)) == float(np.median(v))
     assert np.isnan(exact_median(lambda: iter([np.array([1.0, np.nan], np.float32)])))
+
+
+def test_a_float16_store_is_cleaned_as_in_memory(tmp_path):
+    """embed --dtype float16's store: rows read as float32; rows that miss unit length
+    by float16 rounding are renormalised, as the in-memory clean does (one pass tells)."""
+    src = tmp_path / "f16"
+    write_dataset(src, Plan(12_000, 1_200, 128), "float16")
+    assert np.load(src / "embeddings.npy", mmap_mode="r").dtype == np.float16
+    outs = []
+    for sharded in (False, True):
+        dest = fresh(src, tmp_path / f"D{sharded}")
+        run_clean_rec(dest, sharded=sharded, shard_faces=3_000, show_progress=False)
+        outs.append(outputs(dest))
+    assert outs[0] == outs[1]

@@ -37,7 +37,7 @@ from facecurate.common.recdata import is_rec_dataset
 from facecurate.clean.similar import similar_pairs
 from facecurate.clean.vectors import normalize
 from facecurate.common.workspace import Workspace
-from facecurate.embed.embed import load_store, run_embed
+from facecurate.embed.embed import load_store, run_embed, store_dtype
 
 
 __all__ = ["CleanParams", "CoreResult", "CropSimilarity", "clean_core", "default_params", "embed_images",
@@ -57,14 +57,16 @@ def store_index(out_dir: Path):
 def ensure_embeddings(out_dir: Path, rows: Sequence[AlignRow], runtime: str = "auto"):
     """The store, embedding with the default model first when crops are missing from it
     (crops the embed stage recorded as failed are not retried here). An existing store
-    is continued on its own runtime; ``runtime`` applies to a new one."""
+    is continued on its own runtime and dtype; ``runtime`` applies to a new one."""
     store = store_index(out_dir)
     need = {r.aligned for r in rows}
     if store is None or not need.issubset(set(store[1]) | failed_keys(store[2])):
         # continue an existing (default-model) store with its own settings
+        kw = {}
         if store is not None:
             runtime = store_runtime(store[2])
-        run_embed(out_dir, flip=bool(store[2].get("flip", True)) if store is not None else True, runtime=runtime)
+            kw = dict(flip=bool(store[2].get("flip", True)), dtype=store_dtype(store[2]))
+        run_embed(out_dir, runtime=runtime, **kw)
         store = store_index(out_dir)
     if store is None:
         raise RuntimeError(f"{out_dir}: no embedding store after embedding")
@@ -178,7 +180,8 @@ def _order(r: AlignRow | CleanRow) -> tuple:
 
 
 def _face_arrays(rows: list, vecs: np.ndarray, where: dict) -> _Faces:
-    """The crops' rows (sorted here: identity, source, face) as arrays: unit vectors,
+    """The crops' rows (sorted here: identity, source, face) as arrays: unit vectors
+    (float32, whatever the store's dtype),
     identity and photo numbers, face size, sharpness and the duplicate-choice quality."""
     rows.sort(key=_order)
     have = [r for r in rows if r.aligned in where]

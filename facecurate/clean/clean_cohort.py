@@ -41,16 +41,17 @@ def plan_cohort(cen: np.ndarray, karr: np.ndarray, med: np.ndarray, p: CleanPara
     centres = pos = per = dev = None
     kk = 0
     if (p.cohort or p.cohort_centre or p.margin) and len(karr) > 5:
+        sub = cen if len(karr) == len(cen) and np.array_equal(karr, np.arange(len(cen))) else cen[karr]  # no copy
         # identities that look like the same person (merge candidates) are not each other's cohort
-        for a, b, _ in similar_pairs(cen[karr], p.merge, pool=pool):
+        for a, b, _ in similar_pairs(sub, p.merge, pool=pool):
             partners[int(karr[a])].append(int(karr[b]))
             partners[int(karr[b])].append(int(karr[a]))
         if p.cohort or p.margin:
-            centres, pos, kk = cohort_subset(cen[karr], karr, len(cen), 5)
+            centres, pos, kk = cohort_subset(sub, karr, len(cen), 5)
         if p.cohort_centre:
             pick = crowding_sample(n_faces)
             fe, fid = sample_faces(pick)
-            cc = crowding_of(cen[karr], karr, fe, fid, 20, partners=partners, pool=pool)
+            cc = crowding_of(sub, karr, fe, fid, 20, partners=partners, pool=pool)
             per = np.zeros(len(cen), np.float64)
             per[karr] = cc - float(np.median(cc))
     if p.spread and np.isfinite(med).any():

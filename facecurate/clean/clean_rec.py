@@ -41,7 +41,7 @@ from facecurate.clean.vectors import normalize
 from facecurate.common.workspace import Workspace
 from facecurate.clean.rec_records import RecCropSimilarity, labels_of
 from facecurate.clean.staged import NotStageable, run_staged
-from facecurate.embed.embed import run_embed
+from facecurate.embed.embed import run_embed, store_dtype
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -83,7 +83,8 @@ def ensure_embedded(dest: Path, rec_path: Path, runtime: str = "auto") -> Worksp
         meta = ws.store_meta()
         if meta.get("input") == "rec" and int(meta.get("count", 0)) + len(meta.get("failed", [])) \
                 < _image_records(rec_path):  # the rec has records the store lacks: continue it
-            run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=store_runtime(meta))
+            run_embed(rec_path, flip=bool(meta.get("flip", True)), runtime=store_runtime(meta),
+                      dtype=store_dtype(meta))
     meta = ws.store_meta()
     if meta.get("input") not in (None, "rec"):
         raise ValueError(f"{dest}: the embedding store was made from {meta.get('input')!r} input, not this .rec "
@@ -126,13 +127,14 @@ def _image_records(rec_path: Path) -> int:
 
 # ----------------------------------------------------------------------------- run
 def _unit_rows(vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The vectors of ``rows``: the memory-mapped store itself when the rows are all of
-    it in order and of unit length (the common case: no copy), else a normalised copy."""
+    """The vectors of ``rows``, float32: the memory-mapped store itself when the rows are
+    all of it in order and of unit length (the common case: no copy; a float16 store
+    cast whole), else a normalised copy."""
     if rows.size == len(vecs) and np.array_equal(rows, np.arange(rows.size)):
         ok = all(np.allclose(np.linalg.norm(np.asarray(vecs[lo:lo + 65536], np.float64), axis=1), 1.0, atol=1e-4)
                  for lo in range(0, len(vecs), 65536))
         if ok:
-            return vecs
+            return np.asarray(vecs, np.float32)
     return normalize(np.asarray(vecs[rows], np.float32))
 
 

@@ -286,7 +286,7 @@ def _outputs(lay: Layout, shards: Sequence[Shard], start: np.ndarray, per_id: di
     """identities.csv, merges.csv, clean.csv (the shards' parts joined) and clean.json."""
     p, k, d = lay.params, lay.identities, lay.dim
     dest, work = Path(lay.dest), Path(lay.work)
-    fin = np.zeros((k, d), np.float32)
+    fin = np.zeros((k, d), np.float32)  # the kept faces' centres (the analysed centre where none is kept)
     has = np.zeros(k, bool)
     flags = np.zeros(k, np.uint8)
     counts = {name: np.zeros(k, np.int64) for name in ("faces", "kept", "review", "dropped", "duplicates",
@@ -314,9 +314,11 @@ def _outputs(lay: Layout, shards: Sequence[Shard], start: np.ndarray, per_id: di
             reasons[key] = reasons.get(key, 0) + v
     excluded = load(lay.global_file("global1"))["excluded"]
     live = np.flatnonzero(has & ~np.isin(np.arange(k), excluded))
+    fin = fin[live] if live.size < k else fin
     t0 = time.perf_counter()
     with LocalPool(workers) as pool:
-        pairs = similar_pairs(fin[live], p.merge, pool=pool)
+        pairs = similar_pairs(fin, p.merge, pool=pool)
+    del fin
     merge_s = time.perf_counter() - t0
     merges = [(int(live[a]), int(live[b]), s) for a, b, s in pairs]
     bit = 1 << 5  # FLAG_ORDER's merge_candidate
@@ -415,10 +417,13 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
                 shutil.rmtree(old, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     shards = plan_staged_shards(start, shard_faces, digest)
-    norm_flag = work / "normalize"
+    unit_file = tables / "unit.json"
+    if not unit_file.exists() and _store_dtype(ws) != np.float32:  # float16 rows often miss unit length
+        write_text_atomic(unit_file, json.dumps({"unit": _all_unit(ws, show_progress)}))
+    unit = json.loads(unit_file.read_text())["unit"] if unit_file.exists() else None
     offsets = bool(n and (p.cohort or p.cohort_centre or p.margin or p.spread))
     lay = Layout(str(dest), str(work), str(tables), str(ws.path(C.EMBEDDINGS_NPY)), str(rec_path), n, k, d,
-                 norm_flag.exists(), p, offsets)
+                 unit is False, p, offsets)
     _write_small_files(work, lay, rec_path, ids, shards, label_names, previous_manual or {}, ws)
     eng = engine if not isinstance(engine, str) else get_engine(engine, workers=workers, address=ray_address)
     steps, per_id, plan_digest = {}, None, digest
@@ -441,8 +446,9 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
                              "part's: run the parts again, or run once without --part to finish")
         if step == "analyse":
             per_id = _centres(lay, shards, start)
+            if unit is None:
+                write_text_atomic(unit_file, json.dumps({"unit": per_id["unit"]}))
             if not per_id["unit"] and not lay.normalize:  # renormalise every row, as the in-memory run does
-                norm_flag.touch()
                 shutil.rmtree(work / "analyse", ignore_errors=True)
                 return run_staged(dest, rec_path, p, model, label_names, exclusions, engine=eng, workers=workers,
                                   part=part, shard_faces=shard_faces, show_progress=show_progress,
@@ -451,6 +457,7 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
                 t0 = time.perf_counter()
                 _global1(lay, per_id, ex_ids, ex_vecs, workers)
                 steps["centres"] = dict(seconds=round(time.perf_counter() - t0, 2))
+            del per_id["centre"]  # (k, d): the largest thing this process holds; the outputs need the rest
         elif step == "cohort" and not lay.global_file("global2").exists():
             _global2(lay, shards)
         elif step == "decide" and not lay.global_file("global3").exists():
@@ -471,6 +478,27 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
 def _has_cohort(lay: Layout) -> bool:
     g = lay.global_file("global1")
     return bool(load(g)["has_cohort"]) if g.exists() else True
+
+
+def _store_dtype(ws: Workspace):
+    v = ws.store_vectors(mmap=True)
+    dt = v.dtype
+    del v
+    return dt
+
+
+def _all_unit(ws: Workspace, show_progress: bool, block: int = 65536) -> bool:
+    """Whether every row of the store has unit length (the in-memory run's test, in the
+    same blocks), one streamed pass."""
+    vecs = ws.store_vectors(mmap=True)
+    try:
+        for lo in progress(range(0, len(vecs), block), desc="clean (unit rows)", unit="block",
+                           disable=None if show_progress else True):
+            if not np.allclose(np.linalg.norm(np.asarray(vecs[lo:lo + block], np.float64), axis=1), 1.0, atol=1e-4):
+                return False
+        return True
+    finally:
+        del vecs
 
 
 def _store_shape(ws: Workspace) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import click
 
 from facecurate.cli.engine_options import engine_options
 from facecurate.cli.input_options import input_options
-from facecurate.common.constants import DLIB_FEEDS, EVAL_PICKS, FALLBACK_DETECTORS
+from facecurate.common.constants import DLIB_FEEDS, EVAL_PICKS, FALLBACK_DETECTORS, STORE_DTYPES
 from facecurate.engines import ENGINES
 from facecurate.models.zoo import DETECTORS, DEVICES, RUNTIMES
 from facecurate.common.files import emit_summary, say
@@ -67,11 +67,16 @@ def _common(f):
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Faces per shard (default: 64 with --runtime dlib, 256 on ONNX Runtime): the unit of work and of "
                    "resumption. Recorded: reruns and parts without it keep the recorded value.")
+@click.option("--dtype", type=click.Choice(STORE_DTYPES), default=STORE_DTYPES[0], show_default=True,
+              help="Type of embeddings.npy's numbers. float16 halves the store on disk and in the page "
+                   "cache (512-D stores of millions of faces); clean, eval-pairs and report read either "
+                   "and compute in float32. Part of the store's settings: a rerun with the other type is "
+                   "refused (--overwrite).")
 @input_options("the crop folder")
 @engine_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing store and start again.")
 def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dlib_feed, as_json, flip, store,
-          shard_size, max_bytes, follow_external_links, engine, ray_address, part, overwrite):
+          shard_size, dtype, max_bytes, follow_external_links, engine, ray_address, part, overwrite):
     """L2-normalised embeddings of every face crop in OUT.
 
     OUT is a folder made by `facecurate align` (every ok crop of OUT/align.csv,
@@ -80,7 +85,7 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
 
     \b
     Writes the store:
-      embeddings.npy   float32 N x D, each row of unit length
+      embeddings.npy   float32 (or --dtype float16) N x D, each row of unit length
       embeddings.csv   row i names vector i: aligned, source, identity, face
       embeddings.json  model name, file hash, dimension, input size, flip, ...
 
@@ -95,7 +100,7 @@ def embed(out, model, model_dir, device, batch_size, workers, fp16, runtime, dli
                             flip=flip, device=device, fp16=fp16, dlib_feed=dlib_feed, store_dir=store,
                             overwrite=overwrite, runtime=runtime, chunk_size=shard_size, engine=engine,
                             ray_address=ray_address, part=part, max_bytes=max_bytes,
-                            follow_external_links=follow_external_links)
+                            follow_external_links=follow_external_links, dtype=dtype)
     except EmbedError as e:
         raise click.ClickException(str(e)) from None
     if summary.get("provider") and "CUDA" not in str(summary["provider"]) and model != "dlib" and device != "cpu":

@@ -92,6 +92,11 @@ SHARD_CSV = SHARD_STEM + ".csv"
 SHARD_NPZ = SHARD_STEM + ".npz"
 #: embed's record of the settings of a run in progress (beside its shards)
 EMBED_SIGNATURE = "signature.json"
+#: embed --dtype: the type of embeddings.npy's numbers. float16 halves the store on disk
+#: and in the page cache; every reader computes in float32 (a float16 store reads as
+#: the float32 store rounded to float16). The first is the default, and the type of a
+#: store whose embeddings.json records none.
+STORE_DTYPES = ("float32", "float16")
 #: align's choices: which faces get a crop, the crop format, the fallback detector.
 ALIGN_FACES = ("all", "primary")
 CROP_FORMATS = ("jpg", "png")

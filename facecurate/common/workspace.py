@@ -51,7 +51,8 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Store:
-    """The embedding store: vectors (N, D) float32, row i of ``rows`` naming vector i."""
+    """The embedding store: vectors (N, D), row i of ``rows`` naming vector i: float32,
+    or as stored (float32 or float16) when memory-mapped (:meth:`Workspace.store_vectors`)."""
 
     vecs: Any
     rows: list[EmbeddingRow]
@@ -60,9 +61,10 @@ class Store:
 
 class StoreWriter:
     """The pieces of a store being written (:meth:`Workspace.store_writer`): each
-    :meth:`add` appends vectors and the rows naming them."""
+    :meth:`add` appends vectors and the rows naming them, stored as ``dtype`` (one of
+    ``constants.STORE_DTYPES``; float32 vectors cast, so rounded, to float16)."""
 
-    def __init__(self, f, npy: Path, rows: int, dim: int):
+    def __init__(self, f, npy: Path, rows: int, dim: int, dtype: str = C.STORE_DTYPES[0]):
         import numpy as np
 
         self.rows, self.dim, self.at = int(rows), int(dim), 0
@@ -70,10 +72,10 @@ class StoreWriter:
         self._csv.writerow(C.EMBEDDINGS_COLUMNS)
         self._npy = npy
         if self.rows == 0:  # nothing to map: the empty array np.save writes
-            np.save(npy, np.zeros((0, self.dim), np.float32))
+            np.save(npy, np.zeros((0, self.dim), dtype))
             self._arr = None
         else:
-            self._arr = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(self.rows, self.dim))
+            self._arr = np.lib.format.open_memmap(npy, mode="w+", dtype=np.dtype(dtype), shape=(self.rows, self.dim))
 
     def add(self, vecs, rows: Sequence[EmbeddingRow | Sequence[str]]) -> None:
         """Vectors (len(rows), dim) and their rows (typed, or the four cells as text)."""
@@ -325,16 +327,22 @@ class Workspace:
         return Store(vecs, rows, self.store_meta())
 
     def store_vectors(self, *, mmap: bool = False):
-        """The store's vectors alone, float32 (N, D): read, or with ``mmap`` mapped
-        read-only (stores larger than memory). MissingFile when there is none,
-        ManifestError when the .npy cannot be read."""
+        """The store's vectors alone (N, D): read as float32 (a float16 store cast), or
+        with ``mmap`` mapped read-only as stored, float32 or float16 (stores larger than
+        memory: the caller casts the rows it reads, ``np.asarray(rows, np.float32)``).
+        MissingFile when there is none, ManifestError when the .npy cannot be read or
+        holds numbers of another type (``constants.STORE_DTYPES``)."""
         import numpy as np
 
         p = self.require(C.EMBEDDINGS_NPY)
         try:
-            return np.load(p, mmap_mode="r" if mmap else None)
+            vecs = np.load(p, mmap_mode="r" if mmap else None)
         except ValueError as e:
             raise ManifestError(f"{p}: not a readable .npy file ({e})") from None
+        if vecs.dtype.name not in C.STORE_DTYPES:
+            raise ManifestError(f"{p}: holds {vecs.dtype.name} numbers, not one of {', '.join(C.STORE_DTYPES)} "
+                                f"(rerun: facecurate embed {self.out} --overwrite)")
+        return vecs if mmap else vecs.astype(np.float32, copy=False)
 
     def store_columns(self, *columns: str) -> Iterator[tuple[str, ...]]:
         """The text of ``columns`` of embeddings.csv, row by row (row i names vector i):
@@ -357,8 +365,8 @@ class Workspace:
         return self.write_json(C.EMBEDDINGS_META, meta)
 
     @contextlib.contextmanager
-    def store_writer(self, rows: int, dim: int) -> Iterator["StoreWriter"]:
-        """A store of ``rows`` vectors of ``dim`` written piece by piece (memory bounded
+    def store_writer(self, rows: int, dim: int, dtype: str = C.STORE_DTYPES[0]) -> Iterator["StoreWriter"]:
+        """A store of ``rows`` vectors of ``dim`` (stored as ``dtype``) written piece by piece (memory bounded
         by a piece, not the store): the .npy through a memory map, embeddings.csv
         streamed, both under temporary names renamed at the end, only when every
         vector was given; the bytes equal :meth:`write_store`'s. The caller writes
@@ -369,7 +377,7 @@ class Workspace:
                 fd, tmp = temp_beside(self.out / C.EMBEDDINGS_NPY)
                 os.close(fd)
                 npy_tmp = Path(tmp)
-                w = StoreWriter(f, npy_tmp, rows, dim)
+                w = StoreWriter(f, npy_tmp, rows, dim, dtype)
                 yield w
                 w.close()
                 os.replace(npy_tmp, self.out / C.EMBEDDINGS_NPY)

@@ -4,11 +4,13 @@
 plain ``<identity>/*`` folder of crops, or every image record of a ``.rec``) and
 writes the store:
 
-* ``OUT/embeddings.npy``  float32 (N, D), each row L2-normalised;
+* ``OUT/embeddings.npy``  float32 (N, D), each row L2-normalised (float16 with
+  ``dtype="float16"``: the same rows rounded, half the bytes; shards stay float32 and
+  are cast at the merge);
 * ``OUT/embeddings.csv``  row i names vector i (``aligned, source, identity, face``),
   in the order of ``align.csv``;
 * ``OUT/embeddings.json`` the model (name, file hash, dimension, input size,
-  normalisation, flip, how crops were fed) and the run's counts.
+  normalisation, flip, how crops were fed), the vectors' ``dtype`` and the run's counts.
 
 Work is split in fixed shards of the row list by the run machinery
 (:mod:`facecurate.engines.runner`, any engine of :mod:`facecurate.engines`); each finished
@@ -16,7 +18,7 @@ shard is written atomically to ``OUT/.facecurate/embed/shard_NNNNNN.npz`` and th
 recorded, so a killed run loses at most the shards in flight and a rerun embeds only
 what is missing. The store files are merged from the shards at the end (atomic
 writes), so they are byte-identical to an uninterrupted run's. A store made with
-another model / flip / feeding is refused.
+another model / flip / feeding / dtype is refused.
 
 Models come from :func:`facecurate.models.zoo.make_embedder` and are used through
 the :class:`facecurate.models.base.Embedder` protocol:
@@ -55,6 +57,7 @@ from facecurate.common.constants import (
     EMBED_SIGNATURE,
     MAX_INPUT_BYTES,
     REC_NAME,
+    STORE_DTYPES,
     VERSIONS_KEY,
     WORK_DIR,
 )
@@ -91,14 +94,23 @@ class EmbedConfig:
     max_bytes: int = MAX_INPUT_BYTES  # crops (and source photos) larger than this are not read
 
 
-def signature(info: dict, flip: bool, source_kind: str) -> dict:
+def signature(info: dict, flip: bool, source_kind: str, dtype: str = STORE_DTYPES[0]) -> dict:
     """What must be the same for every vector of one store."""
     sig = {"name": info["name"], "sha256": info["sha256"], "dim": info["dim"],
            "input_size": info["input_size"], "feed": info.get("feed", ""), "flip": bool(flip),
            "input": source_kind}
     if info.get("runtime"):  # dlib's model on ONNX Runtime (a store made by dlib has none)
         sig["runtime"] = info["runtime"]
+    if dtype != STORE_DTYPES[0]:  # a float32 store's signature is the one made before --dtype
+        sig["dtype"] = dtype
     return sig
+
+
+def store_dtype(meta: dict) -> str:
+    """The type of a store's vectors as its embeddings.json (or signature) records it;
+    float32 when it records none (a store made before ``--dtype``)."""
+    sig = meta.get("signature")
+    return str(meta.get("dtype") or (sig.get("dtype") if isinstance(sig, dict) else None) or STORE_DTYPES[0])
 
 
 # ----------------------------------------------------------------------------- worker
@@ -295,14 +307,17 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
               store_dir=None, overwrite: bool = False, chunk_size: Optional[int] = None,
               on_chunk: Optional[Callable[[dict], None]] = None, runtime: str = "auto", engine="local",
               ray_address: Optional[str] = None, part=None, max_bytes: int = MAX_INPUT_BYTES,
-              follow_external_links: bool = False) -> dict:
+              follow_external_links: bool = False, dtype: str = STORE_DTYPES[0]) -> dict:
     """Embed every crop of ``out_dir`` (an align OUT, a folder of crops, or a .rec) into
     the store in ``store_dir`` (default: ``out_dir``, or the .rec's folder). Resumes;
-    refuses to mix models. ``engine``/``part`` as in :func:`facecurate.align.align.run_align`;
+    refuses to mix models or dtypes. ``dtype``: of embeddings.npy (``STORE_DTYPES``;
+    float16 halves it). ``engine``/``part`` as in :func:`facecurate.align.align.run_align`;
     ``chunk_size``: faces per shard. A crop folder's files are read only when regular
     and at most ``max_bytes``, and its symlinks followed only while they stay inside
     it (``follow_external_links``: wherever they lead). Returns a summary dict."""
     t_start = time.perf_counter()
+    if dtype not in STORE_DTYPES:
+        raise EmbedError(f"dtype {dtype!r}: the store holds one of {', '.join(STORE_DTYPES)}")
     cfg = EmbedConfig(model=str(model), model_dir=model_dir, flip=bool(flip), dlib_feed=dlib_feed,
                       device=device, batch_size=batch_size, fp16=fp16, runtime=runtime, max_bytes=max_bytes)
     target = Path(out_dir)
@@ -312,7 +327,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
     work = store / WORK_DIR / EMBED_DIR
     embedder = cached_embedder(cfg)  # tells the signature (and runs the in-process lane)
     info = embedder.info()
-    sig = signature(info, cfg.flip, kind)
+    sig = signature(info, cfg.flip, kind, dtype)
     part = _part(part, overwrite)
     if overwrite:
         clear(work, [store / n for n in (EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META)])
@@ -345,7 +360,7 @@ def run_embed(out_dir, model: str = "dlib", model_dir: Optional[str] = None, bat
             store, items, work, shards, info, sig, cfg, kind),
             outputs=(EMBEDDINGS_NPY, EMBEDDINGS_CSV, EMBEDDINGS_META))
     summary = summary or {"store": str(store), "input": kind, "model": info["name"], "dim": int(info["dim"]),
-                          "faces": sum(len(s.items) for s in shards)}
+                          "dtype": dtype, "faces": sum(len(s.items) for s in shards)}
     summary = _summary(summary, stats, shards, part, complete, batch_size, embedder, t_start)
     summary["runtime"] = info.get("runtime") or embedder.runtime
     return summary
@@ -361,7 +376,7 @@ def _plan(items, kind: str, size: int):
 
 def _merge(store: Path, items, work: Path, shards, info: dict, sig: dict, cfg: "EmbedConfig", kind: str) -> dict:
     if kind == "rec":  # streamed: vectors and rows shard after shard, never all in memory
-        count, fails = write_rec_store(store, Path(items), work, shards, int(info["dim"]))
+        count, fails = write_rec_store(store, Path(items), work, shards, int(info["dim"]), store_dtype(sig))
         faces = sum(len(s.items) for s in shards)
         return _write_meta(store, info, sig, cfg, kind, count, fails, faces)
     return _write_store(store, items, *_load_shards(work, shards), info, sig, cfg, kind)
@@ -430,9 +445,14 @@ def _check_signature(store: Path, work: Path, sig: dict) -> None:
             old = Workspace(store).read_json(EMBEDDINGS_META, required=True).get("signature")
     except ManifestError as e:
         raise EmbedError(str(e)) from None
-    if old is not None and old != sig:
-        diff = ", ".join(f"{k}: {old.get(k)!r} in the store, {sig.get(k)!r} now"
-                         for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k))
+    if old is None:
+        return
+    if not isinstance(old, dict):
+        raise EmbedError(f"{store}: the store's recorded signature is not readable; rerun with --overwrite")
+    old, now = {**old, "dtype": store_dtype(old)}, {**sig, "dtype": store_dtype(sig)}  # float32 unless named
+    if old != now:
+        diff = ", ".join(f"{k}: {old.get(k)!r} in the store, {now.get(k)!r} now"
+                         for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k))
         raise EmbedError(
             f"{store} already holds embeddings made differently ({diff}); vectors of two models or "
             "settings cannot share one store. Rerun with the store's settings, use --overwrite to "
@@ -449,7 +469,7 @@ def _write_store(store: Path, items: Sequence[Item], vecs: dict, failed: dict, i
         rows.append(EmbeddingRow(aligned=it.aligned, source=it.source, identity=it.identity, face=it.face))
         mats.append(v)
     dim = int(info["dim"])
-    arr = np.ascontiguousarray(np.array(mats, np.float32).reshape(len(mats), dim))
+    arr = np.ascontiguousarray(np.array(mats, np.float32).reshape(len(mats), dim), store_dtype(sig))
     buf = io.BytesIO()
     np.save(buf, arr)
     fails = [{"aligned": it.aligned, "reason": failed[it.aligned]} for it in items if it.aligned in failed]
@@ -465,11 +485,12 @@ def _write_meta(store: Path, info: dict, sig: dict, cfg: "EmbedConfig", kind: st
         "model": info["name"], "model_info": {k: v for k, v in info.items() if k not in ("provider", "file")},
         "model_file": info.get("file"), "sha256": info["sha256"], "dim": dim,
         "input_size": info["input_size"], "normalisation": "l2", "flip": cfg.flip,
-        "feed": info.get("feed"), "input": kind, "count": count, "failed": fails,
+        "feed": info.get("feed"), "input": kind, "dtype": store_dtype(sig), "count": count, "failed": fails,
         "signature": sig, "version": __version__, VERSIONS_KEY: embed_versions(info),
     }
     Workspace(store).write_store_meta(meta)  # written last: it marks the store whole
-    return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "flip": cfg.flip,
+    return {"store": str(store), "input": kind, "model": info["name"], "dim": dim, "dtype": store_dtype(sig),
+            "flip": cfg.flip,
             "feed": info.get("feed"), "faces": faces, "embedded": count, "failed": len(fails),
             "failures": fails[:20]}
 
@@ -478,8 +499,9 @@ def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
     """(vectors float32 (N, D), rows [EmbeddingRow], meta) of the embedding store in
     ``out_dir`` (read by :meth:`facecurate.common.workspace.Workspace.store`), for embed,
     clean and eval-pairs. ``mmap``: map the vectors read-only instead of reading them
-    (clean's large stores). A missing store is an EmbedError, or None with
-    ``missing_ok``; a store whose .csv and .npy disagree is always an EmbedError."""
+    (clean's large stores), as stored: float32 or float16 (the caller casts). A missing
+    store is an EmbedError, or None with ``missing_ok``; a store whose .csv and .npy
+    disagree is always an EmbedError."""
     ws = Workspace(out_dir)
     if missing_ok and not ws.has_store():
         return None
@@ -491,4 +513,4 @@ def load_store(out_dir, *, mmap: bool = False, missing_ok: bool = False):
 
 
 __all__ = ["run_embed", "load_store", "EmbedError", "EmbedConfig", "Item", "Loader", "items_from_align",
-           "items_from_folder", "items_from_rec", "cached_embedder"]
+           "items_from_folder", "items_from_rec", "cached_embedder", "store_dtype"]

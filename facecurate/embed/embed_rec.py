@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from facecurate.common.constants import REC_KEY_PREFIX
+from facecurate.common.constants import REC_KEY_PREFIX, STORE_DTYPES
 from facecurate.embed.embed_inputs import EmbedError, Item, shard_npz
 from facecurate.common.recdata import LABEL_RULE, PLAIN, RecLayout, image_label, label_ok, read_layout
 from facecurate.common.recordio import RecordIOError, read_record, unpack_record
@@ -187,16 +187,17 @@ def _shard_rows(work: Path, shards) -> Iterator[tuple[np.ndarray, list, list, li
                    list(zip(z["failed_keys"].tolist(), z["failed_reasons"].tolist())))
 
 
-def write_rec_store(store: Path, rec: Path, work: Path, shards, dim: int) -> tuple[int, list[dict]]:
-    """Write ``embeddings.npy`` and ``embeddings.csv`` of a .rec's store from the
-    finished shards, in plan order, through :meth:`Workspace.store_writer` (one shard
-    in memory at a time). Returns (rows, failures)."""
+def write_rec_store(store: Path, rec: Path, work: Path, shards, dim: int, dtype: str = STORE_DTYPES[0],
+                    ) -> tuple[int, list[dict]]:
+    """Write ``embeddings.npy`` (of ``dtype``) and ``embeddings.csv`` of a .rec's store
+    from the finished shards, in plan order, through :meth:`Workspace.store_writer`
+    (one shard in memory at a time). Returns (rows, failures)."""
     total = 0
     for s in shards:
         with np.load(shard_npz(work, s.index)) as z:
             total += int(z["keys"].shape[0])
     fails: list[dict] = []
-    with Workspace(store).store_writer(total, dim) as w:
+    with Workspace(store).store_writer(total, dim, dtype) as w:
         for vecs, keys, idents, failed in _shard_rows(work, shards):
             w.add(vecs, [(k, f"{rec.name}:{k[len(REC_KEY_PREFIX):]}", ident, "0") for k, ident in zip(keys, idents)])
             fails += [{"aligned": k, "reason": r} for k, r in failed]
