@@ -161,7 +161,8 @@ def run(a) -> dict:
             seed_s=round(t_seed_all, 2), seed_extrapolated=sampled, seed_sample_faces=seed_faces,
             clean_vs_seed_ratio=round(t_core / max(t_seed_all, 1e-9), 2),
             keep=s["keep"], drop=s["drop"], review=s["review"], merge_candidates=s["merge_candidates"],
-            store_reused=_store_state(dest) == store)
+            store_reused=_store_state(dest) == store,
+            steps_s=",".join(f"{k}={v.get('seconds')}" for k, v in s.get("engine", {}).get("steps", {}).items()))
     finally:
         if not a.keep:
             shutil.rmtree(dest, ignore_errors=True)

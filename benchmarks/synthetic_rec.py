@@ -37,8 +37,15 @@ class Plan:
     def __init__(self, n_faces: int, n_ids: int, dim: int, seed: int = 0):
         rng = np.random.default_rng([seed, 0])
         w = rng.permutation(1.0 / np.arange(1, n_ids + 1) ** 0.6)
-        counts = np.maximum(1, np.floor(w / w.sum() * n_faces)).astype(np.int64)
-        counts[np.argmax(counts)] += n_faces - counts.sum()
+        share = w / w.sum() * n_faces
+        counts = np.maximum(1, np.floor(share)).astype(np.int64)
+        # the faces the floors left over go one each to the largest fractional parts (no
+        # one giant identity: real sets' largest hold thousands, not a million)
+        left = int(n_faces - counts.sum())
+        if left > 0:
+            counts[np.argsort(-(share - np.floor(share)), kind="stable")[:left]] += 1
+        elif left < 0:
+            counts[np.argmax(counts)] += left
         self.counts, self.dim, self.seed = counts, dim, seed
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # first key of each identity
         self.faces = int(self.starts[-1])
