@@ -238,3 +238,31 @@ def test_a_float16_store_is_cleaned_as_in_memory(tmp_path):
         run_clean_rec(dest, sharded=sharded, shard_faces=3_000, show_progress=False)
         outs.append(outputs(dest))
     assert outs[0] == outs[1]
+
+
+def test_a_review_applied_then_a_rerun_keeps_the_manual_decisions(syn, tmp_path):
+    """The steps before write are reused (same settings), the write step is redone with
+    the new manual decisions, and the outputs equal the in-memory run's."""
+    from click.testing import CliRunner
+
+    from facecurate.cli import main as cli
+
+    src, _ = syn
+    outs = []
+    for sharded in (True, False):
+        dest = fresh(src, tmp_path / f"D{sharded}")
+        run_clean_rec(dest, sharded=sharded, shard_faces=5_000, show_progress=False)
+        rows = (dest / "clean.csv").read_text().splitlines()
+        review = [r.split(",")[3] for r in rows if ",review," in r][:3]
+        assert len(review) == 3
+        (tmp_path / "dec.csv").write_text("aligned,decision\n" + "".join(f"{a},keep\n" for a in review))
+        assert CliRunner().invoke(cli, ["review", "apply", str(dest), str(tmp_path / "dec.csv")]).exit_code == 0
+        s = run_clean_rec(dest, sharded=sharded, shard_faces=5_000, show_progress=False)
+        assert s["manual_kept"] == 3
+        if sharded:
+            steps = s["engine"]["steps"]
+            assert steps["analyse"]["shards_now"] == 0 and steps["decide"]["shards_now"] == 0
+            assert steps["write"]["shards_now"] == steps["write"]["shards"]
+        outs.append(outputs(dest))
+    assert outs[0] == outs[1]
+    assert outs[0]["clean.csv"].count(b",keep,manual,") == 3

@@ -64,12 +64,19 @@ class Layout:
     normalize: bool  # rows are renormalised (the store is not all unit rows in key order)
     params: CleanParams
     offsets: bool  # score offsets are computed (clean_core's condition)
+    write_key: str  # digest of what only the write step reads (manual decisions, label names)
+    show: bool = True  # progress bars in the driver (not part of what the workers compute)
 
     def table(self, name: str) -> Path:
         return Path(self.tables) / f"{name}.npy"
 
+    def step_dir(self, step: str) -> Path:
+        """A step's folder of per-shard files and records; the write step's is named by
+        ``write_key``, so that new manual decisions or names redo only that step."""
+        return Path(self.work) / (f"{step}-{self.write_key}" if step == "write" else step)
+
     def step_file(self, step: str, index: int) -> Path:
-        return Path(self.work) / step / f"shard_{index:06d}.npz"
+        return self.step_dir(step) / f"shard_{index:06d}.npz"
 
     def global_file(self, name: str) -> Path:
         return Path(self.work) / f"{name}.npz"
@@ -242,8 +249,7 @@ class CleanShardWorker:
             if sc.size:
                 med[j] = float(np.median(sc))
         text, stats = self._csv_part(index, lo, hi, dec, rea, score, dup)
-        (Path(lay.work) / "write").mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(Path(lay.work) / "write" / f"shard_{index:06d}.csv", text)
+        write_bytes_atomic(lay.step_dir("write") / f"shard_{index:06d}.csv", text)
         save(lay.step_file("write", index), median=med, **counts)
         return stats
 
@@ -257,8 +263,8 @@ class CleanShardWorker:
         fail = load_global(lay, "failed")
         fm = fail["shard"] == index
         fkeys, flabs = fail["key"][fm], fail["label"][fm]
-        manual = _manual(Path(lay.work))
-        names = json.loads((Path(lay.work) / "names.json").read_text(encoding="utf-8"))
+        manual = json.loads((lay.step_dir("write") / "manual.json").read_text(encoding="utf-8"))
+        names = json.loads((lay.step_dir("write") / "names.json").read_text(encoding="utf-8"))
         dup_keys = np.where(dup >= 0, _keys_at(lay, dup), -1)
         n_all = (hi - lo) + fkeys.size
         order = np.argsort(np.r_[keys, fkeys], kind="stable")
@@ -304,11 +310,6 @@ def flag_names(bits: int) -> list:
 def _keys_at(lay: Layout, idx: np.ndarray) -> np.ndarray:
     keys = np.load(lay.table("key"), mmap_mode="r")
     return np.array(keys[np.maximum(idx, 0)])
-
-
-def _manual(work: Path) -> dict:
-    p = work / "manual.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
 __all__ = ["STEPS", "Layout", "CleanShardWorker", "FLAG_ORDER", "flag_names", "plan_arrays", "cohort_plan",

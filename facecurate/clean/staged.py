@@ -25,6 +25,7 @@ continues, other settings start afresh.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -177,6 +178,17 @@ def plan_staged_shards(start: np.ndarray, shard_faces: int, salt: str) -> list[S
 
 
 # ----------------------------------------------------------------------------- globals
+@contextlib.contextmanager
+def _phase(desc: str, show: bool):
+    """A one-step bar for a global step of the driver (seen on a terminal while it works)."""
+    bar = progress(total=1, desc=desc, unit="step", disable=None if show else True)
+    try:
+        yield
+        bar.update(1)
+    finally:
+        bar.close()
+
+
 def _centres(lay: Layout, shards: Sequence[Shard], start: np.ndarray) -> dict:
     """Per identity, from the analyse step's files: centres, median, clusters, share, ambiguous; unit rows."""
     k = lay.identities
@@ -304,7 +316,7 @@ def _outputs(lay: Layout, shards: Sequence[Shard], start: np.ndarray, per_id: di
         med[g0:g1] = w["median"]
         for name in counts:
             counts[name][g0:g1] = w[name]
-    for rec in _records(work / "write", shards):
+    for rec in _records(lay.step_dir("write"), shards):
         st = rec["stats"]
         rows_total += st["rows"]
         manual_kept += st["manual_kept"]
@@ -316,7 +328,8 @@ def _outputs(lay: Layout, shards: Sequence[Shard], start: np.ndarray, per_id: di
     live = np.flatnonzero(has & ~np.isin(np.arange(k), excluded))
     fin = fin[live] if live.size < k else fin
     t0 = time.perf_counter()
-    with LocalPool(workers) as pool:
+    with LocalPool(workers) as pool, _phase(f"clean: merge search ({_search_kind(len(live))}, {len(live)} "
+                                            "kept centres)", lay.show):
         pairs = similar_pairs(fin, p.merge, pool=pool)
     del fin
     merge_s = time.perf_counter() - t0
@@ -356,7 +369,7 @@ def _outputs(lay: Layout, shards: Sequence[Shard], start: np.ndarray, per_id: di
     ws.write_identities(ident_rows())
     merge_rows = [MergeRow(a=names[a], b=names[b], similarity=float(s)) for a, b, s in merges]
     ws.write_merges(merge_rows)
-    _join_csv(ws.path(C.CLEAN_CSV), work / "write", shards)
+    _join_csv(ws.path(C.CLEAN_CSV), lay.step_dir("write"), shards)
     resolved = int(load(lay.global_file("global3"))["resolved"])
     summary = dict(input="rec", **clean_summary(rows_total, decisions, reasons, len(rows_labels), flag_counts,
                                                 merge_rows, resolved, p, model, manual_kept,
@@ -422,17 +435,24 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
         write_text_atomic(unit_file, json.dumps({"unit": _all_unit(ws, show_progress)}))
     unit = json.loads(unit_file.read_text())["unit"] if unit_file.exists() else None
     offsets = bool(n and (p.cohort or p.cohort_centre or p.margin or p.spread))
+    names = _names(ids["labels"], label_names)
+    manual = previous_manual or {}
+    write_key = hashlib.sha256(json.dumps([manual, names], sort_keys=True).encode()).hexdigest()[:12]
     lay = Layout(str(dest), str(work), str(tables), str(ws.path(C.EMBEDDINGS_NPY)), str(rec_path), n, k, d,
-                 unit is False, p, offsets)
-    _write_small_files(work, lay, rec_path, ids, shards, label_names, previous_manual or {}, ws)
+                 unit is False, p, offsets, write_key, show_progress)
+    if part is None:  # the write steps of other manual decisions or names
+        for old in work.glob("write-*"):
+            if old != lay.step_dir("write"):
+                shutil.rmtree(old, ignore_errors=True)
+    _write_small_files(lay, rec_path, shards, label_names, names, manual, ws)
     eng = engine if not isinstance(engine, str) else get_engine(engine, workers=workers, address=ray_address)
-    steps, per_id, plan_digest = {}, None, digest
+    steps, per_id, plan_digest = {}, None, f"{digest}-{write_key}"
     for i, step in enumerate(STEPS):
         if step == "cohort" and not (offsets and _has_cohort(lay)):
             continue
         t0 = time.perf_counter()
-        spec = WorkerSpec(CleanShardWorker, (lay, step), str(work / step), must_see=(str(dest),))
-        (work / step).mkdir(exist_ok=True)
+        spec = WorkerSpec(CleanShardWorker, (lay, step), str(lay.step_dir(step)), must_see=(str(dest),))
+        lay.step_dir(step).mkdir(exist_ok=True)
         stats, complete = run_shards(eng, spec, shards, part=part, desc=f"clean {i + 1}/4 {step}", unit="face",
                                      show_progress=show_progress,
                                      on_shard=None if on_shard is None else lambda rec, st=step: on_shard(st, rec))
@@ -455,13 +475,16 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
                                   previous_manual=previous_manual, on_shard=on_shard)
             if not lay.global_file("global1").exists():
                 t0 = time.perf_counter()
-                _global1(lay, per_id, ex_ids, ex_vecs, workers)
+                with _phase(f"clean: {k} identity centres (exclusion, merge partners, cohort)", show_progress):
+                    _global1(lay, per_id, ex_ids, ex_vecs, workers)
                 steps["centres"] = dict(seconds=round(time.perf_counter() - t0, 2))
             del per_id["centre"]  # (k, d): the largest thing this process holds; the outputs need the rest
         elif step == "cohort" and not lay.global_file("global2").exists():
-            _global2(lay, shards)
+            with _phase("clean: the cohort's median", show_progress):
+                _global2(lay, shards)
         elif step == "decide" and not lay.global_file("global3").exists():
-            _global3(lay, shards)
+            with _phase("clean: the review budget", show_progress):
+                _global3(lay, shards)
     if per_id is None:
         per_id = _centres(lay, shards, start)
     failed = load(work / "failed.npz")
@@ -510,10 +533,15 @@ def _store_shape(ws: Workspace) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _write_small_files(work: Path, lay: Layout, rec_path: Path, ids: dict, shards, label_names: dict,
-                       manual: dict, ws: Workspace) -> None:
-    """names.json, manual.json and failed.npz (records the store lacks, by shard)."""
-    names = {str(int(lab)): label_names[int(lab)] for lab in ids["labels"].tolist() if int(lab) in label_names}
+def _names(labels: np.ndarray, label_names: dict) -> dict:
+    """label (as text) -> name, for the identities' labels that labels.csv names."""
+    return {str(int(lab)): label_names[int(lab)] for lab in labels.tolist() if int(lab) in label_names}
+
+
+def _write_small_files(lay: Layout, rec_path: Path, shards, label_names: dict, names: dict, manual: dict,
+                       ws: Workspace) -> None:
+    """The write step's names.json and manual.json, and failed.npz (the records the
+    store lacks, with their labels and the shard whose key range holds them)."""
     meta = ws.store_meta()
     fk = sorted({rec_key(f.get("aligned", "")) for f in meta.get("failed", [])
                  if isinstance(f, dict) and rec_key(f.get("aligned", "")) is not None})
@@ -523,15 +551,19 @@ def _write_small_files(work: Path, lay: Layout, rec_path: Path, ids: dict, shard
         ok = (pos >= lay.faces) | (keys[np.minimum(pos, lay.faces - 1)] != np.asarray(fk))
         fk = [k for k, o in zip(fk, ok.tolist()) if o]
     f_labels = np.asarray(labels_of(rec_path, fk), np.int64)
+    names = dict(names)
     for lab in f_labels.tolist():
         if lab >= 0 and lab in label_names:
             names[str(lab)] = label_names[lab]
     last = np.asarray([int(keys[s.items.stop - 1]) for s in shards], np.int64)
     del keys
     shard_of = np.minimum(np.searchsorted(last, np.asarray(fk, np.int64), "left"), max(len(shards) - 1, 0))
-    write_text_atomic(work / "names.json", json.dumps(names, sort_keys=True))
-    write_text_atomic(work / "manual.json", json.dumps(manual, sort_keys=True))
-    save(work / "failed.npz", key=np.asarray(fk, np.int64), label=f_labels, shard=shard_of.astype(np.int64))
+    out = lay.step_dir("write")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "names.json", json.dumps(names, sort_keys=True))
+    write_text_atomic(out / "manual.json", json.dumps(manual, sort_keys=True))
+    save(Path(lay.work) / "failed.npz", key=np.asarray(fk, np.int64), label=f_labels,
+         shard=shard_of.astype(np.int64))
 
 
 __all__ = ["run_staged", "NotStageable", "exact_median", "build_table", "plan_staged_shards", "SHARD_FACES",
