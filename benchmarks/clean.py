@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -132,11 +133,19 @@ def run(a) -> dict:
 
     base = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="fc-bench-clean-", dir="/tmp"))
     dest = base / f"clean-{a.faces}-{a.identities}-{a.dim}-{a.dtype}"
-    shutil.rmtree(dest, ignore_errors=True)
+    plan = Plan(a.faces, a.identities, a.dim)
+    reuse = a.reuse and (dest / "embeddings.json").exists()
+    if not reuse:
+        shutil.rmtree(dest, ignore_errors=True)
     try:
-        plan = Plan(a.faces, a.identities, a.dim)
         t0 = time.perf_counter()
-        dtype = write_dataset(dest, plan, a.dtype)
+        if reuse:  # the same arguments wrote the same bytes: clean's own files and work go
+            for name in ("clean.csv", "identities.csv", "merges.csv", "clean.json", ".facecurate"):
+                shutil.rmtree(dest / name, ignore_errors=True) if name.startswith(".") else \
+                    (dest / name).unlink(missing_ok=True)
+            dtype = json.loads((dest / "embeddings.json").read_text())["dtype"]
+        else:
+            dtype = write_dataset(dest, plan, a.dtype)
         t_write = time.perf_counter() - t0
         t_seed, seed_faces, sampled = seed_method(dest, plan, default_params(MODEL).drop, a.seed_sample)
         t_seed_all = t_seed * plan.faces / max(seed_faces, 1)
@@ -148,6 +157,7 @@ def run(a) -> dict:
             t_clean = time.perf_counter() - t0
         t_core = next((float(s[k]) for k in CORE_SECONDS_KEYS if k in s), t_clean)
         recall, recall_all, not_kept = merge_recall(dest, plan)
+        ray = _on_ray(dest, a.ray_nodes) if a.ray_nodes else {}
         return dict(
             faces=plan.faces, identities=a.identities, dim=a.dim, dtype=dtype, dtype_requested=a.dtype,
             engine=a.engine or "default",
@@ -162,12 +172,50 @@ def run(a) -> dict:
             clean_vs_seed_ratio=round(t_core / max(t_seed_all, 1e-9), 2),
             keep=s["keep"], drop=s["drop"], review=s["review"], merge_candidates=s["merge_candidates"],
             store_reused=_store_state(dest) == store,
+            write_reused=reuse, **ray,
             steps_s=",".join(f"{k}={v.get('seconds')}" for k, v in s.get("engine", {}).get("steps", {}).items()))
     finally:
         if not a.keep:
             shutil.rmtree(dest, ignore_errors=True)
             if not a.dir:
                 shutil.rmtree(base, ignore_errors=True)
+
+
+OUTPUTS = ("clean.csv", "identities.csv", "merges.csv", "clean.json")
+
+
+def _on_ray(dest: Path, nodes: int) -> dict:
+    """clean again on a Ray cluster of ``nodes`` nodes of one CPU each started on this
+    host (a copy of DEST: the inputs hard-linked), and whether its outputs equal the
+    first run's byte for byte."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from facecurate.clean import run_clean
+
+    other = dest.with_name(dest.name + "-ray")
+    shutil.rmtree(other, ignore_errors=True)
+    other.mkdir()
+    for f in dest.iterdir():
+        if f.is_file() and f.name not in OUTPUTS:
+            os.link(f, other / f.name)
+    node = {"num_cpus": 1, "object_store_memory": 200 * 1024 * 1024}
+    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    for _ in range(nodes - 1):
+        c.add_node(**node)
+    try:
+        ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+        c.wait_for_nodes()
+        t0 = time.perf_counter()
+        s = run_clean(other, engine="ray", show_progress=False)
+        t = time.perf_counter() - t0
+        same = all((dest / n).read_bytes() == (other / n).read_bytes() for n in OUTPUTS)
+        used = len(s.get("engine", {}).get("steps", {}).get("analyse", {}).get("nodes", {}))
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        shutil.rmtree(other, ignore_errors=True)
+    return dict(ray_nodes=nodes, ray_nodes_used=used, ray_clean_s=round(t, 1), ray_identical=same)
 
 
 def main(argv=None):
@@ -185,6 +233,11 @@ def main(argv=None):
     ap.add_argument("--seed-sample", type=int, default=10_000,
                     help="identities the seed method is timed on (extrapolated in faces to all)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between PSS samples")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse DEST when --dir already holds the dataset these arguments write (with --keep)")
+    ap.add_argument("--ray-nodes", type=int, default=0,
+                    help="then clean a copy on a Ray cluster of this many one-CPU nodes started on this host "
+                         "and print whether its outputs are byte-identical (ray_identical)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.faces < a.identities or a.identities < 2:
