@@ -158,12 +158,17 @@ def _wait_for(pred, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
+def _slow_run_until(dest: Path, step: str) -> subprocess.Popen:
+    """The CLI on 2 workers, each shard delayed, once 2 shards of ``step`` are recorded."""
+    p = _cli(dest, "--workers", "2", env={"FACECURATE_SHARD_DELAY": "0.3"})
+    _wait_for(lambda: len(list((dest / ".facecurate" / "clean").glob(f"*/{step}/shard_*.json"))) >= 2)
+    return p
+
+
 def test_a_worker_killed_mid_run_costs_a_retry_not_a_byte(syn, tmp_path):
     src, ref = syn
     dest = fresh(src, tmp_path / "DEST")
-    p = _cli(dest, "--workers", "2", env={"FACECURATE_SHARD_DELAY": "0.3"})
-    analyse = lambda: list((dest / ".facecurate" / "clean").glob("*/analyse/shard_*.json"))  # noqa: E731
-    _wait_for(lambda: len(analyse()) >= 2)
+    p = _slow_run_until(dest, "analyse")
     kids = [c for c in _children(p.pid) if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text()]
     assert kids, "no worker process"
     os.kill(kids[0], signal.SIGKILL)
@@ -177,9 +182,7 @@ def test_a_worker_killed_mid_run_costs_a_retry_not_a_byte(syn, tmp_path):
 def test_the_driver_killed_mid_run_then_a_rerun_continues(syn, tmp_path):
     src, ref = syn
     dest = fresh(src, tmp_path / "DEST")
-    p = _cli(dest, "--workers", "2", env={"FACECURATE_SHARD_DELAY": "0.3"})
-    decided = lambda: list((dest / ".facecurate" / "clean").glob("*/decide/shard_*.json"))  # noqa: E731
-    _wait_for(lambda: len(decided()) >= 2)
+    p = _slow_run_until(dest, "decide")
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
     _wait_for(lambda: not _children(p.pid), 30)

@@ -217,7 +217,7 @@ FORK_READER = ("import hashlib, os, sys\nbuf = b'\\x01' * (200 << 20)\npid = os.
                "    sys.stdin.read()\n    os._exit(0)\nsys.stdin.read()\nos.waitpid(pid, 0)\n")
 
 
-def _start(code: str) -> subprocess.Popen:
+def _start_python(code: str) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     return p
@@ -239,7 +239,7 @@ def test_tree_pss_counts_a_child_that_allocates():
     from facecurate.common.procs import descendants, tree_pss
 
     base = tree_pss(os.getpid())
-    child = _start(HOLD_200MB)
+    child = _start_python(HOLD_200MB)
     try:
         assert child.pid in descendants(os.getpid())
         assert tree_pss(os.getpid()) - base >= 150 * MB
@@ -254,7 +254,7 @@ def test_tree_pss_counts_pages_shared_by_a_fork_once():
     the two counts the 200 MB twice, the tree's PSS once."""
     from facecurate.common.procs import descendants, tree_pss
 
-    parent = _start(FORK_READER)
+    parent = _start_python(FORK_READER)
     try:
         kids = descendants(parent.pid)
         assert len(kids) == 1
