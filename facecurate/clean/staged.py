@@ -510,18 +510,21 @@ def _store_dtype(ws: Workspace):
     return dt
 
 
-def _all_unit(ws: Workspace, show_progress: bool, block: int = 65536) -> bool:
-    """Whether every row of the store has unit length (the in-memory run's test, in the
-    same blocks), one streamed pass."""
-    vecs = ws.store_vectors(mmap=True)
-    try:
-        for lo in progress(range(0, len(vecs), block), desc="clean (unit rows)", unit="block",
-                           disable=None if show_progress else True):
-            if not np.allclose(np.linalg.norm(np.asarray(vecs[lo:lo + block], np.float64), axis=1), 1.0, atol=1e-4):
-                return False
-        return True
-    finally:
+def _all_unit(ws: Workspace, show_progress: bool, block: int = 8192) -> bool:
+    """Whether every row of the store has unit length (the in-memory run's test, row by
+    row), one streamed pass. Each block is read through a map of its own that
+    is closed at once: a map held over the pass would keep the whole store's pages
+    counted in this process's memory (PSS)."""
+    path = ws.path(C.EMBEDDINGS_NPY)
+    n = _store_shape(ws)[0]
+    for lo in progress(range(0, n, block), desc="clean (unit rows)", unit="block",
+                       disable=None if show_progress else True):
+        vecs = np.load(path, mmap_mode="r")
+        x = np.asarray(vecs[lo:lo + block], np.float64)
         del vecs
+        if not np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-4):
+            return False
+    return True
 
 
 def _store_shape(ws: Workspace) -> tuple[int, int]:
