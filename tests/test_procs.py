@@ -81,14 +81,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited (whoever adopted it has not reaped it yet)
 
 
-def _start(args, tmp_path: Path, shard_delay: float = 0.0) -> tuple[subprocess.Popen, Path]:
-    """The CLI in its own session; ``shard_delay``: seconds each shard waits first
-    (the runner's fault-test knob), so that the run is surely still working when a
-    test interrupts it, however loaded the machine."""
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C as a terminal's program gets it. A pytest
+    started in the background (``cmd &`` in a script) inherits an ignored SIGINT, and
+    its children would too: the CLI would then never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start(args, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     err = tmp_path / f"stderr-{len(list(tmp_path.glob('stderr-*')))}.txt"
-    env = dict(os.environ, **({"FACECURATE_SHARD_DELAY": str(shard_delay)} if shard_delay else {}))
     p = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=open(err, "wb"),
-                         start_new_session=True, env=env)
+                         start_new_session=True, preexec_fn=_default_sigint)
     return p, err
 
 
@@ -175,7 +178,7 @@ def test_second_embed_on_the_same_store_is_refused(lfw_out, tmp_path):
 def test_ctrl_c_same_message_and_status_in_every_stage(stage, lfw_raw, lfw_out, tmp_path):
     args = ["align", lfw_raw, tmp_path / "out", "--workers", "2"] if stage == "align" else \
         ["embed", lfw_out, "--out", tmp_path / "store", "--workers", "2", "--runtime", "dlib"]
-    p, err = _start(args, tmp_path, shard_delay=5)  # under load the whole run once ended before the Ctrl-C (rc 0)
+    p, err = _start(args, tmp_path)
     kids = _wait_for_workers(p, 2)
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert p.wait(60) == 130
