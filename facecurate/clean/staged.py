@@ -51,7 +51,7 @@ from facecurate.common.recdata import int_label, rec_key
 from facecurate.common.recordio import iter_idx
 from facecurate.common.workspace import Workspace
 from facecurate.engines import get_engine
-from facecurate.engines.local import LocalPool
+from facecurate.engines.local import LocalEngine, LocalPool
 from facecurate.engines.runner import RunError, Shard, WorkerSpec, fail_message, merge_if_due, run_shards
 
 #: faces per shard of identities (a shard's rows and its analysis fit a worker's memory)
@@ -445,7 +445,10 @@ def run_staged(dest: Path, rec_path: Path, p: CleanParams, model: str, label_nam
             if old != lay.step_dir("write"):
                 shutil.rmtree(old, ignore_errors=True)
     _write_small_files(lay, rec_path, shards, label_names, names, manual, ws)
-    eng = engine if not isinstance(engine, str) else get_engine(engine, workers=workers, address=ray_address)
+    if engine == "local" and not ray_address:  # the driver keeps to its per-identity arrays: shards go to children
+        eng = LocalEngine(workers, own_lane=False)
+    else:
+        eng = engine if not isinstance(engine, str) else get_engine(engine, workers=workers, address=ray_address)
     steps, per_id, plan_digest = {}, None, f"{digest}-{write_key}"
     for i, step in enumerate(STEPS):
         if step == "cohort" and not (offsets and _has_cohort(lay)):

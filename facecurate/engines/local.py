@@ -81,9 +81,13 @@ def _error(e: BaseException) -> str:
 class LocalEngine:
     name = "local"
 
-    def __init__(self, workers: Optional[int] = None, max_retries: int = MAX_SHARD_RETRIES):
+    def __init__(self, workers: Optional[int] = None, max_retries: int = MAX_SHARD_RETRIES, own_lane: bool = True):
+        """``own_lane``: this process runs shards too (``workers - 1`` children); False:
+        ``workers`` children and this process only hands out shards (a driver that holds
+        large data of its own, such as the sharded clean's, keeps its memory to itself)."""
         self.workers = max(1, int(workers or default_workers()))
         self.max_retries = max_retries
+        self.own_lane = own_lane
         self._own: Optional[ShardRunner] = None
 
     def lanes(self, spec: WorkerSpec, n_shards: int) -> int:
@@ -114,11 +118,11 @@ class LocalEngine:
         pending = deque(shards)
         tries: dict = {}
         lanes = self.lanes(spec, len(pending))
-        if lanes == 1:
+        if lanes == 1 and self.own_lane:
             yield from self._run_here(spec, pending, tries)
             return
         with single_threaded_children():  # children are spawned on demand, while the run lasts
-            yield from self._run_pool(spec, pending, tries, lanes - 1)
+            yield from self._run_pool(spec, pending, tries, lanes - 1 if self.own_lane else lanes)
 
     def _run_here(self, spec, pending: deque, tries: dict) -> Iterator[Outcome]:
         runner = self._own_runner(spec)
@@ -141,7 +145,7 @@ class LocalEngine:
                 while pending and len(running) < 2 * children:
                     s = pending.popleft()
                     running[ex.submit(_child_run, s)] = s
-                if pending:  # this process's own share; children start meanwhile
+                if pending and self.own_lane:  # this process's own share; children start meanwhile
                     shard = pending.popleft()
                     o = self._attempt(self._own_runner(spec), shard, tries)
                     if o is None:
