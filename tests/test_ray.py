@@ -320,5 +320,7 @@ def test_clean_of_a_packed_dataset_on_two_nodes_identical_to_local(cluster, tmp_
     dest = fresh(src, tmp_path / "ray-removed")
     s = run_clean_rec(dest, engine="ray", shard_faces=1_500, show_progress=False, on_shard=remove_once)
     assert removed, s["engine"]
-    assert s["engine"]["steps"]["decide"]["retries"] >= 1
+    # whether the node held another shard when it went depends on timing (a retry if so):
+    # either way every shard is recorded once and the outputs are the same bytes
+    assert all(not v.get("failed") for v in s["engine"]["steps"].values())
     assert outputs(dest) == outputs(ref)
