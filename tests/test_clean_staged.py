@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 
 from facecurate.clean.clean_rec import run_clean_rec
 from facecurate.clean.staged import exact_median
+from facecurate.common.procs import descendants
 from test_clean_rec import _copy, embedded_recs, face_crops  # noqa: F401 - fixtures
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -139,18 +139,6 @@ def _cli(dest: Path, *extra, env=None):
                             env=dict(os.environ, **(env or {})), start_new_session=True)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
 def _wait_for(pred, timeout: float = 120.0) -> None:
     t0 = time.monotonic()
     while not pred():
@@ -169,7 +157,7 @@ def test_a_worker_killed_mid_run_costs_a_retry_not_a_byte(syn, tmp_path):
     src, ref = syn
     dest = fresh(src, tmp_path / "DEST")
     p = _slow_run_until(dest, "analyse")
-    kids = [c for c in _children(p.pid) if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text()]
+    kids = [c for c in descendants(p.pid) if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text()]
     assert kids, "no worker process"
     os.kill(kids[0], signal.SIGKILL)
     out, err = p.communicate(timeout=600)
@@ -185,7 +173,7 @@ def test_the_driver_killed_mid_run_then_a_rerun_continues(syn, tmp_path):
     p = _slow_run_until(dest, "decide")
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
-    _wait_for(lambda: not _children(p.pid), 30)
+    _wait_for(lambda: not descendants(p.pid), 30)
     q = _cli(dest, "--workers", "2")
     out, err = q.communicate(timeout=600)
     assert q.returncode == 0, err[-2000:]

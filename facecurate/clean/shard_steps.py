@@ -183,7 +183,7 @@ class CleanShardWorker:
         blk = load(lay.step_file("analyse", index))
         inl = blk["subject"] & (blk["s"] >= lay.params.drop)
         save(lay.step_file("cohort", index), co=co, near=near, inl=inl)
-        return dict(faces=hi - lo)
+        return dict(faces=hi - lo, inliers=int(inl.sum()))
 
     def _decide(self, index: int, lo: int, hi: int) -> dict:
         lay, p = self.lay, self.lay.params
@@ -234,7 +234,7 @@ class CleanShardWorker:
         lay = self.lay
         d = load(lay.step_file("decide", index))
         dec, rea, score, dup = d["decision"], d["reason"], d["score"], d["dup_of"]
-        ident, local, g0, b = self._bounds(lo, hi)
+        _, local, _, b = self._bounds(lo, hi)
         ch = self._global("global3")
         m = (ch["index"] >= lo) & (ch["index"] < hi)
         at = ch["index"][m] - lo

@@ -154,5 +154,3 @@ def _pairs_ivf_faiss(vecs, thr, seed):
     a, b = np.minimum(q[ok], lab[ok]), np.maximum(q[ok], lab[ok])
     _, first = np.unique(a * n + b, return_index=True)
     return [(int(x), int(y), float(s)) for x, y, s in zip(a[first], b[first], dist[ok][first])]
-
-_have_faiss = have_faiss  # the name benchmarks/clean.py used

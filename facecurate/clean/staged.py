@@ -163,7 +163,7 @@ def build_table(dest: Path, rec_path: Path, tables: Path, n: int, show_progress:
 def plan_staged_shards(start: np.ndarray, shard_faces: int, salt: str) -> list[Shard]:
     """Consecutive identities in shards of at least ``shard_faces`` faces (the last may
     be smaller): Shard.items is the range of its faces."""
-    shards, lo = [], 0
+    shards = []
     k = len(start) - 1
     g = 0
     while g < k:
@@ -173,7 +173,6 @@ def plan_staged_shards(start: np.ndarray, shard_faces: int, salt: str) -> list[S
         digest = hashlib.sha256(f"{salt}:{a}:{b}:{g}:{end}".encode()).hexdigest()[:32]
         shards.append(Shard(len(shards), range(a, b), digest))
         g = end
-    del lo
     return shards
 
 
@@ -262,18 +261,15 @@ def exact_median(parts) -> float:
 
 
 def _global2(lay: Layout, shards: Sequence[Shard]) -> None:
-    """The cohort's reference: the exact median of the inliers' cohort means."""
-    def inliers():
+    """The cohort's reference: the exact median of the inliers' cohort means (of every
+    face's when there is no inlier; the shards' records count them)."""
+    has_inl = any(rec["stats"]["inliers"] for rec in _records(lay.step_dir("cohort"), shards))
+
+    def parts():
         for s in shards:
             z = load(lay.step_file("cohort", s.index))
-            yield z["co"][z["inl"]]
-
-    def everyone():
-        for s in shards:
-            yield load(lay.step_file("cohort", s.index))["co"]
-    has_inl = any(bool(load(lay.step_file("cohort", s.index))["inl"].any()) for s in shards)
-    ref = exact_median(inliers if has_inl else everyone)
-    save(lay.global_file("global2"), ref=np.float64(ref))
+            yield z["co"][z["inl"]] if has_inl else z["co"]
+    save(lay.global_file("global2"), ref=np.float64(exact_median(parts)))
 
 
 def _global3(lay: Layout, shards: Sequence[Shard]) -> int:
@@ -297,7 +293,7 @@ def _outputs(lay: Layout, shards: Sequence[Shard], start: np.ndarray, per_id: di
              failed: dict, manual_total: int, model: str, workers) -> dict:
     """identities.csv, merges.csv, clean.csv (the shards' parts joined) and clean.json."""
     p, k, d = lay.params, lay.identities, lay.dim
-    dest, work = Path(lay.dest), Path(lay.work)
+    dest = Path(lay.dest)
     fin = np.zeros((k, d), np.float32)  # the kept faces' centres (the analysed centre where none is kept)
     has = np.zeros(k, bool)
     flags = np.zeros(k, np.uint8)
