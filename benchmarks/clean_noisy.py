@@ -157,16 +157,17 @@ EMBED_SETTINGS = dict(model="dlib", flip=True, dlib_feed="five")
 
 
 def out_dir(cache: Path, seed: int = SEED) -> Path:
-    """The pipeline's OUT for these settings: align's config, embed's settings and the
-    facecurate version name it, so a change of any of them makes a new one."""
+    """The pipeline's OUT for these settings: align's config, embed's settings, align.csv's
+    columns and the facecurate version name it, so a change of any of them makes a new one."""
     import dataclasses
     import hashlib
 
     import facecurate
     from facecurate.align import AlignConfig
+    from facecurate.common.constants import ALIGN_COLUMNS
 
     key = json.dumps(dict(align=dataclasses.asdict(AlignConfig()), embed=EMBED_SETTINGS,
-                          version=facecurate.__version__), sort_keys=True)
+                          version=facecurate.__version__, align_columns=list(ALIGN_COLUMNS)), sort_keys=True)
     return bench_root(cache, seed) / f"OUT-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 

@@ -107,6 +107,34 @@ def test_manifest_columns_and_paths(photos_out):
         per_src[r["source"]] = per_src.get(r["source"], 0) + int(r["primary"])
     assert set(per_src.values()) == {1}
     assert float(rows[0]["sharpness"]) > 0
+    # ordinary photos (up to 1.66 here) stay under clean's blocky default
+    assert all(0.5 < float(r["blockiness"]) < 2.0 for r in rows)
+
+
+def test_blockiness_finds_heavy_jpeg_and_only_it(lfw_dev_ids, lfw_dir):
+    """A heavily compressed photo, saved again at ordinary quality as a crawler would,
+    shows its 8x8 grid over the face; the same photo at its own quality, blurred, or
+    resized after the compression (the grid moved off the 8-pixel lattice) does not."""
+    from facecurate.align.align import blockiness
+
+    def reencode(img, q):
+        return cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1], cv2.IMREAD_GRAYSCALE)
+
+    box = (70.0, 70.0, 180.0, 180.0)  # the face of an LFW deep-funneled photo
+    seen = 0
+    for name in lfw_dev_ids[:6]:
+        src = sorted((lfw_dir / name).glob("*.jpg"))[0]
+        bgr = cv2.imread(str(src))
+        grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        heavy = cv2.imdecode(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 6])[1], cv2.IMREAD_COLOR)
+        assert blockiness(grey, box) < 1.6
+        assert blockiness(reencode(heavy, 92), box) > 2.0
+        assert blockiness(reencode(cv2.GaussianBlur(bgr, (0, 0), 2.5), 92), box) < 1.6
+        moved = cv2.resize(heavy, (225, 225), interpolation=cv2.INTER_AREA)
+        assert blockiness(reencode(moved, 92), (63.0, 63.0, 162.0, 162.0)) < 1.6
+        seen += 1
+    assert seen == 6
+    assert np.isnan(blockiness(np.zeros((250, 250), np.uint8), (10, 10, 30, 30)))  # under 3 blocks a side
 
 
 # ------------------------------------------------------------------ group photos

@@ -961,3 +961,38 @@ def test_an_occluded_band_face_keeps_its_review_place_before_a_higher_band_face(
     assert res.score[n - 2] > res.score[n - 1] >= p.drop  # both in the band, the plain one higher
     assert (res.decision[n - 1], res.reason[n - 1]) == ("review", "occluded")
     assert (res.decision[n - 2], res.reason[n - 2]) == ("drop", "far_from_centre")
+
+
+def test_quality_shift_measures_each_low_quality_group_on_its_own():
+    """Blurred and heavily compressed faces each get their own measured gap to the good
+    inliers (clipped to 0.03); a group with fewer than 20 inliers gets none; a face in
+    both groups gets the larger gap; faces with no blockiness recorded are not blocky."""
+    p = cparams.default_params("dlib")
+    rng = np.random.default_rng(0)
+    n = 300
+    raw = rng.normal(0.96, 0.002, n)
+    sharp = np.full(n, 200.0)
+    blocky = np.full(n, 1.1)
+    sharp[:40] = 10.0  # blurred, 0.01 lower
+    raw[:40] -= 0.01
+    blocky[40:80] = 3.0  # heavy JPEG, 0.02 lower
+    raw[40:80] -= 0.02
+    blocky[0] = 3.0  # blurred and blocky
+    blocky[80:90] = np.nan  # not recorded
+    inl = np.ones(n, bool)
+    lift = co.quality_shift(raw, inl, sharp, blocky, p)
+    good = np.median(raw[80:])  # sharp, and blockiness low or unknown
+    assert lift[1] == pytest.approx(good - np.median(raw[:40]), abs=1e-9)
+    assert lift[41] == pytest.approx(good - np.median(raw[np.r_[0, 40:80]]), abs=1e-9)
+    assert 0.008 < lift[1] < 0.012 and 0.018 < lift[41] < 0.022
+    assert lift[0] == lift[41]  # the larger of its two groups
+    assert not lift[80:].any()
+    # with fewer than 20 blocky inliers there is no blocky lift; blockiness None: the blur lift only
+    few = inl.copy()
+    few[40:70] = False
+    assert not co.quality_shift(raw, few, sharp, blocky, p)[40:80].any()
+    assert np.array_equal(co.quality_shift(raw, inl, sharp, None, p) > 0, np.arange(n) < 40)
+    # a gap above 0.03 is clipped
+    raw2 = raw.copy()
+    raw2[40:80] -= 0.05
+    assert co.quality_shift(raw2, inl, sharp, blocky, p)[41] == pytest.approx(0.03)

@@ -178,6 +178,29 @@ def sharpness(crop_rgb: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
+def blockiness(grey: np.ndarray, box) -> float:
+    """How strongly the source's JPEG 8x8 block grid shows over the face ``box`` (x1, y1,
+    x2, y2 in source pixels) of ``grey`` (the decoded source, grey): the mean step across
+    the grid's block boundaries over the mean step elsewhere, the weaker of the two
+    directions. About 1 for a photo saved at ordinary quality or resized after saving;
+    above 2 for a heavily compressed one (quality 10 or less), whose crop is sharp by
+    the Laplacian's measure (the block edges) but has lost the face's detail. NaN when the
+    box holds fewer than 3 blocks a side. The grid is the file's own, counted from the
+    image's corner, so it is not found in a photo cropped or resized after it was saved."""
+    h, w = grey.shape[:2]
+    x1, y1 = max(0, int(box[0]) // 8 * 8), max(0, int(box[1]) // 8 * 8)
+    x2, y2 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+    if x2 - x1 < 24 or y2 - y1 < 24:
+        return float("nan")
+    patch = grey[y1:y2, x1:x2].astype(np.float32)
+    ratios = []
+    for steps in (np.abs(np.diff(patch, axis=1)).mean(0), np.abs(np.diff(patch, axis=0)).mean(1)):
+        m = len(steps) // 8 * 8
+        phase = steps[:m].reshape(-1, 8).mean(0)  # step i sits between pixels i and i+1 of a block
+        ratios.append(float(phase[7] / (np.delete(phase, 7).mean() + 1e-3)))
+    return min(ratios)
+
+
 @dataclass
 class FaceResult:
     det: Detection  # box and 5 landmarks in source pixels
@@ -305,10 +328,10 @@ def centre_face_jpeg(rgb: np.ndarray, detector, landmarks, size: int = 112,
 
 # --------------------------------------------------------------------------- worker
 def _row(inp: InputFile, face: int, status: str, *, primary: bool = False, aligned: str = "",
-         det: Optional[Detection] = None, sharp: float = float("nan"), img_wh=(0, 0),
-         detector: str = "", message: str = "") -> AlignRow:
+         det: Optional[Detection] = None, sharp: float = float("nan"), blocky: float = float("nan"),
+         img_wh=(0, 0), detector: str = "", message: str = "") -> AlignRow:
     row = dict(source=inp.source, identity=inp.identity, face=face, status=status, primary=bool(primary),
-               aligned=aligned, sharpness=sharp, img_w=img_wh[0] or None, img_h=img_wh[1] or None,
+               aligned=aligned, sharpness=sharp, blockiness=blocky, img_w=img_wh[0] or None, img_h=img_wh[1] or None,
                detector=detector, message=message)
     if det is not None:
         row.update(zip(("x1", "y1", "x2", "y2"), (float(v) for v in det.box)))
@@ -353,20 +376,23 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[A
         return [_row(inp, -1, STATUS_NO_FACE, img_wh=wh, detector=label, message="no face detected")]
     rows = []
     t0 = time.perf_counter()
+    grey = None
     for i, r in enumerate(results):
-        aligned, sharp, msg = "", float("nan"), ""
+        aligned, sharp, blocky, msg = "", float("nan"), float("nan"), ""
         if r.status == STATUS_OK:
             aligned = f"{inp.crop_stem}_{i}.{cfg.fmt}"
             # No fsync per crop (6 ms each): the rename keeps it whole if killed,
             # and the shard's manifest, written after its crops, is fsynced.
             write_bytes_atomic(out / aligned, _encode(r.crop, cfg), fsync=False)
             sharp = sharpness(r.crop)
+            grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if grey is None else grey
+            blocky = blockiness(grey, r.det.box)
         elif r.status == STATUS_TOO_SMALL:
             msg = f"face of {r.det.size:.0f} px is below --min-face {cfg.min_face}"
         elif r.status == STATUS_NOT_PRIMARY:
             msg = "not the primary face and --faces primary"
         rows.append(_row(inp, i, r.status, primary=r.primary, aligned=aligned, det=r.det, sharp=sharp,
-                         img_wh=wh, detector=label, message=msg))
+                         blocky=blocky, img_wh=wh, detector=label, message=msg))
     aligner.timings.write += time.perf_counter() - t0
     return rows
 

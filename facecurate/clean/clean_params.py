@@ -49,6 +49,7 @@ class CleanParams:
     cohort_centre: float = 0.3  # score -= this * (centre's mean sim to its 20 nearest other-identity faces - median)
     spread: float = 0.5  # score -= spread * (folder's median inlier sim - median over folders)
     low_sharpness: float = 40.0  # crops below (variance of Laplacian) get the measured quality shift
+    blocky: float = 2.0  # faces whose source shows a JPEG grid this strong (align's blockiness) get their own
     margin: float = 0.0  # a keep whose own-centre similarity exceeds its nearest other identity centre's by
     # less goes to review (near_other_identity); 0: off
     near_drop: float = 0.01  # subject faces this far below drop go to review while the budget has room
