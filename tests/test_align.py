@@ -109,13 +109,19 @@ def test_manifest_columns_and_paths(photos_out):
     assert float(rows[0]["sharpness"]) > 0
     # ordinary photos (up to 1.66 here) stay under clean's blocky default
     assert all(0.5 < float(r["blockiness"]) < 2.0 for r in rows)
+    # flat_share is the crop as written, as clean's occlusion check reads it back
+    from facecurate.clean.clean_common import CropSimilarity
+
+    sim = CropSimilarity([out / r["aligned"] for r in rows])
+    assert [float(r["flat_share"]) for r in rows] == pytest.approx([sim.flat_share(i) for i in range(len(rows))],
+                                                                    abs=1e-4)
 
 
 def test_blockiness_finds_heavy_jpeg_and_only_it(lfw_dev_ids, lfw_dir):
     """A heavily compressed photo, saved again at ordinary quality as a crawler would,
     shows its 8x8 grid over the face; the same photo at its own quality, blurred, or
     resized after the compression (the grid moved off the 8-pixel lattice) does not."""
-    from facecurate.align.align import blockiness
+    from facecurate.common.quality import blockiness
 
     def reencode(img, q):
         return cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1], cv2.IMREAD_GRAYSCALE)

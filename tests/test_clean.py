@@ -964,9 +964,9 @@ def test_an_occluded_band_face_keeps_its_review_place_before_a_higher_band_face(
 
 
 def test_quality_shift_measures_each_low_quality_group_on_its_own():
-    """Blurred and heavily compressed faces each get their own measured gap to the good
-    inliers (clipped to 0.03); a group with fewer than 20 inliers gets none; a face in
-    both groups gets the larger gap; faces with no blockiness recorded are not blocky."""
+    """Blurred, heavily compressed and occluded faces each get their own measured gap to
+    the good inliers (clipped to 0.03); a group with fewer than 20 inliers gets none; a
+    face in two groups gets the larger gap; faces with nothing recorded are in none."""
     p = cparams.default_params("dlib")
     rng = np.random.default_rng(0)
     n = 300
@@ -979,9 +979,19 @@ def test_quality_shift_measures_each_low_quality_group_on_its_own():
     raw[40:80] -= 0.02
     blocky[0] = 3.0  # blurred and blocky
     blocky[80:90] = np.nan  # not recorded
+    flat = np.zeros(n)
+    flat[90:120] = 0.2  # occluded, 0.005 lower
+    raw[90:120] -= 0.005
+    flat[120:130] = np.nan
     inl = np.ones(n, bool)
-    lift = co.quality_shift(raw, inl, sharp, blocky, p)
-    good = np.median(raw[80:])  # sharp, and blockiness low or unknown
+    assert np.array_equal(co.quality_shift(raw, inl, sharp, blocky, p)[90:120], np.zeros(30))  # flat unknown
+    lift = co.quality_shift(raw, inl, sharp, blocky, p, flat)
+    good = np.median(raw[np.r_[80:90, 120:n]])  # sharp, not blocky, not covered (or not recorded)
+    assert lift[95] == pytest.approx(good - np.median(raw[90:120]), abs=1e-9)
+    assert 0.003 < lift[95] < 0.007
+    assert not co.quality_shift(raw, inl, sharp, blocky, dataclasses.replace(p, occlusion=0.0), flat)[90:120].any()
+    lift = co.quality_shift(raw, inl, sharp, blocky, p)  # without flat: the good set takes 90..120 back
+    good = np.median(raw[80:])
     assert lift[1] == pytest.approx(good - np.median(raw[:40]), abs=1e-9)
     assert lift[41] == pytest.approx(good - np.median(raw[np.r_[0, 40:80]]), abs=1e-9)
     assert 0.008 < lift[1] < 0.012 and 0.018 < lift[41] < 0.022

@@ -217,7 +217,7 @@ def _same_row(a, b) -> bool:
     ["a/1.jpg", "a", "0", "ok", "1", "a/1_0.jpg", "3.5"],  # short row: the rest reads as missing
     ["a/1.jpg", "a", "3.0", "ok", " 1", "", " 2.5 ", " "],  # the cells only the slow parser takes
     ["a/1.jpg", "a", "", "no_face", "", "", "nan", "inf", "-inf", "-0.0", "1e3"],
-    ["a/1.jpg", "a", "-1", "ok", "0", "x", *["1.25"] * 18, "640", "480", "dlib", "m", "extra cell"],
+    ["a/1.jpg", "a", "-1", "ok", "0", "x", *["1.25"] * 19, "640", "480", "dlib", "m", "extra cell"],
 ])
 def test_the_compiled_reader_gives_from_csv_rows(cells):
     """Row.reader (positional, compiled) equals from_csv on csv.DictReader's dict for
@@ -293,7 +293,7 @@ def test_a_cut_off_csv_is_refused_naming_the_line(tmp_path):
     """A row with fewer cells than the header (a file cut off by a full disk or an
     interrupted copy) is a ManifestError naming the file and line, not a row whose
     missing cells silently read as empty."""
-    full = ["a/1.jpg", "a", "0", "ok", "1", "a/1_0.jpg", *["1.25"] * 18, "640", "480", "dlib", ""]
+    full = ["a/1.jpg", "a", "0", "ok", "1", "a/1_0.jpg", *["1.25"] * 19, "640", "480", "dlib", ""]
     text = csv_text(list(C.ALIGN_COLUMNS), [full, full[:7]])
     (tmp_path / C.ALIGN_MANIFEST).write_text(text.rstrip("\n"))
     with pytest.raises(ManifestError, match=r"align.csv line 3: 7 cells, \d+ columns \(truncated or corrupt"):

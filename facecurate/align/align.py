@@ -55,6 +55,7 @@ from facecurate.common.imageio import ImageError, is_image_name, read_image
 from facecurate.engines import get_engine
 from facecurate.models.zoo import DETECTORS, make_detector, make_landmarker, resolve_detector
 from facecurate.common.procs import run_lock
+from facecurate.common.quality import blockiness, flat_share, sharpness
 from facecurate.common.provenance import library_versions
 from facecurate.engines.runner import (RunError, WorkerSpec, check_meta, check_plan, check_versions, clear, fail_message,
                                        finished, in_part, merge_if_due, parse_part, plan_shards, recorded_size,
@@ -170,35 +171,6 @@ def primary_score(det: Detection, w: int, h: int) -> float:
     cy = (det.box[1] + det.box[3]) / 2.0
     d = math.hypot((cx - w / 2.0) / (w / 2.0), (cy - h / 2.0) / (h / 2.0)) / math.sqrt(2.0)
     return det.size * (1.0 - 0.5 * min(d, 1.0))
-
-
-def sharpness(crop_rgb: np.ndarray) -> float:
-    """Variance of the Laplacian of the grey crop: low for blurred faces."""
-    grey = cv2.cvtColor(crop_rgb, cv2.COLOR_RGB2GRAY)
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
-
-
-def blockiness(grey: np.ndarray, box) -> float:
-    """How strongly the source's JPEG 8x8 block grid shows over the face ``box`` (x1, y1,
-    x2, y2 in source pixels) of ``grey`` (the decoded source, grey): the mean step across
-    the grid's block boundaries over the mean step elsewhere, the weaker of the two
-    directions. About 1 for a photo saved at ordinary quality or resized after saving;
-    above 2 for a heavily compressed one (quality 10 or less), whose crop is sharp by
-    the Laplacian's measure (the block edges) but has lost the face's detail. NaN when the
-    box holds fewer than 3 blocks a side. The grid is the file's own, counted from the
-    image's corner, so it is not found in a photo cropped or resized after it was saved."""
-    h, w = grey.shape[:2]
-    x1, y1 = max(0, int(box[0]) // 8 * 8), max(0, int(box[1]) // 8 * 8)
-    x2, y2 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
-    if x2 - x1 < 24 or y2 - y1 < 24:
-        return float("nan")
-    patch = grey[y1:y2, x1:x2].astype(np.float32)
-    ratios = []
-    for steps in (np.abs(np.diff(patch, axis=1)).mean(0), np.abs(np.diff(patch, axis=0)).mean(1)):
-        m = len(steps) // 8 * 8
-        phase = steps[:m].reshape(-1, 8).mean(0)  # step i sits between pixels i and i+1 of a block
-        ratios.append(float(phase[7] / (np.delete(phase, 7).mean() + 1e-3)))
-    return min(ratios)
 
 
 @dataclass
@@ -328,10 +300,11 @@ def centre_face_jpeg(rgb: np.ndarray, detector, landmarks, size: int = 112,
 
 # --------------------------------------------------------------------------- worker
 def _row(inp: InputFile, face: int, status: str, *, primary: bool = False, aligned: str = "",
-         det: Optional[Detection] = None, sharp: float = float("nan"), blocky: float = float("nan"),
+         det: Optional[Detection] = None, quality=(float("nan"),) * 3,
          img_wh=(0, 0), detector: str = "", message: str = "") -> AlignRow:
+    """``quality``: (sharpness, blockiness, flat_share), see :mod:`facecurate.common.quality`."""
     row = dict(source=inp.source, identity=inp.identity, face=face, status=status, primary=bool(primary),
-               aligned=aligned, sharpness=sharp, blockiness=blocky, img_w=img_wh[0] or None, img_h=img_wh[1] or None,
+               aligned=aligned, sharpness=quality[0], blockiness=quality[1], flat_share=quality[2], img_w=img_wh[0] or None, img_h=img_wh[1] or None,
                detector=detector, message=message)
     if det is not None:
         row.update(zip(("x1", "y1", "x2", "y2"), (float(v) for v in det.box)))
@@ -378,21 +351,23 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[A
     t0 = time.perf_counter()
     grey = None
     for i, r in enumerate(results):
-        aligned, sharp, blocky, msg = "", float("nan"), float("nan"), ""
+        aligned, quality, msg = "", (float("nan"),) * 3, ""
         if r.status == STATUS_OK:
             aligned = f"{inp.crop_stem}_{i}.{cfg.fmt}"
             # No fsync per crop (6 ms each): the rename keeps it whole if killed,
             # and the shard's manifest, written after its crops, is fsynced.
-            write_bytes_atomic(out / aligned, _encode(r.crop, cfg), fsync=False)
-            sharp = sharpness(r.crop)
+            data = _encode(r.crop, cfg)
+            write_bytes_atomic(out / aligned, data, fsync=False)
             grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if grey is None else grey
-            blocky = blockiness(grey, r.det.box)
+            # flat_share of the crop as written, as clean reads it back
+            written = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+            quality = (sharpness(r.crop), blockiness(grey, r.det.box), flat_share(written))
         elif r.status == STATUS_TOO_SMALL:
             msg = f"face of {r.det.size:.0f} px is below --min-face {cfg.min_face}"
         elif r.status == STATUS_NOT_PRIMARY:
             msg = "not the primary face and --faces primary"
-        rows.append(_row(inp, i, r.status, primary=r.primary, aligned=aligned, det=r.det, sharp=sharp,
-                         blocky=blocky, img_wh=wh, detector=label, message=msg))
+        rows.append(_row(inp, i, r.status, primary=r.primary, aligned=aligned, det=r.det, quality=quality,
+                         img_wh=wh, detector=label, message=msg))
     aligner.timings.write += time.perf_counter() - t0
     return rows
 

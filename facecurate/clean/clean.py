@@ -105,6 +105,7 @@ class _Faces:
     face_size: np.ndarray
     sharpness: np.ndarray
     blockiness: np.ndarray  # NaN where align did not record it
+    flat: np.ndarray  # align's flat_share; NaN where not recorded
     quality: np.ndarray
 
 
@@ -150,7 +151,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
         p = calibrate(f.emb, f.identity, f.photo, p, calibrate_far)
     ex_ids, ex_vecs = exclusions(exclude, f.names, meta, runtime)
     res = clean_core(f.emb, f.identity, f.photo, f.quality, p, face_size=f.face_size, sharpness=f.sharpness,
-                     blockiness=f.blockiness,
+                     blockiness=f.blockiness, flat_share=f.flat,
                      excluded=ex_ids, exclude_vecs=ex_vecs,
                      pixel_sim=CropSimilarity([out_dir / r.aligned for r in f.have]),
                      show_progress=show_progress, workers=workers, shard_faces=shard_faces)
@@ -184,7 +185,7 @@ def _order(r: AlignRow | CleanRow) -> tuple:
 def _face_arrays(rows: list, vecs: np.ndarray, where: dict) -> _Faces:
     """The crops' rows (sorted here: identity, source, face) as arrays: unit vectors
     (float32, whatever the store's dtype),
-    identity and photo numbers, face size, sharpness, blockiness and the duplicate-choice quality."""
+    identity and photo numbers, face size, sharpness, blockiness, flat share and the duplicate-choice quality."""
     rows.sort(key=_order)
     have = [r for r in rows if r.aligned in where]
     missing = [r for r in rows if r.aligned not in where]
@@ -200,8 +201,9 @@ def _face_arrays(rows: list, vecs: np.ndarray, where: dict) -> _Faces:
     fsize[np.isnan(fsize)] = 0.0  # not recorded: 0
     sharp[np.isnan(sharp)] = 0.0
     blocky = np.array([r.blockiness for r in have], np.float32)
+    flat = np.array([r.flat_share for r in have], np.float32)
     quality = fsize * 1000.0 + np.minimum(sharp, 999.0)
-    return _Faces(have, missing, names, gid, emb, identity, photo, fsize, sharp, blocky, quality)
+    return _Faces(have, missing, names, gid, emb, identity, photo, fsize, sharp, blocky, flat, quality)
 
 
 def _clean_row(r: AlignRow, **decided) -> CleanRow:

@@ -81,7 +81,8 @@ def cohort_median(co: np.ndarray, inl: np.ndarray) -> float:
     return float(np.median(co[inl])) if inl.any() else float(np.median(co))
 
 
-def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, blockiness=None, *,
+def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, blockiness=None,
+                  flat=None, *,
                   pool: LocalPool | None = None, shared: SharedArray | None = None) -> tuple:
     """Per-face corrections of the centre similarity, all measured on the dataset itself,
     and each face's similarity to the nearest centre of another identity (None when
@@ -104,10 +105,11 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
     * quality: blurred / low-resolution crops (sharpness below ``low_sharpness``) sit
       lower for everyone; add the measured gap between sharp and blurred inliers'
       median similarity (0..0.03). Heavily compressed photos (``blockiness`` at or above
-      ``blocky``) are a second group with their own measured gap: their block edges
-      make them sharp by the Laplacian's measure. Each gap is measured against the
-      inliers in neither group, and only with 20 inliers on each side; a face in both
-      groups gets the larger gap.
+      ``blocky``: their block edges make them sharp by the Laplacian's measure) and
+      occluded crops (``flat`` share at or above ``occlusion``) are two more groups,
+      each with its own measured gap. Each gap is measured against the inliers in no
+      group, and only with 20 inliers on each side; a face in several groups gets the
+      largest gap.
     ``pool``/``shared`` (``emb`` shared with the pool) spread the cohort searches over
     the pool's workers, block by block as in one process.
     """
@@ -120,21 +122,27 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
         ref = cohort_median(co, inl) if p.cohort else None
     off = face_offsets(identity, co, ref, plan, p)
     if sharpness is not None:
-        off -= quality_shift(raw, inl, sharpness, blockiness, p)
+        off -= quality_shift(raw, inl, sharpness, blockiness, p, flat)
     return off.astype(np.float32), near
 
 
-def quality_shift(raw, inl, sharpness, blockiness, p: CleanParams) -> np.ndarray:
+def quality_shift(raw, inl, sharpness, blockiness, p: CleanParams, flat=None) -> np.ndarray:
     """Each face's measured quality lift (see :func:`score_offsets`): 0, or the gap
     between the median similarity of good-quality inliers and that of the inliers of
-    its low-quality group (blurred; heavily compressed), clipped to 0..0.03."""
+    its low-quality group (blurred; heavily compressed; occluded), clipped to 0..0.03.
+    ``blockiness`` / ``flat``: None or NaN where align did not record them."""
     sh = np.asarray(sharpness, np.float64)
-    bl = np.full(len(sh), np.nan) if blockiness is None else np.asarray(blockiness, np.float64)
+
+    def recorded(v):
+        return np.full(len(sh), np.nan) if v is None else np.asarray(v, np.float64)
+
+    bl, fl = recorded(blockiness), recorded(flat)
     low = np.isfinite(sh) & (sh > 0) & (sh < p.low_sharpness)
     blocky = np.isfinite(bl) & (bl >= p.blocky)
-    good = np.isfinite(sh) & (sh >= p.low_sharpness) & ~blocky
+    covered = np.isfinite(fl) & (fl >= p.occlusion) & (p.occlusion > 0)
+    good = np.isfinite(sh) & (sh >= p.low_sharpness) & ~blocky & ~covered
     lift = np.zeros(len(sh))
-    for group in (low, blocky):
+    for group in (low, blocky, covered):
         if (inl & group).sum() >= 20 and (inl & good).sum() >= 20:
             delta = float(np.clip(np.median(raw[inl & good]) - np.median(raw[inl & group]), 0.0, 0.03))
             lift = np.maximum(lift, delta * group)

@@ -15,6 +15,7 @@ from facecurate.clean.clean_params import COSINE_THRESHOLDS, CleanParams
 from facecurate.common import constants as C
 from facecurate.common.manifests import IdentityRow, MergeRow
 from facecurate.common.provenance import library_versions
+from facecurate.common.quality import flat_share
 
 
 def clean_versions() -> dict:
@@ -66,21 +67,6 @@ class CropSimilarity:
         """Share of the face's cells of crop ``i`` that are flat (see
         ``constants.OCCLUSION_*``): a covered part of the face; 0.0 when it cannot be read."""
         return flat_share(self.grey(i))
-
-
-def flat_share(grey: np.ndarray | None) -> float:
-    """Share of the face cells of an aligned grey crop whose grey values are flat
-    (standard deviation below ``constants.OCCLUSION_FLAT_STD``); 0.0 for no image."""
-    import cv2
-
-    if grey is None or not grey.size:
-        return 0.0
-    side, g = C.OCCLUSION_SIDE, C.OCCLUSION_GRID
-    im = cv2.resize(grey, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
-    cell = side // g
-    std = im[:cell * g, :cell * g].reshape(g, cell, g, cell).std(axis=(1, 3))
-    face = std[C.OCCLUSION_ROWS[0]:C.OCCLUSION_ROWS[1], C.OCCLUSION_COLS[0]:C.OCCLUSION_COLS[1]]
-    return float((face < C.OCCLUSION_FLAT_STD).mean())
 
 
 def kept_medians(identity: np.ndarray, res: CoreResult, n_ids: int) -> list[float]:

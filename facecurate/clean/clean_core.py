@@ -39,7 +39,7 @@ class CoreResult:
 
 def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality: np.ndarray,
                p: CleanParams, *, face_size: np.ndarray | None = None, sharpness: np.ndarray | None = None,
-               blockiness: np.ndarray | None = None, excluded: Iterable[int] = (),
+               blockiness: np.ndarray | None = None, flat_share: np.ndarray | None = None, excluded: Iterable[int] = (),
                exclude_vecs: np.ndarray | None = None, pixel_sim: Callable[[int, int], float] | None = None,
                show_progress: bool = False, workers: int | None = 1, shard_faces: int | None = None) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per
@@ -82,7 +82,8 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
         offset = nearest = None
         if n and (p.cohort or p.cohort_centre or p.margin or p.spread or sharpness is not None):
             offset, nearest = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres,
-                                            np.asarray(keys), med, p, sharpness, blockiness, pool=pool, shared=E)
+                                            np.asarray(keys), med, p, sharpness, blockiness, flat_share,
+                                            pool=pool, shared=E)
         # 4-5 per identity: thresholds on the corrected scores, duplicates
         local = pixel_sim is not None and pool.workers > 1 and not hasattr(pixel_sim, "subset")
         tasks = [dict(E=E, rows=rows, bounds=b, block=blk, quality=quality[rows], p=p,

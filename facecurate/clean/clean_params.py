@@ -54,6 +54,7 @@ class CleanParams:
     # less goes to review (near_other_identity); 0: off
     near_drop: float = 0.01  # subject faces this far below drop go to review while the budget has room
     occlusion: float = 0.1  # share of a face's cells that are flat (std < OCCLUSION_FLAT) from which it is occluded
+    # (review ahead of the band; and its own measured quality lift where align recorded flat_share)
     occlusion_range: float = 0.06  # occluded subject faces down to drop - this go to review (ahead of the band)
     lost_photos: int = 3  # identities with this many photos with a face that keep nothing are flagged lost
     weak_share: float = 0.4  # ... that keep fewer photos than this share of them: weak_majority

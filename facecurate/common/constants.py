@@ -128,6 +128,7 @@ ALIGN_COLUMNS = (
     *LANDMARK_COLUMNS,  # the 5 ArcFace points in source pixels
     "sharpness",  # variance of the Laplacian of the grey crop
     "blockiness",  # strength of a JPEG 8x8 grid over the face box in the source (about 1: none)
+    "flat_share",  # share of the crop's face cells that are flat (a covered part of the face)
     "face_size",  # sqrt(box area) in source pixels
     "img_w", "img_h",  # source size after EXIF orientation
     "detector",

@@ -251,6 +251,7 @@ class AlignRow(Row):
     mr_y: float = NAN
     sharpness: float = NAN  # variance of the Laplacian of the grey crop
     blockiness: float = NAN  # JPEG 8x8 grid strength over the face box in the source (about 1: none)
+    flat_share: float = NAN  # share of the crop's face cells that are flat (a covered part of the face)
     face_size: float = NAN  # sqrt(box area) in source pixels
     img_w: Optional[int] = None  # source size after EXIF orientation
     img_h: Optional[int] = None
