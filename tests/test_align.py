@@ -134,6 +134,8 @@ def test_blockiness_finds_heavy_jpeg_and_only_it(lfw_dev_ids, lfw_dir):
         grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
         heavy = cv2.imdecode(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 6])[1], cv2.IMREAD_COLOR)
         assert blockiness(grey, box) < 1.6
+        rgb = cv2.cvtColor(heavy, cv2.COLOR_BGR2RGB)  # an RGB image: only the box is made grey, same value
+        assert blockiness(rgb, box) == blockiness(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), box)
         assert blockiness(reencode(heavy, 92), box) > 2.0
         assert blockiness(reencode(cv2.GaussianBlur(bgr, (0, 0), 2.5), 92), box) < 1.6
         moved = cv2.resize(heavy, (225, 225), interpolation=cv2.INTER_AREA)

@@ -304,8 +304,8 @@ def _row(inp: InputFile, face: int, status: str, *, primary: bool = False, align
          img_wh=(0, 0), detector: str = "", message: str = "") -> AlignRow:
     """``quality``: (sharpness, blockiness, flat_share), see :mod:`facecurate.common.quality`."""
     row = dict(source=inp.source, identity=inp.identity, face=face, status=status, primary=bool(primary),
-               aligned=aligned, sharpness=quality[0], blockiness=quality[1], flat_share=quality[2], img_w=img_wh[0] or None, img_h=img_wh[1] or None,
-               detector=detector, message=message)
+               aligned=aligned, sharpness=quality[0], blockiness=quality[1], flat_share=quality[2],
+               img_w=img_wh[0] or None, img_h=img_wh[1] or None, detector=detector, message=message)
     if det is not None:
         row.update(zip(("x1", "y1", "x2", "y2"), (float(v) for v in det.box)))
         row["det_score"] = float(det.score)
@@ -349,7 +349,6 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[A
         return [_row(inp, -1, STATUS_NO_FACE, img_wh=wh, detector=label, message="no face detected")]
     rows = []
     t0 = time.perf_counter()
-    grey = None
     for i, r in enumerate(results):
         aligned, quality, msg = "", (float("nan"),) * 3, ""
         if r.status == STATUS_OK:
@@ -358,10 +357,9 @@ def align_file(aligner: Aligner, raw: Path, out: Path, inp: InputFile) -> list[A
             # and the shard's manifest, written after its crops, is fsynced.
             data = _encode(r.crop, cfg)
             write_bytes_atomic(out / aligned, data, fsync=False)
-            grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if grey is None else grey
             # flat_share of the crop as written, as clean reads it back
             written = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-            quality = (sharpness(r.crop), blockiness(grey, r.det.box), flat_share(written))
+            quality = (sharpness(r.crop), blockiness(rgb, r.det.box), flat_share(written))
         elif r.status == STATUS_TOO_SMALL:
             msg = f"face of {r.det.size:.0f} px is below --min-face {cfg.min_face}"
         elif r.status == STATUS_NOT_PRIMARY:

@@ -39,7 +39,8 @@ class CoreResult:
 
 def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality: np.ndarray,
                p: CleanParams, *, face_size: np.ndarray | None = None, sharpness: np.ndarray | None = None,
-               blockiness: np.ndarray | None = None, flat_share: np.ndarray | None = None, excluded: Iterable[int] = (),
+               blockiness: np.ndarray | None = None, flat_share: np.ndarray | None = None,
+               excluded: Iterable[int] = (),
                exclude_vecs: np.ndarray | None = None, pixel_sim: Callable[[int, int], float] | None = None,
                show_progress: bool = False, workers: int | None = 1, shard_faces: int | None = None) -> CoreResult:
     """clean on arrays: ``identity`` (n,) ints 0..k-1, ``photo`` (n,) ints (unique per

@@ -50,6 +50,7 @@ class CleanParams:
     spread: float = 0.5  # score -= spread * (folder's median inlier sim - median over folders)
     low_sharpness: float = 40.0  # crops below (variance of Laplacian) get the measured quality shift
     blocky: float = 2.0  # faces whose source shows a JPEG grid this strong (align's blockiness) get their own
+    # measured quality shift (heavy JPEG: sharp by the Laplacian, yet the face's detail is gone)
     margin: float = 0.0  # a keep whose own-centre similarity exceeds its nearest other identity centre's by
     # less goes to review (near_other_identity); 0: off
     near_drop: float = 0.01  # subject faces this far below drop go to review while the budget has room

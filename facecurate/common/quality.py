@@ -18,21 +18,25 @@ def sharpness(crop_rgb: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
-def blockiness(grey: np.ndarray, box) -> float:
+def blockiness(image: np.ndarray, box) -> float:
     """How strongly the source's JPEG 8x8 block grid shows over the face ``box`` (x1, y1,
-    x2, y2 in source pixels) of ``grey`` (the decoded source, grey): the mean step across
+    x2, y2 in source pixels) of ``image`` (the decoded source, grey or RGB; only the box
+    is converted to grey): the mean step across
     the grid's block boundaries over the mean step elsewhere, the weaker of the two
     directions. About 1 for a photo saved at ordinary quality or resized after saving;
     above 2 for a heavily compressed one (quality 10 or less), whose crop is sharp by
     the Laplacian's measure (the block edges) but has lost the face's detail. NaN when the
     box holds fewer than 3 blocks a side. The grid is the file's own, counted from the
     image's corner, so it is not found in a photo cropped or resized after it was saved."""
-    h, w = grey.shape[:2]
+    h, w = image.shape[:2]
     x1, y1 = max(0, int(box[0]) // 8 * 8), max(0, int(box[1]) // 8 * 8)
     x2, y2 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
     if x2 - x1 < 24 or y2 - y1 < 24:
         return float("nan")
-    patch = grey[y1:y2, x1:x2].astype(np.float32)
+    patch = image[y1:y2, x1:x2]
+    if patch.ndim == 3:
+        patch = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY)
+    patch = patch.astype(np.float32)
     ratios = []
     for steps in (np.abs(np.diff(patch, axis=1)).mean(0), np.abs(np.diff(patch, axis=0)).mean(1)):
         m = len(steps) // 8 * 8
