@@ -81,6 +81,13 @@ def clean(out, keep, drop, cw, dup, merge, far, exclude, max_review, min_images,
     Thresholds default per embedding model (dlib 128-D, ArcFace 512-D) or come from
     --calibrate. Embeddings are computed with the default model when missing.
 
+    Scores are corrected on the dataset itself, nothing trained: generic faces,
+    crowded identities and tight folders need more evidence; blurred, heavily
+    compressed (JPEG-blocky) and occluded crops, as align.csv records them, are lifted
+    by the gap measured between good and poor inliers. Within the --max-review budget,
+    review takes first the best faces of identities that would keep nothing (flagged
+    lost) or too few (weak_majority), then occluded faces, then the band.
+
     A packed dataset is cleaned in shards of whole identities, in bounded memory (a
     WebFace42M-sized store on one machine), on local processes or a Ray cluster
     (--engine ray), or as a job array (--part K/N: each part runs its shards of every
