@@ -340,6 +340,10 @@ def test_real_photos_intruder_bystander_duplicate(real_run):
     assert read_csv(out / C.MERGES_CSV) == []
     ids = {r["identity"]: r for r in read_csv(out / C.IDENTITIES_CSV)}
     assert int(ids["id00"]["images"]) == 11 and "ambiguous" not in ids["id00"]["flags"]
+    # clean.json says what the quality lifts did: too few faces here to measure any gap
+    lifts = json.loads((out / C.CLEAN_META).read_text())["summary"]["quality_lift"]
+    assert list(lifts) == list(co.QUALITY_GROUPS) and summary["quality_lift"] == lifts
+    assert all(v["lift"] == 0.0 and 0 <= v["inliers"] <= v["faces"] < 20 for v in lifts.values())
 
 
 def test_real_exclude_verification_bin(real_run, tmp_path):
@@ -985,8 +989,12 @@ def test_quality_shift_measures_each_low_quality_group_on_its_own():
     flat[120:130] = np.nan
     inl = np.ones(n, bool)
     assert np.array_equal(co.quality_shift(raw, inl, sharp, blocky, p)[90:120], np.zeros(30))  # flat unknown
-    lift = co.quality_shift(raw, inl, sharp, blocky, p, flat)
+    report: dict = {}
+    lift = co.quality_shift(raw, inl, sharp, blocky, p, flat, report=report)
     good = np.median(raw[np.r_[80:90, 120:n]])  # sharp, not blocky, not covered (or not recorded)
+    assert report == {"blurred": dict(faces=40, inliers=40, lift=round(float(lift[1]), 4)),
+                      "compressed": dict(faces=41, inliers=41, lift=round(float(lift[41]), 4)),
+                      "occluded": dict(faces=30, inliers=30, lift=round(float(lift[95]), 4))}
     assert lift[95] == pytest.approx(good - np.median(raw[90:120]), abs=1e-9)
     assert 0.003 < lift[95] < 0.007
     assert not co.quality_shift(raw, inl, sharp, blocky, dataclasses.replace(p, occlusion=0.0), flat)[90:120].any()

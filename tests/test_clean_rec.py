@@ -161,6 +161,7 @@ def test_clean_review_pack_on_a_rec(embedded_recs, tmp_path, src_layout):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["input"] == "rec" and summary["faces"] == 22 and summary["identities"] == 5
+    assert "quality_lift" not in summary  # a packed dataset has no align.csv quality to lift by
     rows = read_csv(dest / "clean.csv")
     # one row per image record, in key order; identities named from labels.csv
     assert [int(x["key"]) for x in rows] == sorted(k for k, *_ in recs)

@@ -165,7 +165,7 @@ def run_clean(out_dir, *, model_overrides: dict | None = None, calibrate_far: fl
     ws.write_merges(merge_rows)
     summary = clean_summary(len(out), Counter(r.decision for r in out), Counter(r.reason for r in out),
                             len(ident_rows), flag_counts(ident_rows), merge_rows, res.review_resolved, p, model,
-                            manual_kept, manual_lost)
+                            manual_kept, manual_lost, quality=res.quality)
     ws.write_clean_meta(dict(summary=summary, params=p.as_dict(), versions=clean_versions()))
     return summary
 

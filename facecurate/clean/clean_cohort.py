@@ -82,8 +82,8 @@ def cohort_median(co: np.ndarray, inl: np.ndarray) -> float:
 
 
 def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharpness=None, blockiness=None,
-                  flat=None, *,
-                  pool: LocalPool | None = None, shared: SharedArray | None = None) -> tuple:
+                  flat=None, *, pool: LocalPool | None = None, shared: SharedArray | None = None,
+                  quality_report: dict | None = None) -> tuple:
     """Per-face corrections of the centre similarity, all measured on the dataset itself,
     and each face's similarity to the nearest centre of another identity (None when
     neither the cohort nor the look-alike margin is asked for, or with 5 identities or fewer).
@@ -109,7 +109,8 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
       occluded crops (``flat`` share at or above ``occlusion``) are two more groups,
       each with its own measured gap. Each gap is measured against the inliers in no
       group, and only with 20 inliers on each side; a face in several groups gets the
-      largest gap.
+      largest gap. ``quality_report`` (a dict) receives each group's faces, inliers and
+      lift (see :func:`quality_shift`).
     ``pool``/``shared`` (``emb`` shared with the pool) spread the cohort searches over
     the pool's workers, block by block as in one process.
     """
@@ -122,15 +123,22 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
         ref = cohort_median(co, inl) if p.cohort else None
     off = face_offsets(identity, co, ref, plan, p)
     if sharpness is not None:
-        off -= quality_shift(raw, inl, sharpness, blockiness, p, flat)
+        off -= quality_shift(raw, inl, sharpness, blockiness, p, flat, report=quality_report)
     return off.astype(np.float32), near
 
 
-def quality_shift(raw, inl, sharpness, blockiness, p: CleanParams, flat=None) -> np.ndarray:
+#: the low-quality groups of :func:`quality_shift`, as clean.json's ``quality_lift`` names them
+QUALITY_GROUPS = ("blurred", "compressed", "occluded")
+
+
+def quality_shift(raw, inl, sharpness, blockiness, p: CleanParams, flat=None, report: dict | None = None
+                  ) -> np.ndarray:
     """Each face's measured quality lift (see :func:`score_offsets`): 0, or the gap
     between the median similarity of good-quality inliers and that of the inliers of
     its low-quality group (blurred; heavily compressed; occluded), clipped to 0..0.03.
-    ``blockiness`` / ``flat``: None or NaN where align did not record them."""
+    ``blockiness`` / ``flat``: None or NaN where align did not record them. ``report``
+    (a dict) receives, per group of :data:`QUALITY_GROUPS`, its ``faces``, ``inliers``
+    and ``lift`` (0.0 when not measured: under 20 inliers on either side)."""
     sh = np.asarray(sharpness, np.float64)
 
     def recorded(v):
@@ -142,10 +150,13 @@ def quality_shift(raw, inl, sharpness, blockiness, p: CleanParams, flat=None) ->
     covered = np.isfinite(fl) & (fl >= p.occlusion) & (p.occlusion > 0)
     good = np.isfinite(sh) & (sh >= p.low_sharpness) & ~blocky & ~covered
     lift = np.zeros(len(sh))
-    for group in (low, blocky, covered):
+    for name, group in zip(QUALITY_GROUPS, (low, blocky, covered)):
+        delta = 0.0
         if (inl & group).sum() >= 20 and (inl & good).sum() >= 20:
             delta = float(np.clip(np.median(raw[inl & good]) - np.median(raw[inl & group]), 0.0, 0.03))
             lift = np.maximum(lift, delta * group)
+        if report is not None:
+            report[name] = dict(faces=int(group.sum()), inliers=int((inl & group).sum()), lift=round(delta, 4))
     return lift
 
 

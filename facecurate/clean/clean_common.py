@@ -109,10 +109,12 @@ def flag_counts(ident_rows: list[IdentityRow]) -> dict:
 
 def clean_summary(faces: int, counts: Mapping[str, int], reasons: Mapping[str, int], identities: int,
                   flags: Mapping[str, int], merge_rows: list[MergeRow], review_resolved: int, p: CleanParams,
-                  model: str, manual_kept: int, manual_lost: int) -> dict:
+                  model: str, manual_kept: int, manual_lost: int, quality: Mapping | None = None) -> dict:
     """clean.json's summary (and run_clean's return value), for a folder or a .rec:
     ``faces`` rows of clean.csv, ``counts`` of them by decision, ``reasons`` by reason,
-    ``identities`` rows of identities.csv and ``flags`` their counts (:func:`flag_counts`)."""
+    ``identities`` rows of identities.csv and ``flags`` their counts (:func:`flag_counts`);
+    ``quality``: the folder flow's quality lifts (``CoreResult.quality``), as ``quality_lift``."""
+    extra = {} if quality is None else dict(quality_lift={k: dict(v) for k, v in quality.items()})
     return dict(
         faces=faces, identities=identities,
         keep=counts.get(C.DECISION_KEEP, 0), drop=counts.get(C.DECISION_DROP, 0),
@@ -124,5 +126,5 @@ def clean_summary(faces: int, counts: Mapping[str, int], reasons: Mapping[str, i
         lost=flags.get(C.FLAG_LOST, 0), weak_majority=flags.get(C.FLAG_WEAK, 0),
         merge_candidates=len(merge_rows), review_resolved_by_budget=review_resolved,
         model=model, thresholds={k: round(getattr(p, k), 4) for k in COSINE_THRESHOLDS},
-        calibrated=bool(p.calibrated),
+        calibrated=bool(p.calibrated), **extra,
     )

@@ -5,7 +5,7 @@ and per-identity counts. Deterministic for any number of workers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -35,6 +35,7 @@ class CoreResult:
     centres: np.ndarray  # (n_identities, d)
     merges: list  # (a, b, sim) identity indices
     review_resolved: int
+    quality: dict = field(default_factory=dict)  # per low-quality group: faces, inliers, lift (folder flow)
 
 
 def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality: np.ndarray,
@@ -81,10 +82,11 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
                 if amb:
                     info[g]["flags"].append(C.FLAG_AMBIGUOUS)
         offset = nearest = None
+        quality_report: dict = {}
         if n and (p.cohort or p.cohort_centre or p.margin or p.spread or sharpness is not None):
             offset, nearest = score_offsets(emb, identity, raw, subject & (raw >= p.drop), centres,
                                             np.asarray(keys), med, p, sharpness, blockiness, flat_share,
-                                            pool=pool, shared=E)
+                                            pool=pool, shared=E, quality_report=quality_report)
         # 4-5 per identity: thresholds on the corrected scores, duplicates
         local = pixel_sim is not None and pool.workers > 1 and not hasattr(pixel_sim, "subset")
         tasks = [dict(E=E, rows=rows, bounds=b, block=blk, quality=quality[rows], p=p,
@@ -103,8 +105,10 @@ def clean_core(emb: np.ndarray, identity: np.ndarray, photo: np.ndarray, quality
             dup_of[rows[pos >= 0]] = rows[pos[pos >= 0]]
         if nearest is not None and p.margin:
             near_other(dec, rea, raw, nearest, p)
-        return _finish_core(emb, identity, photo, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
-                            exclude_vecs, pool, pixel_sim)
+        res = _finish_core(emb, identity, photo, p, dec, rea, score, cluster, dup_of, centres, info, excluded,
+                           exclude_vecs, pool, pixel_sim)
+        res.quality = quality_report
+        return res
 
 
 def _largest_first(pool: LocalPool, fn, tasks: list):
