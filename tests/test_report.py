@@ -196,3 +196,25 @@ def test_report_lists_lost_and_weak_identities_first(run_dir):
     top = page[page.index("Identities lost or kept thin"):page.index("<h2>Counts")]
     assert re.findall(r"<tr><td>(id\d\d)</td>", top) == ["id05", "id00"]
     assert "2 flagged lost" in top and top.count("data:image/jpeg;base64,") >= 2
+
+
+def test_report_shows_the_quality_lifts_and_ignores_a_malformed_record(run_dir):
+    """clean.json's quality_lift appears as one line under the histograms; an entry that
+    is not numbers (an edited or foreign clean.json) is left out, never shown raw."""
+    meta = json.loads((run_dir / "clean.json").read_text())
+    meta["summary"]["quality_lift"] = {
+        "blurred": {"faces": 346, "inliers": 246, "lift": 0.0118},
+        "compressed": {"faces": 112, "inliers": 110, "lift": 0.018},
+        "<script>": {"faces": "many", "inliers": 1, "lift": 0.5},
+        "occluded": "0.0134"}
+    (run_dir / "clean.json").write_text(json.dumps(meta))
+    res = CliRunner().invoke(report_cli, [str(run_dir)])
+    assert res.exit_code == 0, res.output
+    page = (run_dir / C.REPORT_HTML).read_text(encoding="utf-8")
+    line = re.search(r"Quality lifts[^<]*", page).group(0)
+    assert "blurred: 346 faces (246 inliers), +0.0118" in line and "compressed: 112 faces (110 inliers), +0.0180" in line
+    assert "script" not in line and "occluded" not in line and "<script>" not in page
+    del meta["summary"]["quality_lift"]  # an older clean.json: no line at all
+    (run_dir / "clean.json").write_text(json.dumps(meta))
+    assert CliRunner().invoke(report_cli, [str(run_dir)]).exit_code == 0
+    assert "Quality lifts" not in (run_dir / C.REPORT_HTML).read_text(encoding="utf-8")

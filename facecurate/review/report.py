@@ -111,6 +111,7 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
             manual=len(manual),
             manual_changed=sum(1 for r in manual if r.previous_decision and r.previous_decision != r.decision),
             identities_with_kept=len({r.identity for r in clean if r.decision == C.DECISION_KEEP}),
+            quality_lift=_quality_lift((cj.get("summary") or {}).get("quality_lift")),
         )
     else:
         d["clean"] = None
@@ -119,6 +120,17 @@ def collect(out_dir: str | Path, top: int = 25) -> dict:
     d["merges"] = sorted(merges, key=_merge_key)
     d["flags"] = Counter(f for r in idents for f in r.flag_list)
     return d
+
+
+def _quality_lift(v) -> list[tuple]:
+    """clean.json's ``quality_lift`` as (group, faces, inliers, lift) rows; what is not
+    a dict of numbers (an older or edited clean.json) is left out."""
+    rows = []
+    for name, g in (v.items() if isinstance(v, dict) else ()):
+        if isinstance(g, dict) and all(isinstance(g.get(k), (int, float)) and not isinstance(g.get(k), bool)
+                                       for k in ("faces", "inliers", "lift")):
+            rows.append((str(name), int(g["faces"]), int(g["inliers"]), float(g["lift"])))
+    return rows
 
 
 def _merge_key(r: MergeRow) -> tuple:
@@ -369,6 +381,10 @@ def render_report(out: Path, d: dict) -> str:
                      + svg_histograms(cl["scores"], cl["thresholds"])
                      + '<p class="sub">Kept faces should sit to the right of the keep line, dropped ones mostly to '
                        'the left; bystanders and duplicates can be dropped at any score (see reasons).</p>')
+        if cl.get("quality_lift"):
+            bits = [f"{_e(n)}: {f} faces ({i} inliers), +{lift:.4f}" for n, f, i, lift in cl["quality_lift"]]
+            parts.append('<p class="sub">Quality lifts, measured on this dataset (the gap between good and poor '
+                         'inliers; 0 with fewer than 20 poor inliers): ' + "; ".join(bits) + "</p>")
     # noisiest
     if d["noisiest"]:
         parts.append(f'<h2>Noisiest identities <small>top {len(d["noisiest"])} by share of faces not kept (dropped '
