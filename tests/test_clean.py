@@ -342,7 +342,7 @@ def test_real_photos_intruder_bystander_duplicate(real_run):
     assert int(ids["id00"]["images"]) == 11 and "ambiguous" not in ids["id00"]["flags"]
     # clean.json says what the quality lifts did: too few faces here to measure any gap
     lifts = json.loads((out / C.CLEAN_META).read_text())["summary"]["quality_lift"]
-    assert list(lifts) == list(co.QUALITY_GROUPS) and summary["quality_lift"] == lifts
+    assert list(lifts) == list(C.QUALITY_GROUPS) and summary["quality_lift"] == lifts
     assert all(v["lift"] == 0.0 and 0 <= v["inliers"] <= v["faces"] < 20 for v in lifts.values())
 
 

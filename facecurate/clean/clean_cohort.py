@@ -11,6 +11,7 @@ import numpy as np
 
 from facecurate.clean.clean_identity import analyse_identity
 from facecurate.clean.clean_params import CleanParams
+from facecurate.common import constants as C
 from facecurate.engines.local import LocalPool, SharedArray
 from facecurate.clean.similar import similar_pairs
 from facecurate.clean.vectors import BLAS_SMALL_PRODUCT, group_by_label
@@ -127,17 +128,13 @@ def score_offsets(emb, identity, raw, inl, cen, keys, med, p: CleanParams, sharp
     return off.astype(np.float32), near
 
 
-#: the low-quality groups of :func:`quality_shift`, as clean.json's ``quality_lift`` names them
-QUALITY_GROUPS = ("blurred", "compressed", "occluded")
-
-
 def quality_shift(raw, inl, sharpness, blockiness, p: CleanParams, flat=None, report: dict | None = None
                   ) -> np.ndarray:
     """Each face's measured quality lift (see :func:`score_offsets`): 0, or the gap
     between the median similarity of good-quality inliers and that of the inliers of
     its low-quality group (blurred; heavily compressed; occluded), clipped to 0..0.03.
     ``blockiness`` / ``flat``: None or NaN where align did not record them. ``report``
-    (a dict) receives, per group of :data:`QUALITY_GROUPS`, its ``faces``, ``inliers``
+    (a dict) receives, per group of ``constants.QUALITY_GROUPS``, its ``faces``, ``inliers``
     and ``lift`` (0.0 when not measured: under 20 inliers on either side)."""
     sh = np.asarray(sharpness, np.float64)
 
@@ -150,7 +147,7 @@ def quality_shift(raw, inl, sharpness, blockiness, p: CleanParams, flat=None, re
     covered = np.isfinite(fl) & (fl >= p.occlusion) & (p.occlusion > 0)
     good = np.isfinite(sh) & (sh >= p.low_sharpness) & ~blocky & ~covered
     lift = np.zeros(len(sh))
-    for name, group in zip(QUALITY_GROUPS, (low, blocky, covered)):
+    for name, group in zip(C.QUALITY_GROUPS, (low, blocky, covered)):
         delta = 0.0
         if (inl & group).sum() >= 20 and (inl & good).sum() >= 20:
             delta = float(np.clip(np.median(raw[inl & good]) - np.median(raw[inl & group]), 0.0, 0.03))

@@ -286,6 +286,10 @@ OCCLUSION_GRID = 8
 OCCLUSION_ROWS = (2, 8)
 OCCLUSION_COLS = (1, 7)
 OCCLUSION_FLAT_STD = 2.0
+#: clean's low-quality groups, each lifted by its own measured gap (blurred: align's
+#: sharpness; compressed: blockiness; occluded: flat_share), as clean.json's
+#: ``quality_lift`` names them
+QUALITY_GROUPS = ("blurred", "compressed", "occluded")
 #: clean's per-identity summary, identities.csv
 IDENTITY_COLUMNS = (
     "identity", "images", "faces", "kept", "dropped", "review", "duplicates", "not_subject",
