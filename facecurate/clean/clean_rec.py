@@ -37,7 +37,7 @@ from facecurate.common.manifests import IdentityRow, MergeRow
 from facecurate.common.recdata import LABEL_RULE, KeyedRecords, int_label, read_label_names, read_layout, rec_key, \
     rec_paths
 from facecurate.common.recordio import RecordIOError, read_idx_arrays
-from facecurate.clean.vectors import normalize
+from facecurate.clean.vectors import all_unit, normalize
 from facecurate.common.workspace import Workspace
 from facecurate.clean.rec_records import RecCropSimilarity, labels_of
 from facecurate.clean.staged import NotStageable, run_staged
@@ -131,8 +131,7 @@ def _unit_rows(vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     all of it in order and of unit length (the common case: no copy; a float16 store
     cast whole), else a normalised copy."""
     if rows.size == len(vecs) and np.array_equal(rows, np.arange(rows.size)):
-        ok = all(np.allclose(np.linalg.norm(np.asarray(vecs[lo:lo + 65536], np.float64), axis=1), 1.0, atol=1e-4)
-                 for lo in range(0, len(vecs), 65536))
+        ok = all(all_unit(vecs[lo:lo + 65536]) for lo in range(0, len(vecs), 65536))
         if ok:
             return np.asarray(vecs, np.float32)
     return normalize(np.asarray(vecs[rows], np.float32))

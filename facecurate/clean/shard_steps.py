@@ -36,7 +36,7 @@ from facecurate.clean.clean_core import BELOW_DROP, decide_shard, finish_identit
 from facecurate.clean.clean_params import DECISIONS, DROP, KEEP, R_DUPLICATE, R_NOT_SUBJECT, RC, REASONS, REVIEW, \
     CleanParams
 from facecurate.clean.rec_records import RecCropSimilarity
-from facecurate.clean.vectors import add_at_rows, normalize
+from facecurate.clean.vectors import add_at_rows, all_unit, normalize
 from facecurate.common import constants as C
 from facecurate.common.files import csv_cell, write_bytes_atomic
 from facecurate.engines.local import SharedArray
@@ -166,8 +166,7 @@ class CleanShardWorker:
         E = read_rows(lay, lo, hi)
         _, _, _, b = self._bounds(lo, hi)
         blk = analyse_rows(E, np.arange(hi - lo), np.arange(lo, hi, dtype=np.int64), b, lay.params)
-        norms = np.linalg.norm(np.asarray(E, np.float64), axis=1)
-        unit = bool(np.allclose(norms, 1.0, atol=1e-4))
+        unit = all_unit(E)
         save(lay.step_file("analyse", index), unit=np.bool_(unit), **blk)
         return dict(faces=hi - lo, identities=len(b) - 1, unit=unit)
 

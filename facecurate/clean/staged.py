@@ -43,7 +43,7 @@ from facecurate.clean.shard_steps import STEPS, CleanShardWorker, Layout, flag_n
     save
 from facecurate.clean.rec_records import labels_of
 from facecurate.clean.similar import have_faiss, similar_pairs
-from facecurate.clean.vectors import normalize
+from facecurate.clean.vectors import all_unit, normalize
 from facecurate.common import constants as C
 from facecurate.common.files import atomic_write, csv_cell, progress, write_text_atomic
 from facecurate.common.manifests import MergeRow
@@ -521,7 +521,7 @@ def _all_unit(ws: Workspace, show_progress: bool, block: int = 8192) -> bool:
         vecs = np.load(path, mmap_mode="r")
         x = np.asarray(vecs[lo:lo + block], np.float64)
         del vecs
-        if not np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-4):
+        if not all_unit(x):
             return False
     return True
 

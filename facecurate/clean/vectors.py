@@ -17,6 +17,13 @@ def normalize(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(n, 1e-12)
 
 
+def all_unit(rows: np.ndarray) -> bool:
+    """Whether every row has unit length (within 1e-4, computed in float64): the one test
+    by which every clean flow (in memory, a .rec, the sharded run) decides whether the
+    store's vectors are used as they are or normalised first, so they agree bit for bit."""
+    return bool(np.allclose(np.linalg.norm(np.asarray(rows, np.float64), axis=1), 1.0, atol=1e-4))
+
+
 def group_by_label(labels: np.ndarray) -> dict:
     order = np.argsort(labels, kind="stable")
     lab = labels[order]
